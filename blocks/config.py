@@ -1,0 +1,169 @@
+"""Load the pipeline's configuration: the checked-in file, or the saved Prefect blocks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from blocks.catalog import LibSpec, ServiceCatalog, ServiceSpec
+from blocks.environments import EnvironmentCatalog, EnvironmentSpec
+
+CATALOG_BLOCK = "elice-services"
+ENVIRONMENTS_BLOCK = "elice-environments"
+
+
+def repo_root() -> Path:
+    """The monorepo the pipeline builds: ELICE_REPO, or this checkout."""
+    return Path(os.environ.get("ELICE_REPO") or Path(__file__).resolve().parents[1])
+
+
+def default_config_file() -> Path:
+    """The embedded default configuration file."""
+    return Path(__file__).resolve().parents[1] / "config" / "pipeline.yaml"
+
+
+def state_dir() -> Path:
+    """Where the local stack keeps its state (ELICE_STATE_DIR, default <checkout>/.elice)."""
+    path = Path(os.environ.get("ELICE_STATE_DIR") or Path(__file__).resolve().parents[1] / ".elice")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the source, the field and the problem."""
+
+
+class PerformancePolicy(BaseModel):
+    """The bounded load probe and what counts as a regression."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests: int = Field(default=40, ge=5, le=10_000, description="Requests per probe")
+    concurrency: int = Field(default=4, ge=1, le=64, description="Concurrent requests")
+    max_p95_ratio: float = Field(default=3.0, gt=1.0, description="Allowed p95 growth factor")
+    min_p95_slack_ms: float = Field(
+        default=500.0, ge=0, description="p95 may always grow by this much (noise floor)"
+    )
+    max_error_rate: float = Field(default=0.01, ge=0, le=1, description="Allowed error rate")
+
+
+class PipelineConfig(BaseModel):
+    """Everything the flows need to know about services and environments."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    catalog: ServiceCatalog
+    environments: EnvironmentCatalog
+    performance: PerformancePolicy = Field(default_factory=PerformancePolicy)
+    source: str = Field(default="", description="Where this configuration was loaded from")
+
+    def service(self, name: str) -> ServiceSpec:
+        """A service by name."""
+        return self.catalog.get(name)
+
+    def environment(self, name: str) -> EnvironmentSpec:
+        """An environment by name."""
+        return self.environments.get(name)
+
+
+def _describe(source: str, error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        problems.append(f"{source}: {where}: {item['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(problems)
+
+
+def parse_config(data: Any, source: str) -> PipelineConfig:
+    """Validate raw configuration data.
+
+    Raises:
+        ConfigError: naming `source`, the field path and the problem.
+    """
+    if not isinstance(data, dict):
+        msg = f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        raise ConfigError(msg)
+    unknown = sorted(set(data) - {"services", "libs", "environments", "performance"})
+    if unknown:
+        msg = f"{source}: unknown top-level keys {unknown}"
+        raise ConfigError(msg)
+    for key in ("services", "environments"):
+        if key not in data:
+            msg = f"{source}: {key}: field required"
+            raise ConfigError(msg)
+    try:
+        catalog = ServiceCatalog(
+            services=[ServiceSpec.model_validate(s) for s in data["services"] or []],
+            libs=[LibSpec.model_validate(lib) for lib in data.get("libs") or []],
+        )
+    except ValidationError as exc:
+        raise ConfigError(_describe(f"{source}: services/libs", exc)) from None
+    except ValueError as exc:
+        msg = f"{source}: services: {exc}"
+        raise ConfigError(msg) from None
+    try:
+        envs = EnvironmentCatalog(
+            environments=[EnvironmentSpec.model_validate(e) for e in data["environments"] or []]
+        )
+    except ValidationError as exc:
+        raise ConfigError(_describe(f"{source}: environments", exc)) from None
+    except ValueError as exc:
+        msg = f"{source}: environments: {exc}"
+        raise ConfigError(msg) from None
+    try:
+        performance = PerformancePolicy.model_validate(data.get("performance") or {})
+    except ValidationError as exc:
+        raise ConfigError(_describe(f"{source}: performance", exc)) from None
+    return PipelineConfig(
+        catalog=catalog, environments=envs, performance=performance, source=source
+    )
+
+
+def load_file(path: Path) -> PipelineConfig:
+    """Load and validate a YAML configuration file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        msg = f"{path}: cannot read configuration: {exc.strerror}"
+        raise ConfigError(msg) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        msg = f"{path}: not valid YAML: {exc}"
+        raise ConfigError(msg) from None
+    return parse_config(data, str(path))
+
+
+def load_blocks() -> PipelineConfig:
+    """Load the configuration from the saved Prefect blocks."""
+    try:
+        catalog = ServiceCatalog.load(CATALOG_BLOCK)
+        envs = EnvironmentCatalog.load(ENVIRONMENTS_BLOCK)
+    except ValueError as exc:
+        msg = f"Prefect blocks: {exc}; run `cicd register-blocks` first"
+        raise ConfigError(msg) from None
+    return PipelineConfig(
+        catalog=catalog, environments=envs, source=f"blocks {CATALOG_BLOCK}, {ENVIRONMENTS_BLOCK}"
+    )
+
+
+def load_config(source: str | None = None) -> PipelineConfig:
+    """The configuration from `source`: "blocks", a file path, or the embedded default.
+
+    Without an argument, ELICE_CONFIG decides, then the embedded default file.
+    """
+    choice = source or os.environ.get("ELICE_CONFIG") or ""
+    if choice == "blocks":
+        return load_blocks()
+    return load_file(Path(choice) if choice else default_config_file())
+
+
+def save_as_blocks(config: PipelineConfig) -> list[str]:
+    """Save the configuration as Prefect blocks; returns the block document names."""
+    config.catalog.save(CATALOG_BLOCK, overwrite=True)
+    config.environments.save(ENVIRONMENTS_BLOCK, overwrite=True)
+    return [CATALOG_BLOCK, ENVIRONMENTS_BLOCK]

@@ -1,0 +1,97 @@
+"""Deployment environments: dev, staging, production."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect.blocks.core import Block
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from blocks.catalog import Name
+
+
+class Replicas(BaseModel):
+    """Autoscaling bounds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: int = Field(ge=1, description="Minimum replicas")
+    max: int = Field(ge=1, description="Maximum replicas")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Replicas:
+        if self.max < self.min:
+            msg = f"max ({self.max}) is below min ({self.min})"
+            raise ValueError(msg)
+        return self
+
+
+class EnvironmentSpec(BaseModel):
+    """One environment the pipeline deploys to."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Name = Field(description="dev, staging or production")
+    namespace: Name = Field(description="Kubernetes namespace")
+    replicas: Replicas = Field(description="Autoscaling bounds per service")
+    log_level: Literal["DEBUG", "INFO", "WARN", "ERROR"] = Field(description="Services' LOG_LEVEL")
+    storage: Literal["minio", "s3"] = Field(description="Object storage kind")
+    promotes_from: str | None = Field(default=None, description="Releases come from here")
+    approval_required: bool = Field(default=False, description="Pause for approval before deploy")
+    approvers: tuple[str, ...] = Field(default=(), description="Who may approve a promotion")
+    approval_timeout_s: int = Field(default=3600, ge=1, description="How long the gate waits")
+    local_port_offset: int = Field(
+        ge=0, le=40000, description="Docker target: service port + offset on 127.0.0.1"
+    )
+
+    @model_validator(mode="after")
+    def _approvers(self) -> EnvironmentSpec:
+        if self.approval_required and not self.approvers:
+            msg = "approval_required is true but approvers is empty"
+            raise ValueError(msg)
+        return self
+
+    def host_port(self, service_port: int) -> int:
+        """The loopback port a service of this environment listens on (docker target)."""
+        return service_port + self.local_port_offset
+
+
+class EnvironmentCatalog(Block):
+    """The ordered environments of the promotion path."""
+
+    _block_type_name = "Elice Environments"
+    _description = "dev -> staging -> production: namespaces, replicas, log levels, approvers."
+
+    environments: list[EnvironmentSpec] = Field(description="Environments, lowest first")
+
+    @model_validator(mode="after")
+    def _check(self) -> EnvironmentCatalog:
+        names = [e.name for e in self.environments]
+        if len(set(names)) != len(names):
+            msg = f"environments: duplicate names in {names}"
+            raise ValueError(msg)
+        for env in self.environments:
+            if env.promotes_from is not None and env.promotes_from not in names:
+                msg = f"{env.name}: promotes_from {env.promotes_from!r} is not an environment"
+                raise ValueError(msg)
+        offsets = [e.local_port_offset for e in self.environments]
+        if len(set(offsets)) != len(offsets):
+            msg = f"environments: local_port_offset values must differ, got {offsets}"
+            raise ValueError(msg)
+        return self
+
+    def names(self) -> list[str]:
+        """Environment names, lowest first."""
+        return [e.name for e in self.environments]
+
+    def get(self, name: str) -> EnvironmentSpec:
+        """The environment called `name`.
+
+        Raises:
+            KeyError: no such environment; the message lists the known ones.
+        """
+        for env in self.environments:
+            if env.name == name:
+                return env
+        msg = f"unknown environment {name!r}; known: {', '.join(self.names())}"
+        raise KeyError(msg)

@@ -1,0 +1,40 @@
+"""The deploy-target interface the flows drive, whichever target is configured."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from blocks.catalog import ServiceSpec
+from blocks.environments import EnvironmentSpec
+from tasks.models import DeployedService, ImageRef
+
+
+class Deployer(Protocol):
+    """A place services run: local containers (docker) or a cluster (kubernetes)."""
+
+    name: str
+
+    def deploy(
+        self, env: EnvironmentSpec, service: ServiceSpec, image: ImageRef, *, deadline_s: float
+    ) -> DeployedService:
+        """Roll `image` out and wait until it is healthy and serving `image.digest`.
+
+        Raises:
+            DeployError: the new release did not become healthy; the previous one
+                still serves (the target restored it before raising).
+        """
+        ...
+
+    def live(self, env: EnvironmentSpec, service: ServiceSpec) -> DeployedService | None:
+        """What serves `service` in `env` now, or None when nothing is deployed."""
+        ...
+
+    def restore(
+        self, env: EnvironmentSpec, service: ServiceSpec, previous: DeployedService | None
+    ) -> None:
+        """Put `previous` back (None: remove the service), waiting until it is healthy."""
+        ...
+
+    def address(self, env: EnvironmentSpec, service: ServiceSpec) -> str:
+        """Base URL where `service` answers in `env`."""
+        ...

@@ -1,0 +1,101 @@
+"""Running external tools: one place that starts processes, captures and trims output."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+
+from tasks.exceptions import ToolError
+
+EXCERPT_LINES = 40
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    """What a finished process did."""
+
+    args: tuple[str, ...]
+    returncode: int
+    output: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """True when the tool exited 0."""
+        return self.returncode == 0
+
+    def excerpt(self, lines: int = EXCERPT_LINES) -> str:
+        """The last `lines` lines of the combined output."""
+        return "\n".join(self.output.rstrip().splitlines()[-lines:])
+
+
+def which(tool: str) -> str:
+    """The absolute path of `tool`, looked up beside this interpreter first.
+
+    Raises:
+        ToolError: the tool is not installed.
+    """
+    here = Path(sys.executable).parent / tool
+    if here.exists():
+        return str(here)
+    found = shutil.which(tool)
+    if found is None:
+        msg = f"{tool} is not installed (looked beside {sys.executable} and on PATH)"
+        raise ToolError(msg)
+    return found
+
+
+def run_tool(
+    args: Sequence[str],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 600,
+    input_text: str | None = None,
+) -> ToolRun:
+    """Run a tool to completion, capturing stdout and stderr together.
+
+    A non-zero exit is returned, not raised: the caller decides what it means.
+
+    Raises:
+        ToolError: the tool could not be started or timed out.
+    """
+    full_env = {**os.environ, **(env or {})}
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            list(args),
+            cwd=cwd,
+            env=full_env,
+            input=input_text,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        msg = f"cannot run {args[0]}: {exc.strerror}"
+        raise ToolError(msg) from None
+    except subprocess.TimeoutExpired:
+        msg = f"{' '.join(args[:3])} timed out after {timeout:.0f}s"
+        raise ToolError(msg) from None
+    return ToolRun(tuple(args), done.returncode, done.stdout or "", time.monotonic() - started)
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The Prefect run logger inside a flow or task, a module logger outside (e.g. `.fn`)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("elice")

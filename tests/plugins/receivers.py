@@ -1,0 +1,1 @@
+"""Local HTTP receivers that record what Slack and PagerDuty would get."""

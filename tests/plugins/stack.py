@@ -1,0 +1,1 @@
+"""Fixtures for the local stack (engine, registry, moto)."""
