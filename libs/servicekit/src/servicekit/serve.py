@@ -7,14 +7,14 @@ log lines in the JSON format. Equivalent plain command (non-JSON uvicorn lines):
 
 from __future__ import annotations
 
-import os
 import sys
 
 import uvicorn
 
 from servicekit.settings import env_int, env_str
 
-DEFAULT_HOST = "0.0.0.0"  # nosec B104 - containers must listen on all interfaces
+# Containers must listen on all interfaces; the pod network is the boundary.
+DEFAULT_HOST = "0.0.0.0"  # noqa: S104  # nosec B104
 DEFAULT_PORT = 8000
 
 

@@ -1,0 +1,138 @@
+import time
+
+import pytest
+from fastapi import APIRouter, HTTPException
+from fastapi.testclient import TestClient
+
+from servicekit import create_app
+
+router = APIRouter()
+
+
+@router.get("/items/{item_id}")
+async def get_item(item_id: int) -> dict[str, int]:
+    if item_id == 0:
+        raise HTTPException(status_code=404, detail="no such item")
+    return {"id": item_id}
+
+
+@router.get("/boom")
+async def boom() -> None:
+    raise RuntimeError("boom")
+
+
+def client(env: dict[str, str] | None = None, **kwargs: object) -> TestClient:
+    app = create_app("demo", routers=[router], env=env or {}, **kwargs)  # type: ignore[arg-type]
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def test_health_and_version_defaults() -> None:
+    c = client()
+    assert c.get("/health").json() == {"status": "ok", "service": "demo"}
+    assert c.get("/version").json() == {
+        "service": "demo",
+        "version": "unknown",
+        "release": "unknown",
+        "digest": "unknown",
+        "commit": "unknown",
+        "environment": "unknown",
+    }
+
+
+def test_version_reads_build_env() -> None:
+    env = {
+        "APP_VERSION": "1.2.3",
+        "APP_RELEASE": "r42",
+        "IMAGE_DIGEST": "sha256:abc",
+        "GIT_COMMIT": "deadbeef",
+        "ENVIRONMENT": "staging",
+    }
+    body = client(env).get("/version").json()
+    assert body == {
+        "service": "demo",
+        "version": "1.2.3",
+        "release": "r42",
+        "digest": "sha256:abc",
+        "commit": "deadbeef",
+        "environment": "staging",
+    }
+
+
+async def _async_ok() -> bool:
+    return True
+
+
+def _raises() -> bool:
+    raise ConnectionError("db down")
+
+
+def test_ready_runs_checks() -> None:
+    ok = client(readiness_checks={"sync": lambda: True, "async": _async_ok})
+    resp = ok.get("/ready")
+    assert resp.status_code == 200
+    assert resp.json()["checks"] == {"sync": True, "async": True}
+
+    bad = client(readiness_checks={"sync": lambda: True, "db": _raises, "no": lambda: False})
+    resp = bad.get("/ready")
+    assert resp.status_code == 503
+    assert resp.json()["status"] == "not_ready"
+    assert resp.json()["checks"] == {"sync": True, "db": False, "no": False}
+
+
+def test_fault_health_breaks_probes_only() -> None:
+    c = client({"FAULT_HEALTH": "1"})
+    assert c.get("/health").status_code == 503
+    ready = c.get("/ready")
+    assert ready.status_code == 503
+    assert ready.json()["fault"] == "FAULT_HEALTH"
+    assert c.get("/items/3").status_code == 200
+    assert c.get("/version").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("environment", "broken"),
+    [("staging", True), ("production", True), ("dev", False), ("", False)],
+)
+def test_fault_environments_scope(environment: str, broken: bool) -> None:
+    env = {"FAULT_HEALTH": "true", "FAULT_ENVIRONMENTS": "staging, production"}
+    if environment:
+        env["ENVIRONMENT"] = environment
+    assert (client(env).get("/health").status_code == 503) is broken
+
+
+def test_fault_latency_skips_probes() -> None:
+    c = client({"FAULT_LATENCY_MS": "300"})
+    for path in ("/health", "/ready", "/metrics"):
+        start = time.perf_counter()
+        c.get(path)
+        assert time.perf_counter() - start < 0.3
+    start = time.perf_counter()
+    assert c.get("/items/1").status_code == 200
+    assert time.perf_counter() - start >= 0.3
+
+
+def test_bad_latency_value_is_ignored() -> None:
+    app = create_app("demo", env={"FAULT_LATENCY_MS": "soon"})
+    assert not app.state.faults.active
+
+
+def test_metrics_use_route_templates() -> None:
+    c = client()
+    for path in ("/items/1", "/items/2", "/items/0", "/boom", "/nowhere/at/all"):
+        c.get(path)
+    registry = c.app.state.metrics.registry  # type: ignore[attr-defined]
+
+    def sample(name: str, **labels: str) -> float | None:
+        value: float | None = registry.get_sample_value(name, {"service": "demo", **labels})
+        return value
+
+    item = {"method": "GET", "path": "/items/{item_id}"}
+    assert sample("http_requests_total", status="200", **item) == 2
+    assert sample("http_requests_total", status="404", **item) == 1
+    assert sample("http_request_duration_seconds_count", **item) == 3
+    assert sample("http_request_errors_total", method="GET", path="/boom", status="500") == 1
+    assert sample("http_request_errors_total", status="404", **item) is None
+    assert sample("http_requests_total", method="GET", path="<unmatched>", status="404") == 1
+    text = c.get("/metrics").text
+    assert "# TYPE http_requests_total counter" in text
+    assert 'service_build_info{commit="unknown"' in text

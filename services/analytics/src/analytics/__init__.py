@@ -1,0 +1,1 @@
+"""Event ingestion and per-event statistics."""

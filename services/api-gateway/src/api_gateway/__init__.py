@@ -1,0 +1,1 @@
+"""Edge router: maps public paths to upstream services."""

@@ -1,0 +1,1 @@
+"""Course enrollments with capacity limits."""

@@ -1,0 +1,1 @@
+"""Upload metadata and thumbnail sizing."""

@@ -1,0 +1,1 @@
+"""Templated notifications outbox."""

@@ -1,0 +1,1 @@
+"""Payment intake with amount validation and idempotency."""
