@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from blocks.catalog import LibSpec, ServiceCatalog, ServiceSpec
 from blocks.environments import EnvironmentCatalog, EnvironmentSpec
+
+M = TypeVar("M", bound=BaseModel)
 
 CATALOG_BLOCK = "elice-services"
 ENVIRONMENTS_BLOCK = "elice-environments"
@@ -78,6 +80,21 @@ def _describe(source: str, error: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(problems)
 
 
+def _items(source: str, key: str, raw: Any, model: type[M]) -> list[M]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        msg = f"{source}: {key}: expected a list, got {type(raw).__name__}"
+        raise ConfigError(msg)
+    items = []
+    for index, item in enumerate(raw):
+        try:
+            items.append(model.model_validate(item))
+        except ValidationError as exc:
+            raise ConfigError(_describe(f"{source}: {key}[{index}]", exc)) from None
+    return items
+
+
 def parse_config(data: Any, source: str) -> PipelineConfig:
     """Validate raw configuration data.
 
@@ -95,25 +112,14 @@ def parse_config(data: Any, source: str) -> PipelineConfig:
         if key not in data:
             msg = f"{source}: {key}: field required"
             raise ConfigError(msg)
+    services = _items(source, "services", data["services"], ServiceSpec)
+    libs = _items(source, "libs", data.get("libs"), LibSpec)
+    environments = _items(source, "environments", data["environments"], EnvironmentSpec)
     try:
-        catalog = ServiceCatalog(
-            services=[ServiceSpec.model_validate(s) for s in data["services"] or []],
-            libs=[LibSpec.model_validate(lib) for lib in data.get("libs") or []],
-        )
+        catalog = ServiceCatalog(services=services, libs=libs)
+        envs = EnvironmentCatalog(environments=environments)
     except ValidationError as exc:
-        raise ConfigError(_describe(f"{source}: services/libs", exc)) from None
-    except ValueError as exc:
-        msg = f"{source}: services: {exc}"
-        raise ConfigError(msg) from None
-    try:
-        envs = EnvironmentCatalog(
-            environments=[EnvironmentSpec.model_validate(e) for e in data["environments"] or []]
-        )
-    except ValidationError as exc:
-        raise ConfigError(_describe(f"{source}: environments", exc)) from None
-    except ValueError as exc:
-        msg = f"{source}: environments: {exc}"
-        raise ConfigError(msg) from None
+        raise ConfigError(_describe(source, exc)) from None
     try:
         performance = PerformancePolicy.model_validate(data.get("performance") or {})
     except ValidationError as exc:

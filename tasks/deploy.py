@@ -38,3 +38,33 @@ class Deployer(Protocol):
     def address(self, env: EnvironmentSpec, service: ServiceSpec) -> str:
         """Base URL where `service` answers in `env`."""
         ...
+
+
+DOCKER_TARGET_BLOCK = "elice-docker"
+KUBERNETES_TARGET_BLOCK = "elice-kubernetes"
+TARGETS = ("docker", "kubernetes")
+
+
+def make_deployer(target: str = "docker") -> Deployer:
+    """The configured deployer for `target`: its saved block, else the local defaults.
+
+    Raises:
+        ValueError: `target` is not a known deploy target.
+    """
+    if target not in TARGETS:
+        msg = f"unknown deploy target {target!r}; choose one of {', '.join(TARGETS)}"
+        raise ValueError(msg)
+    if target == "kubernetes":
+        from blocks.kubernetes_target import KubernetesTarget  # noqa: PLC0415
+        from tasks.kubernetes import KubernetesDeployer  # noqa: PLC0415
+
+        return KubernetesDeployer.from_block(KubernetesTarget.load(KUBERNETES_TARGET_BLOCK))
+
+    from blocks.docker_target import DockerTarget  # noqa: PLC0415
+    from tasks.containers import DockerDeployer  # noqa: PLC0415
+
+    try:
+        block = DockerTarget.load(DOCKER_TARGET_BLOCK)
+    except ValueError:
+        block = DockerTarget()
+    return DockerDeployer.from_block(block)

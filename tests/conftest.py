@@ -18,7 +18,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from blocks.config import PipelineConfig, load_config  # noqa: E402
 
-pytest_plugins = ["tests.plugins.stack", "tests.plugins.receivers"]
+pytest_plugins = ["tests.plugins.stack", "tests.plugins.receivers", "tests.plugins.aws"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server() -> Iterator[None]:
     """One real temporary Prefect server for the whole session."""
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):
         yield
 
 

@@ -1,0 +1,314 @@
+"""The `docker` deploy target: one container per (environment, service) on the Docker API."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+
+from blocks.catalog import ServiceSpec
+from blocks.docker_target import DockerTarget
+from blocks.environments import EnvironmentSpec
+from tasks.exceptions import DeployError, ToolError
+from tasks.health import HealthResult, probe_health
+from tasks.models import DeployedService, ImageRef, utcnow
+from tasks.process import run_logger
+
+LABEL = "io.elice."
+MANAGED_BY = "elice-devops"
+LOG_LINES = 8
+LOG_LINE_CHARS = 300
+STOP_TIMEOUT_S = 10
+
+
+def container_name(prefix: str, env: str, service: str) -> str:
+    """The canonical container name of `service` in `env`."""
+    return f"{prefix}-{env}-{service}"
+
+
+def log_excerpt(text: str, lines: int = LOG_LINES) -> str:
+    """The first and last `lines` lines (start-up errors, then the end), each line capped."""
+    all_lines = [line[:LOG_LINE_CHARS] for line in text.strip().splitlines()]
+    if len(all_lines) > 2 * lines:
+        all_lines = [*all_lines[:lines], "...", *all_lines[-lines:]]
+    return "\n".join(all_lines)
+
+
+def container_env(
+    env: EnvironmentSpec, service: ServiceSpec, image: ImageRef, extra: Mapping[str, str]
+) -> dict[str, str]:
+    """The variables a service container runs with; `extra` comes last and wins."""
+    return {
+        "PORT": str(env.host_port(service.port)),
+        "HOST": "127.0.0.1",
+        "LOG_LEVEL": env.log_level,
+        "ENVIRONMENT": env.name,
+        "APP_VERSION": image.version,
+        "APP_RELEASE": image.tag,
+        "IMAGE_DIGEST": image.digest,
+        "GIT_COMMIT": image.commit,
+        **extra,
+    }
+
+
+def container_labels(
+    env: EnvironmentSpec, image: ImageRef, deployed_at: datetime
+) -> dict[str, str]:
+    """Labels that let `live()` rebuild the DeployedService from the container alone."""
+    fields = {
+        "managed-by": MANAGED_BY,
+        "environment": env.name,
+        "service": image.service,
+        "repository": image.repository,
+        "digest": image.digest,
+        "tag": image.tag,
+        "version": image.version,
+        "commit": image.commit,
+        "deployed-at": deployed_at.isoformat(),
+    }
+    return {LABEL + key: value for key, value in fields.items()}
+
+
+def deployed_from_labels(labels: Mapping[str, str], address: str) -> DeployedService:
+    """The DeployedService recorded in a container's labels.
+
+    Raises:
+        ValueError: the labels are not those of an elice-devops container.
+    """
+    if labels.get(LABEL + "managed-by") != MANAGED_BY:
+        msg = f"container labels lack {LABEL}managed-by={MANAGED_BY}"
+        raise ValueError(msg)
+    value = {k.removeprefix(LABEL): v for k, v in labels.items() if k.startswith(LABEL)}
+    image = ImageRef(
+        service=value["service"],
+        repository=value["repository"],
+        digest=value["digest"],
+        tag=value.get("tag", ""),
+        version=value.get("version", ""),
+        commit=value.get("commit", ""),
+    )
+    return DeployedService(
+        service=image.service,
+        environment=value["environment"],
+        image=image,
+        address=address,
+        deployed_at=datetime.fromisoformat(value["deployed-at"]),
+        target="docker",
+    )
+
+
+def engine_host(docker_host: str | None) -> str:
+    """`docker_host`, else DOCKER_HOST, else the engine the local stack recorded.
+
+    Raises:
+        ToolError: none of them names an engine.
+    """
+    if docker_host:
+        return docker_host
+    if os.environ.get("DOCKER_HOST"):
+        return os.environ["DOCKER_HOST"]
+    from cicd.stack import load_stack_info  # noqa: PLC0415  (cicd sits above tasks)
+
+    info = load_stack_info()
+    if info is None:
+        msg = "no Docker engine: set DockerTarget.docker_host or DOCKER_HOST, or `cicd stack up`"
+        raise ToolError(msg)
+    return info.docker_host
+
+
+@contextmanager
+def _engine_errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except DockerException as exc:
+        msg = f"Docker engine failed to {action}: {exc}"
+        raise ToolError(msg) from None
+
+
+class DockerDeployer:
+    """Deploys services as host-network containers, blue/green by stop-start-verify.
+
+    `extra_env` maps an image digest to variables added to that release's containers
+    only: the drill hook (e.g. `FAULT_HEALTH=1`) for deploying a deliberately broken
+    release of a real image. `environment_env` adds variables to every container of an
+    environment, by environment name. `health_deadline_s` bounds `restore()` and the
+    wait for a previous release brought back after a failed deploy.
+    Engine failures (API errors, engine down) raise ToolError.
+    """
+
+    name = "docker"
+
+    def __init__(
+        self,
+        docker_host: str | None = None,
+        prefix: str = "elice",
+        extra_env: Mapping[str, Mapping[str, str]] | None = None,
+        *,
+        environment_env: Mapping[str, Mapping[str, str]] | None = None,
+        health_deadline_s: float = 60.0,
+    ) -> None:
+        self.docker_host = docker_host
+        self.prefix = prefix
+        self.extra_env = {k: dict(v) for k, v in (extra_env or {}).items()}
+        self.environment_env = {k: dict(v) for k, v in (environment_env or {}).items()}
+        self.health_deadline_s = health_deadline_s
+        self._client: docker.DockerClient | None = None
+
+    @classmethod
+    def from_block(
+        cls, target: DockerTarget, extra_env: Mapping[str, Mapping[str, str]] | None = None
+    ) -> DockerDeployer:
+        """A deployer configured by a DockerTarget block."""
+        return cls(
+            target.docker_host,
+            target.name_prefix,
+            extra_env,
+            environment_env=target.environment_env,
+            health_deadline_s=target.health_deadline_s,
+        )
+
+    @property
+    def client(self) -> docker.DockerClient:
+        """The engine client, connected on first use.
+
+        Raises:
+            ToolError: the engine does not answer.
+        """
+        if self._client is None:
+            host = engine_host(self.docker_host)
+            try:
+                client = docker.DockerClient(base_url=host, timeout=120)
+                client.ping()
+            except DockerException as exc:
+                msg = f"Docker engine at {host} does not answer: {exc}"
+                raise ToolError(msg) from None
+            self._client = client
+        return self._client
+
+    def address(self, env: EnvironmentSpec, service: ServiceSpec) -> str:
+        """http://127.0.0.1:<host port>."""
+        return f"http://127.0.0.1:{env.host_port(service.port)}"
+
+    def _find(self, name: str) -> Any | None:
+        try:
+            return self.client.containers.get(name)
+        except NotFound:
+            return None
+
+    def live(self, env: EnvironmentSpec, service: ServiceSpec) -> DeployedService | None:
+        """What the running canonical container serves, from its labels; None if none runs."""
+        name = container_name(self.prefix, env.name, service.name)
+        with _engine_errors(f"inspect {name}"):
+            container = self._find(name)
+        if container is None or container.status != "running":
+            return None
+        return deployed_from_labels(container.labels, self.address(env, service))
+
+    def _remove(self, name: str) -> None:
+        container = self._find(name)
+        if container is not None:
+            container.remove(force=True)
+
+    def _start(self, env: EnvironmentSpec, service: ServiceSpec, image: ImageRef, name: str) -> Any:
+        extra = {**self.environment_env.get(env.name, {}), **self.extra_env.get(image.digest, {})}
+        try:
+            return self.client.containers.run(
+                image.reference,
+                name=name,
+                detach=True,
+                network_mode="host",
+                environment=container_env(env, service, image, extra),
+                labels=container_labels(env, image, utcnow()),
+            )
+        except ImageNotFound:
+            msg = f"image {image.reference} not found in the registry or the engine"
+        except APIError as exc:
+            msg = f"cannot start {image.reference}: {exc.explanation}"
+        raise DeployError(f"{service.name} {image.short} in {env.name}: {msg}")
+
+    def _probe(
+        self, env: EnvironmentSpec, service: ServiceSpec, digest: str, deadline_s: float
+    ) -> HealthResult:
+        return probe_health(
+            self.address(env, service), service, deadline_s=deadline_s, expect_digest=digest
+        )
+
+    def _bring_back(self, env: EnvironmentSpec, service: ServiceSpec, old: Any | None) -> str:
+        """Restart the previous container stopped by this deploy; say how that went."""
+        if old is None:
+            return "no previous release to restore"
+        previous = deployed_from_labels(old.labels, self.address(env, service)).image
+        old.start()
+        back = self._probe(env, service, previous.digest, self.health_deadline_s)
+        if back.ok:
+            return f"previous release {previous.short} restored"
+        return f"previous release {previous.short} did not come back: {'; '.join(back.failures)}"
+
+    def deploy(
+        self, env: EnvironmentSpec, service: ServiceSpec, image: ImageRef, *, deadline_s: float
+    ) -> DeployedService:
+        """Stop the old container, start `image`, keep it if healthy, else restart the old one.
+
+        Raises:
+            ValueError: `image` is not an image of `service`, or a bad deadline.
+            DeployError: `image` did not become healthy; the previous release was restarted.
+        """
+        if image.service != service.name:
+            msg = f"image {image.reference} is of service {image.service!r}, not {service.name!r}"
+            raise ValueError(msg)
+        if deadline_s <= 0:
+            msg = f"deadline_s must be positive, got {deadline_s}"
+            raise ValueError(msg)
+        with _engine_errors(f"deploy {image.reference} to {env.name}"):
+            return self._deploy(env, service, image, deadline_s)
+
+    def _deploy(
+        self, env: EnvironmentSpec, service: ServiceSpec, image: ImageRef, deadline_s: float
+    ) -> DeployedService:
+        logger = run_logger()
+        name = container_name(self.prefix, env.name, service.name)
+        self._remove(f"{name}-next")
+        old = self._find(name)
+        serving = old if old is not None and old.status == "running" else None
+        if serving is not None:
+            serving.stop(timeout=STOP_TIMEOUT_S)
+        try:
+            new = self._start(env, service, image, f"{name}-next")
+        except DeployError as exc:
+            raise DeployError(f"{exc}; {self._bring_back(env, service, serving)}") from None
+        result = self._probe(env, service, image.digest, deadline_s)
+        if result.ok:
+            if old is not None:
+                old.remove(force=True)
+            new.rename(name)
+            logger.info("%s %s is healthy in %s", service.name, image.short, env.name)
+            return deployed_from_labels(new.labels, self.address(env, service))
+        new.reload()
+        logs = log_excerpt(new.logs(tail=500).decode("utf-8", "replace"))
+        new.remove(force=True)
+        outcome = self._bring_back(env, service, serving)
+        msg = (
+            f"{service.name} {image.short} failed its health check in {env.name} "
+            f"(container {new.status}): {'; '.join(result.failures)}; "
+            f"logs: {logs or '(none)'}; {outcome}"
+        )
+        logger.error(msg)
+        raise DeployError(msg)
+
+    def restore(
+        self, env: EnvironmentSpec, service: ServiceSpec, previous: DeployedService | None
+    ) -> None:
+        """Redeploy `previous`, or remove the service from `env` when it is None."""
+        if previous is None:
+            name = container_name(self.prefix, env.name, service.name)
+            with _engine_errors(f"remove {name}"):
+                self._remove(f"{name}-next")
+                self._remove(name)
+            run_logger().info("%s removed from %s", service.name, env.name)
+            return
+        self.deploy(env, service, previous.image, deadline_s=self.health_deadline_s)

@@ -1,0 +1,154 @@
+"""The performance baseline: a small bounded load probe, and the regression rule."""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+import httpx
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
+
+from blocks.catalog import ServiceSpec
+from blocks.config import PerformancePolicy
+from tasks.exceptions import PromotionError
+from tasks.health import VERSION_PATH, check_address
+from tasks.models import utcnow
+from tasks.process import run_logger
+
+REQUEST_TIMEOUT_S = 10.0
+
+
+class Baseline(BaseModel):
+    """Latency and errors of one probe of one service."""
+
+    model_config = ConfigDict(frozen=True)
+
+    service: str
+    url: str = Field(default="", description="The URL that was probed")
+    requests: int
+    errors: int = 0
+    p50_ms: float
+    p95_ms: float
+    error_rate: float = Field(ge=0, le=1)
+    measured_at: datetime = Field(default_factory=utcnow)
+
+
+class PerformanceRegression(PromotionError):
+    """A release is slower or fails more than the policy allows."""
+
+    def __init__(self, service: str, problems: list[str]) -> None:
+        self.service = service
+        self.problems = problems
+        super().__init__(f"{service}: performance regression: {'; '.join(problems)}")
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile; 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _timed_get(client: httpx.Client, path: str) -> tuple[float, bool]:
+    started = time.perf_counter()
+    try:
+        ok = client.get(path).status_code < 400
+    except httpx.HTTPError:
+        ok = False
+    return (time.perf_counter() - started) * 1000, ok
+
+
+def probe_baseline(
+    address: str,
+    path: str,
+    policy: PerformancePolicy,
+    *,
+    service: str = "",
+    timeout_s: float = REQUEST_TIMEOUT_S,
+) -> Baseline:
+    """Send `policy.requests` GETs to `path`, `policy.concurrency` at a time; measure them.
+
+    A failed or timed-out request counts as an error and its time as latency.
+
+    Raises:
+        ValueError: a bad address or path (before any request).
+    """
+    base = check_address(address)
+    if not path.startswith("/"):
+        msg = f"path must start with '/', got {path!r}"
+        raise ValueError(msg)
+    limits = httpx.Limits(max_connections=policy.concurrency)
+    with (
+        httpx.Client(base_url=base, timeout=timeout_s, limits=limits) as client,
+        ThreadPoolExecutor(max_workers=policy.concurrency) as pool,
+    ):
+        _timed_get(client, path)  # warm-up: connection set-up is not the service's latency
+        results = list(pool.map(lambda _: _timed_get(client, path), range(policy.requests)))
+    latencies = [ms for ms, _ in results]
+    errors = sum(1 for _, ok in results if not ok)
+    return Baseline(
+        service=service,
+        url=base + path,
+        requests=len(results),
+        errors=errors,
+        p50_ms=round(percentile(latencies, 0.50), 1),
+        p95_ms=round(percentile(latencies, 0.95), 1),
+        error_rate=errors / len(results),
+    )
+
+
+def p95_limit(before: Baseline, policy: PerformancePolicy) -> float:
+    """The highest p95 a new release may have, given the previous baseline."""
+    return max(before.p95_ms * policy.max_p95_ratio, before.p95_ms + policy.min_p95_slack_ms)
+
+
+def regressions(before: Baseline | None, after: Baseline, policy: PerformancePolicy) -> list[str]:
+    """What makes `after` a regression against `before` under `policy` (empty: none)."""
+    problems = []
+    if after.error_rate > policy.max_error_rate:
+        problems.append(
+            f"error rate {after.error_rate:.1%} ({after.errors} of {after.requests} requests) "
+            f"over the {policy.max_error_rate:.1%} allowed"
+        )
+    if before is not None and after.p95_ms > (limit := p95_limit(before, policy)):
+        problems.append(
+            f"p95 {after.p95_ms:.1f} ms vs {before.p95_ms:.1f} ms before (limit {limit:.1f} ms)"
+        )
+    return problems
+
+
+@task(name="measure-baseline")
+def measure_baseline(address: str, service: ServiceSpec, policy: PerformancePolicy) -> Baseline:
+    """Measure `service` at `address` on /version (a real request path, unlike the probes)."""
+    baseline = probe_baseline(address, VERSION_PATH, policy, service=service.name)
+    run_logger().info(
+        "%s baseline: p50 %.1f ms, p95 %.1f ms, errors %d/%d",
+        service.name,
+        baseline.p50_ms,
+        baseline.p95_ms,
+        baseline.errors,
+        baseline.requests,
+    )
+    return baseline
+
+
+@task(name="check-regression")
+def check_regression(
+    service: ServiceSpec, before: Baseline | None, after: Baseline, policy: PerformancePolicy
+) -> None:
+    """Compare two baselines of `service`.
+
+    Raises:
+        PerformanceRegression: listing each limit `after` exceeds.
+    """
+    problems = regressions(before, after, policy)
+    if problems:
+        error = PerformanceRegression(service.name, problems)
+        run_logger().error(str(error))
+        raise error
+    run_logger().info("%s: no performance regression", service.name)

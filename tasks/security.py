@@ -1,0 +1,131 @@
+"""The security stage: a dependency vulnerability scan and an SBOM of the image.
+
+A scanner that cannot reach its vulnerability data gives "unknown", never "clean":
+pip-audit without its data source prints "No known vulnerabilities found" and exits
+0, so it runs with `--strict` and anything but a parsed JSON report is unknown.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, Field
+
+from blocks.catalog import ServiceSpec
+from tasks.exceptions import StageFailed, ToolError
+from tasks.models import ImageRef
+from tasks.process import run_logger, run_tool, which
+
+Verdict = Literal["clean", "vulnerable", "unknown"]
+
+
+class ScanReport(BaseModel):
+    """The outcome of a dependency scan."""
+
+    service: str
+    verdict: Verdict
+    findings: list[str] = Field(default_factory=list)
+    reason: str = ""
+
+
+def parse_pip_audit(service: str, returncode: int, output: str) -> ScanReport:
+    """Interpret pip-audit's JSON output; anything unparsable is unknown."""
+    start = output.find("{")
+    try:
+        report = json.loads(output[start:]) if start >= 0 else None
+    except json.JSONDecodeError:
+        report = None
+    if not isinstance(report, dict) or not isinstance(report.get("dependencies"), list):
+        tail = output.strip().splitlines()[-1:] or ["no output"]
+        return ScanReport(
+            service=service,
+            verdict="unknown",
+            reason=f"pip-audit gave no report (exit {returncode}): {tail[0][:300]}",
+        )
+    findings = [
+        f"{dep.get('name')} {dep.get('version')}: {vuln.get('id')}"
+        for dep in report["dependencies"]
+        for vuln in dep.get("vulns") or []
+    ]
+    skipped = [str(dep.get("name")) for dep in report["dependencies"] if dep.get("skip_reason")]
+    if findings:
+        return ScanReport(service=service, verdict="vulnerable", findings=findings)
+    if skipped:
+        return ScanReport(
+            service=service, verdict="unknown", reason=f"not audited: {', '.join(skipped)}"
+        )
+    return ScanReport(service=service, verdict="clean")
+
+
+@task(name="scan-dependencies", task_run_name="scan-dependencies-{service.name}")
+def scan_dependencies(service: ServiceSpec, repo: Path, timeout_s: float = 120) -> ScanReport:
+    """Audit the service's locked runtime requirements with pip-audit."""
+    lock = repo / service.path / "requirements.lock"
+    if not lock.is_file():
+        return ScanReport(service=service.name, verdict="unknown", reason=f"{lock} is missing")
+    try:
+        done = run_tool(
+            [
+                which("pip-audit"),
+                "--strict",
+                "--no-deps",
+                "--disable-pip",
+                "--format",
+                "json",
+                "--progress-spinner",
+                "off",
+                "-r",
+                str(lock),
+            ],
+            cwd=repo,
+            timeout=timeout_s,
+        )
+    except ToolError as exc:
+        return ScanReport(service=service.name, verdict="unknown", reason=str(exc))
+    report = parse_pip_audit(service.name, done.returncode, done.output)
+    run_logger().info("%s: dependency scan %s %s", service.name, report.verdict, report.reason)
+    lines = [f"- `{finding}`" for finding in report.findings] or [f"- {report.reason or 'none'}"]
+    create_markdown_artifact(
+        key=f"scan-{service.name}",
+        markdown=f"## {service.name}: dependency scan **{report.verdict}**\n\n" + "\n".join(lines),
+        description=f"pip-audit of {service.name}'s requirements.lock",
+    )
+    if report.verdict == "vulnerable":
+        raise StageFailed(
+            service.name, "scan", f"{len(report.findings)} known vulnerabilities", "\n".join(lines)
+        )
+    return report
+
+
+@task(name="generate-sbom", task_run_name="generate-sbom-{image.service}")
+def generate_sbom(image: ImageRef, out_dir: Path, timeout_s: float = 300) -> Path | None:
+    """An SPDX JSON SBOM of the pushed image, made by syft from the registry; None if syft fails."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{image.service}-{image.short}.spdx.json"
+    sbom_arg = f"spdx-json={target}"
+    try:
+        done = run_tool(
+            [which("syft"), "scan", f"registry:{image.reference}", "-q", "-o", sbom_arg],
+            env={"SYFT_REGISTRY_INSECURE_USE_HTTP": "true", "SYFT_CHECK_FOR_APP_UPDATE": "false"},
+            timeout=timeout_s,
+        )
+    except ToolError as exc:
+        run_logger().warning("%s: no SBOM: %s", image.service, exc)
+        return None
+    if not done.ok or not target.is_file():
+        run_logger().warning("%s: no SBOM: %s", image.service, done.excerpt(5))
+        return None
+    packages = json.loads(target.read_text(encoding="utf-8")).get("packages", [])
+    create_markdown_artifact(
+        key=f"sbom-{image.service}",
+        markdown=(
+            f"## SBOM of {image.service}\n\n`{image.reference}`\n\n"
+            f"{len(packages)} packages (SPDX JSON at `{target}`)"
+        ),
+        description=f"syft SBOM of {image.service}",
+    )
+    return target

@@ -1,0 +1,236 @@
+"""The docker deploy target against the real engine and registry of the local stack."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import docker
+import httpx
+import pytest
+
+from blocks.catalog import ServiceSpec
+from blocks.config import PipelineConfig
+from blocks.docker_target import DockerTarget
+from blocks.environments import EnvironmentSpec, Replicas
+from cicd.stack import StackInfo
+from tasks.containers import (
+    DockerDeployer,
+    container_env,
+    container_labels,
+    container_name,
+    deployed_from_labels,
+    log_excerpt,
+)
+from tasks.exceptions import DeployError
+from tasks.images import BuiltImage
+from tasks.models import ImageRef
+from tasks.registry import push_image
+
+TEST_ENV = EnvironmentSpec(
+    name="test-docker",
+    namespace="test-docker",
+    replicas=Replicas(min=1, max=1),
+    log_level="INFO",
+    storage="minio",
+    local_port_offset=33000,
+)
+AUTH = ServiceSpec(name="auth", port=8002)
+IMAGE = ImageRef(
+    service="auth",
+    repository="127.0.0.1:5000/elice/auth",
+    digest="sha256:" + "c" * 64,
+    tag="1.0.0-abc1234",
+    version="1.0.0",
+    commit="abc1234",
+)
+
+
+def test_container_name_and_address() -> None:
+    assert container_name("elice", "dev", "auth") == "elice-dev-auth"
+    deployer = DockerDeployer("unix:///nowhere.sock")
+    assert deployer.address(TEST_ENV, AUTH) == "http://127.0.0.1:41002"
+
+
+def test_container_env_pins_port_release_and_lets_extra_win() -> None:
+    env = container_env(TEST_ENV, AUTH, IMAGE, {"FAULT_HEALTH": "1", "LOG_LEVEL": "DEBUG"})
+    assert env == {
+        "PORT": "41002",
+        "HOST": "127.0.0.1",
+        "LOG_LEVEL": "DEBUG",
+        "ENVIRONMENT": "test-docker",
+        "APP_VERSION": "1.0.0",
+        "APP_RELEASE": "1.0.0-abc1234",
+        "IMAGE_DIGEST": IMAGE.digest,
+        "GIT_COMMIT": "abc1234",
+        "FAULT_HEALTH": "1",
+    }
+
+
+def test_labels_round_trip_to_the_deployed_service() -> None:
+    when = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    labels = container_labels(TEST_ENV, IMAGE, when)
+    deployed = deployed_from_labels({**labels, "other": "x"}, "http://127.0.0.1:41002")
+    assert deployed.image == IMAGE
+    assert (deployed.service, deployed.environment, deployed.deployed_at) == (
+        "auth",
+        "test-docker",
+        when,
+    )
+    assert deployed.target == "docker"
+
+
+def test_log_excerpt_keeps_start_up_and_end() -> None:
+    text = "\n".join(f"line {i}" for i in range(100)) + "\n" + "x" * 1000
+    excerpt = log_excerpt(text, lines=3).splitlines()
+    assert excerpt == ["line 0", "line 1", "line 2", "...", "line 98", "line 99", "x" * 300]
+    assert log_excerpt("a\nb\n") == "a\nb"
+
+
+def test_foreign_container_labels_are_refused() -> None:
+    with pytest.raises(ValueError, match="managed-by"):
+        deployed_from_labels({"io.elice.service": "auth"}, "http://127.0.0.1:1")
+
+
+def test_deployer_from_block_takes_its_settings() -> None:
+    block = DockerTarget(
+        docker_host="unix:///x.sock",
+        name_prefix="blue",
+        health_deadline_s=5,
+        environment_env={"dev": {"A": "1"}},
+    )
+    deployer = DockerDeployer.from_block(block, {IMAGE.digest: {"FAULT_HEALTH": "1"}})
+    assert (deployer.docker_host, deployer.prefix, deployer.health_deadline_s) == (
+        "unix:///x.sock",
+        "blue",
+        5,
+    )
+    assert deployer.environment_env == {"dev": {"A": "1"}}
+    assert deployer.extra_env == {IMAGE.digest: {"FAULT_HEALTH": "1"}}
+
+
+def test_image_of_another_service_is_refused_before_touching_the_engine() -> None:
+    deployer = DockerDeployer("unix:///nowhere.sock")
+    with pytest.raises(ValueError, match="not 'user'"):
+        deployer.deploy(TEST_ENV, ServiceSpec(name="user", port=8003), IMAGE, deadline_s=5)
+
+
+# --- against the real engine and registry ---------------------------------------------
+
+PREFIX = "elicetest"
+# Generous: container start-up on two shared cores; a failing release waits this long.
+DEADLINE_S = 120.0
+BROKEN_DEADLINE_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def derived_image(
+    stack: StackInfo, docker_client: docker.DockerClient, built_image: BuiltImage
+) -> ImageRef:
+    """A second real release of the same service: the built image plus one label."""
+    tag = f"derived-{uuid.uuid4().hex[:8]}"
+    dockerfile = f"FROM {built_image.references[0]}\nLABEL io.elice.test.release={tag}\n"
+    image, _ = docker_client.images.build(
+        fileobj=io.BytesIO(dockerfile.encode()), tag=f"{built_image.repository}:{tag}", rm=True
+    )
+    derived = built_image.model_copy(update={"image_id": image.id, "tags": (tag,)})
+    return push_image.fn(derived, docker_host=stack.docker_host)
+
+
+@pytest.fixture
+def service(config: PipelineConfig, pushed_image: ImageRef) -> ServiceSpec:
+    return config.service(pushed_image.service)
+
+
+@pytest.fixture
+def deployer(stack: StackInfo, service: ServiceSpec) -> Iterator[DockerDeployer]:
+    deployer = DockerDeployer(stack.docker_host, PREFIX, health_deadline_s=DEADLINE_S)
+    yield deployer
+    deployer.restore(TEST_ENV, service, None)
+
+
+def served_digest(deployer: DockerDeployer, service: ServiceSpec) -> str:
+    body = httpx.get(deployer.address(TEST_ENV, service) + "/version", timeout=10).json()
+    assert body["environment"] == "test-docker"
+    return str(body["digest"])
+
+
+def container_names(docker_client: docker.DockerClient) -> set[str]:
+    return {c.name for c in docker_client.containers.list(all=True)}
+
+
+def test_deploy_serves_the_release_and_live_reads_it_back(
+    deployer: DockerDeployer,
+    service: ServiceSpec,
+    pushed_image: ImageRef,
+    docker_client: docker.DockerClient,
+) -> None:
+    assert deployer.live(TEST_ENV, service) is None
+    deployed = deployer.deploy(TEST_ENV, service, pushed_image, deadline_s=DEADLINE_S)
+    assert deployed.image == pushed_image
+    assert deployed.address == f"http://127.0.0.1:{service.port + 33000}"
+    assert served_digest(deployer, service) == pushed_image.digest
+    assert deployer.live(TEST_ENV, service) == deployed
+    name = container_name(PREFIX, TEST_ENV.name, service.name)
+    assert name in container_names(docker_client)
+    assert f"{name}-next" not in container_names(docker_client)
+
+
+def test_unhealthy_release_is_rolled_back_to_the_previous_one(
+    stack: StackInfo,
+    deployer: DockerDeployer,
+    service: ServiceSpec,
+    pushed_image: ImageRef,
+    derived_image: ImageRef,
+    docker_client: docker.DockerClient,
+) -> None:
+    deployer.deploy(TEST_ENV, service, pushed_image, deadline_s=DEADLINE_S)
+    drill = DockerDeployer(
+        stack.docker_host,
+        PREFIX,
+        {derived_image.digest: {"FAULT_HEALTH": "1"}},
+        health_deadline_s=DEADLINE_S,
+    )
+    with pytest.raises(DeployError) as caught:
+        drill.deploy(TEST_ENV, service, derived_image, deadline_s=BROKEN_DEADLINE_S)
+    message = str(caught.value)
+    assert message.startswith(
+        f"{service.name} {derived_image.short} failed its health check in test-docker"
+    )
+    assert "/health: answered 503; /ready: answered 503" in message
+    assert "fault injection active" in message  # the new container's own log lines
+    assert message.endswith(f"previous release {pushed_image.short} restored")
+    live = deployer.live(TEST_ENV, service)
+    assert live is not None
+    assert live.image == pushed_image
+    assert served_digest(deployer, service) == pushed_image.digest
+    name = container_name(PREFIX, TEST_ENV.name, service.name)
+    assert f"{name}-next" not in container_names(docker_client)
+
+
+def test_new_release_replaces_the_old_and_restore_puts_it_back(
+    deployer: DockerDeployer,
+    service: ServiceSpec,
+    pushed_image: ImageRef,
+    derived_image: ImageRef,
+    docker_client: docker.DockerClient,
+) -> None:
+    previous = deployer.deploy(TEST_ENV, service, pushed_image, deadline_s=DEADLINE_S)
+    deployer.deploy(TEST_ENV, service, derived_image, deadline_s=DEADLINE_S)
+    assert served_digest(deployer, service) == derived_image.digest
+    name = container_name(PREFIX, TEST_ENV.name, service.name)
+    assert [n for n in container_names(docker_client) if n.startswith(name)] == [name]
+
+    deployer.restore(TEST_ENV, service, previous)
+    live = deployer.live(TEST_ENV, service)
+    assert live is not None
+    assert live.image == pushed_image
+    assert served_digest(deployer, service) == pushed_image.digest
+
+    deployer.restore(TEST_ENV, service, None)
+    assert deployer.live(TEST_ENV, service) is None
+    assert name not in container_names(docker_client)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(deployer.address(TEST_ENV, service) + "/health", timeout=5)
