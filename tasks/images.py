@@ -1,0 +1,267 @@
+"""Container images through the Docker Engine API (Docker, or Podman's compatible service)."""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import docker
+from docker.errors import APIError, DockerException
+from docker.utils.build import exclude_paths
+from prefect import task
+from pydantic import BaseModel, ConfigDict
+
+from blocks.catalog import ServiceSpec
+from blocks.config import repo_root
+from tasks.exceptions import ImageError, ToolError
+from tasks.models import utcnow
+from tasks.process import run_logger
+
+DOCKERFILE = "services/Dockerfile"
+EXTRA_CA_PATH = ".build/extra-ca.crt"
+LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
+TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{7,40}$")
+OUTPUT_TAIL = 30
+
+
+class BuiltImage(BaseModel):
+    """An image in the engine's local store, not yet pushed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    service: str
+    image_id: str
+    repository: str
+    tags: tuple[str, ...]
+    version: str
+    commit: str
+    labels: dict[str, str]
+    seconds: float
+
+    @property
+    def references(self) -> list[str]:
+        """repository:tag for every tag."""
+        return [f"{self.repository}:{tag}" for tag in self.tags]
+
+
+def engine_client(docker_host: str, timeout: int = 600) -> docker.DockerClient:
+    """A docker-py client for the engine at `docker_host`.
+
+    Raises:
+        ToolError: the engine does not answer.
+    """
+    try:
+        client = docker.DockerClient(base_url=docker_host, timeout=timeout)
+        client.ping()
+    except DockerException as exc:
+        msg = f"Docker API engine at {docker_host} does not answer ({exc}); run `cicd stack up`"
+        raise ToolError(msg) from None
+    return client
+
+
+def image_repository(registry: str, namespace: str, service: str) -> str:
+    """registry/namespace/service, e.g. 127.0.0.1:5000/elice/course."""
+    parts = [registry.rstrip("/"), namespace.strip("/"), service]
+    return "/".join(p for p in parts if p)
+
+
+def image_tags(version: str, commit: str) -> list[str]:
+    """The tags of a build: the version and `sha-<12 hex digits of the commit>`.
+
+    Raises:
+        ValueError: the version is not a valid tag or the commit is not a hex SHA.
+    """
+    if not TAG_RE.match(version):
+        msg = f"version {version!r} is not a valid image tag ([A-Za-z0-9_.-], max 128)"
+        raise ValueError(msg)
+    if not COMMIT_RE.match(commit):
+        msg = f"commit {commit!r} is not a hex git SHA (7-40 lowercase hex digits)"
+        raise ValueError(msg)
+    return [version, f"sha-{commit[:12]}"]
+
+
+def image_labels(
+    service: str, version: str, commit: str, *, source: str = "", created: str | None = None
+) -> dict[str, str]:
+    """OCI annotations (org.opencontainers.image.*) for a service image."""
+    labels = {
+        "org.opencontainers.image.title": service,
+        "org.opencontainers.image.version": version,
+        "org.opencontainers.image.revision": commit,
+        "org.opencontainers.image.created": created or utcnow().strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "io.elice.service": service,
+    }
+    if source:
+        labels["org.opencontainers.image.source"] = source
+    return labels
+
+
+def local_ca_bundle(directory: Path = LOCAL_CA_DIR) -> str | None:
+    """The machine's extra CA certificates (update-ca-certificates' local dir), or None."""
+    certs = sorted(directory.glob("**/*.crt")) if directory.is_dir() else []
+    pems = [p.read_text(encoding="utf-8").strip() for p in certs]
+    bundle = "\n".join(pem for pem in pems if "BEGIN CERTIFICATE" in pem)
+    return bundle + "\n" if bundle else None
+
+
+def _ignore_patterns(root: Path) -> list[str]:
+    path = root / ".dockerignore"
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def build_context(
+    root: Path, service: ServiceSpec, libs: Sequence[str], extra_ca: str | None
+) -> io.BytesIO:
+    """The build context as a tar: Dockerfile, the service, its libs, the optional CA.
+
+    Raises:
+        ValueError: the service or a lib directory does not exist.
+    """
+    wanted = [service.path, *(f"libs/{lib}" for lib in libs)]
+    for path in wanted:
+        if not (root / path / "pyproject.toml").is_file():
+            msg = f"{root / path}: no pyproject.toml; is {service.name}'s source there?"
+            raise ValueError(msg)
+    if not (root / DOCKERFILE).is_file():
+        msg = f"{root / DOCKERFILE} is missing"
+        raise ValueError(msg)
+    keep = (DOCKERFILE, *(f"{p}/" for p in wanted))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for rel in sorted(exclude_paths(str(root), _ignore_patterns(root), DOCKERFILE)):
+            wanted_file = rel == DOCKERFILE or any(f"{rel}/".startswith(k) for k in keep[1:])
+            if wanted_file and (root / rel).is_file():
+                tar.add(root / rel, arcname=rel, recursive=False)
+        data = (extra_ca or "").encode()
+        info = tarfile.TarInfo(EXTRA_CA_PATH)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    return buffer
+
+
+def _failing_step(lines: list[str]) -> str:
+    steps = [line for line in lines if re.search(r"\b(STEP|Step) \d+/\d+", line)]
+    return steps[-1].strip() if steps else "(no step reached)"
+
+
+def _stream_build(chunks: Iterator[dict[str, Any]], service: str) -> str:
+    """Consume a build stream; returns the image id.
+
+    Raises:
+        ImageError: naming the failing Dockerfile step and the output's tail.
+    """
+    lines: list[str] = []
+    image_id = ""
+    for chunk in chunks:
+        if "stream" in chunk:
+            lines.extend(ln for ln in str(chunk["stream"]).splitlines() if ln.strip())
+        if "aux" in chunk and isinstance(chunk["aux"], dict):
+            image_id = str(chunk["aux"].get("ID", image_id))
+        if "error" in chunk or "errorDetail" in chunk:
+            error = chunk.get("error") or chunk["errorDetail"].get("message", "")
+            tail = "\n".join(lines[-OUTPUT_TAIL:])
+            msg = f"{service}: image build failed at {_failing_step(lines)}: {error}\n{tail}"
+            raise ImageError(msg)
+    if not image_id:
+        found = [line for line in lines if re.match(r"^(Successfully built |[0-9a-f]{64}$)", line)]
+        image_id = found[-1].split()[-1] if found else ""
+    if not image_id:
+        msg = f"{service}: the engine reported no image id:\n" + "\n".join(lines[-OUTPUT_TAIL:])
+        raise ImageError(msg)
+    return image_id
+
+
+def retry_on_tool_error(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry only when the engine/registry could not be reached."""
+    try:
+        state.result()
+    except ToolError:
+        return True
+    except Exception:  # noqa: BLE001 - any other failure is final
+        return False
+    return False
+
+
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_on_tool_error)
+def build_image(
+    service: ServiceSpec,
+    *,
+    docker_host: str,
+    repository: str,
+    version: str,
+    commit: str,
+    base_image: str | None = None,
+    libs: Sequence[str] | None = None,
+    source: str = "",
+    extra_ca: str | None = None,
+    root: Path | None = None,
+) -> BuiltImage:
+    """Build a service image with the shared Dockerfile; tag it with version and commit.
+
+    Args:
+        repository: where the image will live, from `image_repository()`.
+        base_image: BASE_IMAGE build argument (None: the Dockerfile's default).
+        libs: dirs under libs/ to install (default: the service's libs).
+        extra_ca: PEM bundle trusted by the builder stage only (`local_ca_bundle()`).
+        root: the monorepo (default `repo_root()`).
+
+    Raises:
+        ValueError: bad version, commit or paths (before any build).
+        ImageError: the build failed; names the step and shows the output's tail.
+        ToolError: the engine is unreachable.
+    """
+    tags = image_tags(version, commit)
+    chosen_libs = list(service.libs if libs is None else libs)
+    context = build_context(root or repo_root(), service, chosen_libs, extra_ca)
+    labels = image_labels(service.name, version, commit, source=source)
+    buildargs = {"SERVICE": service.name, "PACKAGE": service.package, "LIBS": " ".join(chosen_libs)}
+    if base_image:
+        buildargs["BASE_IMAGE"] = base_image
+    client = engine_client(docker_host)
+    started = time.monotonic()
+    try:
+        stream = client.api.build(
+            fileobj=context,
+            custom_context=True,
+            dockerfile=DOCKERFILE,
+            tag=f"{repository}:{tags[0]}",
+            buildargs=buildargs,
+            labels=labels,
+            network_mode="host",
+            rm=True,
+            forcerm=True,
+            decode=True,
+        )
+        image_id = _stream_build(stream, service.name)
+        for tag in tags[1:]:
+            client.api.tag(image_id, repository, tag)
+    except APIError as exc:
+        msg = f"{service.name}: engine refused the build: {exc.explanation or exc}"
+        raise ImageError(msg) from None
+    except DockerException as exc:
+        msg = f"{service.name}: engine connection failed during build: {exc}"
+        raise ToolError(msg) from None
+    finally:
+        client.close()
+    seconds = time.monotonic() - started
+    run_logger().info("built %s:%s (%s) in %.1fs", repository, tags[0], image_id[:19], seconds)
+    return BuiltImage(
+        service=service.name,
+        image_id=image_id,
+        repository=repository,
+        tags=tuple(tags),
+        version=version,
+        commit=commit,
+        labels=labels,
+        seconds=seconds,
+    )

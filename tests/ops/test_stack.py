@@ -1,0 +1,119 @@
+"""The local stack for real: engine, registry, base image, Prefect server, a running image."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import docker
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from cicd.stack import (
+    StackInfo,
+    debian_mirror,
+    ensure_stack,
+    free_port,
+    load_stack_info,
+    registries_conf,
+    stack_status,
+    stop_stack,
+)
+from cicd.stack_cli import app
+from tasks.models import ImageRef
+
+
+def _pids(root: Path) -> dict[str, str]:
+    return {p.stem: p.read_text() for p in (root / "pids").glob("*.pid")}
+
+
+def test_ensure_stack_is_idempotent(stack: StackInfo) -> None:
+    root = Path(stack.docker_host.removeprefix("unix://")).parent
+    before = _pids(root)
+    again = ensure_stack(root=root)
+    assert again == stack
+    assert _pids(root) == before  # nothing restarted
+    assert load_stack_info(root) == stack
+    parts = {p.name: p for p in stack_status(root)}
+    assert parts["engine"].state == "running"
+    assert parts["engine"].address == stack.docker_host
+    assert parts["registry"].state == "running"
+    assert parts["registry"].address == stack.registry
+    assert parts["base-image"].state == "present"
+
+
+def test_second_stack_on_an_external_engine_with_prefect(
+    stack: StackInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", stack.docker_host)
+    info = ensure_stack(prefect=True, root=tmp_path)
+    try:
+        assert info.docker_host == stack.docker_host
+        assert info.registry != stack.registry
+        assert info.prefect_api_url
+        assert httpx.get(f"{info.prefect_api_url}/health", timeout=10).status_code == 200
+        assert httpx.get(f"http://{info.registry}/v2/", timeout=10).status_code == 200
+        parts = {p.name: (p.state, p.address) for p in stack_status(tmp_path)}
+        assert parts == {
+            "engine": ("external", stack.docker_host),
+            "registry": ("running", info.registry),
+            "base-image": ("present", stack.base_image),
+            "prefect": ("running", info.prefect_api_url),
+        }
+        assert ensure_stack(root=tmp_path) == info  # prefect kept, not restarted
+        monkeypatch.setenv("ELICE_STACK_DIR", str(tmp_path))
+        result = CliRunner().invoke(app, ["status"])
+        assert result.exit_code == 0, result.output
+        assert info.registry in result.output
+        assert "external" in result.output
+    finally:
+        assert sorted(stop_stack(tmp_path)) == ["prefect", "registry"]
+    parts = {p.name: p.state for p in stack_status(tmp_path)}
+    assert parts["registry"] == "stopped"
+    assert parts["prefect"] == "stopped"
+    assert parts["engine"] == "external"  # not ours to stop
+    assert stop_stack(tmp_path) == []
+
+
+def test_container_from_the_pushed_image_answers_health(
+    pushed_image: ImageRef, docker_client: docker.DockerClient
+) -> None:
+    port = free_port()
+    container = docker_client.containers.run(
+        pushed_image.reference,
+        detach=True,
+        network_mode="host",
+        environment={"PORT": str(port), "SERVICE_NAME": pushed_image.service},
+    )
+    try:
+        deadline = time.monotonic() + 90
+        answer = None
+        while time.monotonic() < deadline:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                if answer.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            container.reload()
+            assert container.status == "running", container.logs().decode()[-2000:]
+            time.sleep(0.5)
+        assert answer is not None
+        assert answer.status_code == 200, container.logs().decode()[-2000:]
+    finally:
+        container.remove(force=True)
+
+
+def test_debian_mirror_and_registries_conf(tmp_path: Path) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm\n"
+    )
+    assert debian_mirror(tmp_path) == "http://mirror.example/debian"
+    (tmp_path / "sources.list").write_text(
+        "deb [arch=amd64] http://other.example/debian/ bookworm main\n"
+    )
+    assert debian_mirror(tmp_path) == "http://other.example/debian/"
+    conf = registries_conf("127.0.0.1:5123")
+    assert 'location = "127.0.0.1:5123"\ninsecure = true' in conf
