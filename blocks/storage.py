@@ -1,0 +1,97 @@
+"""Where the release ledger and the environment backups live: a local directory or S3."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from prefect.blocks.core import Block
+from prefect.filesystems import LocalFileSystem, WritableFileSystem
+from prefect_aws import AwsCredentials, S3Bucket
+from pydantic import Field, model_validator
+
+from blocks.config import state_dir
+
+STORAGE_BLOCK = "elice-release-storage"
+_BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+
+
+class ReleaseStorage(Block):
+    """The place that keeps the release ledger and the environment backups."""
+
+    _block_type_name = "Elice Release Storage"
+    _description = "Ledger and backups: a local directory or an S3 (or MinIO) bucket and prefix."
+
+    kind: Literal["local", "s3"] = Field(default="local", description="local or s3")
+    path: str = Field(
+        default="", description="local: base directory (default: the state dir, ELICE_STATE_DIR)"
+    )
+    bucket: str = Field(default="", description="s3: bucket name")
+    prefix: str = Field(default="elice", description="s3: key prefix, without slashes at the ends")
+    credentials: AwsCredentials | None = Field(
+        default=None, description="s3: AWS credentials (default: the ambient AWS configuration)"
+    )
+    endpoint_url: str | None = Field(
+        default=None, description="s3: endpoint of an S3-compatible store (MinIO, moto)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ReleaseStorage:
+        if self.kind == "s3":
+            if not re.match(_BUCKET, self.bucket):
+                msg = f"kind s3 needs a valid bucket name, got {self.bucket!r}"
+                raise ValueError(msg)
+            if self.prefix != self.prefix.strip("/"):
+                msg = f"prefix must not start or end with '/', got {self.prefix!r}"
+                raise ValueError(msg)
+        elif self.bucket:
+            msg = "bucket is only meaningful with kind s3"
+            raise ValueError(msg)
+        return self
+
+    def filesystem(self, area: Literal["ledger", "backups"]) -> WritableFileSystem:
+        """The filesystem block holding `area` (ledger or backups)."""
+        if self.kind == "local":
+            base = Path(self.path).expanduser() if self.path else state_dir()
+            folder = base / area
+            folder.mkdir(parents=True, exist_ok=True)
+            return LocalFileSystem(basepath=str(folder))
+        credentials = self.credentials or AwsCredentials()
+        if self.endpoint_url:
+            params = credentials.aws_client_parameters.model_copy(
+                update={"endpoint_url": self.endpoint_url}
+            )
+            credentials = credentials.model_copy(update={"aws_client_parameters": params})
+        folder_key = f"{self.prefix}/{area}" if self.prefix else area
+        return S3Bucket(bucket_name=self.bucket, credentials=credentials, bucket_folder=folder_key)
+
+
+def release_storage() -> ReleaseStorage:
+    """The configured storage: the saved block when ELICE_STORAGE=blocks, else local default.
+
+    Raises:
+        ValueError: ELICE_STORAGE=blocks but no block named "elice-release-storage" is saved.
+    """
+    if os.environ.get("ELICE_STORAGE") == "blocks":
+        try:
+            loaded = ReleaseStorage.load(STORAGE_BLOCK)
+        except ValueError as exc:
+            msg = f"ELICE_STORAGE=blocks but block {STORAGE_BLOCK!r} cannot be loaded: {exc}"
+            raise ValueError(msg) from None
+        if not isinstance(loaded, ReleaseStorage):  # pragma: no cover - Block.load's typing
+            msg = f"block {STORAGE_BLOCK!r} is not a ReleaseStorage"
+            raise TypeError(msg)
+        return loaded
+    return ReleaseStorage()
+
+
+def ledger_filesystem() -> WritableFileSystem:
+    """Where the release ledger lives."""
+    return release_storage().filesystem("ledger")
+
+
+def backup_filesystem() -> WritableFileSystem:
+    """Where environment backups live."""
+    return release_storage().filesystem("backups")

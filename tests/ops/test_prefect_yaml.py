@@ -1,0 +1,62 @@
+"""prefect.yaml deploys for real against the test server, with its schedules and pool."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _prefect(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "ELICE_REPO": str(REPO),
+    }
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "--no-prompt", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_every_deployment_registers_with_its_schedule_and_pool() -> None:
+    created = _prefect("work-pool", "create", "elice-process", "--type", "process", "--overwrite")
+    assert created.returncode == 0, created.stdout + created.stderr
+    deployed = _prefect("deploy", "--all")
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    expected = {d["name"]: d for d in spec["deployments"]}
+    with get_client(sync_client=True) as client:
+        deployments = {d.name: d for d in client.read_deployments()}
+        assert set(expected) <= set(deployments)
+        nightly = deployments["nightly-rebuild"]
+        assert nightly.work_pool_name == "elice-process"
+        assert nightly.parameters["no_cache"] is True
+        assert nightly.parameters["all_services"] is True
+        [schedule] = nightly.schedules
+        assert schedule.schedule.cron == "0 3 * * *"
+        assert schedule.schedule.timezone == "Asia/Seoul"
+        flows = {d.name: client.read_flow(d.flow_id).name for d in deployments.values()}
+    assert flows["ci"] == "ci"
+    assert flows["nightly-rebuild"] == "ci"
+    assert flows["promote"] == "promote"
+    assert flows["rollback"] == "rollback"
+    assert flows["health-check"] == "health-check"
+
+
+def test_bad_parameters_are_refused_before_a_run_exists() -> None:
+    run = _prefect("deployment", "run", "ci/ci", "--param", "no_cache=not-a-bool")
+    assert run.returncode != 0
