@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, cast
 
 from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
@@ -58,13 +58,14 @@ def make_deployer(target: str = "docker") -> Deployer:
         from blocks.kubernetes_target import KubernetesTarget  # noqa: PLC0415
         from tasks.kubernetes import KubernetesDeployer  # noqa: PLC0415
 
-        return KubernetesDeployer.from_block(KubernetesTarget.load(KUBERNETES_TARGET_BLOCK))
+        cluster = cast("KubernetesTarget", KubernetesTarget.load(KUBERNETES_TARGET_BLOCK))
+        return KubernetesDeployer(cluster)
 
     from blocks.docker_target import DockerTarget  # noqa: PLC0415
     from tasks.containers import DockerDeployer  # noqa: PLC0415
 
     try:
-        block = DockerTarget.load(DOCKER_TARGET_BLOCK)
+        block = cast("DockerTarget", DockerTarget.load(DOCKER_TARGET_BLOCK))
     except ValueError:
         block = DockerTarget()
     return DockerDeployer.from_block(block)

@@ -1,0 +1,203 @@
+"""`cicd`: run the pipeline from a terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from blocks.config import ConfigError, PipelineConfig, load_config, save_as_blocks
+from cicd import promote_cli, stack_cli
+from cicd.stack import StackInfo, ensure_stack
+
+app = typer.Typer(
+    name="cicd",
+    help="elice-devops: CI/CD for the 12-service monorepo, as Prefect flows.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(stack_cli.app, name="stack", help="The local stack: Prefect, registry, engine.")
+promote_cli.register(app)
+console = Console()
+
+ConfigOption = Annotated[
+    str | None,
+    typer.Option("--config", help="A config file, or 'blocks' for the saved blocks."),
+]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print `message` to stderr, unwrapped, and exit with `code`."""
+    typer.secho(message, err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _config(source: str | None) -> PipelineConfig:
+    try:
+        return load_config(source)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def use_stack(*, prefect: bool = True) -> StackInfo:
+    """Bring up the local stack and point this process (and its flows) at it."""
+    info = ensure_stack(prefect=prefect)
+    os.environ.setdefault("DOCKER_HOST", info.docker_host)
+    os.environ.setdefault("ELICE_REGISTRY", info.registry)
+    os.environ.setdefault("ELICE_BASE_IMAGE", info.base_image)
+    if info.prefect_api_url and not os.environ.get("PREFECT_API_URL"):
+        os.environ["PREFECT_API_URL"] = info.prefect_api_url
+    return info
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command()
+def ci(
+    all_services: Annotated[bool, typer.Option("--all", help="Every service.")] = False,
+    services: Annotated[str | None, typer.Option(help="Comma-separated services.")] = None,
+    base: Annotated[str, typer.Option(help="Diff base for change detection.")] = "HEAD~1",
+    head: Annotated[str, typer.Option(help="Diff head for change detection.")] = "HEAD",
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Re-run every stage.")] = False,
+    deliver: Annotated[
+        bool, typer.Option("--deliver/--no-deliver", help="Build, push, deploy, health-check.")
+    ] = True,
+    environment: Annotated[str, typer.Option(help="Where CI deploys.")] = "dev",
+    config: ConfigOption = None,
+) -> None:
+    """Run the CI flow: change detection, lock, quality, tests, image, push, deploy, health."""
+    cfg = _config(config)
+    chosen = _split(services)
+    if chosen:
+        try:
+            cfg.catalog.select(chosen)
+        except ValueError as exc:
+            fail(str(exc))
+    use_stack(prefect=True)
+    from flows.ci import ci as ci_flow  # noqa: PLC0415 - imports Prefect settings from the stack
+    from tasks.reports import stage_table  # noqa: PLC0415
+
+    state = ci_flow(
+        services=chosen,
+        all_services=all_services,
+        base=base,
+        head=head,
+        no_cache=no_cache,
+        deliver=deliver,
+        environment=environment,
+        config_source=config,
+        return_state=True,
+    )
+    outcome = state.result(raise_on_failure=False)
+    results = getattr(outcome, "results", None)
+    if results:
+        table = Table(title="CI")
+        rows = stage_table(results)
+        for column in rows[0]:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(str(row[c]) for c in rows[0]))
+        console.print(table)
+    if state.is_completed():
+        console.print(f"[green]{state.message or 'CI passed'}[/green]")
+        return
+    fail(state.message or "CI failed", 1)
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    environment: Annotated[str | None, typer.Option(help="Only this environment.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """What runs where: per environment and service, the release, digest, address and state."""
+    from tasks.releases import Ledger  # noqa: PLC0415
+
+    cfg = _config(config)
+    envs = [cfg.environment(environment)] if environment else cfg.environments.environments
+    rows = []
+    book = Ledger()
+    for env in envs:
+        current = book.current(env.name)
+        for svc in cfg.catalog.services:
+            record = current.services.get(svc.name)
+            rows.append(
+                {
+                    "environment": env.name,
+                    "service": svc.name,
+                    "release": record.release_id if record else None,
+                    "digest": record.image.digest if record else None,
+                    "version": record.image.version if record else None,
+                    "address": f"http://127.0.0.1:{env.host_port(svc.port)}",
+                    "state": ("verified" if record.verified else "deployed")
+                    if record
+                    else "absent",
+                    "deployed_at": record.deployed_at.isoformat() if record else None,
+                }
+            )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="Releases")
+    for column in ("environment", "service", "state", "release", "digest", "address"):
+        table.add_column(column)
+    for row in rows:
+        digest = row["digest"] or ""
+        table.add_row(
+            str(row["environment"]),
+            str(row["service"]),
+            str(row["state"]),
+            str(row["release"] or ""),
+            digest.removeprefix("sha256:")[:12],
+            str(row["address"]),
+        )
+    console.print(table)
+
+
+@app.command()
+def health(
+    environment: Annotated[str, typer.Argument(help="dev, staging or production.")],
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Every check.")] = False,
+    services: Annotated[str | None, typer.Option(help="Comma-separated services.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Health-check every service of an environment (the seed's health-check.sh)."""
+    cfg = _config(config)
+    try:
+        cfg.environment(environment)
+    except KeyError as exc:
+        fail(str(exc.args[0]))
+    use_stack(prefect=True)
+    from flows.health import health_check  # noqa: PLC0415
+
+    state = health_check(
+        environment=environment,
+        services=_split(services),
+        config_source=config,
+        return_state=True,
+    )
+    report = state.result(raise_on_failure=False)
+    for result in getattr(report, "results", []) or []:
+        mark = "[green]ok[/green]" if result.ok else "[red]FAIL[/red]"
+        line = f"{mark} {result.service:14} {result.url}"
+        if verbose or not result.ok:
+            line += f"  ({result.attempts} attempts, {result.seconds:.1f}s)"
+            if result.failures:
+                line += "  " + "; ".join(result.failures)
+        console.print(line)
+    if not state.is_completed():
+        fail(state.message or "unhealthy", 1)
+
+
+@app.command("register-blocks")
+def register_blocks(config: ConfigOption = None) -> None:
+    """Save the configuration as Prefect blocks (then `--config blocks` loads them)."""
+    cfg = _config(config)
+    for name in save_as_blocks(cfg):
+        console.print(f"saved block [bold]{name}[/bold]")

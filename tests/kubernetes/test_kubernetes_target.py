@@ -1,0 +1,272 @@
+"""The kubernetes deploy target against the API-server SIMULATOR (tests/k8s_sim), real client.
+
+The official kubernetes client talks real HTTP to the simulator, configured through a
+kubeconfig loaded into prefect-kubernetes' KubernetesClusterConfig/KubernetesCredentials.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from prefect_kubernetes.credentials import KubernetesClusterConfig, KubernetesCredentials
+
+from blocks.config import PipelineConfig
+from blocks.kubernetes_target import KubernetesTarget
+from tasks.exceptions import DeployError
+from tasks.kubernetes import FIELD_MANAGER, KubernetesApiError, KubernetesDeployer
+from tasks.models import ImageRef
+from tests.k8s_sim import CRASH, PULL, KubeSimulator
+
+DEADLINE_S = 60.0  # generous: the simulator finishes in a few simulated steps
+
+
+@pytest.fixture
+def sim() -> Iterator[KubeSimulator]:
+    with KubeSimulator() as simulator:
+        yield simulator
+
+
+def _target(sim: KubeSimulator, tmp_path: Path, **overrides: Any) -> KubernetesTarget:
+    kubeconfig = sim.kubeconfig(tmp_path / "kubeconfig")
+    cluster = KubernetesClusterConfig.from_file(kubeconfig)
+    settings: dict[str, Any] = {
+        "poll_interval_s": 0.01,
+        "retry_backoff_s": 0.01,
+        "retry_backoff_max_s": 0.05,
+        "rollout_deadline_s": DEADLINE_S,
+        **overrides,
+    }
+    return KubernetesTarget(credentials=KubernetesCredentials(cluster_config=cluster), **settings)
+
+
+@pytest.fixture
+def deployer(sim: KubeSimulator, tmp_path: Path) -> KubernetesDeployer:
+    return KubernetesDeployer(_target(sim, tmp_path))
+
+
+def _image(service: str, n: int) -> ImageRef:
+    return ImageRef(
+        service=service,
+        repository=f"127.0.0.1:5000/elice/{service}",
+        digest="sha256:" + f"{n:x}" * 64,
+        tag=f"v{n}",
+        version=f"1.{n}.0",
+        commit=f"{n:x}" * 40,
+    )
+
+
+def _pod_images(sim: KubeSimulator, namespace: str, service: str) -> list[str]:
+    return [
+        p["spec"]["containers"][0]["image"]
+        for p in sim.list("pods", namespace)
+        if p["metadata"]["labels"]["app.kubernetes.io/name"] == service
+    ]
+
+
+def test_deploy_applies_and_waits_for_the_rollout(
+    sim: KubeSimulator, deployer: KubernetesDeployer, config: PipelineConfig
+) -> None:
+    env, service = config.environment("staging"), config.service("auth")
+    image = _image("auth", 1)
+
+    deployed = deployer.deploy(env, service, image, deadline_s=DEADLINE_S)
+
+    assert deployed.image == image
+    assert deployed.target == "kubernetes"
+    assert deployed.address == "http://auth.elice-devops-stg.svc.cluster.local:8000"
+    live = sim.get("deployments", "elice-devops-stg", "auth")
+    assert live is not None
+    assert live["spec"]["template"]["spec"]["containers"][0]["image"] == image.reference
+    # the HPA's minimum (2 in staging) drives the replicas; all available, all updated
+    assert live["status"]["availableReplicas"] == live["status"]["updatedReplicas"] == 2
+    assert _pod_images(sim, "elice-devops-stg", "auth") == [image.reference] * 2
+    for plural, name in [
+        ("services", "auth"),
+        ("serviceaccounts", "auth"),
+        ("configmaps", "auth"),
+        ("horizontalpodautoscalers", "auth"),
+        ("poddisruptionbudgets", "auth"),
+    ]:
+        assert sim.get(plural, "elice-devops-stg", name) is not None, plural
+    assert sim.get("namespaces", "", "elice-devops-stg") is not None
+    assert sim.get("deployments", "elice-devops-stg", "user") is None  # only this service
+    applies = [r for r in sim.requests if r[0] == "PATCH"]
+    assert len(applies) == 8
+    assert all(r[3] == "application/apply-patch+yaml" for r in applies)
+    assert all(
+        f"fieldManager={FIELD_MANAGER}" in r[1] and "force=true" in r[1].lower() for r in applies
+    )
+
+
+def test_live_reads_the_digest_from_the_deployment(
+    deployer: KubernetesDeployer, config: PipelineConfig
+) -> None:
+    env, service = config.environment("dev"), config.service("payment")
+    assert deployer.live(env, service) is None
+    image = _image("payment", 7)
+    deployer.deploy(env, service, image, deadline_s=DEADLINE_S)
+    live = deployer.live(env, service)
+    assert live is not None
+    assert live.image == image
+    assert live.environment == "dev"
+
+
+@pytest.mark.parametrize("reason", [PULL, CRASH])
+def test_failed_rollout_names_the_pod_reason_and_restores_the_previous_digest(
+    sim: KubeSimulator, deployer: KubernetesDeployer, config: PipelineConfig, reason: str
+) -> None:
+    env, service = config.environment("production"), config.service("course")
+    good, bad = _image("course", 1), _image("course", 2)
+    deployer.deploy(env, service, good, deadline_s=DEADLINE_S)
+    sim.bad_images[bad.digest] = reason
+
+    with pytest.raises(DeployError) as caught:
+        deployer.deploy(env, service, bad, deadline_s=DEADLINE_S)
+
+    message = str(caught.value)
+    assert "ProgressDeadlineExceeded" in message or "progress deadline" in message
+    assert reason in message
+    assert f"restored {good.reference}" in message
+    live = deployer.live(env, service)
+    assert live is not None
+    assert live.image.digest == good.digest
+    assert _pod_images(sim, "elice-devops-prod", "course") == [good.reference] * 3
+
+
+def test_failed_first_deploy_removes_the_service(
+    sim: KubeSimulator, deployer: KubernetesDeployer, config: PipelineConfig
+) -> None:
+    env, service = config.environment("dev"), config.service("media")
+    bad = _image("media", 9)
+    sim.bad_images[bad.reference] = PULL
+    with pytest.raises(DeployError, match=r"ImagePullBackOff.*removed it"):
+        deployer.deploy(env, service, bad, deadline_s=DEADLINE_S)
+    assert deployer.live(env, service) is None
+    assert sim.get("services", "elice-devops-dev", "media") is None
+    assert _pod_images(sim, "elice-devops-dev", "media") == []
+
+
+def test_restore_puts_the_previous_digest_back(
+    sim: KubeSimulator, deployer: KubernetesDeployer, config: PipelineConfig
+) -> None:
+    env = config.environment("staging")
+    services = [config.service("auth"), config.service("search")]
+    previous = {}
+    for service in services:
+        previous[service.name] = deployer.deploy(
+            env, service, _image(service.name, 1), deadline_s=DEADLINE_S
+        )
+        deployer.deploy(env, service, _image(service.name, 2), deadline_s=DEADLINE_S)
+    for service in services:
+        assert deployer.live(env, service).image.digest == _image(service.name, 2).digest  # type: ignore[union-attr]
+        deployer.restore(env, service, previous[service.name])
+        live = deployer.live(env, service)
+        assert live is not None
+        assert live.image == _image(service.name, 1)
+        assert _pod_images(sim, env.namespace, service.name) == [live.image.reference] * 2
+    deployer.restore(env, services[0], None)
+    assert deployer.live(env, services[0]) is None
+    assert deployer.live(env, services[1]) is not None
+
+
+def test_retries_injected_500s(
+    sim: KubeSimulator, deployer: KubernetesDeployer, config: PipelineConfig
+) -> None:
+    sim.fail_next(3, 500)
+    deployed = deployer.deploy(
+        config.environment("dev"), config.service("user"), _image("user", 4), deadline_s=DEADLINE_S
+    )
+    assert deployed.image.digest == _image("user", 4).digest
+    assert [r[2] for r in sim.requests[:4]] == [500, 500, 500, 404]  # then the live read
+
+
+def test_retries_injected_409s_on_apply(
+    sim: KubeSimulator, deployer: KubernetesDeployer, config: PipelineConfig
+) -> None:
+    sim.fail_next(2, 409, method="PATCH", path_contains="/deployments/")
+    deployer.deploy(
+        config.environment("dev"), config.service("user"), _image("user", 5), deadline_s=DEADLINE_S
+    )
+    deployment_applies = [r[2] for r in sim.requests if r[0] == "PATCH" and "/deployments/" in r[1]]
+    assert deployment_applies == [409, 409, 201]
+
+
+def test_retries_a_timed_out_request(
+    sim: KubeSimulator, tmp_path: Path, config: PipelineConfig
+) -> None:
+    deployer = KubernetesDeployer(_target(sim, tmp_path, request_timeout_s=0.5))
+    sim.delay_next(1, 3.0, method="GET")
+    assert deployer.live(config.environment("dev"), config.service("auth")) is None
+    assert [method for method, _ in sim.arrivals] == ["GET", "GET"]
+
+
+def test_gives_up_after_the_retries_with_a_clear_error(
+    sim: KubeSimulator, tmp_path: Path, config: PipelineConfig
+) -> None:
+    deployer = KubernetesDeployer(_target(sim, tmp_path, retries=2))
+    sim.fail_next(100, 503)
+    with pytest.raises(KubernetesApiError, match=r"read Deployment elice-devops-dev/auth: .* 503"):
+        deployer.deploy(
+            config.environment("dev"), config.service("auth"), _image("auth", 1), deadline_s=5
+        )
+    assert len(sim.requests) == 3
+
+
+def test_wrong_credentials_are_refused(
+    sim: KubeSimulator, tmp_path: Path, config: PipelineConfig
+) -> None:
+    target = _target(sim, tmp_path)
+    assert target.credentials is not None
+    assert target.credentials.cluster_config is not None
+    target.credentials.cluster_config.config["users"][0]["user"]["token"] = "wrong"
+    with pytest.raises(KubernetesApiError, match="401") as caught:
+        KubernetesDeployer(target).live(config.environment("dev"), config.service("auth"))
+    assert caught.value.status == 401
+
+
+def test_bad_arguments_fail_before_any_request(
+    sim: KubeSimulator, deployer: KubernetesDeployer, config: PipelineConfig
+) -> None:
+    env, service = config.environment("dev"), config.service("auth")
+    with pytest.raises(ValueError, match="is for 'user', not 'auth'"):
+        deployer.deploy(env, service, _image("user", 1), deadline_s=DEADLINE_S)
+    with pytest.raises(ValueError, match="deadline_s must be positive"):
+        deployer.deploy(env, service, _image("auth", 1), deadline_s=0)
+    assert sim.requests == []
+
+
+def test_simulator_speaks_the_wire_protocol(sim: KubeSimulator, tmp_path: Path) -> None:
+    api_client = _target(sim, tmp_path).api_client()
+    core = client.CoreV1Api(api_client)
+    assert client.VersionApi(api_client).get_code().minor == "31"
+    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ns"}})
+    created = core.create_namespaced_config_map(
+        "ns",
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"a": "1"}},
+    )
+    stale = created.metadata.resource_version
+    core.patch_namespaced_config_map("c", "ns", {"data": {"a": "2"}})
+    with pytest.raises(ApiException) as conflict:
+        core.replace_namespaced_config_map(
+            "c",
+            "ns",
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "c", "resourceVersion": stale},
+                "data": {"a": "3"},
+            },
+        )
+    assert conflict.value.status == 409
+    with pytest.raises(ApiException) as duplicate:
+        core.create_namespaced_config_map("ns", {"metadata": {"name": "c"}})
+    assert duplicate.value.status == 409
+    assert core.read_namespaced_config_map("c", "ns").data == {"a": "2"}
+    with pytest.raises(ApiException) as missing:
+        client.AppsV1Api(api_client).read_namespaced_deployment("nope", "ns")
+    assert missing.value.status == 404

@@ -1,0 +1,99 @@
+"""The `cicd` command line: status from the ledger, and clear errors before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from cicd.cli import app
+from tasks.models import ImageRef
+from tasks.releases import Ledger, ReleaseRecord
+
+REPO = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def _config_with_environment(tmp_path: Path, name: str) -> Path:
+    data = yaml.safe_load((REPO / "config" / "pipeline.yaml").read_text())
+    data["environments"] = [
+        {
+            "name": name,
+            "namespace": f"elice-{name}",
+            "replicas": {"min": 1, "max": 2},
+            "log_level": "INFO",
+            "storage": "minio",
+            "local_port_offset": 36000,
+        }
+    ]
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_status_json_reports_release_digest_address_and_state(tmp_path) -> None:
+    config = _config_with_environment(tmp_path, "cli-status")
+    digest = "sha256:" + "ab" * 32
+    Ledger().record_deploy(
+        "cli-status",
+        ReleaseRecord(
+            service="auth",
+            environment="cli-status",
+            image=ImageRef(
+                service="auth",
+                repository="127.0.0.1:5000/elice/auth",
+                digest=digest,
+                version="0.1.0-abc",
+                commit="a" * 40,
+            ),
+            release_id="ci-0.1.0-abc",
+            verified=True,
+        ),
+    )
+    result = runner.invoke(app, ["status", "--json", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    rows = {row["service"]: row for row in json.loads(result.output)}
+    assert len(rows) == 12
+    assert rows["auth"]["digest"] == digest
+    assert rows["auth"]["state"] == "verified"
+    assert rows["auth"]["release"] == "ci-0.1.0-abc"
+    assert rows["auth"]["address"] == "http://127.0.0.1:44002"
+    assert rows["course"]["state"] == "absent"
+    assert rows["course"]["digest"] is None
+
+    table = runner.invoke(app, ["status", "--config", str(config)])
+    assert table.exit_code == 0
+    assert "verified" in table.output
+    assert "absent" in table.output
+
+
+def test_unknown_service_is_refused_before_any_work() -> None:
+    result = runner.invoke(app, ["ci", "--services", "auth,billing"])
+    assert result.exit_code == 2
+    assert "unknown services ['billing']" in result.output
+
+
+def test_invalid_configuration_file_is_named(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("services: []\nenvironments: []\nextra: 1\n")
+    result = runner.invoke(app, ["status", "--config", str(bad)])
+    assert result.exit_code == 2
+    assert "bad.yaml" in result.output
+    assert "unknown top-level keys ['extra']" in result.output
+
+
+def test_health_of_an_unknown_environment_is_refused() -> None:
+    result = runner.invoke(app, ["health", "qa"])
+    assert result.exit_code == 2
+    assert "unknown environment 'qa'" in result.output
+
+
+def test_register_blocks_saves_the_configuration() -> None:
+    result = runner.invoke(app, ["register-blocks"])
+    assert result.exit_code == 0, result.output
+    assert "elice-services" in result.output
+    listed = runner.invoke(app, ["status", "--json", "--config", "blocks", "--environment", "dev"])
+    assert listed.exit_code == 0, listed.output
+    assert len(json.loads(listed.output)) == 12
