@@ -11,8 +11,14 @@ from servicekit.metrics import UNMATCHED, route_template
 
 @pytest.mark.parametrize(
     ("raw", "level"),
-    [("DEBUG", logging.DEBUG), ("warn", logging.WARNING), ("WARNING", logging.WARNING),
-     ("ERROR", logging.ERROR), ("bogus", logging.INFO), ("", logging.INFO)],
+    [
+        ("DEBUG", logging.DEBUG),
+        ("warn", logging.WARNING),
+        ("WARNING", logging.WARNING),
+        ("ERROR", logging.ERROR),
+        ("bogus", logging.INFO),
+        ("", logging.INFO),
+    ],
 )
 def test_log_level(raw: str, level: int) -> None:
     assert log_level({"LOG_LEVEL": raw}) == level

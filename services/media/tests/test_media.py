@@ -3,8 +3,14 @@ from fastapi.testclient import TestClient
 from media.main import app
 
 client = TestClient(app)
-PNG = {"filename": "Diagram.PNG", "content_type": "image/png", "size": 2048, "sha256": "ab" * 32,
-       "width": 1600, "height": 900}
+PNG = {
+    "filename": "Diagram.PNG",
+    "content_type": "image/png",
+    "size": 2048,
+    "sha256": "ab" * 32,
+    "width": 1600,
+    "height": 900,
+}
 
 
 def test_app_smoke() -> None:

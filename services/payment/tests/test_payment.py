@@ -35,9 +35,17 @@ def test_idempotent_capture_and_lookup() -> None:
 
 @pytest.mark.parametrize(
     ("amount", "currency", "code"),
-    [("19.99", "USD", 201), ("19.990", "USD", 201), ("19.999", "USD", 422), ("100.5", "KRW", 422),
-     ("0", "EUR", 422), ("-5", "USD", 422), ("NaN", "USD", 422), ("10000.01", "USD", 422),
-     ("5", "JPY", 422)],
+    [
+        ("19.99", "USD", 201),
+        ("19.990", "USD", 201),
+        ("19.999", "USD", 422),
+        ("100.5", "KRW", 422),
+        ("0", "EUR", 422),
+        ("-5", "USD", 422),
+        ("NaN", "USD", 422),
+        ("10000.01", "USD", 422),
+        ("5", "JPY", 422),
+    ],
 )
 def test_amount_validation(amount: str, currency: str, code: int) -> None:
     assert pay(amount, currency, key=f"key-{amount}-{currency}").status_code == code

@@ -27,12 +27,27 @@ class Lesson(BaseModel):
 
 
 LESSONS: list[Lesson] = [
-    Lesson(id="py-2", course="python-101", position=2, title="Functions",
-           body="Functions group statements. " * 120),
-    Lesson(id="py-1", course="python-101", position=1, title="Variables",
-           body="A variable names a value."),
-    Lesson(id="k8s-1", course="k8s-ops", position=1, title="Pods",
-           body="A pod is the smallest deployable unit."),
+    Lesson(
+        id="py-2",
+        course="python-101",
+        position=2,
+        title="Functions",
+        body="Functions group statements. " * 120,
+    ),
+    Lesson(
+        id="py-1",
+        course="python-101",
+        position=1,
+        title="Variables",
+        body="A variable names a value.",
+    ),
+    Lesson(
+        id="k8s-1",
+        course="k8s-ops",
+        position=1,
+        title="Pods",
+        body="A pod is the smallest deployable unit.",
+    ),
 ]
 
 router = APIRouter(tags=["lessons"])

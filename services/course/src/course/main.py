@@ -22,14 +22,30 @@ class Course(BaseModel):
 CATALOGUE: dict[str, Course] = {
     c.slug: c
     for c in (
-        Course(slug="python-101", title="Python Basics", level="beginner", hours=12,
-               tags=["python"]),
-        Course(slug="data-viz", title="Data Visualisation", level="intermediate", hours=8,
-               tags=["python", "data"]),
-        Course(slug="ml-intro", title="Intro to Machine Learning", level="intermediate",
-               hours=20, tags=["ml", "data"]),
-        Course(slug="k8s-ops", title="Kubernetes Operations", level="advanced", hours=16,
-               tags=["devops"]),
+        Course(
+            slug="python-101", title="Python Basics", level="beginner", hours=12, tags=["python"]
+        ),
+        Course(
+            slug="data-viz",
+            title="Data Visualisation",
+            level="intermediate",
+            hours=8,
+            tags=["python", "data"],
+        ),
+        Course(
+            slug="ml-intro",
+            title="Intro to Machine Learning",
+            level="intermediate",
+            hours=20,
+            tags=["ml", "data"],
+        ),
+        Course(
+            slug="k8s-ops",
+            title="Kubernetes Operations",
+            level="advanced",
+            hours=16,
+            tags=["devops"],
+        ),
     )
 }
 

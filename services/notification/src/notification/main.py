@@ -52,8 +52,11 @@ def render(template: str, variables: dict[str, str]) -> tuple[str, str]:
 def send(request: NotificationRequest) -> Notification:
     subject, body = render(request.template, request.variables)
     note = Notification(
-        id=next(_ids), recipient=request.recipient, channel=request.channel,
-        subject=subject, body=body,
+        id=next(_ids),
+        recipient=request.recipient,
+        channel=request.channel,
+        subject=subject,
+        body=body,
     )
     _outbox.append(note)
     return note
