@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 
 from prefect import task
-from prefect.context import FlowRunContext
+from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.catalog import ServiceSpec
@@ -21,7 +21,7 @@ from tasks.deploy import make_deployer
 from tasks.exceptions import ImageError
 from tasks.health import HealthResult, check_service_health
 from tasks.images import build_image, local_ca_bundle
-from tasks.models import DeployedService, ImageRef
+from tasks.models import DeployOutcome, ImageRef, PublishedImage
 from tasks.process import run_logger
 from tasks.registry import (
     ensure_ecr_repository,
@@ -115,14 +115,14 @@ def publish_image(
     settings: DeliverySettings,
     *,
     rebuild: bool = False,
-) -> ImageRef:
+) -> PublishedImage:
     """The service's image in the registry: found by its version, else built and pushed.
 
     With an ECR block configured, the image is mirrored into ECR by digest as well.
     """
     found = None if rebuild else find_published_image(service, version, commit, settings)
     if found is not None:
-        return found
+        return PublishedImage(image=found, reused=True)
     built = build_image(
         service,
         docker_host=settings.docker_host,
@@ -138,14 +138,15 @@ def publish_image(
         ensure_ecr_repository(settings.ecr, service.name)
         put_lifecycle_policy(settings.ecr, service.name)
         mirror_to_ecr(image, settings.ecr, settings.registry)
-    return image
+    return PublishedImage(image=image, reused=False)
 
 
-@task(name="verify-deployment", task_run_name="verify-{deployed.service}-in-{deployed.environment}")
+@task(name="verify-deployment", task_run_name="verify-{service.name}")
 def verify_deployment(
-    deployed: DeployedService, service: ServiceSpec, deadline_s: float = 30.0
+    outcome: DeployOutcome, service: ServiceSpec, deadline_s: float = 30.0
 ) -> HealthResult:
     """The deployed service answers /health and /ready and reports the deployed digest."""
+    deployed = outcome.deployed
     return check_service_health(
         deployed.address, service, deadline_s=deadline_s, expect_digest=deployed.image.digest
     )
@@ -155,31 +156,49 @@ def verify_deployment(
 def deploy_service(
     environment: str,
     service: ServiceSpec,
-    image: ImageRef,
+    published: PublishedImage,
     *,
     config_source: str | None = None,
     target: str = "docker",
     deadline_s: float = 90.0,
-) -> DeployedService:
-    """Deploy `image` unless exactly that digest already serves there."""
+) -> DeployOutcome:
+    """Deploy the image unless exactly that digest already serves there."""
+    image = published.image
     env = load_config(config_source).environment(environment)
     deployer = make_deployer(target)
     live = deployer.live(env, service)
     if live is not None and live.image.digest == image.digest:
         run_logger().info("%s %s already serves in %s", service.name, image.short, environment)
-        return live
+        return DeployOutcome(deployed=live, changed=False)
     deployed = deployer.deploy(env, service, image, deadline_s=deadline_s)
     run_logger().info(
         "%s %s deployed to %s at %s", service.name, image.short, env.name, deployed.address
     )
-    return deployed
+    return DeployOutcome(deployed=deployed, changed=True)
 
 
-@task(name="record-release", task_run_name="record-{deployed.service}-in-{deployed.environment}")
-def record_release(deployed: DeployedService, scan: ScanReport | None, verified: bool) -> int:
-    """Write the deployed release to the environment's ledger; returns the new revision."""
-    context = FlowRunContext.get()
-    run_id = str(context.flow_run.id) if context and context.flow_run else None
+class LedgerEntry(BaseModel):
+    """The ledger revision a CI deploy was recorded in."""
+
+    environment: str
+    revision: int
+    changed: bool
+
+    def summary_line(self) -> str:
+        """One line for the CI report."""
+        how = "recorded" if self.changed else "already recorded"
+        return f"{how} in the {self.environment} ledger (revision {self.revision})"
+
+    def report_details(self) -> dict[str, int]:
+        """Columns for the CI report."""
+        return {"revision": self.revision}
+
+
+@task(name="record-release", task_run_name="record-{outcome.deployed.service}")
+def record_release(outcome: DeployOutcome, scan: ScanReport | None) -> LedgerEntry:
+    """Record the deployed, health-checked release in the environment's ledger."""
+    deployed = outcome.deployed
+    run_id = flow_run.get_id()
     record = ReleaseRecord(
         service=deployed.service,
         environment=deployed.environment,
@@ -187,11 +206,13 @@ def record_release(deployed: DeployedService, scan: ScanReport | None, verified:
         release_id=f"ci-{deployed.image.version}",
         deployed_at=deployed.deployed_at,
         flow_run_id=run_id,
-        verified=verified,
+        verified=True,
         scan=scan.verdict if scan else None,
     )
     ledger = Ledger()
-    current = ledger.current(deployed.environment).services.get(deployed.service)
+    state = ledger.current(deployed.environment)
+    current = state.services.get(deployed.service)
     if current is not None and current.image.digest == record.image.digest and current.verified:
-        return ledger.current(deployed.environment).revision
-    return ledger.record_deploy(deployed.environment, record).revision
+        return LedgerEntry(environment=state.environment, revision=state.revision, changed=False)
+    state = ledger.record_deploy(deployed.environment, record)
+    return LedgerEntry(environment=state.environment, revision=state.revision, changed=True)

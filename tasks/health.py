@@ -29,6 +29,16 @@ class HealthResult(BaseModel):
     failures: list[str] = Field(default_factory=list, description="endpoint: what it answered")
     version: dict[str, str] = Field(default_factory=dict, description="GET /version, if read")
 
+    def summary_line(self) -> str:
+        """One line for the CI report."""
+        if self.ok:
+            return f"healthy at {self.url} after {self.seconds:.1f}s"
+        return f"unhealthy at {self.url}: {'; '.join(self.failures)}"
+
+    def report_details(self) -> dict[str, str]:
+        """Columns for the CI report."""
+        return {"address": self.url}
+
 
 def check_address(address: str) -> str:
     """`address` without a trailing slash.

@@ -20,7 +20,7 @@ from blocks.catalog import ServiceSpec
 from blocks.config import repo_root
 from tasks.exceptions import ImageError, ToolError
 from tasks.models import utcnow
-from tasks.process import run_logger
+from tasks.process import retry_on_tool_error, run_logger
 
 DOCKERFILE = "services/Dockerfile"
 EXTRA_CA_PATH = ".build/extra-ca.crt"
@@ -179,17 +179,6 @@ def _stream_build(chunks: Iterator[dict[str, Any]], service: str) -> str:
         msg = f"{service}: the engine reported no image id:\n" + "\n".join(lines[-OUTPUT_TAIL:])
         raise ImageError(msg)
     return image_id
-
-
-def retry_on_tool_error(_task: Any, _task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry only when the engine/registry could not be reached."""
-    try:
-        state.result()
-    except ToolError:
-        return True
-    except Exception:  # noqa: BLE001 - any other failure is final
-        return False
-    return False
 
 
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_on_tool_error)

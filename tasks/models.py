@@ -63,3 +63,36 @@ class DeployedService(BaseModel):
     address: str = Field(description="Base URL of the service, e.g. http://127.0.0.1:18001")
     deployed_at: datetime = Field(default_factory=utcnow)
     target: str = Field(default="docker", description="docker or kubernetes")
+
+
+class PublishedImage(BaseModel):
+    """The image a service ships as, and whether it was built now or found."""
+
+    image: ImageRef
+    reused: bool
+
+    def summary_line(self) -> str:
+        """One line for the CI report."""
+        how = "already published" if self.reused else "built and pushed"
+        return f"{how} {self.image.tag} @ {self.image.short}"
+
+    def report_details(self) -> dict[str, str]:
+        """Columns for the CI report."""
+        return {"digest": self.image.digest, "version": self.image.version}
+
+
+class DeployOutcome(BaseModel):
+    """Where a service serves after the deploy step, and whether it changed."""
+
+    deployed: DeployedService
+    changed: bool
+
+    def summary_line(self) -> str:
+        """One line for the CI report."""
+        how = "deployed" if self.changed else "already serves"
+        where = f"{self.deployed.environment} at {self.deployed.address}"
+        return f"{how} {self.deployed.image.short} in {where}"
+
+    def report_details(self) -> dict[str, str]:
+        """Columns for the CI report."""
+        return {"address": self.deployed.address, "digest": self.deployed.image.digest}

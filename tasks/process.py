@@ -11,9 +11,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from prefect.client.schemas.objects import State
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
+from prefect.tasks import exponential_backoff
 
 from tasks.exceptions import ToolError
 
@@ -99,3 +102,26 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger("elice")
+
+
+def retry_on_tool_error(task: object, task_run: object, state: State[Any]) -> bool:  # noqa: ARG001
+    """Prefect retry condition: retry only when a tool or daemon could not run.
+
+    A lint finding, a failing test or a refused image is final: retrying cannot help.
+    """
+    try:
+        state.result()
+    except ToolError:
+        return True
+    except Exception:  # noqa: BLE001 - anything else is not worth a retry
+        return False
+    return False
+
+
+STAGE_RETRY_OPTIONS: dict[str, Any] = {
+    "retries": 2,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=1),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_on_tool_error,
+}
+"""Task options for a step that runs a tool: exponential backoff with jitter, ToolError only."""

@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from blocks.registry import EcrRegistry, OciRegistry
 from tasks.exceptions import ImageError, ToolError
-from tasks.images import BuiltImage, engine_client, retry_on_tool_error
+from tasks.images import BuiltImage, engine_client
 from tasks.models import ImageRef
-from tasks.process import run_logger
+from tasks.process import retry_on_tool_error, run_logger
 
 if TYPE_CHECKING:
     from mypy_boto3_ecr import ECRClient

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from blocks.catalog import ServiceSpec
 from tasks.exceptions import StageFailed, ToolError
-from tasks.models import ImageRef
+from tasks.models import PublishedImage
 from tasks.process import run_logger, run_tool, which
 
 Verdict = Literal["clean", "vulnerable", "unknown"]
@@ -30,6 +30,14 @@ class ScanReport(BaseModel):
     verdict: Verdict
     findings: list[str] = Field(default_factory=list)
     reason: str = ""
+
+    def summary_line(self) -> str:
+        """One line for the CI report."""
+        return f"{self.verdict}: {self.reason}" if self.reason else self.verdict
+
+    def report_details(self) -> dict[str, str]:
+        """Columns for the CI report."""
+        return {"scan": self.verdict}
 
 
 def parse_pip_audit(service: str, returncode: int, output: str) -> ScanReport:
@@ -101,9 +109,10 @@ def scan_dependencies(service: ServiceSpec, repo: Path, timeout_s: float = 120) 
     return report
 
 
-@task(name="generate-sbom", task_run_name="generate-sbom-{image.service}")
-def generate_sbom(image: ImageRef, out_dir: Path, timeout_s: float = 300) -> Path | None:
+@task(name="generate-sbom", task_run_name="generate-sbom-{published.image.service}")
+def generate_sbom(published: PublishedImage, out_dir: Path, timeout_s: float = 300) -> Path | None:
     """An SPDX JSON SBOM of the pushed image, made by syft from the registry; None if syft fails."""
+    image = published.image
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{image.service}-{image.short}.spdx.json"
     sbom_arg = f"spdx-json={target}"

@@ -1,0 +1,115 @@
+"""pytest with coverage for one service, in the service's own environment."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from prefect import task
+
+from blocks.catalog import ServiceSpec
+from tasks.exceptions import ToolError
+from tasks.models import StageResult
+from tasks.process import STAGE_RETRY_OPTIONS, run_tool
+from tasks.quality import failed_check, passed_result, venv_tool
+from tasks.source import (
+    Details,
+    scratch_dir,
+    service_dir,
+    service_env,
+    stage_cache_key,
+)
+
+PYTEST_TIMEOUT_S = 900
+_OUTCOME = re.compile(r"^(?:=+ )?(\d+ \w+(?:, \d+ \w+)*) in [\d.]+s", re.M)
+# pytest's exit codes: 1 tests failed, 2 interrupted (e.g. collection errors), 5 no tests.
+FAILED_EXITS = {1: "tests failed", 2: "test collection failed", 5: "no tests were collected"}
+
+
+def pytest_outcome(output: str) -> str:
+    """pytest's final tally (`1 failed, 3 passed`), or "" when it printed none."""
+    found = _OUTCOME.findall(output)
+    return found[-1] if found else ""
+
+
+def total_coverage(report: Path) -> float:
+    """The total line (and branch) coverage percentage of a coverage.py JSON report.
+
+    Raises:
+        ToolError: the report is missing or not coverage.py's JSON.
+    """
+    try:
+        data = json.loads(report.read_text(encoding="utf-8"))
+        return float(data["totals"]["percent_covered"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        msg = f"no usable coverage report at {report}: {exc}"
+        raise ToolError(msg) from exc
+
+
+@task(name="run-pytest", cache_key_fn=stage_cache_key, **STAGE_RETRY_OPTIONS)
+def run_pytest(
+    service: ServiceSpec, repo: str, threshold: int, fingerprint: str = ""
+) -> StageResult:
+    """Run the service's tests with coverage of its package; check the coverage floor.
+
+    Coverage data goes to a per-run COVERAGE_FILE (concurrent services never share
+    `.coverage`); the JSON and XML reports are kept under the state dir.
+
+    Raises:
+        CheckFailed: failing tests, collection errors, or coverage below `threshold`.
+        ToolError: pytest could not run.
+    """
+    path = service_dir(repo, service)
+    reports = scratch_dir(repo, service.name, "coverage")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"pytest-{service.name}-") as scratch:
+        json_report = Path(scratch) / "coverage.json"
+        xml_report = Path(scratch) / "coverage.xml"
+        ran = run_tool(
+            [
+                venv_tool(path, "python"),
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                f"--cov={service.package}",
+                "--cov-report=",
+                f"--cov-report=json:{json_report}",
+                f"--cov-report=xml:{xml_report}",
+            ],
+            cwd=path,
+            env={**service_env(path), "COVERAGE_FILE": str(Path(scratch) / ".coverage")},
+            timeout=PYTEST_TIMEOUT_S,
+        )
+        outcome = pytest_outcome(ran.output) or f"pytest exited {ran.returncode}"
+        if ran.returncode in FAILED_EXITS:
+            summary = f"{FAILED_EXITS[ran.returncode]}: {outcome}"
+            raise failed_check(service.name, "pytest", started, summary, ran.excerpt())
+        if not ran.ok:
+            msg = f"{service.name}: pytest exited {ran.returncode}: {ran.excerpt(10)}"
+            raise ToolError(msg)
+        coverage = round(total_coverage(json_report), 2)
+        for report in (json_report, xml_report):
+            if report.is_file():
+                shutil.copy(report, reports / report.name)
+    details: Details = {"coverage": coverage, "threshold": threshold}
+    if coverage < threshold:
+        summary = f"coverage {coverage:.1f}% is below the {threshold}% threshold ({outcome})"
+        raise failed_check(service.name, "pytest", started, summary, ran.excerpt(), details)
+    result = passed_result(
+        service.name, "pytest", started, f"{outcome}; coverage {coverage:.1f}%", fingerprint
+    )
+    return result.model_copy(
+        update={
+            "details": {
+                **result.details,
+                **details,
+                "coverage_xml": str(reports / "coverage.xml"),
+            }
+        }
+    )

@@ -1,0 +1,114 @@
+"""The CI flow through delivery: build, scan, push, deploy to an environment, health check.
+
+Real engine, real registry, real containers. The environment is `ci-dev` on its own
+ports, so a developer's dev containers are never touched.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prefect.client.schemas.objects import State
+
+from flows.ci import CiOutcome, ci
+from tasks.releases import Ledger
+from tests.tasks.ci_checkout import copy_monorepo
+
+REPO = Path(__file__).resolve().parents[2]
+SERVICES = ["auth", "course", "media"]
+ENV = "ci-dev"
+OFFSET = 35000
+
+
+@pytest.fixture(scope="module")
+def delivery(stack, docker_client) -> Iterator[dict[str, Any]]:
+    """A monorepo checkout and a config whose only environment is ci-dev."""
+    root = Path(tempfile.mkdtemp(prefix="ci-delivery-"))
+    repo = copy_monorepo(root / "repo", SERVICES)
+    data = yaml.safe_load((REPO / "config" / "pipeline.yaml").read_text())
+    data["environments"] = [
+        {
+            "name": ENV,
+            "namespace": "elice-ci-dev",
+            "replicas": {"min": 1, "max": 1},
+            "log_level": "DEBUG",
+            "storage": "minio",
+            "local_port_offset": OFFSET,
+        }
+    ]
+    config = root / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(data))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DOCKER_HOST", stack.docker_host)
+        patch.setenv("ELICE_REGISTRY", stack.registry)
+        patch.setenv("ELICE_BASE_IMAGE", stack.base_image)
+        yield {"repo": repo, "config": str(config)}
+    for container in docker_client.containers.list(all=True, filters={"name": f"elice-{ENV}-"}):
+        container.remove(force=True)
+
+
+def _run(delivery: dict[str, Any]) -> State[Any]:
+    return ci(
+        services=SERVICES,
+        repo=str(delivery["repo"]),
+        deliver=True,
+        environment=ENV,
+        config_source=delivery["config"],
+        return_state=True,
+    )
+
+
+def _outcome(state: State[Any]) -> CiOutcome:
+    outcome = state.result(raise_on_failure=False)
+    assert isinstance(outcome, CiOutcome), outcome
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def first(delivery) -> State[Any]:
+    return _run(delivery)
+
+
+def test_every_service_is_built_pushed_deployed_and_healthy(first, config) -> None:
+    assert first.is_completed(), first.message
+    outcome = _outcome(first)
+    ledger = Ledger().current(ENV)
+    for name in SERVICES:
+        stages = {r.stage: r for r in outcome.results if r.service == name}
+        for stage in ("image", "scan", "deploy", "health", "record"):
+            assert stages[stage].status == "passed", (name, stage, stages[stage].summary)
+        record = ledger.services[name]
+        assert record.verified
+        assert record.scan in {"unknown", "clean"}
+        assert stages["image"].details["digest"] == record.image.digest
+        port = config.service(name).port + OFFSET
+        version = httpx.get(f"http://127.0.0.1:{port}/version", timeout=10).json()
+        assert version["digest"] == record.image.digest
+        assert version["environment"] == ENV
+        assert version["commit"] == outcome.commit
+
+
+def test_an_unchanged_service_is_neither_rebuilt_nor_redeployed(first, delivery, docker_client):
+    before = {
+        c.name: c.id
+        for c in docker_client.containers.list(filters={"name": f"elice-{ENV}-"})
+    }
+    assert len(before) == len(SERVICES)
+    again = _run(delivery)
+    assert again.is_completed(), again.message
+    outcome = _outcome(again)
+    for name in SERVICES:
+        stages = {r.stage: r for r in outcome.results if r.service == name}
+        assert "already published" in stages["image"].summary
+        assert "already serves" in stages["deploy"].summary
+    after = {
+        c.name: c.id
+        for c in docker_client.containers.list(filters={"name": f"elice-{ENV}-"})
+    }
+    assert after == before
