@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol, cast
 
 from blocks.catalog import ServiceSpec
@@ -45,16 +46,25 @@ KUBERNETES_TARGET_BLOCK = "elice-kubernetes"
 TARGETS = ("docker", "kubernetes")
 
 
-def make_deployer(target: str = "docker") -> Deployer:
+def make_deployer(
+    target: str = "docker", *, extra_env: Mapping[str, Mapping[str, str]] | None = None
+) -> Deployer:
     """The configured deployer for `target`: its saved block, else the local defaults.
 
+    Args:
+        extra_env: image digest -> variables added to that release's containers (the
+            drill hook for deliberately broken releases; docker target only).
+
     Raises:
-        ValueError: `target` is not a known deploy target.
+        ValueError: `target` is not a known deploy target, or extra_env on kubernetes.
     """
     if target not in TARGETS:
         msg = f"unknown deploy target {target!r}; choose one of {', '.join(TARGETS)}"
         raise ValueError(msg)
     if target == "kubernetes":
+        if extra_env:
+            msg = "drill variables (extra_env) need the docker target, not kubernetes"
+            raise ValueError(msg)
         from blocks.kubernetes_target import KubernetesTarget  # noqa: PLC0415
         from tasks.kubernetes import KubernetesDeployer  # noqa: PLC0415
 
@@ -68,4 +78,4 @@ def make_deployer(target: str = "docker") -> Deployer:
         block = cast("DockerTarget", DockerTarget.load(DOCKER_TARGET_BLOCK))
     except ValueError:
         block = DockerTarget()
-    return DockerDeployer.from_block(block)
+    return DockerDeployer.from_block(block, extra_env)

@@ -62,6 +62,9 @@ class ReleaseRecord(BaseModel):
     approved_by: str | None = None
     promoted_by: str | None = None
     scan: ScanVerdict | None = None
+    scan_override: str | None = Field(
+        default=None, description="Why an unknown scan result was accepted, and by whom"
+    )
 
 
 class EnvironmentState(BaseModel):

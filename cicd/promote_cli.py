@@ -1,0 +1,360 @@
+"""`cicd promote | approve | reject | rollback`: the promotion path from a terminal.
+
+Exit codes: 0 done; 1 the pipeline said no (promotion refused, rejected, rolled back
+or failed; an approval the server refused); 2 nothing was attempted (bad arguments,
+unknown environment or service, no such run, a run that is not waiting for approval).
+
+`approve` and `reject` answer a paused promotion through the Prefect API and read the
+server's answer: an approval the server refuses (an approver not on the list, the
+promoter approving themselves, another release id, a rejection without a reason)
+prints why and exits 1, and the run stays paused.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+from uuid import UUID
+
+import typer
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.responses import SetStateStatus
+from prefect.exceptions import ObjectNotFound
+from prefect.input.actions import read_flow_run_input
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from pydantic import BaseModel, ConfigDict
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.table import Table
+
+from blocks.config import ConfigError, PipelineConfig, load_config
+from tasks.approval import Decision, approval_input, release_id_from_schema
+
+console = Console()
+FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
+
+ConfigOption = Annotated[
+    str | None, typer.Option("--config", help="A config file, or 'blocks' for the saved blocks.")
+]
+TargetOption = Annotated[str, typer.Option(help="Deploy target: docker or kubernetes.")]
+
+
+class GateError(Exception):
+    """The run cannot be answered: unknown, not paused, or not waiting for an approval."""
+
+
+class ApprovalRefused(Exception):
+    """The Prefect server refused the answer; the run stays paused."""
+
+
+class Gate(BaseModel):
+    """A paused promotion waiting for its approval form."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: UUID
+    run_name: str
+    environment: str
+    release_id: str | None
+    description: str
+    schema_: dict[str, Any]
+
+
+# --- Prefect API helpers (usable from tests and other front ends) --------------------
+
+
+@contextmanager
+def prefect_api(*, start_stack: bool = False) -> Iterator[str]:
+    """Point this process at a Prefect API: the configured one, else the local stack's.
+
+    Raises:
+        GateError: no API is configured and the stack runs none.
+    """
+    current = PREFECT_API_URL.value()
+    url = current or os.environ.get("PREFECT_API_URL")
+    if start_stack:
+        from cicd.cli import use_stack  # noqa: PLC0415 - the CLI module registers us
+
+        info = use_stack(prefect=not url)
+        url = url or info.prefect_api_url
+    elif not url:
+        from cicd.stack import load_stack_info  # noqa: PLC0415
+
+        stack = load_stack_info()
+        url = stack.prefect_api_url if stack else None
+    if not url:
+        msg = "no Prefect API: set PREFECT_API_URL or start the stack (`cicd stack up --prefect`)"
+        raise GateError(msg)
+    if url == current:
+        yield url
+        return
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url
+
+
+def read_gate(run_id: UUID) -> Gate:
+    """The approval form a paused promotion waits on.
+
+    Raises:
+        GateError: no such run, not paused, or paused without an approval form (yet).
+    """
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(run_id)
+        except ObjectNotFound:
+            msg = f"no flow run {run_id}"
+            raise GateError(msg) from None
+    state = run.state
+    if state is None or not state.is_paused():
+        what = state.type.value if state else "without a state"
+        msg = f"run {run_id} ({run.name}) is {what}, not waiting for an approval"
+        raise GateError(msg)
+    keyset = state.state_details.run_input_keyset
+    if not keyset:
+        msg = f"run {run_id} is paused without an approval form"
+        raise GateError(msg)
+    schema = read_flow_run_input(keyset["schema"], flow_run_id=run_id)
+    if not isinstance(schema, dict):
+        msg = f"run {run_id} is still pausing (no approval form yet); try again in a few seconds"
+        raise GateError(msg)
+    description = read_flow_run_input(keyset["description"], flow_run_id=run_id)
+    return Gate(
+        run_id=run_id,
+        run_name=run.name,
+        environment=str((run.parameters or {}).get("environment", "")),
+        release_id=release_id_from_schema(schema),
+        description=str(description or ""),
+        schema_=schema,
+    )
+
+
+def submit_answer(run_id: UUID, run_input: dict[str, str]) -> None:
+    """Resume the paused run with `run_input` and read the server's answer.
+
+    Raises:
+        ApprovalRefused: the server refused the input (the run stays paused).
+        GateError: the run is no longer paused.
+    """
+    with get_client(sync_client=True) as client:
+        answer = client.resume_flow_run(run_id, run_input=run_input)
+    if answer.status == SetStateStatus.ACCEPT:
+        return
+    reason = getattr(answer.details, "reason", None) or "no reason given"
+    if answer.status == SetStateStatus.REJECT and not (answer.state and answer.state.is_failed()):
+        raise ApprovalRefused(reason)
+    msg = f"run {run_id} cannot be resumed: {reason}"
+    raise GateError(msg)
+
+
+def wait_for_final(run_id: UUID, timeout_s: float = 600, poll_s: float = 1) -> Any:
+    """Poll until the run reaches a final state; returns that state (None on timeout)."""
+    end = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(run_id).state
+            if state is not None and state.type in FINAL:
+                return state
+            if time.monotonic() >= end:
+                return None
+            time.sleep(poll_s)
+
+
+# --- commands -------------------------------------------------------------------------
+
+
+def _config(source: str | None) -> PipelineConfig:
+    try:
+        return load_config(source)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    console.print(f"[red]{message}[/red]")
+    return typer.Exit(code)
+
+
+def _plan_table(plan: Any) -> Table:
+    table = Table(
+        title=f"release {plan.release_id}: {plan.source_environment} -> {plan.environment}"
+    )
+    for column in ("service", "now", "new", "commits"):
+        table.add_column(column)
+    for change in plan.changes:
+        now = change.current_digest.removeprefix("sha256:")[:12] if change.current_digest else "-"
+        table.add_row(change.service, now, change.image.short, change.commits)
+    return table
+
+
+def promote_command(
+    to: Annotated[str, typer.Option("--to", help="Target environment, e.g. staging.")],
+    services: Annotated[str | None, typer.Option(help="Comma-separated services.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only; change nothing.")] = False,
+    promoted_by: Annotated[
+        str | None, typer.Option("--promoted-by", help="Who promotes (default: $USER).")
+    ] = None,
+    allow_unknown_scan: Annotated[
+        bool, typer.Option("--allow-unknown-scan", help="Ship to production without a clean scan.")
+    ] = False,
+    override_reason: Annotated[
+        str | None, typer.Option("--override-reason", help="Why (required with the override).")
+    ] = None,
+    config: ConfigOption = None,
+    target: TargetOption = "docker",
+) -> None:
+    """Promote the verified releases of the environment below into --to."""
+    cfg = _config(config)
+    try:
+        env = cfg.environment(to)
+    except KeyError as exc:
+        raise _fail(str(exc.args[0]), 2) from None
+    if env.promotes_from is None:
+        raise _fail(f"{to} is not promoted into; CI deploys it", 2)
+    chosen = _split(services)
+    if chosen:
+        try:
+            cfg.catalog.select(chosen)
+        except ValueError as exc:
+            raise _fail(str(exc), 2) from None
+    if allow_unknown_scan != bool((override_reason or "").strip()):
+        raise _fail("--allow-unknown-scan and --override-reason go together", 2)
+    who = promoted_by or os.environ.get("USER") or getpass.getuser()
+    try:
+        with prefect_api(start_stack=not dry_run):
+            from flows.promotion import promote  # noqa: PLC0415 - after the API is chosen
+
+            state = promote(
+                environment=to,
+                services=chosen,
+                promoted_by=who,
+                dry_run=dry_run,
+                allow_unknown_scan=allow_unknown_scan,
+                override_reason=override_reason,
+                config_source=config,
+                target=target,
+                return_state=True,
+            )
+    except GateError as exc:
+        raise _fail(str(exc), 2) from None
+    outcome = state.result(raise_on_failure=False)
+    plan = getattr(outcome, "plan", None)  # an outcome, or a promotion error with its plan
+    if plan is not None:
+        console.print(_plan_table(plan))
+    if state.is_completed():
+        if getattr(outcome, "dry_run", False):
+            console.print("[cyan]dry run: nothing changed[/cyan]")
+            return
+        approver = getattr(outcome, "approved_by", None)
+        suffix = f", approved by {approver}" if approver else ""
+        console.print(f"[green]promoted into {to}{suffix}[/green]")
+        return
+    message = str(outcome) if isinstance(outcome, BaseException) else str(state.message)
+    if "never resumed" in message:  # the server fails a pause that expired
+        message = f"nobody approved in time; nothing deployed ({message})"
+    raise _fail(message, 1)
+
+
+def _answer(
+    run_id: UUID, approver: str, release: str | None, decision: Decision, reason: str
+) -> None:
+    try:
+        with prefect_api():
+            gate = read_gate(run_id)
+            console.print(Markdown(gate.description or f"(run {gate.run_name})"))
+            chosen = release or gate.release_id
+            if not chosen:
+                raise _fail(f"run {run_id}: no release id in its form; pass --release", 2)
+            submit_answer(run_id, approval_input(approver, chosen, decision, reason))
+    except GateError as exc:
+        raise _fail(str(exc), 2) from None
+    except ApprovalRefused as exc:
+        raise _fail(f"refused by the Prefect server, the run stays paused: {exc}", 1) from None
+    verb = "approved" if decision == "approve" else "rejected"
+    console.print(f"[green]{verb}[/green] release {chosen} of run {gate.run_name} as {approver}")
+
+
+def approve_command(
+    run_id: Annotated[UUID, typer.Argument(help="The paused promotion's flow run id.")],
+    approver: Annotated[str, typer.Option(help="Who approves (an allowlisted approver).")],
+    release: Annotated[
+        str | None, typer.Option(help="Release id to approve (default: the one the run shows).")
+    ] = None,
+) -> None:
+    """Approve a paused production promotion."""
+    _answer(run_id, approver, release, "approve", "")
+
+
+def reject_command(
+    run_id: Annotated[UUID, typer.Argument(help="The paused promotion's flow run id.")],
+    approver: Annotated[str, typer.Option(help="Who rejects (an allowlisted approver).")],
+    reason: Annotated[str, typer.Option(help="Why; recorded and sent to Slack.")],
+    release: Annotated[str | None, typer.Option(help="Release id (default: the run's).")] = None,
+) -> None:
+    """Reject a paused production promotion; it ends Failed and nothing is deployed."""
+    if not reason.strip():
+        raise _fail("--reason must say why", 2)
+    _answer(run_id, approver, release, "reject", reason)
+
+
+def rollback_command(
+    environment: Annotated[str, typer.Argument(help="The environment to roll back.")],
+    services: Annotated[str | None, typer.Option(help="Comma-separated services.")] = None,
+    requested_by: Annotated[
+        str | None, typer.Option("--requested-by", help="Who asks (default: $USER).")
+    ] = None,
+    config: ConfigOption = None,
+    target: TargetOption = "docker",
+) -> None:
+    """Return an environment (or some services) to the previous releases in the ledger."""
+    cfg = _config(config)
+    try:
+        cfg.environment(environment)
+    except KeyError as exc:
+        raise _fail(str(exc.args[0]), 2) from None
+    chosen = _split(services)
+    if chosen:
+        try:
+            cfg.catalog.select(chosen)
+        except ValueError as exc:
+            raise _fail(str(exc), 2) from None
+    try:
+        with prefect_api(start_stack=True):
+            from flows.promotion import rollback  # noqa: PLC0415
+
+            state = rollback(
+                environment=environment,
+                services=chosen,
+                requested_by=requested_by or os.environ.get("USER") or getpass.getuser(),
+                config_source=config,
+                target=target,
+                return_state=True,
+            )
+    except GateError as exc:
+        raise _fail(str(exc), 2) from None
+    restored = state.result(raise_on_failure=False)
+    if not state.is_completed() or not isinstance(restored, dict):
+        raise _fail(str(restored) if isinstance(restored, BaseException) else str(state.message), 1)
+    table = Table(title=f"{environment}: serving again")
+    table.add_column("service")
+    table.add_column("digest")
+    for name, digest in sorted(restored.items()):
+        table.add_row(name, digest.removeprefix("sha256:")[:12] if digest else "(removed)")
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add promote, approve, reject and rollback to the `cicd` app."""
+    app.command("promote")(promote_command)
+    app.command("approve")(approve_command)
+    app.command("reject")(reject_command)
+    app.command("rollback")(rollback_command)

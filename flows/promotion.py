@@ -1,0 +1,359 @@
+"""Promotion (dev -> staging -> production) and rollback, as Prefect flows.
+
+The seed's Jenkinsfile.promotion: validate, verify the images, pre-deploy smoke tests,
+backup, staging automatically / production after approval, deploy, verify, performance
+baseline, automatic rollback. One promotion per environment at a time (global
+concurrency limit `promotion-<env>`); notices go out from the flow's state hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import Flow, flow
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.runtime import flow_run as current_run
+from prefect.transactions import transaction
+
+from blocks.config import ConfigError, PipelineConfig, load_config
+from tasks.approval import PromotionPlan, approval_model, plan_markdown
+from tasks.backup import backup_environment
+from tasks.exceptions import PipelineError
+from tasks.health import check_service_health
+from tasks.notify import Notice, flow_run_url, notify
+from tasks.performance import check_regression, measure_baseline
+from tasks.process import run_logger
+from tasks.promotion import (
+    PAGED_BY_NAME,
+    DeployTarget,
+    PromotionOutcome,
+    PromotionRefused,
+    PromotionRejected,
+    PromotionRolledBack,
+    baseline_from_record,
+    check_request,
+    confirm_restored,
+    deploy_release,
+    is_paged,
+    plan_promotion,
+    promotion_lock,
+    read_decision,
+    read_ledger,
+    read_live_services,
+    record_promotion,
+    rollback_message,
+    rollback_service,
+    security_verdict,
+    service_addresses,
+    smoke_test_release,
+    verify_release_image,
+)
+from tasks.releases import publish_ledger_artifact
+
+APPROVAL_POLL_S = 2
+PAUSE_EXPIRED = "never resumed"  # the server's message when an approval gate times out
+SMOKE_DEADLINE_S = 20
+VERIFY_DEADLINE_S = 30
+
+
+# --- state hooks: notices -------------------------------------------------------------
+
+
+def _paged(parameters: dict[str, Any]) -> tuple[str, ...]:
+    """Environments whose failures page: production, and the gated environment of this run."""
+    try:
+        env = load_config(parameters.get("config_source")).environment(
+            str(parameters.get("environment"))
+        )
+    except (ConfigError, KeyError):
+        return PAGED_BY_NAME
+    return (*PAGED_BY_NAME, env.name) if is_paged(env) else PAGED_BY_NAME
+
+
+def _short(digest: str | None) -> str:
+    return digest.removeprefix("sha256:")[:12] if digest else "none"
+
+
+def _services(plan: PromotionPlan | None) -> dict[str, str]:
+    if plan is None:
+        return {}
+    return {c.service: f"{_short(c.current_digest)} -> {c.image.short}" for c in plan.changes}
+
+
+def _send(flow_run: FlowRun, notice: Notice, *, page: bool = True) -> None:
+    params = dict(flow_run.parameters or {})
+    notify(notice, paged=_paged(params) if page else (), pagerduty="saved" if page else None)
+
+
+def notify_promoted(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:  # noqa: ARG001
+    """on_completion: Slack "deployed"; resolves the environment's PagerDuty incident."""
+    outcome = state.result(raise_on_failure=False)
+    if not isinstance(outcome, PromotionOutcome) or outcome.dry_run:
+        return
+    plan = outcome.plan
+    notice = Notice(
+        kind="deployed",
+        environment=plan.environment,
+        release_id=plan.release_id,
+        services=_services(plan),
+        flow_run_url=flow_run_url(str(flow_run.id)),
+        message=(
+            f"Promoted from {plan.source_environment} by {plan.promoted_by}"
+            + (f", approved by {outcome.approved_by}" if outcome.approved_by else "")
+        ),
+    )
+    _send(flow_run, notice)
+
+
+def notify_failed(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:
+    """on_failure / on_crashed: refused, rejected, rolled back or failed; pages in production."""
+    error = state.result(raise_on_failure=False)
+    kind: Any = "failed"
+    if isinstance(error, PromotionRefused):
+        kind = "refused"
+    elif isinstance(error, PromotionRejected):
+        kind = "rejected"
+    elif isinstance(error, PromotionRolledBack):
+        kind = "rolled_back"
+    message = str(error) if isinstance(error, BaseException) else (state.message or "")
+    if PAUSE_EXPIRED in (state.message or ""):
+        kind = "rejected"
+        message = f"nobody approved in time ({state.message}); nothing deployed"
+    plan = getattr(error, "plan", None)
+    notice = Notice(
+        kind=kind,
+        environment=str((flow_run.parameters or {}).get("environment") or "unknown"),
+        release_id=plan.release_id if isinstance(plan, PromotionPlan) else "",
+        services=_services(plan if isinstance(plan, PromotionPlan) else None),
+        flow_run_url=flow_run_url(str(flow_run.id)),
+        message=message or f"{flow.name} ended {state.type.value}",
+    )
+    _send(flow_run, notice)
+
+
+def notify_cancelled(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:
+    """on_cancellation: tell Slack the promotion was cancelled (nothing pages)."""
+    notice = Notice(
+        kind="failed",
+        environment=str((flow_run.parameters or {}).get("environment") or "unknown"),
+        flow_run_url=flow_run_url(str(flow_run.id)),
+        message=f"{flow.name} was cancelled: {state.message or 'no reason given'}",
+    )
+    _send(flow_run, notice, page=False)
+
+
+def notify_rollback_done(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:
+    """on_completion of a manual rollback: Slack only (a requested rollback is no incident)."""
+    restored = state.result(raise_on_failure=False)
+    services = (
+        {s: f"-> {_short(d)}" for s, d in restored.items()} if isinstance(restored, dict) else {}
+    )
+    notice = Notice(
+        kind="rolled_back",
+        environment=str((flow_run.parameters or {}).get("environment") or "unknown"),
+        services=services,
+        flow_run_url=flow_run_url(str(flow_run.id)),
+        message=f"{flow.name}: on request of {(flow_run.parameters or {}).get('requested_by')}",
+    )
+    _send(flow_run, notice, page=False)
+
+
+# --- flows ----------------------------------------------------------------------------
+
+
+def _config(config_source: str | None, environment: str) -> PipelineConfig:
+    config = load_config(config_source)
+    try:
+        config.environment(environment)
+    except KeyError as exc:
+        raise PromotionRefused(str(exc.args[0])) from None
+    return config
+
+
+@flow(
+    name="promote",
+    on_completion=[notify_promoted],
+    on_failure=[notify_failed],
+    on_crashed=[notify_failed],
+    on_cancellation=[notify_cancelled],
+)
+def promote(
+    environment: str,
+    services: list[str] | None = None,
+    promoted_by: str = "cli",
+    dry_run: bool = False,
+    allow_unknown_scan: bool = False,
+    override_reason: str | None = None,
+    config_source: str | None = None,
+    target: str = "docker",
+    drill_env: dict[str, dict[str, str]] | None = None,
+    health_deadline_s: float = 60,
+) -> PromotionOutcome:
+    """Promote the verified releases of the environment below into `environment`.
+
+    Args:
+        environment: the target (staging, production); its `promotes_from` is the source.
+        services: only these services (default: every verified one in the source).
+        promoted_by: who asks; may not approve their own promotion.
+        dry_run: plan and stop before the gate; nothing changes.
+        allow_unknown_scan: let a release without a clean scan into production...
+        override_reason: ...for this reason (required with the override).
+        config_source: configuration file, "blocks", or None for the default.
+        target: deploy target, docker or kubernetes.
+        drill_env: rollback drills: extra container variables by image digest (docker).
+        health_deadline_s: how long a new release may take to become healthy.
+    """
+    check_request(allow_unknown_scan, override_reason)
+    config = _config(config_source, environment)
+    env = config.environment(environment)
+    deploy_target = DeployTarget.model_validate({"target": target, "drill_env": drill_env or {}})
+    logger = run_logger()
+
+    if dry_run:
+        plan = plan_promotion(config, environment, services, promoted_by)
+        logger.info("dry run: nothing changes\n%s", plan_markdown(plan))
+        return PromotionOutcome(plan=plan, dry_run=True)
+
+    with promotion_lock(environment):
+        plan = plan_promotion(config, environment, services, promoted_by)
+        source_env = config.environment(plan.source_environment)
+        specs = config.catalog.select(plan.services)
+        verdict = security_verdict(plan, env, allow_unknown_scan, override_reason)
+        for future in verify_release_image.map([c.image for c in plan.changes]):
+            future.result()
+        for spec in specs:
+            smoke_test_release(
+                deploy_target, source_env, spec, plan.change(spec.name).image, SMOKE_DEADLINE_S
+            )
+        target_state = read_ledger(environment)
+        live = read_live_services(deploy_target, env, specs)
+        backup_environment(environment, target_state, live)
+
+        approved_by: str | None = None
+        if env.approval_required:
+            run_id = str(current_run.id)
+            link = flow_run_url(run_id) or f"/runs/flow-run/{run_id}"
+            hint = f"cicd approve {run_id} --approver NAME  (or: cicd reject {run_id} ...)"
+            logger.info("release %s awaits approval: %s\n  CLI: %s", plan.release_id, link, hint)
+            notify(
+                Notice(
+                    kind="approval_needed",
+                    environment=environment,
+                    release_id=plan.release_id,
+                    services=_services(plan),
+                    flow_run_url=flow_run_url(run_id),
+                    message=f"{plan.promoted_by} asks to promote from {plan.source_environment}",
+                    cli_hint=hint,
+                ),
+                pagerduty=None,
+            )
+            try:
+                answer = pause_flow_run(
+                    wait_for_input=approval_model(plan, env.approvers),
+                    timeout=env.approval_timeout_s,
+                    poll_interval=APPROVAL_POLL_S,
+                )
+            except FlowPauseTimeout:
+                # The server fails the run itself once the pause expires ("... never
+                # resumed"); this message reaches the logs and the notice.
+                msg = (
+                    f"nobody approved release {plan.release_id} within "
+                    f"{env.approval_timeout_s}s; nothing deployed"
+                )
+                logger.error(msg)  # noqa: TRY400 - the reason, not a traceback
+                raise PromotionRejected(msg, plan=plan) from None
+            approved_by = read_decision(plan, env.approvers, answer)
+
+        addresses = service_addresses(deploy_target, env, specs)
+        baselines = {}
+        deployed = []
+        try:
+            with transaction():
+                for spec in specs:
+                    change = plan.change(spec.name)
+                    before = live[spec.name]
+                    if before is not None and before.image.digest == change.new_digest:
+                        logger.info("%s already runs %s", spec.name, change.image.short)
+                        continue
+                    deploy_release(
+                        deploy_target, env, spec, change.image, before, health_deadline_s
+                    )
+                    deployed.append(spec.name)
+                for spec in specs:
+                    check_service_health(
+                        addresses[spec.name],
+                        spec,
+                        VERIFY_DEADLINE_S,
+                        plan.change(spec.name).new_digest,
+                    )
+                for spec in specs:
+                    after = measure_baseline(addresses[spec.name], spec, config.performance)
+                    before_baseline = baseline_from_record(
+                        spec.name, target_state.services.get(spec.name)
+                    )
+                    check_regression(spec, before_baseline, after, config.performance)
+                    baselines[spec.name] = after
+                state = record_promotion(plan, baselines, approved_by, verdict, str(current_run.id))
+        except PipelineError as failure:
+            restored = confirm_restored(deploy_target, env, specs, live)
+            raise PromotionRolledBack(
+                rollback_message(failure, restored),
+                failed=str(failure),
+                restored=restored,
+                plan=plan,
+            ) from failure
+
+    publish_ledger_artifact(environment, state)
+    return PromotionOutcome(
+        plan=plan,
+        deployed=deployed,
+        approved_by=approved_by,
+        ledger_revision=state.revision,
+        baselines={
+            name: b.model_dump(include={"p50_ms", "p95_ms", "error_rate"})
+            for name, b in baselines.items()
+        },
+    )
+
+
+@flow(
+    name="rollback",
+    on_completion=[notify_rollback_done],
+    on_failure=[notify_failed],
+    on_crashed=[notify_failed],
+    on_cancellation=[notify_cancelled],
+)
+def rollback(
+    environment: str,
+    services: list[str] | None = None,
+    requested_by: str = "cli",
+    config_source: str | None = None,
+    target: str = "docker",
+) -> dict[str, str | None]:
+    """Return `environment` to its previous releases, as the ledger records them.
+
+    Returns service -> digest serving now. Waits for a running promotion to finish.
+    """
+    config = _config(config_source, environment)
+    env = config.environment(environment)
+    if services is not None:
+        try:
+            config.catalog.select(services)
+        except ValueError as exc:
+            raise PromotionRefused(str(exc)) from None
+    deploy_target = DeployTarget.model_validate({"target": target})
+    with promotion_lock(environment):
+        state = read_ledger(environment)
+        names = services or [n for n in config.catalog.names() if n in state.previous]
+        if not names:
+            msg = f"the ledger of {environment} keeps no previous release to return to"
+            raise PromotionRefused(msg)
+        restored = {
+            name: rollback_service(deploy_target, env, config.service(name), state)
+            for name in names
+        }
+    run_logger().info("%s rolled back by %s: %s", environment, requested_by, restored)
+    publish_ledger_artifact(environment)
+    return restored
