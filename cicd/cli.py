@@ -13,6 +13,7 @@ from rich.table import Table
 from blocks.config import ConfigError, PipelineConfig, load_config, save_as_blocks
 from cicd import promote_cli, stack_cli
 from cicd.stack import StackInfo, ensure_stack
+from tasks.models import StageResult
 
 app = typer.Typer(
     name="cicd",
@@ -54,6 +55,26 @@ def use_stack(*, prefect: bool = True) -> StackInfo:
     return info
 
 
+def ci_table(results: list[StageResult]) -> Table:
+    """One row per service: result, stage counts, digest, and the first failure."""
+    table = Table(title="CI")
+    for column in ("service", "result", "stages", "digest", "first failure"):
+        table.add_column(column, overflow="fold")
+    for service in dict.fromkeys(r.service for r in results):
+        mine = [r for r in results if r.service == service]
+        failed = [r for r in mine if r.status == "failed"]
+        counts = {status: sum(r.status == status for r in mine) for status in ("passed", "cached")}
+        digest = next((str(r.details["digest"]) for r in mine if r.details.get("digest")), "")
+        table.add_row(
+            service,
+            "[red]failed[/red]" if failed else "[green]passed[/green]",
+            f"{counts['passed']} passed, {counts['cached']} cached, {len(failed)} failed",
+            digest.removeprefix("sha256:")[:12],
+            f"{failed[0].stage}: {failed[0].summary}" if failed else "",
+        )
+    return table
+
+
 def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -79,31 +100,24 @@ def ci(
             cfg.catalog.select(chosen)
         except ValueError as exc:
             fail(str(exc))
-    use_stack(prefect=True)
-    from flows.ci import ci as ci_flow  # noqa: PLC0415 - imports Prefect settings from the stack
-    from tasks.reports import stage_table  # noqa: PLC0415
+    from flows.ci import ci as ci_flow  # noqa: PLC0415 - loads Prefect only when needed
 
-    state = ci_flow(
-        services=chosen,
-        all_services=all_services,
-        base=base,
-        head=head,
-        no_cache=no_cache,
-        deliver=deliver,
-        environment=environment,
-        config_source=config,
-        return_state=True,
-    )
+    with promote_cli.prefect_api(start_stack=True):
+        state = ci_flow(
+            services=chosen,
+            all_services=all_services,
+            base=base,
+            head=head,
+            no_cache=no_cache,
+            deliver=deliver,
+            environment=environment,
+            config_source=config,
+            return_state=True,
+        )
     outcome = state.result(raise_on_failure=False)
     results = getattr(outcome, "results", None)
     if results:
-        table = Table(title="CI")
-        rows = stage_table(results)
-        for column in rows[0]:
-            table.add_column(column)
-        for row in rows:
-            table.add_row(*(str(row[c]) for c in rows[0]))
-        console.print(table)
+        console.print(ci_table(results))
     if state.is_completed():
         console.print(f"[green]{state.message or 'CI passed'}[/green]")
         return
@@ -173,15 +187,15 @@ def health(
         cfg.environment(environment)
     except KeyError as exc:
         fail(str(exc.args[0]))
-    use_stack(prefect=True)
     from flows.health import health_check  # noqa: PLC0415
 
-    state = health_check(
-        environment=environment,
-        services=_split(services),
-        config_source=config,
-        return_state=True,
-    )
+    with promote_cli.prefect_api(start_stack=True):
+        state = health_check(
+            environment=environment,
+            services=_split(services),
+            config_source=config,
+            return_state=True,
+        )
     report = state.result(raise_on_failure=False)
     for result in getattr(report, "results", []) or []:
         mark = "[green]ok[/green]" if result.ok else "[red]FAIL[/red]"
