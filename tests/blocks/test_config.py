@@ -34,9 +34,11 @@ def test_default_config_describes_twelve_services_and_three_environments() -> No
         10,
         "WARN",
     )
-    assert prod.approval_required and "sre-oncall" in prod.approvers
+    assert prod.approval_required
+    assert "sre-oncall" in prod.approvers
     assert cfg.environment("staging").namespace == "elice-devops-stg"
-    assert cfg.environment("dev").storage == "minio" and prod.storage == "s3"
+    assert cfg.environment("dev").storage == "minio"
+    assert prod.storage == "s3"
     assert sorted(cfg.catalog.dependents_of_lib("authn")) == [
         "api-gateway",
         "assessment",

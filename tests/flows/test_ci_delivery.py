@@ -96,8 +96,7 @@ def test_every_service_is_built_pushed_deployed_and_healthy(first, config) -> No
 
 def test_an_unchanged_service_is_neither_rebuilt_nor_redeployed(first, delivery, docker_client):
     before = {
-        c.name: c.id
-        for c in docker_client.containers.list(filters={"name": f"elice-{ENV}-"})
+        c.name: c.id for c in docker_client.containers.list(filters={"name": f"elice-{ENV}-"})
     }
     assert len(before) == len(SERVICES)
     again = _run(delivery)
@@ -107,8 +106,5 @@ def test_an_unchanged_service_is_neither_rebuilt_nor_redeployed(first, delivery,
         stages = {r.stage: r for r in outcome.results if r.service == name}
         assert "already published" in stages["image"].summary
         assert "already serves" in stages["deploy"].summary
-    after = {
-        c.name: c.id
-        for c in docker_client.containers.list(filters={"name": f"elice-{ENV}-"})
-    }
+    after = {c.name: c.id for c in docker_client.containers.list(filters={"name": f"elice-{ENV}-"})}
     assert after == before
