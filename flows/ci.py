@@ -95,8 +95,13 @@ def _delivery_stages(
         wait_for=checks_passed,
         return_state=False,
     )
-    scan = scan_dependencies.submit(spec, Path(repo), wait_for=checks_passed, return_state=False)
-    sbom = generate_sbom.submit(image, state_dir() / "sbom", return_state=False)
+    refresh: bool | type[NotSet] = True if rebuild else NotSet
+    scan = scan_dependencies.with_options(refresh_cache=refresh).submit(
+        spec, Path(repo), wait_for=checks_passed, return_state=False
+    )
+    sbom = generate_sbom.with_options(refresh_cache=refresh).submit(
+        image, state_dir() / "sbom", return_state=False
+    )
     deployed = deploy_service.submit(
         environment, spec, image, config_source=config_source, wait_for=[scan], return_state=False
     )

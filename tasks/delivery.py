@@ -19,7 +19,7 @@ from blocks.config import load_config
 from blocks.registry import EcrRegistry, OciRegistry
 from tasks.deploy import make_deployer
 from tasks.exceptions import ImageError
-from tasks.health import HealthResult, check_service_health
+from tasks.health import HealthResult, check_service_health, probe_health
 from tasks.images import build_image, local_ca_bundle
 from tasks.models import DeployOutcome, ImageRef, PublishedImage
 from tasks.process import run_logger
@@ -168,8 +168,17 @@ def deploy_service(
     deployer = make_deployer(target)
     live = deployer.live(env, service)
     if live is not None and live.image.digest == image.digest:
-        run_logger().info("%s %s already serves in %s", service.name, image.short, environment)
-        return DeployOutcome(deployed=live, changed=False)
+        probe = probe_health(live.address, service, deadline_s=5, expect_digest=image.digest)
+        if probe.ok:
+            run_logger().info("%s %s already serves in %s", service.name, image.short, environment)
+            return DeployOutcome(deployed=live, changed=False)
+        run_logger().warning(
+            "%s %s should serve in %s but does not answer (%s): deploying it again",
+            service.name,
+            image.short,
+            environment,
+            "; ".join(probe.failures),
+        )
     deployed = deployer.deploy(env, service, image, deadline_s=deadline_s)
     run_logger().info(
         "%s %s deployed to %s at %s", service.name, image.short, env.name, deployed.address

@@ -7,12 +7,15 @@ pip-audit without its data source prints "No known vulnerabilities found" and ex
 
 from __future__ import annotations
 
+import hashlib
 import json
+from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.context import TaskRunContext
 from pydantic import BaseModel, Field
 
 from blocks.catalog import ServiceSpec
@@ -69,7 +72,27 @@ def parse_pip_audit(service: str, returncode: int, output: str) -> ScanReport:
     return ScanReport(service=service, verdict="clean")
 
 
-@task(name="scan-dependencies", task_run_name="scan-dependencies-{service.name}")
+def _scan_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """Same service, same locked requirements, same day: the same scan (data ages daily)."""
+    service: ServiceSpec = parameters["service"]
+    lock = Path(parameters["repo"]) / service.path / "requirements.lock"
+    if not lock.is_file():
+        return None
+    return f"scan-{service.name}-{hashlib.sha256(lock.read_bytes()).hexdigest()}"
+
+
+def _sbom_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """An image's SBOM depends on its digest only."""
+    published: PublishedImage = parameters["published"]
+    return f"sbom-{published.image.digest}"
+
+
+@task(
+    name="scan-dependencies",
+    task_run_name="scan-dependencies-{service.name}",
+    cache_key_fn=_scan_cache_key,
+    cache_expiration=timedelta(hours=24),
+)
 def scan_dependencies(service: ServiceSpec, repo: Path, timeout_s: float = 120) -> ScanReport:
     """Audit the service's locked runtime requirements with pip-audit."""
     lock = repo / service.path / "requirements.lock"
@@ -109,7 +132,11 @@ def scan_dependencies(service: ServiceSpec, repo: Path, timeout_s: float = 120) 
     return report
 
 
-@task(name="generate-sbom", task_run_name="generate-sbom-{published.image.service}")
+@task(
+    name="generate-sbom",
+    task_run_name="generate-sbom-{published.image.service}",
+    cache_key_fn=_sbom_cache_key,
+)
 def generate_sbom(published: PublishedImage, out_dir: Path, timeout_s: float = 300) -> Path | None:
     """An SPDX JSON SBOM of the pushed image, made by syft from the registry; None if syft fails."""
     image = published.image
