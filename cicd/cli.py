@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from blocks.config import ConfigError, PipelineConfig, load_config, save_as_blocks
+from blocks.config import save_as_blocks
 from cicd import promote_cli, stack_cli
-from cicd.stack import StackInfo, ensure_stack
+from cicd.common import ConfigOption, cli_config, fail, split_names
 from tasks.models import StageResult
 
 app = typer.Typer(
@@ -24,35 +23,6 @@ app = typer.Typer(
 app.add_typer(stack_cli.app, name="stack", help="The local stack: Prefect, registry, engine.")
 promote_cli.register(app)
 console = Console()
-
-ConfigOption = Annotated[
-    str | None,
-    typer.Option("--config", help="A config file, or 'blocks' for the saved blocks."),
-]
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print `message` to stderr, unwrapped, and exit with `code`."""
-    typer.secho(message, err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
-
-
-def _config(source: str | None) -> PipelineConfig:
-    try:
-        return load_config(source)
-    except ConfigError as exc:
-        fail(str(exc))
-
-
-def use_stack(*, prefect: bool = True) -> StackInfo:
-    """Bring up the local stack and point this process (and its flows) at it."""
-    info = ensure_stack(prefect=prefect)
-    os.environ.setdefault("DOCKER_HOST", info.docker_host)
-    os.environ.setdefault("ELICE_REGISTRY", info.registry)
-    os.environ.setdefault("ELICE_BASE_IMAGE", info.base_image)
-    if info.prefect_api_url and not os.environ.get("PREFECT_API_URL"):
-        os.environ["PREFECT_API_URL"] = info.prefect_api_url
-    return info
 
 
 def ci_table(results: list[StageResult]) -> Table:
@@ -75,10 +45,6 @@ def ci_table(results: list[StageResult]) -> Table:
     return table
 
 
-def _split(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-
 @app.command()
 def ci(
     all_services: Annotated[bool, typer.Option("--all", help="Every service.")] = False,
@@ -93,8 +59,8 @@ def ci(
     config: ConfigOption = None,
 ) -> None:
     """Run the CI flow: change detection, lock, quality, tests, image, push, deploy, health."""
-    cfg = _config(config)
-    chosen = _split(services)
+    cfg = cli_config(config)
+    chosen = split_names(services)
     if chosen:
         try:
             cfg.catalog.select(chosen)
@@ -133,7 +99,7 @@ def status(
     """What runs where: per environment and service, the release, digest, address and state."""
     from tasks.releases import Ledger  # noqa: PLC0415
 
-    cfg = _config(config)
+    cfg = cli_config(config)
     envs = [cfg.environment(environment)] if environment else cfg.environments.environments
     rows = []
     book = Ledger()
@@ -182,7 +148,7 @@ def health(
     config: ConfigOption = None,
 ) -> None:
     """Health-check every service of an environment (the seed's health-check.sh)."""
-    cfg = _config(config)
+    cfg = cli_config(config)
     try:
         cfg.environment(environment)
     except KeyError as exc:
@@ -192,7 +158,7 @@ def health(
     with promote_cli.prefect_api(start_stack=True):
         state = health_check(
             environment=environment,
-            services=_split(services),
+            services=split_names(services),
             config_source=config,
             return_state=True,
         )
@@ -212,6 +178,6 @@ def health(
 @app.command("register-blocks")
 def register_blocks(config: ConfigOption = None) -> None:
     """Save the configuration as Prefect blocks (then `--config blocks` loads them)."""
-    cfg = _config(config)
+    cfg = cli_config(config)
     for name in save_as_blocks(cfg):
         console.print(f"saved block [bold]{name}[/bold]")

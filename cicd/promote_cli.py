@@ -32,15 +32,12 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.table import Table
 
-from blocks.config import ConfigError, PipelineConfig, load_config
+from cicd.common import ConfigOption, cli_config, fail, split_names, use_stack
 from tasks.approval import Decision, approval_input, release_id_from_schema
 
 console = Console()
 FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
 
-ConfigOption = Annotated[
-    str | None, typer.Option("--config", help="A config file, or 'blocks' for the saved blocks.")
-]
 TargetOption = Annotated[str, typer.Option(help="Deploy target: docker or kubernetes.")]
 
 
@@ -78,8 +75,6 @@ def prefect_api(*, start_stack: bool = False) -> Iterator[str]:
     current = PREFECT_API_URL.value()
     url = current or os.environ.get("PREFECT_API_URL")
     if start_stack:
-        from cicd.cli import use_stack  # noqa: PLC0415 - the CLI module registers us
-
         info = use_stack(prefect=not url)
         url = url or info.prefect_api_url
     elif not url:
@@ -167,23 +162,6 @@ def wait_for_final(run_id: UUID, timeout_s: float = 600, poll_s: float = 1) -> A
 # --- commands -------------------------------------------------------------------------
 
 
-def _config(source: str | None) -> PipelineConfig:
-    try:
-        return load_config(source)
-    except ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
-
-
-def _split(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    console.print(f"[red]{message}[/red]")
-    return typer.Exit(code)
-
-
 def _plan_table(plan: Any) -> Table:
     table = Table(
         title=f"release {plan.release_id}: {plan.source_environment} -> {plan.environment}"
@@ -213,21 +191,21 @@ def promote_command(
     target: TargetOption = "docker",
 ) -> None:
     """Promote the verified releases of the environment below into --to."""
-    cfg = _config(config)
+    cfg = cli_config(config)
     try:
         env = cfg.environment(to)
     except KeyError as exc:
-        raise _fail(str(exc.args[0]), 2) from None
+        fail(str(exc.args[0]), 2)
     if env.promotes_from is None:
-        raise _fail(f"{to} is not promoted into; CI deploys it", 2)
-    chosen = _split(services)
+        fail(f"{to} is not promoted into; CI deploys it", 2)
+    chosen = split_names(services)
     if chosen:
         try:
             cfg.catalog.select(chosen)
         except ValueError as exc:
-            raise _fail(str(exc), 2) from None
+            fail(str(exc), 2)
     if allow_unknown_scan != bool((override_reason or "").strip()):
-        raise _fail("--allow-unknown-scan and --override-reason go together", 2)
+        fail("--allow-unknown-scan and --override-reason go together", 2)
     who = promoted_by or os.environ.get("USER") or getpass.getuser()
     try:
         with prefect_api(start_stack=not dry_run):
@@ -245,7 +223,7 @@ def promote_command(
                 return_state=True,
             )
     except GateError as exc:
-        raise _fail(str(exc), 2) from None
+        fail(str(exc), 2)
     outcome = state.result(raise_on_failure=False)
     plan = getattr(outcome, "plan", None)  # an outcome, or a promotion error with its plan
     if plan is not None:
@@ -261,7 +239,7 @@ def promote_command(
     message = str(outcome) if isinstance(outcome, BaseException) else str(state.message)
     if "never resumed" in message:  # the server fails a pause that expired
         message = f"nobody approved in time; nothing deployed ({message})"
-    raise _fail(message, 1)
+    fail(message, 1)
 
 
 def _answer(
@@ -273,12 +251,12 @@ def _answer(
             console.print(Markdown(gate.description or f"(run {gate.run_name})"))
             chosen = release or gate.release_id
             if not chosen:
-                raise _fail(f"run {run_id}: no release id in its form; pass --release", 2)
+                fail(f"run {run_id}: no release id in its form; pass --release", 2)
             submit_answer(run_id, approval_input(approver, chosen, decision, reason))
     except GateError as exc:
-        raise _fail(str(exc), 2) from None
+        fail(str(exc), 2)
     except ApprovalRefused as exc:
-        raise _fail(f"refused by the Prefect server, the run stays paused: {exc}", 1) from None
+        fail(f"refused by the Prefect server, the run stays paused: {exc}", 1)
     verb = "approved" if decision == "approve" else "rejected"
     console.print(f"[green]{verb}[/green] release {chosen} of run {gate.run_name} as {approver}")
 
@@ -302,7 +280,7 @@ def reject_command(
 ) -> None:
     """Reject a paused production promotion; it ends Failed and nothing is deployed."""
     if not reason.strip():
-        raise _fail("--reason must say why", 2)
+        fail("--reason must say why", 2)
     _answer(run_id, approver, release, "reject", reason)
 
 
@@ -316,17 +294,17 @@ def rollback_command(
     target: TargetOption = "docker",
 ) -> None:
     """Return an environment (or some services) to the previous releases in the ledger."""
-    cfg = _config(config)
+    cfg = cli_config(config)
     try:
         cfg.environment(environment)
     except KeyError as exc:
-        raise _fail(str(exc.args[0]), 2) from None
-    chosen = _split(services)
+        fail(str(exc.args[0]), 2)
+    chosen = split_names(services)
     if chosen:
         try:
             cfg.catalog.select(chosen)
         except ValueError as exc:
-            raise _fail(str(exc), 2) from None
+            fail(str(exc), 2)
     try:
         with prefect_api(start_stack=True):
             from flows.promotion import rollback  # noqa: PLC0415
@@ -340,10 +318,10 @@ def rollback_command(
                 return_state=True,
             )
     except GateError as exc:
-        raise _fail(str(exc), 2) from None
+        fail(str(exc), 2)
     restored = state.result(raise_on_failure=False)
     if not state.is_completed() or not isinstance(restored, dict):
-        raise _fail(str(restored) if isinstance(restored, BaseException) else str(state.message), 1)
+        fail(str(restored) if isinstance(restored, BaseException) else str(state.message), 1)
     table = Table(title=f"{environment}: serving again")
     table.add_column("service")
     table.add_column("digest")
