@@ -8,6 +8,8 @@ from typing import Annotated
 from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.exceptions import ConfigError
+
 _NAME = r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$"
 Name = Annotated[str, Field(pattern=_NAME, description="A DNS-1123 label")]
 
@@ -91,20 +93,24 @@ class ServiceCatalog(Block):
         """The service called `name`.
 
         Raises:
-            KeyError: no such service; the message lists the known ones.
+            ConfigError: no such service; the message lists the known ones.
         """
         for service in self.services:
             if service.name == name:
                 return service
         msg = f"unknown service {name!r}; known services: {', '.join(self.names())}"
-        raise KeyError(msg)
+        raise ConfigError(msg)
 
     def select(self, names: list[str]) -> list[ServiceSpec]:
-        """The named services in catalog order; every name must exist."""
+        """The named services in catalog order; every name must exist.
+
+        Raises:
+            ConfigError: unknown names; the message lists the known ones.
+        """
         unknown = sorted(set(names) - set(self.names()))
         if unknown:
             msg = f"unknown services {unknown}; known services: {', '.join(self.names())}"
-            raise ValueError(msg)
+            raise ConfigError(msg)
         return [s for s in self.services if s.name in set(names)]
 
     def lib_closure(self, lib: str) -> set[str]:

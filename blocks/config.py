@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from blocks.catalog import LibSpec, ServiceCatalog, ServiceSpec
 from blocks.environments import EnvironmentCatalog, EnvironmentSpec
+from tasks.exceptions import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -33,10 +34,6 @@ def state_dir() -> Path:
     path = Path(os.environ.get("ELICE_STATE_DIR") or Path(__file__).resolve().parents[1] / ".elice")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the source, the field and the problem."""
 
 
 class PerformancePolicy(BaseModel):
@@ -91,7 +88,7 @@ def _items(source: str, key: str, raw: Any, model: type[M]) -> list[M]:
         try:
             items.append(model.model_validate(item))
         except ValidationError as exc:
-            raise ConfigError(_describe(f"{source}: {key}[{index}]", exc)) from None
+            raise ConfigError(_describe(f"{source}: {key}[{index}]", exc)) from exc
     return items
 
 
@@ -119,11 +116,11 @@ def parse_config(data: Any, source: str) -> PipelineConfig:
         catalog = ServiceCatalog(services=services, libs=libs)
         envs = EnvironmentCatalog(environments=environments)
     except ValidationError as exc:
-        raise ConfigError(_describe(source, exc)) from None
+        raise ConfigError(_describe(source, exc)) from exc
     try:
         performance = PerformancePolicy.model_validate(data.get("performance") or {})
     except ValidationError as exc:
-        raise ConfigError(_describe(f"{source}: performance", exc)) from None
+        raise ConfigError(_describe(f"{source}: performance", exc)) from exc
     return PipelineConfig(
         catalog=catalog, environments=envs, performance=performance, source=source
     )
@@ -135,12 +132,12 @@ def load_file(path: Path) -> PipelineConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         msg = f"{path}: cannot read configuration: {exc.strerror}"
-        raise ConfigError(msg) from None
+        raise ConfigError(msg) from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         msg = f"{path}: not valid YAML: {exc}"
-        raise ConfigError(msg) from None
+        raise ConfigError(msg) from exc
     return parse_config(data, str(path))
 
 
@@ -151,7 +148,7 @@ def load_blocks() -> PipelineConfig:
         envs = EnvironmentCatalog.load(ENVIRONMENTS_BLOCK)
     except ValueError as exc:
         msg = f"Prefect blocks: {exc}; run `cicd register-blocks` first"
-        raise ConfigError(msg) from None
+        raise ConfigError(msg) from exc
     return PipelineConfig(
         catalog=catalog, environments=envs, source=f"blocks {CATALOG_BLOCK}, {ENVIRONMENTS_BLOCK}"
     )

@@ -8,6 +8,7 @@ from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from blocks.catalog import Name
+from tasks.exceptions import ConfigError
 
 
 class Replicas(BaseModel):
@@ -24,6 +25,12 @@ class Replicas(BaseModel):
             msg = f"max ({self.max}) is below min ({self.min})"
             raise ValueError(msg)
         return self
+
+
+# Failures in these environments page someone, whatever their configuration says.
+PAGED_BY_NAME = ("production",)
+# The seed's names (health-check.sh dev|stg|prod) for the environments of the default.
+SEED_ALIASES = {"dev": "dev", "stg": "staging", "prod": "production"}
 
 
 class EnvironmentSpec(BaseModel):
@@ -50,6 +57,11 @@ class EnvironmentSpec(BaseModel):
             msg = "approval_required is true but approvers is empty"
             raise ValueError(msg)
         return self
+
+    @property
+    def paged(self) -> bool:
+        """Failures here page someone: production, or any environment behind an approval gate."""
+        return self.name in PAGED_BY_NAME or self.approval_required
 
     def host_port(self, service_port: int) -> int:
         """The loopback port a service of this environment listens on (docker target)."""
@@ -88,10 +100,28 @@ class EnvironmentCatalog(Block):
         """The environment called `name`.
 
         Raises:
-            KeyError: no such environment; the message lists the known ones.
+            ConfigError: no such environment; the message lists the known ones.
         """
         for env in self.environments:
             if env.name == name:
                 return env
         msg = f"unknown environment {name!r}; known: {', '.join(self.names())}"
-        raise KeyError(msg)
+        raise ConfigError(msg)
+
+    def resolve(self, name: str) -> EnvironmentSpec:
+        """The environment called `name`, or the one a seed alias stands for (`stg`, `prod`).
+
+        An environment's own name always wins over an alias.
+
+        Raises:
+            ConfigError: neither; the message lists the known names and the aliases.
+        """
+        known = self.names()
+        if name not in known and SEED_ALIASES.get(name) in known:
+            name = SEED_ALIASES[name]
+        if name not in known:
+            aliases = [f"{a} = {t}" for a, t in SEED_ALIASES.items() if a != t and t in known]
+            also = f" (aliases: {', '.join(aliases)})" if aliases else ""
+            msg = f"unknown environment {name!r}; known: {', '.join(known)}{also}"
+            raise ConfigError(msg)
+        return self.get(name)

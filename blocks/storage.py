@@ -13,6 +13,7 @@ from prefect_aws import AwsCredentials, S3Bucket
 from pydantic import Field, model_validator
 
 from blocks.config import state_dir
+from tasks.exceptions import ConfigError
 
 STORAGE_BLOCK = "elice-release-storage"
 _BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
@@ -72,14 +73,14 @@ def release_storage() -> ReleaseStorage:
     """The configured storage: the saved block when ELICE_STORAGE=blocks, else local default.
 
     Raises:
-        ValueError: ELICE_STORAGE=blocks but no block named "elice-release-storage" is saved.
+        ConfigError: ELICE_STORAGE=blocks but no block named "elice-release-storage" is saved.
     """
     if os.environ.get("ELICE_STORAGE") == "blocks":
         try:
             loaded = ReleaseStorage.load(STORAGE_BLOCK)
         except ValueError as exc:
             msg = f"ELICE_STORAGE=blocks but block {STORAGE_BLOCK!r} cannot be loaded: {exc}"
-            raise ValueError(msg) from None
+            raise ConfigError(msg) from exc
         if not isinstance(loaded, ReleaseStorage):  # pragma: no cover - Block.load's typing
             msg = f"block {STORAGE_BLOCK!r} is not a ReleaseStorage"
             raise TypeError(msg)

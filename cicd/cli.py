@@ -7,12 +7,15 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from blocks.config import save_as_blocks
-from cicd import promote_cli, stack_cli
-from cicd.common import ConfigOption, cli_config, fail, split_names
+from blocks.config import repo_root, save_as_blocks
+from cicd import promote_cli, setup_cli, stack_cli
+from cicd.common import ConfigOption, TargetOption, cli_config, fail, prefect_api, split_names
+from tasks.exceptions import ConfigError, PipelineError
 from tasks.models import StageResult
+from tasks.source import check_refs, verify_ref
 
 app = typer.Typer(
     name="cicd",
@@ -22,6 +25,7 @@ app = typer.Typer(
 )
 app.add_typer(stack_cli.app, name="stack", help="The local stack: Prefect, registry, engine.")
 promote_cli.register(app)
+setup_cli.register(app)
 console = Console()
 
 
@@ -50,7 +54,9 @@ def ci(
     all_services: Annotated[bool, typer.Option("--all", help="Every service.")] = False,
     services: Annotated[str | None, typer.Option(help="Comma-separated services.")] = None,
     base: Annotated[str, typer.Option(help="Diff base for change detection.")] = "HEAD~1",
-    head: Annotated[str, typer.Option(help="Diff head for change detection.")] = "HEAD",
+    head: Annotated[
+        str, typer.Option(help="The commit to check (of this checkout; resolved to its SHA).")
+    ] = "HEAD",
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Re-run every stage.")] = False,
     deliver: Annotated[
         bool, typer.Option("--deliver/--no-deliver", help="Build, push, deploy, health-check.")
@@ -58,17 +64,25 @@ def ci(
     environment: Annotated[str, typer.Option(help="Where CI deploys.")] = "dev",
     config: ConfigOption = None,
 ) -> None:
-    """Run the CI flow: change detection, lock, quality, tests, image, push, deploy, health."""
+    """Run the CI flow on a commit of this checkout: checks, image, push, deploy, health.
+
+    The flow checks the commit in a worktree of its own: commit what you want checked.
+    Only a commit on the protected branch (main) deploys; any other is checked only.
+    """
     cfg = cli_config(config)
     chosen = split_names(services)
-    if chosen:
-        try:
+    try:
+        cfg.environment(environment)
+        if chosen:
             cfg.catalog.select(chosen)
-        except ValueError as exc:
-            fail(str(exc))
+        if not chosen and not all_services:
+            check_refs(repo_root(), base, head)
+        head = verify_ref(repo_root(), head)
+    except PipelineError as exc:
+        fail(str(exc))
     from flows.ci import ci as ci_flow  # noqa: PLC0415 - loads Prefect only when needed
 
-    with promote_cli.prefect_api(start_stack=True):
+    with prefect_api(start_stack=True):
         state = ci_flow(
             services=chosen,
             all_services=all_services,
@@ -95,12 +109,18 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     environment: Annotated[str | None, typer.Option(help="Only this environment.")] = None,
     config: ConfigOption = None,
+    target: TargetOption = "docker",
 ) -> None:
     """What runs where: per environment and service, the release, digest, address and state."""
+    from tasks.deploy.target import resolve_deploy_target  # noqa: PLC0415 - Prefect on demand
     from tasks.releases import Ledger  # noqa: PLC0415
 
     cfg = cli_config(config)
-    envs = [cfg.environment(environment)] if environment else cfg.environments.environments
+    try:
+        envs = [cfg.environment(environment)] if environment else cfg.environments.environments
+        deployer = resolve_deploy_target(target).deployer()
+    except PipelineError as exc:
+        fail(str(exc))
     rows = []
     book = Ledger()
     for env in envs:
@@ -114,7 +134,7 @@ def status(
                     "release": record.release_id if record else None,
                     "digest": record.image.digest if record else None,
                     "version": record.image.version if record else None,
-                    "address": f"http://127.0.0.1:{env.host_port(svc.port)}",
+                    "address": deployer.address(env, svc),
                     "state": ("verified" if record.verified else "deployed")
                     if record
                     else "absent",
@@ -142,37 +162,63 @@ def status(
 
 @app.command()
 def health(
-    environment: Annotated[str, typer.Argument(help="dev, staging or production.")],
+    environment: Annotated[
+        str, typer.Argument(help="dev, staging or production (or the seed's stg, prod).")
+    ],
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Every check.")] = False,
     services: Annotated[str | None, typer.Option(help="Comma-separated services.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The report as JSON on stdout.")] = False,
+    deadline: Annotated[
+        float, typer.Option(min=0.1, help="Seconds each service may take to become healthy.")
+    ] = 15.0,
     config: ConfigOption = None,
 ) -> None:
-    """Health-check every service of an environment (the seed's health-check.sh)."""
-    cfg = cli_config(config)
-    try:
-        cfg.environment(environment)
-    except KeyError as exc:
-        fail(str(exc.args[0]))
-    from flows.health import health_check  # noqa: PLC0415
+    """Health-check every deployed service of an environment (the seed's health-check.sh).
 
-    with promote_cli.prefect_api(start_stack=True):
-        state = health_check(
-            environment=environment,
-            services=split_names(services),
-            config_source=config,
-            return_state=True,
-        )
-    report = state.result(raise_on_failure=False)
-    for result in getattr(report, "results", []) or []:
-        mark = "[green]ok[/green]" if result.ok else "[red]FAIL[/red]"
-        line = f"{mark} {result.service:14} {result.url}"
-        if verbose or not result.ok:
-            line += f"  ({result.attempts} attempts, {result.seconds:.1f}s)"
-            if result.failures:
-                line += "  " + "; ".join(result.failures)
-        console.print(line)
+    Exit 0 healthy; 1 unhealthy or nothing deployed; 2 bad input, before anything starts.
+    """
+    from flows.health import health_check  # noqa: PLC0415 - loads Prefect only when needed
+    from tasks.health import HealthReport  # noqa: PLC0415
+
+    cfg = cli_config(config)
+    chosen = split_names(services)
+    try:
+        env = cfg.environments.resolve(environment)
+        if chosen:
+            cfg.catalog.select(chosen)
+    except ConfigError as exc:
+        fail(str(exc))
+    try:
+        with prefect_api(start_stack=True):
+            state = health_check(
+                environment=env.name,
+                services=chosen,
+                deadline_s=deadline,
+                config_source=config,
+                return_state=True,
+            )
+    except PipelineError as exc:  # no Prefect API, or the stack could not start
+        fail(str(exc), 1)
+    outcome = state.result(raise_on_failure=False)
+    report = outcome if isinstance(outcome, HealthReport) else getattr(outcome, "report", None)
+    if not isinstance(report, HealthReport):
+        report = HealthReport(environment=env.name, results=[])
+    message = str(outcome) if isinstance(outcome, BaseException) else state.message or ""
+    if as_json:
+        typer.echo(json.dumps({**report.as_json(), "message": message}, indent=2))
+    else:
+        for result in report.results:
+            mark = "[green]ok[/green]" if result.ok else "[red]FAIL[/red]"
+            line = f"{result.service:14} {result.url}"
+            if verbose or not result.ok:
+                line += f"  ({result.attempts} attempts, {result.seconds:.1f}s)"
+                if result.failures:
+                    line += "  " + "; ".join(result.failures)
+            console.print(f"{mark} {escape(line)}", highlight=False, soft_wrap=True)
     if not state.is_completed():
-        fail(state.message or "unhealthy", 1)
+        fail(message or "unhealthy", 1)
+    if not as_json:
+        console.print(f"[green]{env.name}: {len(report.results)} services healthy[/green]")
 
 
 @app.command("register-blocks")

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, NoReturn
 
 import typer
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from rich.console import Console
 
-from blocks.config import ConfigError, PipelineConfig, load_config
-from cicd.stack import StackInfo, ensure_stack
+from blocks.config import PipelineConfig, load_config
+from blocks.stack import StackInfo, load_stack_info
+from cicd.stack import ensure_stack
+from cicd.stack_cli import StepPrinter
+from tasks.exceptions import ConfigError, GateError
 
 ConfigOption = Annotated[
     str | None,
     typer.Option("--config", help="A config file, or 'blocks' for the saved blocks."),
 ]
+
+TargetOption = Annotated[str, typer.Option(help="Deploy target: docker or kubernetes.")]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -36,11 +45,35 @@ def split_names(value: str | None) -> list[str] | None:
 
 
 def use_stack(*, prefect: bool = True) -> StackInfo:
-    """Bring up the local stack and point this process (and its flows) at it."""
-    info = ensure_stack(prefect=prefect)
-    os.environ.setdefault("DOCKER_HOST", info.docker_host)
-    os.environ.setdefault("ELICE_REGISTRY", info.registry)
-    os.environ.setdefault("ELICE_BASE_IMAGE", info.base_image)
-    if info.prefect_api_url and not os.environ.get("PREFECT_API_URL"):
-        os.environ["PREFECT_API_URL"] = info.prefect_api_url
-    return info
+    """Bring up the local stack, saying what it starts on stderr (stdout stays for --json);
+    tasks find its engine and registry in its record."""
+    printer = StepPrinter(Console(stderr=True))
+    try:
+        return ensure_stack(prefect=prefect, worker=prefect, progress=printer)
+    finally:
+        printer.close()
+
+
+@contextmanager
+def prefect_api(*, start_stack: bool = False) -> Iterator[str]:
+    """Point this process at a Prefect API: the configured one, else the local stack's.
+
+    Raises:
+        GateError: no API is configured and the stack runs none.
+    """
+    current = PREFECT_API_URL.value()
+    url = current or os.environ.get("PREFECT_API_URL")
+    if start_stack:
+        info = use_stack(prefect=not url)
+        url = url or info.prefect_api_url
+    elif not url:
+        stack = load_stack_info()
+        url = stack.prefect_api_url if stack else None
+    if not url:
+        msg = "no Prefect API: set PREFECT_API_URL or start the stack (`cicd stack up --prefect`)"
+        raise GateError(msg)
+    if url == current:
+        yield url
+        return
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url

@@ -14,149 +14,19 @@ from __future__ import annotations
 
 import getpass
 import os
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated, Any
 from uuid import UUID
 
 import typer
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import StateType
-from prefect.client.schemas.responses import SetStateStatus
-from prefect.exceptions import ObjectNotFound
-from prefect.input.actions import read_flow_run_input
-from prefect.settings import PREFECT_API_URL, temporary_settings
-from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 from rich.markdown import Markdown
 from rich.table import Table
 
-from cicd.common import ConfigOption, cli_config, fail, split_names, use_stack
-from tasks.approval import Decision, approval_input, release_id_from_schema
+from cicd.common import ConfigOption, TargetOption, cli_config, fail, prefect_api, split_names
+from tasks.approval import Decision, approval_input, pause_expired, read_gate, submit_answer
+from tasks.exceptions import ApprovalRefused, ConfigError, GateError
 
 console = Console()
-FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
-
-TargetOption = Annotated[str, typer.Option(help="Deploy target: docker or kubernetes.")]
-
-
-class GateError(Exception):
-    """The run cannot be answered: unknown, not paused, or not waiting for an approval."""
-
-
-class ApprovalRefused(Exception):
-    """The Prefect server refused the answer; the run stays paused."""
-
-
-class Gate(BaseModel):
-    """A paused promotion waiting for its approval form."""
-
-    model_config = ConfigDict(frozen=True)
-
-    run_id: UUID
-    run_name: str
-    environment: str
-    release_id: str | None
-    description: str
-    schema_: dict[str, Any]
-
-
-# --- Prefect API helpers (usable from tests and other front ends) --------------------
-
-
-@contextmanager
-def prefect_api(*, start_stack: bool = False) -> Iterator[str]:
-    """Point this process at a Prefect API: the configured one, else the local stack's.
-
-    Raises:
-        GateError: no API is configured and the stack runs none.
-    """
-    current = PREFECT_API_URL.value()
-    url = current or os.environ.get("PREFECT_API_URL")
-    if start_stack:
-        info = use_stack(prefect=not url)
-        url = url or info.prefect_api_url
-    elif not url:
-        from cicd.stack import load_stack_info  # noqa: PLC0415
-
-        stack = load_stack_info()
-        url = stack.prefect_api_url if stack else None
-    if not url:
-        msg = "no Prefect API: set PREFECT_API_URL or start the stack (`cicd stack up --prefect`)"
-        raise GateError(msg)
-    if url == current:
-        yield url
-        return
-    with temporary_settings(updates={PREFECT_API_URL: url}):
-        yield url
-
-
-def read_gate(run_id: UUID) -> Gate:
-    """The approval form a paused promotion waits on.
-
-    Raises:
-        GateError: no such run, not paused, or paused without an approval form (yet).
-    """
-    with get_client(sync_client=True) as client:
-        try:
-            run = client.read_flow_run(run_id)
-        except ObjectNotFound:
-            msg = f"no flow run {run_id}"
-            raise GateError(msg) from None
-    state = run.state
-    if state is None or not state.is_paused():
-        what = state.type.value if state else "without a state"
-        msg = f"run {run_id} ({run.name}) is {what}, not waiting for an approval"
-        raise GateError(msg)
-    keyset = state.state_details.run_input_keyset
-    if not keyset:
-        msg = f"run {run_id} is paused without an approval form"
-        raise GateError(msg)
-    schema = read_flow_run_input(keyset["schema"], flow_run_id=run_id)
-    if not isinstance(schema, dict):
-        msg = f"run {run_id} is still pausing (no approval form yet); try again in a few seconds"
-        raise GateError(msg)
-    description = read_flow_run_input(keyset["description"], flow_run_id=run_id)
-    return Gate(
-        run_id=run_id,
-        run_name=run.name,
-        environment=str((run.parameters or {}).get("environment", "")),
-        release_id=release_id_from_schema(schema),
-        description=str(description or ""),
-        schema_=schema,
-    )
-
-
-def submit_answer(run_id: UUID, run_input: dict[str, str]) -> None:
-    """Resume the paused run with `run_input` and read the server's answer.
-
-    Raises:
-        ApprovalRefused: the server refused the input (the run stays paused).
-        GateError: the run is no longer paused.
-    """
-    with get_client(sync_client=True) as client:
-        answer = client.resume_flow_run(run_id, run_input=run_input)
-    if answer.status == SetStateStatus.ACCEPT:
-        return
-    reason = getattr(answer.details, "reason", None) or "no reason given"
-    if answer.status == SetStateStatus.REJECT and not (answer.state and answer.state.is_failed()):
-        raise ApprovalRefused(reason)
-    msg = f"run {run_id} cannot be resumed: {reason}"
-    raise GateError(msg)
-
-
-def wait_for_final(run_id: UUID, timeout_s: float = 600, poll_s: float = 1) -> Any:
-    """Poll until the run reaches a final state; returns that state (None on timeout)."""
-    end = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
-        while True:
-            state = client.read_flow_run(run_id).state
-            if state is not None and state.type in FINAL:
-                return state
-            if time.monotonic() >= end:
-                return None
-            time.sleep(poll_s)
 
 
 # --- commands -------------------------------------------------------------------------
@@ -194,15 +64,15 @@ def promote_command(
     cfg = cli_config(config)
     try:
         env = cfg.environment(to)
-    except KeyError as exc:
-        fail(str(exc.args[0]), 2)
+    except ConfigError as exc:
+        fail(str(exc), 2)
     if env.promotes_from is None:
         fail(f"{to} is not promoted into; CI deploys it", 2)
     chosen = split_names(services)
     if chosen:
         try:
             cfg.catalog.select(chosen)
-        except ValueError as exc:
+        except ConfigError as exc:
             fail(str(exc), 2)
     if allow_unknown_scan != bool((override_reason or "").strip()):
         fail("--allow-unknown-scan and --override-reason go together", 2)
@@ -237,7 +107,7 @@ def promote_command(
         console.print(f"[green]promoted into {to}{suffix}[/green]")
         return
     message = str(outcome) if isinstance(outcome, BaseException) else str(state.message)
-    if "never resumed" in message:  # the server fails a pause that expired
+    if pause_expired(message):  # the server fails a pause that expired
         message = f"nobody approved in time; nothing deployed ({message})"
     fail(message, 1)
 
@@ -297,13 +167,13 @@ def rollback_command(
     cfg = cli_config(config)
     try:
         cfg.environment(environment)
-    except KeyError as exc:
-        fail(str(exc.args[0]), 2)
+    except ConfigError as exc:
+        fail(str(exc), 2)
     chosen = split_names(services)
     if chosen:
         try:
             cfg.catalog.select(chosen)
-        except ValueError as exc:
+        except ConfigError as exc:
             fail(str(exc), 2)
     try:
         with prefect_api(start_stack=True):

@@ -3,21 +3,36 @@
 Everything lives under `stack_dir()` (ELICE_STACK_DIR, else `state_dir()`): podman's
 storage, the registry's blobs, config files, logs, pid files and `stack.json`.
 `ensure_stack()` is idempotent and safe to call from concurrent processes (file lock).
+
+A part is up only when the process the stack started for it is alive, answers on its own
+address, and holds the listening socket there (it or a process of its session, read from
+/proc). Anything else answering on a recorded port is not ours: the part starts on another
+free port, and `stack.json` records where. A part that exits, or does not answer in time,
+fails `ensure_stack` with the last lines of its log (`<stack dir>/logs/<part>.log`).
+
+Long-running parts are processes with a pid file and a log file; `spawn_part`,
+`running_part`, `part_listens` and `stop_part` work for any part by name, and
+`stop_stack` stops every part that has a pid file.
+
+`ensure_stack(progress=...)` reports each step as it starts and when it is done, with
+seconds (`StackStep`); the library itself prints nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -26,9 +41,10 @@ import httpx
 from docker.errors import DockerException, ImageNotFound
 from pydantic import BaseModel, ConfigDict, Field
 
-from blocks.config import state_dir
-from tasks.exceptions import ToolError
-from tasks.process import run_logger, run_tool, which
+from blocks.stack import StackInfo, load_stack_info, save_stack_info, stack_dir
+from tasks.engine import engine_client
+from tasks.exceptions import StackError, ToolError
+from tasks.process import run_tool, which
 
 BASE_IMAGE = "localhost/python-base:3.11"
 PAUSE_IMAGE = "localhost/podman-pause:catatonit"
@@ -36,6 +52,12 @@ DEFAULT_REGISTRY_PORT = 5000
 SYSTEM_DEPS = ("podman", "buildah", "runc", "docker-registry", "debootstrap", "catatonit")
 INSTALL_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "install-system-deps.sh"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The parts ensure_stack runs, in the order stop_stack stops them (dependents first).
+PARTS = ("prefect", "registry", "engine")
+LOG_TAIL_LINES = 25
+# A running part of ours that holds its address gets this long to answer before a restart.
+REUSE_PATIENCE_S = 10.0
+_START_MARK = "--- elice stack: starting"
 
 CONTAINERS_CONF = """\
 [containers]
@@ -63,22 +85,6 @@ http:
 """
 
 
-class StackError(ToolError):
-    """A part of the local stack could not be installed or started."""
-
-
-class StackInfo(BaseModel):
-    """Where the parts of the local stack answer."""
-
-    model_config = ConfigDict(frozen=True)
-
-    docker_host: str = Field(description="Docker API endpoint, e.g. unix:///.../podman.sock")
-    registry: str = Field(description="OCI registry address, 127.0.0.1:PORT")
-    base_image: str = Field(description="Base image for service builds")
-    prefect_api_url: str | None = Field(default=None, description="Local Prefect server API")
-    pause_image: str | None = Field(default=None, description="Infra image for kube play")
-
-
 class StackPart(BaseModel):
     """One part of the stack as `stack_status()` sees it."""
 
@@ -89,30 +95,82 @@ class StackPart(BaseModel):
     address: str = ""
 
 
-def stack_dir() -> Path:
-    """The stack's home: ELICE_STACK_DIR, else the state dir."""
-    custom = os.environ.get("ELICE_STACK_DIR")
-    path = Path(custom) if custom else state_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+# --- progress --------------------------------------------------------------------------
 
 
-def _info_file(root: Path) -> Path:
-    return root / "stack.json"
+StepState = Literal["start", "done", "failed", "info"]
 
 
-def load_stack_info(root: Path | None = None) -> StackInfo | None:
-    """The last recorded StackInfo, or None when the stack was never started."""
-    path = _info_file(root or stack_dir())
-    if not path.exists():
-        return None
-    return StackInfo.model_validate_json(path.read_text(encoding="utf-8"))
+class StackStep(BaseModel):
+    """One line of `ensure_stack`'s progress: a step started, done or failed, or a fact."""
+
+    model_config = ConfigDict(frozen=True)
+
+    part: str = Field(description="engine, registry, base-image, pause-image, prefect, system")
+    state: StepState
+    text: str = Field(description="What starts, what it ended as, or the fact")
+    seconds: float | None = Field(default=None, description="How long the step took")
+
+    def outcome(self) -> str:
+        """How a step ended, e.g. `ready in 1.2s` (the text alone for start and info)."""
+        if self.state == "failed":
+            return f"failed after {self.seconds or 0.0:.1f}s"
+        if self.state == "done":
+            return f"{self.text} in {self.seconds or 0.0:.1f}s"
+        return self.text
+
+    def line(self) -> str:
+        """The step as one plain line, e.g. `engine: starting podman API service ...`."""
+        suffix = " ..." if self.state == "start" else ""
+        return f"{self.part}: {self.outcome()}{suffix}"
+
+
+Progress = Callable[[StackStep], None]
+
+
+class _Steps:
+    """Reports steps to an optional `Progress` callback."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+
+    def _emit(self, part: str, state: StepState, text: str, seconds: float | None = None) -> None:
+        if self.progress is not None:
+            self.progress(StackStep(part=part, state=state, text=text, seconds=seconds))
+
+    def info(self, part: str, text: str) -> None:
+        self._emit(part, "info", text)
+
+    def start(self, part: str, text: str) -> float:
+        self._emit(part, "start", text)
+        return time.monotonic()
+
+    def done(self, part: str, started: float, text: str = "ready") -> None:
+        self._emit(part, "done", text, round(time.monotonic() - started, 1))
+
+    def failed(self, part: str, started: float) -> None:
+        self._emit(part, "failed", "failed", round(time.monotonic() - started, 1))
+
+    @contextlib.contextmanager
+    def step(self, part: str, text: str, done: str = "ready") -> Iterator[None]:
+        started = self.start(part, text)
+        try:
+            yield
+        except BaseException:
+            self.failed(part, started)
+            raise
+        self.done(part, started, done)
 
 
 @contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
+def _locked(root: Path, steps: _Steps | None = None) -> Iterator[None]:
     with (root / "stack.lock").open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if steps is not None:
+                steps.info("stack", "another process is starting this stack; waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -126,71 +184,216 @@ def _pid_file(root: Path, name: str) -> Path:
     return root / "pids" / f"{name}.pid"
 
 
-def _running_pid(root: Path, name: str) -> int | None:
-    path = _pid_file(root, name)
+def part_log(root: Path, name: str) -> Path:
+    """The log file of part `name`; every start appends to it after a marker line."""
+    return root / "logs" / f"{name}.log"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (state, ppid, pgrp, session, ...), or None."""
     try:
-        pid = int(path.read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
         return None
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"):
+    return text.rsplit(") ", 1)[-1].split()
+
+
+def _start_time(pid: int) -> str | None:
+    stat = _proc_stat(pid)
+    return stat[19] if stat is not None and len(stat) > 19 else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] not in {"Z", "X"}
+
+
+def _reap(pid: int) -> int | None:
+    """The exit code of our exited child `pid` (reaping it), else None."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return os.waitstatus_to_exitcode(status) if done else None
+
+
+def running_part(root: Path, name: str) -> int | None:
+    """The pid of part `name` while the process the stack started for it runs, else None.
+
+    The pid file holds the pid and the process's start time, so a pid the kernel has
+    since given to an unrelated process is not taken for the part.
+    """
+    try:
+        recorded = _pid_file(root, name).read_text(encoding="ascii").split()
+        pid = int(recorded[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if not _alive(pid):
+        return None
+    if len(recorded) > 1 and _start_time(pid) not in {None, recorded[1]}:
         return None
     return pid
 
 
-def _spawn(root: Path, name: str, args: list[str], env: Mapping[str, str] | None = None) -> int:
-    """Start a detached process with its log under root/logs and a pid file."""
-    (root / "logs").mkdir(exist_ok=True)
-    (root / "pids").mkdir(exist_ok=True)
-    with (root / "logs" / f"{name}.log").open("ab") as log:
+def spawn_part(
+    root: Path, name: str, args: Sequence[str], env: Mapping[str, str] | None = None
+) -> int:
+    """Start part `name` detached in its own session; returns its pid.
+
+    Its output goes to `part_log(root, name)` (after a marker line naming the command),
+    its pid and start time to `<root>/pids/<name>.pid`. `env` is added to this
+    process's environment.
+    """
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    (root / "pids").mkdir(parents=True, exist_ok=True)
+    with part_log(root, name).open("ab") as log:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        log.write(f"{_START_MARK} {name} at {stamp}: {shlex.join(args)}\n".encode())
+        log.flush()
         proc = subprocess.Popen(
-            args,
+            list(args),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             start_new_session=True,
         )
-    _pid_file(root, name).write_text(str(proc.pid))
+    started = _start_time(proc.pid) or ""
+    _pid_file(root, name).write_text(f"{proc.pid} {started}".strip() + "\n", encoding="ascii")
     return proc.pid
 
 
-def _wait_until(
-    check: Callable[[], bool], what: str, root: Path, name: str, deadline_s: float
-) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if check():
-            return
-        if _running_pid(root, name) is None:
-            break
-        time.sleep(0.3)
-    log = root / "logs" / f"{name}.log"
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log.exists() else ""
-    msg = f"{what} did not come up within {deadline_s:.0f}s; log {log}:\n{tail}"
-    raise StackError(msg)
+def part_log_tail(root: Path, name: str, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines part `name` wrote to its log since its latest start."""
+    path = part_log(root, name)
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - 256_000))
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+    mark = text.rfind(_START_MARK)
+    if mark >= 0:
+        text = text[mark:].partition("\n")[2]
+    return "\n".join(text.splitlines()[-lines:])
 
 
-def _stop(root: Path, name: str, deadline_s: float = 20) -> bool:
-    """Stop a stack process (its whole session); True when one was running."""
-    pid = _running_pid(root, name)
+def stop_part(root: Path, name: str, deadline_s: float = 20) -> bool:
+    """Stop part `name` and its whole session (TERM, then KILL); True when it was running."""
+    pid = running_part(root, name)
     _pid_file(root, name).unlink(missing_ok=True)
     if pid is None:
         return False
     for sig, wait in ((signal.SIGTERM, deadline_s), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, sig)
         end = time.monotonic() + wait
         while time.monotonic() < end:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            _reap(pid)
+            if not _alive(pid):
                 return True
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
             time.sleep(0.2)
     return True
+
+
+# --- who listens where -------------------------------------------------------------------
+
+# Local addresses that take connections to 127.0.0.1, as /proc/net/tcp{,6} writes them.
+_LOOPBACK_V4 = {"0100007F", "00000000"}
+_LOOPBACK_V6 = {"0" * 32, "0000000000000000FFFF00000100007F"}
+_TCP_LISTEN = "0A"
+_UNIX_LISTENING = "00010000"
+
+
+def _listening_inodes(port: int | None, socket_path: Path | None) -> set[str] | None:
+    """Inodes of the sockets listening on 127.0.0.1:`port` or at `socket_path`.
+
+    None when /proc cannot tell (not Linux).
+    """
+    found: set[str] = set()
+    try:
+        if socket_path is not None:
+            for row in Path("/proc/net/unix").read_text().splitlines()[1:]:
+                cols = row.split()
+                if len(cols) >= 8 and cols[3] == _UNIX_LISTENING and cols[7] == str(socket_path):
+                    found.add(cols[6])
+        if port is not None:
+            for table, local in (("tcp", _LOOPBACK_V4), ("tcp6", _LOOPBACK_V6)):
+                path = Path("/proc/net") / table
+                if not path.exists():
+                    continue
+                for row in path.read_text().splitlines()[1:]:
+                    cols = row.split()
+                    address, _, hex_port = cols[1].partition(":")
+                    if cols[3] == _TCP_LISTEN and int(hex_port, 16) == port and address in local:
+                        found.add(cols[9])
+    except OSError:
+        return None
+    return found
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes: set[str] = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return inodes
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            target = str(fd.readlink())
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    return inodes
+
+
+def _session(leader: int) -> list[int]:
+    """`leader` and every process of its session (a server's worker processes)."""
+    members = [leader]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != leader:
+            stat = _proc_stat(int(entry.name))
+            if stat is not None and len(stat) > 3 and stat[3] == str(leader):
+                members.append(int(entry.name))
+    return members
+
+
+def part_listens(
+    root: Path, name: str, *, port: int | None = None, socket_path: Path | None = None
+) -> bool:
+    """Part `name` runs and itself holds the socket listening on 127.0.0.1:`port` (or at
+    `socket_path`): the part's process, or a process of its session.
+
+    Where /proc cannot tell (not Linux), a running part is taken at its word.
+    """
+    pid = running_part(root, name)
+    if pid is None:
+        return False
+    listeners = _listening_inodes(port, socket_path)
+    if listeners is None:
+        return True
+    if not listeners:
+        return False
+    return any(listeners & _socket_inodes(member) for member in _session(pid))
+
+
+def _port_holder(port: int) -> str:
+    """` by pid N (command)` for the process listening on `port`, when /proc tells."""
+    listeners = _listening_inodes(port, None)
+    if not listeners:
+        return ""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and listeners & _socket_inodes(int(entry.name)):
+            with contextlib.suppress(OSError):
+                command = (entry / "comm").read_text().strip()
+                return f" by pid {entry.name} ({command})"
+            return f" by pid {entry.name}"
+    return ""
 
 
 def _port_free(port: int) -> bool:
@@ -209,6 +412,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _choose_port(recorded: int | None, preferred: int | None) -> tuple[int, str]:
+    """The recorded port if free, else the preferred one if free, else any free one;
+    with a note saying which port was taken, and by whom, when it had to move."""
+    note = ""
+    for port in (recorded, preferred):
+        if port is None:
+            continue
+        if _port_free(port):
+            return port, note
+        note = note or f"127.0.0.1:{port} is taken{_port_holder(port)}"
+    return free_port(), note
+
+
 def _http_ok(url: str, transport: httpx.HTTPTransport | None = None) -> bool:
     try:
         with httpx.Client(transport=transport, timeout=3, trust_env=False) as client:
@@ -217,10 +433,95 @@ def _http_ok(url: str, transport: httpx.HTTPTransport | None = None) -> bool:
         return False
 
 
+def _reusable(listens: Callable[[], bool], answers: Callable[[], bool], patience_s: float) -> bool:
+    """A part that is ours and holds its address is reused when it answers; a busy one
+    gets `patience_s` seconds to answer before it counts as down."""
+    if not listens():
+        return False
+    end = time.monotonic() + patience_s
+    while not answers():
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def _wait_up(root: Path, name: str, what: str, up: Callable[[], bool], deadline_s: float) -> None:
+    """Wait until `up()`. A part that exits, or does not answer in time (then it is
+    stopped), fails with the last lines of its log.
+
+    Raises:
+        StackError: naming the part, how it failed, its log and the log's last lines.
+    """
+    pid = running_part(root, name)
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if up():
+            return
+        if running_part(root, name) is None:
+            code = _reap(pid) if pid is not None else None
+            _pid_file(root, name).unlink(missing_ok=True)
+            how = "exited" if code is None else f"exited with code {code}"
+            msg = f"{what} {how} before it answered"
+            raise StackError(_with_log(msg, root, name))
+        time.sleep(0.3)
+    stop_part(root, name)
+    msg = f"{what} did not answer within {deadline_s:.0f}s (stopped it)"
+    raise StackError(_with_log(msg, root, name))
+
+
+def _with_log(message: str, root: Path, name: str) -> str:
+    tail = part_log_tail(root, name) or "(nothing)"
+    return f"{message}; last lines of {part_log(root, name)}:\n{tail}"
+
+
+def _start_on_port(
+    root: Path,
+    name: str,
+    what: str,
+    port: int,
+    note: str,
+    command: Callable[[int], tuple[list[str], dict[str, str]]],
+    up: Callable[[int], bool],
+    deadline_s: float,
+    steps: _Steps,
+) -> int:
+    """Start part `name` on `port` and wait until it is up there; returns the port.
+
+    When it fails because another process took the port meanwhile, it starts once more
+    on another free port.
+    """
+    retried = False
+    while True:
+        args, env = command(port)
+        where = f"{what} on 127.0.0.1:{port}" + (f" ({note})" if note else "")
+        started = steps.start(name, f"starting {where}")
+        spawn_part(root, name, args, env)
+        try:
+            _wait_up(root, name, what, functools.partial(up, port), deadline_s)
+        except StackError:
+            steps.failed(name, started)
+            if retried or _port_free(port):
+                raise
+            retried = True
+            note = f"127.0.0.1:{port} was taken{_port_holder(port)} meanwhile"
+            port = free_port()
+            continue
+        steps.done(name, started)
+        return port
+
+
+def _recorded_port(address: str | None) -> int | None:
+    found = re.search(r":(\d+)(?:/api)?$", address or "")
+    return int(found.group(1)) if found else None
+
+
 # --- system packages -------------------------------------------------------------------
 
 
-def ensure_system_deps(tools: tuple[str, ...] = SYSTEM_DEPS) -> None:
+def ensure_system_deps(
+    tools: tuple[str, ...] = SYSTEM_DEPS, progress: Progress | None = None
+) -> None:
     """Install the stack's system packages when missing (root on Debian only).
 
     Raises:
@@ -232,18 +533,20 @@ def ensure_system_deps(tools: tuple[str, ...] = SYSTEM_DEPS) -> None:
     if os.geteuid() != 0 or not Path("/etc/debian_version").exists():
         msg = f"missing {', '.join(missing)}: run {INSTALL_SCRIPT} as root (Debian) first"
         raise StackError(msg)
-    run_logger().info("installing system packages for %s", ", ".join(missing))
-    done = run_tool(["bash", str(INSTALL_SCRIPT)], timeout=1800)
-    if not done.ok:
-        msg = f"{INSTALL_SCRIPT} failed (exit {done.returncode}):\n{done.excerpt(20)}"
-        raise StackError(msg)
+    what = f"installing {', '.join(missing)} with apt-get (minutes, the first time)"
+    with _Steps(progress).step("system", what, done="installed"):
+        done = run_tool(["bash", str(INSTALL_SCRIPT)], timeout=1800)
+        if not done.ok:
+            msg = f"{INSTALL_SCRIPT} failed (exit {done.returncode}):\n{done.excerpt(20)}"
+            raise StackError(msg)
 
 
 # --- engine ----------------------------------------------------------------------------
 
 
 def _engine_paths(root: Path) -> tuple[Path, Path]:
-    return root / "podman", root / "podman.sock"
+    home = root.absolute()  # the socket's path as bound is what /proc/net/unix shows
+    return home / "podman", home / "podman.sock"
 
 
 def _engine_alive(docker_host: str) -> bool:
@@ -253,6 +556,12 @@ def _engine_alive(docker_host: str) -> bool:
             return False
         return _http_ok("http://engine/_ping", httpx.HTTPTransport(uds=sock))
     return _http_ok(re.sub(r"^tcp://", "http://", docker_host).rstrip("/") + "/_ping")
+
+
+def _engine_up(root: Path) -> bool:
+    """Our podman service holds its socket and answers /_ping there."""
+    sock = _engine_paths(root)[1]
+    return part_listens(root, "engine", socket_path=sock) and _engine_alive(f"unix://{sock}")
 
 
 def registries_conf(registry: str) -> str:
@@ -269,13 +578,14 @@ def _write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
-def _ensure_engine(root: Path, registry: str) -> str:
-    """The engine's DOCKER_HOST; starts Podman's API service when nothing serves it."""
+def _ensure_engine(root: Path, registry: str, steps: _Steps) -> str:
+    """The engine's DOCKER_HOST; starts Podman's API service when ours does not serve it."""
     if os.environ.get("DOCKER_HOST"):
         host = os.environ["DOCKER_HOST"]
         if not _engine_alive(host):
             msg = f"DOCKER_HOST={host} does not answer /_ping; start that engine or unset it"
             raise StackError(msg)
+        steps.info("engine", f"using DOCKER_HOST={host}")
         return host
     storage, sock = _engine_paths(root)
     conf_dir = root / "conf"
@@ -285,52 +595,71 @@ def _ensure_engine(root: Path, registry: str) -> str:
     )
     changed |= _write_if_changed(conf_dir / "registries.conf", registries_conf(registry))
     host = f"unix://{sock}"
-    if _running_pid(root, "engine") is not None and _engine_alive(host):
+    listens = functools.partial(part_listens, root, "engine", socket_path=sock)
+    if _reusable(listens, lambda: _engine_alive(host), REUSE_PATIENCE_S):
         if not changed:
+            steps.info("engine", f"running at {host} (pid {running_part(root, 'engine')})")
             return host
-        _stop(root, "engine")  # containers survive: conmon owns them
-    ensure_system_deps()
+        steps.info("engine", "its configuration changed: restarting (containers keep running)")
+    stop_part(root, "engine")  # conmon owns the containers: they survive
+    ensure_system_deps(progress=steps.progress)
     sock.unlink(missing_ok=True)
     env = {
         "CONTAINERS_CONF": str(conf_dir / "containers.conf"),
         "CONTAINERS_REGISTRIES_CONF": str(conf_dir / "registries.conf"),
     }
     args = [which("podman"), "--root", str(storage / "root"), "--runroot", str(storage / "run")]
-    _spawn(root, "engine", [*args, "system", "service", "--time=0", host], env)
-    _wait_until(lambda: _engine_alive(host), "podman system service", root, "engine", 60)
+    with steps.step("engine", f"starting podman API service at {host}"):
+        spawn_part(root, "engine", [*args, "system", "service", "--time=0", host], env)
+        _wait_up(root, "engine", "podman system service", lambda: _engine_up(root), 60)
     return host
 
 
 # --- registry --------------------------------------------------------------------------
 
 
-def _registry_port(previous: StackInfo | None) -> int:
-    if previous is not None:
-        port = int(previous.registry.rsplit(":", 1)[1])
-        if _registry_alive(port) or _port_free(port):
-            return port
-    return DEFAULT_REGISTRY_PORT if _port_free(DEFAULT_REGISTRY_PORT) else free_port()
-
-
 def _registry_alive(port: int) -> bool:
     return _http_ok(f"http://127.0.0.1:{port}/v2/")
 
 
-def _ensure_registry(root: Path, port: int) -> str:
-    address = f"127.0.0.1:{port}"
-    if _running_pid(root, "registry") is not None and _registry_alive(port):
-        return address
-    _stop(root, "registry")
-    ensure_system_deps(("docker-registry",))
+def _registry_up(root: Path, port: int) -> bool:
+    """Our docker-registry holds 127.0.0.1:`port` and answers /v2/ there."""
+    return part_listens(root, "registry", port=port) and _registry_alive(port)
+
+
+def _ensure_registry(root: Path, previous: StackInfo | None, steps: _Steps) -> str:
+    recorded = _recorded_port(previous.registry if previous else None)
+    if recorded is not None and _reusable(
+        functools.partial(part_listens, root, "registry", port=recorded),
+        functools.partial(_registry_alive, recorded),
+        REUSE_PATIENCE_S,
+    ):
+        pid = running_part(root, "registry")
+        steps.info("registry", f"running at 127.0.0.1:{recorded} (pid {pid})")
+        return f"127.0.0.1:{recorded}"
+    stop_part(root, "registry")
+    ensure_system_deps(("docker-registry",), progress=steps.progress)
     data = root / "registry" / "data"
     data.mkdir(parents=True, exist_ok=True)
     conf = root / "registry" / "config.yml"
-    conf.write_text(REGISTRY_CONF.format(data=data, port=port), encoding="utf-8")
-    _spawn(root, "registry", [which("docker-registry"), "serve", str(conf)])
-    _wait_until(
-        lambda: _registry_alive(port), f"docker-registry on {address}", root, "registry", 30
+
+    def command(port: int) -> tuple[list[str], dict[str, str]]:
+        conf.write_text(REGISTRY_CONF.format(data=data, port=port), encoding="utf-8")
+        return [which("docker-registry"), "serve", str(conf)], {}
+
+    port, note = _choose_port(recorded, DEFAULT_REGISTRY_PORT)
+    port = _start_on_port(
+        root,
+        "registry",
+        "docker-registry",
+        port,
+        note,
+        command,
+        lambda p: _registry_up(root, p),
+        30,
+        steps,
     )
-    return address
+    return f"127.0.0.1:{port}"
 
 
 # --- images ----------------------------------------------------------------------------
@@ -385,7 +714,6 @@ def build_base_image(client: docker.DockerClient, root: Path, name: str = BASE_I
     try:
         include = "--include=python3,python3-venv,ca-certificates"
         args = [which("debootstrap"), "--variant=minbase", include, "bookworm", str(rootfs)]
-        run_logger().info("building %s with debootstrap (about a minute)", name)
         done = run_tool([*args, debian_mirror()], timeout=1800)
         if not done.ok:
             msg = f"debootstrap failed (exit {done.returncode}):\n{done.excerpt(20)}"
@@ -409,17 +737,21 @@ def build_pause_image(client: docker.DockerClient, root: Path, name: str = PAUSE
         shutil.rmtree(rootfs, ignore_errors=True)
 
 
-def _ensure_images(docker_host: str, root: Path) -> str | None:
+def _ensure_images(docker_host: str, root: Path, steps: _Steps) -> str | None:
     """Make sure the base (and, on podman, pause) images exist; returns the pause image."""
-    client = docker.DockerClient(base_url=docker_host, timeout=600)
+    client = engine_client(docker_host)
     pause: str | None = None
     try:
-        if not _image_present(client, BASE_IMAGE):
-            seconds = build_base_image(client, root)
-            run_logger().info("built %s in %.0fs", BASE_IMAGE, seconds)
+        if _image_present(client, BASE_IMAGE):
+            steps.info("base-image", f"{BASE_IMAGE} present")
+        else:
+            what = f"building {BASE_IMAGE} with debootstrap (about a minute)"
+            with steps.step("base-image", what, done="built"):
+                build_base_image(client, root)
         if not os.environ.get("DOCKER_HOST") and shutil.which("catatonit"):
             if not _image_present(client, PAUSE_IMAGE):
-                build_pause_image(client, root)
+                with steps.step("pause-image", f"building {PAUSE_IMAGE}", done="built"):
+                    build_pause_image(client, root)
             pause = PAUSE_IMAGE
     except DockerException as exc:
         msg = f"engine at {docker_host} failed while preparing images: {exc}"
@@ -432,57 +764,90 @@ def _ensure_images(docker_host: str, root: Path) -> str | None:
 # --- prefect ---------------------------------------------------------------------------
 
 
-def _prefect_port(previous: StackInfo | None) -> int:
-    if previous is not None and previous.prefect_api_url:
-        found = re.search(r":(\d+)/api$", previous.prefect_api_url)
-        if found:
-            return int(found.group(1))
-    return free_port()
+def _prefect_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/api"
 
 
-def _ensure_prefect(root: Path, port: int) -> str:
-    url = f"http://127.0.0.1:{port}/api"
-    if _running_pid(root, "prefect") is not None and _http_ok(f"{url}/health"):
-        return url
-    _stop(root, "prefect")
-    if not _port_free(port):
-        port = free_port()
-        url = f"http://127.0.0.1:{port}/api"
-    env = {
-        "PREFECT_HOME": str(root / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": url,
-    }
-    args = [which("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    _spawn(root, "prefect", args, env)
-    _wait_until(lambda: _http_ok(f"{url}/health"), "prefect server", root, "prefect", 180)
-    return url
+def _prefect_up(root: Path, port: int) -> bool:
+    """Our Prefect server holds 127.0.0.1:`port` and answers /api/health there."""
+    url = _prefect_url(port)
+    return part_listens(root, "prefect", port=port) and _http_ok(f"{url}/health")
+
+
+def _ensure_prefect(root: Path, previous: StackInfo | None, steps: _Steps) -> str:
+    recorded = _recorded_port(previous.prefect_api_url if previous else None)
+    if recorded is not None and _reusable(
+        functools.partial(part_listens, root, "prefect", port=recorded),
+        functools.partial(_http_ok, f"{_prefect_url(recorded)}/health"),
+        REUSE_PATIENCE_S,
+    ):
+        pid = running_part(root, "prefect")
+        steps.info("prefect", f"running at {_prefect_url(recorded)} (pid {pid})")
+        return _prefect_url(recorded)
+    stop_part(root, "prefect")
+
+    def command(port: int) -> tuple[list[str], dict[str, str]]:
+        env = {
+            "PREFECT_HOME": str(root / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_URL": _prefect_url(port),
+        }
+        args = [which("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        return args, env
+
+    port, note = _choose_port(recorded, None)
+    port = _start_on_port(
+        root,
+        "prefect",
+        "Prefect server",
+        port,
+        note or "its first start migrates the database",
+        command,
+        lambda p: _prefect_up(root, p),
+        180,
+        steps,
+    )
+    return _prefect_url(port)
 
 
 # --- public API ------------------------------------------------------------------------
 
 
-def ensure_stack(*, prefect: bool = False, root: Path | None = None) -> StackInfo:
-    """Reuse what runs and start what does not: engine, registry, base image, Prefect.
+def ensure_stack(
+    *,
+    prefect: bool = False,
+    worker: bool = False,
+    root: Path | None = None,
+    progress: Progress | None = None,
+) -> StackInfo:
+    """Reuse what runs and start what does not: registry, engine, base image, Prefect.
 
     Args:
         prefect: also run a Prefect server on a loopback port.
+        worker: also make that server ready for the pipeline (`cicd setup`: work pool,
+            limits, blocks, the deployments of prefect.yaml) and run a supervised process
+            worker on it, so the UI, the schedules and `prefect deployment run` work.
         root: the stack's home (default `stack_dir()`).
+        progress: called with each step as it starts and ends (`StackStep`); the CLI
+            prints them, flows and tests pass nothing.
 
     Raises:
-        StackError: a part could not be installed or did not come up.
+        StackError: a part could not be installed or did not come up; for a part that
+            exited or stayed silent, with the last lines of its log.
     """
     home = root or stack_dir()
     home.mkdir(parents=True, exist_ok=True)
-    with _locked(home):
+    steps = _Steps(progress)
+    with _locked(home, steps):
         previous = load_stack_info(home)
-        registry = f"127.0.0.1:{_registry_port(previous)}"
-        docker_host = _ensure_engine(home, registry)
-        registry = _ensure_registry(home, int(registry.rsplit(":", 1)[1]))
-        pause = _ensure_images(docker_host, home)
+        registry = _ensure_registry(home, previous, steps)
+        docker_host = _ensure_engine(home, registry, steps)
+        pause = _ensure_images(docker_host, home, steps)
         api_url: str | None = None
-        if prefect or _running_pid(home, "prefect") is not None:
-            api_url = _ensure_prefect(home, _prefect_port(previous))
+        if prefect or worker or running_part(home, "prefect") is not None:
+            api_url = _ensure_prefect(home, previous, steps)
+        if worker and api_url is not None:
+            _ensure_deployments_and_worker(home, api_url, steps)
         info = StackInfo(
             docker_host=docker_host,
             registry=registry,
@@ -490,19 +855,46 @@ def ensure_stack(*, prefect: bool = False, root: Path | None = None) -> StackInf
             prefect_api_url=api_url,
             pause_image=pause,
         )
-        _info_file(home).write_text(info.model_dump_json(indent=2), encoding="utf-8")
+        save_stack_info(info, home)
         return info
 
 
+def _ensure_deployments_and_worker(home: Path, api_url: str, steps: _Steps) -> None:
+    from cicd.setup import ensure_setup  # noqa: PLC0415 - loads the flows: only when asked
+    from cicd.worker import ensure_worker, worker_pid  # noqa: PLC0415
+
+    with steps.step("deployments", "work pool, limits, blocks, deployments of prefect.yaml"):
+        changes = ensure_setup(api_url)
+    changed = sum(c.action != "unchanged" for c in changes)
+    steps.info("deployments", f"{changed} created or updated, {len(changes) - changed} unchanged")
+    running = worker_pid(home)
+    with steps.step("worker", "process worker on pool elice-process"):
+        pid = ensure_worker(home, api_url)
+    if running == pid:
+        steps.info("worker", f"running (pid {pid})")
+
+
 def stop_stack(root: Path | None = None) -> list[str]:
-    """Stop the processes the stack started (not an external engine); returns their names."""
+    """Stop every part the stack started (never an external engine), dependents first.
+
+    Parts other than `PARTS` (started with `spawn_part`, e.g. a worker) stop first.
+    Returns the names of the parts that were running.
+    """
+    from cicd.worker import stop_worker  # noqa: PLC0415
+
     home = root or stack_dir()
     with _locked(home):
-        return [name for name in ("prefect", "registry", "engine") if _stop(home, name)]
+        stopped = ["worker"] if stop_worker(home) else []  # with the runs it started
+        others = sorted(p.stem for p in (home / "pids").glob("*.pid") if p.stem not in PARTS)
+        return stopped + [name for name in (*others, *PARTS) if stop_part(home, name)]
 
 
 def stack_status(root: Path | None = None) -> list[StackPart]:
-    """Each part of the stack: running, stopped, external, present or missing."""
+    """Each part of the stack: running, stopped, external, present or missing.
+
+    A part is running only when the process the stack started holds its address and
+    answers there: something else answering on a recorded port does not count.
+    """
     home = root or stack_dir()
     info = load_stack_info(home)
     parts: list[StackPart] = []
@@ -516,19 +908,21 @@ def stack_status(root: Path | None = None) -> list[StackPart]:
         )
     else:
         host = f"unix://{_engine_paths(home)[1]}"
-        alive = _running_pid(home, "engine") is not None and _engine_alive(host)
         parts.append(
-            StackPart(name="engine", state="running" if alive else "stopped", address=host)
+            StackPart(
+                name="engine", state="running" if _engine_up(home) else "stopped", address=host
+            )
         )
     registry = info.registry if info else ""
-    alive = bool(registry) and _running_pid(home, "registry") is not None
-    alive = alive and _registry_alive(int(registry.rsplit(":", 1)[1]))
+    port = _recorded_port(registry)
+    alive = port is not None and _registry_up(home, port)
     parts.append(
         StackPart(name="registry", state="running" if alive else "stopped", address=registry)
     )
     parts.append(_image_part(parts[0], BASE_IMAGE))
     url = info.prefect_api_url if info else None
-    alive = bool(url) and _running_pid(home, "prefect") is not None and _http_ok(f"{url}/health")
+    port = _recorded_port(url)
+    alive = port is not None and _prefect_up(home, port)
     parts.append(
         StackPart(name="prefect", state="running" if alive else "stopped", address=url or "")
     )
@@ -538,7 +932,10 @@ def stack_status(root: Path | None = None) -> list[StackPart]:
 def _image_part(engine: StackPart, name: str) -> StackPart:
     if engine.state == "stopped":
         return StackPart(name="base-image", state="missing", address=name)
-    client = docker.DockerClient(base_url=engine.address, timeout=30)
+    try:
+        client = engine_client(engine.address, timeout=30)
+    except ToolError:
+        return StackPart(name="base-image", state="missing", address=name)
     try:
         present = _image_present(client, name)
     finally:

@@ -4,12 +4,65 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.status import Status
 from rich.table import Table
 
-from cicd.stack import StackError, StackPart, ensure_stack, stack_status, stop_stack
+from cicd.stack import StackPart, StackStep, ensure_stack, stack_status, stop_stack
+from tasks.exceptions import StackError
 
 app = typer.Typer(help="The local stack: container engine, OCI registry, base image, Prefect.")
 console = Console()
+
+
+class StepPrinter:
+    """Prints `ensure_stack`'s steps as they happen.
+
+    On a terminal: a spinner names the running step, and each finished step leaves one
+    line (`engine: starting podman API service ... ready in 1.2s`). Otherwise (a pipe, a
+    CI log): plain lines, one when a step starts and one when it ends, no spinner.
+    """
+
+    def __init__(self, out: Console) -> None:
+        self.out = out
+        self._running: list[StackStep] = []
+        self._status: Status | None = None
+
+    def __call__(self, step: StackStep) -> None:
+        if not self.out.is_terminal:
+            self._print(step.line())
+            return
+        if step.state == "start":
+            self._running.append(step)
+        elif step.state == "info":
+            self._print(step.line())
+        else:
+            begun = next((s for s in reversed(self._running) if s.part == step.part), None)
+            if begun is not None:
+                self._running.remove(begun)
+                self._print(f"{begun.line()} {step.outcome()}")
+            else:
+                self._print(step.line())
+        self._spin()
+
+    def _print(self, line: str) -> None:
+        self.out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def _spin(self) -> None:
+        if self._running:
+            text = self._running[-1].line()
+            if self._status is None:
+                self._status = self.out.status(text)
+                self._status.start()
+            else:
+                self._status.update(text)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the spinner, if one runs."""
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
 
 
 def _table(parts: list[StackPart]) -> Table:
@@ -26,18 +79,28 @@ def _table(parts: list[StackPart]) -> Table:
 
 @app.command()
 def up(
-    prefect: bool = typer.Option(False, "--prefect", help="Also start a Prefect server"),
+    prefect: bool = typer.Option(
+        True, "--prefect/--no-prefect", help="A Prefect server, its deployments and a worker."
+    ),
 ) -> None:
-    """Start what is not running; reuse what is."""
+    """Start what is not running; reuse what is. Says what it installs and starts, with timings.
+
+    With Prefect (the default): the server, the work pool, limits, blocks and every
+    deployment of prefect.yaml, and a supervised process worker (`cicd stack down` stops it).
+    """
+    printer = StepPrinter(console)
     try:
-        info = ensure_stack(prefect=prefect)
+        info = ensure_stack(prefect=prefect, worker=prefect, progress=printer)
     except StackError as exc:
-        console.print(f"[red]stack up failed:[/red] {exc}")
-        raise typer.Exit(1) from None
+        printer.close()
+        console.print("stack up failed:", style="red", highlight=False)
+        console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from exc
+    printer.close()
     console.print(_table(stack_status()))
-    console.print(f"export DOCKER_HOST={info.docker_host}")
+    console.print(f"export DOCKER_HOST={info.docker_host}", highlight=False, soft_wrap=True)
     if info.prefect_api_url:
-        console.print(f"export PREFECT_API_URL={info.prefect_api_url}")
+        console.print(f"export PREFECT_API_URL={info.prefect_api_url}", highlight=False)
 
 
 @app.command()

@@ -9,11 +9,12 @@ across all services, so the bounded thread pool picks it up in pipeline order.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any, cast
 
-from prefect import Task, flow
-from prefect.client.schemas.objects import State
+from prefect import Flow, Task, flow
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.states import Failed
@@ -22,29 +23,36 @@ from prefect.utilities.annotations import NotSet
 from pydantic import BaseModel, Field
 
 from blocks.catalog import ServiceSpec
-from blocks.config import load_config, repo_root, state_dir
-from tasks.delivery import (
-    DeliverySettings,
+from blocks.config import PipelineConfig, load_config, state_dir
+from blocks.environments import EnvironmentSpec
+from blocks.repository import load_repository
+from tasks.deploy import deploy_service
+from tasks.deploy.target import DeployTarget, resolve_deploy_target
+from tasks.dispatch import SERVICE_DEPLOYMENT, collect_service_runs, start_service_runs
+from tasks.exceptions import ConfigError
+from tasks.health import verify_deployment
+from tasks.images import (
+    build_image,
     delivery_settings,
-    deploy_service,
     image_version,
+    local_ca_bundle,
     publish_image,
-    record_release,
-    verify_deployment,
 )
-from tasks.models import StageResult
+from tasks.models import DeliverySettings, StageResult, Workspace
+from tasks.notify import Notice, flow_run_url, notify
 from tasks.python_build import lock_service, sync_service
 from tasks.quality import run_bandit, run_mypy, run_ruff
+from tasks.releases import record_release
 from tasks.reports import failed_services, publish_ci_artifacts, stage_outcome
 from tasks.security import generate_sbom, scan_dependencies
 from tasks.source import (
-    current_commit,
     detect_changes,
     fingerprint_service,
     get_tool_versions,
     lib_dependencies,
 )
 from tasks.testing import run_pytest
+from tasks.workspace import prepare_workspace, remove_workspace, use_checkout
 
 CHECKS: tuple[tuple[str, Task[..., StageResult]], ...] = (
     ("mypy", run_mypy),  # the slowest first: it starts before the quick ones queue up
@@ -58,7 +66,12 @@ StageFutures = dict[tuple[str, str], PrefectFuture[Any]]
 class CiOutcome(BaseModel):
     """What a CI run found."""
 
-    commit: str = Field(default="", description="The commit checked (HEAD of the checkout)")
+    commit: str = Field(default="", description="The exact commit checked")
+    ref: str = Field(default="", description="The ref it was checked for")
+    protected: bool = Field(default=False, description="The commit is on the protected branch")
+    shipped: bool = Field(
+        default=False, description="Delivered: deployed and recorded (protected branch only)"
+    )
     affected: list[str] = Field(default_factory=list, description="Services the run checked")
     results: list[StageResult] = Field(default_factory=list, description="Every stage's result")
     failed: dict[str, str] = Field(
@@ -76,15 +89,36 @@ def _delivery_stages(
     version: str,
     commit: str,
     settings: DeliverySettings,
-    environment: str,
-    config_source: str | None,
+    env: EnvironmentSpec,
+    deploy_target: DeployTarget,
     rebuild: bool,
+    workspace: Workspace,
+    ships: bool,
 ) -> StageFutures:
     """The seed's Docker build, security scan, push, dev deploy and health check.
 
     They run for a service only after all its checks passed; each waits for the one
-    before it, so a failure skips the rest of that service's delivery.
+    before it, so a failure skips the rest of that service's delivery. A commit that
+    does not ship gets its image built and scanned, and nothing after that.
     """
+    refresh: bool | type[NotSet] = True if rebuild else NotSet
+    if not ships:
+        built = build_image.submit(
+            spec,
+            docker_host=settings.docker_host,
+            repository=settings.registry.repository(spec.name),
+            version=version,
+            commit=commit,
+            base_image=settings.base_image,
+            extra_ca=local_ca_bundle(),
+            root=Path(repo),
+            wait_for=checks_passed,
+            return_state=False,
+        )
+        scanned = scan_dependencies.with_options(refresh_cache=refresh).submit(
+            spec, Path(repo), wait_for=checks_passed, return_state=False
+        )
+        return {(spec.name, "image"): built, (spec.name, "scan"): scanned}
     image = publish_image.submit(
         spec,
         repo,
@@ -95,7 +129,6 @@ def _delivery_stages(
         wait_for=checks_passed,
         return_state=False,
     )
-    refresh: bool | type[NotSet] = True if rebuild else NotSet
     scan = scan_dependencies.with_options(refresh_cache=refresh).submit(
         spec, Path(repo), wait_for=checks_passed, return_state=False
     )
@@ -103,10 +136,10 @@ def _delivery_stages(
         image, state_dir() / "sbom", return_state=False
     )
     deployed = deploy_service.submit(
-        environment, spec, image, config_source=config_source, wait_for=[scan], return_state=False
+        deploy_target, env, spec, image, wait_for=[scan], return_state=False
     )
     health = verify_deployment.submit(deployed, spec, return_state=False)
-    record = record_release.submit(deployed, scan, wait_for=[health], return_state=False)
+    record = record_release.submit(deployed, scan, workspace, wait_for=[health], return_state=False)
     return {
         (spec.name, "image"): image,
         (spec.name, "scan"): scan,
@@ -117,6 +150,50 @@ def _delivery_stages(
     }
 
 
+def _failed_outcome(state: State[Any]) -> Any:
+    """What a failed run left: the CiOutcome of a run whose stages failed, else its error.
+
+    (`state.result()` of a Failed state carrying a CiOutcome raises TypeError: it expects
+    an exception there.)
+    """
+    data = getattr(state.data, "result", state.data)
+    if isinstance(data, CiOutcome):
+        return data
+    try:
+        return state.result(raise_on_failure=False)
+    except TypeError:
+        return None
+
+
+def notify_ci_failed(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:
+    """on_failure / on_crashed: Slack hears of a failed CI run of the protected branch.
+
+    That covers pushes to main, the nightly rebuild and runs started from the UI with
+    their defaults; a pull request's failure is its author's to see in GitHub.
+    """
+    params = flow_run.parameters or {}
+    outcome = _failed_outcome(state)
+    if isinstance(outcome, CiOutcome):
+        if not outcome.protected:
+            return
+        what = f"{outcome.commit[:12]} ({outcome.ref})"
+    else:
+        ref = str(params.get("ref") or "")
+        if ref.startswith("refs/pull/"):
+            return
+        what = str(params.get("head") or "HEAD")
+    notify(
+        Notice(
+            kind="failed",
+            environment=str(params.get("environment") or "dev"),
+            release_id=what,
+            flow_run_url=flow_run_url(str(flow_run.id)),
+            message=f"{flow_run.name}: {state.message or flow.name + ' failed'}",
+        ),
+        pagerduty=None,
+    )
+
+
 def bounded_runner(max_workers: int | None = None) -> TaskRunner[PrefectFuture[Any]]:
     """A thread pool of `max_workers` (default: the cores); more tool processes is slower."""
     runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(
@@ -125,57 +202,22 @@ def bounded_runner(max_workers: int | None = None) -> TaskRunner[PrefectFuture[A
     return cast("TaskRunner[PrefectFuture[Any]]", runner)  # TaskRunner is invariant in F
 
 
-@flow(
-    name="ci",
-    task_runner=bounded_runner(),
-    log_prints=False,
-)
-def ci(
-    services: list[str] | None = None,
-    all_services: bool = False,
-    base: str = "HEAD~1",
-    head: str = "HEAD",
-    no_cache: bool = False,
-    deliver: bool = False,
-    environment: str = "dev",
-    config_source: str | None = None,
-    repo: str | None = None,
-) -> CiOutcome | State[Any]:
-    """Check the services a change affects (or those named, or all of them).
+def run_stages(
+    cfg: PipelineConfig,
+    env: EnvironmentSpec,
+    workspace: Workspace,
+    specs: list[ServiceSpec],
+    *,
+    no_cache: bool,
+    deliver: bool,
+) -> list[StageResult]:
+    """Every stage of `specs` in `workspace`, on this run's task runner; their results.
 
-    Args:
-        services: check these services; skips change detection.
-        all_services: check every service; skips change detection.
-        base: change detection compares `base..head`.
-        head: change detection compares `base..head`.
-        no_cache: rerun every stage even when the service's fingerprint is unchanged.
-        deliver: after the checks pass, run the delivery stages for `environment`.
-        environment: where delivery deploys.
-        config_source: "blocks", a configuration file, or None for the default.
-        repo: the monorepo checkout; default ELICE_REPO or this checkout.
-
-    Returns:
-        The CiOutcome; a Failed state listing "service: stage failed: summary" per
-        failed service when any failed (after the artifacts are published).
+    Submitted stage by stage across the services, so the bounded pool picks the work up
+    in pipeline order; a failing service fails only its own branch.
     """
-    logger = get_run_logger()
-    cfg = load_config(config_source)
-    cfg.environment(environment)
-    root = str(repo or repo_root())
-    commit = current_commit(root)
-    if services:
-        names = [s.name for s in cfg.catalog.select(services)]
-    elif all_services:
-        names = cfg.catalog.names()
-    else:
-        names = detect_changes(root, base, head, cfg.catalog)
-    if not names:
-        message = f"nothing to do: no service is affected by {base}..{head}"
-        logger.info(message)
-        return CiOutcome(commit=commit, nothing_to_do=True, message=message)
-    specs = cfg.catalog.select(names)
-    logger.info("CI of %s at %s: %s", root, commit[:12], ", ".join(names))
-
+    root, commit = workspace.path, workspace.commit
+    ships = deliver and workspace.protected
     refresh: bool | type[NotSet] = True if no_cache else NotSet
     checks = [(stage, check.with_options(refresh_cache=refresh)) for stage, check in CHECKS]
     pytest_task = run_pytest.with_options(refresh_cache=refresh)
@@ -210,8 +252,9 @@ def ci(
             wait_for=[stages[s.name, stage] for stage, _ in checks],
             return_state=False,
         )
-    if deliver:  # delivery: image, scan, push, deploy, health, ledger
+    if deliver:  # delivery: image, scan (+ push, SBOM, deploy, health, ledger when it ships)
         settings = delivery_settings()
+        deploy_target = resolve_deploy_target("docker")
         for s in specs:
             prints[s.name].wait()
             if not prints[s.name].state.is_completed():
@@ -224,13 +267,15 @@ def ci(
                     version=image_version(root, s, prints[s.name].result()),
                     commit=commit,
                     settings=settings,
-                    environment=environment,
-                    config_source=config_source,
+                    env=env,
+                    deploy_target=deploy_target,
                     rebuild=no_cache,
+                    workspace=workspace,
+                    ships=ships,
                 )
             )
 
-    results = []
+    results: list[StageResult] = []
     for s in specs:
         prints[s.name].wait()
         if not prints[s.name].state.is_completed():
@@ -238,12 +283,203 @@ def ci(
     for (service, stage), future in stages.items():
         future.wait()
         results.append(stage_outcome(service, stage, future.state))
+    return results
+
+
+def _fan_out(
+    names: list[str],
+    workspace: Workspace,
+    *,
+    no_cache: bool,
+    deliver: bool,
+    env: EnvironmentSpec,
+    config_source: str | None,
+) -> list[StageResult]:
+    """Each service's branch as its own run of the `ci-service` deployment, on any worker."""
+    parameters = {
+        "head": workspace.commit,
+        "ref": workspace.ref,
+        "no_cache": no_cache,
+        "deliver": deliver,
+        "environment": env.name,
+        "config_source": config_source,
+    }
+    runs = start_service_runs(SERVICE_DEPLOYMENT, names, parameters)
+    return collect_service_runs(runs)
+
+
+@flow(name="ci-service", task_runner=bounded_runner(), log_prints=False, persist_result=True)
+def ci_service(
+    service: str,
+    head: str,
+    ref: str | None = None,
+    no_cache: bool = False,
+    deliver: bool = False,
+    environment: str = "dev",
+    config_source: str | None = None,
+) -> list[StageResult]:
+    """One service's branch of a CI run, in a worktree of its own at exactly `head`.
+
+    The `ci` flow with `fan_out` starts one of these per affected service through the
+    `ci-service` deployment, so the work spreads over every worker of the pool.
+    """
+    source = load_repository()
+    cfg = load_config(config_source)
+    env = cfg.environment(environment)
+    specs = cfg.catalog.select([service])
+    workspace = prepare_workspace(source, head, ref)
+    try:
+        get_run_logger().info(
+            "%s at %s on %s, worker pid %d",
+            service,
+            workspace.commit[:12],
+            socket.gethostname(),
+            os.getppid(),
+        )
+        return run_stages(cfg, env, workspace, specs, no_cache=no_cache, deliver=deliver)
+    finally:
+        remove_workspace(workspace)
+
+
+@flow(
+    name="ci",
+    task_runner=bounded_runner(),
+    log_prints=False,
+    on_failure=[notify_ci_failed],
+    on_crashed=[notify_ci_failed],
+)
+def ci(
+    services: list[str] | None = None,
+    all_services: bool = False,
+    base: str = "HEAD~1",
+    head: str = "HEAD",
+    no_cache: bool = False,
+    deliver: bool = False,
+    environment: str = "dev",
+    config_source: str | None = None,
+    repo: str | None = None,
+    repository: str | None = None,
+    ref: str | None = None,
+    fan_out: bool = False,
+) -> CiOutcome | State[Any]:
+    """Check the services a change affects (or those named, or all of them).
+
+    The run checks exactly `head`: a worktree of its own, fetched from the configured
+    repository (the `elice-repository` block, else this checkout). Only a commit on the
+    protected branch ships (deploys, enters the ledger); any other is checked and its
+    images built, and nothing else.
+
+    Args:
+        services: check these services; skips change detection.
+        all_services: check every service; skips change detection.
+        base: change detection compares `base..head` ("HEAD~1": the commit before head).
+        head: the commit to check: a SHA, a branch, or "HEAD" (the protected branch's tip).
+        no_cache: rerun every stage even when the service's fingerprint is unchanged.
+        deliver: after the checks pass, run the delivery stages for `environment`.
+        environment: where delivery deploys.
+        config_source: "blocks", a configuration file, or None for the default.
+        repo: check this local checkout in place instead of a fresh worktree (development).
+        repository: the repository GitHub Actions names (owner/name); must be the configured one.
+        ref: the ref that triggered the run (refs/heads/main, refs/pull/7/merge), for the record.
+        fan_out: run each service's branch as its own `ci-service` deployment run, on
+            whichever workers of the pool are free (scale-out); else in this run.
+
+    Returns:
+        The CiOutcome; a Failed state listing "service: stage failed: summary" per
+        failed service when any failed (after the artifacts are published).
+    """
+    source = load_repository()
+    if repository and repository not in (source.name, source.url):
+        msg = f"repository {repository!r} is not the configured one ({source.label})"
+        raise ConfigError(msg)
+    cfg = load_config(config_source)
+    env = cfg.environment(environment)
+    if repo:
+        if fan_out:
+            msg = "fan_out needs the configured repository: service runs fetch their own commit"
+            raise ConfigError(msg)
+        workspace = use_checkout(source, repo, ref)
+        return _check(cfg, env, workspace, services, all_services, base, no_cache, deliver)
+    workspace = prepare_workspace(source, head, ref)
+    try:
+        return _check(
+            cfg,
+            env,
+            workspace,
+            services,
+            all_services,
+            base,
+            no_cache,
+            deliver,
+            fan_out=fan_out,
+            config_source=config_source,
+        )
+    finally:
+        remove_workspace(workspace)
+
+
+def _check(
+    cfg: PipelineConfig,
+    env: EnvironmentSpec,
+    workspace: Workspace,
+    services: list[str] | None,
+    all_services: bool,
+    base: str,
+    no_cache: bool,
+    deliver: bool,
+    *,
+    fan_out: bool = False,
+    config_source: str | None = None,
+) -> CiOutcome | State[Any]:
+    """The stages of one CI run in `workspace`."""
+    logger = get_run_logger()
+    root, commit = workspace.path, workspace.commit
+    if services:
+        names = [s.name for s in cfg.catalog.select(services)]
+    elif all_services:
+        names = cfg.catalog.names()
+    else:
+        names = detect_changes(root, base, commit, cfg.catalog)
+    ships = deliver and workspace.protected
+    if not names:
+        message = f"nothing to do: no service is affected by {base}..{commit[:12]}"
+        logger.info(message)
+        return CiOutcome(
+            commit=commit,
+            ref=workspace.ref,
+            protected=workspace.protected,
+            nothing_to_do=True,
+            message=message,
+        )
+    specs = cfg.catalog.select(names)
+    logger.info("CI of %s at %s: %s", workspace.repository, commit[:12], ", ".join(names))
+    if deliver and not ships:
+        logger.info(
+            "%s is not on %s: checks and images only; nothing is deployed or recorded",
+            commit[:12],
+            workspace.protected_branch,
+        )
+
+    if fan_out:
+        results = _fan_out(
+            names,
+            workspace,
+            no_cache=no_cache,
+            deliver=deliver,
+            env=env,
+            config_source=config_source,
+        )
+    else:
+        results = run_stages(cfg, env, workspace, specs, no_cache=no_cache, deliver=deliver)
     results.sort(key=lambda r: names.index(r.service))
 
     failed = failed_services(results)
     summary = publish_ci_artifacts(results)
     outcome = CiOutcome(
         commit=commit,
+        ref=workspace.ref,
+        protected=workspace.protected,
+        shipped=ships,
         affected=names,
         results=results,
         failed={name: f"{r.stage}: {r.summary}" for name, r in failed.items()},

@@ -1,30 +1,71 @@
-"""The health-check flow: is every service of an environment healthy and on its release?"""
+"""The health-check flow: is every service of an environment healthy and on its release?
+
+A check of nothing is not a pass: an environment whose ledger records no release fails
+with "nothing deployed". The seed's environment names (`dev`, `stg`, `prod`) are accepted
+for dev, staging and production (`EnvironmentCatalog.resolve`), so a deployment's
+parameters and `cicd health` get the same answer.
+"""
 
 from __future__ import annotations
 
-from prefect import flow, unmapped
-from prefect.artifacts import create_table_artifact
-from pydantic import BaseModel
+from typing import Any
+
+from prefect import Flow, flow, unmapped
+from prefect.client.schemas.objects import FlowRun, State
 
 from blocks.config import load_config
-from tasks.deploy import make_deployer
-from tasks.health import HealthResult, check_service_health
-from tasks.releases import Ledger
+from tasks.deploy.target import resolve_deploy_target
+from tasks.exceptions import EnvironmentUnhealthy
+from tasks.health import (
+    NOT_DEPLOYED,
+    HealthReport,
+    HealthResult,
+    probe_service_health,
+    publish_health_report,
+)
+from tasks.notify import Notice, flow_run_url, notify, paged_environment
+from tasks.releases import read_ledger
 
 
-class HealthReport(BaseModel):
-    """Every service's health in one environment."""
-
-    environment: str
-    results: list[HealthResult]
-
-    @property
-    def failed(self) -> list[HealthResult]:
-        """The unhealthy services."""
-        return [r for r in self.results if not r.ok]
+def _not_deployed(url: str, service: str) -> HealthResult:
+    return HealthResult(
+        service=service, url=url, ok=False, attempts=0, seconds=0.0, failures=[NOT_DEPLOYED]
+    )
 
 
-@flow(name="health-check", log_prints=False)
+def _notify_health(flow_run: FlowRun, state: State[Any], *, healthy: bool) -> None:
+    params = flow_run.parameters or {}
+    name, paged = paged_environment(
+        str(params.get("environment") or "dev"), params.get("config_source")
+    )
+    notice = Notice(
+        kind="healthy" if healthy else "failed",
+        environment=name,
+        flow_run_url=flow_run_url(str(flow_run.id)),
+        message=state.message or ("healthy" if healthy else "health check failed"),
+    )
+    # Healthy: only PagerDuty hears it (it resolves the incident); Slack would hear it
+    # every 15 minutes.
+    notify(notice, slack=None if healthy else "saved", paged=(name,) if paged else ())
+
+
+def notify_unhealthy(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:  # noqa: ARG001
+    """on_failure / on_crashed: Slack; PagerDuty triggers where the environment pages."""
+    _notify_health(flow_run, state, healthy=False)
+
+
+def resolve_incident(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:  # noqa: ARG001
+    """on_completion: a healthy environment resolves its PagerDuty incident, if any."""
+    _notify_health(flow_run, state, healthy=True)
+
+
+@flow(
+    name="health-check",
+    log_prints=False,
+    on_completion=[resolve_incident],
+    on_failure=[notify_unhealthy],
+    on_crashed=[notify_unhealthy],
+)
 def health_check(
     environment: str = "dev",
     services: list[str] | None = None,
@@ -32,22 +73,34 @@ def health_check(
     config_source: str | None = None,
     target: str = "docker",
 ) -> HealthReport:
-    """Check /health, /ready and the recorded digest of each deployed service."""
+    """Check /health, /ready and the recorded digest of each deployed service.
+
+    `environment` may be a seed alias (dev, stg, prod). Without `services`, every service
+    the ledger records is checked; a named service that the ledger does not record fails.
+
+    Raises:
+        ConfigError: an unknown environment, service or target.
+        EnvironmentUnhealthy: nothing deployed, or a service is unhealthy.
+    """
     cfg = load_config(config_source)
-    env = cfg.environment(environment)
+    env = cfg.environments.resolve(environment)
     specs = cfg.catalog.select(services) if services else cfg.catalog.services
-    deployer = make_deployer(target)
-    deployed = Ledger().current(env.name).services
-    specs = [s for s in specs if s.name in deployed]
-    states = check_service_health.map(
-        [deployer.address(env, s) for s in specs],
-        specs,
+    deployer = resolve_deploy_target(target).deployer()
+    deployed = read_ledger(env.name).services
+    checked = [s for s in specs if s.name in deployed]
+    if not checked:
+        which = f" of {', '.join(services)}" if services else ""
+        msg = f"{env.name}: nothing deployed: the ledger records no release{which}"
+        raise EnvironmentUnhealthy(msg, HealthReport(environment=env.name, results=[]))
+    states = probe_service_health.map(
+        [deployer.address(env, s) for s in checked],
+        checked,
         unmapped(deadline_s),
-        [deployed[s.name].image.digest for s in specs],
+        [deployed[s.name].image.digest for s in checked],
         return_state=True,
     )
-    results = [
-        state.result()
+    outcomes = {
+        spec.name: state.result()
         if state.is_completed()
         else HealthResult(
             service=spec.name,
@@ -57,19 +110,17 @@ def health_check(
             seconds=0.0,
             failures=[state.message or "health check failed"],
         )
-        for spec, state in zip(specs, states, strict=True)
+        for spec, state in zip(checked, states, strict=True)
+    }
+    results = [
+        outcomes.get(s.name) or _not_deployed(deployer.address(env, s), s.name)
+        for s in specs
+        if s.name in outcomes or services
     ]
     report = HealthReport(environment=env.name, results=results)
-    create_table_artifact(
-        key=f"health-{env.name}",
-        table=[
-            {"service": r.service, "ok": r.ok, "url": r.url, "failures": "; ".join(r.failures)}
-            for r in results
-        ],
-        description=f"Health of {env.name}",
-    )
+    publish_health_report(report)
     if report.failed:
         names = ", ".join(f"{r.service} ({'; '.join(r.failures)})" for r in report.failed)
         msg = f"{env.name}: unhealthy: {names}"
-        raise RuntimeError(msg)
+        raise EnvironmentUnhealthy(msg, report)
     return report

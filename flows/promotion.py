@@ -3,7 +3,8 @@
 The seed's Jenkinsfile.promotion: validate, verify the images, pre-deploy smoke tests,
 backup, staging automatically / production after approval, deploy, verify, performance
 baseline, automatic rollback. One promotion per environment at a time (global
-concurrency limit `promotion-<env>`); notices go out from the flow's state hooks.
+concurrency limit `deploy-<env>`, which CI's deploys hold too); notices go out from
+the flow's state hooks.
 """
 
 from __future__ import annotations
@@ -17,43 +18,44 @@ from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run as current_run
 from prefect.transactions import transaction
 
-from blocks.config import ConfigError, PipelineConfig, load_config
-from tasks.approval import PromotionPlan, approval_model, plan_markdown
+from blocks.config import PipelineConfig, load_config
+from blocks.environments import PAGED_BY_NAME
+from blocks.repository import load_repository
+from tasks.approval import approval_model, pause_expired, plan_markdown, read_decision
 from tasks.backup import backup_environment
-from tasks.exceptions import PipelineError
-from tasks.health import check_service_health
-from tasks.notify import Notice, flow_run_url, notify
-from tasks.performance import check_regression, measure_baseline
-from tasks.process import run_logger
-from tasks.promotion import (
-    PAGED_BY_NAME,
-    DeployTarget,
-    PromotionOutcome,
+from tasks.deploy import (
+    confirm_restored,
+    deploy_release,
+    read_live_services,
+    restore_service,
+    rollback_message,
+    service_addresses,
+)
+from tasks.deploy.target import DeployTarget, resolve_deploy_target
+from tasks.exceptions import (
+    ConfigError,
+    PipelineError,
     PromotionRefused,
     PromotionRejected,
     PromotionRolledBack,
-    baseline_from_record,
-    check_request,
-    confirm_restored,
-    deploy_release,
-    is_paged,
-    plan_promotion,
-    promotion_lock,
-    read_decision,
-    read_ledger,
-    read_live_services,
-    record_promotion,
-    rollback_message,
-    rollback_service,
-    security_verdict,
-    service_addresses,
-    smoke_test_release,
-    verify_release_image,
 )
-from tasks.releases import publish_ledger_artifact
+from tasks.health import check_service_health, smoke_test_release
+from tasks.locks import deploy_lock
+from tasks.models import PromotionOutcome, PromotionPlan
+from tasks.notify import Notice, flow_run_url, notify, paged_environment
+from tasks.performance import baseline_from_record, check_regression, measure_baseline
+from tasks.process import run_logger
+from tasks.registry import verify_release_image
+from tasks.releases import (
+    plan_promotion,
+    publish_ledger_artifact,
+    read_ledger,
+    record_promotion,
+    record_rollback,
+)
+from tasks.security import check_request, security_verdict
 
 APPROVAL_POLL_S = 2
-PAUSE_EXPIRED = "never resumed"  # the server's message when an approval gate times out
 SMOKE_DEADLINE_S = 20
 VERIFY_DEADLINE_S = 30
 
@@ -63,13 +65,10 @@ VERIFY_DEADLINE_S = 30
 
 def _paged(parameters: dict[str, Any]) -> tuple[str, ...]:
     """Environments whose failures page: production, and the gated environment of this run."""
-    try:
-        env = load_config(parameters.get("config_source")).environment(
-            str(parameters.get("environment"))
-        )
-    except (ConfigError, KeyError):
-        return PAGED_BY_NAME
-    return (*PAGED_BY_NAME, env.name) if is_paged(env) else PAGED_BY_NAME
+    name, paged = paged_environment(
+        str(parameters.get("environment")), parameters.get("config_source")
+    )
+    return (*PAGED_BY_NAME, name) if paged else PAGED_BY_NAME
 
 
 def _short(digest: str | None) -> str:
@@ -118,7 +117,7 @@ def notify_failed(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) ->
     elif isinstance(error, PromotionRolledBack):
         kind = "rolled_back"
     message = str(error) if isinstance(error, BaseException) else (state.message or "")
-    if PAUSE_EXPIRED in (state.message or ""):
+    if pause_expired(state.message):
         kind = "rejected"
         message = f"nobody approved in time ({state.message}); nothing deployed"
     plan = getattr(error, "plan", None)
@@ -167,9 +166,16 @@ def _config(config_source: str | None, environment: str) -> PipelineConfig:
     config = load_config(config_source)
     try:
         config.environment(environment)
-    except KeyError as exc:
-        raise PromotionRefused(str(exc.args[0])) from None
+    except ConfigError as exc:
+        raise PromotionRefused(str(exc)) from exc
     return config
+
+
+def _target(target: str, drill_env: dict[str, dict[str, str]] | None = None) -> DeployTarget:
+    try:
+        return resolve_deploy_target(target, drill_env)
+    except ConfigError as exc:
+        raise PromotionRefused(str(exc)) from exc
 
 
 @flow(
@@ -208,24 +214,30 @@ def promote(
     check_request(allow_unknown_scan, override_reason)
     config = _config(config_source, environment)
     env = config.environment(environment)
-    deploy_target = DeployTarget.model_validate({"target": target, "drill_env": drill_env or {}})
+    deploy_target = _target(target, drill_env)
+    protected = load_repository().protected_branch
     logger = run_logger()
 
     if dry_run:
-        plan = plan_promotion(config, environment, services, promoted_by)
+        plan = plan_promotion(config, environment, services, promoted_by, protected)
         logger.info("dry run: nothing changes\n%s", plan_markdown(plan))
         return PromotionOutcome(plan=plan, dry_run=True)
 
-    with promotion_lock(environment):
-        plan = plan_promotion(config, environment, services, promoted_by)
+    with deploy_lock(environment):
+        plan = plan_promotion(config, environment, services, promoted_by, protected)
         source_env = config.environment(plan.source_environment)
         specs = config.catalog.select(plan.services)
         verdict = security_verdict(plan, env, allow_unknown_scan, override_reason)
         for future in verify_release_image.map([c.image for c in plan.changes]):
             future.result()
+        source_addresses = service_addresses(deploy_target, source_env, specs)
         for spec in specs:
             smoke_test_release(
-                deploy_target, source_env, spec, plan.change(spec.name).image, SMOKE_DEADLINE_S
+                source_addresses[spec.name],
+                source_env.name,
+                spec,
+                plan.change(spec.name).image,
+                SMOKE_DEADLINE_S,
             )
         target_state = read_ledger(environment)
         live = read_live_services(deploy_target, env, specs)
@@ -255,7 +267,7 @@ def promote(
                     timeout=env.approval_timeout_s,
                     poll_interval=APPROVAL_POLL_S,
                 )
-            except FlowPauseTimeout:
+            except FlowPauseTimeout as exc:
                 # The server fails the run itself once the pause expires ("... never
                 # resumed"); this message reaches the logs and the notice.
                 msg = (
@@ -263,7 +275,7 @@ def promote(
                     f"{env.approval_timeout_s}s; nothing deployed"
                 )
                 logger.error(msg)  # noqa: TRY400 - the reason, not a traceback
-                raise PromotionRejected(msg, plan=plan) from None
+                raise PromotionRejected(msg, plan=plan) from exc
             approved_by = read_decision(plan, env.approvers, answer)
 
         addresses = service_addresses(deploy_target, env, specs)
@@ -341,19 +353,19 @@ def rollback(
     if services is not None:
         try:
             config.catalog.select(services)
-        except ValueError as exc:
-            raise PromotionRefused(str(exc)) from None
-    deploy_target = DeployTarget.model_validate({"target": target})
-    with promotion_lock(environment):
+        except ConfigError as exc:
+            raise PromotionRefused(str(exc)) from exc
+    deploy_target = _target(target)
+    with deploy_lock(environment):
         state = read_ledger(environment)
         names = services or [n for n in config.catalog.names() if n in state.previous]
         if not names:
             msg = f"the ledger of {environment} keeps no previous release to return to"
             raise PromotionRefused(msg)
-        restored = {
-            name: rollback_service(deploy_target, env, config.service(name), state)
-            for name in names
-        }
+        restored: dict[str, str | None] = {}
+        for name in names:
+            restored[name] = restore_service(deploy_target, env, config.service(name), state)
+            record_rollback(environment, name)
     run_logger().info("%s rolled back by %s: %s", environment, requested_by, restored)
     publish_ledger_artifact(environment)
     return restored

@@ -6,110 +6,40 @@ the plan's release id as a pattern, and a JSON-schema condition makes `reason` r
 when rejecting. The server validates a resume against that schema (from the UI, the
 CLI or the API alike) and refuses anything else; the run stays paused. Nothing an
 approver must type gets initial data: initial data would make the field optional.
+
+Answering goes through the same module: `read_gate` reads what a paused run waits for,
+`submit_answer` resumes it and reads the server's verdict, `read_decision` is the flow's
+own second check of the answer it was given.
 """
 
 from __future__ import annotations
 
-import hashlib
+import time
 from typing import Any, Literal
+from uuid import UUID
 
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.responses import SetStateStatus
+from prefect.exceptions import ObjectNotFound
 from prefect.input import RunInput
+from prefect.input.actions import read_flow_run_input
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from tasks.models import ImageRef
+from tasks.exceptions import ApprovalRefused, GateError, PromotionRefused, PromotionRejected
+from tasks.models import PromotionPlan
+from tasks.process import run_logger
 
 Decision = Literal["approve", "reject"]
+FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
+# What the Prefect server says when it fails a run whose pause expired.
+PAUSE_EXPIRED = "never resumed"
 
 # Reject needs a reason: required, and with at least one non-blank character.
 _REASON_WHEN_REJECTING: dict[str, Any] = {
     "if": {"properties": {"decision": {"const": "reject"}}, "required": ["decision"]},
     "then": {"required": ["reason"], "properties": {"reason": {"pattern": r"\S"}}},
 }
-
-
-class PlannedChange(BaseModel):
-    """One service of a promotion: what runs in the target now, and what replaces it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    service: str
-    current_digest: str | None = Field(description="Digest live in the target now, or None")
-    current_commit: str = Field(default="", description="Commit of the current release")
-    image: ImageRef = Field(description="The verified image from the source environment")
-    scan: str | None = Field(default=None, description="Security scan verdict of the release")
-
-    @property
-    def new_digest(self) -> str:
-        """The digest the promotion deploys."""
-        return self.image.digest
-
-    @property
-    def unchanged(self) -> bool:
-        """True when the target already runs this digest."""
-        return self.current_digest == self.image.digest
-
-    @property
-    def commits(self) -> str:
-        """`old..new` short commits, or the new commit alone when nothing ran before."""
-        new = self.image.commit[:12] or "(unknown)"
-        if self.current_commit and self.current_commit != self.image.commit:
-            return f"{self.current_commit[:12]}..{new}"
-        return new
-
-
-class PromotionPlan(BaseModel):
-    """What a promotion will deploy where, and who asked for it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    environment: str = Field(description="The target environment")
-    source_environment: str = Field(description="Where the releases were verified")
-    release_id: str = Field(description="Short hash over the sorted service:digest pairs")
-    changes: list[PlannedChange] = Field(description="One entry per promoted service")
-    promoted_by: str = Field(description="Who started the promotion")
-
-    @property
-    def services(self) -> list[str]:
-        """The promoted services, in plan order."""
-        return [c.service for c in self.changes]
-
-    def change(self, service: str) -> PlannedChange:
-        """The planned change of `service`.
-
-        Raises:
-            KeyError: `service` is not part of the plan.
-        """
-        for change in self.changes:
-            if change.service == service:
-                return change
-        msg = f"{service!r} is not part of promotion {self.release_id}"
-        raise KeyError(msg)
-
-
-def release_id(digests: dict[str, str]) -> str:
-    """A short, order-independent id of a set of service -> digest pairs.
-
-    Raises:
-        ValueError: no services.
-    """
-    if not digests:
-        msg = "a release needs at least one service"
-        raise ValueError(msg)
-    text = "\n".join(f"{service}:{digest}" for service, digest in sorted(digests.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def make_plan(
-    environment: str, source_environment: str, changes: list[PlannedChange], promoted_by: str
-) -> PromotionPlan:
-    """A plan whose release id is computed from its changes."""
-    return PromotionPlan(
-        environment=environment,
-        source_environment=source_environment,
-        release_id=release_id({c.service: c.new_digest for c in changes}),
-        changes=changes,
-        promoted_by=promoted_by,
-    )
 
 
 def _code(value: str) -> str:
@@ -153,7 +83,7 @@ def eligible_approvers(approvers: list[str] | tuple[str, ...], promoted_by: str)
     """The allowlisted approvers who may approve a promotion by `promoted_by`.
 
     Raises:
-        ValueError: nobody is left (empty allowlist, or the promoter is the only one).
+        PromotionRefused: nobody is left (empty allowlist, or the promoter is the only one).
     """
     eligible = [a for a in dict.fromkeys(approvers) if a != promoted_by]
     if not eligible:
@@ -161,7 +91,7 @@ def eligible_approvers(approvers: list[str] | tuple[str, ...], promoted_by: str)
             f"nobody may approve a promotion by {promoted_by!r}: approvers are "
             f"{list(approvers)} and nobody approves their own promotion"
         )
-        raise ValueError(msg)
+        raise PromotionRefused(msg)
     return eligible
 
 
@@ -172,7 +102,7 @@ def approval_model(plan: PromotionPlan, approvers: list[str] | tuple[str, ...]) 
     the plan's), `decision` (approve or reject), `reason` (required when rejecting).
 
     Raises:
-        ValueError: nobody may approve (see `eligible_approvers`).
+        PromotionRefused: nobody may approve (see `eligible_approvers`).
     """
     eligible = eligible_approvers(approvers, plan.promoted_by)
     approver_type: Any = Literal[tuple(eligible)]  # an enum of exactly these names
@@ -214,3 +144,124 @@ def release_id_from_schema(schema: dict[str, Any]) -> str | None:
     if isinstance(pattern, str) and pattern.startswith("^") and pattern.endswith("$"):
         return pattern[1:-1]
     return None
+
+
+def read_decision(plan: PromotionPlan, approvers: tuple[str, ...], answer: Any) -> str:
+    """The approver of an approved plan; the server has validated the form already.
+
+    Checked again here because the form is only as strict as its JSON schema.
+
+    Raises:
+        PromotionRejected: rejected (with the approver's reason).
+        PromotionRefused: an answer that should never have passed the form.
+    """
+    approver = str(getattr(answer, "approver", ""))
+    decision = str(getattr(answer, "decision", ""))
+    reason = str(getattr(answer, "reason", "") or "").strip()
+    if approver not in eligible_approvers(approvers, plan.promoted_by):
+        msg = f"{approver!r} may not approve a promotion by {plan.promoted_by!r}; nothing deployed"
+        raise PromotionRefused(msg)
+    if getattr(answer, "release_id", None) != plan.release_id:
+        msg = f"the answer is for another release than {plan.release_id}; nothing deployed"
+        raise PromotionRefused(msg)
+    if decision == "reject":
+        if not reason:
+            msg = (
+                f"{approver} rejected release {plan.release_id} without a reason; nothing deployed"
+            )
+            raise PromotionRejected(msg, plan=plan)
+        msg = f"{approver} rejected release {plan.release_id}: {reason}; nothing deployed"
+        raise PromotionRejected(msg, plan=plan)
+    if decision != "approve":
+        msg = f"unknown decision {decision!r}; nothing deployed"
+        raise PromotionRefused(msg)
+    run_logger().info("release %s approved by %s", plan.release_id, approver)
+    return approver
+
+
+# --- answering a paused promotion through the Prefect API ---------------------------
+
+
+class Gate(BaseModel):
+    """A paused promotion waiting for its approval form."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: UUID
+    run_name: str
+    environment: str
+    release_id: str | None
+    description: str
+    schema_: dict[str, Any]
+
+
+def read_gate(run_id: UUID) -> Gate:
+    """The approval form a paused promotion waits on.
+
+    Raises:
+        GateError: no such run, not paused, or paused without an approval form (yet).
+    """
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(run_id)
+        except ObjectNotFound as exc:
+            msg = f"no flow run {run_id}"
+            raise GateError(msg) from exc
+    state = run.state
+    if state is None or not state.is_paused():
+        what = state.type.value if state else "without a state"
+        msg = f"run {run_id} ({run.name}) is {what}, not waiting for an approval"
+        raise GateError(msg)
+    keyset = state.state_details.run_input_keyset
+    if not keyset:
+        msg = f"run {run_id} is paused without an approval form"
+        raise GateError(msg)
+    schema = read_flow_run_input(keyset["schema"], flow_run_id=run_id)
+    if not isinstance(schema, dict):
+        msg = f"run {run_id} is still pausing (no approval form yet); try again in a few seconds"
+        raise GateError(msg)
+    description = read_flow_run_input(keyset["description"], flow_run_id=run_id)
+    return Gate(
+        run_id=run_id,
+        run_name=run.name,
+        environment=str((run.parameters or {}).get("environment", "")),
+        release_id=release_id_from_schema(schema),
+        description=str(description or ""),
+        schema_=schema,
+    )
+
+
+def submit_answer(run_id: UUID, run_input: dict[str, str]) -> None:
+    """Resume the paused run with `run_input` and read the server's answer.
+
+    Raises:
+        ApprovalRefused: the server refused the input (the run stays paused).
+        GateError: the run is no longer paused.
+    """
+    with get_client(sync_client=True) as client:
+        answer = client.resume_flow_run(run_id, run_input=run_input)
+    if answer.status == SetStateStatus.ACCEPT:
+        return
+    reason = getattr(answer.details, "reason", None) or "no reason given"
+    if answer.status == SetStateStatus.REJECT and not (answer.state and answer.state.is_failed()):
+        raise ApprovalRefused(reason)
+    msg = f"run {run_id} cannot be resumed: {reason}"
+    raise GateError(msg)
+
+
+def wait_for_final(run_id: UUID, timeout_s: float = 600, poll_s: float = 1) -> Any:
+    """Poll until the run reaches a final state; returns that state (None on timeout)."""
+    end = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(run_id).state
+            if state is not None and state.type in FINAL:
+                return state
+            if time.monotonic() >= end:
+                return None
+            time.sleep(poll_s)
+
+
+def pause_expired(message: str | None) -> bool:
+    """True when a run's state message says its approval gate expired unanswered."""
+    return PAUSE_EXPIRED in (message or "")

@@ -18,16 +18,13 @@ from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from blocks.storage import backup_filesystem
-from tasks.exceptions import PipelineError
+from tasks.exceptions import BackupError
 from tasks.models import DeployedService, ImageRef, utcnow
 from tasks.process import run_logger
-from tasks.releases import EnvironmentState, ObjectStore, check_environment_name, open_store
+from tasks.releases import EnvironmentState, check_environment_name
+from tasks.stores import ObjectStore, open_store
 
 BACKUP_ID = re.compile(r"^\d{8}T\d{9}Z-[0-9a-f]{8}$")
-
-
-class BackupError(PipelineError):
-    """A backup cannot be written, found or read."""
 
 
 class Backup(BaseModel):
@@ -142,7 +139,7 @@ def load_backup(env: str, backup_id: str, *, fs: WritableFileSystem | None = Non
         backup = Backup.model_validate_json(data)
     except ValidationError as exc:
         msg = f"backup {env}/{backup_id} is corrupt: {exc.error_count()} validation errors"
-        raise BackupError(msg) from None
+        raise BackupError(msg) from exc
     if backup.environment != env or backup.backup_id != backup_id:
         msg = f"backup {env}/{backup_id} holds {backup.environment}/{backup.backup_id}"
         raise BackupError(msg)

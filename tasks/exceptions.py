@@ -1,23 +1,63 @@
-"""Errors of the pipeline's tasks.
+"""Every error the pipeline raises on purpose, in one hierarchy.
 
 PipelineError
-├── ToolError            a tool or daemon could not run (network, engine down): retryable
-├── StageFailed          a tool ran and said no (lint error, failing test): never retried
-├── ImageError           build, push or digest verification failed
-├── DeployError          a deploy did not become healthy; the previous release still serves
-├── HealthCheckFailed    a health check failed; names the endpoint and what it answered
-└── PromotionError       a promotion was refused, rejected or rolled back
+├── ConfigError              configuration invalid, or names something unknown
+├── SourceError              the repository, or a ref in it, cannot be read
+├── ToolError                a tool or daemon could not run (network, engine down): retryable
+│   └── StackError           a part of the local stack could not be installed or started
+├── StageFailed              a check ran and said no (lint error, failing test): never retried
+│   └── CheckFailed          ...with the tool's output attached
+├── ImageError               build, push or digest verification failed
+│   └── RegistryError        a registry (OCI or ECR) refused, or does not hold, an image
+├── DeployError              a deploy did not become healthy; the previous release still serves
+│   ├── ManifestError        the Kubernetes manifests do not render or validate
+│   ├── KubernetesApiError   the Kubernetes API refused a call (HTTP status kept)
+│   └── RolloutFailed        a rollout failed or missed its deadline (before any restore)
+├── HealthCheckFailed        a health check failed; names the endpoint and what it answered
+│   └── EnvironmentUnhealthy  nothing deployed, or services unhealthy; carries the report
+├── LedgerError              the release ledger cannot be read or written
+│   └── LedgerConflict       another writer created the same revision first
+├── BackupError              an environment backup cannot be written or read
+├── NoticeUndeliverable      Slack or PagerDuty refused a notice
+├── PromotionError           a promotion did not complete
+│   ├── PromotionRefused     refused before anything changed (unknown, unverified, unsafe)
+│   ├── PromotionRejected    an approver said no, or nobody answered in time
+│   ├── PromotionRolledBack  deployed, failed verification, every service put back
+│   └── PerformanceRegression  the new release is slower or fails more than the previous one
+└── ApprovalError            answering a paused promotion did not work
+    ├── GateError            the run cannot be answered (unknown, not paused, no form)
+    └── ApprovalRefused      the Prefect server refused the answer; the run stays paused
+
+None derives from ValueError or KeyError, so nobody catches one by accident. Errors
+that carry data rebuild themselves in `__reduce__`: Prefect pickles a failed run's
+exception as its result.
+
+This module imports nothing of the project: every layer (blocks included) raises from it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class PipelineError(Exception):
     """Base of every error the pipeline raises on purpose."""
 
 
+class ConfigError(PipelineError):
+    """The configuration is invalid; the message names the source, the field and the problem."""
+
+
+class SourceError(PipelineError):
+    """The repository cannot be read, or a ref is not a commit in it."""
+
+
 class ToolError(PipelineError):
     """A tool or daemon could not run at all; worth a retry."""
+
+
+class StackError(ToolError):
+    """A part of the local stack could not be installed or started."""
 
 
 class StageFailed(PipelineError):
@@ -30,18 +70,175 @@ class StageFailed(PipelineError):
         self.excerpt = excerpt
         super().__init__(f"{service}: {stage} failed: {summary}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.service, self.stage, self.summary, self.excerpt))
+
+
+class CheckFailed(StageFailed):
+    """A stage failed, with its run time and details for the report."""
+
+    def __init__(
+        self,
+        service: str,
+        stage: str,
+        summary: str,
+        excerpt: str = "",
+        seconds: float = 0.0,
+        details: dict[str, str | int | float | bool | None] | None = None,
+    ) -> None:
+        super().__init__(service, stage, summary, excerpt)
+        self.seconds = seconds
+        self.details: dict[str, str | int | float | bool | None] = dict(details or {})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        args = (self.service, self.stage, self.summary, self.excerpt, self.seconds, self.details)
+        return (type(self), args)
+
 
 class ImageError(PipelineError):
     """An image could not be built, pushed or verified."""
+
+
+class RegistryError(ImageError):
+    """A registry refused an operation, or does not hold the image it should."""
 
 
 class DeployError(PipelineError):
     """A deploy failed; the previous release keeps serving."""
 
 
+class ManifestError(DeployError):
+    """The manifests do not render, or do not validate against the Kubernetes schemas."""
+
+
+class KubernetesApiError(DeployError):
+    """The Kubernetes API refused a call; `status` is its HTTP status (None: no answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.status))
+
+
+class RolloutFailed(DeployError):
+    """A rollout failed or missed its deadline; the deployer restores the previous release."""
+
+
 class HealthCheckFailed(PipelineError):
     """A service answered its health check wrongly or not at all."""
 
 
+class EnvironmentUnhealthy(HealthCheckFailed):
+    """An environment's health check failed; `report` is its `tasks.health.HealthReport`."""
+
+    def __init__(self, message: str, report: Any = None) -> None:
+        self.report = report
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.report))
+
+
+class LedgerError(PipelineError):
+    """The ledger cannot be read or written."""
+
+
+class LedgerConflict(LedgerError):
+    """Another writer created the same ledger revision first."""
+
+
+class BackupError(PipelineError):
+    """A backup cannot be written or read."""
+
+
+class NoticeUndeliverable(PipelineError):
+    """A notice could not be delivered; `transient` says whether a retry may help."""
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        self.transient = transient
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_undeliverable, (str(self), self.transient))
+
+
 class PromotionError(PipelineError):
     """A promotion did not complete."""
+
+
+class PromotionRefused(PromotionError):
+    """The promotion was refused before anything changed."""
+
+
+class PromotionRejected(PromotionError):
+    """An approver rejected the promotion, or nobody approved it in time; nothing deployed.
+
+    `plan` is the promotion plan (a `tasks.models.PromotionPlan`) when one was made.
+    """
+
+    def __init__(self, message: str, *, plan: Any = None) -> None:
+        self.plan = plan
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_rejected, (str(self), self.plan))
+
+
+class PromotionRolledBack(PromotionError):
+    """The release was deployed, failed verification, and every service was put back."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        failed: str,
+        restored: dict[str, str | None],
+        plan: Any = None,
+    ) -> None:
+        self.failed = failed
+        self.restored = restored
+        self.plan = plan
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_rolled_back, (str(self), self.failed, self.restored, self.plan))
+
+
+class PerformanceRegression(PromotionError):
+    """The new release is slower or fails more than the previous one allowed."""
+
+    def __init__(self, service: str, problems: list[str]) -> None:
+        self.service = service
+        self.problems = problems
+        super().__init__(f"{service}: performance regression: {'; '.join(problems)}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.service, self.problems))
+
+
+class ApprovalError(PipelineError):
+    """Answering a paused promotion did not work."""
+
+
+class GateError(ApprovalError):
+    """The run cannot be answered: unknown, not paused, or not waiting for an approval."""
+
+
+class ApprovalRefused(ApprovalError):
+    """The Prefect server refused the answer; the run stays paused."""
+
+
+def _rebuild_undeliverable(message: str, transient: bool) -> NoticeUndeliverable:
+    return NoticeUndeliverable(message, transient=transient)
+
+
+def _rebuild_rejected(message: str, plan: Any) -> PromotionRejected:
+    return PromotionRejected(message, plan=plan)
+
+
+def _rebuild_rolled_back(
+    message: str, failed: str, restored: dict[str, str | None], plan: Any
+) -> PromotionRolledBack:
+    return PromotionRolledBack(message, failed=failed, restored=restored, plan=plan)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import httpx
 from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.catalog import ServiceSpec
-from tasks.exceptions import HealthCheckFailed
+from tasks.exceptions import HealthCheckFailed, PromotionRefused
+from tasks.models import DeployOutcome, ImageRef
 from tasks.process import run_logger
 
 VERSION_PATH = "/version"
@@ -150,3 +154,106 @@ def check_service_health(
         result.seconds,
     )
     return result
+
+
+@task(name="verify-deployment", task_run_name="verify-{service.name}")
+def verify_deployment(
+    outcome: DeployOutcome, service: ServiceSpec, deadline_s: float = 30.0
+) -> HealthResult:
+    """The deployed service answers /health and /ready and reports the deployed digest."""
+    deployed = outcome.deployed
+    return check_service_health(
+        deployed.address, service, deadline_s=deadline_s, expect_digest=deployed.image.digest
+    )
+
+
+@task(name="smoke-test-release", cache_policy=NO_CACHE)
+def smoke_test_release(
+    address: str,
+    source_env: str,
+    service: ServiceSpec,
+    image: ImageRef,
+    deadline_s: float = 20,
+) -> None:
+    """The release serves healthily at `address` in the source environment, running this digest.
+
+    Raises:
+        PromotionRefused: it does not; nothing has changed in the target.
+    """
+    result = probe_health(address, service, deadline_s=deadline_s, expect_digest=image.digest)
+    if not result.ok:
+        msg = (
+            f"{service.name} {image.short} is not healthy in {source_env} "
+            f"({result.url}): {'; '.join(result.failures)}"
+        )
+        raise PromotionRefused(msg)
+    run_logger().info("%s %s is healthy in %s", service.name, image.short, source_env)
+
+
+# --- the health-check flow's report -------------------------------------------------
+
+
+NOT_DEPLOYED = "nothing deployed: no release recorded in the ledger"
+
+
+class HealthReport(BaseModel):
+    """Every checked service's health in one environment."""
+
+    environment: str
+    results: list[HealthResult]
+
+    @property
+    def failed(self) -> list[HealthResult]:
+        """The unhealthy services."""
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def ok(self) -> bool:
+        """Something was checked, and all of it is healthy."""
+        return bool(self.results) and not self.failed
+
+    def as_json(self) -> dict[str, Any]:
+        """`cicd health --json`: the environment, ok, and one object per service."""
+        fields = {"service", "url", "ok", "attempts", "seconds", "failures"}
+        return {
+            "environment": self.environment,
+            "ok": self.ok,
+            "services": [r.model_dump(mode="json", include=fields) for r in self.results],
+        }
+
+
+@task(name="probe-service-health", task_run_name="health-{service.name}", cache_policy=NO_CACHE)
+def probe_service_health(
+    address: str, service: ServiceSpec, deadline_s: float, expect_digest: str
+) -> HealthResult:
+    """Probe one service until healthy or `deadline_s`; the result says which, with the
+    attempts, the seconds and each failing endpoint (an unhealthy answer does not raise:
+    the flow decides, and reports every service)."""
+    result = probe_health(address, service, deadline_s=deadline_s, expect_digest=expect_digest)
+    if result.ok:
+        run_logger().info("%s: %s", service.name, result.summary_line())
+    else:
+        run_logger().error("%s: %s", service.name, result.summary_line())
+    return result
+
+
+@task(name="publish-health-report", cache_policy=NO_CACHE)
+def publish_health_report(report: HealthReport) -> None:
+    """The report as a table artifact `health-<env>` in the Prefect UI."""
+    env_name = report.environment
+    results = report.results
+    create_table_artifact(
+        key=f"health-{env_name}",
+        table=[
+            {
+                "service": r.service,
+                "ok": r.ok,
+                "url": r.url,
+                "attempts": r.attempts,
+                "seconds": r.seconds,
+                "failures": "; ".join(r.failures),
+            }
+            for r in results
+        ],
+        description=f"Health of {env_name}",
+    )

@@ -1,4 +1,8 @@
-"""Container images through the Docker Engine API (Docker, or Podman's compatible service)."""
+"""Container images through the Docker Engine API (Docker, or Podman's compatible service).
+
+Build, push (through the engine, the digest read back from the registry) and the
+`publish-image` step of CI that finds an image by its version or builds and pushes it.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,26 @@ import io
 import re
 import tarfile
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import docker
-from docker.errors import APIError, DockerException
 from docker.utils.build import exclude_paths
 from prefect import task
+from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict
 
 from blocks.catalog import ServiceSpec
 from blocks.config import repo_root
-from tasks.exceptions import ImageError, ToolError
-from tasks.models import utcnow
+from blocks.registry import EcrRegistry, OciRegistry
+from blocks.stack import load_stack_info
+from tasks.ecr import ensure_ecr_repository, mirror_to_ecr, put_lifecycle_policy
+from tasks.engine import docker_error, engine_client, resolve_docker_host
+from tasks.exceptions import ConfigError, ImageError, ToolError
+from tasks.models import DeliverySettings, ImageRef, PublishedImage, utcnow
 from tasks.process import retry_on_tool_error, run_logger
+from tasks.registry import find_published_image, manifest_digest
 
 DOCKERFILE = "services/Dockerfile"
 EXTRA_CA_PATH = ".build/extra-ca.crt"
@@ -49,20 +58,13 @@ class BuiltImage(BaseModel):
         """repository:tag for every tag."""
         return [f"{self.repository}:{tag}" for tag in self.tags]
 
+    def summary_line(self) -> str:
+        """One line for the CI report: built, and (by design) not pushed."""
+        return f"built {self.tags[0]} ({self.image_id[:19]}), not pushed: this commit does not ship"
 
-def engine_client(docker_host: str, timeout: int = 600) -> docker.DockerClient:
-    """A docker-py client for the engine at `docker_host`.
-
-    Raises:
-        ToolError: the engine does not answer.
-    """
-    try:
-        client = docker.DockerClient(base_url=docker_host, timeout=timeout)
-        client.ping()
-    except DockerException as exc:
-        msg = f"Docker API engine at {docker_host} does not answer ({exc}); run `cicd stack up`"
-        raise ToolError(msg) from None
-    return client
+    def report_details(self) -> dict[str, str]:
+        """Columns for the CI report."""
+        return {"version": self.version, "image_id": self.image_id}
 
 
 def image_repository(registry: str, namespace: str, service: str) -> str:
@@ -234,12 +236,12 @@ def build_image(
         image_id = _stream_build(stream, service.name)
         for tag in tags[1:]:
             client.api.tag(image_id, repository, tag)
-    except APIError as exc:
-        msg = f"{service.name}: engine refused the build: {exc.explanation or exc}"
-        raise ImageError(msg) from None
-    except DockerException as exc:
+    except docker_error("APIError") as exc:
+        msg = f"{service.name}: engine refused the build: {getattr(exc, 'explanation', '') or exc}"
+        raise ImageError(msg) from exc
+    except docker_error("DockerException") as exc:
         msg = f"{service.name}: engine connection failed during build: {exc}"
-        raise ToolError(msg) from None
+        raise ToolError(msg) from exc
     finally:
         client.close()
     seconds = time.monotonic() - started
@@ -254,3 +256,137 @@ def build_image(
         labels=labels,
         seconds=seconds,
     )
+
+
+@task(
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_on_tool_error,
+)
+def push_image(
+    image: BuiltImage, *, docker_host: str, registry: OciRegistry | None = None
+) -> ImageRef:
+    """Push every tag of `image` through the engine; read the digest back from the registry.
+
+    Raises:
+        ToolError: engine or registry unreachable (retried).
+        ImageError: the registry refused the push, or tags disagree on the digest.
+    """
+    auth = None
+    if registry and registry.username and registry.password:
+        auth = {
+            "username": registry.username.get_secret_value(),
+            "password": registry.password.get_secret_value(),
+        }
+    client = engine_client(docker_host)
+    try:
+        for tag in image.tags:
+            for chunk in client.api.push(
+                image.repository, tag=tag, stream=True, decode=True, auth_config=auth
+            ):
+                if "error" in chunk:
+                    msg = f"{image.repository}:{tag}: push refused: {chunk['error']}"
+                    raise ImageError(msg)
+    except docker_error("DockerException") as exc:
+        msg = f"{image.repository}: push failed in the engine: {exc}"
+        raise ToolError(msg) from exc
+    finally:
+        client.close()
+    digests = {manifest_digest(image.repository, tag, registry) for tag in image.tags}
+    if len(digests) != 1:
+        msg = f"{image.repository}: tags {image.tags} point at different digests {digests}"
+        raise ImageError(msg)
+    digest = digests.pop()
+    run_logger().info("pushed %s@%s", image.repository, digest)
+    return ImageRef(
+        service=image.service,
+        repository=image.repository,
+        digest=digest,
+        tag=image.tags[0],
+        version=image.version,
+        commit=image.commit,
+    )
+
+
+# --- delivery: the image a service ships as ------------------------------------------
+
+REGISTRY_BLOCK = "elice-registry"
+ECR_BLOCK = "elice-ecr"
+
+
+def delivery_settings(docker_host: str | None = None) -> DeliverySettings:
+    """Where images are built and pushed, resolved once per CI run.
+
+    The engine: `docker_host`, else DOCKER_HOST, else the local stack's. The registry:
+    the saved `elice-registry` block, else the local stack's. The base image: the local
+    stack's (None: the Dockerfile's default). ECR: the saved `elice-ecr` block, if any.
+
+    Raises:
+        ConfigError: no registry is configured and no local stack runs.
+        ToolError: no engine is configured and no local stack runs.
+    """
+    engine = resolve_docker_host(docker_host)
+    stack = load_stack_info()
+    try:
+        registry = cast("OciRegistry", OciRegistry.load(REGISTRY_BLOCK))
+    except ValueError as exc:
+        if stack is None:
+            msg = f"no registry: save an OciRegistry block {REGISTRY_BLOCK!r} or `cicd stack up`"
+            raise ConfigError(msg) from exc
+        registry = OciRegistry(address=stack.registry, insecure=True)
+    try:
+        ecr: EcrRegistry | None = cast("EcrRegistry", EcrRegistry.load(ECR_BLOCK))
+    except ValueError:  # no ECR block saved: no mirror
+        ecr = None
+    return DeliverySettings(
+        docker_host=engine,
+        registry=registry,
+        base_image=stack.base_image if stack else None,
+        ecr=ecr,
+    )
+
+
+def image_version(repo: str | Path, service: ServiceSpec, fingerprint: str) -> str:
+    """The image version: the service's package version plus its source fingerprint.
+
+    Equal fingerprints give equal versions, so an unchanged service finds its image.
+    """
+    project = tomllib.loads((Path(repo) / service.path / "pyproject.toml").read_text("utf-8"))
+    version = str(project.get("project", {}).get("version", "0.0.0"))
+    return f"{version}-{fingerprint[:12]}"
+
+
+@task(name="publish-image", task_run_name="publish-image-{service.name}")
+def publish_image(
+    service: ServiceSpec,
+    repo: str,
+    version: str,
+    commit: str,
+    settings: DeliverySettings,
+    *,
+    rebuild: bool = False,
+) -> PublishedImage:
+    """The service's image in the registry: found by its version, else built and pushed.
+
+    With an ECR block configured, the image is mirrored into ECR by digest as well.
+    """
+    found = None if rebuild else find_published_image(service, version, commit, settings.registry)
+    if found is not None:
+        return PublishedImage(image=found, reused=True)
+    built = build_image(
+        service,
+        docker_host=settings.docker_host,
+        repository=settings.registry.repository(service.name),
+        version=version,
+        commit=commit,
+        base_image=settings.base_image,
+        extra_ca=local_ca_bundle(),
+        root=Path(repo),
+    )
+    image = push_image(built, docker_host=settings.docker_host, registry=settings.registry)
+    if settings.ecr is not None:
+        ensure_ecr_repository(settings.ecr, service.name)
+        put_lifecycle_policy(settings.ecr, service.name)
+        mirror_to_ecr(image, settings.ecr, settings.registry)
+    return PublishedImage(image=image, reused=False)

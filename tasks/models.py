@@ -1,11 +1,14 @@
-"""Records that pass between tasks: stage results, images, deployments."""
+"""Records that pass between tasks: stage results, images, deployments, promotion plans."""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from blocks.registry import EcrRegistry, OciRegistry
 
 StageStatus = Literal["passed", "failed", "skipped", "cached"]
 
@@ -29,6 +32,20 @@ class StageResult(BaseModel):
     details: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
 
 
+class Workspace(BaseModel):
+    """One run's worktree: where it is, which commit it holds, and whether that may ship."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str = Field(description="The worktree the run checks")
+    mirror: str = Field(description="The shared mirror the worktree belongs to")
+    repository: str = Field(description="The repository's name, else its URL")
+    commit: str = Field(description="The exact commit checked out (40 hex)")
+    ref: str = Field(description="The ref the commit was asked by, e.g. refs/heads/main")
+    protected: bool = Field(description="The commit is on the protected branch")
+    protected_branch: str = Field(description="The protected branch's name")
+
+
 class ImageRef(BaseModel):
     """An image in a registry, addressed by digest."""
 
@@ -50,6 +67,17 @@ class ImageRef(BaseModel):
     def short(self) -> str:
         """The first 12 hex digits of the digest."""
         return self.digest.removeprefix("sha256:")[:12]
+
+
+class DeliverySettings(BaseModel):
+    """Where images are built, pushed and deployed."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    docker_host: str = Field(description="Docker API engine that builds the images")
+    registry: OciRegistry = Field(description="The registry images are pushed to")
+    base_image: str | None = Field(default=None, description="BASE_IMAGE build argument")
+    ecr: EcrRegistry | None = Field(default=None, description="ECR mirror, when configured")
 
 
 class DeployedService(BaseModel):
@@ -96,3 +124,119 @@ class DeployOutcome(BaseModel):
     def report_details(self) -> dict[str, str]:
         """Columns for the CI report."""
         return {"address": self.deployed.address, "digest": self.deployed.image.digest}
+
+
+# --- promotion ---------------------------------------------------------------------
+
+
+class PlannedChange(BaseModel):
+    """One service of a promotion: what runs in the target now, and what replaces it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    service: str
+    current_digest: str | None = Field(description="Digest live in the target now, or None")
+    current_commit: str = Field(default="", description="Commit of the current release")
+    image: ImageRef = Field(description="The verified image from the source environment")
+    scan: str | None = Field(default=None, description="Security scan verdict of the release")
+    repository: str = Field(default="", description="The repository the release was built from")
+    ref: str = Field(default="", description="The protected branch's ref it shipped from")
+    commit: str = Field(default="", description="The commit CI checked when it shipped it")
+
+    @property
+    def new_digest(self) -> str:
+        """The digest the promotion deploys."""
+        return self.image.digest
+
+    @property
+    def unchanged(self) -> bool:
+        """True when the target already runs this digest."""
+        return self.current_digest == self.image.digest
+
+    @property
+    def commits(self) -> str:
+        """`old..new` short commits, or the new commit alone when nothing ran before."""
+        new = self.image.commit[:12] or "(unknown)"
+        if self.current_commit and self.current_commit != self.image.commit:
+            return f"{self.current_commit[:12]}..{new}"
+        return new
+
+
+class PromotionPlan(BaseModel):
+    """What a promotion will deploy where, and who asked for it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    environment: str = Field(description="The target environment")
+    source_environment: str = Field(description="Where the releases were verified")
+    release_id: str = Field(description="Short hash over the sorted service:digest pairs")
+    changes: list[PlannedChange] = Field(description="One entry per promoted service")
+    promoted_by: str = Field(description="Who started the promotion")
+
+    @property
+    def services(self) -> list[str]:
+        """The promoted services, in plan order."""
+        return [c.service for c in self.changes]
+
+    def change(self, service: str) -> PlannedChange:
+        """The planned change of `service`.
+
+        Raises:
+            KeyError: `service` is not part of the plan.
+        """
+        for change in self.changes:
+            if change.service == service:
+                return change
+        msg = f"{service!r} is not part of promotion {self.release_id}"
+        raise KeyError(msg)
+
+
+def release_id(digests: dict[str, str]) -> str:
+    """A short, order-independent id of a set of service -> digest pairs.
+
+    Raises:
+        ValueError: no services.
+    """
+    if not digests:
+        msg = "a release needs at least one service"
+        raise ValueError(msg)
+    text = "\n".join(f"{service}:{digest}" for service, digest in sorted(digests.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def make_plan(
+    environment: str, source_environment: str, changes: list[PlannedChange], promoted_by: str
+) -> PromotionPlan:
+    """A plan whose release id is computed from its changes."""
+    return PromotionPlan(
+        environment=environment,
+        source_environment=source_environment,
+        release_id=release_id({c.service: c.new_digest for c in changes}),
+        changes=changes,
+        promoted_by=promoted_by,
+    )
+
+
+class SecurityVerdict(BaseModel):
+    """What the scan gate decided for a promotion."""
+
+    model_config = ConfigDict(frozen=True)
+
+    scans: dict[str, str] = Field(description="service -> clean | vulnerable | unknown")
+    overridden: list[str] = Field(default_factory=list, description="Let through by override")
+    override_reason: str | None = None
+
+
+class PromotionOutcome(BaseModel):
+    """What a promotion did."""
+
+    model_config = ConfigDict(frozen=True)
+
+    plan: PromotionPlan
+    dry_run: bool = False
+    deployed: list[str] = Field(
+        default_factory=list, description="Services deployed (not those already running it)"
+    )
+    approved_by: str | None = None
+    ledger_revision: int | None = None
+    baselines: dict[str, dict[str, float]] = Field(default_factory=dict)

@@ -27,21 +27,24 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.web import WebClient
 from slack_sdk.webhook import WebhookClient
 
+from blocks.config import load_config
+from blocks.environments import PAGED_BY_NAME
 from blocks.notifications import (
     PagerDutyService,
     SlackChannel,
     load_pagerduty_service,
     load_slack_channel,
 )
-from tasks.exceptions import PipelineError
+from tasks.exceptions import ConfigError, NoticeUndeliverable
 from tasks.models import ImageRef
 from tasks.process import run_logger
 
-NoticeKind = Literal["approval_needed", "deployed", "rolled_back", "failed", "refused", "rejected"]
+NoticeKind = Literal[
+    "approval_needed", "deployed", "rolled_back", "failed", "refused", "rejected", "healthy"
+]
 DeliveryStatus = Literal["sent", "skipped", "failed"]
 PagerDutyAction = Literal["trigger", "resolve"]
 
-PAGED_ENVIRONMENTS = ("production",)
 MAX_RETRY_AFTER_S = 60
 TIMEOUT_S = 10
 
@@ -52,6 +55,7 @@ _TITLES: dict[str, tuple[str, str]] = {
     "failed": (":x:", "Release failed"),
     "refused": (":no_entry:", "Promotion refused"),
     "rejected": (":no_entry_sign:", "Promotion rejected"),
+    "healthy": (":green_heart:", "Healthy"),
 }
 _PD_SEVERITY = {"failed": "critical", "rolled_back": "error"}
 # Slack API errors that no retry can fix: the configuration is wrong.
@@ -74,14 +78,6 @@ _SLACK_PERMANENT = {
 # The SDK logs request URLs at DEBUG (a webhook URL is a secret): keep its logger quiet.
 _SDK_LOGGER = logging.getLogger("elice.notify.slack_sdk")
 _SDK_LOGGER.setLevel(logging.WARNING)
-
-
-class NoticeUndeliverable(PipelineError):
-    """A notice could not be delivered (the message is scrubbed of secrets)."""
-
-    def __init__(self, message: str, *, transient: bool) -> None:
-        self.transient = transient
-        super().__init__(message)
 
 
 class Notice(BaseModel):
@@ -279,11 +275,13 @@ def _post_slack(notice: Notice, channel: SlackChannel) -> None:
         data = getattr(exc.response, "data", None)
         error = data.get("error", "") if isinstance(data, dict) else ""
         transient = status == 429 or status >= 500 or error not in _SLACK_PERMANENT
+        # from None: the SDK's error repeats the request, webhook URL or token included.
         raise NoticeUndeliverable(
             f"slack chat.postMessage failed: HTTP {status} {error or 'no error code'}",
             transient=transient,
         ) from None
     except (SlackClientError, OSError, ValueError) as exc:
+        # from None: the cause may carry the webhook URL; the message is scrubbed later.
         raise NoticeUndeliverable(
             f"slack unreachable: {type(exc).__name__}: {exc}", transient=True
         ) from None
@@ -296,6 +294,7 @@ def _post_pagerduty(notice: Notice, service: PagerDutyService, action: PagerDuty
         with httpx.Client(timeout=TIMEOUT_S, transport=transport) as client:
             answer = client.post(service.events_url, json=body)
     except httpx.HTTPError as exc:
+        # from None: the cause holds the request, routing key included.
         raise NoticeUndeliverable(
             f"pagerduty unreachable: {type(exc).__name__}: {exc}", transient=True
         ) from None
@@ -323,6 +322,7 @@ def _deliver(
     except NoticeUndeliverable as exc:
         message = scrub(str(exc), secrets)
         if exc.transient and _retry_pending(task_name):
+            # from None: `exc` is the unscrubbed message; only the scrubbed one may travel.
             raise NoticeUndeliverable(message, transient=True) from None
         log.error("%s: notice not delivered, giving up: %s", what, message)  # noqa: TRY400
         return "failed"
@@ -380,16 +380,30 @@ def send_pagerduty(
 
 
 def pagerduty_action(
-    notice: Notice, paged: Collection[str] = PAGED_ENVIRONMENTS
+    notice: Notice, paged: Collection[str] = PAGED_BY_NAME
 ) -> PagerDutyAction | None:
-    """Trigger on failure or rollback, resolve on a good deploy, in paged environments only."""
+    """Trigger on failure or rollback, resolve on a good deploy or a healthy check, in paged
+    environments only."""
     if notice.environment not in paged:
         return None
     if notice.kind in ("failed", "rolled_back"):
         return "trigger"
-    if notice.kind == "deployed":
+    if notice.kind in ("deployed", "healthy"):
         return "resolve"
     return None
+
+
+def paged_environment(environment: str, config_source: str | None = None) -> tuple[str, bool]:
+    """The environment's own name (seed aliases resolved), and whether its failures page.
+
+    Production always pages; so does any environment behind an approval gate. An
+    environment the configuration does not know keeps its name and pages by name only.
+    """
+    try:
+        env = load_config(config_source).environments.resolve(environment)
+    except ConfigError:
+        return environment, environment in PAGED_BY_NAME
+    return env.name, env.paged
 
 
 def notify(
@@ -397,7 +411,7 @@ def notify(
     *,
     slack: SlackChannel | Literal["saved"] | None = "saved",
     pagerduty: PagerDutyService | Literal["saved"] | None = "saved",
-    paged: Collection[str] = PAGED_ENVIRONMENTS,
+    paged: Collection[str] = PAGED_BY_NAME,
 ) -> dict[str, DeliveryStatus]:
     """Send `notice` everywhere it belongs: Slack always, PagerDuty per `pagerduty_action`.
 

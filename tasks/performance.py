@@ -6,6 +6,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import httpx
 from prefect import task
@@ -13,10 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.catalog import ServiceSpec
 from blocks.config import PerformancePolicy
-from tasks.exceptions import PromotionError
+from tasks.exceptions import PerformanceRegression
 from tasks.health import VERSION_PATH, check_address
 from tasks.models import utcnow
 from tasks.process import run_logger
+
+if TYPE_CHECKING:
+    from tasks.releases import ReleaseRecord
 
 REQUEST_TIMEOUT_S = 10.0
 
@@ -34,15 +38,6 @@ class Baseline(BaseModel):
     p95_ms: float
     error_rate: float = Field(ge=0, le=1)
     measured_at: datetime = Field(default_factory=utcnow)
-
-
-class PerformanceRegression(PromotionError):
-    """A release is slower or fails more than the policy allows."""
-
-    def __init__(self, service: str, problems: list[str]) -> None:
-        self.service = service
-        self.problems = problems
-        super().__init__(f"{service}: performance regression: {'; '.join(problems)}")
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -152,3 +147,30 @@ def check_regression(
         run_logger().error(str(error))
         raise error
     run_logger().info("%s: no performance regression", service.name)
+
+
+# --- baselines as the ledger keeps them -----------------------------------------------
+
+
+def baseline_record(baseline: Baseline) -> dict[str, float]:
+    """A baseline as the ledger keeps it."""
+    return {
+        "p50_ms": baseline.p50_ms,
+        "p95_ms": baseline.p95_ms,
+        "error_rate": baseline.error_rate,
+        "requests": float(baseline.requests),
+    }
+
+
+def baseline_from_record(service: str, record: ReleaseRecord | None) -> Baseline | None:
+    """The previous release's baseline from its ledger record, None when there is none."""
+    if record is None or not record.baseline or "p95_ms" not in record.baseline:
+        return None
+    values = record.baseline
+    return Baseline(
+        service=service,
+        requests=int(values.get("requests", 0)),
+        p50_ms=values.get("p50_ms", values["p95_ms"]),
+        p95_ms=values["p95_ms"],
+        error_rate=min(1.0, max(0.0, values.get("error_rate", 0.0))),
+    )

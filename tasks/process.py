@@ -89,10 +89,10 @@ def run_tool(
         )
     except FileNotFoundError as exc:
         msg = f"cannot run {args[0]}: {exc.strerror}"
-        raise ToolError(msg) from None
-    except subprocess.TimeoutExpired:
+        raise ToolError(msg) from exc
+    except subprocess.TimeoutExpired as exc:
         msg = f"{' '.join(args[:3])} timed out after {timeout:.0f}s"
-        raise ToolError(msg) from None
+        raise ToolError(msg) from exc
     return ToolRun(tuple(args), done.returncode, done.stdout or "", time.monotonic() - started)
 
 

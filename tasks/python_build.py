@@ -15,10 +15,10 @@ from pathlib import Path
 from prefect import task
 
 from blocks.catalog import ServiceSpec
-from tasks.exceptions import ToolError
+from tasks.exceptions import CheckFailed, ToolError
 from tasks.models import StageResult
 from tasks.process import STAGE_RETRY_OPTIONS, ToolRun, run_logger, run_tool, which
-from tasks.source import CheckFailed, service_dir, service_env
+from tasks.source import service_dir, service_env
 
 UV_TIMEOUT_S = 600
 EXPORTS: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -1,7 +1,8 @@
 """Static checks of one service with its own locked tools: ruff, mypy, bandit.
 
 Each check runs the tool from the service's `.venv` (installed by `sync_service`), so
-the versions are the service's locked ones. Findings raise `CheckFailed` (never
+the versions are the service's locked ones, with the configuration every service
+shares (files in services/, see `SHARED_CONFIGS`). Findings raise `CheckFailed` (never
 retried) with the tool's own output; a tool that cannot run raises `ToolError`.
 """
 
@@ -18,11 +19,11 @@ from typing import Any
 from prefect import task
 
 from blocks.catalog import ServiceSpec
-from tasks.exceptions import ToolError
+from tasks.exceptions import CheckFailed, SourceError, ToolError
 from tasks.models import StageResult
 from tasks.process import EXCERPT_LINES, STAGE_RETRY_OPTIONS, ToolRun, run_logger, run_tool
 from tasks.source import (
-    CheckFailed,
+    SERVICES_DIR,
     Details,
     scratch_dir,
     service_dir,
@@ -34,6 +35,9 @@ TOOL_TIMEOUT_S = 600
 _UNFORMATTED = re.compile(r"^(?:(.+?):\d+:\d+: unformatted\b.*|Would reformat: (.+))$", re.M)
 _MYPY_SUMMARY = re.compile(r"^Found (\d+) errors? in (\d+) files?", re.M)
 _MYPY_ERROR = re.compile(r": error: ")
+SHARED_CONFIGS = {"mypy": "mypy.ini", "pytest": "pytest.ini", "bandit": "bandit.yaml"}
+"""tool -> its configuration file in services/, shared by every service and passed to the
+tool explicitly (ruff finds services/ruff.toml through each pyproject's `extend`)."""
 
 
 def venv_tool(path: Path, tool: str) -> str:
@@ -47,6 +51,19 @@ def venv_tool(path: Path, tool: str) -> str:
         msg = f"{found} does not exist: sync the service's environment (uv sync) first"
         raise ToolError(msg)
     return str(found)
+
+
+def shared_config(repo: str | Path, tool: str) -> str:
+    """The checkout's shared configuration of `tool` (see `SHARED_CONFIGS`), for its -c option.
+
+    Raises:
+        SourceError: the checkout has no such file.
+    """
+    path = Path(repo) / SERVICES_DIR / SHARED_CONFIGS[tool]
+    if not path.is_file():
+        msg = f"{path} is missing: it holds the {tool} configuration of every service"
+        raise SourceError(msg)
+    return str(path)
 
 
 def _run(path: Path, tool: str, *args: str) -> ToolRun:
@@ -177,7 +194,7 @@ def mypy_summary(output: str) -> str:
 
 @task(name="run-mypy", cache_key_fn=stage_cache_key, **STAGE_RETRY_OPTIONS)
 def run_mypy(service: ServiceSpec, repo: str, fingerprint: str = "") -> StageResult:
-    """`mypy src` with the service's (strict) configuration.
+    """`mypy src` with the services' shared (strict) configuration, services/mypy.ini.
 
     Each service has its own cache directory under the state dir: concurrent runs
     never share mypy's SQLite cache ("database is locked").
@@ -189,7 +206,10 @@ def run_mypy(service: ServiceSpec, repo: str, fingerprint: str = "") -> StageRes
     path = service_dir(repo, service)
     started = time.monotonic()
     cache = scratch_dir(repo, service.name, "mypy-cache")
-    checked = _run(path, "mypy", "--cache-dir", str(cache), "--no-color-output", "src")
+    config = shared_config(repo, "mypy")
+    checked = _run(
+        path, "mypy", "--config-file", config, "--cache-dir", str(cache), "--no-color-output", "src"
+    )
     if checked.returncode == 1:
         raise failed_check(
             service.name, "mypy", started, mypy_summary(checked.output), checked.excerpt()
@@ -224,7 +244,7 @@ def bandit_issues(report: dict[str, Any]) -> tuple[str, str]:
 
 @task(name="run-bandit", cache_key_fn=stage_cache_key, **STAGE_RETRY_OPTIONS)
 def run_bandit(service: ServiceSpec, repo: str, fingerprint: str = "") -> StageResult:
-    """`bandit -c pyproject.toml -r src`: security findings of the service's code.
+    """`bandit -c services/bandit.yaml -r src`: security findings of the service's code.
 
     Raises:
         CheckFailed: bandit reported issues (any severity).
@@ -232,10 +252,11 @@ def run_bandit(service: ServiceSpec, repo: str, fingerprint: str = "") -> StageR
     """
     path = service_dir(repo, service)
     started = time.monotonic()
+    config = shared_config(repo, "bandit")
     with tempfile.TemporaryDirectory(prefix=f"bandit-{service.name}-") as scratch:
         out = Path(scratch) / "bandit.json"
         scanned = _run(
-            path, "bandit", "-c", "pyproject.toml", "-r", "src", "-q", "-f", "json", "-o", str(out)
+            path, "bandit", "-c", config, "-r", "src", "-q", "-f", "json", "-o", str(out)
         )
         if scanned.returncode not in (0, 1) or not out.is_file():
             msg = f"{service.name}: bandit exited {scanned.returncode}: {scanned.excerpt(10)}"

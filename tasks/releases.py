@@ -8,40 +8,43 @@ both win: the loser re-reads the ledger and re-applies its change.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from botocore.exceptions import ClientError
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.filesystems import LocalFileSystem, WritableFileSystem
-from prefect_aws import S3Bucket
+from prefect.filesystems import WritableFileSystem
+from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from blocks.config import PipelineConfig
+from blocks.environments import EnvironmentSpec
 from blocks.storage import ledger_filesystem
-from tasks.exceptions import PipelineError
-from tasks.models import ImageRef, utcnow
+from tasks.approval import eligible_approvers
+from tasks.exceptions import ConfigError, LedgerConflict, LedgerError, PromotionRefused
+from tasks.models import (
+    DeployOutcome,
+    ImageRef,
+    PlannedChange,
+    PromotionPlan,
+    SecurityVerdict,
+    Workspace,
+    make_plan,
+    utcnow,
+)
+from tasks.performance import Baseline, baseline_record
 from tasks.process import run_logger
+from tasks.security import ScanReport
+from tasks.stores import open_store
 
 ENV_NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
 _REVISION_FILE = re.compile(r"^(\d{8})\.json$")
 MAX_ATTEMPTS = 8
 
 ScanVerdict = Literal["clean", "vulnerable", "unknown"]
-
-
-class LedgerError(PipelineError):
-    """The ledger cannot be read or written."""
-
-
-class LedgerConflict(LedgerError):
-    """Other writers kept winning the race for the next revision; nothing was written."""
 
 
 class ReleaseRecord(BaseModel):
@@ -65,6 +68,11 @@ class ReleaseRecord(BaseModel):
     scan_override: str | None = Field(
         default=None, description="Why an unknown scan result was accepted, and by whom"
     )
+    repository: str = Field(default="", description="The repository the release was built from")
+    ref: str = Field(
+        default="", description="The protected branch's ref the commit was on when CI shipped it"
+    )
+    commit: str = Field(default="", description="The commit CI checked when it shipped this")
 
 
 class EnvironmentState(BaseModel):
@@ -93,153 +101,6 @@ def check_environment_name(env: str) -> str:
         msg = f"environment name {env!r} is not a DNS-1123 label"
         raise ValueError(msg)
     return env
-
-
-# --- exclusive-create object stores over the two filesystem blocks ---------------------
-
-
-class ObjectStore(Protocol):
-    """The three operations the ledger and the backups need."""
-
-    def read(self, path: str) -> bytes | None:
-        """The object's bytes, None when it does not exist."""
-        ...
-
-    def create(self, path: str, data: bytes) -> bool:
-        """Create the object only if it does not exist; False when it already did."""
-        ...
-
-    def names(self, folder: str) -> list[str]:
-        """File names (no folders) directly under `folder`, sorted."""
-        ...
-
-
-class LocalStore:
-    """A LocalFileSystem block's directory."""
-
-    def __init__(self, fs: LocalFileSystem) -> None:
-        self.fs = fs
-
-    def _path(self, path: str) -> Path:
-        return Path(self.fs._resolve_path(path))  # the block's own path guard
-
-    def read(self, path: str) -> bytes | None:
-        """The file's bytes, None when missing."""
-        try:
-            return self._path(path).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def create(self, path: str, data: bytes) -> bool:
-        """Write to a temporary file, then hard-link it into place: atomic and exclusive."""
-        target = self._path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.link(tmp, target)
-        except FileExistsError:
-            return False
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return True
-
-    def names(self, folder: str) -> list[str]:
-        """Files directly in `folder`, temporary files excluded."""
-        directory = self._path(folder)
-        if not directory.is_dir():
-            return []
-        return sorted(
-            p.name for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")
-        )
-
-
-class S3Store:
-    """An S3Bucket block's folder.
-
-    Exclusive creation relies on conditional writes, atomic on S3 (since 2024-08) and MinIO.
-    moto (5.2) honours If-None-Match but checks it without a lock: it stops sequential
-    conflicts, not truly simultaneous PUTs; the concurrency test runs on local disk.
-    """
-
-    def __init__(self, bucket: S3Bucket) -> None:
-        self.bucket = bucket
-        self._client: Any = None
-
-    @property
-    def client(self) -> Any:
-        """One boto3 S3 client per store."""
-        if self._client is None:
-            self._client = self.bucket.credentials.get_s3_client()
-        return self._client
-
-    def _key(self, path: str) -> str:
-        return self.bucket._resolve_path(path)  # same keys as write_path
-
-    def read(self, path: str) -> bytes | None:
-        """The object's bytes, None when missing."""
-        try:
-            answer = self.client.get_object(Bucket=self.bucket.bucket_name, Key=self._key(path))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
-                return None
-            raise LedgerError(f"cannot read s3 key {self._key(path)}: {_aws_error(exc)}") from None
-        body: bytes = answer["Body"].read()
-        return body
-
-    def create(self, path: str, data: bytes) -> bool:
-        """PutObject with If-None-Match: * ; 412 PreconditionFailed means someone else won."""
-        try:
-            self.client.put_object(
-                Bucket=self.bucket.bucket_name,
-                Key=self._key(path),
-                Body=data,
-                ContentType="application/json",
-                IfNoneMatch="*",
-            )
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            # 409 ConditionalRequestConflict: a concurrent conditional write is in flight.
-            if code in {"PreconditionFailed", "ConditionalRequestConflict"}:
-                return False
-            raise LedgerError(f"cannot write s3 key {self._key(path)}: {_aws_error(exc)}") from None
-        return True
-
-    def names(self, folder: str) -> list[str]:
-        """Object names directly under `folder`."""
-        prefix = self._key(folder).rstrip("/") + "/"
-        found: list[str] = []
-        try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket.bucket_name, Prefix=prefix, Delimiter="/"
-            )
-            for page in pages:
-                found.extend(item["Key"][len(prefix) :] for item in page.get("Contents", []))
-        except ClientError as exc:
-            raise LedgerError(f"cannot list s3 prefix {prefix}: {_aws_error(exc)}") from None
-        return sorted(found)
-
-
-def _aws_error(exc: ClientError) -> str:
-    error = exc.response.get("Error", {})
-    return f"{error.get('Code', '?')}: {error.get('Message', '')}"
-
-
-def open_store(fs: WritableFileSystem) -> ObjectStore:
-    """The exclusive-create store for a filesystem block.
-
-    Raises:
-        TypeError: the block is neither a LocalFileSystem nor an S3Bucket.
-    """
-    if isinstance(fs, LocalFileSystem):
-        return LocalStore(fs)
-    if isinstance(fs, S3Bucket):
-        return S3Store(fs)
-    msg = f"{type(fs).__name__} cannot create files exclusively; use LocalFileSystem or S3Bucket"
-    raise TypeError(msg)
 
 
 # --- the ledger -----------------------------------------------------------------------
@@ -273,7 +134,7 @@ class Ledger:
             return EnvironmentState.model_validate_json(data)
         except ValidationError as exc:
             msg = f"ledger revision {path} is corrupt: {exc.error_count()} validation errors"
-            raise LedgerError(msg) from None
+            raise LedgerError(msg) from exc
 
     def current(self, env: str) -> EnvironmentState:
         """The latest revision, or an empty revision 0 when nothing is recorded."""
@@ -456,3 +317,268 @@ def publish_ledger_artifact(env: str, state: EnvironmentState | None = None) -> 
     )
     run_logger().info("ledger %s: revision %s published", env, current.revision)
     return str(artifact_id)
+
+
+# --- CI: a verified release of one service -----------------------------------------
+
+
+class LedgerEntry(BaseModel):
+    """The ledger revision a CI deploy was recorded in."""
+
+    environment: str
+    revision: int
+    changed: bool
+
+    def summary_line(self) -> str:
+        """One line for the CI report."""
+        how = "recorded" if self.changed else "already recorded"
+        return f"{how} in the {self.environment} ledger (revision {self.revision})"
+
+    def report_details(self) -> dict[str, int]:
+        """Columns for the CI report."""
+        return {"revision": self.revision}
+
+
+@task(name="record-release", task_run_name="record-{outcome.deployed.service}")
+def record_release(
+    outcome: DeployOutcome, scan: ScanReport | None, workspace: Workspace
+) -> LedgerEntry:
+    """Record the deployed, health-checked release in the environment's ledger.
+
+    Raises:
+        PromotionRefused: the commit is not on the protected branch (it may not ship).
+    """
+    if not workspace.protected:
+        msg = f"{workspace.commit[:12]} is not on {workspace.protected_branch}: not recorded"
+        raise PromotionRefused(msg)
+    deployed = outcome.deployed
+    run_id = flow_run.get_id()
+    record = ReleaseRecord(
+        service=deployed.service,
+        environment=deployed.environment,
+        image=deployed.image,
+        release_id=f"ci-{deployed.image.version}",
+        deployed_at=deployed.deployed_at,
+        flow_run_id=run_id,
+        verified=True,
+        scan=scan.verdict if scan else None,
+        repository=workspace.repository,
+        ref=f"refs/heads/{workspace.protected_branch}",
+        commit=workspace.commit,
+    )
+    ledger = Ledger()
+    state = ledger.current(deployed.environment)
+    current = state.services.get(deployed.service)
+    if current is not None and current.image.digest == record.image.digest and current.verified:
+        return LedgerEntry(environment=state.environment, revision=state.revision, changed=False)
+    state = ledger.record_deploy(deployed.environment, record)
+    return LedgerEntry(environment=state.environment, revision=state.revision, changed=True)
+
+
+# --- promotion: plans from the ledger, and what a promotion records ---------------------
+
+
+def source_of(config: PipelineConfig, target_env: str) -> EnvironmentSpec:
+    """The environment promoted into, which must have a source environment.
+
+    Raises:
+        PromotionRefused: unknown, or not promoted into (CI deploys it directly).
+    """
+    try:
+        env = config.environment(target_env)
+    except ConfigError as exc:
+        raise PromotionRefused(str(exc)) from exc
+    if env.promotes_from is None:
+        msg = f"{env.name} is not promoted into (no promotes_from); CI deploys it directly"
+        raise PromotionRefused(msg)
+    return env
+
+
+def build_plan(
+    config: PipelineConfig,
+    target_env: str,
+    services: list[str] | None,
+    promoted_by: str,
+    source: EnvironmentState,
+    target: EnvironmentState,
+    *,
+    protected_branch: str = "main",
+) -> PromotionPlan:
+    """The plan for promoting `services` from the source ledger into `target_env`.
+
+    Raises:
+        PromotionRefused: unknown environment or service, no source environment,
+            unverified or missing releases, releases not shipped from the protected
+            branch, or nobody allowed to approve.
+    """
+    env = source_of(config, target_env)
+    if env.promotes_from is None:
+        msg = f"{env.name} is not promoted into (no promotes_from); CI deploys it directly"
+        raise PromotionRefused(msg)
+    if source.environment != env.promotes_from or target.environment != env.name:
+        msg = (
+            f"ledgers of {source.environment}/{target.environment} given for "
+            f"{env.promotes_from}/{env.name}"
+        )
+        raise ValueError(msg)
+    if not promoted_by.strip():
+        msg = "promoted_by is empty: say who promotes"
+        raise PromotionRefused(msg)
+    if services is not None:
+        if not services:
+            msg = "no services given; omit --services to promote every verified service"
+            raise PromotionRefused(msg)
+        try:
+            chosen = [s.name for s in config.catalog.select(services)]
+        except ConfigError as exc:
+            raise PromotionRefused(str(exc)) from exc
+    else:
+        chosen = [n for n in config.catalog.names() if n in source.services]
+    if not chosen:
+        msg = f"nothing to promote: no release is recorded in {env.promotes_from}"
+        raise PromotionRefused(msg)
+    problems = []
+    for name in chosen:
+        record = source.services.get(name)
+        if record is None:
+            problems.append(f"{name}: nothing deployed in {env.promotes_from}")
+        elif not record.verified:
+            problems.append(
+                f"{name}: release {record.release_id} ({record.image.short}) is not verified "
+                f"in {env.promotes_from}"
+            )
+        elif record.ref != f"refs/heads/{protected_branch}":
+            problems.append(
+                f"{name}: release {record.release_id} ({record.image.short}) was not shipped "
+                f"from the protected branch {protected_branch} ({record.ref or 'no ref recorded'})"
+            )
+    if problems:
+        msg = f"refusing to promote into {env.name}: " + "; ".join(problems)
+        raise PromotionRefused(msg)
+    if env.approval_required:
+        eligible_approvers(env.approvers, promoted_by)  # refuses when nobody may approve
+    changes = []
+    for name in chosen:
+        record = source.services[name]
+        current = target.services.get(name)
+        changes.append(
+            PlannedChange(
+                service=name,
+                current_digest=current.image.digest if current else None,
+                current_commit=current.image.commit if current else "",
+                image=record.image,
+                scan=record.scan,
+                repository=record.repository,
+                ref=record.ref,
+                commit=record.commit,
+            )
+        )
+    return make_plan(env.name, env.promotes_from, changes, promoted_by)
+
+
+def promoted_state(
+    state: EnvironmentState,
+    plan: PromotionPlan,
+    baselines: Mapping[str, Baseline],
+    *,
+    approved_by: str | None,
+    verdict: SecurityVerdict,
+    flow_run_id: str | None,
+) -> EnvironmentState:
+    """`state` with every planned service serving its new, verified release."""
+    for change in plan.changes:
+        fields: dict[str, Any] = {
+            "service": change.service,
+            "environment": plan.environment,
+            "image": change.image,
+            "release_id": plan.release_id,
+            "flow_run_id": flow_run_id,
+            "approved_by": approved_by,
+            "promoted_by": plan.promoted_by,
+            "scan": verdict.scans.get(change.service),
+            "repository": change.repository,
+            "ref": change.ref,
+            "commit": change.commit,
+        }
+        if change.service in verdict.overridden:
+            fields["scan_override"] = verdict.override_reason
+        state = with_deploy(state, ReleaseRecord(**fields))
+        base = baselines.get(change.service)
+        state = with_verified(
+            state, change.service, baseline_record(base) if base else None, plan.release_id
+        )
+    return state
+
+
+@task(name="read-ledger", cache_policy=NO_CACHE)
+def read_ledger(environment: str) -> EnvironmentState:
+    """The latest ledger revision of `environment`."""
+    return Ledger().current(environment)
+
+
+@task(name="plan-promotion", cache_policy=NO_CACHE)
+def plan_promotion(
+    config: PipelineConfig,
+    target_env: str,
+    services: list[str] | None,
+    promoted_by: str,
+    protected_branch: str = "main",
+) -> PromotionPlan:
+    """Plan from the ledgers: the verified releases of the source environment.
+
+    Raises:
+        PromotionRefused: see `build_plan`; nothing has changed.
+    """
+    env = source_of(config, target_env)
+    ledger = Ledger()
+    plan = build_plan(
+        config,
+        target_env,
+        services,
+        promoted_by,
+        ledger.current(str(env.promotes_from)),
+        ledger.current(env.name),
+        protected_branch=protected_branch,
+    )
+    run_logger().info(
+        "promotion %s into %s: %s",
+        plan.release_id,
+        plan.environment,
+        ", ".join(f"{c.service} {c.image.short}" for c in plan.changes),
+    )
+    return plan
+
+
+@task(name="record-promotion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def record_promotion(
+    plan: PromotionPlan,
+    baselines: dict[str, Baseline],
+    approved_by: str | None,
+    verdict: SecurityVerdict,
+    flow_run_id: str | None,
+) -> EnvironmentState:
+    """Write the promotion to the target's ledger in one revision: deployed and verified."""
+    state = Ledger().update(
+        plan.environment,
+        lambda current: promoted_state(
+            current,
+            plan,
+            baselines,
+            approved_by=approved_by,
+            verdict=verdict,
+            flow_run_id=flow_run_id,
+        ),
+    )
+    run_logger().info(
+        "ledger %s: revision %d records release %s",
+        plan.environment,
+        state.revision,
+        plan.release_id,
+    )
+    return state
+
+
+@task(name="record-rollback", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def record_rollback(environment: str, service: str) -> EnvironmentState:
+    """Record in the ledger that `service` serves its previous release again."""
+    return Ledger().restore_previous(environment, service)

@@ -9,10 +9,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import State
 
-from tasks.exceptions import StageFailed
+from tasks.exceptions import CheckFailed, StageFailed
 from tasks.models import StageResult
 from tasks.process import run_logger
-from tasks.source import CheckFailed
 
 CI_STAGES = ("lock", "sync", "ruff", "mypy", "bandit", "pytest")
 """The check stages in pipeline order; later stages (delivery) follow in first-seen order."""

@@ -1,4 +1,4 @@
-"""The security stage: a dependency vulnerability scan and an SBOM of the image.
+"""Security: the dependency vulnerability scan, the image's SBOM, and the promotion's scan gate.
 
 A scanner that cannot reach its vulnerability data gives "unknown", never "clean":
 pip-audit without its data source prints "No known vulnerabilities found" and exits
@@ -15,12 +15,14 @@ from typing import Any, Literal
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, Field
 
 from blocks.catalog import ServiceSpec
-from tasks.exceptions import StageFailed, ToolError
-from tasks.models import PublishedImage
+from blocks.environments import EnvironmentSpec
+from tasks.exceptions import PromotionRefused, StageFailed, ToolError
+from tasks.models import PromotionPlan, PublishedImage, SecurityVerdict
 from tasks.process import run_logger, run_tool, which
 
 Verdict = Literal["clean", "vulnerable", "unknown"]
@@ -165,3 +167,67 @@ def generate_sbom(published: PublishedImage, out_dir: Path, timeout_s: float = 3
         description=f"syft SBOM of {image.service}",
     )
     return target
+
+
+# --- the promotion's scan gate ------------------------------------------------------
+
+
+def check_request(allow_unknown_scan: bool, override_reason: str | None) -> None:
+    """Refuse inconsistent promotion options before anything happens.
+
+    Raises:
+        PromotionRefused: an override without a reason, or a reason without an override.
+    """
+    reason = (override_reason or "").strip()
+    if allow_unknown_scan and not reason:
+        msg = "--allow-unknown-scan needs --override-reason: say why an unscanned release may ship"
+        raise PromotionRefused(msg)
+    if reason and not allow_unknown_scan:
+        msg = "--override-reason is only meaningful with --allow-unknown-scan"
+        raise PromotionRefused(msg)
+
+
+def judge_scans(
+    plan: PromotionPlan, env: EnvironmentSpec, allow_unknown: bool, override_reason: str | None
+) -> SecurityVerdict:
+    """The scan gate: production needs "clean" scans, or an override for unknown ones.
+
+    A vulnerable release is never let through; elsewhere scans are reported only.
+
+    Raises:
+        PromotionRefused: a vulnerable release, or (production) an unknown scan without
+            an override and a reason.
+    """
+    check_request(allow_unknown, override_reason)
+    scans = {c.service: c.scan or "unknown" for c in plan.changes}
+    vulnerable = sorted(s for s, v in scans.items() if v == "vulnerable")
+    if vulnerable:
+        msg = f"refusing to promote into {env.name}: known vulnerabilities in {vulnerable}"
+        raise PromotionRefused(msg)
+    unknown = sorted(s for s, v in scans.items() if v != "clean")
+    if not unknown or not env.paged:
+        return SecurityVerdict(scans=scans)
+    if not allow_unknown:
+        msg = (
+            f"refusing to promote into {env.name}: no clean security scan for {unknown}; "
+            "rescan, or pass --allow-unknown-scan --override-reason '...'"
+        )
+        raise PromotionRefused(msg)
+    return SecurityVerdict(scans=scans, overridden=unknown, override_reason=override_reason)
+
+
+@task(name="security-verdict", cache_policy=NO_CACHE)
+def security_verdict(
+    plan: PromotionPlan, env: EnvironmentSpec, allow_unknown: bool, override_reason: str | None
+) -> SecurityVerdict:
+    """Apply the scan gate (see `judge_scans`) and log an override loudly."""
+    verdict = judge_scans(plan, env, allow_unknown, override_reason)
+    if verdict.overridden:
+        run_logger().warning(
+            "security override into %s by %s for %s: %s",
+            env.name,
+            plan.promoted_by,
+            verdict.overridden,
+            verdict.override_reason,
+        )
+    return verdict

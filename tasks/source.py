@@ -21,7 +21,7 @@ from prefect.context import TaskRunContext
 
 from blocks.catalog import ServiceCatalog, ServiceSpec
 from blocks.config import state_dir
-from tasks.exceptions import StageFailed, ToolError
+from tasks.exceptions import SourceError, ToolError
 from tasks.process import STAGE_RETRY_OPTIONS, run_logger, run_tool, which
 
 SERVICES_DIR = "services"
@@ -51,27 +51,6 @@ GIT_TIMEOUT_S = 60
 Details = dict[str, str | int | float | bool | None]
 
 
-class CheckFailed(StageFailed):
-    """A stage failed, with its run time and details; picklable so persisted states reload."""
-
-    def __init__(
-        self,
-        service: str,
-        stage: str,
-        summary: str,
-        excerpt: str = "",
-        seconds: float = 0.0,
-        details: Details | None = None,
-    ) -> None:
-        super().__init__(service, stage, summary, excerpt)
-        self.seconds = seconds
-        self.details: Details = dict(details or {})
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        args = (self.service, self.stage, self.summary, self.excerpt, self.seconds, self.details)
-        return (type(self), args)
-
-
 @cache
 def _module_source(module: str) -> str:
     return inspect.getsource(sys.modules[module])
@@ -99,19 +78,24 @@ def service_dir(repo: str | Path, service: ServiceSpec) -> Path:
     """The service's directory in the checkout `repo`.
 
     Raises:
-        ValueError: the directory or its pyproject.toml does not exist.
+        SourceError: the directory or its pyproject.toml does not exist.
     """
     path = Path(repo) / service.path
     if not (path / "pyproject.toml").is_file():
         msg = f"{service.name}: no pyproject.toml in {path}"
-        raise ValueError(msg)
+        raise SourceError(msg)
     return path
+
+
+def scratch_root(repo: str | Path) -> Path:
+    """The per-checkout directory under the state dir that holds its scratch files."""
+    key = hashlib.sha256(str(Path(repo).resolve()).encode()).hexdigest()[:12]
+    return state_dir() / "ci" / key
 
 
 def scratch_dir(repo: str | Path, service: str, kind: str) -> Path:
     """A per-checkout, per-service directory under the state dir (caches, reports)."""
-    key = hashlib.sha256(str(Path(repo).resolve()).encode()).hexdigest()[:12]
-    path = state_dir() / "ci" / key / service / kind
+    path = scratch_root(repo) / service / kind
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -123,18 +107,23 @@ def _git(repo: str | Path, *args: str) -> str:
     done = run_tool([which("git"), "-C", str(repo), *args], timeout=GIT_TIMEOUT_S)
     if not done.ok:
         msg = f"git {' '.join(args)} failed in {repo}: {done.excerpt(5)}"
-        raise ValueError(msg)
+        raise SourceError(msg)
     return done.output
 
 
-def _verify_ref(repo: str | Path, ref: str) -> str:
+def verify_ref(repo: str | Path, ref: str) -> str:
+    """The commit `ref` names in `repo`.
+
+    Raises:
+        SourceError: `repo` is not a git repository, or `ref` is not a commit in it.
+    """
     done = run_tool(
         [which("git"), "-C", str(repo), "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
         timeout=GIT_TIMEOUT_S,
     )
     if not done.ok:
         msg = f"{ref!r} is not a commit in {repo}"
-        raise ValueError(msg)
+        raise SourceError(msg)
     return done.output.strip()
 
 
@@ -142,10 +131,10 @@ def changed_paths(repo: str | Path, base: str, head: str) -> list[str]:
     """Paths changed between `base` and `head` (git diff --name-only base..head).
 
     Raises:
-        ValueError: `repo` is not a git repository, or a ref is not a commit (named).
+        SourceError: `repo` is not a git repository, or a ref is not a commit (named).
     """
     for ref in (base, head):
-        _verify_ref(repo, ref)
+        verify_ref(repo, ref)
     output = _git(repo, "diff", "--name-only", "--no-renames", f"{base}..{head}")
     return [line for line in output.splitlines() if line]
 
@@ -265,9 +254,25 @@ def current_commit(repo: str) -> str:
     """The commit HEAD points to in `repo`.
 
     Raises:
-        ValueError: `repo` is not a git repository or has no commit.
+        SourceError: `repo` is not a git repository or has no commit.
     """
-    return _verify_ref(repo, "HEAD")
+    return verify_ref(repo, "HEAD")
+
+
+@task(name="detect-changes")
+def is_empty_base(base: str) -> bool:
+    """True for GitHub's all-zero `before` of a branch's first push: every service counts."""
+    return bool(base) and set(base) == {"0"}
+
+
+def check_refs(repo: str | Path, base: str, head: str) -> None:
+    """Both refs of a change detection name commits in `repo` (an empty base counts).
+
+    Raises:
+        SourceError: naming the ref that is not a commit.
+    """
+    for ref in (head,) if is_empty_base(base) else (base, head):
+        verify_ref(repo, ref)
 
 
 @task(name="detect-changes")
@@ -276,7 +281,7 @@ def detect_changes(repo: str, base: str, head: str, catalog: ServiceCatalog) -> 
 
     A base of all zeros (GitHub's `before` on a branch's first push) means every service.
     """
-    if base and set(base) == {"0"}:
+    if is_empty_base(base):
         run_logger().info("base %s is GitHub's empty commit: every service is affected", base)
         return catalog.names()
     paths = changed_paths(repo, base, head)

@@ -15,7 +15,7 @@ from blocks.catalog import ServiceSpec
 from tasks.exceptions import ToolError
 from tasks.models import StageResult
 from tasks.process import STAGE_RETRY_OPTIONS, run_tool
-from tasks.quality import failed_check, passed_result, venv_tool
+from tasks.quality import failed_check, passed_result, shared_config, venv_tool
 from tasks.source import (
     Details,
     scratch_dir,
@@ -56,6 +56,9 @@ def run_pytest(
 ) -> StageResult:
     """Run the service's tests with coverage of its package; check the coverage floor.
 
+    pytest and pytest-cov read the services' shared services/pytest.ini (so the rootdir
+    is services/); the package measured is the service's.
+
     Coverage data goes to a per-run COVERAGE_FILE (concurrent services never share
     `.coverage`); the JSON and XML reports are kept under the state dir.
 
@@ -65,6 +68,7 @@ def run_pytest(
     """
     path = service_dir(repo, service)
     reports = scratch_dir(repo, service.name, "coverage")
+    config = shared_config(repo, "pytest")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"pytest-{service.name}-") as scratch:
         json_report = Path(scratch) / "coverage.json"
@@ -75,6 +79,8 @@ def run_pytest(
                 "-m",
                 "pytest",
                 "-q",
+                "-c",
+                config,
                 "-p",
                 "no:cacheprovider",
                 f"--cov={service.package}",

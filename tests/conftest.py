@@ -18,7 +18,12 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from blocks.config import PipelineConfig, load_config  # noqa: E402
 
-pytest_plugins = ["tests.plugins.stack", "tests.plugins.receivers", "tests.plugins.aws"]
+pytest_plugins = [
+    "tests.plugins.stack",
+    "tests.plugins.receivers",
+    "tests.plugins.aws",
+    "tests.plugins.postgres",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from blocks.catalog import ServiceCatalog
-from blocks.config import ConfigError, load_blocks, load_config, load_file, save_as_blocks
+from blocks.config import load_blocks, load_config, load_file, save_as_blocks
 from blocks.environments import EnvironmentCatalog
+from tasks.exceptions import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT = REPO / "config" / "pipeline.yaml"
@@ -95,11 +96,11 @@ def test_unreadable_and_malformed_files_are_config_errors(tmp_path) -> None:
 
 def test_unknown_service_and_environment_lookups_list_the_known_ones() -> None:
     cfg = load_file(DEFAULT)
-    with pytest.raises(KeyError, match="known services: api-gateway"):
+    with pytest.raises(ConfigError, match="known services: api-gateway"):
         cfg.service("billing")
-    with pytest.raises(KeyError, match="known: dev, staging, production"):
+    with pytest.raises(ConfigError, match="known: dev, staging, production"):
         cfg.environment("qa")
-    with pytest.raises(ValueError, match="unknown services"):
+    with pytest.raises(ConfigError, match="unknown services"):
         cfg.catalog.select(["auth", "billing"])
 
 

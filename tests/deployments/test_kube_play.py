@@ -48,8 +48,10 @@ import httpx
 import pytest
 import yaml
 
-from cicd.stack import StackInfo, free_port
-from tasks.kubernetes import APP_CONTAINER, render_overlay, service_objects
+from blocks.stack import StackInfo
+from cicd.stack import free_port
+from tasks.deploy.kubernetes import APP_CONTAINER
+from tasks.deploy.manifests import render_overlay, service_objects
 from tasks.models import ImageRef
 
 DEPLOYMENTS = Path(__file__).resolve().parents[2] / "deployments"

@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 
 from blocks.config import PipelineConfig
-from tasks.kubernetes import (
+from tasks.deploy.manifests import (
     KUBERNETES_VERSION,
-    ManifestError,
     deployments_root,
     is_pinned,
     overlay_names,
@@ -21,6 +20,7 @@ from tasks.kubernetes import (
     validate_manifests,
     validate_objects,
 )
+from tasks.exceptions import ManifestError
 from tasks.models import ImageRef
 
 ENVS = ["dev", "staging", "production"]

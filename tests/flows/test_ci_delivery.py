@@ -46,8 +46,6 @@ def delivery(stack, docker_client) -> Iterator[dict[str, Any]]:
     config.write_text(yaml.safe_dump(data))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DOCKER_HOST", stack.docker_host)
-        patch.setenv("ELICE_REGISTRY", stack.registry)
-        patch.setenv("ELICE_BASE_IMAGE", stack.base_image)
         yield {"repo": repo, "config": str(config)}
     for container in docker_client.containers.list(all=True, filters={"name": f"elice-{ENV}-"}):
         container.remove(force=True)

@@ -134,7 +134,7 @@ def test_unchanged_second_run_reuses_cached_results(checkout: Path, first_run: S
 def test_nothing_affected_completes_quickly(tmp_path: Path) -> None:
     repo = copy_monorepo(tmp_path / "docs-only", [])
     (repo / "README.md").write_text("# docs only\n")
-    commit_all(repo, "docs")
+    head = commit_all(repo, "docs")
     state = ci(repo=str(repo), return_state=True)
     assert state.is_completed()
     outcome = state.result()
@@ -142,4 +142,5 @@ def test_nothing_affected_completes_quickly(tmp_path: Path) -> None:
     assert outcome.nothing_to_do
     assert outcome.affected == []
     assert outcome.results == []
-    assert outcome.message == "nothing to do: no service is affected by HEAD~1..HEAD"
+    assert outcome.commit == head
+    assert outcome.message == f"nothing to do: no service is affected by HEAD~1..{head[:12]}"

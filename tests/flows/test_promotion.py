@@ -39,15 +39,19 @@ from pydantic import SecretStr
 
 from blocks.config import PipelineConfig, load_config
 from blocks.notifications import PAGERDUTY_BLOCK, SLACK_BLOCK, PagerDutyService, SlackChannel
-from cicd.promote_cli import ApprovalRefused, read_gate, submit_answer
-from cicd.stack import StackInfo
+from blocks.stack import StackInfo
 from flows.promotion import promote, rollback
-from tasks.approval import approval_input
-from tasks.containers import DockerDeployer, container_name
-from tasks.exceptions import PromotionError
+from tasks.approval import approval_input, read_gate, submit_answer
+from tasks.deploy.docker import DockerDeployer, container_name
+from tasks.exceptions import (
+    ApprovalRefused,
+    PromotionError,
+    PromotionRefused,
+    PromotionRejected,
+    PromotionRolledBack,
+)
 from tasks.health import probe_health
 from tasks.models import ImageRef
-from tasks.promotion import PromotionRefused, PromotionRejected, PromotionRolledBack
 from tasks.registry import manifest_digest
 from tasks.releases import Ledger, ReleaseRecord
 from tests.plugins.receivers import Receiver
@@ -208,6 +212,7 @@ def put_dev(t: Train, service: str, image: ImageRef, *, verified: bool = True) -
             image=ref,
             release_id=f"ci-{image.short}",
             verified=verified,
+            ref="refs/heads/main",
             scan="clean",
         ),
     )
@@ -514,10 +519,10 @@ def running_promote(not_in: set[UUID]) -> UUID | None:
 def test_two_promotions_into_one_environment_run_one_after_the_other(train: Train) -> None:
     before = set(train.run_ids)
     first = Background(train, PROD, promoted_by="alice")
-    first_id = paused_run(before)  # holds promotion-pr-prod while it waits at the gate
+    first_id = paused_run(before)  # holds deploy-pr-prod while it waits at the gate
     second = Background(train, PROD, promoted_by="alice")
     second_id = wait_for(lambda: running_promote(before | {first_id}), 60)
-    wait_until(lambda: any("waiting for promotion-pr-prod" in m for m in logs_of(second_id)), 60)
+    wait_until(lambda: any("waiting for deploy-pr-prod" in m for m in logs_of(second_id)), 60)
     assert running_promote(before | {first_id}) == second_id  # not at its gate: waiting
     submit_answer(first_id, approval_input("bob", read_gate(first_id).release_id or ""))
     assert first.final().is_completed()

@@ -97,3 +97,29 @@ def test_register_blocks_saves_the_configuration() -> None:
     listed = runner.invoke(app, ["status", "--json", "--config", "blocks", "--environment", "dev"])
     assert listed.exit_code == 0, listed.output
     assert len(json.loads(listed.output)) == 12
+
+
+def test_status_of_an_unknown_environment_is_one_line_and_exit_2() -> None:
+    result = runner.invoke(app, ["status", "--environment", "qa"])
+    assert result.exit_code == 2
+    assert "unknown environment 'qa'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_ci_with_a_ref_that_is_no_commit_is_refused_before_any_work() -> None:
+    result = runner.invoke(app, ["ci", "--base", "deadbeef"])
+    assert result.exit_code == 2
+    assert "'deadbeef' is not a commit" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_ci_of_an_unknown_environment_is_refused_before_any_work() -> None:
+    result = runner.invoke(app, ["ci", "--all", "--environment", "qa"])
+    assert result.exit_code == 2
+    assert "unknown environment 'qa'" in result.output
+
+
+def test_unknown_deploy_target_is_refused() -> None:
+    result = runner.invoke(app, ["status", "--target", "nomad"])
+    assert result.exit_code == 2
+    assert "unknown deploy target 'nomad'" in result.output

@@ -11,15 +11,17 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 
+from cicd.setup import ensure_setup
+
 REPO = Path(__file__).resolve().parents[2]
+PULL = [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $ELICE_REPO }}"}}]
 
 
 def _prefect(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-        "ELICE_REPO": str(REPO),
-    }
+    # No ELICE_REPO here: `prefect deploy` would bake this checkout's path into the pull
+    # step, where each worker must resolve its own.
+    env = {k: v for k, v in os.environ.items() if k != "ELICE_REPO"}
+    env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
     return subprocess.run(
         [str(Path(sys.executable).parent / "prefect"), "--no-prompt", *args],
         cwd=REPO,
@@ -29,6 +31,21 @@ def _prefect(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=300,
         check=False,
     )
+
+
+def test_the_file_says_what_the_team_runs() -> None:
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert spec["pull"] == PULL
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert {d["work_pool"]["name"] for d in deployments.values()} == {"elice-process"}
+    # The flow decides whether a run may ship (protected branch), not the deployment.
+    assert deployments["ci"]["parameters"]["deliver"] is True
+    # GitHub Actions passes the actor; nobody promotes as a default name.
+    assert "promoted_by" not in deployments["promote"]["parameters"]
+    assert deployments["nightly-rebuild"]["schedules"] == [
+        {"cron": "0 3 * * *", "timezone": "Asia/Seoul"}
+    ]
+    assert deployments["health-check"]["schedules"] == [{"interval": 900}]
 
 
 def test_every_deployment_registers_with_its_schedule_and_pool() -> None:
@@ -46,6 +63,7 @@ def test_every_deployment_registers_with_its_schedule_and_pool() -> None:
         assert nightly.work_pool_name == "elice-process"
         assert nightly.parameters["no_cache"] is True
         assert nightly.parameters["all_services"] is True
+        assert nightly.pull_steps == PULL
         [schedule] = nightly.schedules
         assert schedule.schedule.cron == "0 3 * * *"
         assert schedule.schedule.timezone == "Asia/Seoul"
@@ -55,6 +73,12 @@ def test_every_deployment_registers_with_its_schedule_and_pool() -> None:
     assert flows["promote"] == "promote"
     assert flows["rollback"] == "rollback"
     assert flows["health-check"] == "health-check"
+
+    # `cicd setup` registers the same deployments: right after `prefect deploy` it has
+    # nothing to change in them.
+    planned = [c for c in ensure_setup(dry_run=True) if c.kind == "deployment"]
+    assert len(planned) == len(expected)
+    assert {c.action for c in planned} == {"unchanged"}, planned
 
 
 def test_bad_parameters_are_refused_before_a_run_exists() -> None:

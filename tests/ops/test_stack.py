@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import io
+import re
 import time
 from pathlib import Path
 
 import docker
 import httpx
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
+from blocks.stack import StackInfo, load_stack_info
 from cicd.stack import (
-    StackInfo,
+    StackStep,
     debian_mirror,
     ensure_stack,
     free_port,
-    load_stack_info,
     registries_conf,
     stack_status,
     stop_stack,
 )
-from cicd.stack_cli import app
+from cicd.stack_cli import StepPrinter, app
 from tasks.models import ImageRef
 
 
@@ -117,3 +120,65 @@ def test_debian_mirror_and_registries_conf(tmp_path: Path) -> None:
     assert debian_mirror(tmp_path) == "http://other.example/debian/"
     conf = registries_conf("127.0.0.1:5123")
     assert 'location = "127.0.0.1:5123"\ninsecure = true' in conf
+
+
+def test_stack_up_says_what_it_starts_with_timings(
+    stack: StackInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", stack.docker_host)
+    monkeypatch.setenv("ELICE_STACK_DIR", str(tmp_path))
+    try:
+        first = CliRunner().invoke(app, ["up", "--no-prefect"])
+        assert first.exit_code == 0, first.output
+        lines = first.output.splitlines()
+        info = load_stack_info(tmp_path)
+        assert info is not None
+        # not a terminal: plain lines, as each step starts and when it ends
+        start = next(
+            i
+            for i, line in enumerate(lines)
+            if line.startswith(f"registry: starting docker-registry on {info.registry}")
+            and line.endswith(" ...")
+        )
+        ready = next(
+            i for i, line in enumerate(lines) if re.fullmatch(r"registry: ready in \d+\.\ds", line)
+        )
+        assert start < ready
+        assert f"engine: using DOCKER_HOST={stack.docker_host}" in lines
+        assert f"base-image: {stack.base_image} present" in lines
+
+        again = CliRunner().invoke(app, ["up", "--no-prefect"])
+        assert again.exit_code == 0, again.output
+        assert f"registry: running at {info.registry} (pid " in again.output
+        assert "starting" not in again.output
+    finally:
+        stop_stack(tmp_path)
+
+
+def test_step_printer_spins_on_a_terminal_and_prints_plain_lines_otherwise() -> None:
+    steps = [
+        StackStep(part="engine", state="start", text="starting podman API service"),
+        StackStep(part="engine", state="done", text="ready", seconds=1.23),
+        StackStep(part="prefect", state="start", text="starting Prefect server"),
+        StackStep(part="prefect", state="failed", text="failed", seconds=4.0),
+        StackStep(part="base-image", state="info", text="localhost/python-base:3.11 present"),
+    ]
+    plain = io.StringIO()
+    printer = StepPrinter(Console(file=plain, width=40))
+    for step in steps:
+        printer(step)
+    assert plain.getvalue().splitlines() == [
+        "engine: starting podman API service ...",
+        "engine: ready in 1.2s",
+        "prefect: starting Prefect server ...",
+        "prefect: failed after 4.0s",
+        "base-image: localhost/python-base:3.11 present",
+    ]
+    terminal = io.StringIO()
+    printer = StepPrinter(Console(file=terminal, force_terminal=True, width=120))
+    for step in steps:
+        printer(step)
+    printer.close()
+    text = terminal.getvalue()
+    assert "engine: starting podman API service ... ready in 1.2s" in text
+    assert "prefect: starting Prefect server ... failed after 4.0s" in text

@@ -123,18 +123,25 @@ def test_prefect_api_comes_from_secrets() -> None:
     assert env["PREFECT_API_KEY"] == "${{ secrets.PREFECT_API_KEY }}"
 
 
-def test_ci_job_runs_ci_deployment_with_base_and_head() -> None:
+def test_ci_job_runs_ci_deployment_with_repository_ref_base_and_head() -> None:
     job = load(CI_YML)["jobs"]["ci"]
     (argv,) = deployment_runs(job)
     assert argv[3] == "ci/ci"
     assert "--watch" in argv
-    assert params(argv) == {"base": '"${BASE_SHA}"', "head": '"${HEAD_SHA}"'}
+    assert params(argv) == {
+        "repository": '"${REPOSITORY}"',
+        "ref": '"${GIT_REF}"',
+        "base": '"${BASE_SHA}"',
+        "head": '"${HEAD_SHA}"',
+    }
     (step,) = [s for s in job["steps"] if "prefect deployment run" in s.get("run", "")]
     assert step["run"].startswith("uv run prefect deployment run")
     assert "pull_request.base.sha" in step["env"]["BASE_SHA"]
     assert "github.event.before" in step["env"]["BASE_SHA"]
     assert "pull_request.head.sha" in step["env"]["HEAD_SHA"]
     assert "github.sha" in step["env"]["HEAD_SHA"]
+    assert step["env"]["REPOSITORY"] == "${{ github.repository }}"
+    assert step["env"]["GIT_REF"] == "${{ github.ref }}"
 
 
 def test_promote_job_runs_after_ci_on_main_or_by_hand() -> None:
@@ -146,9 +153,14 @@ def test_promote_job_runs_after_ci_on_main_or_by_hand() -> None:
     (argv,) = deployment_runs(job)
     assert argv[3] == "promote/promote"
     assert "--watch" in argv
-    assert params(argv) == {"environment": "${TARGET_ENVIRONMENT}"}
+    assert params(argv) == {
+        "environment": "${TARGET_ENVIRONMENT}",
+        "promoted_by": '"${PROMOTER}"',
+    }
     (step,) = [s for s in job["steps"] if "prefect deployment run" in s.get("run", "")]
     assert step["env"]["TARGET_ENVIRONMENT"] == "${{ inputs.environment || 'staging' }}"
+    # the person who triggered the workflow promotes, never a shared bot name
+    assert step["env"]["PROMOTER"] == "${{ github.actor }}"
 
 
 # --- the deployments named exist in prefect.yaml and take the parameters passed -------

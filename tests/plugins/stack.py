@@ -27,10 +27,10 @@ import pytest
 
 from blocks.config import PipelineConfig
 from blocks.registry import OciRegistry
-from cicd.stack import StackInfo, ensure_stack
-from tasks.images import BuiltImage, build_image, image_repository, local_ca_bundle
+from blocks.stack import StackInfo
+from cicd.stack import ensure_stack
+from tasks.images import BuiltImage, build_image, image_repository, local_ca_bundle, push_image
 from tasks.models import ImageRef
-from tasks.registry import push_image
 
 os.environ.setdefault("ELICE_STACK_DIR", "/var/tmp/elice-test-stack")
 IMAGE_SERVICE = "course"

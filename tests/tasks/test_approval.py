@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -20,36 +19,20 @@ from prefect.runtime import flow_run as current_run
 from prefect.utilities.schema_tools import validate
 from typer.testing import CliRunner
 
-from blocks.config import parse_config
-from cicd.promote_cli import (
-    ApprovalRefused,
-    GateError,
-    read_gate,
-    register,
-    submit_answer,
-    wait_for_final,
-)
+from cicd.promote_cli import register
 from tasks.approval import (
-    PlannedChange,
-    PromotionPlan,
     approval_input,
     approval_model,
     eligible_approvers,
-    make_plan,
     plan_markdown,
-    release_id,
-    release_id_from_schema,
-)
-from tasks.models import ImageRef
-from tasks.promotion import (
-    PromotionRefused,
-    PromotionRejected,
-    build_plan,
-    check_request,
-    judge_scans,
     read_decision,
+    read_gate,
+    release_id_from_schema,
+    submit_answer,
+    wait_for_final,
 )
-from tasks.releases import EnvironmentState, ReleaseRecord
+from tasks.exceptions import ApprovalRefused, GateError, PromotionRefused, PromotionRejected
+from tasks.models import ImageRef, PlannedChange, PromotionPlan, make_plan, release_id
 
 APPROVERS = ("platform-lead", "sre-oncall", "release-manager")
 D1, D2, D3 = ("sha256:" + c * 64 for c in "123")
@@ -114,7 +97,7 @@ def test_plan_markdown_shows_digests_commits_and_changes() -> None:
 
 def test_eligible_approvers_exclude_the_promoter() -> None:
     assert eligible_approvers(APPROVERS, "sre-oncall") == ["platform-lead", "release-manager"]
-    with pytest.raises(ValueError, match="nobody approves their own"):
+    with pytest.raises(PromotionRefused, match="nobody approves their own"):
         eligible_approvers(("alice",), "alice")
 
 
@@ -301,94 +284,3 @@ def test_cli_approve_unknown_run_exits_2(cli: typer.Typer) -> None:
     )
     assert result.exit_code == 2
     assert "no flow run" in flat(result.output)
-
-
-# --- planning and the scan gate (pure) -----------------------------------------------------
-
-PLAN_CONFIG = {
-    "services": [{"name": "auth", "port": 8002}, {"name": "course", "port": 8004}],
-    "environments": [
-        {
-            "name": "q-dev",
-            "namespace": "q-dev",
-            "replicas": {"min": 1, "max": 1},
-            "log_level": "INFO",
-            "storage": "minio",
-            "local_port_offset": 1,
-        },
-        {
-            "name": "q-prod",
-            "namespace": "q-prod",
-            "replicas": {"min": 1, "max": 1},
-            "log_level": "WARN",
-            "storage": "s3",
-            "promotes_from": "q-dev",
-            "approval_required": True,
-            "approvers": ["alice"],
-            "local_port_offset": 2,
-        },
-    ],
-}
-
-
-def ledger_state(env: str, **records: tuple[str, bool, str | None]) -> EnvironmentState:
-    return EnvironmentState(
-        environment=env,
-        services={
-            name: ReleaseRecord(
-                service=name,
-                environment=env,
-                image=image(name, digest, "d" * 40),
-                release_id="ci-1",
-                verified=verified,
-                scan=scan,  # type: ignore[arg-type]
-            )
-            for name, (digest, verified, scan) in records.items()
-        },
-    )
-
-
-def test_build_plan_refuses_before_anything_changes() -> None:
-    cfg = parse_config(PLAN_CONFIG, "test")
-    dev = ledger_state("q-dev", auth=(D1, True, "clean"), course=(D2, False, "clean"))
-    prod = ledger_state("q-prod")
-    cases = {
-        "unknown environment 'nowhere'": ("nowhere", ["auth"], "bob"),
-        "unknown services ['nope']": ("q-prod", ["nope"], "bob"),
-        "course: release ci-1 (222222222222) is not verified in q-dev": ("q-prod", None, "bob"),
-        "nobody may approve a promotion by 'alice'": ("q-prod", ["auth"], "alice"),
-        "q-dev is not promoted into": ("q-dev", ["auth"], "bob"),
-    }
-    for message, (env, services, who) in cases.items():
-        with pytest.raises(PromotionRefused, match=re.escape(message)):
-            build_plan(cfg, env, services, who, dev, prod)
-    ok = build_plan(cfg, "q-prod", ["auth"], "bob", dev, prod)
-    assert ok.services == ["auth"]
-    assert ok.changes[0].current_digest is None
-    assert ok.release_id == release_id({"auth": D1})
-
-
-def test_scan_gate_needs_clean_scans_or_a_reasoned_override_in_production() -> None:
-    cfg = parse_config(PLAN_CONFIG, "test")
-    prod = cfg.environment("q-prod")
-    dev = ledger_state("q-dev", auth=(D1, True, "clean"), course=(D2, True, None))
-    p = build_plan(cfg, "q-prod", None, "bob", dev, ledger_state("q-prod"))
-    with pytest.raises(PromotionRefused, match=re.escape("no clean security scan for ['course']")):
-        judge_scans(p, prod, False, None)
-    with pytest.raises(PromotionRefused, match="needs --override-reason"):
-        judge_scans(p, prod, True, " ")
-    verdict = judge_scans(p, prod, True, "scanner outage, CVE feed checked by hand")
-    assert verdict.overridden == ["course"]
-    assert verdict.scans == {"auth": "clean", "course": "unknown"}
-    bad = build_plan(
-        cfg,
-        "q-prod",
-        None,
-        "bob",
-        ledger_state("q-dev", auth=(D1, True, "vulnerable")),
-        ledger_state("q-prod"),
-    )
-    with pytest.raises(PromotionRefused, match="known vulnerabilities"):
-        judge_scans(bad, prod, True, "ship it anyway")
-    with pytest.raises(PromotionRefused, match="only meaningful with"):
-        check_request(False, "a reason without an override")

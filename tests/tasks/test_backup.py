@@ -16,7 +16,6 @@ from blocks.storage import ReleaseStorage
 from tasks.backup import (
     BACKUP_ID,
     Backup,
-    BackupError,
     backup_environment,
     latest_backup,
     list_backups,
@@ -24,8 +23,10 @@ from tasks.backup import (
     new_backup_id,
     restore_targets,
 )
+from tasks.exceptions import BackupError
 from tasks.models import DeployedService, ImageRef
-from tasks.releases import EnvironmentState, Ledger, ReleaseRecord, open_store
+from tasks.releases import EnvironmentState, Ledger, ReleaseRecord
+from tasks.stores import open_store
 
 
 def image(service: str, hexchar: str) -> ImageRef:

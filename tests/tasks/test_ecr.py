@@ -10,9 +10,7 @@ from prefect_aws import AwsCredentials
 from pydantic import SecretStr
 
 from blocks.registry import EcrRegistry
-from tasks.exceptions import ImageError
-from tasks.models import ImageRef
-from tasks.registry import (
+from tasks.ecr import (
     ecr_client,
     ecr_login,
     ecr_retag,
@@ -21,6 +19,8 @@ from tasks.registry import (
     mirror_to_ecr,
     put_lifecycle_policy,
 )
+from tasks.exceptions import ImageError
+from tasks.models import ImageRef
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 
 from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig
-from cicd.stack import StackInfo
+from blocks.stack import StackInfo
 from tasks.exceptions import ImageError
 from tasks.images import (
     BuiltImage,

@@ -10,10 +10,10 @@ import pytest
 from prefect.states import State
 
 from blocks.notifications import PAGERDUTY_BLOCK, SLACK_BLOCK, PagerDutyService, SlackChannel
+from tasks.exceptions import NoticeUndeliverable
 from tasks.models import ImageRef
 from tasks.notify import (
     Notice,
-    NoticeUndeliverable,
     digest_change,
     notify,
     pagerduty_action,

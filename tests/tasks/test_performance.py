@@ -8,10 +8,9 @@ import pytest
 
 from blocks.catalog import ServiceSpec
 from blocks.config import PerformancePolicy
-from tasks.exceptions import PromotionError
+from tasks.exceptions import PerformanceRegression, PromotionError
 from tasks.performance import (
     Baseline,
-    PerformanceRegression,
     check_regression,
     measure_baseline,
     percentile,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.exceptions import SourceError
 from tasks.python_build import EXPORTS, lock_service, sync_service
 from tests.tasks.ci_checkout import CONFIG, SAMPLE, synced_checkout
 
@@ -38,5 +39,5 @@ def test_sync_installs_the_service_tools_in_its_own_venv() -> None:
 
 
 def test_lock_of_a_missing_service_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"auth: no pyproject\.toml"):
+    with pytest.raises(SourceError, match=r"auth: no pyproject\.toml"):
         lock_service.fn(CONFIG.service(SAMPLE), str(tmp_path))

@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from tasks.exceptions import ToolError
+from tasks.exceptions import CheckFailed, SourceError, ToolError
 from tasks.quality import (
     bandit_issues,
     mypy_summary,
     run_bandit,
     run_mypy,
     run_ruff,
+    shared_config,
     unformatted_files,
     venv_tool,
 )
-from tasks.source import CheckFailed
-from tests.tasks.ci_checkout import CONFIG, SAMPLE, synced_checkout
+from tests.tasks.ci_checkout import CONFIG, REPO, SAMPLE, synced_checkout
 
 SPEC = CONFIG.service(SAMPLE)
 
@@ -111,3 +111,21 @@ def test_summaries_of_tool_output() -> None:
     )
     assert summary == "2 security issues (2 low; B105 x2)"
     assert excerpt.splitlines()[1].startswith("b.py:4: B105")
+
+
+def test_the_shared_configs_apply(repo: str, inject: Path) -> None:
+    """services/mypy.ini is strict; services/bandit.yaml skips B101 (the pyproject has neither)."""
+    inject.write_text('"""Injected."""\n\n\ndef echo(x):\n    return x\n')
+    with pytest.raises(CheckFailed) as failed:
+        run_mypy.fn(SPEC, repo)
+    assert "[no-untyped-def]" in failed.value.excerpt
+    inject.write_text(
+        '"""Injected."""\n\n\ndef positive(x: int) -> int:\n    assert x > 0\n    return x\n'
+    )
+    assert run_bandit.fn(SPEC, repo).status == "passed"
+
+
+def test_a_missing_shared_config_is_named(tmp_path: Path) -> None:
+    assert shared_config(REPO, "bandit") == str(REPO / "services" / "bandit.yaml")
+    with pytest.raises(SourceError, match=r"services/mypy\.ini is missing"):
+        shared_config(tmp_path, "mypy")

@@ -6,16 +6,9 @@ import pytest
 
 from blocks.registry import OciRegistry
 from tasks.exceptions import ImageError, ToolError
-from tasks.images import BuiltImage
+from tasks.images import BuiltImage, push_image
 from tasks.models import ImageRef
-from tasks.registry import (
-    copy_tag,
-    image_exists,
-    manifest_digest,
-    push_image,
-    read_labels,
-    split_repository,
-)
+from tasks.registry import copy_tag, image_exists, manifest_digest, read_labels, split_repository
 
 UNKNOWN = "sha256:" + "0" * 64
 

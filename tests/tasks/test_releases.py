@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import uuid
 from pathlib import Path
@@ -13,24 +14,26 @@ from prefect.artifacts import Artifact
 from prefect.filesystems import LocalFileSystem, WritableFileSystem
 from prefect_aws import AwsCredentials, S3Bucket
 
+from blocks.config import parse_config
 from blocks.storage import (
     STORAGE_BLOCK,
     ReleaseStorage,
     backup_filesystem,
     ledger_filesystem,
 )
-from tasks.models import ImageRef
+from tasks.exceptions import ConfigError, LedgerConflict, LedgerError, PromotionRefused
+from tasks.models import ImageRef, release_id
 from tasks.releases import (
     EnvironmentState,
     Ledger,
-    LedgerConflict,
-    LedgerError,
     ReleaseRecord,
+    build_plan,
     ledger_markdown,
-    open_store,
     publish_ledger_artifact,
     with_deploy,
 )
+from tasks.stores import open_store
+from tests.tasks.plans import D1, D2, PLAN_CONFIG, ledger_state
 
 
 def image(service: str, hexchar: str) -> ImageRef:
@@ -285,7 +288,7 @@ def test_storage_from_saved_s3_block(
         assert keys == ["elice/prod/ledger/production/00000001.json"]
     finally:
         ReleaseStorage.delete(STORAGE_BLOCK)
-    with pytest.raises(ValueError, match="cannot be loaded"):
+    with pytest.raises(ConfigError, match="cannot be loaded"):
         ledger_filesystem()
 
 
@@ -304,3 +307,46 @@ def test_publish_ledger_artifact(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert artifact.type == "markdown"
     assert "`dddddddddddd`" in str(artifact.data)
     assert "r7" in str(artifact.data)
+
+
+# --- planning a promotion from the ledgers (pure) ---------------------------------------
+
+
+def test_build_plan_refuses_before_anything_changes() -> None:
+    cfg = parse_config(PLAN_CONFIG, "test")
+    dev = ledger_state("q-dev", auth=(D1, True, "clean"), course=(D2, False, "clean"))
+    prod = ledger_state("q-prod")
+    cases = {
+        "unknown environment 'nowhere'": ("nowhere", ["auth"], "bob"),
+        "unknown services ['nope']": ("q-prod", ["nope"], "bob"),
+        "course: release ci-1 (222222222222) is not verified in q-dev": ("q-prod", None, "bob"),
+        "nobody may approve a promotion by 'alice'": ("q-prod", ["auth"], "alice"),
+        "q-dev is not promoted into": ("q-dev", ["auth"], "bob"),
+    }
+    for message, (env, services, who) in cases.items():
+        with pytest.raises(PromotionRefused, match=re.escape(message)):
+            build_plan(cfg, env, services, who, dev, prod)
+    ok = build_plan(cfg, "q-prod", ["auth"], "bob", dev, prod)
+    assert ok.services == ["auth"]
+    assert ok.changes[0].current_digest is None
+    assert ok.release_id == release_id({"auth": D1})
+    assert ok.changes[0].ref == "refs/heads/main"
+
+
+def test_a_release_not_shipped_from_the_protected_branch_is_refused() -> None:
+    cfg = parse_config(PLAN_CONFIG, "test")
+    dev = ledger_state("q-dev", auth=(D1, True, "clean"))
+    planted = dev.services["auth"].model_copy(update={"ref": "refs/heads/feature"})
+    dev = dev.model_copy(update={"services": {"auth": planted}})
+    with pytest.raises(PromotionRefused, match="not shipped from the protected branch main"):
+        build_plan(cfg, "q-prod", ["auth"], "bob", dev, ledger_state("q-prod"))
+    with pytest.raises(PromotionRefused, match="protected branch release"):
+        build_plan(
+            cfg,
+            "q-prod",
+            ["auth"],
+            "bob",
+            ledger_state("q-dev", auth=(D1, True, "clean")),
+            ledger_state("q-prod"),
+            protected_branch="release",
+        )

@@ -7,7 +7,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.states import Completed, Failed, Pending
 
-from tasks.exceptions import ToolError
+from tasks.exceptions import CheckFailed, ToolError
 from tasks.models import StageResult
 from tasks.reports import (
     failed_services,
@@ -18,7 +18,6 @@ from tasks.reports import (
     stage_table,
     summary_line,
 )
-from tasks.source import CheckFailed
 
 
 def passed(service: str, stage: str, seconds: float = 1.0, **details: float) -> StageResult:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from blocks.catalog import ServiceSpec
-from tasks.exceptions import StageFailed
-from tasks.security import parse_pip_audit, scan_dependencies
+from blocks.config import parse_config
+from tasks.exceptions import PromotionRefused, StageFailed
+from tasks.releases import build_plan
+from tasks.security import check_request, judge_scans, parse_pip_audit, scan_dependencies
+from tests.tasks.plans import D1, D2, PLAN_CONFIG, ledger_state
 
 
 def test_no_report_is_unknown_never_clean() -> None:
@@ -69,3 +73,32 @@ def test_vulnerable_lock_fails_the_stage(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr("tasks.security.which", lambda tool: str(fake_audit))
     with pytest.raises(StageFailed, match="1 known vulnerabilities"):
         scan_dependencies.fn(spec, tmp_path)
+
+
+# --- the promotion's scan gate (pure) ---------------------------------------------------
+
+
+def test_scan_gate_needs_clean_scans_or_a_reasoned_override_in_production() -> None:
+    cfg = parse_config(PLAN_CONFIG, "test")
+    prod = cfg.environment("q-prod")
+    dev = ledger_state("q-dev", auth=(D1, True, "clean"), course=(D2, True, None))
+    p = build_plan(cfg, "q-prod", None, "bob", dev, ledger_state("q-prod"))
+    with pytest.raises(PromotionRefused, match=re.escape("no clean security scan for ['course']")):
+        judge_scans(p, prod, False, None)
+    with pytest.raises(PromotionRefused, match="needs --override-reason"):
+        judge_scans(p, prod, True, " ")
+    verdict = judge_scans(p, prod, True, "scanner outage, CVE feed checked by hand")
+    assert verdict.overridden == ["course"]
+    assert verdict.scans == {"auth": "clean", "course": "unknown"}
+    bad = build_plan(
+        cfg,
+        "q-prod",
+        None,
+        "bob",
+        ledger_state("q-dev", auth=(D1, True, "vulnerable")),
+        ledger_state("q-prod"),
+    )
+    with pytest.raises(PromotionRefused, match="known vulnerabilities"):
+        judge_scans(bad, prod, True, "ship it anyway")
+    with pytest.raises(PromotionRefused, match="only meaningful with"):
+        check_request(False, "a reason without an override")

@@ -10,17 +10,19 @@ import pytest
 from prefect.states import Completed, Failed
 
 from blocks.catalog import ServiceCatalog
-from tasks.exceptions import StageFailed, ToolError
+from tasks.exceptions import CheckFailed, SourceError, StageFailed, ToolError
 from tasks.process import retry_on_tool_error
+from tasks.quality import SHARED_CONFIGS
 from tasks.source import (
-    CheckFailed,
     affected_services,
     changed_paths,
     current_commit,
     detect_changes,
     fingerprint,
+    is_shared_build_file,
     lib_dependencies,
     read_tool_versions,
+    shared_build_files,
 )
 from tests.tasks.ci_checkout import CONFIG, REPO, commit_all, git
 
@@ -91,13 +93,13 @@ def test_affected_services_is_pure_and_ordered() -> None:
 
 
 def test_bad_refs_are_named(repo: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="'no-such-branch' is not a commit"):
+    with pytest.raises(SourceError, match="'no-such-branch' is not a commit"):
         changed_paths(repo, "no-such-branch", "HEAD")
-    with pytest.raises(ValueError, match=r"'HEAD~1' is not a commit"):
+    with pytest.raises(SourceError, match=r"'HEAD~1' is not a commit"):
         changed_paths(repo, "HEAD~1", "HEAD")  # one commit only: no parent
     plain = tmp_path / "plain"
     plain.mkdir()
-    with pytest.raises(ValueError, match="'HEAD' is not a commit"):
+    with pytest.raises(SourceError, match="'HEAD' is not a commit"):
         current_commit.fn(str(plain))
 
 
@@ -180,3 +182,15 @@ def test_check_failed_survives_pickling() -> None:
 
 def test_githubs_zero_base_of_a_first_push_affects_every_service() -> None:
     assert detect_changes.fn(str(REPO), "0" * 40, "HEAD", CONFIG.catalog) == CONFIG.catalog.names()
+
+
+def test_the_services_shared_tool_configs_are_shared_build_inputs(repo: Path) -> None:
+    """A change to a configuration every service's checks read reruns every service."""
+    names = ["services/ruff.toml", *(f"services/{f}" for f in SHARED_CONFIGS.values())]
+    assert all(is_shared_build_file(name) for name in names)
+    assert set(names) <= set(shared_build_files(REPO))
+    assert change(repo, "services/pytest.ini") == CATALOG.names()
+    auth = CATALOG.get("auth")
+    before = fingerprint(repo, auth, CATALOG, VERSIONS)
+    write(repo, "services/mypy.ini", "[mypy]\nstrict = False\n")
+    assert fingerprint(repo, auth, CATALOG, VERSIONS) != before

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.exceptions import ToolError
-from tasks.source import CheckFailed, scratch_dir
+from tasks.exceptions import CheckFailed, ToolError
+from tasks.source import scratch_dir
 from tasks.testing import pytest_outcome, run_pytest, total_coverage
 from tests.tasks.ci_checkout import CONFIG, SAMPLE, synced_checkout
 
@@ -77,3 +77,21 @@ def test_outcome_and_coverage_parsing(tmp_path: Path) -> None:
     assert total_coverage(report) == 91.25
     with pytest.raises(ToolError, match="no usable coverage report"):
         total_coverage(tmp_path / "missing.json")
+
+
+def test_the_shared_pytest_ini_applies(repo: str) -> None:
+    """services/pytest.ini: --strict-markers, and branch coverage (--cov-branch)."""
+    marked = Path(repo) / "services" / SAMPLE / "tests" / "test_injected_marker.py"
+    marked.write_text(
+        "import pytest\n\n\n@pytest.mark.undeclared\ndef test_marked() -> None:\n    pass\n"
+    )
+    try:
+        with pytest.raises(CheckFailed, match="test collection failed") as failed:
+            run_pytest.fn(SPEC, repo, SPEC.coverage_threshold)
+    finally:
+        marked.unlink()
+    assert "'undeclared' not found in `markers`" in failed.value.excerpt
+    run_pytest.fn(SPEC, repo, SPEC.coverage_threshold)
+    report = json.loads((scratch_dir(repo, SAMPLE, "coverage") / "coverage.json").read_text())
+    assert report["meta"]["branch_coverage"] is True
+    assert report["totals"]["num_branches"] > 0

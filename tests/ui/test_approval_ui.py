@@ -30,10 +30,10 @@ from prefect.logging.handlers import APILogWorker
 from prefect.runtime import flow_run as current_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from cicd.promote_cli import GateError, read_gate
 from cicd.stack import free_port
-from tasks.approval import PromotionPlan, approval_model
-from tasks.promotion import read_decision
+from tasks.approval import approval_model, read_decision, read_gate
+from tasks.exceptions import GateError
+from tasks.models import PromotionPlan
 from tests.tasks.test_approval import APPROVERS, plan
 
 CHROMIUM = "/usr/bin/chromium"

@@ -17,8 +17,8 @@ from prefect_kubernetes.credentials import KubernetesClusterConfig, KubernetesCr
 
 from blocks.config import PipelineConfig
 from blocks.kubernetes_target import KubernetesTarget
-from tasks.exceptions import DeployError
-from tasks.kubernetes import FIELD_MANAGER, KubernetesApiError, KubernetesDeployer
+from tasks.deploy.kubernetes import FIELD_MANAGER, KubernetesDeployer
+from tasks.exceptions import DeployError, KubernetesApiError
 from tasks.models import ImageRef
 from tests.k8s_sim import CRASH, PULL, KubeSimulator
 

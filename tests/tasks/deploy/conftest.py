@@ -1,4 +1,5 @@
-"""These tests never talk to a Prefect server: skip starting the session one for them."""
+"""The deploy targets are driven directly (the docker engine, the Kubernetes simulator):
+no Prefect server is needed, so the session one is not started for them."""
 
 from __future__ import annotations
 

@@ -1,18 +1,12 @@
-"""Kubernetes: render the kustomize overlays, validate them, deploy through the API server.
+"""The `kubernetes` deploy target: server-side apply, rollout wait, rollback to the previous digest.
 
-Pure helpers (`render_overlay`, `pin_images`, `validate_objects`, `service_objects`,
-`rollout_status`) work on plain dicts and are tested without Prefect or a cluster;
-`KubernetesDeployer` drives the official client (server-side apply, rollout wait,
-rollback to the previous digest).
+`rollout_status` and `pod_problems` judge plain dicts read from the API server and are
+tested without a cluster; `KubernetesDeployer` drives the official client.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import hashlib
 import json
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -20,41 +14,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-from prefect import task
-
 from blocks.catalog import ServiceSpec
-from blocks.config import repo_root
 from blocks.environments import EnvironmentSpec
 from blocks.kubernetes_target import KubernetesTarget
-from tasks.exceptions import DeployError
-from tasks.models import DeployedService, ImageRef, utcnow
-from tasks.process import run_logger, run_tool, which
-
-# The Kubernetes minor version the manifests are validated against (deployments/README.md).
-KUBERNETES_VERSION = "1.31"
-FIELD_MANAGER = "elice-devops"
-APP_CONTAINER = "app"
-SERVICE_PORT = 8000
-NAME_LABEL = "app.kubernetes.io/name"
-ANNOTATION_PREFIX = "elice.io/"
-RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
-_DIGEST_REF = re.compile(r"^(?P<repository>[^@\s]+)@(?P<digest>sha256:[0-9a-f]{64})$")
-_CHECKOUT_DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments"
-
-# Apply order: what others refer to first.
-_APPLY_ORDER = (
-    "Namespace",
-    "ServiceAccount",
-    "ConfigMap",
-    "PersistentVolumeClaim",
-    "Service",
-    "Deployment",
-    "HorizontalPodAutoscaler",
-    "PodDisruptionBudget",
+from tasks.deploy.manifests import (
+    ANNOTATION_PREFIX,
+    APP_CONTAINER,
+    DIGEST_REF,
+    NAME_LABEL,
+    SERVICE_PORT,
+    containers,
+    render_overlay,
+    service_objects,
 )
+from tasks.exceptions import DeployError, KubernetesApiError, ManifestError, RolloutFailed
+from tasks.models import DeployedService, ImageRef, utcnow
+from tasks.process import run_logger
+
+FIELD_MANAGER = "elice-devops"
+RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
 # (apiVersion, kind) -> (client API class, method suffix, namespaced)
-_RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
+RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
     ("v1", "Namespace"): ("CoreV1Api", "namespace", False),
     ("v1", "ServiceAccount"): ("CoreV1Api", "namespaced_service_account", True),
     ("v1", "ConfigMap"): ("CoreV1Api", "namespaced_config_map", True),
@@ -68,296 +48,6 @@ _RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
     ),
     ("policy/v1", "PodDisruptionBudget"): ("PolicyV1Api", "namespaced_pod_disruption_budget", True),
 }
-
-
-class ManifestError(DeployError):
-    """The manifests cannot be rendered, pinned or validated; nothing was applied."""
-
-
-class KubernetesApiError(DeployError):
-    """The API server refused a request, or kept failing after the retries."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        self.status = status
-        super().__init__(message)
-
-
-# --------------------------------------------------------------------------- rendering
-
-
-def deployments_root(deployments_dir: Path | None = None) -> Path:
-    """The kustomize tree: the argument, else <repo>/deployments, else this checkout's."""
-    if deployments_dir is not None:
-        return deployments_dir
-    candidate = repo_root() / "deployments"
-    return candidate if (candidate / "overlays").is_dir() else _CHECKOUT_DEPLOYMENTS
-
-
-def overlay_names(deployments_dir: Path | None = None) -> list[str]:
-    """The environments that have an overlay."""
-    overlays = deployments_root(deployments_dir) / "overlays"
-    if not overlays.is_dir():
-        return []
-    return sorted(p.name for p in overlays.iterdir() if (p / "kustomization.yaml").is_file())
-
-
-def service_kustomization(name: str) -> str:
-    """The text of base/services/<name>/kustomization.yaml: the shared template, named."""
-    return (
-        f"# The shared template (base/service) named {name}; "
-        "see tasks.kubernetes.service_kustomization.\n"
-        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
-        "kind: Kustomization\n"
-        "components: [../../service]\n"
-        "configMapGenerator:\n"
-        "  - name: service\n"
-        f"    literals: [SERVICE_NAME={name}, OTEL_SERVICE_NAME={name}]\n"
-        "    options: {disableNameSuffixHash: true}\n"
-    )
-
-
-def tree_fingerprint(root: Path) -> str:
-    """A digest of every file under `root`: changes whenever a manifest does."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-@functools.lru_cache(maxsize=32)
-def _kustomize_text(path: Path, fingerprint: str) -> str:  # noqa: ARG001 - the cache key
-    done = run_tool([which("kubectl"), "kustomize", str(path)], timeout=120)
-    if not done.ok:
-        msg = f"kubectl kustomize {path} failed:\n{done.excerpt()}"
-        raise ManifestError(msg)
-    return done.output
-
-
-def kustomize(path: Path, *, root: Path | None = None) -> list[dict[str, Any]]:
-    """`kubectl kustomize <path>` parsed into objects (cached until a file under `root` changes).
-
-    Raises:
-        ManifestError: kustomize failed; the message holds its output.
-    """
-    fingerprint = tree_fingerprint(root or path)
-    return [doc for doc in yaml.safe_load_all(_kustomize_text(path, fingerprint)) if doc]
-
-
-def image_name(image: str) -> str:
-    """The repository part of an image reference, without tag or digest."""
-    name = image.split("@", 1)[0]
-    last = name.rsplit("/", 1)[-1]
-    if ":" in last:
-        name = name[: len(name) - len(last)] + last.split(":", 1)[0]
-    return name
-
-
-def is_pinned(image: str) -> bool:
-    """True when `image` is repository@sha256:<64 hex>."""
-    return _DIGEST_REF.match(image) is not None
-
-
-def _containers(obj: Mapping[str, Any]) -> list[dict[str, Any]]:
-    spec = obj.get("spec", {}).get("template", {}).get("spec", {})
-    return [*spec.get("initContainers", []), *spec.get("containers", [])]
-
-
-def _set_env(container: dict[str, Any], values: Mapping[str, str]) -> None:
-    env: list[dict[str, Any]] = container.setdefault("env", [])
-    for name, value in values.items():
-        for item in env:
-            if item.get("name") == name:
-                item.pop("valueFrom", None)
-                item["value"] = value
-                break
-        else:
-            env.append({"name": name, "value": value})
-
-
-def pin_images(
-    objects: Iterable[Mapping[str, Any]], images: Mapping[str, ImageRef]
-) -> list[dict[str, Any]]:
-    """A copy of `objects` with each given service's image pinned to repository@digest.
-
-    The service's `elice/<service>` placeholder becomes `image.reference`; the
-    container's IMAGE_DIGEST, GIT_COMMIT, APP_VERSION and APP_RELEASE are set; the
-    Deployment is annotated with tag, version and commit.
-
-    Raises:
-        ManifestError: a service has no Deployment, no placeholder container, or
-            still runs an unpinned image afterwards.
-    """
-    result = [copy.deepcopy(dict(obj)) for obj in objects]
-    deployments = {o["metadata"]["name"]: o for o in result if o.get("kind") == "Deployment"}
-    for service, image in images.items():
-        if image.service != service:
-            msg = f"images[{service!r}] is an image of {image.service!r}"
-            raise ManifestError(msg)
-        deployment = deployments.get(service)
-        if deployment is None:
-            msg = f"no Deployment named {service!r} in the manifests; have {sorted(deployments)}"
-            raise ManifestError(msg)
-        placeholder = f"elice/{service}"
-        targets = [
-            c
-            for c in _containers(deployment)
-            if c.get("name") == APP_CONTAINER or image_name(c.get("image", "")) == placeholder
-        ]
-        if not targets:
-            msg = f"{service}: no container {APP_CONTAINER!r} or image {placeholder} to pin"
-            raise ManifestError(msg)
-        for container in targets:
-            container["image"] = image.reference
-            _set_env(
-                container,
-                {
-                    "IMAGE_DIGEST": image.digest,
-                    "GIT_COMMIT": image.commit or "unknown",
-                    "APP_VERSION": image.version or "unknown",
-                    "APP_RELEASE": image.tag or image.short,
-                },
-            )
-        annotations = deployment["metadata"].setdefault("annotations", {})
-        annotations[f"{ANNOTATION_PREFIX}image-tag"] = image.tag
-        annotations[f"{ANNOTATION_PREFIX}version"] = image.version
-        annotations[f"{ANNOTATION_PREFIX}commit"] = image.commit
-        unpinned = [c["image"] for c in _containers(deployment) if not is_pinned(c["image"])]
-        if unpinned:
-            msg = f"{service}: images not pinned by digest after rendering: {unpinned}"
-            raise ManifestError(msg)
-    return result
-
-
-def render_overlay(
-    environment: str,
-    images: Mapping[str, ImageRef] | None = None,
-    *,
-    deployments_dir: Path | None = None,
-) -> list[dict[str, Any]]:
-    """Render deployments/overlays/<environment> and pin the given services' images.
-
-    Services not in `images` keep their `elice/<service>` placeholder (fine for
-    validation, never applied: the deployer applies only pinned services).
-
-    Raises:
-        ValueError: no overlay for `environment`.
-        ManifestError: kustomize failed or an image could not be pinned.
-    """
-    root = deployments_root(deployments_dir)
-    known = overlay_names(root)
-    if environment not in known:
-        msg = f"no overlay for environment {environment!r} under {root}/overlays; have {known}"
-        raise ValueError(msg)
-    objects = kustomize(root / "overlays" / environment, root=root)
-    return pin_images(objects, images or {})
-
-
-@functools.lru_cache(maxsize=64)
-def _schema_validator(kubernetes_version: str, api_version: str, kind: str) -> Any:
-    """A strict JSON-schema validator for one kind (kubernetes-validate's bundled schemas).
-
-    Same lookup as `kubernetes_validate.validate`, built once per kind instead of per object.
-    """
-    import jsonschema  # type: ignore[import-untyped]  # noqa: PLC0415
-    import referencing  # noqa: PLC0415
-    from kubernetes_validate import utils  # noqa: PLC0415
-
-    wanted = utils.major_minor(kubernetes_version.removeprefix("v"))
-    if wanted > utils.latest_version():
-        msg = f"no schemas for Kubernetes {kubernetes_version} (newest: {utils.latest_version()})"
-        raise ManifestError(msg)
-    version = [v for v in utils.all_versions() if utils.major_minor(v) <= wanted][-1]
-    folder = f"kubernetes-json-schema/v{version}-local-strict"
-    group = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
-    try:
-        schema = utils.schema_contents(f"{folder}/{kind.lower()}-{group}.json", version)
-    except FileNotFoundError:
-        return None
-    definitions = utils.schema_contents(f"{folder}/_definitions.json", version)
-    registry = referencing.Resource.from_contents(definitions) @ (
-        referencing.Resource.from_contents(schema) @ referencing.Registry()
-    )
-    return jsonschema.validators.Draft202012Validator(schema, registry=registry)
-
-
-def validate_objects(
-    objects: Iterable[Mapping[str, Any]], kubernetes_version: str = KUBERNETES_VERSION
-) -> list[str]:
-    """Strict schema problems of `objects` for `kubernetes_version`; empty when all are valid."""
-    problems = []
-    for obj in objects:
-        meta = obj.get("metadata") or {}
-        where = f"{obj.get('kind', '?')}/{meta.get('name', '?')}"
-        validator = _schema_validator(
-            kubernetes_version, str(obj.get("apiVersion", "")), str(obj.get("kind", ""))
-        )
-        if validator is None:
-            problems.append(
-                f"{where}: no schema for {obj.get('apiVersion')} {obj.get('kind')} "
-                f"in Kubernetes {kubernetes_version}"
-            )
-            continue
-        for error in sorted(validator.iter_errors(dict(obj)), key=lambda e: list(e.absolute_path)):
-            path = ".".join(str(part) for part in error.absolute_path) or "(top level)"
-            problems.append(f"{where}: {path}: {error.message}")
-    return problems
-
-
-@task(name="validate-manifests", retries=0)
-def validate_manifests(
-    environment: str,
-    images: Mapping[str, ImageRef] | None = None,
-    *,
-    kubernetes_version: str = KUBERNETES_VERSION,
-    deployments_dir: Path | None = None,
-) -> int:
-    """Render an environment's overlay and validate it strictly; returns the object count.
-
-    Raises:
-        ManifestError: listing every problem found.
-    """
-    objects = render_overlay(environment, images, deployments_dir=deployments_dir)
-    problems = validate_objects(objects, kubernetes_version)
-    if problems:
-        msg = (
-            f"{environment}: {len(problems)} manifest problem(s) for Kubernetes "
-            f"{kubernetes_version}:\n  " + "\n  ".join(problems)
-        )
-        raise ManifestError(msg)
-    run_logger().info(
-        "%s: %d objects valid for Kubernetes %s", environment, len(objects), kubernetes_version
-    )
-    return len(objects)
-
-
-def service_objects(objects: Iterable[Mapping[str, Any]], service: str) -> list[dict[str, Any]]:
-    """What a deploy of `service` applies, in apply order.
-
-    The Namespace, the service's labelled objects, and the ConfigMaps its Deployment
-    reads (the environment's shared settings).
-    """
-    every = [dict(o) for o in objects]
-    mine = [o for o in every if (o["metadata"].get("labels") or {}).get(NAME_LABEL) == service]
-    deployment = next((o for o in mine if o["kind"] == "Deployment"), None)
-    if deployment is None:
-        msg = f"no Deployment labelled {NAME_LABEL}={service} in the manifests"
-        raise ManifestError(msg)
-    referenced = {
-        source["configMapRef"]["name"]
-        for c in _containers(deployment)
-        for source in c.get("envFrom", [])
-        if "configMapRef" in source
-    }
-    shared = [
-        o
-        for o in every
-        if o["kind"] == "Namespace"
-        or (o["kind"] == "ConfigMap" and o["metadata"]["name"] in referenced)
-    ]
-    chosen = {id(o): o for o in [*shared, *mine]}
-    order = {kind: i for i, kind in enumerate(_APPLY_ORDER)}
-    return sorted(chosen.values(), key=lambda o: order.get(o["kind"], len(order)))
 
 
 # --------------------------------------------------------------------------- rollout
@@ -377,7 +67,7 @@ def rollout_status(deployment: Mapping[str, Any], expected_image: str) -> Rollou
     meta = deployment.get("metadata", {})
     spec = deployment.get("spec", {})
     status = deployment.get("status") or {}
-    images = [c.get("image") for c in _containers(deployment)]
+    images = [c.get("image") for c in containers(deployment)]
     if expected_image not in images:
         return RolloutStatus(False, True, f"the Deployment now runs {images}, not {expected_image}")
     if status.get("observedGeneration", 0) < meta.get("generation", 0):
@@ -432,10 +122,6 @@ def pod_problems(pods: Iterable[Mapping[str, Any]], image: str | None = None) ->
 T = TypeVar("T")
 
 
-class _RolloutFailed(Exception):
-    pass
-
-
 class KubernetesDeployer:
     """The `kubernetes` deploy target: server-side apply of the rendered overlay.
 
@@ -484,7 +170,7 @@ class KubernetesDeployer:
         try:
             self._apply(objects)
             self._wait(env, service, image.reference, deadline_s)
-        except (_RolloutFailed, KubernetesApiError) as exc:
+        except (RolloutFailed, KubernetesApiError) as exc:
             restored = "removed it (no previous release)"
             try:
                 self.restore(env, service, previous)
@@ -510,10 +196,10 @@ class KubernetesDeployer:
         deployment = self._read_deployment(env.namespace, service.name)
         if deployment is None:
             return None
-        images = [
-            c["image"] for c in _containers(deployment) if c.get("name") == APP_CONTAINER
-        ] or [c["image"] for c in _containers(deployment)]
-        match = _DIGEST_REF.match(images[0]) if images else None
+        images = [c["image"] for c in containers(deployment) if c.get("name") == APP_CONTAINER] or [
+            c["image"] for c in containers(deployment)
+        ]
+        match = DIGEST_REF.match(images[0]) if images else None
         if match is None:
             msg = (
                 f"{env.name}/{service.name}: the live Deployment runs {images}, not an image "
@@ -555,7 +241,7 @@ class KubernetesDeployer:
         try:
             self._apply(objects)
             self._wait(env, service, previous.image.reference, self.target.rollout_deadline_s)
-        except _RolloutFailed as exc:
+        except RolloutFailed as exc:
             msg = f"{env.name}/{service.name}: restoring {previous.image.reference} failed: {exc}"
             raise DeployError(msg) from exc
 
@@ -608,12 +294,12 @@ class KubernetesDeployer:
                 if status not in RETRY_STATUSES or attempt >= self.target.retries:
                     reason = _api_message(exc)
                     msg = f"{what}: the API server answered {status}: {reason}"
-                    raise KubernetesApiError(msg, status) from None
+                    raise KubernetesApiError(msg, status) from exc
                 problem = f"{status} {exc.reason}"
             except (HTTPError, TimeoutError, ConnectionError) as exc:
                 if attempt >= self.target.retries:
                     msg = f"{what}: no answer from the API server: {exc}"
-                    raise KubernetesApiError(msg) from None
+                    raise KubernetesApiError(msg) from exc
                 problem = type(exc).__name__
             attempt += 1
             run_logger().warning(
@@ -675,7 +361,7 @@ class KubernetesDeployer:
             deployment = self._read_deployment(env.namespace, service.name)
             if deployment is None:
                 msg = "the Deployment disappeared during the rollout"
-                raise _RolloutFailed(msg)
+                raise RolloutFailed(msg)
             status = rollout_status(deployment, image)
             if status.done:
                 return
@@ -688,7 +374,7 @@ class KubernetesDeployer:
                 )
                 pods = pod_problems(self._pods(env.namespace, service.name), image)
                 detail = f"; pods: {'; '.join(pods)}" if pods else ""
-                raise _RolloutFailed(f"{reason}{detail}")
+                raise RolloutFailed(f"{reason}{detail}")
             self._sleep(self.target.poll_interval_s)
 
     def _delete_service(self, env: EnvironmentSpec, service: ServiceSpec) -> None:
@@ -716,10 +402,10 @@ class KubernetesDeployer:
 
 def _resource(obj: Mapping[str, Any]) -> tuple[str, str, bool]:
     key = (obj.get("apiVersion", ""), obj.get("kind", ""))
-    if key not in _RESOURCES:
+    if key not in RESOURCES:
         msg = f"cannot apply {key[1]} ({key[0]}): not a kind this deployer manages"
         raise ManifestError(msg)
-    return _RESOURCES[key]
+    return RESOURCES[key]
 
 
 def _api_message(exc: Any) -> str:

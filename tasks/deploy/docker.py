@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
 import docker
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from blocks.catalog import ServiceSpec
 from blocks.docker_target import DockerTarget
 from blocks.environments import EnvironmentSpec
+from tasks.engine import docker_error, engine_client, resolve_docker_host
 from tasks.exceptions import DeployError, ToolError
 from tasks.health import HealthResult, probe_health
 from tasks.models import DeployedService, ImageRef, utcnow
@@ -102,32 +101,13 @@ def deployed_from_labels(labels: Mapping[str, str], address: str) -> DeployedSer
     )
 
 
-def engine_host(docker_host: str | None) -> str:
-    """`docker_host`, else DOCKER_HOST, else the engine the local stack recorded.
-
-    Raises:
-        ToolError: none of them names an engine.
-    """
-    if docker_host:
-        return docker_host
-    if os.environ.get("DOCKER_HOST"):
-        return os.environ["DOCKER_HOST"]
-    from cicd.stack import load_stack_info  # noqa: PLC0415  (cicd sits above tasks)
-
-    info = load_stack_info()
-    if info is None:
-        msg = "no Docker engine: set DockerTarget.docker_host or DOCKER_HOST, or `cicd stack up`"
-        raise ToolError(msg)
-    return info.docker_host
-
-
 @contextmanager
 def _engine_errors(action: str) -> Iterator[None]:
     try:
         yield
-    except DockerException as exc:
+    except docker_error("DockerException") as exc:
         msg = f"Docker engine failed to {action}: {exc}"
-        raise ToolError(msg) from None
+        raise ToolError(msg) from exc
 
 
 class DockerDeployer:
@@ -180,13 +160,7 @@ class DockerDeployer:
             ToolError: the engine does not answer.
         """
         if self._client is None:
-            host = engine_host(self.docker_host)
-            try:
-                client = docker.DockerClient(base_url=host, timeout=120)
-                client.ping()
-            except DockerException as exc:
-                msg = f"Docker engine at {host} does not answer: {exc}"
-                raise ToolError(msg) from None
+            client = engine_client(resolve_docker_host(self.docker_host), timeout=120)
             self._client = client
         return self._client
 
@@ -197,7 +171,7 @@ class DockerDeployer:
     def _find(self, name: str) -> Any | None:
         try:
             return self.client.containers.get(name)
-        except NotFound:
+        except docker_error("NotFound"):
             return None
 
     def live(self, env: EnvironmentSpec, service: ServiceSpec) -> DeployedService | None:
@@ -225,10 +199,10 @@ class DockerDeployer:
                 environment=container_env(env, service, image, extra),
                 labels=container_labels(env, image, utcnow()),
             )
-        except ImageNotFound:
+        except docker_error("ImageNotFound"):
             msg = f"image {image.reference} not found in the registry or the engine"
-        except APIError as exc:
-            msg = f"cannot start {image.reference}: {exc.explanation}"
+        except docker_error("APIError") as exc:
+            msg = f"cannot start {image.reference}: {getattr(exc, 'explanation', exc)}"
         raise DeployError(f"{service.name} {image.short} in {env.name}: {msg}")
 
     def _probe(
@@ -280,7 +254,7 @@ class DockerDeployer:
         try:
             new = self._start(env, service, image, f"{name}-next")
         except DeployError as exc:
-            raise DeployError(f"{exc}; {self._bring_back(env, service, serving)}") from None
+            raise DeployError(f"{exc}; {self._bring_back(env, service, serving)}") from exc
         result = self._probe(env, service, image.digest, deadline_s)
         if result.ok:
             if old is not None:

@@ -15,8 +15,8 @@ from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig
 from blocks.docker_target import DockerTarget
 from blocks.environments import EnvironmentSpec, Replicas
-from cicd.stack import StackInfo
-from tasks.containers import (
+from blocks.stack import StackInfo
+from tasks.deploy.docker import (
     DockerDeployer,
     container_env,
     container_labels,
@@ -25,9 +25,8 @@ from tasks.containers import (
     log_excerpt,
 )
 from tasks.exceptions import DeployError
-from tasks.images import BuiltImage
+from tasks.images import BuiltImage, push_image
 from tasks.models import ImageRef
-from tasks.registry import push_image
 
 TEST_ENV = EnvironmentSpec(
     name="test-docker",

@@ -1,0 +1,56 @@
+"""What the local stack runs, as the stack records it and the tasks read it.
+
+`cicd stack up` starts the parts and writes a `StackInfo` to `<stack dir>/stack.json`;
+tasks that need an engine, a registry or a base image and have no saved block read it
+back here. The stack itself lives above the tasks (in `cicd`); this record is the one
+fact they share, so it sits below both.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from blocks.config import state_dir
+
+STACK_DIR_ENV = "ELICE_STACK_DIR"
+
+
+class StackInfo(BaseModel):
+    """Where the parts of the local stack answer."""
+
+    model_config = ConfigDict(frozen=True)
+
+    docker_host: str = Field(description="Docker API endpoint, e.g. unix:///.../podman.sock")
+    registry: str = Field(description="OCI registry address, 127.0.0.1:PORT")
+    base_image: str = Field(description="Base image for service builds")
+    prefect_api_url: str | None = Field(default=None, description="Local Prefect server API")
+    pause_image: str | None = Field(default=None, description="Infra image for kube play")
+
+
+def stack_dir() -> Path:
+    """The stack's home: ELICE_STACK_DIR (a documented user setting), else the state dir."""
+    custom = os.environ.get(STACK_DIR_ENV)
+    path = Path(custom) if custom else state_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def stack_info_file(root: Path | None = None) -> Path:
+    """The file `cicd stack up` records the running stack in."""
+    return (root or stack_dir()) / "stack.json"
+
+
+def load_stack_info(root: Path | None = None) -> StackInfo | None:
+    """The last recorded StackInfo, or None when the stack was never started."""
+    path = stack_info_file(root)
+    if not path.exists():
+        return None
+    return StackInfo.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def save_stack_info(info: StackInfo, root: Path | None = None) -> None:
+    """Record `info` as the running stack."""
+    stack_info_file(root).write_text(info.model_dump_json(indent=2), encoding="utf-8")

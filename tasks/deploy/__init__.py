@@ -1,0 +1,217 @@
+"""Deploys: put a release into an environment through its target, and take it back.
+
+The package holds one module per part: `target` (the Deployer protocol and the target
+resolved once per run), `docker` and `kubernetes` (the two targets), `manifests` (the
+Kubernetes manifests the kubernetes target applies). The tasks the flows call live
+here; each takes the resolved `DeployTarget`, never a name to look up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.transactions import Transaction, get_transaction
+
+from blocks.catalog import ServiceSpec
+from blocks.environments import EnvironmentSpec
+from tasks.deploy.target import DeployTarget
+from tasks.exceptions import PipelineError, PromotionError, PromotionRefused
+from tasks.health import probe_health
+from tasks.locks import deploy_lock
+from tasks.models import DeployedService, DeployOutcome, ImageRef, PublishedImage
+from tasks.process import run_logger
+from tasks.releases import EnvironmentState
+
+
+@task(name="deploy-service", task_run_name="deploy-{service.name}-to-{env.name}")
+def deploy_service(
+    deploy_target: DeployTarget,
+    env: EnvironmentSpec,
+    service: ServiceSpec,
+    published: PublishedImage,
+    *,
+    deadline_s: float = 90.0,
+) -> DeployOutcome:
+    """CI's deploy: the image, unless exactly that digest already serves there healthily.
+
+    Holds `deploy-<env>` while it looks and deploys: deploys into one environment are
+    serialised across runs (and wait for a promotion or rollback of it).
+    """
+    with deploy_lock(env.name):
+        return _deploy_unless_serving(deploy_target, env, service, published.image, deadline_s)
+
+
+def _deploy_unless_serving(
+    deploy_target: DeployTarget,
+    env: EnvironmentSpec,
+    service: ServiceSpec,
+    image: ImageRef,
+    deadline_s: float,
+) -> DeployOutcome:
+    deployer = deploy_target.deployer()
+    live = deployer.live(env, service)
+    if live is not None and live.image.digest == image.digest:
+        probe = probe_health(live.address, service, deadline_s=5, expect_digest=image.digest)
+        if probe.ok:
+            run_logger().info("%s %s already serves in %s", service.name, image.short, env.name)
+            return DeployOutcome(deployed=live, changed=False)
+        run_logger().warning(
+            "%s %s should serve in %s but does not answer (%s): deploying it again",
+            service.name,
+            image.short,
+            env.name,
+            "; ".join(probe.failures),
+        )
+    deployed = deployer.deploy(env, service, image, deadline_s=deadline_s)
+    run_logger().info(
+        "%s %s deployed to %s at %s", service.name, image.short, env.name, deployed.address
+    )
+    return DeployOutcome(deployed=deployed, changed=True)
+
+
+@task(name="read-live-services", cache_policy=NO_CACHE)
+def read_live_services(
+    deploy_target: DeployTarget, env: EnvironmentSpec, services: list[ServiceSpec]
+) -> dict[str, DeployedService | None]:
+    """What serves each service in `env` right now."""
+    deployer = deploy_target.deployer()
+    return {svc.name: deployer.live(env, svc) for svc in services}
+
+
+@task(name="service-addresses", cache_policy=NO_CACHE)
+def service_addresses(
+    deploy_target: DeployTarget, env: EnvironmentSpec, services: list[ServiceSpec]
+) -> dict[str, str]:
+    """Where each service answers in `env`."""
+    deployer = deploy_target.deployer()
+    return {svc.name: deployer.address(env, svc) for svc in services}
+
+
+@task(
+    name="deploy-release",
+    task_run_name="deploy-{service.name}-{env.name}",
+    cache_policy=NO_CACHE,
+)
+def deploy_release(
+    deploy_target: DeployTarget,
+    env: EnvironmentSpec,
+    service: ServiceSpec,
+    image: ImageRef,
+    previous: DeployedService | None,
+    deadline_s: float = 60,
+) -> DeployedService:
+    """Deploy `image`; a rollback of the enclosing transaction puts `previous` back.
+
+    Raises:
+        DeployError: it did not become healthy (the target already restored `previous`).
+    """
+    txn = get_transaction()
+    if txn is not None:
+        txn.set("deploy_target", deploy_target)
+        txn.set("env", env)
+        txn.set("service", service)
+        txn.set("previous", previous)
+    return deploy_target.deployer().deploy(env, service, image, deadline_s=deadline_s)
+
+
+@deploy_release.on_rollback
+def restore_previous_release(txn: Transaction) -> None:
+    """Rollback hook: put back what served before this deploy (nothing: remove it)."""
+    deploy_target: DeployTarget = txn.get("deploy_target")
+    env: EnvironmentSpec = txn.get("env")
+    service: ServiceSpec = txn.get("service")
+    previous: DeployedService | None = txn.get("previous")
+    what = previous.image.short if previous else "nothing"
+    run_logger().warning("rolling back %s in %s to %s", service.name, env.name, what)
+    deploy_target.deployer().restore(env, service, previous)
+
+
+@task(name="confirm-restored", cache_policy=NO_CACHE)
+def confirm_restored(
+    deploy_target: DeployTarget,
+    env: EnvironmentSpec,
+    services: list[ServiceSpec],
+    previous: Mapping[str, DeployedService | None],
+    deadline_s: float = 30,
+) -> dict[str, str | None]:
+    """After a rollback: each service serves its previous digest again (or is gone).
+
+    Returns service -> digest now serving (None: not deployed).
+
+    Raises:
+        PromotionError: a service does not serve what it served before the promotion.
+    """
+    deployer = deploy_target.deployer()
+    problems = []
+    serving: dict[str, str | None] = {}
+    for svc in services:
+        before = previous.get(svc.name)
+        if before is None:
+            live = deployer.live(env, svc)
+            serving[svc.name] = live.image.digest if live else None
+            if live is not None:
+                problems.append(f"{svc.name}: {live.image.short} still runs, expected nothing")
+            continue
+        result = probe_health(
+            deployer.address(env, svc),
+            svc,
+            deadline_s=deadline_s,
+            expect_digest=before.image.digest,
+        )
+        serving[svc.name] = before.image.digest if result.ok else None
+        if not result.ok:
+            problems.append(f"{svc.name}: {'; '.join(result.failures)}")
+    if problems:
+        msg = f"rollback in {env.name} incomplete: " + "; ".join(problems)
+        raise PromotionError(msg)
+    run_logger().info("previous releases serve again in %s: %s", env.name, serving)
+    return serving
+
+
+def rollback_message(failure: PipelineError, restored: Mapping[str, str | None]) -> str:
+    """What a rolled-back promotion says: what failed, and what serves again."""
+    back = ", ".join(
+        f"{svc} {digest.removeprefix('sha256:')[:12] if digest else '(removed)'}"
+        for svc, digest in sorted(restored.items())
+    )
+    return f"rolled back: {failure}; serving again: {back}"
+
+
+@task(name="rollback-service", cache_policy=NO_CACHE)
+def restore_service(
+    deploy_target: DeployTarget, env: EnvironmentSpec, service: ServiceSpec, state: EnvironmentState
+) -> str:
+    """Put back the release that served before the current one, as the ledger records it.
+
+    Returns the digest now serving.
+
+    Raises:
+        PromotionRefused: the ledger has no previous release of `service` in `env`.
+    """
+    previous = state.previous.get(service.name)
+    current = state.services.get(service.name)
+    if previous is None:
+        msg = f"{service.name}: the ledger of {env.name} keeps no previous release to return to"
+        raise PromotionRefused(msg)
+    deployer = deploy_target.deployer()
+    deployer.restore(
+        env,
+        service,
+        DeployedService(
+            service=service.name,
+            environment=env.name,
+            image=previous.image,
+            address=deployer.address(env, service),
+        ),
+    )
+    run_logger().info(
+        "%s in %s: %s -> %s (release %s)",
+        service.name,
+        env.name,
+        current.image.short if current else "none",
+        previous.image.short,
+        previous.release_id,
+    )
+    return previous.image.digest

@@ -1,0 +1,105 @@
+"""The deploy-target interface the flows drive, and the target resolved once per flow run."""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol, cast
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from blocks.catalog import ServiceSpec
+from blocks.docker_target import DockerTarget
+from blocks.environments import EnvironmentSpec
+from blocks.kubernetes_target import KubernetesTarget
+from tasks.exceptions import ConfigError
+from tasks.models import DeployedService, ImageRef
+
+DOCKER_TARGET_BLOCK = "elice-docker"
+KUBERNETES_TARGET_BLOCK = "elice-kubernetes"
+TARGETS = ("docker", "kubernetes")
+TargetKind = Literal["docker", "kubernetes"]
+
+
+class Deployer(Protocol):
+    """A place services run: local containers (docker) or a cluster (kubernetes)."""
+
+    name: str
+
+    def deploy(
+        self, env: EnvironmentSpec, service: ServiceSpec, image: ImageRef, *, deadline_s: float
+    ) -> DeployedService:
+        """Roll `image` out and wait until it is healthy and serving `image.digest`.
+
+        Raises:
+            DeployError: the new release did not become healthy; the previous one
+                still serves (the target restored it before raising).
+        """
+        ...
+
+    def live(self, env: EnvironmentSpec, service: ServiceSpec) -> DeployedService | None:
+        """What serves `service` in `env` now, or None when nothing is deployed."""
+        ...
+
+    def restore(
+        self, env: EnvironmentSpec, service: ServiceSpec, previous: DeployedService | None
+    ) -> None:
+        """Put `previous` back (None: remove the service), waiting until it is healthy."""
+        ...
+
+    def address(self, env: EnvironmentSpec, service: ServiceSpec) -> str:
+        """Base URL where `service` answers in `env`."""
+        ...
+
+
+class DeployTarget(BaseModel):
+    """A deploy target with its configuration already loaded: plain data, passed to tasks.
+
+    Rollback hooks rebuild the deployer from it without reading configuration again.
+    `drill_env` maps an image digest to extra container variables (docker target only),
+    e.g. `{digest: {"FAULT_HEALTH": "1"}}`: a rollback drill with a real image.
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    target: TargetKind = "docker"
+    docker: DockerTarget | None = Field(default=None, description="docker: its settings")
+    kubernetes: KubernetesTarget | None = Field(default=None, description="kubernetes: cluster")
+    drill_env: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+    def deployer(self) -> Deployer:
+        """The deployer of this target, with the drill variables applied."""
+        if self.target == "kubernetes":
+            from tasks.deploy.kubernetes import KubernetesDeployer  # noqa: PLC0415 - heavy client
+
+            return KubernetesDeployer(self.kubernetes)
+        from tasks.deploy.docker import DockerDeployer  # noqa: PLC0415 - keeps docker-py lazy
+
+        return DockerDeployer.from_block(self.docker or DockerTarget(), self.drill_env)
+
+
+def resolve_deploy_target(
+    target: str = "docker", drill_env: dict[str, dict[str, str]] | None = None
+) -> DeployTarget:
+    """Load `target`'s saved block once (docker: the defaults when none is saved).
+
+    Raises:
+        ConfigError: an unknown target, drill variables for kubernetes, or no saved
+            `elice-kubernetes` block for the kubernetes target.
+    """
+    if target not in TARGETS:
+        msg = f"unknown deploy target {target!r}; choose one of {', '.join(TARGETS)}"
+        raise ConfigError(msg)
+    if target == "kubernetes":
+        if drill_env:
+            msg = "drill variables (drill_env) need the docker target, not kubernetes"
+            raise ConfigError(msg)
+        try:
+            cluster = cast("KubernetesTarget", KubernetesTarget.load(KUBERNETES_TARGET_BLOCK))
+        except ValueError as exc:
+            msg = f"the kubernetes target needs a saved block {KUBERNETES_TARGET_BLOCK!r}: {exc}"
+            raise ConfigError(msg) from exc
+        return DeployTarget(target="kubernetes", kubernetes=cluster)
+    try:
+        block = cast("DockerTarget", DockerTarget.load(DOCKER_TARGET_BLOCK))
+    except ValueError:  # none saved: the local defaults
+        block = DockerTarget()
+    return DeployTarget(target="docker", docker=block, drill_env=drill_env or {})

@@ -1,0 +1,220 @@
+"""A real process worker runs a deployment started the way the UI starts one; the image."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import docker
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import StateType
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL
+
+from blocks.stack import StackInfo
+from cicd.setup import PROCESS_POOL, ensure_setup
+from cicd.worker import (
+    WORKER_DOCKERFILE,
+    build_worker_image,
+    descendants,
+    ensure_worker,
+    log_file,
+    stop_worker,
+    worker_build_context,
+    worker_pid,
+)
+from tasks.exceptions import ConfigError
+from tasks.images import local_ca_bundle
+from tasks.process import which
+from tests.tasks.ci_checkout import synced_checkout
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return not stat.rsplit(") ", 1)[-1].startswith("Z")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.fixture(scope="module")
+def api_url() -> str:
+    """The session's server, set up: pools, limits, blocks, prefect.yaml's deployments."""
+    ensure_setup()
+    return str(PREFECT_API_URL.value())
+
+
+def test_a_deployment_run_started_like_the_ui_completes_on_the_worker(
+    api_url: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "stack"
+    started = time.monotonic()
+    pid = ensure_worker(root, api_url)
+    print(f"worker {pid} online after {time.monotonic() - started:.1f}s")
+    seen: dict[int, str] = {}
+    try:
+        assert worker_pid(root) == pid
+        assert ensure_worker(root, api_url) == pid  # running and online: reused
+        # CI of one service in a copy of the monorepo: the run must not touch this checkout.
+        with get_client(sync_client=True) as client:  # each worker resolves it: not baked in
+            [step] = client.read_deployment_by_name("ci/ci").pull_steps or []
+        assert step == {
+            "prefect.deployments.steps.set_working_directory": {"directory": "{{ $ELICE_REPO }}"}
+        }
+        checkout = synced_checkout()
+        parameters = {"services": ["auth"], "deliver": False, "repo": str(checkout)}
+        triggered = datetime.now(UTC)
+        run = run_deployment(name="ci/ci", parameters=parameters, timeout=0)
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 600
+            while True:
+                seen.update({p: _cmdline(p) for p in descendants(pid)})
+                flow_run = client.read_flow_run(run.id)
+                if flow_run.state is not None and flow_run.state.is_final():
+                    break
+                assert time.monotonic() < deadline, f"still {flow_run.state}"
+                time.sleep(0.3)
+            assert flow_run.state.is_completed(), flow_run.state.message
+            task_runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+            )
+            states = client.read_flow_run_states(run.id)
+        # It ran on the worker: a child process of the worker executed it, the worker
+        # logged it, and its pool is the process pool.
+        assert flow_run.work_pool_name == PROCESS_POOL
+        assert any("prefect.engine" in cmd for cmd in seen.values()), seen
+        assert str(run.id) in log_file(root).read_text()
+        assert {t.task_key.rsplit("-", 1)[0] for t in task_runs} >= {"run_pytest", "run_ruff"}
+
+        first_task = min(t.start_time for t in task_runs if t.start_time is not None)
+        when = {s.type: s.timestamp for s in reversed(states)}
+        latency = (first_task - flow_run.created).total_seconds()
+        print(
+            f"trigger -> first task run: {latency:.2f}s (from the client's call: "
+            f"{(first_task - triggered).total_seconds():.2f}s; picked up by the worker after "
+            f"{(when[StateType.PENDING] - flow_run.created).total_seconds():.2f}s, flow "
+            f"running after {(when[StateType.RUNNING] - flow_run.created).total_seconds():.2f}s;"
+            f" run total {(flow_run.end_time - flow_run.created).total_seconds():.1f}s)"
+        )
+        assert latency < 60
+
+        # Asked for another checkout, the worker is replaced, not duplicated.
+        other = tmp_path / "other-checkout"
+        other.mkdir()
+        shutil.copy(REPO / "prefect.yaml", other / "prefect.yaml")
+        replaced = ensure_worker(root, api_url, repo=other)
+        assert replaced != pid
+        assert not _alive(pid)
+        seen[replaced] = _cmdline(replaced)
+    finally:
+        stopping = time.monotonic()
+        assert stop_worker(root)
+        print(f"worker stopped in {time.monotonic() - stopping:.1f}s")
+    assert worker_pid(root) is None
+    left = [p for p in (pid, *seen) if _alive(p)]
+    assert not left, {p: _cmdline(p) for p in left}
+    assert not stop_worker(root)
+
+
+def test_a_stale_pid_file_is_not_a_worker(tmp_path: Path) -> None:
+    (tmp_path / "pids").mkdir()
+    (tmp_path / "pids" / "worker.pid").write_text(str(os.getpid()))  # alive, but pytest
+    assert worker_pid(tmp_path) is None
+    (tmp_path / "pids" / "worker.pid").write_text(f"{os.getpid()} 1")  # and started earlier
+    assert worker_pid(tmp_path) is None
+    assert not stop_worker(tmp_path)
+    assert _alive(os.getpid())
+
+
+def test_a_worker_needs_a_checkout_of_the_pipeline(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"no prefect\.yaml"):
+        ensure_worker(tmp_path / "stack", "http://127.0.0.1:9/api", repo=tmp_path)
+    assert worker_pid(tmp_path / "stack") is None
+
+
+def test_worker_dockerfile_passes_hadolint() -> None:
+    done = subprocess.run(
+        [which("hadolint"), "--failure-threshold", "warning", str(REPO / WORKER_DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_worker_build_context_holds_the_pipeline_only() -> None:
+    names = tarfile.open(fileobj=worker_build_context(REPO, "PEM")).getnames()
+    for wanted in (
+        "worker/Dockerfile",
+        "uv.lock",
+        "pyproject.toml",
+        "prefect.yaml",
+        "flows/ci.py",
+        "tasks/security.py",
+        "config/pipeline.yaml",
+        ".build/extra-ca.crt",
+    ):
+        assert wanted in names
+    assert not [n for n in names if n.startswith(("services/", "libs/", "tests/", ".venv/"))]
+    assert not [n for n in names if "__pycache__" in n]
+
+
+@pytest.mark.stack
+def test_worker_image_runs_prefect_and_the_flows_as_non_root(
+    stack: StackInfo, docker_client: docker.DockerClient
+) -> None:
+    tag = f"localhost/elice-devops-worker:test-{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
+    image_id = build_worker_image(
+        stack.docker_host, tag, base_image=stack.base_image, extra_ca=local_ca_bundle()
+    )
+    print(f"worker image {image_id[:19]} built in {time.monotonic() - started:.0f}s")
+    try:
+        image = docker_client.images.get(tag)
+        assert image.attrs["Config"]["User"] == "10001:10001"
+        assert image.attrs["Config"]["Cmd"] == [
+            "prefect",
+            "worker",
+            "start",
+            "--pool",
+            "elice-process",
+            "--type",
+            "process",
+        ]
+
+        def run(*command: str) -> str:
+            out = docker_client.containers.run(tag, list(command), remove=True, network_mode="none")
+            return out.decode()
+
+        assert "3.9." in run("prefect", "version")
+        who = run("python", "-c", "import os, flows.ci; print(os.getuid(), os.getgid())")
+        assert who.split() == ["10001", "10001"]
+        tools = run(
+            "sh",
+            "-c",
+            "git --version && uv --version && pip-audit --version && syft version"
+            " && kubectl version --client && echo ELICE_REPO=$ELICE_REPO",
+        )
+        assert "git version" in tools
+        assert "ELICE_REPO=/app" in tools
+        assert run("sh", "-c", "test -w /app; echo $?").strip() == "1"  # code is read-only
+    finally:
+        docker_client.images.remove(tag, force=True)
