@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
@@ -62,6 +64,8 @@ def test_stack_up_serves_deployments_and_a_worker_runs_ci_with_its_defaults(
         again = CliRunner().invoke(app, ["up"])
         assert again.exit_code == 0, again.output
         assert "worker: running (pid" in again.output
+        APILogWorker.drain_all(timeout=30)  # what this process sent that server goes out now
+        EventsWorker.drain_all(timeout=30)
         down = CliRunner().invoke(app, ["down"])
         assert down.exit_code == 0, down.output
         assert "worker" in down.output

@@ -57,6 +57,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
 
 PG_ROOT = Path("/usr/lib/postgresql")  # Debian: one <major>/bin per installed version
 PG_USER = "postgres"  # the system user that owns the cluster when we run as root
@@ -384,6 +386,10 @@ def postgres_prefect() -> Iterator[PostgresPrefect]:
             prefect_start_s=prefect_start_s,
         )
     finally:
+        # Events this process emitted for this server go out now: once it is gone, their
+        # queue would retry at interpreter exit for many minutes.
+        APILogWorker.drain_all(timeout=30)
+        EventsWorker.drain_all(timeout=30)
         if server is not None:
             _stop_server(server)
         _pg_ctl_stop(bin_dir, data_dir)
