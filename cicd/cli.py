@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -63,36 +63,56 @@ def ci(
     ] = True,
     environment: Annotated[str, typer.Option(help="Where CI deploys.")] = "dev",
     config: ConfigOption = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Prefect's log stream, not the progress table.")
+    ] = False,
 ) -> None:
     """Run the CI flow on a commit of this checkout: checks, image, push, deploy, health.
 
     The flow checks the commit in a worktree of its own: commit what you want checked.
     Only a commit on the protected branch (main) deploys; any other is checked only.
+    Progress: a live services x stages table on a terminal, one line per finished stage
+    otherwise; the run's UI link first and the failures' output last.
     """
     cfg = cli_config(config)
     chosen = split_names(services)
+    checked = cfg.catalog.names() if all_services else None  # None: change detection says
     try:
         cfg.environment(environment)
         if chosen:
-            cfg.catalog.select(chosen)
+            checked = [s.name for s in cfg.catalog.select(chosen)]
         if not chosen and not all_services:
             check_refs(repo_root(), base, head)
         head = verify_ref(repo_root(), head)
     except PipelineError as exc:
         fail(str(exc))
+    from prefect.client.schemas.objects import State  # noqa: PLC0415 - Prefect when needed
+
+    from cicd.progress import CI_VIEW, run_flow  # noqa: PLC0415
     from flows.ci import ci as ci_flow  # noqa: PLC0415 - loads Prefect only when needed
 
+    def stage_results(state: State[Any]) -> list[StageResult]:
+        return list(getattr(state.result(raise_on_failure=False), "results", None) or [])
+
     with prefect_api(start_stack=True):
-        state = ci_flow(
-            services=chosen,
-            all_services=all_services,
-            base=base,
-            head=head,
-            no_cache=no_cache,
-            deliver=deliver,
-            environment=environment,
-            config_source=config,
-            return_state=True,
+        state = run_flow(
+            ci_flow,
+            {
+                "services": chosen,
+                "all_services": all_services,
+                "base": base,
+                "head": head,
+                "no_cache": no_cache,
+                "deliver": deliver,
+                "environment": environment,
+                "config_source": config,
+            },
+            view=CI_VIEW,
+            console=console,
+            services=cfg.catalog.names(),
+            run_services=checked,
+            verbose=verbose,
+            results=stage_results,
         )
     outcome = state.result(raise_on_failure=False)
     results = getattr(outcome, "results", None)

@@ -59,8 +59,15 @@ def promote_command(
     ] = None,
     config: ConfigOption = None,
     target: TargetOption = "docker",
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Prefect's log stream, not the progress table.")
+    ] = False,
 ) -> None:
-    """Promote the verified releases of the environment below into --to."""
+    """Promote the verified releases of the environment below into --to.
+
+    Progress: a live services x stages table on a terminal, one line per finished stage
+    otherwise; the run's UI link first, the approval command while it waits for one.
+    """
     cfg = cli_config(config)
     try:
         env = cfg.environment(to)
@@ -79,18 +86,26 @@ def promote_command(
     who = promoted_by or os.environ.get("USER") or getpass.getuser()
     try:
         with prefect_api(start_stack=not dry_run):
+            from cicd.progress import PROMOTE_VIEW, run_flow  # noqa: PLC0415
             from flows.promotion import promote  # noqa: PLC0415 - after the API is chosen
 
-            state = promote(
-                environment=to,
-                services=chosen,
-                promoted_by=who,
-                dry_run=dry_run,
-                allow_unknown_scan=allow_unknown_scan,
-                override_reason=override_reason,
-                config_source=config,
-                target=target,
-                return_state=True,
+            state = run_flow(
+                promote,
+                {
+                    "environment": to,
+                    "services": chosen,
+                    "promoted_by": who,
+                    "dry_run": dry_run,
+                    "allow_unknown_scan": allow_unknown_scan,
+                    "override_reason": override_reason,
+                    "config_source": config,
+                    "target": target,
+                },
+                view=PROMOTE_VIEW,
+                console=console,
+                services=cfg.catalog.names(),
+                run_services=[s.name for s in cfg.catalog.select(chosen)] if chosen else None,
+                verbose=verbose,
             )
     except GateError as exc:
         fail(str(exc), 2)

@@ -128,7 +128,7 @@ def probe_health(
     )
 
 
-@task(name="check-service-health")
+@task(name="check-service-health", task_run_name="check-health-{service.name}")
 def check_service_health(
     address: str, service: ServiceSpec, deadline_s: float = 30, expect_digest: str | None = None
 ) -> HealthResult:
@@ -167,7 +167,7 @@ def verify_deployment(
     )
 
 
-@task(name="smoke-test-release", cache_policy=NO_CACHE)
+@task(name="smoke-test-release", task_run_name="smoke-{service.name}", cache_policy=NO_CACHE)
 def smoke_test_release(
     address: str,
     source_env: str,

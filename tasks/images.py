@@ -183,7 +183,13 @@ def _stream_build(chunks: Iterator[dict[str, Any]], service: str) -> str:
     return image_id
 
 
-@task(retries=1, retry_delay_seconds=5, retry_condition_fn=retry_on_tool_error)
+@task(
+    name="build-image",
+    task_run_name="build-image-{service.name}",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_on_tool_error,
+)
 def build_image(
     service: ServiceSpec,
     *,

@@ -144,7 +144,12 @@ def unformatted_files(output: str) -> list[str]:
     return list(dict.fromkeys(files))
 
 
-@task(name="run-ruff", cache_key_fn=stage_cache_key, **STAGE_RETRY_OPTIONS)
+@task(
+    name="run-ruff",
+    task_run_name="ruff-{service.name}",
+    cache_key_fn=stage_cache_key,
+    **STAGE_RETRY_OPTIONS,
+)
 def run_ruff(service: ServiceSpec, repo: str, fingerprint: str = "") -> StageResult:
     """`ruff check` and `ruff format --check` the service (its own ruff configuration).
 
@@ -192,7 +197,12 @@ def mypy_summary(output: str) -> str:
     return f"{len(_MYPY_ERROR.findall(output))} type errors"
 
 
-@task(name="run-mypy", cache_key_fn=stage_cache_key, **STAGE_RETRY_OPTIONS)
+@task(
+    name="run-mypy",
+    task_run_name="mypy-{service.name}",
+    cache_key_fn=stage_cache_key,
+    **STAGE_RETRY_OPTIONS,
+)
 def run_mypy(service: ServiceSpec, repo: str, fingerprint: str = "") -> StageResult:
     """`mypy src` with the services' shared (strict) configuration, services/mypy.ini.
 
@@ -242,7 +252,12 @@ def bandit_issues(report: dict[str, Any]) -> tuple[str, str]:
     return summary, excerpt
 
 
-@task(name="run-bandit", cache_key_fn=stage_cache_key, **STAGE_RETRY_OPTIONS)
+@task(
+    name="run-bandit",
+    task_run_name="bandit-{service.name}",
+    cache_key_fn=stage_cache_key,
+    **STAGE_RETRY_OPTIONS,
+)
 def run_bandit(service: ServiceSpec, repo: str, fingerprint: str = "") -> StageResult:
     """`bandit -c services/bandit.yaml -r src`: security findings of the service's code.
 

@@ -259,7 +259,6 @@ def current_commit(repo: str) -> str:
     return verify_ref(repo, "HEAD")
 
 
-@task(name="detect-changes")
 def is_empty_base(base: str) -> bool:
     """True for GitHub's all-zero `before` of a branch's first push: every service counts."""
     return bool(base) and set(base) == {"0"}
@@ -302,7 +301,7 @@ def get_tool_versions() -> dict[str, str]:
     return read_tool_versions()
 
 
-@task(name="fingerprint-service")
+@task(name="fingerprint-service", task_run_name="fingerprint-{service.name}")
 def fingerprint_service(
     repo: str, service: ServiceSpec, catalog: ServiceCatalog, tool_versions: dict[str, str]
 ) -> str:

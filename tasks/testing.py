@@ -50,7 +50,12 @@ def total_coverage(report: Path) -> float:
         raise ToolError(msg) from exc
 
 
-@task(name="run-pytest", cache_key_fn=stage_cache_key, **STAGE_RETRY_OPTIONS)
+@task(
+    name="run-pytest",
+    task_run_name="pytest-{service.name}",
+    cache_key_fn=stage_cache_key,
+    **STAGE_RETRY_OPTIONS,
+)
 def run_pytest(
     service: ServiceSpec, repo: str, threshold: int, fingerprint: str = ""
 ) -> StageResult:
