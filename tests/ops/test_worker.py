@@ -201,8 +201,18 @@ def test_worker_image_runs_prefect_and_the_flows_as_non_root(
         ]
 
         def run(*command: str) -> str:
-            out = docker_client.containers.run(tag, list(command), remove=True, network_mode="none")
-            return out.decode()
+            # Wait, then read the logs, then remove: with `remove=True` Podman can drop the
+            # end of a fast container's output (seen under load: a line missing).
+            container = docker_client.containers.run(
+                tag, list(command), detach=True, network_mode="none"
+            )
+            try:
+                status = container.wait(timeout=300)
+                out = container.logs(stdout=True, stderr=True).decode()
+                assert status["StatusCode"] == 0, out
+                return str(out)
+            finally:
+                container.remove(force=True)
 
         assert "3.9." in run("prefect", "version")
         who = run("python", "-c", "import os, flows.ci; print(os.getuid(), os.getgid())")
