@@ -32,10 +32,10 @@ from tasks.dispatch import SERVICE_DEPLOYMENT, collect_service_runs, start_servi
 from tasks.exceptions import ConfigError
 from tasks.health import verify_deployment
 from tasks.images import (
+    build_arguments,
     build_image,
     delivery_settings,
     image_version,
-    local_ca_bundle,
     publish_image,
 )
 from tasks.models import DeliverySettings, StageResult, Workspace
@@ -105,13 +105,7 @@ def _delivery_stages(
     if not ships:
         built = build_image.submit(
             spec,
-            docker_host=settings.docker_host,
-            repository=settings.registry.repository(spec.name),
-            version=version,
-            commit=commit,
-            base_image=settings.base_image,
-            extra_ca=local_ca_bundle(),
-            root=Path(repo),
+            **build_arguments(spec, repo, version, commit, settings),
             wait_for=checks_passed,
             return_state=False,
         )

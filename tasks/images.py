@@ -363,6 +363,21 @@ def image_version(repo: str | Path, service: ServiceSpec, fingerprint: str) -> s
     return f"{version}-{fingerprint[:12]}"
 
 
+def build_arguments(
+    service: ServiceSpec, repo: str, version: str, commit: str, settings: DeliverySettings
+) -> dict[str, Any]:
+    """`build_image`'s keyword arguments for `service` in the checkout `repo`."""
+    return {
+        "docker_host": settings.docker_host,
+        "repository": settings.registry.repository(service.name),
+        "version": version,
+        "commit": commit,
+        "base_image": settings.base_image,
+        "extra_ca": local_ca_bundle(),
+        "root": Path(repo),
+    }
+
+
 @task(name="publish-image", task_run_name="publish-image-{service.name}")
 def publish_image(
     service: ServiceSpec,
@@ -380,16 +395,7 @@ def publish_image(
     found = None if rebuild else find_published_image(service, version, commit, settings.registry)
     if found is not None:
         return PublishedImage(image=found, reused=True)
-    built = build_image(
-        service,
-        docker_host=settings.docker_host,
-        repository=settings.registry.repository(service.name),
-        version=version,
-        commit=commit,
-        base_image=settings.base_image,
-        extra_ca=local_ca_bundle(),
-        root=Path(repo),
-    )
+    built = build_image(service, **build_arguments(service, repo, version, commit, settings))
     image = push_image(built, docker_host=settings.docker_host, registry=settings.registry)
     if settings.ecr is not None:
         ensure_ecr_repository(settings.ecr, service.name)
