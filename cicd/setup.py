@@ -1,9 +1,10 @@
 """`cicd setup`: make a Prefect server ready to run the pipeline, idempotently.
 
 What a server needs: the work pools (process, Docker, Kubernetes, each with its base job
-template), the global concurrency limits the flows take, the configuration blocks and
-every deployment of prefect.yaml. Each item is read from the server and compared with what
-it should be; only the differences are written, and a dry run writes nothing.
+template), the global concurrency limits the flows take, the configuration blocks, the
+automation that marks runs of vanished workers Crashed, and every deployment of
+prefect.yaml. Each item is read from the server and compared with what it should be; only
+the differences are written, and a dry run writes nothing.
 
 The deployments are registered through the client from prefect.yaml itself (entrypoint,
 parameters, schedules, tags, work pool, job variables and the pull step, kept as written:
@@ -34,7 +35,7 @@ from prefect.client.schemas.actions import (
     WorkPoolCreate,
     WorkPoolUpdate,
 )
-from prefect.client.schemas.objects import DeploymentSchedule
+from prefect.client.schemas.objects import DeploymentSchedule, StateType
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import (
     SCHEDULE_TYPES,
@@ -42,6 +43,8 @@ from prefect.client.schemas.schedules import (
     IntervalSchedule,
     RRuleSchedule,
 )
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.callables import parameter_schema
@@ -66,7 +69,7 @@ PROCESS_POOL = "elice-process"
 DOCKER_POOL = "elice-docker"
 KUBERNETES_POOL = "elice-kubernetes"
 
-Kind = Literal["work-pool", "concurrency-limit", "block", "deployment"]
+Kind = Literal["work-pool", "concurrency-limit", "block", "deployment", "automation"]
 Action = Literal["create", "update", "unchanged"]
 
 _DEPLOYMENT_KEYS = {
@@ -94,7 +97,7 @@ class SetupChange(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    kind: Kind = Field(description="work-pool, concurrency-limit, block or deployment")
+    kind: Kind = Field(description="work-pool, concurrency-limit, block, deployment or automation")
     name: str = Field(description="The item's name on the server (flow/deployment for these)")
     action: Action = Field(description="create, update or unchanged")
     detail: str = Field(default="", description="What it is, or which fields differ")
@@ -363,6 +366,89 @@ def _plan_limit(client: SyncPrefectClient, name: str) -> Step:
     return change, update
 
 
+# --- the automation that notices vanished runs ---------------------------------------
+
+VANISHED_RUNS = "elice-vanished-runs"
+HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the workers (cicd/worker.py)
+VANISHED_AFTER_S = 3 * HEARTBEAT_S
+_FINAL_EVENTS = ("Completed", "Failed", "Cancelled", "Crashed")
+
+
+def vanished_runs_automation() -> AutomationCore:
+    """Mark a flow run Crashed when its heartbeats stop: its process, worker or machine died.
+
+    A flow run's process sends a heartbeat every HEARTBEAT_S seconds, also while it is
+    paused for an approval; nothing else reports a SIGKILLed process or a lost machine, so
+    without this the run stays Running for good and whatever waits on it (a CI run's
+    fan-out) waits with it.
+    """
+    return AutomationCore(
+        name=VANISHED_RUNS,
+        description=(
+            f"Marks a flow run Crashed when it sent no heartbeat for {VANISHED_AFTER_S} s "
+            "(its worker, process or machine is gone). Created by `cicd setup`."
+        ),
+        enabled=True,
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                *(f"prefect.flow-run.{name}" for name in _FINAL_EVENTS),
+            },
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=VANISHED_AFTER_S,
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=(
+                    f"no heartbeat for {VANISHED_AFTER_S} s: the process running this flow "
+                    "run, its worker or its machine is gone"
+                ),
+            )
+        ],
+    )
+
+
+def _automation_key(automation: AutomationCore) -> str:
+    fields = automation.model_dump(include={"description", "enabled", "trigger", "actions"})
+
+    def plain(value: object) -> object:
+        return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
+
+    return json.dumps(fields, sort_keys=True, default=plain)
+
+
+def _plan_automation(client: SyncPrefectClient) -> Step:
+    wanted = vanished_runs_automation()
+    found = client.read_automations_by_name(VANISHED_RUNS)
+    detail = f"flow runs silent for {VANISHED_AFTER_S} s -> Crashed"
+    if not found:
+
+        def create(c: SyncPrefectClient) -> None:
+            c.create_automation(wanted)
+
+        return SetupChange(
+            kind="automation", name=VANISHED_RUNS, action="create", detail=detail
+        ), create
+    current = AutomationCore.model_validate(found[0].model_dump(exclude={"id"}))
+    if _automation_key(current) == _automation_key(wanted):
+        return SetupChange(
+            kind="automation", name=VANISHED_RUNS, action="unchanged", detail=detail
+        ), None
+    automation_id = found[0].id
+
+    def update(c: SyncPrefectClient) -> None:
+        c.update_automation(automation_id, wanted)
+
+    return SetupChange(
+        kind="automation", name=VANISHED_RUNS, action="update", detail=detail
+    ), update
+
+
 # --- blocks ----------------------------------------------------------------------------
 
 
@@ -567,6 +653,7 @@ def ensure_setup(
         steps = [_plan_pool(client, name, kind, t) for name, (kind, t) in pools.items()]
         steps += [_plan_limit(client, name) for name in limit_names(cfg)]
         steps += _plan_blocks(cfg)
+        steps.append(_plan_automation(client))
         for spec in specs:
             if spec.work_pool_name not in pools:
                 try:

@@ -768,6 +768,9 @@ def _prefect_url(port: int) -> str:
     return f"http://127.0.0.1:{port}/api"
 
 
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+
+
 def _prefect_up(root: Path, port: int) -> bool:
     """Our Prefect server holds 127.0.0.1:`port` and answers /api/health there."""
     url = _prefect_url(port)
@@ -791,6 +794,9 @@ def _ensure_prefect(root: Path, previous: StackInfo | None, steps: _Steps) -> st
             "PREFECT_HOME": str(root / "prefect"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_API_URL": _prefect_url(port),
+            # deploy locks' leases survive a server restart (in memory, a slot held
+            # across the restart would stay taken for good)
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
         }
         args = [which("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
         return args, env

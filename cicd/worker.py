@@ -34,6 +34,7 @@ from prefect.client.schemas.objects import WorkerStatus
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from cicd.setup import HEARTBEAT_S
 from tasks.engine import engine_client
 from tasks.exceptions import ConfigError, ImageError, StackError, ToolError
 from tasks.process import which
@@ -302,6 +303,9 @@ def _spawn(
         "PREFECT_API_URL": api_url,
         "ELICE_REPO": str(checkout),
         "PREFECT_WORKER_QUERY_SECONDS": str(query_seconds),
+        # each flow run's process beats every HEARTBEAT_S; `cicd setup`'s automation marks
+        # a run Crashed after three silent beats (worker or machine gone)
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
     }
     with log_file(root).open("ab") as log:
         proc = subprocess.Popen(

@@ -86,7 +86,8 @@ def health_check(
     env = cfg.environments.resolve(environment)
     specs = cfg.catalog.select(services) if services else cfg.catalog.services
     deployer = resolve_deploy_target(target).deployer()
-    deployed = read_ledger(env.name).services
+    ledger = read_ledger(env.name)
+    deployed = ledger.services
     checked = [s for s in specs if s.name in deployed]
     if not checked:
         which = f" of {', '.join(services)}" if services else ""
@@ -122,5 +123,12 @@ def health_check(
     if report.failed:
         names = ", ".join(f"{r.service} ({'; '.join(r.failures)})" for r in report.failed)
         msg = f"{env.name}: unhealthy: {names}"
+        if ledger.in_progress is not None:
+            pending = ledger.in_progress
+            msg += (
+                f"; run {pending.flow_run_id} has been deploying release {pending.release_id} "
+                f"since {pending.started_at:%Y-%m-%d %H:%M:%S %Z} (if it died, the next "
+                f"promotion or `cicd rollback {env.name}` puts the previous releases back)"
+            )
         raise EnvironmentUnhealthy(msg, report)
     return report

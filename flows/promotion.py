@@ -18,6 +18,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run as current_run
 from prefect.transactions import transaction
 
+from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig, load_config
 from blocks.environments import PAGED_BY_NAME
 from blocks.repository import load_repository
@@ -27,6 +28,7 @@ from tasks.deploy import (
     confirm_restored,
     deploy_release,
     read_live_services,
+    recover_interrupted,
     restore_service,
     rollback_message,
     service_addresses,
@@ -41,12 +43,14 @@ from tasks.exceptions import (
 )
 from tasks.health import check_service_health, smoke_test_release
 from tasks.locks import deploy_lock
-from tasks.models import PromotionOutcome, PromotionPlan
+from tasks.models import PromotionOutcome, PromotionPlan, SecurityVerdict
 from tasks.notify import Notice, flow_run_url, notify, paged_environment
 from tasks.performance import baseline_from_record, check_regression, measure_baseline
 from tasks.process import run_logger
 from tasks.registry import verify_release_image
 from tasks.releases import (
+    begin_deploys,
+    end_deploys,
     plan_promotion,
     publish_ledger_artifact,
     read_ledger,
@@ -178,6 +182,76 @@ def _target(target: str, drill_env: dict[str, dict[str, str]] | None = None) -> 
         raise PromotionRefused(str(exc)) from exc
 
 
+def _catalog(config: PipelineConfig) -> dict[str, ServiceSpec]:
+    return {spec.name: spec for spec in config.catalog.services}
+
+
+def _smoke_test_source(
+    config: PipelineConfig, deploy_target: DeployTarget, plan: PromotionPlan
+) -> None:
+    """The releases answer in the environment they are promoted from (read-only)."""
+    source_env = config.environment(plan.source_environment)
+    specs = config.catalog.select(plan.services)
+    addresses = service_addresses(deploy_target, source_env, specs)
+    for spec in specs:
+        smoke_test_release(
+            addresses[spec.name],
+            source_env.name,
+            spec,
+            plan.change(spec.name).image,
+            SMOKE_DEADLINE_S,
+        )
+
+
+def _await_approval(
+    plan: PromotionPlan, approvers: tuple[str, ...], timeout_s: int, run_id: str
+) -> str:
+    """Pause for an approval of `plan`; the approver's name, or PromotionRejected."""
+    logger = run_logger()
+    link = flow_run_url(run_id) or f"/runs/flow-run/{run_id}"
+    hint = f"cicd approve {run_id} --approver NAME  (or: cicd reject {run_id} ...)"
+    logger.info("release %s awaits approval: %s\n  CLI: %s", plan.release_id, link, hint)
+    notify(
+        Notice(
+            kind="approval_needed",
+            environment=plan.environment,
+            release_id=plan.release_id,
+            services=_services(plan),
+            flow_run_url=flow_run_url(run_id),
+            message=f"{plan.promoted_by} asks to promote from {plan.source_environment}",
+            cli_hint=hint,
+        ),
+        pagerduty=None,
+    )
+    try:
+        answer = pause_flow_run(
+            wait_for_input=approval_model(plan, approvers),
+            timeout=timeout_s,
+            poll_interval=APPROVAL_POLL_S,
+        )
+    except FlowPauseTimeout as exc:
+        # The server fails the run itself once the pause expires ("... never
+        # resumed"); this message reaches the logs and the notice.
+        msg = f"nobody approved release {plan.release_id} within {timeout_s}s; nothing deployed"
+        logger.error(msg)  # noqa: TRY400 - the reason, not a traceback
+        raise PromotionRejected(msg, plan=plan) from exc
+    return read_decision(plan, approvers, answer)
+
+
+def _check_unchanged(approved: PromotionPlan, now: PromotionPlan) -> None:
+    """What was approved is still what would change; else PromotionRefused, nothing deployed."""
+
+    def moves(plan: PromotionPlan) -> list[tuple[str, str | None, str]]:
+        return [(c.service, c.current_digest, c.new_digest) for c in plan.changes]
+
+    if moves(approved) != moves(now):
+        msg = (
+            f"{approved.environment} changed while release {approved.release_id} waited for "
+            f"approval (now: {now.release_id}); nothing deployed, promote again"
+        )
+        raise PromotionRefused(msg)
+
+
 @flow(
     name="promote",
     on_completion=[notify_promoted],
@@ -217,66 +291,42 @@ def promote(
     deploy_target = _target(target, drill_env)
     protected = load_repository().protected_branch
     logger = run_logger()
+    run_id = str(current_run.id)
+
+    def prepare() -> tuple[PromotionPlan, SecurityVerdict]:
+        plan = plan_promotion(config, environment, services, promoted_by, protected)
+        verdict = security_verdict(plan, env, allow_unknown_scan, override_reason)
+        for future in verify_release_image.map([c.image for c in plan.changes]):
+            future.result()
+        _smoke_test_source(config, deploy_target, plan)
+        return plan, verdict
 
     if dry_run:
         plan = plan_promotion(config, environment, services, promoted_by, protected)
         logger.info("dry run: nothing changes\n%s", plan_markdown(plan))
         return PromotionOutcome(plan=plan, dry_run=True)
 
+    approved_by: str | None = None
+    if env.approval_required:
+        # The wait for a person holds no lock: a rollback or another release of this
+        # environment is never blocked by a pending approval, and a server restart
+        # during the wait has no lease to lose. What was approved is re-checked below.
+        plan, verdict = prepare()
+        approved_by = _await_approval(plan, env.approvers, env.approval_timeout_s, run_id)
+
     with deploy_lock(environment):
-        plan = plan_promotion(config, environment, services, promoted_by, protected)
-        source_env = config.environment(plan.source_environment)
-        specs = config.catalog.select(plan.services)
-        verdict = security_verdict(plan, env, allow_unknown_scan, override_reason)
-        for future in verify_release_image.map([c.image for c in plan.changes]):
-            future.result()
-        source_addresses = service_addresses(deploy_target, source_env, specs)
-        for spec in specs:
-            smoke_test_release(
-                source_addresses[spec.name],
-                source_env.name,
-                spec,
-                plan.change(spec.name).image,
-                SMOKE_DEADLINE_S,
+        recover_interrupted(deploy_target, env, _catalog(config), run_id)
+        if env.approval_required:
+            _check_unchanged(
+                plan, plan_promotion(config, environment, services, promoted_by, protected)
             )
+        else:
+            plan, verdict = prepare()
+        specs = config.catalog.select(plan.services)
         target_state = read_ledger(environment)
         live = read_live_services(deploy_target, env, specs)
         backup_environment(environment, target_state, live)
-
-        approved_by: str | None = None
-        if env.approval_required:
-            run_id = str(current_run.id)
-            link = flow_run_url(run_id) or f"/runs/flow-run/{run_id}"
-            hint = f"cicd approve {run_id} --approver NAME  (or: cicd reject {run_id} ...)"
-            logger.info("release %s awaits approval: %s\n  CLI: %s", plan.release_id, link, hint)
-            notify(
-                Notice(
-                    kind="approval_needed",
-                    environment=environment,
-                    release_id=plan.release_id,
-                    services=_services(plan),
-                    flow_run_url=flow_run_url(run_id),
-                    message=f"{plan.promoted_by} asks to promote from {plan.source_environment}",
-                    cli_hint=hint,
-                ),
-                pagerduty=None,
-            )
-            try:
-                answer = pause_flow_run(
-                    wait_for_input=approval_model(plan, env.approvers),
-                    timeout=env.approval_timeout_s,
-                    poll_interval=APPROVAL_POLL_S,
-                )
-            except FlowPauseTimeout as exc:
-                # The server fails the run itself once the pause expires ("... never
-                # resumed"); this message reaches the logs and the notice.
-                msg = (
-                    f"nobody approved release {plan.release_id} within "
-                    f"{env.approval_timeout_s}s; nothing deployed"
-                )
-                logger.error(msg)  # noqa: TRY400 - the reason, not a traceback
-                raise PromotionRejected(msg, plan=plan) from exc
-            approved_by = read_decision(plan, env.approvers, answer)
+        begin_deploys(plan, live, run_id)
 
         addresses = service_addresses(deploy_target, env, specs)
         baselines = {}
@@ -307,9 +357,10 @@ def promote(
                     )
                     check_regression(spec, before_baseline, after, config.performance)
                     baselines[spec.name] = after
-                state = record_promotion(plan, baselines, approved_by, verdict, str(current_run.id))
+                state = record_promotion(plan, baselines, approved_by, verdict, run_id)
         except PipelineError as failure:
             restored = confirm_restored(deploy_target, env, specs, live)
+            end_deploys(environment, run_id, f"release {plan.release_id} rolled back: {failure}")
             raise PromotionRolledBack(
                 rollback_message(failure, restored),
                 failed=str(failure),
@@ -357,6 +408,17 @@ def rollback(
             raise PromotionRefused(str(exc)) from exc
     deploy_target = _target(target)
     with deploy_lock(environment):
+        recovered = recover_interrupted(deploy_target, env, _catalog(config), str(current_run.id))
+        if recovered is not None:
+            # A promotion died mid-deploy: what it changed is undone, and the releases the
+            # ledger names serve again. Going back further is a second, deliberate request.
+            run_logger().info("%s: %s", environment, recovered.change)
+            publish_ledger_artifact(environment, recovered)
+            return {
+                name: record.image.digest
+                for name, record in recovered.services.items()
+                if name in (services or recovered.services)
+            }
         state = read_ledger(environment)
         names = services or [n for n in config.catalog.names() if n in state.previous]
         if not names:

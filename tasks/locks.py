@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from uuid import UUID
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -16,6 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+from prefect.states import Crashed
 
 from tasks.process import run_logger
 
@@ -63,3 +65,21 @@ def deploy_lock(environment: str) -> Iterator[str]:
     with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_S):
         run_logger().info("holding %s: nothing else deploys into %s now", name, environment)
         yield name
+
+
+def mark_crashed(flow_run_id: str, message: str) -> bool:
+    """Mark a dead holder's flow run Crashed, unless it already ended; True if marked.
+
+    A run whose process was killed stays Running on the server (nothing reports its
+    death); the run that finds its leftovers says so in the UI.
+    """
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_flow_run(UUID(flow_run_id))
+        except ObjectNotFound:
+            return False
+        if found.state is None or found.state.is_final():
+            return False
+        client.set_flow_run_state(UUID(flow_run_id), Crashed(message=message), force=True)
+    run_logger().warning("flow run %s marked Crashed: %s", flow_run_id, message)
+    return True

@@ -26,6 +26,7 @@ from blocks.storage import ledger_filesystem
 from tasks.approval import eligible_approvers
 from tasks.exceptions import ConfigError, LedgerConflict, LedgerError, PromotionRefused
 from tasks.models import (
+    DeployedService,
     DeployOutcome,
     ImageRef,
     PlannedChange,
@@ -75,6 +76,25 @@ class ReleaseRecord(BaseModel):
     commit: str = Field(default="", description="The commit CI checked when it shipped this")
 
 
+class DeployIntent(BaseModel):
+    """A promotion's deploys under way, written before the first one changes anything.
+
+    The revision that records the promotion (or its rollback) clears it. Found by another
+    run, it means the run that wrote it died mid-deploy: that run's lock has expired, so
+    the environment may be mixed, and `previous` says what to put back.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    release_id: str = Field(min_length=1)
+    flow_run_id: str = Field(min_length=1, description="The promote run deploying it")
+    started_at: datetime = Field(default_factory=utcnow)
+    images: dict[str, ImageRef] = Field(description="What each service is being moved to")
+    previous: dict[str, DeployedService | None] = Field(
+        description="What served each service before (None: nothing)"
+    )
+
+
 class EnvironmentState(BaseModel):
     """One revision of an environment's ledger."""
 
@@ -88,6 +108,10 @@ class EnvironmentState(BaseModel):
     previous: dict[str, ReleaseRecord] = Field(
         default_factory=dict, description="What served before each service's last change"
     )
+    in_progress: DeployIntent | None = Field(
+        default=None, description="A promotion deploying now (or interrupted while deploying)"
+    )
+    change: str = Field(default="", description="What this revision changed, in words")
     updated_at: datetime = Field(default_factory=utcnow)
 
 
@@ -274,9 +298,17 @@ def ledger_markdown(state: EnvironmentState) -> str:
     lines = [
         f"# Release ledger: {state.environment}",
         "",
-        f"Revision {state.revision}, updated {state.updated_at:%Y-%m-%d %H:%M:%S %Z}.",
+        f"Revision {state.revision}, updated {state.updated_at:%Y-%m-%d %H:%M:%S %Z}"
+        + (f": {_cell(state.change)}." if state.change else "."),
         "",
     ]
+    if state.in_progress is not None:
+        pending = state.in_progress
+        lines.append(
+            f"**Deploying release {_cell(pending.release_id)}** (run {pending.flow_run_id}, "
+            f"since {pending.started_at:%Y-%m-%d %H:%M:%S %Z})."
+        )
+        lines.append("")
     if not state.services:
         lines.append("_Nothing deployed._")
         return "\n".join(lines) + "\n"
@@ -507,7 +539,12 @@ def promoted_state(
         state = with_verified(
             state, change.service, baseline_record(base) if base else None, plan.release_id
         )
-    return state
+    return state.model_copy(
+        update={
+            "in_progress": None,
+            "change": f"release {plan.release_id} promoted from {plan.source_environment}",
+        }
+    )
 
 
 @task(name="read-ledger", cache_policy=NO_CACHE)
@@ -582,3 +619,55 @@ def record_promotion(
 def record_rollback(environment: str, service: str) -> EnvironmentState:
     """Record in the ledger that `service` serves its previous release again."""
     return Ledger().restore_previous(environment, service)
+
+
+def with_intent(state: EnvironmentState, intent: DeployIntent) -> EnvironmentState:
+    """`state` with `intent` under way.
+
+    Raises:
+        LedgerError: another run's deploys are under way (or were never recovered).
+    """
+    pending = state.in_progress
+    if pending is not None and pending.flow_run_id != intent.flow_run_id:
+        msg = (
+            f"ledger {state.environment}: run {pending.flow_run_id} is still recorded as "
+            f"deploying release {pending.release_id}; recover it first"
+        )
+        raise LedgerError(msg)
+    return state.model_copy(
+        update={
+            "in_progress": intent,
+            "change": f"run {intent.flow_run_id} begins deploying release {intent.release_id}",
+        }
+    )
+
+
+def without_intent(state: EnvironmentState, flow_run_id: str, change: str) -> EnvironmentState:
+    """`state` with the intent of `flow_run_id` cleared (its deploys were undone)."""
+    pending = state.in_progress
+    if pending is None or pending.flow_run_id != flow_run_id:
+        msg = f"ledger {state.environment}: run {flow_run_id} has no deploys under way"
+        raise LedgerError(msg)
+    return state.model_copy(update={"in_progress": None, "change": change})
+
+
+@task(name="begin-deploys", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def begin_deploys(
+    plan: PromotionPlan,
+    previous: Mapping[str, DeployedService | None],
+    flow_run_id: str,
+) -> EnvironmentState:
+    """Record in the ledger, before the first deploy, what is about to change and from what."""
+    intent = DeployIntent(
+        release_id=plan.release_id,
+        flow_run_id=flow_run_id,
+        images={c.service: c.image for c in plan.changes},
+        previous={c.service: previous.get(c.service) for c in plan.changes},
+    )
+    return Ledger().update(plan.environment, lambda state: with_intent(state, intent))
+
+
+@task(name="end-deploys", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def end_deploys(environment: str, flow_run_id: str, change: str) -> EnvironmentState:
+    """Clear the intent of `flow_run_id`: its deploys were undone, the old release serves."""
+    return Ledger().update(environment, lambda state: without_intent(state, flow_run_id, change))

@@ -19,10 +19,10 @@ from blocks.environments import EnvironmentSpec
 from tasks.deploy.target import DeployTarget
 from tasks.exceptions import PipelineError, PromotionError, PromotionRefused
 from tasks.health import probe_health
-from tasks.locks import deploy_lock
+from tasks.locks import deploy_lock, mark_crashed
 from tasks.models import DeployedService, DeployOutcome, ImageRef, PublishedImage
 from tasks.process import run_logger
-from tasks.releases import EnvironmentState
+from tasks.releases import EnvironmentState, end_deploys, read_ledger
 
 
 @task(name="deploy-service", task_run_name="deploy-{service.name}-to-{env.name}")
@@ -215,3 +215,55 @@ def restore_service(
         previous.release_id,
     )
     return previous.image.digest
+
+
+@task(name="recover-interrupted-deploys", cache_policy=NO_CACHE)
+def recover_interrupted(
+    deploy_target: DeployTarget,
+    env: EnvironmentSpec,
+    services: Mapping[str, ServiceSpec],
+    flow_run_id: str,
+) -> EnvironmentState | None:
+    """Undo the deploys of a promotion that died mid-way; None when there is nothing to undo.
+
+    Call it holding `deploy-<env>`: the ledger's intent then belongs to a run whose lock
+    lease expired, so a dead run (a live holder renews its lease, or stops on failing to).
+    The environment goes back to what served before that run, as its intent recorded,
+    which is what the ledger still names (the promotion was never recorded); the dead
+    run is marked Crashed.
+
+    Raises:
+        PromotionError: a service could not be put back; the intent stays for the next run.
+    """
+    pending = read_ledger.fn(env.name).in_progress
+    if pending is None or pending.flow_run_id == flow_run_id:
+        return None
+    logger = run_logger()
+    logger.warning(
+        "run %s died while deploying release %s into %s (since %s): rolling its deploys back",
+        pending.flow_run_id,
+        pending.release_id,
+        env.name,
+        f"{pending.started_at:%H:%M:%S %Z}",
+    )
+    deployer = deploy_target.deployer()
+    specs = []
+    for name, before in sorted(pending.previous.items()):
+        if name not in services:
+            msg = f"the interrupted release {pending.release_id} names unknown service {name}"
+            raise PromotionError(msg)
+        spec = services[name]
+        specs.append(spec)
+        live = deployer.live(env, spec)
+        wanted = before.image.digest if before else None
+        if (live.image.digest if live else None) != wanted:
+            deployer.restore(env, spec, before)
+    restored = confirm_restored.fn(deploy_target, env, specs, pending.previous)
+    change = (
+        f"run {pending.flow_run_id} died deploying release {pending.release_id}; "
+        f"run {flow_run_id} put the previous releases back"
+    )
+    state = end_deploys.fn(env.name, pending.flow_run_id, change)
+    mark_crashed(pending.flow_run_id, f"died while deploying; {change}")
+    logger.warning("%s: %s", env.name, rollback_message(PromotionError(change), restored))
+    return state

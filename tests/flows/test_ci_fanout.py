@@ -7,25 +7,38 @@ summary must equal the one of the same commit checked in one process.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
+import queue
 import re
+import signal
+import subprocess
+import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
     FlowRunFilter,
     FlowRunFilterParentFlowRunId,
+    FlowRunFilterStartTime,
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
-from cicd.setup import ensure_setup
+from cicd.setup import VANISHED_AFTER_S, ensure_setup
 from cicd.worker import ensure_worker, stop_worker
-from flows.ci import CiOutcome, ci
+from flows.ci import CiOutcome, _failed_outcome, ci
 from tests.plugins.postgres import PostgresPrefect
 from tests.tasks.ci_checkout import copy_monorepo, git
 
@@ -99,3 +112,84 @@ def test_two_workers_share_the_service_branches_of_one_run(
         assert sorted(c.name for c in children) == sorted(f"ci-service-{s}" for s in SERVICES)
         workers = {_worker_of(c.id, pids) for c in children}
     assert workers == {"worker-a", "worker-b"}
+
+
+def _descendants(pid: int) -> list[int]:
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(parent)],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        children = [int(p) for p in out.split()]
+        found += children
+        frontier += children
+    return found
+
+
+def test_a_worker_that_vanishes_mid_run_has_its_branch_reported(
+    two_workers: tuple[str, dict[int, str]], postgres_prefect: PostgresPrefect
+) -> None:
+    """Worker a and the flow run it executes are SIGKILLed together, as a lost machine
+    would be: no hook reports it. `cicd setup`'s automation marks that run Crashed once
+    its heartbeats stop, and the parent reports the branch as a failed `worker` stage."""
+    sha, pids = two_workers
+    victim = next(pid for pid, name in pids.items() if name == "worker-a")
+    states: queue.Queue[Any] = queue.Queue()
+    with temporary_settings(updates={PREFECT_API_URL: postgres_prefect.api_url}):
+        started = time.monotonic()
+        context = contextvars.copy_context()  # the thread talks to this server too
+        thread = threading.Thread(
+            target=lambda: states.put(
+                context.run(
+                    ci, services=SERVICES, head=sha, fan_out=True, no_cache=True, return_state=True
+                )
+            ),
+            daemon=True,
+        )
+        thread.start()
+        lost = None
+        while lost is None and time.monotonic() - started < 300:
+            for parent in _parents_since(started):
+                for child in _children(parent):
+                    running = child.state is not None and child.state.is_running()
+                    if running and _worker_of(child.id, pids) == "worker-a":
+                        lost = child
+            time.sleep(0.5)
+        assert lost is not None, "worker a never ran a service branch"
+        for pid in [victim, *_descendants(victim)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        state = states.get(timeout=600)
+        noticed_s = time.monotonic() - killed
+        service = lost.name.removeprefix("ci-service-")
+        outcome = _failed_outcome(state)
+        assert state.is_failed(), state.message
+        assert isinstance(outcome, CiOutcome), outcome
+        with get_client(sync_client=True) as client:
+            final = client.read_flow_run(lost.id).state
+    assert final is not None
+    assert final.type == StateType.CRASHED
+    assert "no heartbeat" in (final.message or "")
+    worker_stage = [r for r in outcome.results if r.service == service and r.stage == "worker"]
+    assert len(worker_stage) == 1, outcome.results
+    assert worker_stage[0].status == "failed"
+    assert "CRASHED" in worker_stage[0].summary
+    # the other branches ran to the end on worker b
+    others = {r.service for r in outcome.results if r.service != service}
+    assert others == set(SERVICES) - {service}
+    assert noticed_s < 4 * VANISHED_AFTER_S, f"noticed after {noticed_s:.0f}s"
+
+
+def _parents_since(started: float) -> list[Any]:
+    since = datetime.now(UTC) - timedelta(seconds=time.monotonic() - started + 5)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["ci"])),
+            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)),
+        )
+    return [r.id for r in runs]

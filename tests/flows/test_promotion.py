@@ -452,7 +452,7 @@ def test_failed_release_rolls_back_every_service(
 ) -> None:
     d1, d3 = train.digests["D1"].digest, train.digests["D3"].digest
     triggers = len(events(receiver, "trigger"))
-    revision = Ledger().current(PROD).revision
+    recorded = Ledger().current(PROD)
     state = approve_in_background(train, drill_env={d3: drill})
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
@@ -462,7 +462,13 @@ def test_failed_release_rolls_back_every_service(
     assert error.restored == {"course": d1, "course-b": d1}
     # course (D2) deployed fine and was rolled back with course-b: both serve D1 again
     assert serving(train, PROD) == {"course": d1, "course-b": d1}
-    assert Ledger().current(PROD).revision == revision
+    after = Ledger().current(PROD)
+    # the attempt is on record (begun, rolled back); what serves is recorded unchanged
+    assert after.revision == recorded.revision + 2
+    assert after.in_progress is None
+    assert after.change.startswith("release ")
+    assert "rolled back" in after.change
+    assert after.services == recorded.services
     wait_until(lambda: len(events(receiver, "trigger")) == triggers + 1)
     trigger = events(receiver, "trigger")[-1]
     assert trigger["dedup_key"] == f"elice-devops-{PROD}"
@@ -509,36 +515,36 @@ def logs_of(run_id: UUID) -> list[str]:
     return [log.message for log in logs]
 
 
-def running_promote(not_in: set[UUID]) -> UUID | None:
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["promote"])))
-    fresh = [r.id for r in runs if r.id not in not_in and r.state and r.state.is_running()]
-    return fresh[0] if fresh else None
-
-
-def test_two_promotions_into_one_environment_run_one_after_the_other(train: Train) -> None:
+def test_two_promotions_waiting_at_their_gates_cannot_both_deploy(train: Train) -> None:
     before = set(train.run_ids)
     first = Background(train, PROD, promoted_by="alice")
-    first_id = paused_run(before)  # holds deploy-pr-prod while it waits at the gate
+    first_id = paused_run(before)
+    # Waiting for a person holds no lock: the second promotion reaches its gate too.
     second = Background(train, PROD, promoted_by="alice")
-    second_id = wait_for(lambda: running_promote(before | {first_id}), 60)
-    wait_until(lambda: any("waiting for deploy-pr-prod" in m for m in logs_of(second_id)), 60)
-    assert running_promote(before | {first_id}) == second_id  # not at its gate: waiting
+    second_id = paused_run(before | {first_id})
+    approved_plan = read_gate(second_id).release_id or ""
     submit_answer(first_id, approval_input("bob", read_gate(first_id).release_id or ""))
     assert first.final().is_completed()
-    assert paused_run(before | {first_id}) == second_id  # now it gets the lock and pauses
-    submit_answer(second_id, approval_input("carol", read_gate(second_id).release_id or ""))
-    assert second.final().is_completed()
+    revision = Ledger().current(PROD).revision
+    submit_answer(second_id, approval_input("carol", approved_plan))
+    final = second.final()
+    assert final.is_failed()
+    error = final.result(raise_on_failure=False)
+    assert isinstance(error, PromotionRefused), error
+    assert "changed while release" in str(error)
+    assert "nothing deployed" in str(error)
+    # the second approval moved nothing: what the first deployed, and who approved it, stay
+    assert Ledger().current(PROD).revision == revision
+    record = Ledger().current(PROD).services["course"]
+    assert record.approved_by == "bob"
+    assert record.image.digest == train.digests["D2"].digest
+    assert serving(train, PROD)["course"] == train.digests["D2"].digest
 
     ids = [first_id, second_id]
     with get_client(sync_client=True) as client:
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-    plan_start = {t.flow_run_id: t.start_time for t in tasks if t.name.startswith("plan-promotion")}
-    record_end = {t.flow_run_id: t.end_time for t in tasks if t.name.startswith("record-promotion")}
-    assert plan_start[second_id] >= record_end[first_id], "the promotions overlapped"
-    record = Ledger().current(PROD).services["course"]
-    assert record.approved_by == "carol"
-    assert record.image.digest == train.digests["D2"].digest
+    began = {t.flow_run_id for t in tasks if t.name.startswith("begin-deploys")}
+    assert began == {first_id}, "the refused promotion began deploying"
 
 
 def test_secrets_never_reach_the_logs(train: Train, receiver: Receiver) -> None:

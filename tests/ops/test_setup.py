@@ -33,6 +33,7 @@ from cicd.setup import (
     DOCKER_POOL,
     KUBERNETES_POOL,
     PROCESS_POOL,
+    VANISHED_RUNS,
     SetupChange,
     ensure_setup,
     read_prefect_file,
@@ -118,11 +119,13 @@ def server_state(url: str) -> dict[str, set[str]]:
         blocks = {b.name for b in c.read_block_documents()} & BLOCKS
         flows = {f.id: f.name for f in c.read_flows()}
         deployments = {f"{flows[d.flow_id]}/{d.name}" for d in c.read_deployments()}
+        automations = {a.name for a in c.read_automations_by_name(VANISHED_RUNS)}
     return {
         "work-pool": pools,
         "concurrency-limit": limits,
         "block": blocks,
         "deployment": deployments & DEPLOYMENTS,
+        "automation": automations,
     }
 
 
@@ -137,12 +140,14 @@ def test_a_fresh_server_dry_run_then_setup_then_nothing_to_change(
         "concurrency-limit": LIMITS,
         "block": BLOCKS,
         "deployment": DEPLOYMENTS,
+        "automation": {VANISHED_RUNS},
     }
     assert server_state(fresh_server) == {
         "work-pool": set(),
         "concurrency-limit": set(),
         "block": set(),
         "deployment": set(),
+        "automation": set(),
     }
 
     done = ensure_setup(fresh_server)
@@ -278,7 +283,7 @@ def test_cli_setup_prints_the_changes(fresh_server: str) -> None:
     assert result.exit_code == 0, result.output
     assert "dry run: nothing changed" in result.output
     assert "ci/nightly-rebuild" in result.output
-    total = len(POOLS) + len(LIMITS) + len(BLOCKS) + len(DEPLOYMENTS)
+    total = len(POOLS) + len(LIMITS) + len(BLOCKS) + len(DEPLOYMENTS) + 1  # + the automation
     assert f"would create 0, would update 0, {total} unchanged" in result.output
 
     bad = CliRunner().invoke(app, ["setup", "--api-url", "http://127.0.0.1:9/api"])

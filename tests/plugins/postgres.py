@@ -87,11 +87,23 @@ class PostgresPrefect:
     bin_dir: Path
     postgres_start_s: float
     prefect_start_s: float
+    _servers: list[subprocess.Popen[bytes]] = field(repr=False, default_factory=list)
 
     @property
     def database_url_masked(self) -> str:
         """`database_url` with the password replaced by `***`."""
         return _mask(self.database_url)
+
+    def restart(self) -> float:
+        """Stop the Prefect server (SIGTERM, as an operator would) and start it again on the
+        same port, database and home; returns the seconds it was unreachable."""
+        _stop_server(self._servers[-1])
+        down = time.monotonic()
+        port = int(self.api_url.rsplit(":", 1)[1].split("/")[0])
+        server = _spawn_server(self.prefect_home, self.database_url, port, self.log_path)
+        self._servers.append(server)
+        _wait_healthy(server, self.api_url, self.log_path)
+        return time.monotonic() - down
 
     def sql(self, query: str, *, timeout: float = 30) -> str:
         """Run `query` on database `prefect` as the superuser; psql's `-At` output, stripped."""
@@ -257,8 +269,38 @@ def _server_env(prefect_home: Path, database_url: str) -> dict[str, str]:
         PREFECT_API_DATABASE_CONNECTION_URL=database_url,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_UI_ENABLED="false",
+        # Concurrency leases outlive a server restart (the default keeps them in memory,
+        # which would leave a held slot taken forever once the server restarts).
+        PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="prefect.server.concurrency.lease_storage.filesystem",
     )
     return env
+
+
+def _spawn_server(
+    prefect_home: Path, database_url: str, port: int, log: Path
+) -> subprocess.Popen[bytes]:
+    with log.open("ab") as log_file:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-ui",
+                "--analytics-off",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=_server_env(prefect_home, database_url),
+            cwd=prefect_home,
+            start_new_session=True,
+        )
 
 
 def _stop_server(proc: subprocess.Popen[bytes]) -> None:
@@ -334,28 +376,7 @@ def postgres_prefect() -> Iterator[PostgresPrefect]:
         for attempt in range(3):
             port = _free_port()
             api_url = f"http://127.0.0.1:{port}/api"
-            with server_log.open("ab") as log_file:
-                server = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "prefect",
-                        "server",
-                        "start",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                        "--no-ui",
-                        "--analytics-off",
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    env=_server_env(prefect_home, database_url),
-                    cwd=prefect_home,
-                    start_new_session=True,
-                )
+            server = _spawn_server(prefect_home, database_url, port, server_log)
             try:
                 _wait_healthy(server, api_url, server_log)
                 break
@@ -372,7 +393,8 @@ def postgres_prefect() -> Iterator[PostgresPrefect]:
             f"{prefect_start_s:.1f} s"
         )
 
-        yield PostgresPrefect(
+        assert server is not None  # the loop either broke with a healthy server or raised
+        handle = PostgresPrefect(
             api_url=api_url,
             database_url=database_url,
             prefect_home=prefect_home,
@@ -384,7 +406,10 @@ def postgres_prefect() -> Iterator[PostgresPrefect]:
             bin_dir=bin_dir,
             postgres_start_s=postgres_start_s,
             prefect_start_s=prefect_start_s,
+            _servers=[server],
         )
+        yield handle
+        server = handle._servers[-1]
     finally:
         # Events this process emitted for this server go out now: once it is gone, their
         # queue would retry at interpreter exit for many minutes.
