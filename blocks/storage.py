@@ -10,7 +10,7 @@ from typing import Literal
 from prefect.blocks.core import Block
 from prefect.filesystems import LocalFileSystem, WritableFileSystem
 from prefect_aws import AwsCredentials, S3Bucket
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from blocks.config import state_dir
 from tasks.exceptions import ConfigError
@@ -21,6 +21,9 @@ _BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 
 class ReleaseStorage(Block):
     """The place that keeps the release ledger and the environment backups."""
+
+    # Validation errors must not echo the raw input: its credentials hold the secret key.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     _block_type_name = "Elice Release Storage"
     _description = "Ledger and backups: a local directory or an S3 (or MinIO) bucket and prefix."

@@ -3,7 +3,7 @@
 set -euo pipefail
 
 PACKAGES=(podman buildah runc docker-registry debootstrap prometheus prometheus-alertmanager
-          chromium catatonit uidmap postgresql git)
+          chromium catatonit uidmap postgresql git openssh-client)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

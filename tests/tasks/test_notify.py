@@ -333,3 +333,47 @@ def test_notify_without_configuration_skips(caplog: pytest.LogCaptureFixture) ->
         "slack": "skipped",
         "pagerduty": "skipped",
     }
+
+
+# --- secrets echoed in parts ------------------------------------------------------------
+
+
+def test_scrub_removes_the_secret_parts_of_a_webhook_url() -> None:
+    url = f"https://hooks.slack.com/services/T0ABC/B0DEF/{HOOK_SECRET}?token=Q{HOOK_SECRET}"
+    for echoed in (
+        f"404 no_service for POST /services/T0ABC/B0DEF/{HOOK_SECRET}",
+        f"unknown hook T0ABC/B0DEF/{HOOK_SECRET}",
+        f"unknown hook %2Fservices%2FT0ABC%2FB0DEF%2F{HOOK_SECRET}",
+        f"path=/services/T0ABC/B0DEF/{HOOK_SECRET}?token=Q{HOOK_SECRET} refused",
+        f"bad token: Q{HOOK_SECRET}",
+    ):
+        cleaned = scrub(echoed, [url])
+        assert HOOK_SECRET not in cleaned, cleaned
+        assert "***" in cleaned
+    # The words around a secret stay readable: only the secret segments go.
+    assert scrub("POST /services/ failed: services down", [url]) == (
+        "POST /services/ failed: services down"
+    )
+
+
+@pytest.mark.parametrize("status", [404, 500])
+def test_webhook_path_echoed_by_the_endpoint_never_reaches_the_logs(
+    running_receiver: Receiver, caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    """Slack answers an unknown hook with its path; an endpoint may echo the query too."""
+    path = f"/services/T0ABC/B0DEF/{HOOK_SECRET}"
+    query = f"token=Q{HOOK_SECRET}"
+    hook_url = f"{running_receiver.url}{path}?{query}"
+    echo = f"no_service: POST {path}?{query} (hook {path.rsplit('/', 1)[1]})"
+    running_receiver.script(f"/{HOOK_SECRET}", *[Reply(status, body=echo.encode())] * 2)
+    caplog.set_level(logging.DEBUG)
+
+    quick = send_slack.with_options(retries=1, retry_delay_seconds=0)
+    state = quick(_notice(), SlackChannel(webhook_url=hook_url), return_state=True)
+
+    assert state.result() == "failed"
+    (request, *_) = running_receiver.requests_to(path)
+    assert request.query == {"token": f"Q{HOOK_SECRET}"}  # the endpoint did see it all
+    assert f"slack webhook answered {status}" in caplog.text
+    assert "no_service: POST ***" in caplog.text
+    assert HOOK_SECRET not in caplog.text

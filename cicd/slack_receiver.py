@@ -1,0 +1,255 @@
+"""The Slack receiver: where Slack sends the Approve / Reject button presses.
+
+    POST /slack/actions   a block_actions interaction (Slack's "Request URL")
+    GET  /health          200 "ok"
+
+A press is checked in this order, and each refusal changes nothing:
+
+    401  not signed with the app's signing secret, timestamp over 5 minutes off, a replay
+    400  not a press of one of the approval buttons (`tasks.slack_actions`)
+    403  the Slack user is not mapped to an approver (`slack_users: {U123: alice}`)
+
+then `on_decision(decision, approver_name)` acts on it and its text is the 200 answer.
+An `ApprovalError` from it (run not paused, answer refused) answers 409 with its message;
+anything else 500. Slack wants an answer within 3 seconds: `on_decision` must be quick.
+
+Run it with `python -m cicd.slack_receiver --port 3000 [--users FILE]`; the signing secret
+comes from ELICE_SLACK_SIGNING_SECRET and is never logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import SecretStr
+
+from tasks.exceptions import ApprovalError
+from tasks.slack_actions import (
+    MAX_BODY_BYTES,
+    ReplayGuard,
+    SlackDecision,
+    SlackRequestRefused,
+    approver_for,
+    parse_slack_decision,
+    verify_slack_request,
+)
+
+ACTIONS_PATH = "/slack/actions"
+SECRET_ENV = "ELICE_SLACK_SIGNING_SECRET"  # noqa: S105 - the variable's name
+REQUEST_TIMEOUT_S = 10
+DecisionHandler = Callable[[SlackDecision, str], str]
+
+log = logging.getLogger("elice.slack_receiver")
+
+
+def not_connected(decision: SlackDecision, approver: str) -> str:
+    """The handler of a receiver that is not connected to a promotion: it changes nothing."""
+    log.warning(
+        "slack: %s of run %s by %s (%s) not acted on: no promotion connected",
+        decision.action,
+        decision.run_id,
+        approver,
+        decision.user_id,
+    )
+    return f"{approver}: {decision.action} received, but nothing was changed (not connected)"
+
+
+class SlackReceiver:
+    """An HTTP server for Slack's button presses, on `host:port` (port 0: a free one)."""
+
+    def __init__(
+        self,
+        signing_secret: SecretStr,
+        slack_users: Mapping[str, str],
+        on_decision: DecisionHandler,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Bind the socket (serving starts with `start` or `serve_forever`).
+
+        Raises:
+            ValueError: the signing secret is empty.
+            OSError: the address cannot be bound.
+        """
+        if not signing_secret.get_secret_value():
+            msg = f"the Slack signing secret is empty (set {SECRET_ENV})"
+            raise ValueError(msg)
+        self._secret = signing_secret
+        self._users = dict(slack_users)
+        self._on_decision = on_decision
+        self._clock = clock
+        self._seen = ReplayGuard()
+        self._server = ThreadingHTTPServer((host, port), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+        bound_host, bound_port = self._server.server_address[:2]
+        self.url = f"http://{bound_host!s}:{bound_port}"
+
+    def __repr__(self) -> str:
+        return f"SlackReceiver(url={self.url!r}, users={len(self._users)})"
+
+    def answer(
+        self, path: str, headers: Sequence[tuple[str, str]], body: bytes, client: str = "-"
+    ) -> tuple[int, str]:
+        """(HTTP status, text) for a POST of `body` to `path` from address `client`."""
+        if path != ACTIONS_PATH:
+            return 404, "not found"
+        try:
+            verify_slack_request(self._secret, headers, body, self._clock(), self._seen)
+            decision = parse_slack_decision(body)
+            approver = approver_for(decision.user_id, self._users)
+        except SlackRequestRefused as exc:
+            log.warning("slack: request from %s refused (%d): %s", client, exc.status, exc)
+            return exc.status, str(exc)
+        log.info(
+            "slack: %s of run %s (release %s) by %s (%s)",
+            decision.action,
+            decision.run_id,
+            decision.release_id,
+            approver,
+            decision.user_id,
+        )
+        try:
+            return 200, self._on_decision(decision, approver)
+        except ApprovalError as exc:
+            log.warning("slack: %s by %s not applied: %s", decision.action, approver, exc)
+            return 409, str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad press must not stop the receiver
+            log.error("slack: handling %s failed: %s", decision.action, type(exc).__name__)  # noqa: TRY400
+            return 500, "internal error: nothing was changed"
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            timeout = REQUEST_TIMEOUT_S
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                log.debug("slack receiver: " + format, *args)  # noqa: G003
+
+            def _reply(self, status: int, text: str) -> None:
+                data = (text.strip() + "\n").encode("utf-8")
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path == "/health":
+                    self._reply(200, "ok")
+                elif self.path == ACTIONS_PATH:
+                    self._reply(405, "POST only")
+                else:
+                    self._reply(404, "not found")
+
+            def do_POST(self) -> None:
+                raw = self.headers.get("Content-Length")
+                if raw is None or not raw.strip().isdigit():
+                    self.close_connection = True
+                    self._reply(411, "Content-Length required")
+                    return
+                length = int(raw)
+                if length > MAX_BODY_BYTES:
+                    self.close_connection = True
+                    self._reply(413, f"body larger than {MAX_BODY_BYTES} bytes")
+                    return
+                body = self.rfile.read(length)
+                headers = list(self.headers.items())
+                status, text = receiver.answer(self.path, headers, body, self.client_address[0])
+                self._reply(status, text)
+
+        return Handler
+
+    def start(self) -> SlackReceiver:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="slack-receiver", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until `stop` (or an interrupt)."""
+        self._server.serve_forever()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def load_slack_users(path: Path) -> dict[str, str]:
+    """A `{slack user id: approver name}` mapping from a YAML or JSON file.
+
+    Raises:
+        ValueError: unreadable, or not a mapping of strings.
+    """
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        msg = f"{path}: cannot read the Slack users: {exc}"
+        raise ValueError(msg) from exc
+    if isinstance(data, dict) and isinstance(data.get("slack_users"), dict):
+        data = data["slack_users"]
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+    ):
+        msg = f"{path}: expected a mapping of Slack user id to approver name"
+        raise ValueError(msg)
+    return dict(data)
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    on_decision: DecisionHandler = not_connected,
+    environ: Mapping[str, str] = os.environ,
+) -> int:
+    """`python -m cicd.slack_receiver`: serve until interrupted; 2 on bad input."""
+    parser = argparse.ArgumentParser(
+        prog="python -m cicd.slack_receiver", description="Receive Slack approval buttons."
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=3000, help="port (0: a free one)")
+    parser.add_argument(
+        "--users", type=Path, help="YAML/JSON file: slack_users: {U123: alice, ...}"
+    )
+    args = parser.parse_args(argv)
+    secret = SecretStr(environ.get(SECRET_ENV, ""))
+    try:
+        users = load_slack_users(args.users) if args.users else {}
+        receiver = SlackReceiver(secret, users, on_decision, host=args.host, port=args.port)
+    except (ValueError, OSError) as exc:
+        print(f"slack receiver: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not users:
+        log.warning("slack: no Slack users mapped to approvers: every press is refused (403)")
+    print(f"slack receiver listening on {receiver.url}{ACTIONS_PATH}", flush=True)
+    try:
+        receiver.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        receiver.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
