@@ -5,14 +5,9 @@ from __future__ import annotations
 import ast
 import json
 import re
-import shutil
-import socket
 import subprocess
 import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -20,112 +15,52 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-MONITORING = REPO / "monitoring"
-PROMETHEUS_DIR = MONITORING / "prometheus"
-PROMETHEUS_YML = PROMETHEUS_DIR / "prometheus.yml"
+from tests.monitoring.tools import (
+    ALERTMANAGER_YML,
+    MONITORING,
+    PROMETHEUS_DIR,
+    PROMETHEUS_YML,
+    REPO,
+    as_file_sd,
+    flags,
+    free_port,
+    get_json,
+    load_yaml,
+    post_json,
+    run,
+    start_server,
+    stop_server,
+    tool,
+    wait_for,
+)
+
 RULE_FILES = sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
 RULE_TESTS = sorted((PROMETHEUS_DIR / "tests").glob("*.yml"))
-FLAGS = PROMETHEUS_DIR / "flags"
-ALERTMANAGER_YML = MONITORING / "alertmanager" / "alertmanager.yml"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "elice-services.json"
-SERVICEKIT_METRICS = REPO / "libs" / "servicekit" / "src" / "servicekit" / "metrics.py"
+# Sources of the series the services export: Counter/Gauge/Histogram calls in these files.
+EXPORTERS = (
+    REPO / "libs" / "servicekit" / "src" / "servicekit" / "metrics.py",
+    REPO / "services" / "auth" / "src" / "auth" / "main.py",
+)
 PIPELINE = REPO / "config" / "pipeline.yaml"
 
-# kube-state-metrics series the rules and the dashboard rely on; Prometheus' own series.
+# Series of kube-state-metrics, cAdvisor and the kubelet the rules and the dashboard rely
+# on (their documented names); Prometheus' own series.
 KUBE_STATE_METRICS = frozenset(
     {
         "kube_deployment_spec_replicas",
         "kube_deployment_status_replicas_available",
         "kube_deployment_status_replicas_updated",
         "kube_pod_container_status_waiting_reason",
+        "kube_pod_container_resource_limits",
     }
 )
+CADVISOR = frozenset({"container_cpu_usage_seconds_total", "container_memory_working_set_bytes"})
+KUBELET = frozenset({"kubelet_volume_stats_used_bytes", "kubelet_volume_stats_capacity_bytes"})
 PROMETHEUS_BUILTINS = frozenset({"up", "ALERTS"})
 
 
 # --- helpers -------------------------------------------------------------------------
-
-
-def tool(name: str) -> str:
-    """Absolute path of a required tool; a missing tool fails the test, never skips it."""
-    path = shutil.which(name)
-    assert path, f"{name} not found on PATH: apt-get install prometheus prometheus-alertmanager"
-    return path
-
-
-def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a tool and fail with its command line and output when it exits non-zero."""
-    cmd = [str(a) for a in args]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, (
-        f"{' '.join(cmd)} exited {proc.returncode}\n"
-        f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-    )
-    return proc
-
-
-def load_yaml(path: Path) -> Any:
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return json.load(resp)
-
-
-def post_json(url: str, body: Any) -> None:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        assert resp.status == 200, resp.read()
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except (OSError, urllib.error.URLError, KeyError, ValueError) as e:
-            last_error = e
-        else:
-            if result:
-                return result
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout}s waiting for {what} (last error: {last_error!r})")
-
-
-def start_server(cmd: list[str], ready_url: str, log: Path) -> subprocess.Popen[bytes]:
-    """Start a server process writing to ``log`` and wait until ``ready_url`` answers."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"{cmd[0]} exited {proc.returncode}:\n{log.read_text()}")
-        with urllib.request.urlopen(ready_url, timeout=2) as resp:
-            return bool(resp.status == 200)
-
-    wait_for(f"{cmd[0]} at {ready_url}", ready)
-    return proc
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
 
 
 class Recorder:
@@ -189,10 +124,10 @@ def metric_names(expr: str) -> set[str]:
 
 
 def servicekit_metrics() -> dict[str, list[str]]:
-    """Series names servicekit exposes -> their labels, read from its source."""
-    tree = ast.parse(SERVICEKIT_METRICS.read_text(encoding="utf-8"))
+    """Series names servicekit and the services expose -> their labels, read from source."""
     found: dict[str, list[str]] = {}
-    for node in ast.walk(tree):
+    nodes = [n for f in EXPORTERS for n in ast.walk(ast.parse(f.read_text(encoding="utf-8")))]
+    for node in nodes:
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
             continue
         kind = node.func.id
@@ -220,7 +155,14 @@ def recorded_names() -> set[str]:
 
 
 def known_metrics() -> set[str]:
-    return set(servicekit_metrics()) | recorded_names() | KUBE_STATE_METRICS | PROMETHEUS_BUILTINS
+    return (
+        set(servicekit_metrics())
+        | recorded_names()
+        | KUBE_STATE_METRICS
+        | CADVISOR
+        | KUBELET
+        | PROMETHEUS_BUILTINS
+    )
 
 
 def pipeline() -> dict[str, Any]:
@@ -229,21 +171,6 @@ def pipeline() -> dict[str, Any]:
 
 
 # --- promtool ------------------------------------------------------------------------
-
-
-def as_file_sd(config: dict[str, Any], targets_dir: Path) -> dict[str, Any]:
-    """The same config with kubernetes_sd_configs replaced by file_sd_configs.
-
-    Debian's Prometheus is built without Kubernetes discovery, so it rejects the real
-    kubernetes_sd_configs; everything else (relabeling, rules, alerting) stays as it is
-    and is what promtool and the server check.
-    """
-    config = json.loads(json.dumps(config))
-    config["rule_files"] = [str(PROMETHEUS_DIR / pattern) for pattern in config["rule_files"]]
-    for job in config["scrape_configs"]:
-        if job.pop("kubernetes_sd_configs", None) is not None:
-            job["file_sd_configs"] = [{"files": [str(targets_dir / f"{job['job_name']}.json")]}]
-    return config
 
 
 def test_kubernetes_discovery_covers_every_service_namespace() -> None:
@@ -281,46 +208,7 @@ def test_promtool_check_rules() -> None:
 def test_promtool_unit_tests_pass() -> None:
     assert RULE_TESTS, "no promtool unit tests under monitoring/prometheus/tests"
     proc = run(tool("promtool"), "test", "rules", *RULE_TESTS, cwd=PROMETHEUS_DIR / "tests")
-    assert "SUCCESS" in proc.stdout
-
-
-def test_promtool_unit_tests_fail_on_a_broken_rule(tmp_path: Path) -> None:
-    """The unit tests have teeth: raise the error threshold and they must fail."""
-    rules_dir = tmp_path / "rules"
-    tests_dir = tmp_path / "tests"
-    shutil.copytree(PROMETHEUS_DIR / "rules", rules_dir)
-    shutil.copytree(PROMETHEUS_DIR / "tests", tests_dir)
-    alerts = rules_dir / "alerts.yml"
-    text = alerts.read_text(encoding="utf-8")
-    assert "service:http_request_error_ratio:rate5m > 0.05" in text
-    alerts.write_text(text.replace("rate5m > 0.05", "rate5m > 0.5"), encoding="utf-8")
-    proc = subprocess.run(
-        [tool("promtool"), "test", "rules", *[p.name for p in sorted(tests_dir.glob("*.yml"))]],
-        cwd=tests_dir,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode != 0
-    assert "alertname: HighErrorRate" in proc.stdout + proc.stderr
-
-
-def test_every_alert_has_required_labels_and_for() -> None:
-    alerts = {r["alert"]: r for r in rules() if "alert" in r}
-    assert set(alerts) >= {
-        "ServiceDown",
-        "HighErrorRate",
-        "HighLatencyP95",
-        "PodCrashLooping",
-        "DeploymentReplicasMismatch",
-    }
-    assert alerts["ServiceDown"]["for"] == "2m"
-    assert alerts["HighErrorRate"]["for"] == "5m"
-    assert alerts["HighLatencyP95"]["for"] == "10m"
-    for name, rule in alerts.items():
-        assert rule["labels"]["severity"], name
-        assert {"summary", "description"} <= set(rule["annotations"]), name
+    assert (proc.stdout + proc.stderr).count("SUCCESS") == len(RULE_TESTS)
 
 
 def test_rules_read_only_metrics_that_exist() -> None:
@@ -335,19 +223,6 @@ def test_rules_read_only_metrics_that_exist() -> None:
 
 
 # --- the flags file and a real Prometheus --------------------------------------------
-
-
-def flags() -> dict[str, str | None]:
-    """``--name=value`` (or a bare boolean ``--name``) per line of monitoring/prometheus/flags."""
-    parsed: dict[str, str | None] = {}
-    for raw in FLAGS.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        assert line.startswith("--"), f"not a flag: {line!r}"
-        name, sep, value = line.removeprefix("--").partition("=")
-        parsed[name] = value if sep else None
-    return parsed
 
 
 def test_flags_set_15d_retention_and_are_real_prometheus_flags() -> None:
@@ -531,7 +406,7 @@ def test_real_alertmanager_delivers_and_inhibits(tmp_path: Path, recorder: Recor
             [
                 alert(alertname="ServiceDown", severity="critical", environment="production",
                       service="payment"),
-                alert(alertname="HighLatencyP95", severity="warning", environment="staging",
+                alert(alertname="HighLatency", severity="warning", environment="staging",
                       service="search"),
             ],
         )  # fmt: skip
@@ -555,7 +430,7 @@ def test_real_alertmanager_delivers_and_inhibits(tmp_path: Path, recorder: Recor
 
         messages = wait_for("a Slack message", lambda: recorder.bodies("/slack"))
         text = json.dumps(messages)
-        assert "HighLatencyP95" in text
+        assert "HighLatency" in text
         assert "staging" in text
         assert "ServiceDown" not in text
 

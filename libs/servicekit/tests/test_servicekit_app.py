@@ -136,3 +136,39 @@ def test_metrics_use_route_templates() -> None:
     text = c.get("/metrics").text
     assert "# TYPE http_requests_total counter" in text
     assert 'service_build_info{commit="unknown"' in text
+
+
+class _Pool:
+    """A pool as SQLAlchemy's QueuePool reports itself."""
+
+    def __init__(self) -> None:
+        self.out = 0
+
+    def size(self) -> int:
+        return 4
+
+    def checkedout(self) -> int:
+        return self.out
+
+    def checkedin(self) -> int:
+        return 4 - min(self.out, 4)
+
+
+def test_track_pool_reads_the_pool_at_every_scrape() -> None:
+    c = client()
+    pool = _Pool()
+    c.app.state.metrics.track_pool(pool, max_overflow=2, name="main")  # type: ignore[attr-defined]
+    registry = c.app.state.metrics.registry  # type: ignore[attr-defined]
+    labels = {"service": "demo", "pool": "main"}
+    assert registry.get_sample_value("db_pool_size", labels) == 4
+    assert registry.get_sample_value("db_pool_max_overflow", labels) == 2
+    assert registry.get_sample_value("db_pool_checked_out_connections", labels) == 0
+    pool.out = 5
+    assert registry.get_sample_value("db_pool_checked_out_connections", labels) == 5
+    assert registry.get_sample_value("db_pool_idle_connections", labels) == 0
+    text = c.get("/metrics").text
+    assert 'db_pool_checked_out_connections{pool="main",service="demo"} 5.0' in text
+
+
+def test_no_pool_no_pool_series() -> None:
+    assert "db_pool_size{" not in client().get("/metrics").text

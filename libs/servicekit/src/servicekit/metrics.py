@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Final
+from typing import Final, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -27,6 +27,16 @@ PROBE_PATHS: Final = frozenset({"/health", "/ready", "/metrics"})
 UNMATCHED: Final = "<unmatched>"
 _BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _log = logging.getLogger("servicekit.access")
+
+
+class Pool(Protocol):
+    """What the pool gauges read: SQLAlchemy's ``QueuePool`` (``engine.pool``) has these."""
+
+    def size(self) -> int: ...
+
+    def checkedout(self) -> int: ...
+
+    def checkedin(self) -> int: ...
 
 
 class Metrics:
@@ -61,6 +71,40 @@ class Metrics:
             ["service", "version", "release", "digest", "commit", "environment"],
             registry=self.registry,
         ).labels(**build.as_dict()).set(1)
+        # Database pools (`track_pool`): the DatabasePoolExhausted alert divides checked-out
+        # connections by pool_size + max_overflow.
+        self.pool_size = Gauge(
+            "db_pool_size",
+            "Connections a database pool keeps open (pool_size).",
+            ["service", "pool"],
+            registry=self.registry,
+        )
+        self.pool_max_overflow = Gauge(
+            "db_pool_max_overflow",
+            "Connections a database pool may open beyond pool_size (max_overflow).",
+            ["service", "pool"],
+            registry=self.registry,
+        )
+        self.pool_checked_out = Gauge(
+            "db_pool_checked_out_connections",
+            "Database connections in use.",
+            ["service", "pool"],
+            registry=self.registry,
+        )
+        self.pool_idle = Gauge(
+            "db_pool_idle_connections",
+            "Open database connections waiting in the pool.",
+            ["service", "pool"],
+            registry=self.registry,
+        )
+
+    def track_pool(self, pool: Pool, *, max_overflow: int, name: str = "default") -> None:
+        """Export ``pool``'s size and use, read at every scrape."""
+        labels = (self.service, name)
+        self.pool_size.labels(*labels).set_function(lambda: float(pool.size()))
+        self.pool_max_overflow.labels(*labels).set(max_overflow)
+        self.pool_checked_out.labels(*labels).set_function(lambda: float(pool.checkedout()))
+        self.pool_idle.labels(*labels).set_function(lambda: float(pool.checkedin()))
 
     def observe(self, method: str, path: str, status: int, seconds: float) -> None:
         self.requests.labels(self.service, method, path, str(status)).inc()
