@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from blocks.config import repo_root, save_as_blocks
-from cicd import promote_cli, setup_cli, stack_cli
+from cicd import metrics_cli, promote_cli, setup_cli, stack_cli
 from cicd.common import ConfigOption, TargetOption, cli_config, fail, prefect_api, split_names
 from tasks.exceptions import ConfigError, PipelineError
 from tasks.models import StageResult
@@ -26,6 +26,7 @@ app = typer.Typer(
 app.add_typer(stack_cli.app, name="stack", help="The local stack: Prefect, registry, engine.")
 promote_cli.register(app)
 setup_cli.register(app)
+metrics_cli.register(app)
 console = Console()
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tasks.metrics import GAUGES
 from tests.monitoring.tools import (
     ALERTMANAGER_YML,
     MONITORING,
@@ -58,6 +59,8 @@ KUBE_STATE_METRICS = frozenset(
 CADVISOR = frozenset({"container_cpu_usage_seconds_total", "container_memory_working_set_bytes"})
 KUBELET = frozenset({"kubelet_volume_stats_used_bytes", "kubelet_volume_stats_capacity_bytes"})
 PROMETHEUS_BUILTINS = frozenset({"up", "ALERTS"})
+# The pipeline's own delivery metrics (tasks/metrics.py, `cicd metrics --prometheus`).
+DELIVERY = frozenset(GAUGES)
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -162,6 +165,7 @@ def known_metrics() -> set[str]:
         | CADVISOR
         | KUBELET
         | PROMETHEUS_BUILTINS
+        | DELIVERY
     )
 
 
@@ -468,7 +472,7 @@ def test_dashboard_has_environment_and_service_variables() -> None:
             assert 'environment="$environment"' in expr, expr
 
 
-def test_dashboard_panels_cover_rate_errors_latency_replicas() -> None:
+def test_dashboard_panels_cover_rate_errors_latency_replicas_resources_delivery() -> None:
     ids = [p["id"] for p in dashboard()["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     exprs = " ".join(expr for _, expr in panel_exprs())
@@ -478,8 +482,27 @@ def test_dashboard_panels_cover_rate_errors_latency_replicas() -> None:
         "service:http_request_duration_seconds:p95_5m",
         "kube_deployment_status_replicas_available",
         "kube_deployment_spec_replicas",
+        "pod:container_cpu_usage:ratio_of_limit",
+        "pod:container_memory_working_set:ratio_of_limit",
+        "elice_delivery_deployment_frequency_per_day",
+        "elice_delivery_lead_time_seconds",
+        "elice_delivery_change_failure_ratio",
+        "elice_delivery_time_to_restore_seconds",
     ):
         assert needed in exprs, f"no panel shows {needed}"
+    assert dashboard()["refresh"] == "30s"
+    # Panels do not overlap on Grafana's 24-column grid.
+    cells: set[tuple[int, int]] = set()
+    for panel in dashboard()["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        mine = {
+            (x, y)
+            for x in range(pos["x"], pos["x"] + pos["w"])
+            for y in range(pos["y"], pos["y"] + pos["h"])
+        }
+        assert not mine & cells, f"{panel['title']} overlaps another panel"
+        cells |= mine
 
 
 def test_dashboard_queries_read_only_metrics_that_exist() -> None:
