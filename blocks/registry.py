@@ -46,12 +46,40 @@ class EcrRegistry(Block):
     aws_credentials: AwsCredentials = Field(description="prefect-aws credentials")
     region: str = Field(default="us-east-1", description="AWS region of the registry")
     endpoint_url: str | None = Field(default=None, description="Custom API endpoint (moto)")
+    registry_endpoint: str | None = Field(
+        default=None,
+        description=(
+            "The registry (image) endpoint when not the proxyEndpoint that "
+            "GetAuthorizationToken returns, e.g. https://<VPC endpoint host>; "
+            "http:// only for a loopback test registry"
+        ),
+    )
     namespace: str = Field(default="elice", description="Repository name prefix")
     keep_last_releases: int = Field(
         default=30, ge=1, le=1000, description="Tagged images the lifecycle policy keeps"
     )
     scan_on_push: bool = Field(default=True, description="Scan images when pushed")
     immutable_tags: bool = Field(default=True, description="Refuse to move an existing tag")
+
+    @field_validator("registry_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme, _, host = value.rstrip("/").partition("://")
+        loopback = host.startswith(("127.", "localhost", "[::1]"))
+        if (
+            not host
+            or "/" in host
+            or scheme not in ("https", "http")
+            or (scheme == "http" and not loopback)
+        ):
+            msg = (
+                f"registry_endpoint must be https://host[:port] (http:// only on loopback), "
+                f"got {value!r}"
+            )
+            raise ValueError(msg)
+        return f"{scheme}://{host}"
 
     def repository_name(self, service: str) -> str:
         """namespace/service, the ECR repository name."""

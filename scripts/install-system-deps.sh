@@ -3,7 +3,7 @@
 set -euo pipefail
 
 PACKAGES=(podman buildah runc docker-registry debootstrap prometheus prometheus-alertmanager
-          chromium catatonit uidmap postgresql git openssh-client)
+          chromium catatonit uidmap postgresql git openssh-client skopeo apache2-utils)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

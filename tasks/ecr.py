@@ -1,10 +1,19 @@
-"""Amazon ECR: repositories, lifecycle policies, logins, retags and the mirror by digest."""
+"""Amazon ECR: repositories, lifecycle policies, logins, retags and the mirror by digest.
+
+The control plane (repositories, policies, tokens, tags) goes through boto3; images go
+through ECR's registry endpoint like any OCI registry: `mirror_to_ecr` copies blobs and
+manifests there with skopeo (`tasks.registry.copy_image_by_digest`), authenticated with
+the GetAuthorizationToken credentials, which are cached and fetched again an hour
+before their 12-hour expiry.
+"""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
+import threading
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -14,7 +23,14 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 from blocks.registry import EcrRegistry, OciRegistry
 from tasks.exceptions import RegistryError, ToolError
 from tasks.models import ImageRef
-from tasks.registry import DOCKER_MANIFEST, OCI_MANIFEST, fetch_manifest
+from tasks.process import run_logger
+from tasks.registry import (
+    DOCKER_MANIFEST,
+    OCI_MANIFEST,
+    copy_image_by_digest,
+    fetch_manifest,
+    split_repository,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_ecr import ECRClient
@@ -29,6 +45,13 @@ class RegistryLogin(BaseModel):
     username: str
     password: SecretStr
     endpoint: str
+    expires_at: datetime
+    fetched_at: datetime
+
+
+TOKEN_REFRESH_MARGIN = timedelta(hours=1)
+_logins: dict[tuple[str | None, ...], RegistryLogin] = {}
+_logins_lock = threading.Lock()
 
 
 def ecr_client(registry: EcrRegistry) -> ECRClient:
@@ -116,16 +139,72 @@ def put_lifecycle_policy(registry: EcrRegistry, service: str) -> dict[str, Any]:
     return policy
 
 
+def _login_key(registry: EcrRegistry) -> tuple[str | None, ...]:
+    creds = registry.aws_credentials
+    return (
+        registry.region,
+        registry.endpoint_url,
+        creds.profile_name,
+        creds.aws_access_key_id,
+        hashlib.sha256(
+            (
+                creds.aws_secret_access_key.get_secret_value()
+                if creds.aws_secret_access_key
+                else ""
+            ).encode()
+        ).hexdigest(),
+    )
+
+
+def ecr_credentials(registry: EcrRegistry, *, now: datetime | None = None) -> RegistryLogin:
+    """The registry login from GetAuthorizationToken, reused until an hour before it expires.
+
+    Raises:
+        ToolError: the ECR API refused or is unreachable.
+    """
+    now = now or datetime.now(UTC)
+    key = _login_key(registry)
+    with _logins_lock:
+        cached = _logins.get(key)
+        if cached is not None and cached.expires_at - now > TOKEN_REFRESH_MARGIN:
+            return cached
+        try:
+            data = ecr_client(registry).get_authorization_token()["authorizationData"][0]
+        except (ClientError, BotoCoreError) as exc:
+            raise _aws_error("get_authorization_token", exc) from exc
+        user, _, password = base64.b64decode(data["authorizationToken"]).decode().partition(":")
+        expires = data["expiresAt"]
+        login = RegistryLogin(
+            username=user,
+            password=SecretStr(password),
+            endpoint=data["proxyEndpoint"],
+            expires_at=expires if expires.tzinfo else expires.replace(tzinfo=UTC),
+            fetched_at=now,
+        )
+        _logins[key] = login
+    return login
+
+
 @task(retries=2, retry_delay_seconds=2)
 def ecr_login(registry: EcrRegistry) -> RegistryLogin:
     """A registry login from get_authorization_token; the password stays a SecretStr."""
-    try:
-        data = ecr_client(registry).get_authorization_token()["authorizationData"][0]
-    except (ClientError, BotoCoreError) as exc:
-        raise _aws_error("get_authorization_token", exc) from exc
-    user, _, password = base64.b64decode(data["authorizationToken"]).decode().partition(":")
-    return RegistryLogin(
-        username=user, password=SecretStr(password), endpoint=data["proxyEndpoint"]
+    return ecr_credentials(registry)
+
+
+def ecr_registry_access(registry: EcrRegistry, *, now: datetime | None = None) -> OciRegistry:
+    """ECR's registry endpoint as an OCI registry block, with a fresh token as its login.
+
+    Pass it to `tasks.registry` reads (`verify_release_image`, `read_labels`) and copies.
+    """
+    login = ecr_credentials(registry, now=now)
+    endpoint = registry.registry_endpoint or login.endpoint
+    scheme, _, host = endpoint.partition("://")
+    return OciRegistry(
+        address=host.rstrip("/"),
+        namespace=registry.namespace,
+        insecure=scheme == "http",
+        username=SecretStr(login.username),
+        password=login.password,
     )
 
 
@@ -181,25 +260,42 @@ def ecr_retag(registry: EcrRegistry, service: str, digest: str, new_tag: str) ->
 def mirror_to_ecr(
     image: ImageRef, registry: EcrRegistry, source: OciRegistry | None = None
 ) -> ImageRef:
-    """Register the image's manifest in ECR under its real digest and tag.
+    """Copy the image into ECR by digest: layers and config, then the manifest and tag.
 
-    Blobs stay in the OCI registry (moto has no registry protocol); the manifest bytes,
-    hence the digest, are the same in both.
+    The copy goes to the registry endpoint with the GetAuthorizationToken login (what
+    real ECR needs: it refuses a manifest whose layers were never uploaded); the tag is
+    then recorded through the API as well (idempotent: ECR already has it after a push).
+
+    Args:
+        source: the block of the image's registry, for its credentials.
+
+    Returns:
+        The image at the ECR endpoint (the reference nodes pull).
 
     Raises:
-        RegistryError: the manifest's bytes do not hash to `image.digest`.
+        ValueError: `source` is another registry's block (before anything is copied).
+        RegistryError: the manifest's bytes do not hash to `image.digest`, or a registry
+            refused the copy.
     """
+    host, _ = split_repository(image.repository)
+    if source is not None and source.address != host:
+        msg = f"the source registry block is for {source.address}, the image is on {host}"
+        raise ValueError(msg)
     manifest = fetch_manifest(image.repository, image.digest, source)
     if "sha256:" + hashlib.sha256(manifest.content).hexdigest() != image.digest:
         msg = f"{image.reference}: manifest bytes do not match the digest"
         raise RegistryError(msg)
-    ecr = ecr_client(registry)
-    name = registry.repository_name(image.service)
-    media_type = manifest.headers.get("Content-Type", DOCKER_MANIFEST).split(";")[0]
     tag = image.tag or f"sha-{image.commit[:12]}"
+    access = ecr_registry_access(registry)
+    name = registry.repository_name(image.service)
+    copied = copy_image_by_digest(
+        image, f"{access.address}/{name}", [tag], source=source, target=access
+    )
+    ecr = ecr_client(registry)
+    media_type = manifest.headers.get("Content-Type", DOCKER_MANIFEST).split(";")[0]
     try:
         _put_manifest(ecr, name, manifest.text, media_type, image.digest, tag)
-        uri = ecr.describe_repositories(repositoryNames=[name])["repositories"][0]["repositoryUri"]
     except (ClientError, BotoCoreError) as exc:
         raise _aws_error(f"mirror {image.reference}", exc) from exc
-    return image.model_copy(update={"repository": uri, "tag": tag})
+    run_logger().info("mirrored %s to %s", image.reference, copied.reference)
+    return copied

@@ -1,7 +1,31 @@
-"""OCI registries: inspect, tag and verify images over the distribution API."""
+"""OCI registries: inspect, tag, copy and verify images over the distribution API.
+
+Every read and write authenticates as the registry asks: the first request goes out
+with what worked last time; a 401 answer's `WWW-Authenticate` challenge says how to
+retry, `Basic` (the registry block's username and password) or `Bearer` (the
+distribution token spec: fetch a token from the challenge's realm for its service and
+scope, with the same credentials, then retry with it). Credentials go only to the
+registry they belong to, and never over plain HTTP to a host that is not the
+registry itself or loopback.
+
+Copies between registries use Debian's `skopeo copy --all --preserve-digests` rather
+than hand-written blob and manifest uploads: skopeo (containers/image, the library
+Podman and CRI-O pull with) is maintained against real registries, ECR and Docker
+Hub's quirks included; it uploads blobs before manifests, copies every manifest of an
+image index, mounts blobs across repositories of the same registry instead of
+re-uploading them, answers Bearer challenges itself and refuses any change of digest.
+What stays here is what skopeo cannot do for us: its credentials go in a private auth
+file (never a command line), and the copied digest is read back and verified.
+"""
 
 from __future__ import annotations
 
+import base64
+import json
+import re
+import tempfile
+from collections.abc import Generator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,21 +35,118 @@ from prefect.tasks import exponential_backoff
 
 from blocks.catalog import ServiceSpec
 from blocks.registry import OciRegistry
-from tasks.exceptions import ImageError, PromotionRefused, RegistryError, ToolError
+from tasks.exceptions import PromotionRefused, RegistryError, ToolError
 from tasks.models import ImageRef
-from tasks.process import retry_on_tool_error, run_logger
+from tasks.process import retry_on_tool_error, run_logger, run_tool, which
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MANIFEST_ACCEPT = ", ".join(
-    [
-        DOCKER_MANIFEST,
-        OCI_MANIFEST,
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.oci.image.index.v1+json",
-    ]
-)
+DOCKER_INDEX = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MANIFEST_ACCEPT = ", ".join([DOCKER_MANIFEST, OCI_MANIFEST, DOCKER_INDEX, OCI_INDEX])
 LOOPBACK = ("127.", "localhost", "[::1]")
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+COPY_TIMEOUT_S = 1800
+
+
+# --- authentication ----------------------------------------------------------------------
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """`Bearer realm="...",service="...",scope="..."` -> ("bearer", {realm, service, scope})."""
+    scheme, _, rest = header.strip().partition(" ")
+    return scheme.lower(), dict(CHALLENGE_PARAM.findall(rest))
+
+
+def _is_loopback(host: str) -> bool:
+    return host.startswith(LOOPBACK)
+
+
+class RegistryAuth(httpx.Auth):
+    """httpx authentication answering a registry's Basic or Bearer challenge.
+
+    Tokens are kept for the life of the client; a 401 with a fresh challenge fetches a
+    new one (another scope, or the old one expired).
+    """
+
+    requires_response_body = True
+
+    def __init__(self, host: str, registry: OciRegistry | None) -> None:
+        self.host = host
+        self.insecure = registry.insecure if registry else _is_loopback(host)
+        self._username = registry.username if registry else None
+        self._password = registry.password if registry else None
+        self._header: str | None = None
+
+    @property
+    def has_credentials(self) -> bool:
+        """True when the registry block carries a username and a password."""
+        return self._username is not None and self._password is not None
+
+    def _basic(self) -> str | None:
+        if self._username is None or self._password is None:
+            return None
+        pair = f"{self._username.get_secret_value()}:{self._password.get_secret_value()}"
+        return "Basic " + base64.b64encode(pair.encode()).decode()
+
+    def _may_send_to(self, url: httpx.URL) -> bool:
+        return url.scheme == "https" or self.insecure or _is_loopback(url.host)
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        """Send; on a 401 challenge authenticate as it asks and send once more."""
+        if self._header:
+            request.headers["Authorization"] = self._header
+        response = yield request
+        if response.status_code != 401:
+            return
+        scheme, params = parse_challenge(response.headers.get("WWW-Authenticate", ""))
+        if scheme == "basic":
+            header = self._basic()
+            if header is None or not self._may_send_to(request.url):
+                return
+        elif scheme == "bearer" and params.get("realm"):
+            header = yield from self._bearer(params)
+        else:
+            return
+        self._header = header
+        request.headers["Authorization"] = header
+        yield request
+
+    def _bearer(self, params: dict[str, str]) -> Generator[httpx.Request, httpx.Response, str]:
+        realm = httpx.URL(params["realm"])
+        query: list[tuple[str, str | int | float | bool | None]] = []
+        if params.get("service"):
+            query.append(("service", params["service"]))
+        query.extend(("scope", scope) for scope in params.get("scope", "").split() if scope)
+        headers = {}
+        basic = self._basic()
+        if basic is not None:
+            if not self._may_send_to(realm):
+                msg = (
+                    f"registry {self.host} sends its credentials to {realm.host} over plain "
+                    "HTTP; refusing (use an https token realm, or mark the registry insecure)"
+                )
+                raise RegistryError(msg)
+            headers["Authorization"] = basic
+        answer = yield httpx.Request("GET", realm, params=query, headers=headers)
+        if answer.status_code != 200:
+            msg = (
+                f"token server {realm.host} refused a token for {self.host} "
+                f"(HTTP {answer.status_code}): check the registry block's username and password"
+            )
+            raise RegistryError(msg)
+        try:
+            body = answer.json()
+            token = str(body.get("token") or body.get("access_token") or "")
+        except (ValueError, AttributeError) as exc:
+            msg = f"token server {realm.host} answered something that is not a token"
+            raise RegistryError(msg) from exc
+        if not token:
+            msg = f"token server {realm.host} answered no token for {self.host}"
+            raise RegistryError(msg)
+        return f"Bearer {token}"
 
 
 # --- OCI distribution API --------------------------------------------------------------
@@ -44,13 +165,23 @@ def split_repository(repository: str) -> tuple[str, str]:
     return host, path
 
 
+def _registry_for(host: str, registry: OciRegistry | None) -> OciRegistry | None:
+    """The block whose credentials may go to `host`.
+
+    Raises:
+        ValueError: the block is another registry's (its credentials must not go there).
+    """
+    if registry is not None and registry.address != host:
+        msg = f"the registry block is for {registry.address}, the image is on {host}"
+        raise ValueError(msg)
+    return registry
+
+
 def _client(host: str, registry: OciRegistry | None) -> httpx.Client:
-    insecure = registry.insecure if registry else host.startswith(LOOPBACK)
-    auth = None
-    if registry and registry.username and registry.password:
-        auth = (registry.username.get_secret_value(), registry.password.get_secret_value())
-    base = f"{'http' if insecure else 'https'}://{host}"
-    return httpx.Client(base_url=base, auth=auth, timeout=60, trust_env=not insecure)
+    registry = _registry_for(host, registry)
+    auth = RegistryAuth(host, registry)
+    base = f"{'http' if auth.insecure else 'https'}://{host}"
+    return httpx.Client(base_url=base, auth=auth, timeout=60, trust_env=not auth.insecure)
 
 
 def _request(
@@ -60,18 +191,41 @@ def _request(
     registry: OciRegistry | None = None,
     **kwargs: Any,
 ) -> httpx.Response:
+    """One distribution API call, authenticated as the registry asks.
+
+    Raises:
+        RegistryError: the registry refused access (401/403): not worth a retry.
+        ToolError: the registry is unreachable.
+    """
     host, path = split_repository(repository)
     try:
         with _client(host, registry) as client:
-            return client.request(method, f"/v2/{path}/{what}", **kwargs)
+            answer = client.request(method, f"/v2/{path}/{what}", **kwargs)
     except httpx.HTTPError as exc:
         msg = f"registry {host} unreachable for {method} {path}/{what}: {exc}"
         raise ToolError(msg) from exc
+    if answer.status_code in (401, 403):
+        who = (
+            "the configured credentials"
+            if registry and registry.username and registry.password
+            else "anonymous access (no credentials configured for it)"
+        )
+        msg = (
+            f"registry {host} refused {who} for {method} {path}/{what} "
+            f"(HTTP {answer.status_code}): set the registry block's username and password"
+        )
+        raise RegistryError(msg)
+    return answer
 
 
 def fetch_manifest(
     repository: str, reference: str, registry: OciRegistry | None = None
 ) -> httpx.Response:
+    """GET the manifest (or index) `repository:reference`.
+
+    Raises:
+        RegistryError: not found, or access refused.
+    """
     answer = _request(
         repository, "GET", f"manifests/{reference}", registry, headers={"Accept": MANIFEST_ACCEPT}
     )
@@ -81,24 +235,40 @@ def fetch_manifest(
     return answer
 
 
+def _head_digest(repository: str, reference: str, registry: OciRegistry | None) -> str | None:
+    """The digest of `repository:reference`, None when the registry says 404."""
+    answer = _request(
+        repository, "HEAD", f"manifests/{reference}", registry, headers={"Accept": MANIFEST_ACCEPT}
+    )
+    if answer.status_code == 404:
+        return None
+    digest = str(answer.headers.get("Docker-Content-Digest", ""))
+    if answer.status_code != 200 or not digest.startswith("sha256:"):
+        msg = f"{repository}:{reference}: no manifest digest (HTTP {answer.status_code})"
+        raise RegistryError(msg)
+    return digest
+
+
 def manifest_digest(repository: str, tag: str, registry: OciRegistry | None = None) -> str:
     """The digest `repository:tag` points at (HEAD with the manifest Accept header).
 
     Raises:
-        RegistryError: the tag does not exist.
+        RegistryError: the tag does not exist, or access was refused.
     """
-    answer = _request(
-        repository, "HEAD", f"manifests/{tag}", registry, headers={"Accept": MANIFEST_ACCEPT}
-    )
-    digest = str(answer.headers.get("Docker-Content-Digest", ""))
-    if answer.status_code != 200 or not digest.startswith("sha256:"):
-        msg = f"{repository}:{tag}: no manifest digest (HTTP {answer.status_code})"
+    digest = _head_digest(repository, tag, registry)
+    if digest is None:
+        msg = f"{repository}:{tag}: no manifest digest (HTTP 404)"
         raise RegistryError(msg)
     return digest
 
 
 def image_exists(repository: str, digest: str, registry: OciRegistry | None = None) -> bool:
-    """True when the registry holds a manifest with this digest."""
+    """True when the registry holds a manifest with this digest.
+
+    Raises:
+        RegistryError: access refused.
+        ToolError: unreachable, or an answer that is neither yes nor no.
+    """
     answer = _request(
         repository, "HEAD", f"manifests/{digest}", registry, headers={"Accept": MANIFEST_ACCEPT}
     )
@@ -133,15 +303,16 @@ def read_labels(
     return {str(k): str(v) for k, v in labels.items()}
 
 
-@task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2))
-def copy_tag(
-    repository: str, digest: str, new_tag: str, registry: OciRegistry | None = None
-) -> str:
-    """Point `new_tag` at the manifest `digest` (same bytes: the digest is unchanged).
+def put_tag(repository: str, digest: str, new_tag: str, registry: OciRegistry | None) -> str:
+    """Point `new_tag` at the manifest `digest` by PUTting the same bytes under the tag.
 
     Raises:
+        ValueError: the tag is not a valid tag.
         RegistryError: the digest is unknown or the registry changed it.
     """
+    if not TAG_RE.match(new_tag):
+        msg = f"tag {new_tag!r} is not a valid image tag ([A-Za-z0-9_.-], max 128)"
+        raise ValueError(msg)
     manifest = fetch_manifest(repository, digest, registry)
     media_type = manifest.headers.get("Content-Type", DOCKER_MANIFEST).split(";")[0]
     answer = _request(
@@ -156,19 +327,201 @@ def copy_tag(
     if answer.status_code != 201 or stored != digest:
         msg = f"{repository}:{new_tag}: tag copy failed (HTTP {answer.status_code}, {stored!r})"
         raise RegistryError(msg)
+    return digest
+
+
+@task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2))
+def copy_tag(
+    repository: str, digest: str, new_tag: str, registry: OciRegistry | None = None
+) -> str:
+    """Point `new_tag` at the manifest `digest` (same bytes: the digest is unchanged).
+
+    Raises:
+        RegistryError: the digest is unknown or the registry changed it.
+    """
+    put_tag(repository, digest, new_tag, registry)
     run_logger().info("tagged %s@%s as %s", repository, digest[:19], new_tag)
     return digest
+
+
+# --- copies between registries -----------------------------------------------------------
+
+
+def _authfile(directory: Path, name: str, host: str, registry: OciRegistry | None) -> Path:
+    """A containers-auth.json holding only `registry`'s credentials (0600, private dir)."""
+    auths: dict[str, dict[str, str]] = {}
+    if registry is not None and registry.username and registry.password:
+        pair = f"{registry.username.get_secret_value()}:{registry.password.get_secret_value()}"
+        auths[host] = {"auth": base64.b64encode(pair.encode()).decode()}
+    path = directory / name
+    path.touch(mode=0o600)
+    path.write_text(json.dumps({"auths": auths}), encoding="utf-8")
+    return path
+
+
+def _scrub(text: str, registries: Sequence[OciRegistry | None]) -> str:
+    for registry in registries:
+        for secret in (registry.password, registry.username) if registry else ():
+            if secret is not None and secret.get_secret_value():
+                text = text.replace(secret.get_secret_value(), "**********")
+    return text
+
+
+def _skopeo() -> str:
+    try:
+        return which("skopeo")
+    except ToolError as exc:
+        msg = "skopeo is not installed: apt-get install skopeo (Debian), then retry"
+        raise ToolError(msg) from exc
+
+
+def _is_insecure(host: str, registry: OciRegistry | None) -> bool:
+    return registry.insecure if registry else _is_loopback(host)
+
+
+def skopeo_copy_arguments(
+    source: str,
+    target: str,
+    *,
+    source_authfile: Path,
+    target_authfile: Path,
+    source_insecure: bool,
+    target_insecure: bool,
+    digestfile: Path,
+) -> list[str]:
+    """The `skopeo copy` command line: every manifest of an index, digests preserved."""
+    return [
+        "copy",
+        "--all",
+        "--preserve-digests",
+        "--retry-times=2",
+        f"--src-authfile={source_authfile}",
+        f"--dest-authfile={target_authfile}",
+        f"--src-tls-verify={str(not source_insecure).lower()}",
+        f"--dest-tls-verify={str(not target_insecure).lower()}",
+        f"--digestfile={digestfile}",
+        f"docker://{source}",
+        f"docker://{target}",
+    ]
+
+
+def copy_image_by_digest(
+    image: ImageRef,
+    target_repository: str,
+    tags: Sequence[str],
+    *,
+    source: OciRegistry | None = None,
+    target: OciRegistry | None = None,
+) -> ImageRef:
+    """Copy `image` (an image or an image index) to `target_repository`, digest unchanged.
+
+    Blobs first, then the manifests, then each tag; the digest is read back from the
+    target. A copy within one registry mounts the blobs from the source repository.
+
+    Raises:
+        ValueError: a bad repository, digest or tag, or a registry block for another
+            host (before anything is copied).
+        RegistryError: a registry refused access or the image; the digest changed.
+        ToolError: skopeo is missing, or a registry is unreachable.
+    """
+    source_host, _ = split_repository(image.repository)
+    target_host, _ = split_repository(target_repository)
+    _registry_for(source_host, source)
+    _registry_for(target_host, target)
+    if not DIGEST_RE.match(image.digest):
+        msg = f"{image.service}: digest {image.digest!r} is not sha256:<64 hex digits>"
+        raise ValueError(msg)
+    if not tags:
+        msg = f"{image.service}: copying {image.reference} needs at least one tag in the target"
+        raise ValueError(msg)
+    for tag in tags:
+        if not TAG_RE.match(tag):
+            msg = f"tag {tag!r} is not a valid image tag ([A-Za-z0-9_.-], max 128)"
+            raise ValueError(msg)
+    skopeo = _skopeo()
+    destination = f"{target_repository}:{tags[0]}"
+    with tempfile.TemporaryDirectory(prefix="registry-copy-") as tmp:
+        directory = Path(tmp)
+        args = skopeo_copy_arguments(
+            f"{image.repository}@{image.digest}",
+            destination,
+            source_authfile=_authfile(directory, "source.json", source_host, source),
+            target_authfile=_authfile(directory, "target.json", target_host, target),
+            source_insecure=_is_insecure(source_host, source),
+            target_insecure=_is_insecure(target_host, target),
+            digestfile=directory / "digest",
+        )
+        done = run_tool([skopeo, *args], timeout=COPY_TIMEOUT_S)
+        output = _scrub(done.excerpt(20), [source, target])
+        if not done.ok:
+            unreachable = ("connection refused", "no such host", "i/o timeout", "dial tcp")
+            error: type[ToolError | RegistryError] = (
+                ToolError if any(w in output.lower() for w in unreachable) else RegistryError
+            )
+            msg = f"copying {image.reference} to {destination} failed:\n{output}"
+            raise error(msg)
+        copied = (directory / "digest").read_text(encoding="utf-8").strip()
+    if copied != image.digest:
+        msg = f"{destination}: the copy has digest {copied}, not {image.digest}"
+        raise RegistryError(msg)
+    for tag in tags[1:]:
+        put_tag(target_repository, image.digest, tag, target)
+    stored = manifest_digest(target_repository, tags[0], target)
+    if stored != image.digest:
+        msg = f"{destination}: the registry reports {stored}, not {image.digest}"
+        raise RegistryError(msg)
+    run_logger().info("copied %s to %s (%s)", image.reference, destination, image.digest[:19])
+    return image.model_copy(update={"repository": target_repository, "tag": tags[0]})
+
+
+@task(
+    name="copy-image",
+    task_run_name="copy-image-{image.service}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_condition_fn=retry_on_tool_error,
+)
+def copy_image(
+    image: ImageRef,
+    target: OciRegistry,
+    *,
+    source: OciRegistry | None = None,
+    tags: Sequence[str] | None = None,
+) -> ImageRef:
+    """Copy `image` by digest into `target`'s repository of the service.
+
+    Args:
+        image: the image where it is now (repository@digest).
+        target: the registry to copy into (its credentials are used for the writes).
+        source: the block of the image's registry, for its credentials (None: anonymous).
+        tags: tags in the target (default: the image's tag, else `sha-<commit[:12]>`).
+
+    Raises:
+        ValueError: bad input (before anything is copied).
+        RegistryError: refused or changed; ToolError: unreachable (retried).
+    """
+    chosen = list(tags) if tags is not None else [image.tag or f"sha-{image.commit[:12]}"]
+    return copy_image_by_digest(
+        image, target.repository(image.service), chosen, source=source, target=target
+    )
+
+
+# --- CI and promotion ----------------------------------------------------------------------
 
 
 @task(name="find-published-image", task_run_name="find-published-image-{service.name}")
 def find_published_image(
     service: ServiceSpec, version: str, commit: str, registry: OciRegistry
 ) -> ImageRef | None:
-    """The image already pushed for this exact version, or None (then it is built)."""
+    """The image already pushed for this exact version, or None (then it is built).
+
+    Raises:
+        RegistryError: the registry refused access (a wrong login is not "not found").
+    """
     repository = registry.repository(service.name)
-    try:
-        digest = manifest_digest(repository, version, registry)
-    except ImageError:
+    digest = _head_digest(repository, version, registry)
+    if digest is None:
         return None
     run_logger().info("%s %s is already published as %s", service.name, version, digest[:19])
     return ImageRef(
@@ -189,19 +542,32 @@ def find_published_image(
     retry_delay_seconds=2,
     retry_condition_fn=retry_on_tool_error,
 )
-def verify_release_image(image: ImageRef) -> ImageRef:
+def verify_release_image(image: ImageRef, registry: OciRegistry | None = None) -> ImageRef:
     """The digest is in the registry and its revision label is the recorded commit.
 
+    Args:
+        registry: the block of the image's registry, for its credentials
+            (None: anonymous reads).
+
     Raises:
-        PromotionRefused: the image is gone, or was built from another commit.
+        ValueError: `registry` is another host's block.
+        PromotionRefused: the image is gone, was built from another commit, or the
+            registry refused the credentials.
         ToolError: the registry is unreachable (retried).
     """
-    if not image_exists(image.repository, image.digest):
+    host, _ = split_repository(image.repository)
+    _registry_for(host, registry)
+    try:
+        exists = image_exists(image.repository, image.digest, registry)
+    except RegistryError as exc:
+        msg = f"{image.service}: cannot read {image.reference}: {exc}"
+        raise PromotionRefused(msg) from exc
+    if not exists:
         msg = f"{image.service}: {image.reference} is not in the registry"
         raise PromotionRefused(msg)
     try:
-        labels = read_labels(image.repository, image.digest)
-    except ImageError as exc:
+        labels = read_labels(image.repository, image.digest, registry)
+    except RegistryError as exc:
         msg = f"{image.service}: cannot read the labels of {image.reference}: {exc}"
         raise PromotionRefused(msg) from exc
     revision = labels.get("org.opencontainers.image.revision", "")

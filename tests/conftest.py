@@ -23,6 +23,7 @@ pytest_plugins = [
     "tests.plugins.receivers",
     "tests.plugins.aws",
     "tests.plugins.postgres",
+    "tests.plugins.registries",
 ]
 
 REPO = Path(__file__).resolve().parents[1]

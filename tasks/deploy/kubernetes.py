@@ -2,6 +2,19 @@
 
 `rollout_status` and `pod_problems` judge plain dicts read from the API server and are
 tested without a cluster; `KubernetesDeployer` drives the official client.
+
+What a real API server does, and how it is judged here:
+- a rollout's one deadline is the manifests' `progressDeadlineSeconds` (plus a grace
+  for the controller to say so): the controller's ProgressDeadlineExceeded verdict,
+  not a timer of ours, ends a failing rollout;
+- that condition counts only once the progress deadline has passed since this apply:
+  rolling back, the controller shows the failed rollout's condition at the new
+  generation for a moment;
+- a rollout is done when the environment's minimum replicas (the HPA's minReplicas)
+  are available, not when the Deployment's first replica is (the HPA raises
+  replicas at its next sync);
+- API calls are retried for `API_RETRY_BUDGET_S` at least, longer than an API server
+  restart takes.
 """
 
 from __future__ import annotations
@@ -32,6 +45,10 @@ from tasks.models import DeployedService, ImageRef, utcnow
 from tasks.process import run_logger
 
 FIELD_MANAGER = "elice-devops"
+DEFAULT_PROGRESS_DEADLINE_S = 600  # Kubernetes' default progressDeadlineSeconds
+ROLLOUT_GRACE_S = 60.0  # after the progress deadline: time for the controller's verdict
+API_RETRY_BUDGET_S = 120.0  # an API server restart took about a minute
+POD_GONE_GRACE_S = 30.0  # beyond the pods' termination grace period
 RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
 # (apiVersion, kind) -> (client API class, method suffix, namespaced)
 RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
@@ -62,8 +79,21 @@ class RolloutStatus:
     message: str
 
 
-def rollout_status(deployment: Mapping[str, Any], expected_image: str) -> RolloutStatus:
-    """Judge a Deployment read from the API server against the image we applied."""
+def rollout_status(
+    deployment: Mapping[str, Any],
+    expected_image: str,
+    *,
+    min_available: int = 0,
+    deadline_passed: bool = True,
+) -> RolloutStatus:
+    """Judge a Deployment read from the API server against the image we applied.
+
+    Args:
+        min_available: replicas that must be available (the environment's minimum),
+            whatever the Deployment's replicas say now.
+        deadline_passed: the progress deadline has passed since this apply; before it,
+            a ProgressDeadlineExceeded condition is a stale one (a rollback's) and ignored.
+    """
     meta = deployment.get("metadata", {})
     spec = deployment.get("spec", {})
     status = deployment.get("status") or {}
@@ -76,13 +106,17 @@ def rollout_status(deployment: Mapping[str, Any], expected_image: str) -> Rollou
         if condition.get("type") == "Progressing" and condition.get("reason") == (
             "ProgressDeadlineExceeded"
         ):
-            deadline = spec.get("progressDeadlineSeconds", 600)
+            deadline = spec.get("progressDeadlineSeconds", DEFAULT_PROGRESS_DEADLINE_S)
+            if not deadline_passed:
+                return RolloutStatus(
+                    False, False, "ProgressDeadlineExceeded before the deadline: stale, waiting"
+                )
             return RolloutStatus(
                 False,
                 True,
                 f"progress deadline ({deadline}s) exceeded: {condition.get('message', '')}",
             )
-    wanted = spec.get("replicas", 1)
+    wanted = max(spec.get("replicas", 1), min_available)
     updated = status.get("updatedReplicas", 0)
     total = status.get("replicas", 0)
     available = status.get("availableReplicas", 0)
@@ -93,6 +127,29 @@ def rollout_status(deployment: Mapping[str, Any], expected_image: str) -> Rollou
     if available < updated:
         return RolloutStatus(False, False, f"{available} of {updated} updated replicas available")
     return RolloutStatus(True, False, f"{available} of {wanted} replicas available")
+
+
+def progress_deadline_s(objects: Iterable[Mapping[str, Any]]) -> float:
+    """The Deployment's progressDeadlineSeconds in the rendered objects (600 if unset)."""
+    for obj in objects:
+        if obj.get("kind") == "Deployment":
+            value = (obj.get("spec") or {}).get("progressDeadlineSeconds")
+            return float(value if value is not None else DEFAULT_PROGRESS_DEADLINE_S)
+    return float(DEFAULT_PROGRESS_DEADLINE_S)
+
+
+def minimum_replicas(objects: Iterable[Mapping[str, Any]], service: str) -> int:
+    """Replicas the environment wants at least: its HPA's minReplicas, else the Deployment's."""
+    found = 1
+    for obj in objects:
+        spec = obj.get("spec") or {}
+        if obj.get("kind") == "HorizontalPodAutoscaler" and (
+            (spec.get("scaleTargetRef") or {}).get("name") == service
+        ):
+            return int(spec.get("minReplicas", 1))
+        if obj.get("kind") == "Deployment" and spec.get("replicas") is not None:
+            found = int(spec["replicas"])
+    return found
 
 
 def pod_problems(pods: Iterable[Mapping[str, Any]], image: str | None = None) -> list[str]:
@@ -127,6 +184,8 @@ class KubernetesDeployer:
 
     Health checks against `address()` need cluster DNS: from outside the cluster run
     them through `kubectl port-forward svc/<service> 8000 -n <namespace>`.
+
+    `clock` measures rollout deadlines and the API retry budget (monotonic seconds).
     """
 
     name = "kubernetes"
@@ -137,10 +196,17 @@ class KubernetesDeployer:
         *,
         api_client: Any = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        retry_budget_s: float = API_RETRY_BUDGET_S,
     ) -> None:
+        if retry_budget_s < 0:
+            msg = f"retry_budget_s must not be negative, got {retry_budget_s}"
+            raise ValueError(msg)
         self.target = target or KubernetesTarget()
         self.api_client = api_client if api_client is not None else self.target.api_client()
         self._sleep = sleep
+        self._clock = clock
+        self.retry_budget_s = retry_budget_s
         self._deployments_dir = (
             Path(self.target.deployments_dir) if self.target.deployments_dir else None
         )
@@ -150,7 +216,12 @@ class KubernetesDeployer:
     def deploy(
         self, env: EnvironmentSpec, service: ServiceSpec, image: ImageRef, *, deadline_s: float
     ) -> DeployedService:
-        """Apply `image` for `service` in `env`, wait for the rollout, restore on failure."""
+        """Apply `image` for `service` in `env`, wait for the rollout, restore on failure.
+
+        The wait ends with the controller's verdict: its deadline is the manifests'
+        progressDeadlineSeconds plus `ROLLOUT_GRACE_S`, whatever `deadline_s` says
+        (that one is the other targets'; it must still be positive).
+        """
         if image.service != service.name:
             msg = f"image {image.reference} is for {image.service!r}, not {service.name!r}"
             raise ValueError(msg)
@@ -168,8 +239,7 @@ class KubernetesDeployer:
             previous.image.short if previous else "none",
         )
         try:
-            self._apply(objects)
-            self._wait(env, service, image.reference, deadline_s)
+            self._apply_and_wait(objects, env, service, image.reference)
         except (RolloutFailed, KubernetesApiError) as exc:
             restored = "removed it (no previous release)"
             try:
@@ -239,8 +309,7 @@ class KubernetesDeployer:
         log.warning("%s/%s: restoring %s", env.name, service.name, previous.image.reference)
         objects = self._objects(env, service, previous.image)
         try:
-            self._apply(objects)
-            self._wait(env, service, previous.image.reference, self.target.rollout_deadline_s)
+            self._apply_and_wait(objects, env, service, previous.image.reference)
         except RolloutFailed as exc:
             msg = f"{env.name}/{service.name}: restoring {previous.image.reference} failed: {exc}"
             raise DeployError(msg) from exc
@@ -279,32 +348,38 @@ class KubernetesDeployer:
         return getattr(client, name)(self.api_client)
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call the API, retrying 5xx, 409, 429 and timeouts with exponential backoff."""
+        """Call the API, retrying 5xx, 409, 429 and timeouts with exponential backoff.
+
+        Gives up after `target.retries` retries and `retry_budget_s` seconds, both spent.
+        """
         from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
         from urllib3.exceptions import HTTPError  # noqa: PLC0415
 
         kwargs.setdefault("_request_timeout", self.target.request_timeout_s)
         delay = self.target.retry_backoff_s
         attempt = 0
+        started = self._clock()
+
+        def spent() -> bool:
+            return attempt >= self.target.retries and self._clock() - started >= self.retry_budget_s
+
         while True:
             try:
                 return fn(*args, **kwargs)
             except ApiException as exc:
                 status = int(exc.status or 0)
-                if status not in RETRY_STATUSES or attempt >= self.target.retries:
+                if status not in RETRY_STATUSES or spent():
                     reason = _api_message(exc)
                     msg = f"{what}: the API server answered {status}: {reason}"
                     raise KubernetesApiError(msg, status) from exc
                 problem = f"{status} {exc.reason}"
             except (HTTPError, TimeoutError, ConnectionError) as exc:
-                if attempt >= self.target.retries:
+                if spent():
                     msg = f"{what}: no answer from the API server: {exc}"
                     raise KubernetesApiError(msg) from exc
                 problem = type(exc).__name__
             attempt += 1
-            run_logger().warning(
-                "%s: %s, retry %d/%d in %.2fs", what, problem, attempt, self.target.retries, delay
-            )
+            run_logger().warning("%s: %s, retry %d in %.2fs", what, problem, attempt, delay)
             self._sleep(delay)
             delay = min(delay * 2, self.target.retry_backoff_max_s)
 
@@ -353,28 +428,57 @@ class KubernetesDeployer:
         items: list[dict[str, Any]] = json.loads(response.data).get("items", [])
         return items
 
-    def _wait(
-        self, env: EnvironmentSpec, service: ServiceSpec, image: str, deadline_s: float
+    def _apply_and_wait(
+        self,
+        objects: list[dict[str, Any]],
+        env: EnvironmentSpec,
+        service: ServiceSpec,
+        image: str,
     ) -> None:
-        started = time.monotonic()
+        progress_s = progress_deadline_s(objects)
+        minimum = minimum_replicas(objects, service.name)
+        applied_at = self._clock()
+        self._apply(objects)
+        give_up_at = applied_at + progress_s + ROLLOUT_GRACE_S
         while True:
             deployment = self._read_deployment(env.namespace, service.name)
             if deployment is None:
                 msg = "the Deployment disappeared during the rollout"
                 raise RolloutFailed(msg)
-            status = rollout_status(deployment, image)
+            now = self._clock()
+            status = rollout_status(
+                deployment,
+                image,
+                min_available=minimum,
+                deadline_passed=now - applied_at >= progress_s,
+            )
             if status.done:
                 return
-            timed_out = time.monotonic() - started > deadline_s
-            if status.failed or timed_out:
+            if status.failed or now > give_up_at:
                 reason = (
                     status.message
                     if status.failed
-                    else f"not ready after {deadline_s:.0f}s ({status.message})"
+                    else f"not ready {now - applied_at:.0f}s after the apply ({status.message})"
                 )
                 pods = pod_problems(self._pods(env.namespace, service.name), image)
                 detail = f"; pods: {'; '.join(pods)}" if pods else ""
                 raise RolloutFailed(f"{reason}{detail}")
+            self._sleep(self.target.poll_interval_s)
+
+    def _wait_pods_gone(self, env: EnvironmentSpec, service: ServiceSpec) -> None:
+        """Wait for the service's pods to finish terminating (they do so gracefully)."""
+        started = self._clock()
+        while True:
+            pods = self._pods(env.namespace, service.name)
+            if not pods:
+                return
+            grace = max(
+                int((p.get("spec") or {}).get("terminationGracePeriodSeconds") or 30) for p in pods
+            )
+            if self._clock() - started > grace + POD_GONE_GRACE_S:
+                names = ", ".join(sorted(p["metadata"]["name"] for p in pods))
+                msg = f"{env.name}/{service.name}: pods still terminating: {names}"
+                raise DeployError(msg)
             self._sleep(self.target.poll_interval_s)
 
     def _delete_service(self, env: EnvironmentSpec, service: ServiceSpec) -> None:
@@ -398,6 +502,7 @@ class KubernetesDeployer:
             except KubernetesApiError as exc:
                 if exc.status != 404:
                     raise
+        self._wait_pods_gone(env, service)
 
 
 def _resource(obj: Mapping[str, Any]) -> tuple[str, str, bool]:

@@ -18,17 +18,29 @@ as a merge patch that merges lists of named items by name), DELETE.
 
 Simplifications, on purpose: server-side apply replaces each top-level field the
 applier sends (one field manager, no managedFields bookkeeping); a Deployment without
-spec.replicas keeps its replicas (the HPA owns them) and an HPA clamps them to its
-bounds; no ReplicaSets; no admission, no defaulting beyond a few fields.
+spec.replicas keeps its replicas (the HPA owns them, 1 on creation); no ReplicaSets;
+no admission, no defaulting beyond a few fields.
 
-The rollout model runs on simulated time, advanced one step (`step_seconds`) by
-each GET of a Deployment, never by the wall clock, so tests are deterministic:
-- a new pod is created per step (maxSurge 1) and is ready one step later, then one
-  old pod goes;
+The rollout model runs on simulated time (`now`), advanced one step (`step_seconds`)
+by each GET of a Deployment or of pods, never by the wall clock, so tests are
+deterministic (`now` can serve as the client's clock):
+- a new pod is created per step (maxSurge 1) and is ready `pod_ready_s` later, then
+  one old pod goes;
 - a pod whose image (or digest) is in `bad_images` never becomes ready; it shows the
-  reason given there (ImagePullBackOff or CrashLoopBackOff) and the old pods keep
-  serving; after `progress_deadline_s` of simulated time without progress the
-  Deployment's Progressing condition turns False / ProgressDeadlineExceeded.
+  waiting reason given there (ImagePullBackOff, ErrImagePull, CrashLoopBackOff,
+  CreateContainerConfigError) and the old pods keep serving; after the progress
+  deadline (`progress_deadline_s`, else the Deployment's progressDeadlineSeconds) of
+  simulated time without progress the Progressing condition turns
+  False / ProgressDeadlineExceeded.
+
+What a real API server does that the deploy code must cope with, reproduced here:
+- the HPA raises a new Deployment to its minReplicas only at its next sync
+  (`hpa_sync_s`, 15 s like kube-controller-manager), not at once;
+- a deleted pod (scale-down, rollout, Deployment deleted) terminates gracefully: it
+  keeps its place in pod lists with a deletionTimestamp for `termination_grace_s`;
+- rolling back from a rollout that exceeded its deadline, the controller reports the
+  failed rollout's ProgressDeadlineExceeded condition at the new generation for the
+  next `rollback_stale_reads` reads, then the truth.
 
 Fault injection: `fail_next(n, status)` answers the next n matching requests with
 that status (500, 409, 503...); `delay_next(n, seconds)` stalls them (timeouts).
@@ -67,7 +79,14 @@ RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     ("policy/v1", "poddisruptionbudgets"): ("PodDisruptionBudget", True),
 }
 PULL = "ImagePullBackOff"
+ERR_PULL = "ErrImagePull"
 CRASH = "CrashLoopBackOff"
+CONFIG = "CreateContainerConfigError"
+WAITING_MESSAGES = {
+    PULL: 'Back-off pulling image "{image}"',
+    ERR_PULL: 'failed to pull and unpack image "{image}": not found',
+    CONFIG: 'configmap "{container}-settings" not found',
+}
 VERSION = {
     "major": "1",
     "minor": "31",
@@ -109,6 +128,7 @@ class Fault:
 class _Rollout:
     last_progress: float = 0.0
     ready_at: dict[str, float] = field(default_factory=dict)
+    stale_reads: int = 0
 
 
 Key = tuple[str, str, str, str]  # group/version, plural, namespace ("" if cluster), name
@@ -121,19 +141,29 @@ class KubeSimulator:
         self,
         *,
         token: str | None = "simulator-token",
-        step_seconds: float = 0.1,
-        pod_ready_s: float = 0.1,
-        progress_deadline_s: float | None = 1.0,
+        step_seconds: float = 5.0,
+        pod_ready_s: float = 5.0,
+        progress_deadline_s: float | None = None,
+        hpa_sync_s: float = 15.0,
+        termination_grace_s: float = 10.0,
+        rollback_stale_reads: int = 2,
     ) -> None:
         self.token = token
         self.step_seconds = step_seconds
         self.pod_ready_s = pod_ready_s
         self.progress_deadline_s = progress_deadline_s
+        self.hpa_sync_s = hpa_sync_s
+        self.termination_grace_s = termination_grace_s
+        self.rollback_stale_reads = rollback_stale_reads
+        self._hpa_synced: dict[tuple[str, str], float] = {}
+        self._terminating: dict[tuple[str, str], float] = {}
         self.bad_images: dict[str, str] = {}
         self.requests: list[tuple[str, str, int, str]] = []  # method, path, status, content type
         self.faults: list[Fault] = []
         self.arrivals: list[tuple[str, str]] = []  # method, path; recorded before any delay
         self.now = 0.0
+        self.deployment_reads: list[dict[str, Any]] = []  # every Deployment a GET served
+        self.stale_conditions_served = 0
         self._store: dict[Key, dict[str, Any]] = {}
         self._rollouts: dict[tuple[str, str], _Rollout] = {}
         self._rv = itertools.count(1)
@@ -156,6 +186,25 @@ class KubeSimulator:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+    def restart(self, down_s: float) -> threading.Thread:
+        """Stop answering (connections refused) for `down_s` wall seconds, then serve
+        again on the same port with the same state: an API server restart."""
+        assert self._server is not None, "simulator not started"
+        port = self._server.server_address[1]
+        self.stop()
+
+        def again() -> None:
+            time.sleep(down_s)
+            handler = type("Handler", (_Handler,), {"sim": self})
+            self._server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+            self._server.daemon_threads = True
+            self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+            self._thread.start()
+
+        thread = threading.Thread(target=again, daemon=True)
+        thread.start()
+        return thread
 
     def __enter__(self) -> KubeSimulator:
         return self.start()
@@ -252,7 +301,7 @@ class KubeSimulator:
             raise ApiError(
                 404, "NotFound", f"the server could not find the requested resource ({sub})"
             )
-        if method == "GET" and plural == "deployments":
+        if method == "GET" and plural in ("deployments", "pods"):
             self.step()
         if name == "":
             if method == "GET":
@@ -263,13 +312,20 @@ class KubeSimulator:
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on a collection")
         key = (gv, plural, namespace, name)
         if method == "GET":
-            return 200, copy.deepcopy(self._existing(key, kind))
+            served = copy.deepcopy(self._existing(key, kind))
+            if plural == "deployments":
+                self.deployment_reads.append(copy.deepcopy(served))
+            return 200, served
         if method == "DELETE":
             self._existing(key, kind)
-            del self._store[key]
+            if plural != "pods":
+                del self._store[key]
             if plural == "deployments":
                 self._delete_pods(namespace, name)
                 self._rollouts.pop((namespace, name), None)
+            if plural == "pods":  # graceful: the server answers with the terminating pod
+                self._delete_pod(self._store[key])
+                return 200, copy.deepcopy(self._store[key])
             return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}
         if method == "PUT":
             return 200, self._update(key, kind, _load_body(body, headers), sub)
@@ -397,18 +453,30 @@ class KubeSimulator:
                 previous = (current or {}).get("spec", {}).get("replicas")
                 spec["replicas"] = previous if previous is not None else 1
             obj.setdefault("status", {})
-            self._rollouts.setdefault((namespace, name), _Rollout(last_progress=self.now))
+            state = self._rollouts.setdefault((namespace, name), _Rollout(last_progress=self.now))
             if current is None or obj["spec"].get("template") != current["spec"].get("template"):
-                self._rollouts[(namespace, name)].last_progress = self.now
+                state.last_progress = self.now
+                conditions = (current or {}).get("status", {}).get("conditions") or []
+                if any(c.get("reason") == "ProgressDeadlineExceeded" for c in conditions):
+                    state.stale_reads = self.rollback_stale_reads
+        if kind == "HorizontalPodAutoscaler" and current is None:
+            self._hpa_synced[(namespace, name)] = self.now
         self._store[key] = obj
         return copy.deepcopy(obj)
 
     # -- the simulated controllers
 
     def _reconcile(self) -> None:
+        for (namespace, name), gone_at in list(self._terminating.items()):
+            if self.now + 1e-9 >= gone_at:
+                self._store.pop(("v1", "pods", namespace, name), None)
+                del self._terminating[(namespace, name)]
         for key, hpa in list(self._store.items()):
             if key[1] == "horizontalpodautoscalers":
-                self._autoscale(key[2], hpa)
+                synced = self._hpa_synced.setdefault((key[2], key[3]), self.now)
+                if self.now + 1e-9 >= synced + self.hpa_sync_s:
+                    self._hpa_synced[(key[2], key[3])] = self.now
+                    self._autoscale(key[2], hpa)
         for key in [k for k in self._store if k[1] == "deployments"]:
             self._roll(key)
 
@@ -436,7 +504,7 @@ class KubeSimulator:
         template_hash = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[
             :10
         ]
-        pods = self._pods_of(namespace, name)
+        pods = [p for p in self._pods_of(namespace, name) if not _terminating(p)]
         new = [p for p in pods if p["metadata"]["labels"]["pod-template-hash"] == template_hash]
         old = [p for p in pods if p not in new]
         replicas = spec["replicas"]
@@ -461,13 +529,17 @@ class KubeSimulator:
         available = sum(1 for p in all_pods if _ready(p))
         complete = len(new) == replicas and not old and available == replicas
         deadline = self.progress_deadline_s or spec.get("progressDeadlineSeconds", 600)
+        if state.stale_reads > 0:  # the failed rollout's condition, at the new generation
+            state.stale_reads -= 1
+            self.stale_conditions_served += 1
+            complete = False
         if complete:
             progressing = (
                 "True",
                 "NewReplicaSetAvailable",
                 f'Deployment "{name}" has successfully progressed.',
             )
-        elif self.now - state.last_progress > deadline:
+        elif self.now - state.last_progress > deadline or state.stale_reads > 0:
             progressing = (
                 "False",
                 "ProgressDeadlineExceeded",
@@ -563,13 +635,11 @@ class KubeSimulator:
         bad = [(cs, self._bad_reason(cs["image"])) for cs in statuses]
         if any(reason for _, reason in bad):
             for cs, reason in bad:
-                if reason == PULL:
-                    cs["state"] = {
-                        "waiting": {
-                            "reason": PULL,
-                            "message": f'Back-off pulling image "{cs["image"]}"',
-                        }
-                    }
+                if reason in WAITING_MESSAGES:
+                    message = WAITING_MESSAGES[reason].format(
+                        image=cs["image"], container=cs["name"]
+                    )
+                    cs["state"] = {"waiting": {"reason": reason, "message": message}}
                 elif reason:
                     cs["restartCount"] += 1
                     cs["lastState"] = {"terminated": {"reason": "Error", "exitCode": 1}}
@@ -579,7 +649,8 @@ class KubeSimulator:
                             "message": f"back-off restarting failed container {cs['name']}",
                         }
                     }
-            pod["status"]["phase"] = "Pending" if any(r == PULL for _, r in bad) else "Running"
+            pending = any(r in WAITING_MESSAGES for _, r in bad)
+            pod["status"]["phase"] = "Pending" if pending else "Running"
             return False
         for cs in statuses:
             cs.update(
@@ -604,7 +675,20 @@ class KubeSimulator:
         ]
 
     def _delete_pod(self, pod: dict[str, Any]) -> None:
-        self._store.pop(("v1", "pods", pod["metadata"]["namespace"], pod["metadata"]["name"]), None)
+        """Graceful deletion: not ready at once, gone after `termination_grace_s`."""
+        if not pod:
+            return
+        meta = pod["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if key in self._terminating:
+            return
+        meta["deletionTimestamp"] = _timestamp()
+        meta["deletionGracePeriodSeconds"] = int(self.termination_grace_s)
+        meta["resourceVersion"] = str(next(self._rv))
+        pod["status"]["conditions"] = [_condition("Ready", "False", "PodTerminating", "")]
+        for cs in pod["status"].get("containerStatuses") or []:
+            cs["ready"] = False
+        self._terminating[key] = self.now + self.termination_grace_s
 
     def _delete_pods(self, namespace: str, deployment: str) -> None:
         for pod in self._pods_of(namespace, deployment):
@@ -771,6 +855,10 @@ def _merge_patch(target: Any, patch: Any, *, by_name: bool) -> Any:
     return copy.deepcopy(patch)
 
 
+def _terminating(pod: dict[str, Any]) -> bool:
+    return "deletionTimestamp" in pod["metadata"]
+
+
 def _ready(pod: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"]["conditions"])
 
@@ -800,4 +888,4 @@ def simulated(**kwargs: Any) -> Iterator[KubeSimulator]:
         sim.stop()
 
 
-__all__ = ["CRASH", "PULL", "KubeSimulator", "simulated"]
+__all__ = ["CONFIG", "CRASH", "ERR_PULL", "PULL", "KubeSimulator", "simulated"]

@@ -6,6 +6,8 @@ kubeconfig loaded into prefect-kubernetes' KubernetesClusterConfig/KubernetesCre
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,17 @@ from prefect_kubernetes.credentials import KubernetesClusterConfig, KubernetesCr
 
 from blocks.config import PipelineConfig
 from blocks.kubernetes_target import KubernetesTarget
-from tasks.deploy.kubernetes import FIELD_MANAGER, KubernetesDeployer
+from tasks.deploy.kubernetes import (
+    FIELD_MANAGER,
+    KubernetesDeployer,
+    minimum_replicas,
+    progress_deadline_s,
+    rollout_status,
+)
+from tasks.deploy.manifests import containers, render_overlay, service_objects
 from tasks.exceptions import DeployError, KubernetesApiError
 from tasks.models import ImageRef
-from tests.k8s_sim import CRASH, PULL, KubeSimulator
+from tests.k8s_sim import CONFIG, CRASH, ERR_PULL, PULL, KubeSimulator
 
 DEADLINE_S = 60.0  # generous: the simulator finishes in a few simulated steps
 
@@ -46,7 +55,8 @@ def _target(sim: KubeSimulator, tmp_path: Path, **overrides: Any) -> KubernetesT
 
 @pytest.fixture
 def deployer(sim: KubeSimulator, tmp_path: Path) -> KubernetesDeployer:
-    return KubernetesDeployer(_target(sim, tmp_path))
+    """The deployer on the simulator's clock (simulated seconds, advanced by reads)."""
+    return KubernetesDeployer(_target(sim, tmp_path), clock=lambda: sim.now)
 
 
 def _image(service: str, n: int) -> ImageRef:
@@ -60,11 +70,14 @@ def _image(service: str, n: int) -> ImageRef:
     )
 
 
-def _pod_images(sim: KubeSimulator, namespace: str, service: str) -> list[str]:
+def _pod_images(
+    sim: KubeSimulator, namespace: str, service: str, *, terminating: bool = False
+) -> list[str]:
     return [
         p["spec"]["containers"][0]["image"]
         for p in sim.list("pods", namespace)
         if p["metadata"]["labels"]["app.kubernetes.io/name"] == service
+        and (terminating or "deletionTimestamp" not in p["metadata"])
     ]
 
 
@@ -116,7 +129,7 @@ def test_live_reads_the_digest_from_the_deployment(
     assert live.environment == "dev"
 
 
-@pytest.mark.parametrize("reason", [PULL, CRASH])
+@pytest.mark.parametrize("reason", [PULL, ERR_PULL, CRASH, CONFIG])
 def test_failed_rollout_names_the_pod_reason_and_restores_the_previous_digest(
     sim: KubeSimulator, deployer: KubernetesDeployer, config: PipelineConfig, reason: str
 ) -> None:
@@ -136,6 +149,103 @@ def test_failed_rollout_names_the_pod_reason_and_restores_the_previous_digest(
     assert live is not None
     assert live.image.digest == good.digest
     assert _pod_images(sim, "elice-devops-prod", "course") == [good.reference] * 3
+    # the rollback passed through the controller's stale ProgressDeadlineExceeded
+    assert sim.stale_conditions_served == sim.rollback_stale_reads > 0
+
+
+def test_a_stale_deadline_condition_during_a_rollback_is_not_a_failure(
+    sim: KubeSimulator, tmp_path: Path, config: PipelineConfig
+) -> None:
+    env, service = config.environment("dev"), config.service("course")
+    good, bad = _image("course", 1), _image("course", 2)
+    sim.rollback_stale_reads = 4
+    deployer = KubernetesDeployer(_target(sim, tmp_path), clock=lambda: sim.now)
+    previous = deployer.deploy(env, service, good, deadline_s=DEADLINE_S)
+    sim.bad_images[bad.digest] = CRASH
+    with pytest.raises(DeployError, match=f"restored {re.escape(good.reference)}"):
+        deployer.deploy(env, service, bad, deadline_s=DEADLINE_S)
+    assert sim.stale_conditions_served == 4
+    stale = [
+        d
+        for d in sim.deployment_reads
+        if containers(d)[0]["image"] == good.reference
+        and d["status"]["observedGeneration"] == d["metadata"]["generation"]
+        and any(c["reason"] == "ProgressDeadlineExceeded" for c in d["status"]["conditions"])
+    ]
+    assert stale, "the simulator never showed the stale condition"
+    # judged as a failure only once the deadline has passed since the apply
+    assert rollout_status(stale[0], good.reference).failed
+    assert not rollout_status(stale[0], good.reference, deadline_passed=False).failed
+    deployer.restore(env, service, previous)  # and a plain restore says the same
+    assert deployer.live(env, service) == previous.model_copy(
+        update={"deployed_at": deployer.live(env, service).deployed_at}  # type: ignore[union-attr]
+    )
+
+
+def test_a_first_deploy_waits_for_the_hpa_minimum(
+    sim: KubeSimulator, deployer: KubernetesDeployer, config: PipelineConfig
+) -> None:
+    env, service = config.environment("staging"), config.service("assessment")
+    image = _image("assessment", 3)
+    deployer.deploy(env, service, image, deadline_s=DEADLINE_S)
+    reads = sim.deployment_reads
+    assert reads[-1]["status"]["availableReplicas"] == 2
+    # before the HPA's sync the Deployment looked finished at one replica
+    early = [d for d in reads if d["spec"]["replicas"] == 1 and d["status"].get("replicas")]
+    assert any(rollout_status(d, image.reference).done for d in early)
+    assert not any(rollout_status(d, image.reference, min_available=2).done for d in early)
+
+
+def test_deleted_pods_terminate_gracefully_and_removal_waits_for_them(
+    sim: KubeSimulator, deployer: KubernetesDeployer, config: PipelineConfig, tmp_path: Path
+) -> None:
+    env, service = config.environment("dev"), config.service("media")
+    image = _image("media", 4)
+    deployer.deploy(env, service, image, deadline_s=DEADLINE_S)
+    core = client.CoreV1Api(_target(sim, tmp_path).api_client())
+    name = sim.list("pods", env.namespace)[0]["metadata"]["name"]
+    core.delete_namespaced_pod(name, env.namespace)
+    pod = core.read_namespaced_pod(name, env.namespace)
+    assert pod.metadata.deletion_timestamp is not None
+    assert not pod.status.container_statuses[0].ready
+    sim.step(int(sim.termination_grace_s / sim.step_seconds) + 1)
+    with pytest.raises(ApiException) as gone:
+        core.read_namespaced_pod(name, env.namespace)
+    assert gone.value.status == 404
+    deployer.restore(env, service, None)
+    assert _pod_images(sim, env.namespace, "media", terminating=True) == []
+
+
+def test_survives_an_api_server_restart(
+    sim: KubeSimulator, tmp_path: Path, config: PipelineConfig
+) -> None:
+    target = _target(sim, tmp_path, retry_backoff_s=0.5, retry_backoff_max_s=8.0)
+    clock = _FastClock()
+    # the block's default backoff (0.5 s doubling to 8 s), 40x faster than the wall clock
+    deployer = KubernetesDeployer(target, sleep=clock.sleep, clock=clock.now)
+    restart = sim.restart(down_s=1.5)  # 60 s of the deployer's time
+    assert deployer.live(config.environment("dev"), config.service("auth")) is None
+    restart.join()
+    assert clock.t > 45
+    impatient = KubernetesDeployer(target, sleep=clock.sleep, clock=clock.now, retry_budget_s=0)
+    second = sim.restart(down_s=1.5)
+    with pytest.raises(KubernetesApiError, match="no answer from the API server"):
+        impatient.live(config.environment("dev"), config.service("auth"))
+    second.join()
+
+
+class _FastClock:
+    """Monotonic seconds that run 40x faster than the wall clock while sleeping."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds / 40)
+        self.t += seconds
 
 
 def test_failed_first_deploy_removes_the_service(
@@ -208,7 +318,7 @@ def test_retries_a_timed_out_request(
 def test_gives_up_after_the_retries_with_a_clear_error(
     sim: KubeSimulator, tmp_path: Path, config: PipelineConfig
 ) -> None:
-    deployer = KubernetesDeployer(_target(sim, tmp_path, retries=2))
+    deployer = KubernetesDeployer(_target(sim, tmp_path, retries=2), retry_budget_s=0)
     sim.fail_next(100, 503)
     with pytest.raises(KubernetesApiError, match=r"read Deployment elice-devops-dev/auth: .* 503"):
         deployer.deploy(
@@ -270,3 +380,16 @@ def test_simulator_speaks_the_wire_protocol(sim: KubeSimulator, tmp_path: Path) 
     with pytest.raises(ApiException) as missing:
         client.AppsV1Api(api_client).read_namespaced_deployment("nope", "ns")
     assert missing.value.status == 404
+
+
+def test_deadline_and_minimum_come_from_the_manifests() -> None:
+    for env, minimum in (("dev", 1), ("staging", 2), ("production", 3)):
+        objects = service_objects(render_overlay(env, {"auth": _image("auth", 1)}), "auth")
+        assert minimum_replicas(objects, "auth") == minimum
+        assert progress_deadline_s(objects) == 300
+    assert progress_deadline_s([]) == 600
+
+
+def test_bad_retry_budget_is_refused(sim: KubeSimulator, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="retry_budget_s"):
+        KubernetesDeployer(_target(sim, tmp_path), retry_budget_s=-1)
