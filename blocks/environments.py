@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -33,6 +33,9 @@ PAGED_BY_NAME = ("production",)
 SEED_ALIASES = {"dev": "dev", "stg": "staging", "prod": "production"}
 
 
+_POLICY_KEYS = ("approval_required", "approvers", "approval_timeout_s", "approvals_required")
+
+
 class EnvironmentSpec(BaseModel):
     """One environment the pipeline deploys to."""
 
@@ -44,24 +47,29 @@ class EnvironmentSpec(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARN", "ERROR"] = Field(description="Services' LOG_LEVEL")
     storage: Literal["minio", "s3"] = Field(description="Object storage kind")
     promotes_from: str | None = Field(default=None, description="Releases come from here")
-    approval_required: bool = Field(default=False, description="Pause for approval before deploy")
-    approvers: tuple[str, ...] = Field(default=(), description="Who may approve a promotion")
-    approval_timeout_s: int = Field(default=3600, ge=1, description="How long the gate waits")
     local_port_offset: int = Field(
         ge=0, le=40000, description="Docker target: service port + offset on 127.0.0.1"
     )
 
-    @model_validator(mode="after")
-    def _approvers(self) -> EnvironmentSpec:
-        if self.approval_required and not self.approvers:
-            msg = "approval_required is true but approvers is empty"
-            raise ValueError(msg)
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _no_approval_policy(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            named = sorted(k for k in _POLICY_KEYS if k in data)
+            if named:
+                msg = (
+                    f"{', '.join(named)}: the approval policy is not part of the pipeline "
+                    "configuration; it is read from config/approvals.yaml on the protected "
+                    "branch, so a caller cannot choose it"
+                )
+                raise ValueError(msg)
+        return data
 
     @property
     def paged(self) -> bool:
-        """Failures here page someone: production, or any environment behind an approval gate."""
-        return self.name in PAGED_BY_NAME or self.approval_required
+        """Failures here page someone by name (production); gated environments page too,
+        which only the approval policy can tell."""
+        return self.name in PAGED_BY_NAME
 
     def host_port(self, service_port: int) -> int:
         """The loopback port a service of this environment listens on (docker target)."""

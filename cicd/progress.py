@@ -624,8 +624,8 @@ class RunProgress:
             return None
         run_id = flow_run.id
         return (
-            f"waiting for approval: cicd approve {run_id} --approver NAME"
-            f"  (or: cicd reject {run_id} --approver NAME --reason ...)"
+            f"waiting for approval: cicd approve {run_id} --key KEY"
+            f"  (or: cicd reject {run_id} --key KEY --reason ...)"
         )
 
     def render(self) -> RenderableType:

@@ -1,30 +1,41 @@
-"""`cicd promote | approve | reject | rollback`: the promotion path from a terminal.
+"""`cicd promote | approve | reject | sign | audit | rollback`: the promotion path.
 
 Exit codes: 0 done; 1 the pipeline said no (promotion refused, rejected, rolled back
-or failed; an approval the server refused); 2 nothing was attempted (bad arguments,
+or failed; an answer the gate refused); 2 nothing was attempted (bad arguments,
 unknown environment or service, no such run, a run that is not waiting for approval).
 
-`approve` and `reject` answer a paused promotion through the Prefect API and read the
-server's answer: an approval the server refuses (an approver not on the list, the
-promoter approving themselves, another release id, a rejection without a reason)
-prints why and exits 1, and the run stays paused.
+`approve` and `reject` compute the plan of the paused run themselves (from the ledgers,
+never from the description the server stores), show it, sign a statement of it with
+the approver's SSH key and resume the run with it; then they wait for the gate's
+verdict: an answer it refuses (a key not allowed, not an approver, the promoter
+approving themselves) prints why and exits 1, and the run stays paused.
 """
 
 from __future__ import annotations
 
 import getpass
+import json
 import os
+import time
+from pathlib import Path
 from typing import Annotated, Any
 from uuid import UUID
 
 import typer
 from rich.console import Console
-from rich.markdown import Markdown
 from rich.table import Table
 
 from cicd.common import ConfigOption, TargetOption, cli_config, fail, prefect_api, split_names
-from tasks.approval import Decision, approval_input, pause_expired, read_gate, submit_answer
-from tasks.exceptions import ApprovalRefused, ConfigError, GateError
+from tasks.approval import (
+    Decision,
+    answer_for,
+    pause_expired,
+    read_gate,
+    sign_request,
+    submit_answer,
+)
+from tasks.audit import read_audit
+from tasks.exceptions import ApprovalError, ApprovalRefused, ConfigError, GateError, PipelineError
 
 console = Console()
 
@@ -62,6 +73,10 @@ def promote_command(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Prefect's log stream, not the progress table.")
     ] = False,
+    key: Annotated[
+        Path | None,
+        typer.Option(help="SSH key that signs the request (required where approval is)."),
+    ] = None,
 ) -> None:
     """Promote the verified releases of the environment below into --to.
 
@@ -84,6 +99,12 @@ def promote_command(
     if allow_unknown_scan != bool((override_reason or "").strip()):
         fail("--allow-unknown-scan and --override-reason go together", 2)
     who = promoted_by or os.environ.get("USER") or getpass.getuser()
+    request: tuple[str, str] | None = None
+    if key is not None:
+        try:
+            request = sign_request(to, chosen, who, key)
+        except (ApprovalError, ValueError) as exc:
+            fail(f"cannot sign the request as {who}: {exc}", 2)
     try:
         with prefect_api(start_stack=not dry_run):
             from cicd.progress import PROMOTE_VIEW, run_flow  # noqa: PLC0415
@@ -100,6 +121,8 @@ def promote_command(
                     "override_reason": override_reason,
                     "config_source": config,
                     "target": target,
+                    "request": request[0] if request else None,
+                    "request_signature": request[1] if request else None,
                 },
                 view=PROMOTE_VIEW,
                 console=console,
@@ -127,46 +150,144 @@ def promote_command(
     fail(message, 1)
 
 
-def _answer(
-    run_id: UUID, approver: str, release: str | None, decision: Decision, reason: str
-) -> None:
+KeyOption = Annotated[Path, typer.Option(help="Your SSH private key (or its .pub with an agent).")]
+AsOption = Annotated[
+    str | None, typer.Option("--as", help="Your name in the allowed signers (default: $USER).")
+]
+VERDICT_WAIT_S = 30.0
+
+
+def _verdict(run_id: UUID, environment: str, since: float) -> tuple[str, str]:
+    """What the gate made of the answer sent at `since`: (kind, detail) from the audit."""
+    end = time.monotonic() + VERDICT_WAIT_S
+    while time.monotonic() < end:
+        for entry in reversed(read_audit(environment)):
+            if entry.run_id == str(run_id) and entry.at.timestamp() >= since - 1:
+                return entry.kind, entry.detail
+        time.sleep(0.5)
+    return "unknown", f"no verdict recorded within {VERDICT_WAIT_S:.0f}s; see the run"
+
+
+def _answer(run_id: UUID, key: Path, signer: str | None, decision: Decision, reason: str) -> None:
+    who = signer or os.environ.get("USER") or getpass.getuser()
     try:
         with prefect_api():
             gate = read_gate(run_id)
-            console.print(Markdown(gate.description or f"(run {gate.run_name})"))
-            chosen = release or gate.release_id
-            if not chosen:
-                fail(f"run {run_id}: no release id in its form; pass --release", 2)
-            submit_answer(run_id, approval_input(approver, chosen, decision, reason))
+            run_input, plan, statement = answer_for(run_id, key, who, decision, reason)
+            console.print(_plan_table(plan))
+            for service, variables in sorted(statement.extra_env.items()):
+                console.print(f"  extra variables of {service}: {variables}")
+            sent = time.time()
+            submit_answer(run_id, run_input)
+            kind, detail = _verdict(run_id, gate.environment, sent)
     except GateError as exc:
         fail(str(exc), 2)
     except ApprovalRefused as exc:
         fail(f"refused by the Prefect server, the run stays paused: {exc}", 1)
-    verb = "approved" if decision == "approve" else "rejected"
-    console.print(f"[green]{verb}[/green] release {chosen} of run {gate.run_name} as {approver}")
+    except (ApprovalError, PipelineError) as exc:
+        fail(str(exc), 1)
+    if kind == "refused":
+        fail(f"the gate refused the answer, the run stays paused: {detail}", 1)
+    verb = {"approved": "approved", "rejected": "rejected"}.get(kind, kind)
+    console.print(
+        f"[green]{verb}[/green] release {plan.release_id} of run {gate.run_name} as {who}"
+    )
 
 
 def approve_command(
     run_id: Annotated[UUID, typer.Argument(help="The paused promotion's flow run id.")],
-    approver: Annotated[str, typer.Option(help="Who approves (an allowlisted approver).")],
-    release: Annotated[
-        str | None, typer.Option(help="Release id to approve (default: the one the run shows).")
-    ] = None,
+    key: KeyOption,
+    signer: AsOption = None,
 ) -> None:
-    """Approve a paused production promotion."""
-    _answer(run_id, approver, release, "approve", "")
+    """Approve a paused promotion, signed with your SSH key."""
+    _answer(run_id, key, signer, "approve", "")
 
 
 def reject_command(
     run_id: Annotated[UUID, typer.Argument(help="The paused promotion's flow run id.")],
-    approver: Annotated[str, typer.Option(help="Who rejects (an allowlisted approver).")],
+    key: KeyOption,
     reason: Annotated[str, typer.Option(help="Why; recorded and sent to Slack.")],
-    release: Annotated[str | None, typer.Option(help="Release id (default: the run's).")] = None,
+    signer: AsOption = None,
 ) -> None:
-    """Reject a paused production promotion; it ends Failed and nothing is deployed."""
+    """Reject a paused promotion, signed; it ends Failed and nothing is deployed."""
     if not reason.strip():
         fail("--reason must say why", 2)
-    _answer(run_id, approver, release, "reject", reason)
+    _answer(run_id, key, signer, "reject", reason)
+
+
+def sign_command(
+    run_id: Annotated[UUID, typer.Argument(help="The paused promotion's flow run id.")],
+    key: KeyOption,
+    signer: AsOption = None,
+    reject: Annotated[bool, typer.Option("--reject", help="Sign a rejection.")] = False,
+    reason: Annotated[str, typer.Option(help="Why (required with --reject).")] = "",
+) -> None:
+    """Print a signed answer for the run's Resume form in the UI (statement, signature)."""
+    if reject and not reason.strip():
+        fail("--reject needs --reason", 2)
+    who = signer or os.environ.get("USER") or getpass.getuser()
+    try:
+        with prefect_api():
+            run_input, plan, _ = answer_for(
+                run_id, key, who, "reject" if reject else "approve", reason
+            )
+    except GateError as exc:
+        fail(str(exc), 2)
+    except (ApprovalError, PipelineError) as exc:
+        fail(str(exc), 1)
+    console.print(_plan_table(plan))
+    typer.echo("statement:")
+    typer.echo(run_input["statement"])
+    typer.echo("signature:")
+    typer.echo(run_input["signature"])
+
+
+def request_command(
+    to: Annotated[str, typer.Option("--to", help="Target environment.")],
+    key: KeyOption,
+    signer: AsOption = None,
+    services: Annotated[str | None, typer.Option(help="Comma-separated services.")] = None,
+    actor: Annotated[
+        str, typer.Option(help="For a workflow's key: the login the workflow runs for.")
+    ] = "",
+) -> None:
+    """Print a signed promotion request as JSON (`request`, `request_signature`), for
+    `prefect deployment run promote/promote --param ...` (GitHub Actions)."""
+    who = signer or os.environ.get("USER") or getpass.getuser()
+    try:
+        request, signature = sign_request(to, split_names(services), who, key, actor=actor)
+    except (ApprovalError, ValueError) as exc:
+        fail(f"cannot sign the request as {who}: {exc}", 2)
+    typer.echo(json.dumps({"request": request, "request_signature": signature}))
+
+
+def audit_command(
+    environment: Annotated[str, typer.Argument(help="The environment whose decisions to list.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per entry.")] = False,
+) -> None:
+    """Every decision about the environment's gated promotions, oldest first."""
+    try:
+        entries = read_audit(environment)
+    except (PipelineError, ValueError) as exc:
+        fail(str(exc), 2)
+    if as_json:
+        for entry in entries:
+            typer.echo(json.dumps(entry.model_dump(mode="json")))
+        return
+    table = Table(title=f"approval audit of {environment}")
+    for column in ("at", "run", "release", "decision", "who", "proof", "detail"):
+        table.add_column(column)
+    for e in entries:
+        table.add_row(
+            f"{e.at:%Y-%m-%d %H:%M:%S}",
+            e.run_id[:8],
+            e.release_id,
+            e.kind,
+            e.who,
+            e.proof or "-",
+            e.detail,
+        )
+    console.print(table)
 
 
 def rollback_command(
@@ -216,8 +337,11 @@ def rollback_command(
 
 
 def register(app: typer.Typer) -> None:
-    """Add promote, approve, reject and rollback to the `cicd` app."""
+    """Add promote, approve, reject, sign, audit and rollback to the `cicd` app."""
     app.command("promote")(promote_command)
     app.command("approve")(approve_command)
     app.command("reject")(reject_command)
+    app.command("sign")(sign_command)
+    app.command("request")(request_command)
+    app.command("audit")(audit_command)
     app.command("rollback")(rollback_command)

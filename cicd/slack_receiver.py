@@ -33,13 +33,16 @@ from typing import Any
 import yaml
 from pydantic import SecretStr
 
+from tasks.approval import resume_from_slack
 from tasks.exceptions import ApprovalError
 from tasks.slack_actions import (
     MAX_BODY_BYTES,
     ReplayGuard,
     SlackDecision,
+    SlackProof,
     SlackRequestRefused,
     approver_for,
+    header_value,
     parse_slack_decision,
     verify_slack_request,
 )
@@ -50,18 +53,6 @@ REQUEST_TIMEOUT_S = 10
 DecisionHandler = Callable[[SlackDecision, str], str]
 
 log = logging.getLogger("elice.slack_receiver")
-
-
-def not_connected(decision: SlackDecision, approver: str) -> str:
-    """The handler of a receiver that is not connected to a promotion: it changes nothing."""
-    log.warning(
-        "slack: %s of run %s by %s (%s) not acted on: no promotion connected",
-        decision.action,
-        decision.run_id,
-        approver,
-        decision.user_id,
-    )
-    return f"{approver}: {decision.action} received, but nothing was changed (not connected)"
 
 
 class SlackReceiver:
@@ -108,7 +99,15 @@ class SlackReceiver:
             return 404, "not found"
         try:
             verify_slack_request(self._secret, headers, body, self._clock(), self._seen)
-            decision = parse_slack_decision(body)
+            decision = parse_slack_decision(body).model_copy(
+                update={
+                    "proof": SlackProof(
+                        timestamp=header_value(headers, "X-Slack-Request-Timestamp"),
+                        signature=header_value(headers, "X-Slack-Signature"),
+                        body=body.decode("utf-8"),
+                    )
+                }
+            )
             approver = approver_for(decision.user_id, self._users)
         except SlackRequestRefused as exc:
             log.warning("slack: request from %s refused (%d): %s", client, exc.status, exc)
@@ -218,7 +217,7 @@ def load_slack_users(path: Path) -> dict[str, str]:
 def main(
     argv: Sequence[str] | None = None,
     *,
-    on_decision: DecisionHandler = not_connected,
+    on_decision: DecisionHandler = resume_from_slack,
     environ: Mapping[str, str] = os.environ,
 ) -> int:
     """`python -m cicd.slack_receiver`: serve until interrupted; 2 on bad input."""

@@ -9,6 +9,7 @@ the flow's state hooks.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import Flow, flow
@@ -18,11 +19,23 @@ from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run as current_run
 from prefect.transactions import transaction
 
+from blocks.approvals import ApprovalPolicy, EnvironmentPolicy
 from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig, load_config
 from blocks.environments import PAGED_BY_NAME
 from blocks.repository import load_repository
-from tasks.approval import approval_model, pause_expired, plan_markdown, read_decision
+from tasks.approval import (
+    Promoter,
+    answer_form,
+    extra_env_of,
+    identify_promoter,
+    judge_answer,
+    pause_expired,
+    plan_markdown,
+    read_approval_policy,
+    slack_signing_secret,
+)
+from tasks.audit import AuditEntry, record_decision
 from tasks.backup import backup_environment
 from tasks.deploy import (
     confirm_restored,
@@ -35,6 +48,7 @@ from tasks.deploy import (
 )
 from tasks.deploy.target import DeployTarget, resolve_deploy_target
 from tasks.exceptions import (
+    AnswerRefused,
     ConfigError,
     PipelineError,
     PromotionRefused,
@@ -43,6 +57,7 @@ from tasks.exceptions import (
 )
 from tasks.health import check_service_health, smoke_test_release
 from tasks.locks import deploy_lock
+from tasks.metrics import publish_delivery_metrics
 from tasks.models import PromotionOutcome, PromotionPlan, SecurityVerdict
 from tasks.notify import Notice, flow_run_url, notify, paged_environment
 from tasks.performance import baseline_from_record, check_regression, measure_baseline
@@ -72,6 +87,11 @@ def _paged(parameters: dict[str, Any]) -> tuple[str, ...]:
     name, paged = paged_environment(
         str(parameters.get("environment")), parameters.get("config_source")
     )
+    if not paged:
+        try:
+            paged = read_approval_policy.fn(load_repository()).environments.get(name) is not None
+        except PipelineError:
+            paged = True  # whether it is gated is unknown: page rather than stay silent
     return (*PAGED_BY_NAME, name) if paged else PAGED_BY_NAME
 
 
@@ -203,13 +223,39 @@ def _smoke_test_source(
         )
 
 
-def _await_approval(
-    plan: PromotionPlan, approvers: tuple[str, ...], timeout_s: int, run_id: str
-) -> str:
-    """Pause for an approval of `plan`; the approver's name, or PromotionRejected."""
+def _audit(plan: PromotionPlan, run_id: str, kind: Any, who: str, **fields: str) -> None:
+    record_decision(
+        AuditEntry(
+            environment=plan.environment,
+            run_id=run_id,
+            release_id=plan.release_id,
+            kind=kind,
+            who=who,
+            **fields,
+        )
+    )
+
+
+def _await_approvals(
+    plan: PromotionPlan,
+    gate: EnvironmentPolicy,
+    policy: ApprovalPolicy,
+    extra_env: dict[str, dict[str, str]],
+    run_id: str,
+) -> list[str]:
+    """Pause until `gate.approvals_required` distinct approvers approved with proof.
+
+    Every answer is judged against this run's own plan (`judge_answer`); a refused one
+    (unsigned, planted, another promotion's, self-approval, a forced resume without an
+    answer) is audited and the run pauses again: nothing but a valid signature moves
+    it, and a valid rejection always ends it.
+
+    Raises:
+        PromotionRejected: a signed rejection, or nobody approved in time.
+    """
     logger = run_logger()
     link = flow_run_url(run_id) or f"/runs/flow-run/{run_id}"
-    hint = f"cicd approve {run_id} --approver NAME  (or: cicd reject {run_id} ...)"
+    hint = f"cicd approve {run_id} --key KEY  (or: cicd reject {run_id} --key KEY --reason ...)"
     logger.info("release %s awaits approval: %s\n  CLI: %s", plan.release_id, link, hint)
     notify(
         Notice(
@@ -220,22 +266,106 @@ def _await_approval(
             flow_run_url=flow_run_url(run_id),
             message=f"{plan.promoted_by} asks to promote from {plan.source_environment}",
             cli_hint=hint,
+            run_id=run_id,
         ),
         pagerduty=None,
     )
+    slack_secret = slack_signing_secret()
+    deadline = time.monotonic() + gate.timeout_s
+    approved: list[str] = []
+    while (remaining := int(deadline - time.monotonic())) > 0:
+        try:
+            answer = pause_flow_run(
+                wait_for_input=answer_form(plan, gate, approved, extra_env, run_id),
+                timeout=remaining,
+                poll_interval=APPROVAL_POLL_S,
+            )
+        except FlowPauseTimeout:
+            break
+        except Exception as exc:  # noqa: BLE001 - a forced resume without a readable answer
+            why = f"resumed without a readable answer ({type(exc).__name__}); waiting again"
+            _audit(plan, run_id, "refused", "unknown", detail=why)
+            time.sleep(APPROVAL_POLL_S)
+            continue
+        try:
+            verdict = judge_answer(
+                answer,
+                plan=plan,
+                run_id=run_id,
+                extra_env=extra_env,
+                gate=gate,
+                policy=policy,
+                promoter=plan.promoted_by,
+                approved=approved,
+                slack_secret=slack_secret,
+            )
+        except AnswerRefused as refused:
+            _audit(
+                plan,
+                run_id,
+                "refused",
+                refused.claimed,
+                detail=f"{refused}; waiting again",
+                statement=str(getattr(answer, "statement", ""))[:20_000],
+                signature=str(getattr(answer, "signature", ""))[:16_384],
+            )
+            continue
+        evidence = {
+            "proof": verdict.proof,
+            "statement": verdict.statement,
+            "signature": verdict.signature,
+        }
+        if verdict.decision == "reject":
+            _audit(plan, run_id, "rejected", verdict.principal, detail=verdict.reason, **evidence)
+            msg = (
+                f"{verdict.principal} rejected release {plan.release_id}: {verdict.reason}; "
+                "nothing deployed"
+            )
+            raise PromotionRejected(msg, plan=plan)
+        _audit(plan, run_id, "approved", verdict.principal, **evidence)
+        approved.append(verdict.principal)
+        if len(approved) >= gate.approvals_required:
+            logger.info("release %s approved by %s", plan.release_id, ", ".join(approved))
+            return approved
+    msg = (
+        f"nobody approved release {plan.release_id} within {gate.timeout_s}s"
+        + (f" (approved by {', '.join(approved)} only)" if approved else "")
+        + "; nothing deployed"
+    )
+    _audit(plan, run_id, "timed_out", "nobody", detail=msg)
+    logger.error(msg)
+    raise PromotionRejected(msg, plan=plan)
+
+
+def _gate_and_promoter(
+    policy: ApprovalPolicy,
+    environment: str,
+    promoted_by: str,
+    request: str | None,
+    request_signature: str | None,
+    services: list[str] | None,
+) -> tuple[EnvironmentPolicy | None, Promoter]:
+    """The environment's gate (from the protected policy) and the proven promoter.
+
+    Raises:
+        PromotionRefused: production without a gate in the policy, or a gated
+            environment asked for without a signed request.
+    """
     try:
-        answer = pause_flow_run(
-            wait_for_input=approval_model(plan, approvers),
-            timeout=timeout_s,
-            poll_interval=APPROVAL_POLL_S,
+        gate = policy.gate(environment)
+    except ConfigError as exc:
+        raise PromotionRefused(str(exc)) from exc
+    promoter = identify_promoter(
+        promoted_by, request, request_signature, policy, environment, services
+    )
+    if gate is not None and not promoter.verified:
+        msg = (
+            f"{environment} waits for an approval, so its promoter must be known by key: "
+            "request it with `cicd promote --key KEY` (a typed name cannot rule out "
+            "approving one's own promotion)"
         )
-    except FlowPauseTimeout as exc:
-        # The server fails the run itself once the pause expires ("... never
-        # resumed"); this message reaches the logs and the notice.
-        msg = f"nobody approved release {plan.release_id} within {timeout_s}s; nothing deployed"
-        logger.error(msg)  # noqa: TRY400 - the reason, not a traceback
-        raise PromotionRejected(msg, plan=plan) from exc
-    return read_decision(plan, approvers, answer)
+        raise PromotionRefused(msg)
+    return gate, promoter
 
 
 def _check_unchanged(approved: PromotionPlan, now: PromotionPlan) -> None:
@@ -270,56 +400,70 @@ def promote(
     target: str = "docker",
     drill_env: dict[str, dict[str, str]] | None = None,
     health_deadline_s: float = 60,
+    request: str | None = None,
+    request_signature: str | None = None,
 ) -> PromotionOutcome:
     """Promote the verified releases of the environment below into `environment`.
 
     Args:
         environment: the target (staging, production); its `promotes_from` is the source.
         services: only these services (default: every verified one in the source).
-        promoted_by: who asks; may not approve their own promotion.
+        promoted_by: who asks (a typed name; `request` proves it).
         dry_run: plan and stop before the gate; nothing changes.
         allow_unknown_scan: let a release without a clean scan into production...
         override_reason: ...for this reason (required with the override).
-        config_source: configuration file, "blocks", or None for the default.
+        config_source: configuration file, "blocks", or None for the default (services
+            and environments only: the approval policy is never the caller's).
         target: deploy target, docker or kubernetes.
         drill_env: rollback drills: extra container variables by image digest (docker).
         health_deadline_s: how long a new release may take to become healthy.
+        request: a signed promotion request (JSON, `cicd promote --key` makes it);
+            required where the environment waits for an approval.
+        request_signature: its SSH signature.
     """
     check_request(allow_unknown_scan, override_reason)
     config = _config(config_source, environment)
     env = config.environment(environment)
     deploy_target = _target(target, drill_env)
-    protected = load_repository().protected_branch
+    repository = load_repository()
+    protected = repository.protected_branch
     logger = run_logger()
     run_id = str(current_run.id)
+    policy = read_approval_policy(repository)
+    gate, promoter = _gate_and_promoter(
+        policy, environment, promoted_by, request, request_signature, services
+    )
 
     def prepare() -> tuple[PromotionPlan, SecurityVerdict]:
-        plan = plan_promotion(config, environment, services, promoted_by, protected)
-        verdict = security_verdict(plan, env, allow_unknown_scan, override_reason)
+        plan = plan_promotion(config, environment, services, promoter.name, protected)
+        verdict = security_verdict(
+            plan, env, allow_unknown_scan, override_reason, gated=gate is not None
+        )
         for future in verify_release_image.map([c.image for c in plan.changes]):
             future.result()
         _smoke_test_source(config, deploy_target, plan)
         return plan, verdict
 
     if dry_run:
-        plan = plan_promotion(config, environment, services, promoted_by, protected)
+        plan = plan_promotion(config, environment, services, promoter.name, protected)
         logger.info("dry run: nothing changes\n%s", plan_markdown(plan))
         return PromotionOutcome(plan=plan, dry_run=True)
 
     approved_by: str | None = None
-    if env.approval_required:
+    if gate is not None:
         # The wait for a person holds no lock: a rollback or another release of this
         # environment is never blocked by a pending approval, and a server restart
         # during the wait has no lease to lose. What was approved is re-checked below.
         plan, verdict = prepare()
-        approved_by = _await_approval(plan, env.approvers, env.approval_timeout_s, run_id)
+        _audit(plan, run_id, "requested", promoter.name, proof=promoter.proof)
+        extra = extra_env_of(plan, drill_env)
+        approved_by = ", ".join(_await_approvals(plan, gate, policy, extra, run_id))
 
     with deploy_lock(environment):
         recover_interrupted(deploy_target, env, _catalog(config), run_id)
-        if env.approval_required:
-            _check_unchanged(
-                plan, plan_promotion(config, environment, services, promoted_by, protected)
-            )
+        if gate is not None:
+            now = plan_promotion(config, environment, services, promoter.name, protected)
+            _check_unchanged(plan, now)
         else:
             plan, verdict = prepare()
         specs = config.catalog.select(plan.services)
@@ -369,6 +513,8 @@ def promote(
             ) from failure
 
     publish_ledger_artifact(environment, state)
+    # Delivery metrics are a report: failing to compute them never fails a release.
+    publish_delivery_metrics(environment, return_state=True)
     return PromotionOutcome(
         plan=plan,
         deployed=deployed,

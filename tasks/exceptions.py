@@ -26,7 +26,9 @@ PipelineError
 │   └── PerformanceRegression  the new release is slower or fails more than the previous one
 └── ApprovalError            answering a paused promotion did not work
     ├── GateError            the run cannot be answered (unknown, not paused, no form)
-    └── ApprovalRefused      the Prefect server refused the answer; the run stays paused
+    ├── ApprovalRefused      the Prefect server refused the answer; the run stays paused
+    └── AnswerRefused        the gate refused an answer (no valid signature, not an
+                             approver, self-approval, another promotion's statement)
 
 None derives from ValueError or KeyError, so nobody catches one by accident. Errors
 that carry data rebuild themselves in `__reduce__`: Prefect pickles a failed run's
@@ -228,6 +230,17 @@ class GateError(ApprovalError):
 
 class ApprovalRefused(ApprovalError):
     """The Prefect server refused the answer; the run stays paused."""
+
+
+class AnswerRefused(ApprovalError):
+    """The gate refused an answer; the run waits on. `claimed` is who it claimed to be."""
+
+    def __init__(self, message: str, claimed: str = "unknown") -> None:
+        self.claimed = claimed
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.claimed))
 
 
 def _rebuild_undeliverable(message: str, transient: bool) -> NoticeUndeliverable:

@@ -38,6 +38,7 @@ from blocks.notifications import (
 from tasks.exceptions import ConfigError, NoticeUndeliverable
 from tasks.models import ImageRef
 from tasks.process import run_logger
+from tasks.slack_actions import with_approval_actions
 
 NoticeKind = Literal[
     "approval_needed", "deployed", "rolled_back", "failed", "refused", "rejected", "healthy"
@@ -95,6 +96,9 @@ class Notice(BaseModel):
     flow_run_url: str | None = Field(default=None, description="The run in the Prefect UI")
     message: str = Field(default="", description="What happened, in a sentence or two")
     cli_hint: str | None = Field(default=None, description="e.g. the `cicd approve ...` command")
+    run_id: str | None = Field(
+        default=None, description="approval_needed: the paused run (its Slack buttons name it)"
+    )
 
 
 # --- pure helpers -----------------------------------------------------------------------
@@ -209,6 +213,8 @@ def slack_blocks(notice: Notice) -> list[dict[str, Any]]:
     blocks.append(
         {"type": "context", "elements": [{"type": "mrkdwn", "text": "elice-devops · Prefect"}]}
     )
+    if notice.kind == "approval_needed" and notice.run_id and notice.release_id:
+        blocks = with_approval_actions(blocks, notice.run_id, notice.release_id, notice.environment)
     return blocks
 
 

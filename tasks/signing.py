@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -41,6 +41,7 @@ NAMESPACE = "elice-devops-approval@elice"
 """The `ssh-keygen -n` namespace: a signature made for anything else never verifies here."""
 
 STATEMENT_FORMAT = "elice-devops-approval/v1"
+REQUEST_FORMAT = "elice-devops-promotion-request/v1"
 PRINCIPAL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,99}"
 """What an approver's name (an allowed-signers principal) may look like."""
 
@@ -67,6 +68,27 @@ class SigningError(ApprovalError):
 
 class SignatureRefused(ApprovalError):
     """The signature does not prove this statement, by this signer, for this namespace."""
+
+
+def _environment_name(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        msg = f"environment must be a DNS-1123 label, got {value!r}"
+        raise ValueError(msg)
+    return value
+
+
+def _utc_second(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        msg = "signed_at must be timezone-aware"
+        raise ValueError(msg)
+    return value.astimezone(UTC).replace(microsecond=0)
+
+
+def _principal(value: str) -> str:
+    if not _PRINCIPAL.fullmatch(value):
+        msg = f"signer must match {PRINCIPAL_PATTERN}, got {value!r}"
+        raise ValueError(msg)
+    return value
 
 
 class ApprovalStatement(BaseModel):
@@ -104,10 +126,7 @@ class ApprovalStatement(BaseModel):
     @field_validator("environment")
     @classmethod
     def _environment(cls, value: str) -> str:
-        if not _NAME.fullmatch(value):
-            msg = f"environment must be a DNS-1123 label, got {value!r}"
-            raise ValueError(msg)
-        return value
+        return _environment_name(value)
 
     @field_validator("release_id")
     @classmethod
@@ -145,18 +164,12 @@ class ApprovalStatement(BaseModel):
     @field_validator("signed_at")
     @classmethod
     def _signed_at(cls, value: datetime) -> datetime:
-        if value.tzinfo is None or value.utcoffset() is None:
-            msg = "signed_at must be timezone-aware"
-            raise ValueError(msg)
-        return value.astimezone(UTC).replace(microsecond=0)
+        return _utc_second(value)
 
     @field_validator("signer")
     @classmethod
     def _signer(cls, value: str) -> str:
-        if not _PRINCIPAL.fullmatch(value):
-            msg = f"signer must match {PRINCIPAL_PATTERN}, got {value!r}"
-            raise ValueError(msg)
-        return value
+        return _principal(value)
 
     @model_validator(mode="after")
     def _reason(self) -> ApprovalStatement:
@@ -186,6 +199,65 @@ class ApprovalStatement(BaseModel):
         }
         text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return text.encode("utf-8")
+
+
+class PromotionRequest(BaseModel):
+    """What a promoter signs to be known as who they are: where, what, when, and (for a
+    workflow's key) the person the workflow ran for."""
+
+    model_config = ConfigDict(frozen=True)
+
+    environment: str = Field(description="The target environment")
+    services: tuple[str, ...] = Field(default=(), description="The services asked for (sorted)")
+    actor: str = Field(default="", max_length=100, description="A workflow's triggering login")
+    signed_at: datetime = Field(description="When the request was made (timezone-aware)")
+    signer: str = Field(description="The principal the signer claims to be")
+
+    @field_validator("environment")
+    @classmethod
+    def _environment(cls, value: str) -> str:
+        return _environment_name(value)
+
+    @field_validator("signed_at")
+    @classmethod
+    def _signed_at(cls, value: datetime) -> datetime:
+        return _utc_second(value)
+
+    @field_validator("signer")
+    @classmethod
+    def _signer(cls, value: str) -> str:
+        return _principal(value)
+
+    @field_validator("services")
+    @classmethod
+    def _services(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for service in value:
+            if not _NAME.fullmatch(service):
+                msg = f"services: {service!r} is not a service name"
+                raise ValueError(msg)
+        return tuple(sorted(set(value)))
+
+    def canonical(self) -> bytes:
+        """The exact bytes that are signed (same layout rules as `ApprovalStatement`)."""
+        document = {
+            "format": REQUEST_FORMAT,
+            "environment": self.environment,
+            "services": list(self.services),
+            "actor": self.actor,
+            "signed_at": self.signed_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "signer": self.signer,
+        }
+        text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return text.encode("utf-8")
+
+
+class Signable(Protocol):
+    """A statement that can be signed: its claimed signer and its canonical bytes."""
+
+    @property
+    def signer(self) -> str: ...
+
+    def canonical(self) -> bytes: ...
 
 
 # --- allowed signers ----------------------------------------------------------------------
@@ -318,7 +390,7 @@ def _said(done: subprocess.CompletedProcess[bytes], tmp: str = "") -> str:
 
 
 def sign_statement(
-    statement: ApprovalStatement, key_path: Path | str, *, timeout: float = SIGN_TIMEOUT_S
+    statement: Signable, key_path: Path | str, *, timeout: float = SIGN_TIMEOUT_S
 ) -> str:
     """Sign `statement.canonical()` with the SSH key at `key_path`; the armored signature.
 
@@ -341,7 +413,7 @@ def sign_statement(
 
 
 def verify_statement(
-    statement: ApprovalStatement,
+    statement: Signable,
     signature: str,
     allowed_signers: str,
     *,

@@ -91,6 +91,26 @@ class SlackDecision(BaseModel):
     run_id: str = Field(description="The paused promotion's flow run id")
     release_id: str = Field(description="The release the message asked about")
     response_url: str = Field(description="Where Slack accepts follow-up messages (30 min)")
+    proof: SlackProof | None = Field(
+        default=None, description="The signed request itself, for the gate to check again"
+    )
+
+
+class SlackProof(BaseModel):
+    """A Slack request as received: what the gate needs to verify it on its own."""
+
+    model_config = ConfigDict(frozen=True)
+
+    timestamp: str
+    signature: str
+    body: str
+
+    def headers(self) -> list[tuple[str, str]]:
+        """The two headers `verify_slack_request` reads."""
+        return [
+            ("X-Slack-Request-Timestamp", self.timestamp),
+            ("X-Slack-Signature", self.signature),
+        ]
 
 
 # --- the message ----------------------------------------------------------------------------
@@ -197,7 +217,7 @@ class ReplayGuard:
             return len(self._seen)
 
 
-def _header(headers: Mapping[str, str] | Sequence[tuple[str, str]], name: str) -> str:
+def header_value(headers: Mapping[str, str] | Sequence[tuple[str, str]], name: str) -> str:
     items = headers.items() if isinstance(headers, Mapping) else headers
     wanted = name.lower()
     values = [v for k, v in items if k.lower() == wanted]
@@ -234,8 +254,8 @@ def verify_slack_request(
     if not signing_secret.get_secret_value():
         msg = "the Slack signing secret is empty"
         raise ValueError(msg)
-    timestamp = _header(headers, "X-Slack-Request-Timestamp")
-    signature = _header(headers, "X-Slack-Signature")
+    timestamp = header_value(headers, "X-Slack-Request-Timestamp")
+    signature = header_value(headers, "X-Slack-Signature")
     if not _TIMESTAMP.fullmatch(timestamp):
         msg = "X-Slack-Request-Timestamp is not a Unix time"
         raise SlackSignatureInvalid(msg)

@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.config import state_dir
 from blocks.repository import GitRepository
-from tasks.exceptions import SourceError, ToolError
+from tasks.exceptions import ConfigError, SourceError, ToolError
 from tasks.models import Workspace
 from tasks.process import STAGE_RETRY_OPTIONS, ToolRun, run_logger, run_tool, which
 from tasks.source import scratch_root
@@ -213,3 +213,23 @@ def remove_workspace(workspace: Workspace) -> None:
         _git(mirror, "worktree", "prune")
     shutil.rmtree(scratch_root(path), ignore_errors=True)
     run_logger().info("removed the workspace of %s", workspace.commit[:12])
+
+
+def read_protected_file(repository: GitRepository, path: str) -> str:
+    """`path` as committed on the tip of the protected branch, freshly fetched.
+
+    Not the working tree, not a file a caller names: what the protected branch holds,
+    which takes a reviewed commit to change.
+
+    Raises:
+        ConfigError: the protected branch has no such file.
+        ToolError: the repository cannot be reached.
+    """
+    mirror = mirror_path(repository)
+    with mirror_lock(mirror):
+        update_mirror(repository, mirror)
+        shown = _git(mirror, "show", f"{repository.protected_ref}:{path}")
+    if not shown.ok:
+        msg = f"{path} is not on {repository.protected_branch} of {repository.label}"
+        raise ConfigError(msg)
+    return shown.output

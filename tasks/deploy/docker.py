@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -110,6 +111,34 @@ def _engine_errors(action: str) -> Iterator[None]:
         raise ToolError(msg) from exc
 
 
+# Podman's Docker API answers 500 for these while a container's files are still in use
+# (a stop or remove racing its cleanup under load); the same call a moment later works.
+_TRANSIENT_ENGINE = ("device or resource busy", "timed out waiting for file")
+ENGINE_ATTEMPTS = 4
+
+
+def _settled(call: Callable[[], Any]) -> Any:
+    """`call()`, repeated (1, 2, 3 s apart) while the engine reports a transient 500."""
+    for attempt in range(1, ENGINE_ATTEMPTS + 1):
+        try:
+            return call()
+        except docker_error("APIError") as exc:
+            transient = any(text in str(exc) for text in _TRANSIENT_ENGINE)
+            if not transient or attempt == ENGINE_ATTEMPTS:
+                raise
+            run_logger().warning("engine busy (%s); again in %d s", exc, attempt)
+            time.sleep(attempt)
+    return None  # unreachable: the last attempt returns or raises
+
+
+def _remove_container(container: Any) -> None:
+    """Remove `container`; one already gone (a retried remove that had worked) is fine."""
+    try:
+        _settled(lambda: container.remove(force=True))
+    except docker_error("NotFound"):
+        pass
+
+
 class DockerDeployer:
     """Deploys services as host-network containers, blue/green by stop-start-verify.
 
@@ -186,7 +215,7 @@ class DockerDeployer:
     def _remove(self, name: str) -> None:
         container = self._find(name)
         if container is not None:
-            container.remove(force=True)
+            _remove_container(container)
 
     def _start(self, env: EnvironmentSpec, service: ServiceSpec, image: ImageRef, name: str) -> Any:
         extra = {**self.environment_env.get(env.name, {}), **self.extra_env.get(image.digest, {})}
@@ -250,7 +279,7 @@ class DockerDeployer:
         old = self._find(name)
         serving = old if old is not None and old.status == "running" else None
         if serving is not None:
-            serving.stop(timeout=STOP_TIMEOUT_S)
+            _settled(lambda: serving.stop(timeout=STOP_TIMEOUT_S))
         try:
             new = self._start(env, service, image, f"{name}-next")
         except DeployError as exc:
@@ -258,7 +287,7 @@ class DockerDeployer:
         result = self._probe(env, service, image.digest, deadline_s)
         if result.ok:
             if old is not None:
-                old.remove(force=True)
+                _remove_container(old)
             new.rename(name)
             logger.info("%s %s is healthy in %s", service.name, image.short, env.name)
             return deployed_from_labels(new.labels, self.address(env, service))

@@ -35,8 +35,7 @@ def test_default_config_describes_twelve_services_and_three_environments() -> No
         10,
         "WARN",
     )
-    assert prod.approval_required
-    assert "sre-oncall" in prod.approvers
+    assert prod.paged
     assert cfg.environment("staging").namespace == "elice-devops-stg"
     assert cfg.environment("dev").storage == "minio"
     assert prod.storage == "s3"
@@ -66,7 +65,10 @@ def test_every_catalog_service_exists_in_the_monorepo() -> None:
         (lambda d: d["services"][0].update(port="eighty"), "services[0]: port"),
         (lambda d: d["services"][1].update(port=8001), "duplicate ports [8001]"),
         (lambda d: d["services"][2].update(libs=["nope"]), "unknown libs ['nope']"),
-        (lambda d: d["environments"][2].update(approvers=[]), "approvers is empty"),
+        (
+            lambda d: d["environments"][2].update(approvers=["mallory"]),
+            "approvers: the approval policy is not part of the pipeline configuration",
+        ),
         (lambda d: d["environments"][0].update(log_level="LOUD"), "environments[0]: log_level"),
         (lambda d: d["environments"][1].update(promotes_from="qa"), "promotes_from 'qa'"),
         (lambda d: d["environments"][0]["replicas"].update(max=0), "environments[0]: replicas.max"),
@@ -112,5 +114,5 @@ def test_configuration_round_trips_through_saved_prefect_blocks() -> None:
     assert isinstance(loaded.catalog, ServiceCatalog)
     assert isinstance(loaded.environments, EnvironmentCatalog)
     assert loaded.catalog.names() == cfg.catalog.names()
-    assert loaded.environment("production").approvers == cfg.environment("production").approvers
+    assert loaded.environment("production") == cfg.environment("production")
     assert load_config("blocks").catalog.get("payment").coverage_threshold == 90

@@ -10,19 +10,25 @@ and build on each other's releases (module-scoped state), like a release train:
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
+import hmac
 import io
+import json
 import queue
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 from uuid import UUID
 
 import docker
 import httpx
 import pytest
 import yaml
+from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowFilter,
@@ -39,12 +45,20 @@ from pydantic import SecretStr
 
 from blocks.config import PipelineConfig, load_config
 from blocks.notifications import PAGERDUTY_BLOCK, SLACK_BLOCK, PagerDutyService, SlackChannel
+from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
+from cicd.slack_receiver import ACTIONS_PATH, SlackReceiver
 from flows.promotion import promote, rollback
-from tasks.approval import approval_input, read_gate, submit_answer
+from tasks.approval import (
+    SLACK_SECRET_BLOCK,
+    answer_for,
+    read_gate,
+    resume_from_slack,
+    submit_answer,
+)
+from tasks.audit import AuditEntry, read_audit
 from tasks.deploy.docker import DockerDeployer, container_name
 from tasks.exceptions import (
-    ApprovalRefused,
     PromotionError,
     PromotionRefused,
     PromotionRejected,
@@ -54,6 +68,8 @@ from tasks.health import probe_health
 from tasks.models import ImageRef
 from tasks.registry import manifest_digest
 from tasks.releases import Ledger, ReleaseRecord
+from tasks.slack_actions import APPROVE_ACTION
+from tests.approvers import Approvers
 from tests.plugins.receivers import Receiver
 
 pytestmark = pytest.mark.stack
@@ -64,9 +80,10 @@ APPROVERS = ["alice", "bob", "carol"]
 SLACK_TOKEN = "xoxb-test-0000-SECRET-slack-token"
 PD_KEY = "pd-routing-SECRET-key-0123456789"
 PREFIX = "elice"
+GATE = {PROD: {"approvers": APPROVERS, "approvals_required": 1, "timeout_s": 120}}
 
 
-def write_config(path: Path, approval_timeout_s: int = 120) -> str:
+def write_config(path: Path) -> str:
     """A pipeline config with only this module's environments and services."""
     data = {
         "services": [
@@ -99,9 +116,6 @@ def write_config(path: Path, approval_timeout_s: int = 120) -> str:
                 "log_level": "WARN",
                 "storage": "s3",
                 "promotes_from": STG,
-                "approval_required": True,
-                "approvers": APPROVERS,
-                "approval_timeout_s": approval_timeout_s,
                 "local_port_offset": 5100,
             },
         ],
@@ -115,9 +129,9 @@ def write_config(path: Path, approval_timeout_s: int = 120) -> str:
 class Train:
     """What the module's tests share."""
 
-    def __init__(self, cfg_path: str, slow_gate_path: str, cfg: PipelineConfig) -> None:
+    def __init__(self, cfg_path: str, approvers: Approvers, cfg: PipelineConfig) -> None:
         self.cfg_path = cfg_path
-        self.slow_gate_path = slow_gate_path
+        self.approvers = approvers
         self.cfg = cfg
         self.digests: dict[str, ImageRef] = {}
         self.run_ids: list[UUID] = []
@@ -185,8 +199,10 @@ def train(
     mp.setenv("DOCKER_HOST", stack.docker_host)
     folder = tmp_path_factory.mktemp("promotion")
     cfg_path = write_config(folder / "pipeline.yaml")
-    slow_gate = write_config(folder / "slow-gate.yaml", approval_timeout_s=3)
-    t = Train(cfg_path, slow_gate, load_config(cfg_path))
+    people = Approvers(folder, [*APPROVERS, "mallory"])  # mallory has a key, approves nothing
+    people.set_policy(GATE)
+    people.repository.save(REPOSITORY_BLOCK, overwrite=True)
+    t = Train(cfg_path, people, load_config(cfg_path))
     remove_containers(docker_client)
     t.digests = {
         "D1": pushed_image,
@@ -196,6 +212,7 @@ def train(
     for service in SERVICES:
         put_dev(t, service, t.digests["D1"])
     yield t
+    GitRepository.delete(REPOSITORY_BLOCK)
     remove_containers(docker_client)
     mp.undo()
 
@@ -237,6 +254,8 @@ def run(t: Train, environment: str, **kwargs: Any) -> Any:
     """Run the promote flow in this thread; returns its final state."""
     kwargs.setdefault("config_source", t.cfg_path)
     kwargs.setdefault("health_deadline_s", 20)
+    if environment == PROD and "request" not in kwargs and not kwargs.get("dry_run"):
+        kwargs |= t.approvers.request(PROD, kwargs["promoted_by"], kwargs.get("services"))
     state = promote(environment=environment, return_state=True, **kwargs)
     t.run_ids.append(UUID(str(state.state_details.flow_run_id)))
     return state
@@ -284,7 +303,7 @@ def approve_in_background(t: Train, approver: str = "bob", **kwargs: Any) -> Any
     before = set(t.run_ids)
     job = Background(t, PROD, promoted_by="alice", **kwargs)
     run_id = paused_run(before)
-    submit_answer(run_id, approval_input(approver, read_gate(run_id).release_id or ""))
+    submit_answer(run_id, t.approvers.answer(run_id, approver))
     return job.final()
 
 
@@ -366,7 +385,19 @@ def test_dry_run_plans_and_changes_nothing(train: Train) -> None:
     assert Ledger().current(STG).revision == revision
 
 
-def test_production_gate_refuses_bad_approvals_then_deploys(
+def audit_of(run_id: UUID) -> list[AuditEntry]:
+    return [e for e in read_audit(PROD) if e.run_id == str(run_id)]
+
+
+def answered(run_id: UUID, run_input: dict[str, str]) -> AuditEntry:
+    """Send `run_input`; the gate's audit entry for it, once the run waits again or ends."""
+    seen = len(audit_of(run_id))
+    submit_answer(run_id, run_input)
+    wait_until(lambda: len(audit_of(run_id)) > seen, 60)
+    return audit_of(run_id)[-1]
+
+
+def test_production_gate_refuses_unproven_answers_then_deploys(
     train: Train, receiver: Receiver
 ) -> None:
     before = set(train.run_ids)
@@ -374,18 +405,31 @@ def test_production_gate_refuses_bad_approvals_then_deploys(
     run_id = paused_run(before)
     gate = read_gate(run_id)
     assert gate.environment == PROD
-    assert gate.release_id
     assert train.digests["D1"].digest in gate.description
-    for bad in (
-        approval_input("mallory", gate.release_id),
-        approval_input("alice", gate.release_id),  # the promoter
-        approval_input("bob", "0123456789ab"),  # another release
-    ):
-        with pytest.raises(ApprovalRefused):
-            submit_answer(run_id, bad)
-        assert read_gate(run_id).release_id == gate.release_id  # still paused
-    assert Ledger().current(PROD).services == {}
-    submit_answer(run_id, approval_input("bob", gate.release_id))
+    assert "Needs 1 signed approval" in gate.description
+    good = train.approvers.answer(run_id, "bob")
+    tampered = json.loads(good["statement"])
+    tampered["digests"]["course"] = train.digests["D3"].digest
+    bob_as_carol, _, _ = answer_for(run_id, train.approvers.keys["bob"], "carol", "approve")
+    attacks = {
+        "no signature": ({**good, "signature": "garbage"}, "bob"),
+        "a key that approves nothing": (train.approvers.answer(run_id, "mallory"), "mallory"),
+        "the promoter": (train.approvers.answer(run_id, "alice"), "alice"),
+        "bob's signature on other digests": (
+            {"statement": json.dumps(tampered), "signature": good["signature"]},
+            "bob",
+        ),
+        "bob's key claiming carol": (bob_as_carol, "carol"),
+    }
+    for what, (bad, claimed) in attacks.items():
+        entry = answered(run_id, bad)
+        assert entry.kind == "refused", (what, entry)
+        assert entry.who == claimed, (what, entry)
+        paused_run(before)  # waits again
+        assert Ledger().current(PROD).services == {}, what
+    entry = answered(run_id, good)
+    assert (entry.kind, entry.who) == ("approved", "bob")
+    assert entry.proof.startswith("ssh-key SHA256:")
     state = job.final()
     assert state.is_completed(), state.message
     assert state.result().approved_by == "bob"
@@ -393,7 +437,19 @@ def test_production_gate_refuses_bad_approvals_then_deploys(
     assert serving(train, PROD) == {"course": d1, "course-b": d1}
     record = Ledger().current(PROD).services["course"]
     assert (record.approved_by, record.promoted_by, record.verified) == ("bob", "alice", True)
+    kinds = [e.kind for e in audit_of(run_id)]
+    assert kinds == ["requested", *["refused"] * len(attacks), "approved"]
     wait_until(lambda: len(events(receiver, "resolve")) >= 1)
+
+
+def test_an_unsigned_production_request_is_refused(train: Train) -> None:
+    revision = Ledger().current(PROD).revision
+    state = run(train, PROD, promoted_by="alice", request=None)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, PromotionRefused), error
+    assert "must be known by key" in str(error)
+    assert Ledger().current(PROD).revision == revision
 
 
 def test_staging_update_then_production_rejection_deploys_nothing(train: Train) -> None:
@@ -407,10 +463,7 @@ def test_staging_update_then_production_rejection_deploys_nothing(train: Train) 
     before = set(train.run_ids)
     job = Background(train, PROD, promoted_by="alice")
     run_id = paused_run(before)
-    release = read_gate(run_id).release_id or ""
-    with pytest.raises(ApprovalRefused, match="reason"):
-        submit_answer(run_id, approval_input("carol", release, "reject"))
-    submit_answer(run_id, approval_input("carol", release, "reject", "load test pending"))
+    submit_answer(run_id, train.approvers.answer(run_id, "carol", "reject", "load test pending"))
     final = job.final()
     assert final.is_failed()
     error = final.result(raise_on_failure=False)
@@ -425,7 +478,11 @@ def test_staging_update_then_production_rejection_deploys_nothing(train: Train) 
 def test_approval_timeout_deploys_nothing(train: Train, receiver: Receiver) -> None:
     revision = Ledger().current(PROD).revision
     started = time.monotonic()
-    state = run(train, PROD, promoted_by="alice", config_source=train.slow_gate_path)
+    train.approvers.set_policy({PROD: {"approvers": APPROVERS, "timeout_s": 3}})
+    try:
+        state = run(train, PROD, promoted_by="alice")
+    finally:
+        train.approvers.set_policy(GATE)
     assert state.is_failed()
     # the server fails an expired pause itself; the flow's reason is in its log and notice
     assert "never resumed" in state.message
@@ -475,10 +532,110 @@ def test_failed_release_rolls_back_every_service(
     assert trigger["payload"]["class"] == "rolled_back"
 
 
-def test_good_release_deploys_and_resolves_the_incident(train: Train, receiver: Receiver) -> None:
+SLACK_SIGNING = "8f1e2d3c4b5a69788796a5b4c3d2e1f0-signing"
+SLACK_USERS = {"U0CAROL01": "carol", "U0ALICE01": "alice"}
+
+
+def slack_press(
+    value: str, user_id: str, secret: str = SLACK_SIGNING
+) -> tuple[bytes, dict[str, str]]:
+    """The request Slack sends when `user_id` presses Approve, signed as Slack documents it
+    (HMAC-SHA256 of "v0:<timestamp>:<body>"), computed here, not by the project's code."""
+    payload = {
+        "type": "block_actions",
+        "user": {"id": user_id, "username": user_id.lower(), "team_id": "T0001"},
+        "team": {"id": "T0001"},
+        "response_url": "https://hooks.slack.com/actions/T0001/1/abc",
+        "actions": [
+            {
+                "type": "button",
+                "action_id": APPROVE_ACTION,
+                "block_id": "elice_approval",
+                "value": value,
+                "action_ts": "1700000000.000100",
+            }
+        ],
+    }
+    body = urlencode({"payload": json.dumps(payload)}).encode()
+    timestamp = str(int(time.time()))
+    digest = hmac.new(secret.encode(), b"v0:" + timestamp.encode() + b":" + body, hashlib.sha256)
+    return body, {
+        "X-Slack-Request-Timestamp": timestamp,
+        "X-Slack-Signature": "v0=" + digest.hexdigest(),
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+
+
+@pytest.fixture(scope="module")
+def slack_receiver(train: Train) -> Iterator[SlackReceiver]:
+    """The Slack receiver, connected to the gate, and the gate's copy of the secret."""
+    Secret(value=SLACK_SIGNING).save(SLACK_SECRET_BLOCK, overwrite=True)
+    train.approvers.set_policy(GATE, slack_users=SLACK_USERS)
+    context = contextvars.copy_context()  # the receiver's threads talk to this server
+    rec = SlackReceiver(
+        SecretStr(SLACK_SIGNING),
+        SLACK_USERS,
+        lambda decision, approver: context.run(resume_from_slack, decision, approver),
+    ).start()
+    yield rec
+    rec.stop()
+    train.approvers.set_policy(GATE)
+    Secret.delete(SLACK_SECRET_BLOCK)
+
+
+def approve_button(receiver: Receiver, run_id: UUID) -> str:
+    """The Approve button's value in the approval_needed message about `run_id`."""
+
+    def found() -> str | None:
+        for request in receiver.requests_to("chat.postMessage"):
+            blocks = request.payload().get("blocks") or []
+            if isinstance(blocks, str):
+                blocks = json.loads(blocks)
+            for block in blocks:
+                for element in block.get("elements", []):
+                    if element.get("action_id") == APPROVE_ACTION and str(run_id) in str(
+                        element.get("value")
+                    ):
+                        return str(element["value"])
+        return None
+
+    return str(wait_for(found, 30))
+
+
+def test_good_release_approved_in_slack_deploys_and_resolves_the_incident(
+    train: Train, receiver: Receiver, slack_receiver: SlackReceiver
+) -> None:
     resolves = len(events(receiver, "resolve"))
-    state = approve_in_background(train, approver="carol")
+    before = set(train.run_ids)
+    job = Background(train, PROD, promoted_by="alice")
+    run_id = paused_run(before)
+    value = approve_button(receiver, run_id)  # the message carried the buttons
+    url = f"{slack_receiver.url}{ACTIONS_PATH}"
+    forged_body, forged_headers = slack_press(value, "U0CAROL01", secret="not-the-secret")
+    assert httpx.post(url, content=forged_body, headers=forged_headers).status_code == 401
+    body, headers = slack_press(value, "U0MALLORY")
+    assert httpx.post(url, content=body, headers=headers).status_code == 403
+    body, headers = slack_press(value, "U0ALICE01")  # mapped, but the promoter
+    assert httpx.post(url, content=body, headers=headers).status_code == 200
+    wait_until(lambda: audit_of(run_id)[-1].kind == "refused", 60)
+    assert "own promotion" in audit_of(run_id)[-1].detail
+    # a press planted straight into the run's input, with a made-up signature
+    paused_run(before)
+    planted = {
+        "slack_timestamp": headers["X-Slack-Request-Timestamp"],
+        "slack_body": body.decode(),
+        "slack_signature": "v0=" + "0" * 64,
+    }
+    assert answered(run_id, planted).kind == "refused"
+    paused_run(before)
+    body, headers = slack_press(value, "U0CAROL01")
+    answer = httpx.post(url, content=body, headers=headers)
+    assert answer.status_code == 200, answer.text
+    state = job.final()
     assert state.is_completed(), state.message
+    assert state.result().approved_by == "carol"
+    approved = audit_of(run_id)[-1]
+    assert (approved.kind, approved.who, approved.proof) == ("approved", "carol", "slack U0CAROL01")
     d2, d3 = train.digests["D2"].digest, train.digests["D3"].digest
     assert serving(train, PROD) == {"course": d2, "course-b": d3}
     wait_until(lambda: len(events(receiver, "resolve")) == resolves + 1)
@@ -522,11 +679,11 @@ def test_two_promotions_waiting_at_their_gates_cannot_both_deploy(train: Train) 
     # Waiting for a person holds no lock: the second promotion reaches its gate too.
     second = Background(train, PROD, promoted_by="alice")
     second_id = paused_run(before | {first_id})
-    approved_plan = read_gate(second_id).release_id or ""
-    submit_answer(first_id, approval_input("bob", read_gate(first_id).release_id or ""))
+    approval = train.approvers.answer(second_id, "carol")  # signed while both wait
+    submit_answer(first_id, train.approvers.answer(first_id, "bob"))
     assert first.final().is_completed()
     revision = Ledger().current(PROD).revision
-    submit_answer(second_id, approval_input("carol", approved_plan))
+    submit_answer(second_id, approval)
     final = second.final()
     assert final.is_failed()
     error = final.result(raise_on_failure=False)

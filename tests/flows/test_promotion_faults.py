@@ -13,6 +13,7 @@ Own environments (fx-dev -> fx-stg, host ports 46xxx/47xxx) and two services.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -39,15 +40,17 @@ from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks.config import PipelineConfig, load_config
+from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
 from flows.health import health_check
-from tasks.approval import approval_input, read_gate, submit_answer
+from tasks.approval import read_gate, submit_answer
 from tasks.deploy.docker import DockerDeployer, container_name
 from tasks.exceptions import EnvironmentUnhealthy
 from tasks.health import probe_health
 from tasks.locks import LEASE_S
 from tasks.models import ImageRef
 from tasks.releases import Ledger, ReleaseRecord
+from tests.approvers import Approvers
 from tests.flows.test_promotion import as_service, derive
 from tests.plugins.postgres import PostgresPrefect
 
@@ -59,15 +62,16 @@ PREFIX = "elice"
 
 PROMOTE = textwrap.dedent(
     """
-    import sys
+    import json, sys
     from flows.promotion import promote
 
+    signed = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {"promoted_by": "ci"}
     state = promote(
         environment=sys.argv[1],
         config_source=sys.argv[2],
-        promoted_by="alice",
         health_deadline_s=30,
         return_state=True,
+        **signed,
     )
     print("FINAL", state.type.value, state.message, flush=True)
     """
@@ -106,9 +110,6 @@ def write_config(path: Path) -> str:
                 "log_level": "WARN",
                 "storage": "minio",
                 "promotes_from": STG,
-                "approval_required": True,
-                "approvers": ["alice", "bob"],
-                "approval_timeout_s": 600,
                 "local_port_offset": 39600,
             },
         ],
@@ -322,10 +323,15 @@ def test_an_approval_resumes_a_promotion_across_a_server_restart(
         put(cfg, PROD, service, d1)
     revision = Ledger().current(PROD).revision
     api = postgres_prefect.api_url
+    people = Approvers(tmp_path, ["alice", "bob"])
+    people.set_policy({PROD: {"approvers": ["alice", "bob"], "timeout_s": 600}})
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        people.repository.save(REPOSITORY_BLOCK, overwrite=True)
+    signed = json.dumps(people.request(PROD, "alice"))
     env = {**os.environ, "PREFECT_API_URL": api, "DOCKER_HOST": stack.docker_host}
     with (tmp_path / "prod.log").open("w") as log:
         job = subprocess.Popen(
-            [sys.executable, "-c", PROMOTE, PROD, cfg_path],
+            [sys.executable, "-c", PROMOTE, PROD, cfg_path, signed],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -335,12 +341,14 @@ def test_an_approval_resumes_a_promotion_across_a_server_restart(
         run_id = _paused_promotion(api)
         down_s = postgres_prefect.restart()  # the run's process keeps polling meanwhile
         with temporary_settings(updates={PREFECT_API_URL: api}):
-            gate = read_gate(run_id)  # the pause, its form and its plan survived
-            submit_answer(run_id, approval_input("bob", gate.release_id or ""))
+            read_gate(run_id)  # the pause and its form survived
+            submit_answer(run_id, people.answer(run_id, "bob"))
         job.wait(timeout=300)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            GitRepository.delete(REPOSITORY_BLOCK)
     output = (tmp_path / "prod.log").read_text()
     assert "FINAL COMPLETED" in output, output[-4000:]
     state = Ledger().current(PROD)

@@ -377,8 +377,8 @@ def test_a_promotion_is_followed_in_plain_lines_through_its_pause() -> None:
         "auth image passed (0.0s)",
         "auth smoke passed (0.0s)",
         (
-            f"waiting for approval: cicd approve {flow_run.id} --approver NAME"
-            f"  (or: cicd reject {flow_run.id} --approver NAME --reason ...)"
+            f"waiting for approval: cicd approve {flow_run.id} --key KEY"
+            f"  (or: cicd reject {flow_run.id} --key KEY --reason ...)"
         ),
         "approval received: the run goes on",
     ]

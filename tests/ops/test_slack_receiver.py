@@ -20,6 +20,7 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
+from prefect.settings import PREFECT_API_URL
 from pydantic import SecretStr
 
 from cicd.slack_receiver import ACTIONS_PATH, SECRET_ENV, SlackReceiver, load_slack_users
@@ -231,7 +232,12 @@ def _wait_for_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 60
 def test_module_entry_point(tmp_path: Path) -> None:
     users = tmp_path / "users.yaml"
     users.write_text("slack_users:\n  U0ALICE01: alice\n")
-    env = {**os.environ, SECRET_ENV: SIGNING_SECRET}
+    # connected to the session's server, where no run RUN_ID waits
+    env = {
+        **os.environ,
+        SECRET_ENV: SIGNING_SECRET,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+    }
     args = [sys.executable, "-m", "cicd.slack_receiver", "--port", "0", "--users", str(users)]
     stderr = tmp_path / "stderr.log"
     with stderr.open("w") as err:
@@ -243,16 +249,16 @@ def test_module_entry_point(tmp_path: Path) -> None:
             url = line.rsplit(" ", 1)[1]
             assert url.endswith(ACTIONS_PATH)
             body = press()
-            answer = httpx.post(url, content=body, headers=signed(body), timeout=10)
-            assert answer.status_code == 200
-            assert "nothing was changed" in answer.text
+            answer = httpx.post(url, content=body, headers=signed(body), timeout=30)
+            assert answer.status_code == 409, answer.text  # verified, then handed to the gate
+            assert f"no flow run {RUN_ID}" in answer.text
             stranger = press(user_id="U0BOB0002")
             assert httpx.post(url, content=stranger, headers=signed(stranger)).status_code == 403
         finally:
             proc.terminate()
             proc.wait(timeout=10)
     output = stderr.read_text()
-    assert "not acted on" in output
+    assert "not applied" in output
     assert SIGNING_SECRET not in output
 
 

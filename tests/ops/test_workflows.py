@@ -156,7 +156,14 @@ def test_promote_job_runs_after_ci_on_main_or_by_hand() -> None:
     assert params(argv) == {
         "environment": "${TARGET_ENVIRONMENT}",
         "promoted_by": '"${PROMOTER}"',
+        "request": "$(jq .request ${RUNNER_TEMP}/request.json)",
+        "request_signature": "$(jq .request_signature ${RUNNER_TEMP}/request.json)",
     }
+    # the request is signed by the workflow's key for the person who triggered it
+    (sign,) = [s for s in job["steps"] if "cicd request" in s.get("run", "")]
+    assert '--actor "$PROMOTER"' in sign["run"]
+    assert sign["env"]["PROMOTE_KEY"] == "${{ secrets.ELICE_PROMOTE_KEY }}"
+    assert sign["env"]["PROMOTER"] == "${{ github.actor }}"
     (step,) = [s for s in job["steps"] if "prefect deployment run" in s.get("run", "")]
     assert step["env"]["TARGET_ENVIRONMENT"] == "${{ inputs.environment || 'staging' }}"
     # the person who triggered the workflow promotes, never a shared bot name

@@ -33,8 +33,6 @@ PLAN_CONFIG = {
             "log_level": "WARN",
             "storage": "s3",
             "promotes_from": "q-dev",
-            "approval_required": True,
-            "approvers": ["alice"],
             "local_port_offset": 2,
         },
     ],

@@ -1,38 +1,32 @@
-"""The approval gate: the plan, the form the server enforces, and the CLI that answers it."""
+"""The approval gate's judgement of answers (real SSH keys), the promoter's identity, the
+plan shown to approvers, and the approval policy's rules."""
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
-from collections.abc import Iterator
+import json
+import subprocess
+from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import uuid4
 
 import pytest
 import typer
-from prefect import flow
-from prefect._internal.pydantic.v2_schema import create_v2_schema
-from prefect.client.orchestration import get_client
-from prefect.flow_runs import pause_flow_run
-from prefect.runtime import flow_run as current_run
-from prefect.utilities.schema_tools import validate
 from typer.testing import CliRunner
 
+from blocks.approvals import ApprovalPolicy, EnvironmentPolicy, parse_policy
+from blocks.config import parse_config
 from cicd.promote_cli import register
 from tasks.approval import (
-    approval_input,
-    approval_model,
-    eligible_approvers,
+    ApprovalAnswer,
+    identify_promoter,
+    judge_answer,
     plan_markdown,
-    read_decision,
-    read_gate,
-    release_id_from_schema,
-    submit_answer,
-    wait_for_final,
+    sign_request,
+    statement_for,
 )
-from tasks.exceptions import ApprovalRefused, GateError, PromotionRefused, PromotionRejected
+from tasks.exceptions import AnswerRefused, ConfigError, PromotionRefused
 from tasks.models import ImageRef, PlannedChange, PromotionPlan, make_plan, release_id
+from tasks.signing import sign_statement
 
 APPROVERS = ("platform-lead", "sre-oncall", "release-manager")
 D1, D2, D3 = ("sha256:" + c * 64 for c in "123")
@@ -64,11 +58,6 @@ def plan(promoted_by: str = "sre-oncall") -> PromotionPlan:
     )
 
 
-def schema_of(model: Any) -> dict[str, Any]:
-    """The JSON schema Prefect stores for a paused run's form (what the server validates)."""
-    return create_v2_schema(model.__name__, model_base=model)
-
-
 def flat(output: str) -> str:
     """CLI output with rich's line wrapping undone."""
     return " ".join(output.split())
@@ -95,142 +84,171 @@ def test_plan_markdown_shows_digests_commits_and_changes() -> None:
     assert "**sre-oncall**" in text
 
 
-def test_eligible_approvers_exclude_the_promoter() -> None:
-    assert eligible_approvers(APPROVERS, "sre-oncall") == ["platform-lead", "release-manager"]
-    with pytest.raises(PromotionRefused, match="nobody approves their own"):
-        eligible_approvers(("alice",), "alice")
+class People:
+    """One real ed25519 key per name, and the allowed-signers text naming them."""
 
-
-def test_form_requires_what_the_approver_must_type_and_enforces_it() -> None:
-    p = plan()
-    model = approval_model(p, APPROVERS)
-    schema = schema_of(model)
-    assert sorted(schema["required"]) == ["approver", "decision", "release_id"]
-    assert schema["properties"]["approver"]["enum"] == ["platform-lead", "release-manager"]
-    assert release_id_from_schema(schema) == p.release_id
-    assert model._description == plan_markdown(p)
-    ok = approval_input("platform-lead", p.release_id)
-    assert validate(ok, schema, raise_on_error=True) == []
-    refusals = {
-        "approver": approval_input("mallory", p.release_id),
-        "approver ": approval_input("sre-oncall", p.release_id),  # the promoter
-        "release_id": approval_input("platform-lead", release_id({"auth": D1})),
-        "reason": approval_input("platform-lead", p.release_id, "reject"),
-    }
-    for field, data in refusals.items():
-        with pytest.raises(Exception, match=field.strip()):
-            validate(data, schema, raise_on_error=True)
-    blank = approval_input("platform-lead", p.release_id, "reject", "  ")
-    with pytest.raises(Exception, match="reason"):
-        validate(blank, schema, raise_on_error=True)
-    rejected = approval_input("platform-lead", p.release_id, "reject", "not on a Friday")
-    assert validate(rejected, schema, raise_on_error=True) == []
-
-
-def test_read_decision_rejects_with_the_reason() -> None:
-    p = plan()
-    model = approval_model(p, APPROVERS)
-    answer = model(**approval_input("release-manager", p.release_id, "reject", "change freeze"))
-    with pytest.raises(
-        PromotionRejected, match=r"release-manager rejected .*change freeze"
-    ) as info:
-        read_decision(p, APPROVERS, answer)
-    assert info.value.plan == p
-    approved = model(**approval_input("release-manager", p.release_id))
-    assert read_decision(p, APPROVERS, approved) == "release-manager"
-
-
-# --- against the real Prefect server ------------------------------------------------------
-
-RUN_IDS: queue.Queue[UUID] = queue.Queue()
-
-
-@flow(name="gate-probe")
-def gate_probe(plan_json: str, approvers: list[str], timeout: int) -> str:
-    p = PromotionPlan.model_validate_json(plan_json)
-    RUN_IDS.put(UUID(str(current_run.id)))
-    answer = pause_flow_run(
-        wait_for_input=approval_model(p, approvers), timeout=timeout, poll_interval=1
-    )
-    return read_decision(p, tuple(approvers), answer)
-
-
-def wait_for_gate(run_id: UUID, timeout: float = 30) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            return read_gate(run_id)
-        except GateError:
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.3)
-
-
-class Paused:
-    """A gate-probe run paused in a background thread; `final()` is its own final state."""
-
-    def __init__(self, p: PromotionPlan) -> None:
-        self.plan = p
-        self._states: queue.Queue[Any] = queue.Queue()
-        self._worker = threading.Thread(target=self._run, daemon=True)
-        self._worker.start()
-        self.run_id = RUN_IDS.get(timeout=60)
-        wait_for_gate(self.run_id)
-
-    def _run(self) -> None:
-        self._states.put(
-            gate_probe(
-                plan_json=self.plan.model_dump_json(),
-                approvers=list(APPROVERS),
-                timeout=120,
-                return_state=True,
+    def __init__(self, root: Path, names: list[str]) -> None:
+        self.keys: dict[str, Path] = {}
+        lines = []
+        for name in names:
+            key = root / name
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)],
+                check=True,
             )
-        )
-
-    def final(self, timeout: float = 60) -> Any:
-        return self._states.get(timeout=timeout)
-
-
-@pytest.fixture
-def paused() -> Iterator[Paused]:
-    gate = Paused(plan())
-    yield gate
-    if gate._worker.is_alive() and run_state(gate.run_id).is_paused():
-        submit_answer(gate.run_id, approval_input("platform-lead", gate.plan.release_id))
-    gate._worker.join(timeout=60)
+            self.keys[name] = key
+            kind, blob = key.with_suffix(".pub").read_text().split()[:2]
+            lines.append(f"{name} {kind} {blob}")
+        self.allowed_signers = "\n".join(lines) + "\n"
 
 
-def run_state(run_id: UUID) -> Any:
-    with get_client(sync_client=True) as client:
-        return client.read_flow_run(run_id).state
+@pytest.fixture(scope="module")
+def people(tmp_path_factory: pytest.TempPathFactory) -> People:
+    return People(tmp_path_factory.mktemp("keys"), [*APPROVERS, "mallory", "gha"])
 
 
-def test_server_refuses_bad_approvals_and_the_run_stays_paused(paused: Paused) -> None:
-    run_id, p = paused.run_id, paused.plan
-    gate = read_gate(run_id)
-    assert gate.release_id == p.release_id
-    assert f"`{D2}`" in gate.description
-    refused = [
-        approval_input("mallory", p.release_id),
-        approval_input("sre-oncall", p.release_id),
-        approval_input("platform-lead", release_id({"auth": D1, "course": D3})),
-        approval_input("platform-lead", p.release_id, "reject"),
-    ]
-    reasons = []
-    for data in refused:
-        with pytest.raises(ApprovalRefused) as info:
-            submit_answer(run_id, data)
-        reasons.append(str(info.value))
-        assert run_state(run_id).is_paused()
-    assert "'mallory' is not one of" in reasons[0]
-    assert "'sre-oncall' is not one of" in reasons[1]
-    assert "does not match" in reasons[2]
-    assert "'reason' is a required property" in reasons[3]
-    submit_answer(run_id, approval_input("platform-lead", p.release_id))
-    final = paused.final()
-    assert final.is_completed()
-    assert final.result() == "platform-lead"
-    assert run_state(run_id).is_completed()
+def policy_of(people: People, approvals: int = 1) -> ApprovalPolicy:
+    return ApprovalPolicy(
+        environments={
+            "production": EnvironmentPolicy(approvers=APPROVERS, approvals_required=approvals)
+        },
+        allowed_signers=people.allowed_signers,
+        automation_signers=("gha",),
+        github_users={"octo-lead": "platform-lead"},
+    )
+
+
+def signed(people: People, p: PromotionPlan, run_id: str, who: str, **kw: Any) -> ApprovalAnswer:
+    statement = statement_for(
+        p, run_id, kw.pop("extra", {}), kw.pop("decision", "approve"), kw.pop("reason", ""), who
+    )
+    return ApprovalAnswer(
+        statement=statement.model_dump_json(), signature=sign_statement(statement, people.keys[who])
+    )
+
+
+def judge(people: People, p: PromotionPlan, run_id: str, answer: Any, **kw: Any) -> Any:
+    policy = kw.pop("policy", None) or policy_of(people)
+    return judge_answer(
+        answer,
+        plan=p,
+        run_id=run_id,
+        extra_env=kw.pop("extra", {}),
+        gate=policy.environments["production"],
+        policy=policy,
+        promoter=p.promoted_by,
+        approved=kw.pop("approved", []),
+    )
+
+
+def test_a_signed_approval_by_an_approver_is_accepted(people: People) -> None:
+    p, run_id = plan(), str(uuid4())
+    verdict = judge(people, p, run_id, signed(people, p, run_id, "platform-lead"))
+    assert (verdict.decision, verdict.principal) == ("approve", "platform-lead")
+    assert verdict.proof.startswith("ssh-key SHA256:")
+    rejected = judge(
+        people,
+        p,
+        run_id,
+        signed(people, p, run_id, "release-manager", decision="reject", reason="freeze"),
+    )
+    assert (rejected.decision, rejected.reason) == ("reject", "freeze")
+
+
+def test_answers_without_proof_are_refused(people: People) -> None:
+    p, run_id = plan(), str(uuid4())
+    good = signed(people, p, run_id, "platform-lead")
+    other_digests = json.loads(good.statement)
+    other_digests["digests"]["auth"] = D3
+    cases = {
+        "not an armored SSH signature": (
+            {"statement": good.statement, "signature": "x"},
+            "platform-lead",
+        ),
+        "not an approver": (signed(people, p, run_id, "mallory"), "mallory"),
+        "nobody approves their own": (signed(people, p, run_id, "sre-oncall"), "sre-oncall"),
+        "digests differ": (
+            {"statement": json.dumps(other_digests), "signature": good.signature},
+            "platform-lead",
+        ),
+        "run_id differ": (signed(people, p, str(uuid4()), "platform-lead"), "platform-lead"),
+        "extra_env differ": (
+            signed(people, p, run_id, "platform-lead", extra={"auth": {"FAULT": "1"}}),
+            "platform-lead",
+        ),
+        "not a valid approval statement": ({"statement": "{}", "signature": "x"}, "unknown"),
+    }
+    for expected, (answer, claimed) in cases.items():
+        data = answer if isinstance(answer, dict) else answer.model_dump()
+        with pytest.raises(AnswerRefused, match=expected) as info:
+            judge(people, p, run_id, ApprovalAnswer.model_construct(**data))
+        assert info.value.claimed == claimed, expected
+    with pytest.raises(AnswerRefused, match="approved already"):
+        judge(people, p, run_id, good, approved=["platform-lead"])
+
+
+def test_a_key_proves_one_name_only(people: People) -> None:
+    p, run_id = plan(), str(uuid4())
+    statement = statement_for(p, run_id, {}, "approve", "", "release-manager")
+    forged = ApprovalAnswer(
+        statement=statement.model_dump_json(),
+        signature=sign_statement(statement, people.keys["mallory"]),
+    )
+    with pytest.raises(AnswerRefused, match="belongs to mallory") as info:
+        judge(people, p, run_id, forged)
+    assert info.value.claimed == "release-manager"
+
+
+def test_the_promoter_is_known_by_key_or_not_at_all(people: People) -> None:
+    policy = policy_of(people)
+    typed = identify_promoter("sre-oncall", None, None, policy, "production", None)
+    assert (typed.name, typed.verified) == ("sre-oncall", False)
+    request, signature = sign_request(
+        "production", ["auth"], "sre-oncall", people.keys["sre-oncall"]
+    )
+    proven = identify_promoter("whoever", request, signature, policy, "production", ["auth"])
+    assert (proven.name, proven.verified) == ("sre-oncall", True)
+    with pytest.raises(PromotionRefused, match="another environment or other services"):
+        identify_promoter("x", request, signature, policy, "production", ["course"])
+    forged, _ = sign_request("production", None, "sre-oncall", people.keys["mallory"])
+    _, mallory_sig = sign_request("production", None, "sre-oncall", people.keys["mallory"])
+    with pytest.raises(PromotionRefused, match="proves nobody"):
+        identify_promoter("x", forged, mallory_sig, policy, "production", None)
+    bot, bot_sig = sign_request("production", None, "gha", people.keys["gha"], actor="octo-lead")
+    acting = identify_promoter("gha", bot, bot_sig, policy, "production", None)
+    assert acting.name == "platform-lead"  # the person the workflow ran for, not the bot
+    assert "for octo-lead" in acting.proof
+
+
+def test_the_policy_cannot_leave_production_ungated_or_come_from_the_caller() -> None:
+    with pytest.raises(ConfigError, match="production always waits for an approval"):
+        ApprovalPolicy().gate("production")
+    assert ApprovalPolicy().gate("staging") is None
+    with pytest.raises(ConfigError, match="approvals_required"):
+        parse_policy("environments: {production: {approvers: [a], approvals_required: 2}}")
+    with pytest.raises(ConfigError, match="greater than or equal to 1"):
+        parse_policy("environments: {production: {approvers: [a], approvals_required: 0}}")
+    committed = parse_policy((Path(__file__).parents[2] / "config/approvals.yaml").read_text())
+    gate = committed.gate("production")
+    assert gate is not None
+    assert gate.approvals_required >= 1
+    # a pipeline configuration that carries an approval policy is refused, naming why
+    bad = {
+        "services": [{"name": "auth", "port": 8002}],
+        "environments": [
+            {
+                "name": "production",
+                "namespace": "p",
+                "replicas": {"min": 1, "max": 1},
+                "log_level": "WARN",
+                "storage": "s3",
+                "approval_required": False,
+                "local_port_offset": 1,
+            }
+        ],
+    }
+    with pytest.raises(ConfigError, match="approval policy is not part of the pipeline"):
+        parse_config(bad, "caller.yaml")
 
 
 @pytest.fixture
@@ -240,47 +258,17 @@ def cli() -> typer.Typer:
     return app
 
 
-def test_cli_approve_reads_the_answer(cli: typer.Typer, paused: Paused) -> None:
-    run_id, p = paused.run_id, paused.plan
-    runner = CliRunner()
-    refused = runner.invoke(cli, ["approve", str(run_id), "--approver", "sre-oncall"])
-    assert refused.exit_code == 1, refused.output
-    assert "refused by the Prefect server" in flat(refused.output)
-    assert "stays paused" in flat(refused.output)
-    assert run_state(run_id).is_paused()
-    stale = runner.invoke(
-        cli, ["approve", str(run_id), "--approver", "platform-lead", "--release", "0" * 12]
-    )
-    assert stale.exit_code == 1, stale.output
-    assert run_state(run_id).is_paused()
-    done = runner.invoke(cli, ["approve", str(run_id), "--approver", "release-manager"])
-    assert done.exit_code == 0, done.output
-    assert f"approved release {p.release_id}" in flat(done.output)
-    final = paused.final()
-    assert final.is_completed()
-    assert final.result() == "release-manager"
-    again = runner.invoke(cli, ["approve", str(run_id), "--approver", "release-manager"])
-    assert again.exit_code == 2
-    assert "not waiting for an approval" in flat(again.output)
-
-
-def test_cli_reject_fails_the_run_with_the_reason(cli: typer.Typer, paused: Paused) -> None:
-    run_id = paused.run_id
+def test_cli_approve_unknown_run_exits_2(cli: typer.Typer, people: People) -> None:
     result = CliRunner().invoke(
         cli,
-        ["reject", str(run_id), "--approver", "platform-lead", "--reason", "change freeze"],
-    )
-    assert result.exit_code == 0, result.output
-    assert wait_for_final(run_id, timeout_s=60).is_failed()
-    final = paused.final()
-    assert isinstance(final.result(raise_on_failure=False), PromotionRejected)
-    assert "platform-lead rejected" in final.message
-    assert "change freeze" in final.message
-
-
-def test_cli_approve_unknown_run_exits_2(cli: typer.Typer) -> None:
-    result = CliRunner().invoke(
-        cli, ["approve", "00000000-0000-0000-0000-000000000000", "--approver", "x"]
+        [
+            "approve",
+            "00000000-0000-0000-0000-000000000000",
+            "--key",
+            str(people.keys["platform-lead"]),
+            "--as",
+            "platform-lead",
+        ],
     )
     assert result.exit_code == 2
     assert "no flow run" in flat(result.output)

@@ -78,16 +78,17 @@ def test_vulnerable_lock_fails_the_stage(tmp_path, monkeypatch) -> None:
 # --- the promotion's scan gate (pure) ---------------------------------------------------
 
 
-def test_scan_gate_needs_clean_scans_or_a_reasoned_override_in_production() -> None:
+def test_scan_gate_needs_clean_scans_or_a_reasoned_override_where_gated() -> None:
     cfg = parse_config(PLAN_CONFIG, "test")
     prod = cfg.environment("q-prod")
     dev = ledger_state("q-dev", auth=(D1, True, "clean"), course=(D2, True, None))
     p = build_plan(cfg, "q-prod", None, "bob", dev, ledger_state("q-prod"))
     with pytest.raises(PromotionRefused, match=re.escape("no clean security scan for ['course']")):
-        judge_scans(p, prod, False, None)
+        judge_scans(p, prod, False, None, gated=True)
     with pytest.raises(PromotionRefused, match="needs --override-reason"):
-        judge_scans(p, prod, True, " ")
-    verdict = judge_scans(p, prod, True, "scanner outage, CVE feed checked by hand")
+        judge_scans(p, prod, True, " ", gated=True)
+    assert judge_scans(p, prod, False, None).overridden == []  # not gated: reported only
+    verdict = judge_scans(p, prod, True, "scanner outage, CVE feed checked by hand", gated=True)
     assert verdict.overridden == ["course"]
     assert verdict.scans == {"auth": "clean", "course": "unknown"}
     bad = build_plan(

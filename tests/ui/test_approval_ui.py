@@ -1,7 +1,8 @@
 """Approving a paused promotion in the Prefect UI (v1 page), in headless Chromium.
 
-The session's test server runs without its UI, so this module starts a real
-`prefect server start` (own home and database) and runs the gate against it.
+The Resume form takes what `cicd sign` prints: the statement and its SSH signature. The
+session's test server runs without its UI, so this module starts a real `prefect server
+start` (own home and database) and runs the gate's judgement against it.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from prefect.logging.handlers import APILogWorker
 from prefect.runtime import flow_run as current_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from blocks.approvals import ApprovalPolicy, EnvironmentPolicy
 from cicd.stack import free_port
-from tasks.approval import approval_model, read_decision, read_gate
-from tasks.exceptions import GateError
+from tasks.approval import answer_form, judge_answer, read_gate, statement_for
+from tasks.exceptions import AnswerRefused, GateError
 from tasks.models import PromotionPlan
-from tests.tasks.test_approval import APPROVERS, plan
+from tasks.signing import sign_statement
+from tests.tasks.test_approval import APPROVERS, People, plan
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
@@ -100,13 +103,35 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @flow(name="ui-gate")
-def ui_gate(plan_json: str, approvers: list[str]) -> str:
+def ui_gate(plan_json: str, allowed_signers: str) -> str:
+    """The gate's loop in small: judge each answer, wait again after a refused one."""
     p = PromotionPlan.model_validate_json(plan_json)
-    RUN_IDS.put(UUID(str(current_run.id)))
-    answer = pause_flow_run(
-        wait_for_input=approval_model(p, approvers), timeout=300, poll_interval=1
+    run_id = str(current_run.id)
+    RUN_IDS.put(UUID(run_id))
+    policy = ApprovalPolicy(
+        environments={"production": EnvironmentPolicy(approvers=APPROVERS)},
+        allowed_signers=allowed_signers,
     )
-    return read_decision(p, tuple(approvers), answer)
+    gate = policy.environments["production"]
+    for _ in range(3):
+        answer = pause_flow_run(
+            wait_for_input=answer_form(p, gate, [], {}, run_id), timeout=300, poll_interval=1
+        )
+        try:
+            verdict = judge_answer(
+                answer,
+                plan=p,
+                run_id=run_id,
+                extra_env={},
+                gate=gate,
+                policy=policy,
+                promoter=p.promoted_by,
+                approved=[],
+            )
+        except AnswerRefused:
+            continue
+        return verdict.principal
+    return "nobody"
 
 
 def paused_state(run_id: UUID) -> Any:
@@ -119,20 +144,9 @@ def dialog(page: Page) -> Locator:
     return page.locator(".p-modal", has_text="Resume Flow Run").first
 
 
-def choose(page: Page, index: int, text: str) -> list[str]:
-    """Pick `text` in the index-th select of the dialog; returns the options offered."""
-    modal = dialog(page)
-    modal.locator(".p-select-button__control").nth(index).click()
-    page.keyboard.press("ArrowDown")  # opens the option list
-    options = page.locator(".p-select-option")
-    options.first.wait_for()
-    offered = [o.strip() for o in options.all_inner_texts()]
-    page.locator(".p-select-option", has_text=text).first.click()
-    return offered
-
-
 def test_approve_through_the_ui_form(ui_server: str, tmp_path: Path) -> None:
     p = plan(promoted_by="sre-oncall")
+    people = People(tmp_path, ["platform-lead"])
     states: queue.Queue[Any] = queue.Queue()
     with temporary_settings(updates={PREFECT_API_URL: f"{ui_server}/api"}):
         ctx = contextvars.copy_context()
@@ -141,7 +155,7 @@ def test_approve_through_the_ui_form(ui_server: str, tmp_path: Path) -> None:
                 ctx.run(
                     ui_gate,
                     plan_json=p.model_dump_json(),
-                    approvers=list(APPROVERS),
+                    allowed_signers=people.allowed_signers,
                     return_state=True,
                 )
             ),
@@ -149,6 +163,7 @@ def test_approve_through_the_ui_form(ui_server: str, tmp_path: Path) -> None:
         )
         worker.start()
         run_id = RUN_IDS.get(timeout=120)
+
         end = time.monotonic() + 60
         while True:
             try:
@@ -157,6 +172,10 @@ def test_approve_through_the_ui_form(ui_server: str, tmp_path: Path) -> None:
             except GateError:
                 assert time.monotonic() < end, "the run never paused at its gate"
                 time.sleep(0.3)
+        # what `cicd sign` prints (refused answers are tried through the API in
+        # tests/flows/test_promotion.py against the real promote flow)
+        statement = statement_for(p, str(run_id), {}, "approve", "", "platform-lead")
+        signature = sign_statement(statement, people.keys["platform-lead"])
 
         started = time.monotonic()
         with sync_playwright() as pw:
@@ -167,24 +186,16 @@ def test_approve_through_the_ui_form(ui_server: str, tmp_path: Path) -> None:
                 page.goto(f"{ui_server}/runs/flow-run/{run_id}")
                 page.get_by_role("button", name="Resume").first.click(timeout=60_000)
                 modal = dialog(page)
-                modal.get_by_text("Approver", exact=True).wait_for(timeout=30_000)
+                modal.locator("textarea").first.wait_for(timeout=30_000)
+                text = modal.inner_text()
+                assert "Statement" in text
+                assert "Signature" in text
                 description = modal.locator("article.markdown-renderer").first
                 assert p.release_id in description.inner_text()
                 codes = description.locator("code").all_inner_texts()
                 assert p.changes[0].new_digest in codes
-                assert p.changes[0].current_digest in codes
-
-                offered = choose(page, 0, "platform-lead")
-                assert offered == ["platform-lead", "release-manager"]  # not the promoter
-                modal.locator("textarea").nth(0).fill("000000000000")  # another release
-                choose(page, 1, "approve")
-                modal.get_by_role("button", name="Submit").click()
-                page.wait_for_timeout(2000)
-                assert paused_state(run_id).is_paused()
-                assert modal.is_visible()
-                page.screenshot(path=str(tmp_path / "refused.png"))
-
-                modal.locator("textarea").nth(0).fill(p.release_id)
+                modal.locator("textarea").nth(0).fill(statement.model_dump_json())
+                modal.locator("textarea").nth(1).fill(signature)
                 modal.get_by_role("button", name="Submit").click()
                 final = states.get(timeout=60)
             finally:
