@@ -28,6 +28,8 @@ class StackInfo(BaseModel):
     base_image: str = Field(description="Base image for service builds")
     prefect_api_url: str | None = Field(default=None, description="Local Prefect server API")
     pause_image: str | None = Field(default=None, description="Infra image for kube play")
+    prometheus_url: str | None = Field(default=None, description="Local Prometheus server")
+    alertmanager_url: str | None = Field(default=None, description="Local Alertmanager")
 
 
 def stack_dir() -> Path:

@@ -16,6 +16,12 @@ Long-running parts are processes with a pid file and a log file; `spawn_part`,
 
 `ensure_stack(progress=...)` reports each step as it starts and when it is done, with
 seconds (`StackStep`); the library itself prints nothing.
+
+Monitoring (with the worker, or `monitoring=True`): Debian's Prometheus scrapes every service
+of every environment where the docker target publishes it, with the project's rules, and
+alerts through Debian's Alertmanager to the saved Slack / PagerDuty blocks, else to a log
+(`alert_log_file`, written by the `alert-log` part, cicd/alert_log.py). Their configuration
+is made in cicd/stack_monitoring.py and lives in `<stack dir>/monitoring/`.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,18 +49,30 @@ from docker.errors import DockerException, ImageNotFound
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.stack import StackInfo, load_stack_info, save_stack_info, stack_dir
+from cicd.stack_monitoring import (
+    saved_receivers,
+    stack_pipeline_config,
+    write_alertmanager_config,
+    write_prometheus_config,
+)
 from tasks.engine import engine_client
-from tasks.exceptions import StackError, ToolError
+from tasks.exceptions import ConfigError, StackError, ToolError
 from tasks.process import run_tool, which
 
 BASE_IMAGE = "localhost/python-base:3.11"
 PAUSE_IMAGE = "localhost/podman-pause:catatonit"
 DEFAULT_REGISTRY_PORT = 5000
+DEFAULT_PROMETHEUS_PORT = 9090
+DEFAULT_ALERTMANAGER_PORT = 9093
+MONITORING_DEPS = ("prometheus", "prometheus-alertmanager")
+MONITORING_PARTS = ("prometheus", "alertmanager", "alert-log")
+ALERT_LOG_SCRIPT = Path(__file__).resolve().with_name("alert_log.py")
+PROMETHEUS_RETENTION = "15d"
 SYSTEM_DEPS = ("podman", "buildah", "runc", "docker-registry", "debootstrap", "catatonit")
 INSTALL_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "install-system-deps.sh"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The parts ensure_stack runs, in the order stop_stack stops them (dependents first).
-PARTS = ("prefect", "registry", "engine")
+PARTS = (*MONITORING_PARTS, "prefect", "registry", "engine")
 LOG_TAIL_LINES = 25
 # A running part of ours that holds its address gets this long to answer before a restart.
 REUSE_PATIENCE_S = 10.0
@@ -106,7 +125,10 @@ class StackStep(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    part: str = Field(description="engine, registry, base-image, pause-image, prefect, system")
+    part: str = Field(
+        description="engine, registry, base-image, pause-image, prefect, system, "
+        "alert-log, alertmanager, prometheus"
+    )
     state: StepState
     text: str = Field(description="What starts, what it ended as, or the fact")
     seconds: float | None = Field(default=None, description="How long the step took")
@@ -816,6 +838,198 @@ def _ensure_prefect(root: Path, previous: StackInfo | None, steps: _Steps) -> st
     return _prefect_url(port)
 
 
+# --- monitoring ------------------------------------------------------------------------
+
+
+def alert_log_file(root: Path | None = None) -> Path:
+    """Where the stack's default alert receiver writes each alert, one JSON line (0600)."""
+    return (root or stack_dir()) / "logs" / "alerts.log"
+
+
+def _alert_log_port_file(root: Path) -> Path:
+    return root / "monitoring" / "alert-log.port"
+
+
+def _recorded_alert_log_port(root: Path) -> int | None:
+    try:
+        return int(_alert_log_port_file(root).read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return None
+
+
+# What each monitoring part answers 200 on once it serves.
+_READY_PATHS = {"prometheus": "/-/ready", "alertmanager": "/-/ready", "alert-log": "/-/healthy"}
+
+
+def _monitor_alive(name: str, port: int) -> bool:
+    return _http_ok(f"http://127.0.0.1:{port}{_READY_PATHS[name]}")
+
+
+def _monitor_up(root: Path, name: str, port: int) -> bool:
+    """Our part `name` holds 127.0.0.1:`port` and says it is ready there."""
+    return part_listens(root, name, port=port) and _monitor_alive(name, port)
+
+
+def _ensure_served(
+    root: Path,
+    name: str,
+    what: str,
+    recorded: int | None,
+    preferred: int | None,
+    changed: bool,
+    command: Callable[[int], tuple[list[str], dict[str, str]]],
+    deadline_s: float,
+    steps: _Steps,
+) -> int:
+    """Part `name` on its recorded port when it runs there, answers, and its configuration
+    did not change; else (re)started, on another port when that one is taken."""
+    if recorded is not None and _reusable(
+        functools.partial(part_listens, root, name, port=recorded),
+        functools.partial(_monitor_alive, name, recorded),
+        REUSE_PATIENCE_S,
+    ):
+        if not changed:
+            pid = running_part(root, name)
+            steps.info(name, f"running at 127.0.0.1:{recorded} (pid {pid})")
+            return recorded
+        steps.info(name, "its configuration changed: restarting")
+    stop_part(root, name)
+    port, note = _choose_port(recorded, preferred)
+    return _start_on_port(
+        root,
+        name,
+        what,
+        port,
+        note,
+        command,
+        functools.partial(_monitor_up, root, name),
+        deadline_s,
+        steps,
+    )
+
+
+def _private_log(root: Path, name: str) -> None:
+    """Part `name`'s log readable by its owner only (it may name a receiver)."""
+    path = part_log(root, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    path.chmod(0o600)
+
+
+def _ensure_monitoring(
+    home: Path, previous: StackInfo | None, api_url: str | None, steps: _Steps
+) -> tuple[str, str]:
+    """The alert log receiver, Alertmanager and Prometheus, in that order (each one's
+    configuration names the one before); returns Prometheus' and Alertmanager's URLs."""
+    ensure_system_deps(MONITORING_DEPS, progress=steps.progress)
+    try:
+        config = stack_pipeline_config(api_url)
+    except ConfigError as exc:
+        msg = f"monitoring needs the pipeline's configuration: {exc}"
+        raise StackError(msg) from exc
+    receivers = saved_receivers(api_url)
+    if receivers.note:
+        steps.info("alertmanager", receivers.note)
+    folder = home / "monitoring"
+    folder.mkdir(parents=True, exist_ok=True)
+    alerts = alert_log_file(home)
+
+    def alert_log(port: int) -> tuple[list[str], dict[str, str]]:
+        args = [sys.executable, str(ALERT_LOG_SCRIPT), "--port", str(port), "--file", str(alerts)]
+        return args, {}
+
+    log_port = _ensure_served(
+        home,
+        "alert-log",
+        "alert log receiver",
+        _recorded_alert_log_port(home),
+        None,
+        False,
+        alert_log,
+        15,
+        steps,
+    )
+    _alert_log_port_file(home).write_text(f"{log_port}\n", encoding="ascii")
+
+    am_yml, am_changed = write_alertmanager_config(
+        folder, receivers, f"http://127.0.0.1:{log_port}/alerts"
+    )
+
+    def alertmanager(port: int) -> tuple[list[str], dict[str, str]]:
+        args = [
+            which("prometheus-alertmanager"),
+            f"--config.file={am_yml}",
+            f"--storage.path={home / 'alertmanager' / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--web.external-url=http://127.0.0.1:{port}",
+            "--cluster.listen-address=",  # one instance: no gossip port
+        ]
+        return args, {}
+
+    _private_log(home, "alertmanager")
+    am_port = _ensure_served(
+        home,
+        "alertmanager",
+        "Alertmanager",
+        _recorded_port(previous.alertmanager_url if previous else None),
+        DEFAULT_ALERTMANAGER_PORT,
+        am_changed,
+        alertmanager,
+        30,
+        steps,
+    )
+    steps.info("alertmanager", receivers.routes(alerts))
+
+    prom_yml, prom_changed = write_prometheus_config(folder, config, f"127.0.0.1:{am_port}")
+
+    def prometheus(port: int) -> tuple[list[str], dict[str, str]]:
+        args = [
+            which("prometheus"),
+            f"--config.file={prom_yml}",
+            f"--storage.tsdb.path={home / 'prometheus' / 'data'}",
+            f"--storage.tsdb.retention.time={PROMETHEUS_RETENTION}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--web.external-url=http://127.0.0.1:{port}",
+        ]
+        return args, {}
+
+    prom_port = _ensure_served(
+        home,
+        "prometheus",
+        "Prometheus",
+        _recorded_port(previous.prometheus_url if previous else None),
+        DEFAULT_PROMETHEUS_PORT,
+        prom_changed,
+        prometheus,
+        60,
+        steps,
+    )
+    envs = [env.name for env in config.environments.environments]
+    services = len(config.catalog.services)
+    steps.info("prometheus", f"scraping {services} services in {', '.join(envs)}")
+    return f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}"
+
+
+def _monitoring_status(home: Path, info: StackInfo) -> list[StackPart]:
+    parts = []
+    for name, url in (("prometheus", info.prometheus_url), ("alertmanager", info.alertmanager_url)):
+        port = _recorded_port(url)
+        alive = port is not None and _monitor_up(home, name, port)
+        parts.append(
+            StackPart(name=name, state="running" if alive else "stopped", address=url or "")
+        )
+    port = _recorded_alert_log_port(home)
+    alive = port is not None and _monitor_up(home, "alert-log", port)
+    parts.append(
+        StackPart(
+            name="alert-log",
+            state="running" if alive else "stopped",
+            address=str(alert_log_file(home)),
+        )
+    )
+    return parts
+
+
 # --- public API ------------------------------------------------------------------------
 
 
@@ -823,16 +1037,22 @@ def ensure_stack(
     *,
     prefect: bool = False,
     worker: bool = False,
+    monitoring: bool | None = None,
     root: Path | None = None,
     progress: Progress | None = None,
 ) -> StackInfo:
-    """Reuse what runs and start what does not: registry, engine, base image, Prefect.
+    """Reuse what runs and start what does not: registry, engine, base image, Prefect,
+    Prometheus and Alertmanager.
 
     Args:
         prefect: also run a Prefect server on a loopback port.
         worker: also make that server ready for the pipeline (`cicd setup`: work pool,
             limits, blocks, the deployments of prefect.yaml) and run a supervised process
             worker on it, so the UI, the schedules and `prefect deployment run` work.
+        monitoring: also run Prometheus (every docker-target service of every environment
+            of the configuration, the project's rules) and Alertmanager (to the saved Slack /
+            PagerDuty blocks, else to `alert_log_file`); None: with the worker. Once running,
+            they are kept (their configuration refreshed) like Prefect.
         root: the stack's home (default `stack_dir()`).
         progress: called with each step as it starts and ends (`StackStep`); the CLI
             prints them, flows and tests pass nothing.
@@ -854,12 +1074,19 @@ def ensure_stack(
             api_url = _ensure_prefect(home, previous, steps)
         if worker and api_url is not None:
             _ensure_deployments_and_worker(home, api_url, steps)
+        prometheus_url: str | None = None
+        alertmanager_url: str | None = None
+        wanted = monitoring if monitoring is not None else worker
+        if wanted or any(running_part(home, name) is not None for name in MONITORING_PARTS):
+            prometheus_url, alertmanager_url = _ensure_monitoring(home, previous, api_url, steps)
         info = StackInfo(
             docker_host=docker_host,
             registry=registry,
             base_image=BASE_IMAGE,
             prefect_api_url=api_url,
             pause_image=pause,
+            prometheus_url=prometheus_url,
+            alertmanager_url=alertmanager_url,
         )
         save_stack_info(info, home)
         return info
@@ -932,6 +1159,8 @@ def stack_status(root: Path | None = None) -> list[StackPart]:
     parts.append(
         StackPart(name="prefect", state="running" if alive else "stopped", address=url or "")
     )
+    if info is not None and (info.prometheus_url or info.alertmanager_url):
+        parts.extend(_monitoring_status(home, info))
     return parts
 
 

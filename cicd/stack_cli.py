@@ -1,4 +1,5 @@
-"""`cicd stack up|down|status`: the local engine, registry, base image and Prefect server."""
+"""`cicd stack up|down|status`: the local engine, registry, base image, Prefect server,
+Prometheus and Alertmanager."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from rich.table import Table
 from cicd.stack import StackPart, StackStep, ensure_stack, stack_status, stop_stack
 from tasks.exceptions import StackError
 
-app = typer.Typer(help="The local stack: container engine, OCI registry, base image, Prefect.")
+app = typer.Typer(
+    help="The local stack: container engine, OCI registry, base image, Prefect, monitoring."
+)
 console = Console()
 
 
@@ -82,15 +85,25 @@ def up(
     prefect: bool = typer.Option(
         True, "--prefect/--no-prefect", help="A Prefect server, its deployments and a worker."
     ),
+    monitoring: bool = typer.Option(
+        True,
+        "--monitoring/--no-monitoring",
+        help="Prometheus and Alertmanager (alerts to Slack / PagerDuty, else to a log).",
+    ),
 ) -> None:
     """Start what is not running; reuse what is. Says what it installs and starts, with timings.
 
     With Prefect (the default): the server, the work pool, limits, blocks and every
     deployment of prefect.yaml, and a supervised process worker (`cicd stack down` stops it).
+    With monitoring (the default): Prometheus scraping every service of every environment
+    on the docker target, and Alertmanager sending to the saved Slack / PagerDuty blocks,
+    else to `<stack dir>/logs/alerts.log` (`--no-monitoring` keeps running ones).
     """
     printer = StepPrinter(console)
     try:
-        info = ensure_stack(prefect=prefect, worker=prefect, progress=printer)
+        info = ensure_stack(
+            prefect=prefect, worker=prefect, monitoring=monitoring, progress=printer
+        )
     except StackError as exc:
         printer.close()
         console.print("stack up failed:", style="red", highlight=False)
@@ -101,6 +114,10 @@ def up(
     console.print(f"export DOCKER_HOST={info.docker_host}", highlight=False, soft_wrap=True)
     if info.prefect_api_url:
         console.print(f"export PREFECT_API_URL={info.prefect_api_url}", highlight=False)
+    if info.prometheus_url:
+        console.print(f"Prometheus {info.prometheus_url}", highlight=False)
+    if info.alertmanager_url:
+        console.print(f"Alertmanager {info.alertmanager_url}", highlight=False)
 
 
 @app.command()
@@ -112,7 +129,8 @@ def down() -> None:
 
 @app.command()
 def status() -> None:
-    """Show each part, its state and address; exit 1 when engine or registry is down."""
+    """Show each part, its state and address (Prometheus, Alertmanager and the alert log once
+    started); exit 1 when engine or registry is down."""
     parts = stack_status()
     console.print(_table(parts))
     if any(p.state == "stopped" for p in parts if p.name in {"engine", "registry"}):
