@@ -187,8 +187,8 @@ def notify_rollback_done(flow: Flow[..., Any], flow_run: FlowRun, state: State[A
 
 
 def _config(config_source: str | None, environment: str) -> PipelineConfig:
-    config = load_config(config_source)
     try:
+        config = load_config(config_source)
         config.environment(environment)
     except ConfigError as exc:
         raise PromotionRefused(str(exc)) from exc

@@ -41,6 +41,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.states import Running
 from pydantic import SecretStr
 
 from blocks.config import PipelineConfig, load_config
@@ -427,6 +428,22 @@ def test_production_gate_refuses_unproven_answers_then_deploys(
         assert entry.who == claimed, (what, entry)
         paused_run(before)  # waits again
         assert Ledger().current(PROD).services == {}, what
+    # forced to Running with no answer at all: refused and audited, the run waits again
+    seen = len(audit_of(run_id))
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Running(), force=True)
+    wait_until(lambda: len(audit_of(run_id)) > seen, 60)
+    assert (audit_of(run_id)[-1].kind, audit_of(run_id)[-1].who) == ("refused", "unknown")
+    paused_run(before)
+    # a fake plan planted where the form's description lives: the approver's command
+    # never reads it, it signs what the ledgers say
+    keyset = read_gate_keyset(run_id)
+    with get_client(sync_client=True) as client:
+        client.delete_flow_run_input(run_id, keyset["description"])
+        client.create_flow_run_input(run_id, keyset["description"], '"| course | sha256:fake |"')
+    assert "sha256:fake" in read_gate(run_id).description
+    _, computed, _ = answer_for(run_id, train.approvers.keys["bob"], "bob", "approve")
+    assert [c.new_digest for c in computed.changes] == [train.digests["D1"].digest] * 2
     entry = answered(run_id, good)
     assert (entry.kind, entry.who) == ("approved", "bob")
     assert entry.proof.startswith("ssh-key SHA256:")
@@ -438,8 +455,30 @@ def test_production_gate_refuses_unproven_answers_then_deploys(
     record = Ledger().current(PROD).services["course"]
     assert (record.approved_by, record.promoted_by, record.verified) == ("bob", "alice", True)
     kinds = [e.kind for e in audit_of(run_id)]
-    assert kinds == ["requested", *["refused"] * len(attacks), "approved"]
+    assert kinds == ["requested", *["refused"] * (len(attacks) + 1), "approved"]
     wait_until(lambda: len(events(receiver, "resolve")) >= 1)
+
+
+def read_gate_keyset(run_id: UUID) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    assert state is not None
+    assert state.state_details.run_input_keyset
+    return dict(state.state_details.run_input_keyset)
+
+
+def test_a_caller_cannot_bring_an_approval_policy(train: Train, tmp_path: Path) -> None:
+    data = yaml.safe_load(Path(train.cfg_path).read_text(encoding="utf-8"))
+    data["environments"][2]["approval_required"] = False  # the attack: no gate for me
+    own = tmp_path / "mine.yaml"
+    own.write_text(yaml.safe_dump(data), encoding="utf-8")
+    revision = Ledger().current(PROD).revision
+    state = run(train, PROD, promoted_by="alice", config_source=str(own))
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, PromotionRefused), error
+    assert "approval policy is not part of the pipeline configuration" in str(error)
+    assert Ledger().current(PROD).revision == revision
 
 
 def test_an_unsigned_production_request_is_refused(train: Train) -> None:
@@ -702,6 +741,30 @@ def test_two_promotions_waiting_at_their_gates_cannot_both_deploy(train: Train) 
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
     began = {t.flow_run_id for t in tasks if t.name.startswith("begin-deploys")}
     assert began == {first_id}, "the refused promotion began deploying"
+
+
+def test_two_approvals_take_two_distinct_approvers(train: Train) -> None:
+    train.approvers.set_policy(
+        {PROD: {"approvers": APPROVERS, "approvals_required": 2, "timeout_s": 120}}
+    )
+    try:
+        before = set(train.run_ids)
+        job = Background(train, PROD, promoted_by="alice")
+        run_id = paused_run(before)
+        assert "Needs 2 signed approval" in read_gate(run_id).description
+        assert answered(run_id, train.approvers.answer(run_id, "bob")).kind == "approved"
+        paused_run(before)  # one is not enough: it waits for the second
+        again = answered(run_id, train.approvers.answer(run_id, "bob"))
+        assert (again.kind, again.who) == ("refused", "bob")
+        assert "approved already" in again.detail
+        paused_run(before)
+        assert answered(run_id, train.approvers.answer(run_id, "carol")).kind == "approved"
+        state = job.final()
+    finally:
+        train.approvers.set_policy(GATE)
+    assert state.is_completed(), state.message
+    assert state.result().approved_by == "bob, carol"
+    assert Ledger().current(PROD).services["course"].approved_by == "bob, carol"
 
 
 def test_secrets_never_reach_the_logs(train: Train, receiver: Receiver) -> None:
