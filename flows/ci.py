@@ -51,7 +51,7 @@ from tasks.source import (
     get_tool_versions,
     lib_dependencies,
 )
-from tasks.testing import run_pytest
+from tasks.testing import run_pytest, stop_fork_servers
 from tasks.workspace import prepare_workspace, remove_workspace, use_checkout
 
 CHECKS: tuple[tuple[str, Task[..., StageResult]], ...] = (
@@ -277,6 +277,7 @@ def run_stages(
     for (service, stage), future in stages.items():
         future.wait()
         results.append(stage_outcome(service, stage, future.state))
+    stop_fork_servers(root)  # pytest's fork server of this checkout (tasks/testing.py)
     return results
 
 

@@ -37,6 +37,23 @@ def uv_lock_failure(run: ToolRun) -> bool:
     return not run.ok and bool(_RESOLUTION_FAILED.search(run.output))
 
 
+def lock_commands(service: ServiceSpec, libs: list[str] | None = None) -> list[list[str]]:
+    """`uv lock`, then one `uv export` per lock file: the lock stage's commands (uv's args)."""
+    no_emit = [
+        arg
+        for lib in (service.libs if libs is None else libs)
+        for arg in ("--no-emit-package", lib)
+    ]
+    return [
+        ["lock"],
+        *([*EXPORT_ARGS, *no_emit, *extra, "--output-file", name] for name, extra in EXPORTS),
+    ]
+
+
+SYNC_ARGS = ("sync", "--frozen", "--all-groups")
+"""The sync stage's uv arguments."""
+
+
 def _uv(path: Path, *args: str) -> ToolRun:
     return run_tool([which("uv"), *args], cwd=path, env=service_env(path), timeout=UV_TIMEOUT_S)
 
@@ -54,7 +71,8 @@ def lock_service(service: ServiceSpec, repo: str, libs: list[str] | None = None)
     """
     path = service_dir(repo, service)
     started = time.monotonic()
-    locked = _uv(path, "lock")
+    lock, *exports = lock_commands(service, libs)
+    locked = _uv(path, *lock)
     if uv_lock_failure(locked):
         raise CheckFailed(
             service.name,
@@ -66,15 +84,10 @@ def lock_service(service: ServiceSpec, repo: str, libs: list[str] | None = None)
     if not locked.ok:
         msg = f"{service.name}: uv lock failed: {locked.excerpt(10)}"
         raise ToolError(msg)
-    no_emit = [
-        arg
-        for lib in (service.libs if libs is None else libs)
-        for arg in ("--no-emit-package", lib)
-    ]
-    for name, extra in EXPORTS:
-        exported = _uv(path, *EXPORT_ARGS, *no_emit, *extra, "--output-file", name)
+    for args in exports:
+        exported = _uv(path, *args)
         if not exported.ok:
-            msg = f"{service.name}: uv export {name} failed: {exported.excerpt(10)}"
+            msg = f"{service.name}: uv export {args[-1]} failed: {exported.excerpt(10)}"
             raise ToolError(msg)
     seconds = time.monotonic() - started
     run_logger().info("%s: locked and exported in %.1fs", service.name, seconds)
@@ -96,7 +109,7 @@ def sync_service(service: ServiceSpec, repo: str) -> StageResult:
     """
     path = service_dir(repo, service)
     started = time.monotonic()
-    synced = _uv(path, "sync", "--frozen", "--all-groups")
+    synced = _uv(path, *SYNC_ARGS)
     if not synced.ok:
         msg = f"{service.name}: uv sync --frozen failed: {synced.excerpt(10)}"
         raise ToolError(msg)

@@ -66,6 +66,24 @@ def shared_config(repo: str | Path, tool: str) -> str:
     return str(path)
 
 
+def ruff_commands(report: Path) -> list[list[str]]:
+    """The ruff stage's two commands (tool first), run in the service's directory."""
+    return [
+        ["ruff", "check", "--no-cache", "--output-format", "json", "-o", str(report), "."],
+        ["ruff", "format", "--check", "--no-cache", "--output-format", "concise", "."],
+    ]
+
+
+def mypy_command(config: str, cache: Path) -> list[str]:
+    """The mypy stage's command (tool first), run in the service's directory."""
+    return ["mypy", "--config-file", config, "--cache-dir", str(cache), "--no-color-output", "src"]
+
+
+def bandit_command(config: str, report: Path) -> list[str]:
+    """The bandit stage's command (tool first), run in the service's directory."""
+    return ["bandit", "-c", config, "-r", "src", "-q", "-f", "json", "-o", str(report)]
+
+
 def _run(path: Path, tool: str, *args: str) -> ToolRun:
     return run_tool(
         [venv_tool(path, tool), *args], cwd=path, env=service_env(path), timeout=TOOL_TIMEOUT_S
@@ -161,16 +179,13 @@ def run_ruff(service: ServiceSpec, repo: str, fingerprint: str = "") -> StageRes
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"ruff-{service.name}-") as scratch:
         out = Path(scratch) / "ruff.json"
-        checked = _run(
-            path, "ruff", "check", "--no-cache", "--output-format", "json", "-o", str(out), "."
-        )
+        check, fmt = ruff_commands(out)
+        checked = _run(path, *check)
         if checked.returncode not in (0, 1) or not out.is_file():
             msg = f"{service.name}: ruff check exited {checked.returncode}: {checked.excerpt(10)}"
             raise ToolError(msg)
         findings = ruff_findings(out.read_text(encoding="utf-8"))
-    formatted = _run(
-        path, "ruff", "format", "--check", "--no-cache", "--output-format", "concise", "."
-    )
+    formatted = _run(path, *fmt)
     if formatted.returncode not in (0, 1):
         msg = f"{service.name}: ruff format exited {formatted.returncode}: {formatted.excerpt(10)}"
         raise ToolError(msg)
@@ -217,9 +232,7 @@ def run_mypy(service: ServiceSpec, repo: str, fingerprint: str = "") -> StageRes
     started = time.monotonic()
     cache = scratch_dir(repo, service.name, "mypy-cache")
     config = shared_config(repo, "mypy")
-    checked = _run(
-        path, "mypy", "--config-file", config, "--cache-dir", str(cache), "--no-color-output", "src"
-    )
+    checked = _run(path, *mypy_command(config, cache))
     if checked.returncode == 1:
         raise failed_check(
             service.name, "mypy", started, mypy_summary(checked.output), checked.excerpt()
@@ -270,9 +283,7 @@ def run_bandit(service: ServiceSpec, repo: str, fingerprint: str = "") -> StageR
     config = shared_config(repo, "bandit")
     with tempfile.TemporaryDirectory(prefix=f"bandit-{service.name}-") as scratch:
         out = Path(scratch) / "bandit.json"
-        scanned = _run(
-            path, "bandit", "-c", config, "-r", "src", "-q", "-f", "json", "-o", str(out)
-        )
+        scanned = _run(path, *bandit_command(config, out))
         if scanned.returncode not in (0, 1) or not out.is_file():
             msg = f"{service.name}: bandit exited {scanned.returncode}: {scanned.excerpt(10)}"
             raise ToolError(msg)
