@@ -252,6 +252,23 @@ PROMOTE_VIEW = StageView(
 )
 
 
+ROLLBACK_VIEW = StageView(
+    flow="rollback",
+    stages=("rollback", "record"),
+    shown=("rollback", "record"),
+    named=(
+        ("rollback-{service}-{any}", "rollback"),
+        ("record-rollback-{service}-{any}", "record"),
+    ),
+    unnamed={},
+    steps={
+        "ensure-deploy-lock": "lock",
+        "recover-interrupted-deploys": "recover",
+        "read-ledger": "ledger",
+    },
+)
+
+
 @dataclass(frozen=True)
 class Placed:
     """Where one task run shows."""

@@ -298,6 +298,9 @@ def rollback_command(
     ] = None,
     config: ConfigOption = None,
     target: TargetOption = "docker",
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Prefect's log stream, not the progress table.")
+    ] = False,
 ) -> None:
     """Return an environment (or some services) to the previous releases in the ledger."""
     cfg = cli_config(config)
@@ -313,15 +316,23 @@ def rollback_command(
             fail(str(exc), 2)
     try:
         with prefect_api(start_stack=True):
+            from cicd.progress import ROLLBACK_VIEW, run_flow  # noqa: PLC0415
             from flows.promotion import rollback  # noqa: PLC0415
 
-            state = rollback(
-                environment=environment,
-                services=chosen,
-                requested_by=requested_by or os.environ.get("USER") or getpass.getuser(),
-                config_source=config,
-                target=target,
-                return_state=True,
+            state = run_flow(
+                rollback,
+                {
+                    "environment": environment,
+                    "services": chosen,
+                    "requested_by": requested_by or os.environ.get("USER") or getpass.getuser(),
+                    "config_source": config,
+                    "target": target,
+                },
+                view=ROLLBACK_VIEW,
+                console=console,
+                services=cfg.catalog.names(),
+                run_services=[s.name for s in cfg.catalog.select(chosen)] if chosen else None,
+                verbose=verbose,
             )
     except GateError as exc:
         fail(str(exc), 2)

@@ -612,7 +612,13 @@ def record_promotion(
     return state
 
 
-@task(name="record-rollback", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(
+    name="record-rollback",
+    task_run_name="record-rollback-{service}-{environment}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=1,
+)
 def record_rollback(environment: str, service: str) -> EnvironmentState:
     """Record in the ledger that `service` serves its previous release again."""
     return Ledger().restore_previous(environment, service)

@@ -179,7 +179,11 @@ def rollback_message(failure: PipelineError, restored: Mapping[str, str | None])
     return f"rolled back: {failure}; serving again: {back}"
 
 
-@task(name="rollback-service", cache_policy=NO_CACHE)
+@task(
+    name="rollback-service",
+    task_run_name="rollback-{service.name}-{env.name}",
+    cache_policy=NO_CACHE,
+)
 def restore_service(
     deploy_target: DeployTarget, env: EnvironmentSpec, service: ServiceSpec, state: EnvironmentState
 ) -> str:

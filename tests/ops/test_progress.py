@@ -38,6 +38,7 @@ from cicd.progress import (
     CHECK_STAGES,
     CI_VIEW,
     PROMOTE_VIEW,
+    ROLLBACK_VIEW,
     Placed,
     RunProgress,
     StageCell,
@@ -252,6 +253,19 @@ def test_named_runs_are_placed_by_their_names() -> None:
     )
     assert sorted(p.stage for p in promoted.values()) == ["deploy", "image"]
     assert {p.service for p in promoted.values()} == {"auth"}
+    rolled = place_runs(
+        [
+            _run("rollback-auth-staging"),
+            _run("record-rollback-auth-staging"),
+            _run("recover-interrupted-deploys-0a1"),
+        ],
+        ROLLBACK_VIEW,
+        SERVICES,
+    )
+    assert sorted((p.stage, p.service) for p in rolled.values() if not p.step) == [
+        ("record", "auth"),
+        ("rollback", "auth"),
+    ]
 
 
 def test_unnamed_runs_take_their_service_from_hints_failures_and_neighbours() -> None:
