@@ -516,6 +516,8 @@ def find_published_image(
 ) -> ImageRef | None:
     """The image already pushed for this exact version, or None (then it is built).
 
+    Its `commit` is the one its revision label names (the commit it was built from).
+
     Raises:
         RegistryError: the registry refused access (a wrong login is not "not found").
     """
@@ -523,14 +525,25 @@ def find_published_image(
     digest = _head_digest(repository, version, registry)
     if digest is None:
         return None
-    run_logger().info("%s %s is already published as %s", service.name, version, digest[:19])
+    # The same content (same version) built from an earlier commit: the image names the
+    # commit it was built from, and promotion checks that label, so the record must too.
+    built_from = read_labels(repository, digest, registry).get(
+        "org.opencontainers.image.revision", ""
+    )
+    run_logger().info(
+        "%s %s is already published as %s (built from %s)",
+        service.name,
+        version,
+        digest[:19],
+        built_from[:12] or "an unlabelled commit",
+    )
     return ImageRef(
         service=service.name,
         repository=repository,
         digest=digest,
         tag=version,
         version=version,
-        commit=commit,
+        commit=built_from or commit,
     )
 
 
