@@ -466,8 +466,10 @@ def _plan_blocks(config: PipelineConfig) -> list[Step]:
     for name, block_cls, value, what in wanted:
         try:
             saved = cast("BaseModel", block_cls.load(name))
-        except ValueError:  # missing, or no longer valid for the block's schema
+        except ValueError:  # none saved under this name
             action: Action = "create"
+        except RuntimeError:  # saved by an older version, invalid now: overwritten
+            action = "update"
         else:
             fields = set(type(value).model_fields)  # not the block document's own metadata
             same = _json(saved.model_dump(mode="json", include=fields)) == _json(

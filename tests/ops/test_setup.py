@@ -16,6 +16,7 @@ import typer
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import (
+    BlockDocumentUpdate,
     DeploymentUpdate,
     GlobalConcurrencyLimitUpdate,
     WorkPoolCreate,
@@ -331,3 +332,26 @@ def test_the_checked_in_prefect_file_reads() -> None:
     assert set(specs) == DEPLOYMENTS
     assert specs["ci/ci"].parameters["deliver"] is True
     assert "properties" in specs["ci/ci"].parameter_openapi_schema
+
+
+def test_a_block_saved_by_an_older_version_is_overwritten(
+    fresh_server: str, config: PipelineConfig
+) -> None:
+    ensure_setup(fresh_server)
+    with (
+        temporary_settings(updates={PREFECT_API_URL: fresh_server}),
+        get_client(sync_client=True) as client,
+    ):
+        document = client.read_block_document_by_name("elice-environments", "elice-environments")
+        data = dict(document.data)
+        old = [dict(e) for e in data["environments"]]
+        old[-1]["approvers"] = ["someone"]  # a field this version refuses
+        client.update_block_document(
+            document.id, BlockDocumentUpdate(data={**data, "environments": old})
+        )
+    planned = {c.name: c.action for c in ensure_setup(fresh_server, dry_run=True)}
+    assert planned["elice-environments"] == "update"
+    ensure_setup(fresh_server)
+    with temporary_settings(updates={PREFECT_API_URL: fresh_server}):
+        envs = EnvironmentCatalog.load("elice-environments").environments
+    assert envs == config.environments.environments
