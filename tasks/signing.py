@@ -70,6 +70,14 @@ class SignatureRefused(ApprovalError):
     """The signature does not prove this statement, by this signer, for this namespace."""
 
 
+def _canonical(document: dict[str, Any]) -> bytes:
+    """The signed bytes of `document`: keys sorted at every level, no whitespace between
+    tokens, non-ASCII as itself, UTF-8; `signed_at` as `YYYY-MM-DDTHH:MM:SSZ`."""
+    fields = {**document, "signed_at": document["signed_at"].strftime("%Y-%m-%dT%H:%M:%SZ")}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8")
+
+
 def _environment_name(value: str) -> str:
     if not _NAME.fullmatch(value):
         msg = f"environment must be a DNS-1123 label, got {value!r}"
@@ -194,11 +202,10 @@ class ApprovalStatement(BaseModel):
             "extra_env": self.extra_env,
             "decision": self.decision,
             "reason": self.reason,
-            "signed_at": self.signed_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "signed_at": self.signed_at,
             "signer": self.signer,
         }
-        text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return text.encode("utf-8")
+        return _canonical(document)
 
 
 class PromotionRequest(BaseModel):
@@ -244,11 +251,10 @@ class PromotionRequest(BaseModel):
             "environment": self.environment,
             "services": list(self.services),
             "actor": self.actor,
-            "signed_at": self.signed_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "signed_at": self.signed_at,
             "signer": self.signer,
         }
-        text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return text.encode("utf-8")
+        return _canonical(document)
 
 
 class Signable(Protocol):
