@@ -93,16 +93,24 @@ def test_a_deployment_run_started_like_the_ui_completes_on_the_worker(
                 assert time.monotonic() < deadline, f"still {flow_run.state}"
                 time.sleep(0.3)
             assert flow_run.state.is_completed(), flow_run.state.message
-            task_runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
-            )
+            # Task runs reach the server as events, after the flow run's own final state:
+            # wait for them to be written rather than read a partial list.
+            deadline = time.monotonic() + 60
+            while True:
+                task_runs = client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+                )
+                keys = {t.task_key.rsplit("-", 1)[0] for t in task_runs}
+                if keys >= {"run_pytest", "run_ruff"} or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
             states = client.read_flow_run_states(run.id)
         # It ran on the worker: a child process of the worker executed it, the worker
         # logged it, and its pool is the process pool.
         assert flow_run.work_pool_name == PROCESS_POOL
         assert any("prefect.engine" in cmd for cmd in seen.values()), seen
         assert str(run.id) in log_file(root).read_text()
-        assert {t.task_key.rsplit("-", 1)[0] for t in task_runs} >= {"run_pytest", "run_ruff"}
+        assert keys >= {"run_pytest", "run_ruff"}, keys
 
         first_task = min(t.start_time for t in task_runs if t.start_time is not None)
         when = {s.type: s.timestamp for s in reversed(states)}
