@@ -126,18 +126,38 @@ def parse_config(data: Any, source: str) -> PipelineConfig:
     )
 
 
-def load_file(path: Path) -> PipelineConfig:
-    """Load and validate a YAML configuration file."""
+def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         msg = f"{path}: cannot read configuration: {exc.strerror}"
         raise ConfigError(msg) from exc
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         msg = f"{path}: not valid YAML: {exc}"
         raise ConfigError(msg) from exc
+
+
+def load_file(path: Path) -> PipelineConfig:
+    """Load and validate a YAML configuration file.
+
+    `extends: <file>` (relative to this file) takes that file's sections and replaces
+    the ones this file names, whole: a setup that differs only in its environments
+    does not repeat the services. The base may not extend another file.
+    """
+    data = _read_yaml(path)
+    if isinstance(data, dict) and "extends" in data:
+        base_name = data.pop("extends")
+        if not isinstance(base_name, str) or not base_name:
+            msg = f"{path}: extends must name a configuration file, got {base_name!r}"
+            raise ConfigError(msg)
+        base_path = path.parent / base_name
+        base = _read_yaml(base_path)
+        if not isinstance(base, dict) or "extends" in base:
+            msg = f"{path}: extends {base_name}, which must be a mapping that extends nothing"
+            raise ConfigError(msg)
+        data = {**base, **data}
     return parse_config(data, str(path))
 
 

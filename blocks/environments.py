@@ -33,6 +33,22 @@ PAGED_BY_NAME = ("production",)
 SEED_ALIASES = {"dev": "dev", "stg": "staging", "prod": "production"}
 
 
+TargetKind = Literal["docker", "kubernetes"]
+
+
+class RegistryChoice(BaseModel):
+    """An environment's own image registry: the name of a saved registry block.
+
+    The block holds the address and the credentials (secrets); the configuration file,
+    which is committed, only names it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["oci", "ecr"] = Field(description="oci: an OciRegistry block; ecr: EcrRegistry")
+    block: Name = Field(description="The saved block's name, e.g. elice-registry-production")
+
+
 _POLICY_KEYS = ("approval_required", "approvers", "approval_timeout_s", "approvals_required")
 
 
@@ -49,6 +65,13 @@ class EnvironmentSpec(BaseModel):
     promotes_from: str | None = Field(default=None, description="Releases come from here")
     local_port_offset: int = Field(
         ge=0, le=40000, description="Docker target: service port + offset on 127.0.0.1"
+    )
+    target: TargetKind = Field(
+        default="docker", description="Where its services run: docker (local) or kubernetes"
+    )
+    registry: RegistryChoice | None = Field(
+        default=None,
+        description="Its own registry (images are copied in by digest); none: the CI registry",
     )
 
     @model_validator(mode="before")

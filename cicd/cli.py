@@ -130,21 +130,22 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     environment: Annotated[str | None, typer.Option(help="Only this environment.")] = None,
     config: ConfigOption = None,
-    target: TargetOption = "docker",
+    target: TargetOption = None,
 ) -> None:
     """What runs where: per environment and service, the release, digest, address and state."""
-    from tasks.deploy.target import resolve_deploy_target  # noqa: PLC0415 - Prefect on demand
+    from tasks.deploy.target import environment_target  # noqa: PLC0415 - Prefect on demand
     from tasks.releases import Ledger  # noqa: PLC0415
 
     cfg = cli_config(config)
     try:
         envs = [cfg.environment(environment)] if environment else cfg.environments.environments
-        deployer = resolve_deploy_target(target).deployer()
+        deployers = {env.name: environment_target(env, target).deployer() for env in envs}
     except PipelineError as exc:
         fail(str(exc))
     rows = []
     book = Ledger()
     for env in envs:
+        deployer = deployers[env.name]
         current = book.current(env.name)
         for svc in cfg.catalog.services:
             record = current.services.get(svc.name)

@@ -22,7 +22,10 @@ ConfigOption = Annotated[
     typer.Option("--config", help="A config file, or 'blocks' for the saved blocks."),
 ]
 
-TargetOption = Annotated[str, typer.Option(help="Deploy target: docker or kubernetes.")]
+TargetOption = Annotated[
+    str | None,
+    typer.Option(help="Deploy target, only to confirm the environment's configured one."),
+]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -69,7 +69,7 @@ def promote_command(
         str | None, typer.Option("--override-reason", help="Why (required with the override).")
     ] = None,
     config: ConfigOption = None,
-    target: TargetOption = "docker",
+    target: TargetOption = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Prefect's log stream, not the progress table.")
     ] = False,
@@ -297,7 +297,7 @@ def rollback_command(
         str | None, typer.Option("--requested-by", help="Who asks (default: $USER).")
     ] = None,
     config: ConfigOption = None,
-    target: TargetOption = "docker",
+    target: TargetOption = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Prefect's log stream, not the progress table.")
     ] = False,

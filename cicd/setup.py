@@ -60,6 +60,8 @@ from blocks.config import (
     save_as_blocks,
 )
 from blocks.environments import EnvironmentCatalog
+from blocks.kubernetes_target import KubernetesTarget
+from tasks.deploy.target import KUBERNETES_TARGET_BLOCK
 from tasks.exceptions import ConfigError, ToolError
 from tasks.locks import lock_name
 
@@ -486,6 +488,42 @@ def _plan_blocks(config: PipelineConfig) -> list[Step]:
     return steps
 
 
+def _plan_cluster(cluster: KubernetesTarget) -> Step:
+    """The `elice-kubernetes` block: the kubeconfig kept as a secret, settings kept."""
+    try:
+        saved: KubernetesTarget | None = cast(
+            "KubernetesTarget", KubernetesTarget.load(KUBERNETES_TARGET_BLOCK)
+        )
+    except (ValueError, RuntimeError):  # none saved, or saved by an older version
+        saved = None
+    wanted = cluster
+    if saved is not None:  # keep the saved tuning; replace only what a kubeconfig says
+        wanted = saved.model_copy(
+            update={"kubeconfig": cluster.kubeconfig, "context": cluster.context}
+        )
+    secret = cluster.kubeconfig.get_secret_value() if cluster.kubeconfig else None
+    same = (
+        saved is not None
+        and saved.kubeconfig is not None
+        and saved.kubeconfig.get_secret_value() == secret
+        and saved.context == cluster.context
+    )
+    action: Action = "unchanged" if same else ("update" if saved is not None else "create")
+    change = SetupChange(
+        kind="block",
+        name=KUBERNETES_TARGET_BLOCK,
+        action=action,
+        detail=f"kubeconfig (secret), context {cluster.context}",
+    )
+    if same:
+        return change, None
+
+    def save(_: SyncPrefectClient) -> None:
+        wanted.save(KUBERNETES_TARGET_BLOCK, overwrite=True)
+
+    return change, save
+
+
 # --- deployments -----------------------------------------------------------------------
 
 
@@ -616,6 +654,8 @@ def ensure_setup(
     worker_image: str | None = None,
     config: PipelineConfig | None = None,
     prefect_file: Path = PREFECT_FILE,
+    kubeconfig: Path | None = None,
+    kube_context: str | None = None,
 ) -> list[SetupChange]:
     """Make the Prefect server at `api_url` (default PREFECT_API_URL) ready for the pipeline.
 
@@ -630,6 +670,8 @@ def ensure_setup(
         worker_image: default image of the Docker and Kubernetes pools (see `pool_templates`).
         config: the configuration to save as blocks (default: ELICE_CONFIG or the
             embedded file; never the saved blocks).
+        kubeconfig: the cluster of the kubernetes target: saved in the block
+            `elice-kubernetes` as a secret, with `kube_context` (default: its current one).
 
     Raises:
         ConfigError: no API is configured, or prefect.yaml or the server's state cannot be
@@ -643,6 +685,7 @@ def ensure_setup(
         raise ConfigError(msg)
     cfg = config or _setup_config()
     specs = read_prefect_file(prefect_file)
+    cluster = KubernetesTarget.from_kubeconfig(kubeconfig, kube_context) if kubeconfig else None
     pools = pool_templates(local_worker_pool=local_worker_pool, worker_image=worker_image)
     with (
         temporary_settings(updates={PREFECT_API_URL: url}),
@@ -655,6 +698,8 @@ def ensure_setup(
         steps = [_plan_pool(client, name, kind, t) for name, (kind, t) in pools.items()]
         steps += [_plan_limit(client, name) for name in limit_names(cfg)]
         steps += _plan_blocks(cfg)
+        if cluster is not None:
+            steps.append(_plan_cluster(cluster))
         steps.append(_plan_automation(client))
         for spec in specs:
             if spec.work_pool_name not in pools:

@@ -6,6 +6,7 @@ prefect.yaml or the server's state cannot be reconciled, the server does not ans
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -53,6 +54,13 @@ def setup_command(
         typer.Option(help="Default image of the Docker and Kubernetes pools' flow runs."),
     ] = None,
     config: ConfigOption = None,
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option(help="Kubeconfig of the kubernetes target's cluster, saved as a secret."),
+    ] = None,
+    kube_context: Annotated[
+        str | None, typer.Option(help="Its context (default: the kubeconfig's current one).")
+    ] = None,
 ) -> None:
     """Work pools, concurrency limits, blocks and prefect.yaml's deployments, idempotently."""
     cfg = cli_config(config) if config else None
@@ -65,6 +73,8 @@ def setup_command(
                 local_worker_pool=process_pool,
                 worker_image=worker_image,
                 config=cfg,
+                kubeconfig=kubeconfig,
+                kube_context=kube_context,
             )
         else:
             with prefect_api() as url:
@@ -74,6 +84,8 @@ def setup_command(
                     local_worker_pool=process_pool,
                     worker_image=worker_image,
                     config=cfg,
+                    kubeconfig=kubeconfig,
+                    kube_context=kube_context,
                 )
     except PipelineError as exc:
         fail(str(exc))

@@ -27,7 +27,7 @@ from blocks.config import PipelineConfig, load_config, state_dir
 from blocks.environments import EnvironmentSpec
 from blocks.repository import load_repository
 from tasks.deploy import deploy_service
-from tasks.deploy.target import DeployTarget, resolve_deploy_target
+from tasks.deploy.target import DeployTarget, environment_target
 from tasks.dispatch import SERVICE_DEPLOYMENT, collect_service_runs, start_service_runs
 from tasks.exceptions import ConfigError
 from tasks.health import verify_deployment
@@ -127,7 +127,7 @@ def _delivery_stages(
         spec, Path(repo), wait_for=checks_passed, return_state=False
     )
     sbom = generate_sbom.with_options(refresh_cache=refresh).submit(
-        image, state_dir() / "sbom", return_state=False
+        image, state_dir() / "sbom", registry=settings.registry, return_state=False
     )
     deployed = deploy_service.submit(
         deploy_target, env, spec, image, wait_for=[scan], return_state=False
@@ -247,8 +247,8 @@ def run_stages(
             return_state=False,
         )
     if deliver:  # delivery: image, scan (+ push, SBOM, deploy, health, ledger when it ships)
-        settings = delivery_settings()
-        deploy_target = resolve_deploy_target("docker")
+        settings = delivery_settings(env=env)  # the deploy environment's registry and target
+        deploy_target = environment_target(env, registries=[settings.registry])
         for s in specs:
             prints[s.name].wait()
             if not prints[s.name].state.is_completed():

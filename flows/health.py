@@ -14,7 +14,7 @@ from prefect import Flow, flow, unmapped
 from prefect.client.schemas.objects import FlowRun, State
 
 from blocks.config import load_config
-from tasks.deploy.target import resolve_deploy_target
+from tasks.deploy.target import environment_target
 from tasks.exceptions import EnvironmentUnhealthy
 from tasks.health import (
     NOT_DEPLOYED,
@@ -71,7 +71,7 @@ def health_check(
     services: list[str] | None = None,
     deadline_s: float = 15.0,
     config_source: str | None = None,
-    target: str = "docker",
+    target: str | None = None,
 ) -> HealthReport:
     """Check /health, /ready and the recorded digest of each deployed service.
 
@@ -79,13 +79,14 @@ def health_check(
     the ledger records is checked; a named service that the ledger does not record fails.
 
     Raises:
-        ConfigError: an unknown environment, service or target.
+        ConfigError: an unknown environment or service, or a `target` other than the
+            environment's configured one.
         EnvironmentUnhealthy: nothing deployed, or a service is unhealthy.
     """
     cfg = load_config(config_source)
     env = cfg.environments.resolve(environment)
     specs = cfg.catalog.select(services) if services else cfg.catalog.services
-    deployer = resolve_deploy_target(target).deployer()
+    deployer = environment_target(env, target).deployer()
     ledger = read_ledger(env.name)
     deployed = ledger.services
     checked = [s for s in specs if s.name in deployed]

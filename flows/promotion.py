@@ -9,6 +9,7 @@ the flow's state hooks.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -17,12 +18,11 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run as current_run
-from prefect.transactions import transaction
 
 from blocks.approvals import ApprovalPolicy, EnvironmentPolicy
 from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig, load_config
-from blocks.environments import PAGED_BY_NAME
+from blocks.environments import PAGED_BY_NAME, EnvironmentSpec
 from blocks.repository import load_repository
 from tasks.approval import (
     Promoter,
@@ -42,23 +42,32 @@ from tasks.deploy import (
     deploy_release,
     read_live_services,
     recover_interrupted,
+    restore_environment,
     restore_service,
     rollback_message,
     service_addresses,
 )
-from tasks.deploy.target import DeployTarget, resolve_deploy_target
+from tasks.deploy.target import DeployTarget, environment_target
 from tasks.exceptions import (
     AnswerRefused,
     ConfigError,
     PipelineError,
+    PromotionError,
     PromotionRefused,
     PromotionRejected,
     PromotionRolledBack,
 )
 from tasks.health import check_service_health, smoke_test_release
+from tasks.images import (
+    EnvironmentRegistry,
+    environment_registry,
+    login_for,
+    place_images,
+    with_ecr_scans,
+)
 from tasks.locks import deploy_lock
 from tasks.metrics import publish_delivery_metrics
-from tasks.models import PromotionOutcome, PromotionPlan, SecurityVerdict
+from tasks.models import DeployedService, PromotionOutcome, PromotionPlan, SecurityVerdict
 from tasks.notify import Notice, flow_run_url, notify, paged_environment
 from tasks.performance import baseline_from_record, check_regression, measure_baseline
 from tasks.process import run_logger
@@ -195,9 +204,15 @@ def _config(config_source: str | None, environment: str) -> PipelineConfig:
     return config
 
 
-def _target(target: str, drill_env: dict[str, dict[str, str]] | None = None) -> DeployTarget:
+def _target(
+    env: EnvironmentSpec,
+    target: str | None,
+    drill_env: dict[str, dict[str, str]] | None = None,
+) -> tuple[DeployTarget, EnvironmentRegistry]:
+    """`env`'s configured target and registry, loaded; refused before anything changes."""
     try:
-        return resolve_deploy_target(target, drill_env)
+        registry = environment_registry(env)
+        return environment_target(env, target, drill_env, [registry.access]), registry
     except ConfigError as exc:
         raise PromotionRefused(str(exc)) from exc
 
@@ -206,13 +221,13 @@ def _catalog(config: PipelineConfig) -> dict[str, ServiceSpec]:
     return {spec.name: spec for spec in config.catalog.services}
 
 
-def _smoke_test_source(
-    config: PipelineConfig, deploy_target: DeployTarget, plan: PromotionPlan
-) -> None:
-    """The releases answer in the environment they are promoted from (read-only)."""
+def _smoke_test_source(config: PipelineConfig, plan: PromotionPlan) -> None:
+    """The releases answer in the environment they are promoted from (read-only), on
+    that environment's own target."""
     source_env = config.environment(plan.source_environment)
     specs = config.catalog.select(plan.services)
-    addresses = service_addresses(deploy_target, source_env, specs)
+    source_target, _ = _target(source_env, None)
+    addresses = service_addresses(source_target, source_env, specs)
     for spec in specs:
         smoke_test_release(
             addresses[spec.name],
@@ -368,6 +383,63 @@ def _gate_and_promoter(
     return gate, promoter
 
 
+def deploy_wave_size() -> int:
+    """How many services deploy at once: the machine's cores (ELICE_DEPLOY_WAVE overrides;
+    1 deploys one after another)."""
+    configured = os.environ.get("ELICE_DEPLOY_WAVE", "").strip()
+    if configured:
+        if not configured.isdigit() or int(configured) < 1:
+            msg = f"ELICE_DEPLOY_WAVE must be a positive integer, got {configured!r}"
+            raise PromotionRefused(msg)
+        return int(configured)
+    return max(1, os.cpu_count() or 1)
+
+
+def _deploy_in_waves(
+    deploy_target: DeployTarget,
+    env: EnvironmentSpec,
+    specs: list[ServiceSpec],
+    plan: PromotionPlan,
+    live: dict[str, DeployedService | None],
+    deadline_s: float,
+    deployed: list[str],
+) -> None:
+    """Deploy the services whose digest changes, a wave of `deploy_wave_size()` at a time.
+
+    A wave starts when the one before it is healthy; after a failure no further wave
+    starts, and the first failure is raised (the caller restores every service).
+    `deployed` collects the services that rolled out.
+    """
+    logger = run_logger()
+    todo = []
+    for spec in specs:
+        change, before = plan.change(spec.name), live[spec.name]
+        if before is not None and before.image.digest == change.new_digest:
+            logger.info("%s already runs %s", spec.name, change.image.short)
+            continue
+        todo.append(spec)
+    size = deploy_wave_size()
+    for start in range(0, len(todo), size):
+        wave = todo[start : start + size]
+        futures = [
+            deploy_release.submit(
+                deploy_target, env, spec, plan.change(spec.name).image, deadline_s
+            )
+            for spec in wave
+        ]
+        failed = None
+        for spec, future in zip(wave, futures, strict=True):
+            future.wait()
+            if future.state.is_completed():
+                deployed.append(spec.name)
+            elif failed is None:
+                failed = future
+        if failed is not None:
+            failed.result()  # raises the wave's first failure
+            msg = f"a deploy in {env.name} did not complete: {failed.state.message}"
+            raise PromotionError(msg)
+
+
 def _check_unchanged(approved: PromotionPlan, now: PromotionPlan) -> None:
     """What was approved is still what would change; else PromotionRefused, nothing deployed."""
 
@@ -397,7 +469,7 @@ def promote(
     allow_unknown_scan: bool = False,
     override_reason: str | None = None,
     config_source: str | None = None,
-    target: str = "docker",
+    target: str | None = None,
     drill_env: dict[str, dict[str, str]] | None = None,
     health_deadline_s: float = 60,
     request: str | None = None,
@@ -414,7 +486,8 @@ def promote(
         override_reason: ...for this reason (required with the override).
         config_source: configuration file, "blocks", or None for the default (services
             and environments only: the approval policy is never the caller's).
-        target: deploy target, docker or kubernetes.
+        target: deploy target, docker or kubernetes: only to confirm the environment's
+            configured one (a different value is refused).
         drill_env: rollback drills: extra container variables by image digest (docker).
         health_deadline_s: how long a new release may take to become healthy.
         request: a signed promotion request (JSON, `cicd promote --key` makes it);
@@ -424,7 +497,7 @@ def promote(
     check_request(allow_unknown_scan, override_reason)
     config = _config(config_source, environment)
     env = config.environment(environment)
-    deploy_target = _target(target, drill_env)
+    deploy_target, registry = _target(env, target, drill_env)
     repository = load_repository()
     protected = repository.protected_branch
     logger = run_logger()
@@ -439,10 +512,21 @@ def promote(
         verdict = security_verdict(
             plan, env, allow_unknown_scan, override_reason, gated=gate is not None
         )
-        for future in verify_release_image.map([c.image for c in plan.changes]):
+        source = environment_registry(config.environment(plan.source_environment))
+        images = [c.image for c in plan.changes]
+        logins = [login_for(image, source.access) for image in images]
+        for future in verify_release_image.map(images, logins):
             future.result()
-        _smoke_test_source(config, deploy_target, plan)
-        return plan, verdict
+        _smoke_test_source(config, plan)
+        # Into this environment's own registry, by digest, before anything deploys: the
+        # ledger then names the image where this environment pulls it from.
+        placed = place_images(plan, source, registry)
+        if registry.ecr is not None:  # ECR's own scan joins the verdict
+            placed = with_ecr_scans(placed, registry.ecr)
+            verdict = security_verdict(
+                placed, env, allow_unknown_scan, override_reason, gated=gate is not None
+            )
+        return placed, verdict
 
     if dry_run:
         plan = plan_promotion(config, environment, services, promoter.name, protected)
@@ -474,35 +558,27 @@ def promote(
 
         addresses = service_addresses(deploy_target, env, specs)
         baselines = {}
-        deployed = []
+        deployed: list[str] = []
         try:
-            with transaction():
-                for spec in specs:
-                    change = plan.change(spec.name)
-                    before = live[spec.name]
-                    if before is not None and before.image.digest == change.new_digest:
-                        logger.info("%s already runs %s", spec.name, change.image.short)
-                        continue
-                    deploy_release(
-                        deploy_target, env, spec, change.image, before, health_deadline_s
-                    )
-                    deployed.append(spec.name)
-                for spec in specs:
-                    check_service_health(
-                        addresses[spec.name],
-                        spec,
-                        VERIFY_DEADLINE_S,
-                        plan.change(spec.name).new_digest,
-                    )
-                for spec in specs:
-                    after = measure_baseline(addresses[spec.name], spec, config.performance)
-                    before_baseline = baseline_from_record(
-                        spec.name, target_state.services.get(spec.name)
-                    )
-                    check_regression(spec, before_baseline, after, config.performance)
-                    baselines[spec.name] = after
-                state = record_promotion(plan, baselines, approved_by, verdict, run_id)
+            _deploy_in_waves(deploy_target, env, specs, plan, live, health_deadline_s, deployed)
+            for spec in specs:
+                check_service_health(
+                    addresses[spec.name],
+                    spec,
+                    VERIFY_DEADLINE_S,
+                    plan.change(spec.name).new_digest,
+                )
+            for spec in specs:
+                after = measure_baseline(addresses[spec.name], spec, config.performance)
+                before_baseline = baseline_from_record(
+                    spec.name, target_state.services.get(spec.name)
+                )
+                check_regression(spec, before_baseline, after, config.performance)
+                baselines[spec.name] = after
+            state = record_promotion(plan, baselines, approved_by, verdict, run_id)
         except PipelineError as failure:
+            # All or nothing: every service that moved goes back, whichever wave it was in.
+            restore_environment(deploy_target, env, specs, live)
             restored = confirm_restored(deploy_target, env, specs, live)
             end_deploys(environment, run_id, f"release {plan.release_id} rolled back: {failure}")
             raise PromotionRolledBack(
@@ -539,7 +615,7 @@ def rollback(
     services: list[str] | None = None,
     requested_by: str = "cli",
     config_source: str | None = None,
-    target: str = "docker",
+    target: str | None = None,
 ) -> dict[str, str | None]:
     """Return `environment` to its previous releases, as the ledger records them.
 
@@ -552,7 +628,7 @@ def rollback(
             config.catalog.select(services)
         except ConfigError as exc:
             raise PromotionRefused(str(exc)) from exc
-    deploy_target = _target(target)
+    deploy_target, _ = _target(env, target)
     with deploy_lock(environment):
         recovered = recover_interrupted(deploy_target, env, _catalog(config), str(current_run.id))
         if recovered is not None:

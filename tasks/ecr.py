@@ -13,8 +13,9 @@ import base64
 import hashlib
 import json
 import threading
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
 from prefect import task
@@ -299,3 +300,65 @@ def mirror_to_ecr(
         raise _aws_error(f"mirror {image.reference}", exc) from exc
     run_logger().info("mirrored %s to %s", image.reference, copied.reference)
     return copied
+
+
+# --- scan-on-push findings ------------------------------------------------------------
+
+BLOCKING_SEVERITIES = ("CRITICAL", "HIGH")
+
+
+def judge_ecr_findings(response: Mapping[str, Any]) -> tuple[str, str]:
+    """(verdict, reason) of a DescribeImageScanFindings answer.
+
+    clean: a completed scan without CRITICAL or HIGH findings; vulnerable: one with them;
+    unknown: a scan not (yet) completed. Lower severities are reported, not blocking.
+    """
+    status = (response.get("imageScanStatus") or {}).get("status", "")
+    if status != "COMPLETE":
+        detail = (response.get("imageScanStatus") or {}).get("description", "")
+        return "unknown", f"ECR scan {status.lower() or 'missing'}{f': {detail}' if detail else ''}"
+    findings = response.get("imageScanFindings") or {}
+    counts = {str(k): int(v) for k, v in (findings.get("findingSeverityCounts") or {}).items()}
+    blocking = [
+        f"{f.get('name')} ({f.get('severity')})"
+        for f in findings.get("findings") or []
+        if f.get("severity") in BLOCKING_SEVERITIES
+    ]
+    if blocking or any(counts.get(s) for s in BLOCKING_SEVERITIES):
+        return "vulnerable", f"ECR scan: {', '.join(blocking) or counts}"
+    shown = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no findings"
+    return "clean", f"ECR scan: {shown}"
+
+
+def combine_verdicts(*verdicts: str | None) -> str:
+    """One verdict from several scans: any vulnerable wins; clean only if all are clean."""
+    found = [v or "unknown" for v in verdicts]
+    if "vulnerable" in found:
+        return "vulnerable"
+    return "clean" if found and all(v == "clean" for v in found) else "unknown"
+
+
+@task(name="ecr-scan-findings", task_run_name="ecr-scan-{image.service}", retries=2)
+def ecr_scan_verdict(registry: EcrRegistry, image: ImageRef) -> tuple[str, str]:
+    """ECR's scan-on-push verdict for `image` in `registry` (see `judge_ecr_findings`).
+
+    No scan recorded for the image (scan on push off, or not run yet) is "unknown".
+
+    Raises:
+        ToolError: the ECR API failed otherwise (retried).
+    """
+    try:
+        response = ecr_client(registry).describe_image_scan_findings(
+            repositoryName=registry.repository_name(image.service),
+            imageId={"imageDigest": image.digest},
+        )
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("ScanNotFoundException", "ImageNotFoundException"):
+            return "unknown", f"ECR has no scan of {image.short} ({code})"
+        raise _aws_error("describe_image_scan_findings", exc) from exc
+    except BotoCoreError as exc:
+        raise _aws_error("describe_image_scan_findings", exc) from exc
+    verdict, reason = judge_ecr_findings(cast("Mapping[str, Any]", response))
+    run_logger().info("%s %s: %s", image.service, image.short, reason)
+    return verdict, reason

@@ -22,14 +22,22 @@ from pydantic import BaseModel, ConfigDict
 
 from blocks.catalog import ServiceSpec
 from blocks.config import repo_root
+from blocks.environments import EnvironmentSpec
 from blocks.registry import EcrRegistry, OciRegistry
 from blocks.stack import load_stack_info
-from tasks.ecr import ensure_ecr_repository, mirror_to_ecr, put_lifecycle_policy
+from tasks.ecr import (
+    combine_verdicts,
+    ecr_registry_access,
+    ecr_scan_verdict,
+    ensure_ecr_repository,
+    mirror_to_ecr,
+    put_lifecycle_policy,
+)
 from tasks.engine import docker_error, engine_client, resolve_docker_host
 from tasks.exceptions import ConfigError, ImageError, ToolError
-from tasks.models import DeliverySettings, ImageRef, PublishedImage, utcnow
+from tasks.models import DeliverySettings, ImageRef, PromotionPlan, PublishedImage, utcnow
 from tasks.process import retry_on_tool_error, run_logger
-from tasks.registry import find_published_image, manifest_digest
+from tasks.registry import copy_image, find_published_image, manifest_digest
 
 DOCKERFILE = "services/Dockerfile"
 EXTRA_CA_PATH = ".build/extra-ca.crt"
@@ -321,12 +329,131 @@ REGISTRY_BLOCK = "elice-registry"
 ECR_BLOCK = "elice-ecr"
 
 
-def delivery_settings(docker_host: str | None = None) -> DeliverySettings:
+def pipeline_registry() -> OciRegistry:
+    """The CI registry: the saved `elice-registry` block, else the local stack's.
+
+    Raises:
+        ConfigError: no block is saved and no local stack runs.
+    """
+    try:
+        return cast("OciRegistry", OciRegistry.load(REGISTRY_BLOCK))
+    except ValueError as exc:
+        stack = load_stack_info()
+        if stack is None:
+            msg = f"no registry: save an OciRegistry block {REGISTRY_BLOCK!r} or `cicd stack up`"
+            raise ConfigError(msg) from exc
+        return OciRegistry(address=stack.registry, insecure=True)
+
+
+class EnvironmentRegistry(BaseModel):
+    """The registry an environment's images live in, with a login for this run."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    access: OciRegistry
+    ecr: EcrRegistry | None = None
+
+    def repository(self, service: str) -> str:
+        """address/namespace/service."""
+        return self.access.repository(service)
+
+
+def environment_registry(env: EnvironmentSpec) -> EnvironmentRegistry:
+    """`env`'s own registry (the block its configuration names), else the CI registry.
+
+    An ECR registry's login comes from GetAuthorizationToken, refreshed before it expires.
+
+    Raises:
+        ConfigError: the named block is not saved (or is not of the named kind).
+        ToolError: ECR's API refused or is unreachable.
+    """
+    choice = env.registry
+    if choice is None:
+        return EnvironmentRegistry(access=pipeline_registry())
+    kind = EcrRegistry if choice.kind == "ecr" else OciRegistry
+    try:
+        block = kind.load(choice.block)
+    except ValueError as exc:
+        msg = (
+            f"{env.name}: its registry block {choice.block!r} ({choice.kind}) is not saved; "
+            f"save a {kind.__name__} block of that name (`cicd setup` lists them)"
+        )
+        raise ConfigError(msg) from exc
+    if isinstance(block, EcrRegistry):
+        return EnvironmentRegistry(access=ecr_registry_access(block), ecr=block)
+    return EnvironmentRegistry(access=cast("OciRegistry", block))
+
+
+def login_for(image: ImageRef, *registries: OciRegistry) -> OciRegistry | None:
+    """The registry block among `registries` that serves `image`'s host, if any."""
+    host = image.repository.split("/", 1)[0]
+    return next((r for r in registries if r.address == host), None)
+
+
+def place_images(
+    plan: PromotionPlan, source: EnvironmentRegistry, target: EnvironmentRegistry
+) -> PromotionPlan:
+    """`plan` with each image in `target`'s registry, copied there by digest if it is not.
+
+    The copies run in parallel; each digest is read back from the target before the plan
+    names it, so what deploys is byte for byte what the source environment verified.
+    An image already in the target's repository is not copied.
+
+    Raises:
+        RegistryError: a registry refused a login or the image, or a digest changed.
+        ToolError: a registry is unreachable (after retries).
+    """
+    moving = [c for c in plan.changes if c.image.repository != target.repository(c.service)]
+    if not moving:
+        return plan
+    if target.ecr is not None:  # ECR makes no repository on push; its API records the tag
+        for change in moving:
+            ensure_ecr_repository(target.ecr, change.service)
+        futures = {
+            c.service: mirror_to_ecr.submit(
+                c.image, target.ecr, source=login_for(c.image, source.access)
+            )
+            for c in moving
+        }
+    else:
+        futures = {
+            c.service: copy_image.submit(
+                c.image, target.access, source=login_for(c.image, source.access)
+            )
+            for c in moving
+        }
+    placed = {service: future.result() for service, future in futures.items()}
+    changes = [
+        c.model_copy(update={"image": placed[c.service]}) if c.service in placed else c
+        for c in plan.changes
+    ]
+    return plan.model_copy(update={"changes": changes})
+
+
+def with_ecr_scans(plan: PromotionPlan, ecr: EcrRegistry) -> PromotionPlan:
+    """`plan` with each release's scan combined with ECR's scan-on-push verdict.
+
+    Any "vulnerable" wins; "clean" only when both scans are clean: an image ECR has not
+    scanned stays "unknown", never "clean".
+    """
+    futures = {c.service: ecr_scan_verdict.submit(ecr, c.image) for c in plan.changes}
+    changes = []
+    for change in plan.changes:
+        verdict, _ = futures[change.service].result()
+        combined = combine_verdicts(change.scan, verdict)
+        changes.append(change.model_copy(update={"scan": combined}))
+    return plan.model_copy(update={"changes": changes})
+
+
+def delivery_settings(
+    docker_host: str | None = None, env: EnvironmentSpec | None = None
+) -> DeliverySettings:
     """Where images are built and pushed, resolved once per CI run.
 
     The engine: `docker_host`, else DOCKER_HOST, else the local stack's. The registry:
-    the saved `elice-registry` block, else the local stack's. The base image: the local
-    stack's (None: the Dockerfile's default). ECR: the saved `elice-ecr` block, if any.
+    `env`'s own (CI's deploy environment), else the saved `elice-registry` block, else
+    the local stack's. The base image: the local stack's (None: the Dockerfile's
+    default). ECR mirror: the saved `elice-ecr` block, if any.
 
     Raises:
         ConfigError: no registry is configured and no local stack runs.
@@ -334,13 +461,7 @@ def delivery_settings(docker_host: str | None = None) -> DeliverySettings:
     """
     engine = resolve_docker_host(docker_host)
     stack = load_stack_info()
-    try:
-        registry = cast("OciRegistry", OciRegistry.load(REGISTRY_BLOCK))
-    except ValueError as exc:
-        if stack is None:
-            msg = f"no registry: save an OciRegistry block {REGISTRY_BLOCK!r} or `cicd stack up`"
-            raise ConfigError(msg) from exc
-        registry = OciRegistry(address=stack.registry, insecure=True)
+    registry = environment_registry(env).access if env is not None else pipeline_registry()
     try:
         ecr: EcrRegistry | None = cast("EcrRegistry", EcrRegistry.load(ECR_BLOCK))
     except ValueError:  # no ECR block saved: no mirror

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
+from blocks.registry import OciRegistry
 from tasks.exceptions import PromotionRefused, StageFailed, ToolError
 from tasks.models import PromotionPlan, PublishedImage, SecurityVerdict
 from tasks.process import run_logger, run_tool, which
@@ -134,13 +135,37 @@ def scan_dependencies(service: ServiceSpec, repo: Path, timeout_s: float = 120) 
     return report
 
 
+def syft_registry_env(registry: OciRegistry | None) -> dict[str, str]:
+    """syft's registry settings: HTTPS unless the registry block says plain HTTP (no block:
+    the local stack's loopback registry), and the block's login when it has one."""
+    env = {
+        "SYFT_CHECK_FOR_APP_UPDATE": "false",
+        "SYFT_REGISTRY_INSECURE_USE_HTTP": "true"
+        if registry is None or registry.insecure
+        else "false",
+    }
+    if registry is not None and registry.username is not None and registry.password is not None:
+        env |= {
+            "SYFT_REGISTRY_AUTH_AUTHORITY": registry.address,
+            "SYFT_REGISTRY_AUTH_USERNAME": registry.username.get_secret_value(),
+            "SYFT_REGISTRY_AUTH_PASSWORD": registry.password.get_secret_value(),
+        }
+    return env
+
+
 @task(
     name="generate-sbom",
     task_run_name="generate-sbom-{published.image.service}",
     cache_key_fn=_sbom_cache_key,
 )
-def generate_sbom(published: PublishedImage, out_dir: Path, timeout_s: float = 300) -> Path | None:
-    """An SPDX JSON SBOM of the pushed image, made by syft from the registry; None if syft fails."""
+def generate_sbom(
+    published: PublishedImage,
+    out_dir: Path,
+    timeout_s: float = 300,
+    registry: OciRegistry | None = None,
+) -> Path | None:
+    """An SPDX JSON SBOM of the pushed image, made by syft from the registry; None if syft
+    fails. `registry`: the image's registry block (HTTPS or not, and its login)."""
     image = published.image
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{image.service}-{image.short}.spdx.json"
@@ -148,7 +173,7 @@ def generate_sbom(published: PublishedImage, out_dir: Path, timeout_s: float = 3
     try:
         done = run_tool(
             [which("syft"), "scan", f"registry:{image.reference}", "-q", "-o", sbom_arg],
-            env={"SYFT_REGISTRY_INSECURE_USE_HTTP": "true", "SYFT_CHECK_FOR_APP_UPDATE": "false"},
+            env=syft_registry_env(registry),
             timeout=timeout_s,
         )
     except ToolError as exc:

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.transactions import Transaction, get_transaction
 
 from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
@@ -99,33 +98,54 @@ def deploy_release(
     env: EnvironmentSpec,
     service: ServiceSpec,
     image: ImageRef,
-    previous: DeployedService | None,
     deadline_s: float = 60,
 ) -> DeployedService:
-    """Deploy `image`; a rollback of the enclosing transaction puts `previous` back.
+    """Deploy `image` (if the release fails later, the flow puts the previous one back:
+    `restore_environment`).
 
     Raises:
-        DeployError: it did not become healthy (the target already restored `previous`).
+        DeployError: it did not become healthy (the target already restored the previous
+            release of this service).
     """
-    txn = get_transaction()
-    if txn is not None:
-        txn.set("deploy_target", deploy_target)
-        txn.set("env", env)
-        txn.set("service", service)
-        txn.set("previous", previous)
     return deploy_target.deployer().deploy(env, service, image, deadline_s=deadline_s)
 
 
-@deploy_release.on_rollback
-def restore_previous_release(txn: Transaction) -> None:
-    """Rollback hook: put back what served before this deploy (nothing: remove it)."""
-    deploy_target: DeployTarget = txn.get("deploy_target")
-    env: EnvironmentSpec = txn.get("env")
-    service: ServiceSpec = txn.get("service")
-    previous: DeployedService | None = txn.get("previous")
-    what = previous.image.short if previous else "nothing"
-    run_logger().warning("rolling back %s in %s to %s", service.name, env.name, what)
-    deploy_target.deployer().restore(env, service, previous)
+@task(name="restore-environment", cache_policy=NO_CACHE)
+def restore_environment(
+    deploy_target: DeployTarget,
+    env: EnvironmentSpec,
+    services: list[ServiceSpec],
+    previous: Mapping[str, DeployedService | None],
+) -> list[str]:
+    """Undo a failed release: wherever something other than `previous` serves now, put
+    `previous` back (None: remove the service). Returns the services it put back.
+
+    A service that cannot be put back is logged and left to `confirm_restored`, which
+    names it; the others are still restored.
+    """
+    deployer = deploy_target.deployer()
+    logger = run_logger()
+    restored = []
+    for svc in services:
+        before = previous.get(svc.name)
+        now = deployer.live(env, svc)
+        if (now.image.digest if now else None) == (before.image.digest if before else None):
+            continue
+        logger.warning(
+            "rolling back %s in %s to %s",
+            svc.name,
+            env.name,
+            before.image.short if before else "nothing",
+        )
+        try:
+            deployer.restore(env, svc, before)
+        except PipelineError as exc:
+            logger.error(  # noqa: TRY400 - the error is the message; no traceback
+                "%s in %s: could not put the previous release back: %s", svc.name, env.name, exc
+            )
+            continue
+        restored.append(svc.name)
+    return restored
 
 
 @task(name="confirm-restored", cache_policy=NO_CACHE)

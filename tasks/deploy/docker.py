@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -13,6 +13,7 @@ import docker
 from blocks.catalog import ServiceSpec
 from blocks.docker_target import DockerTarget
 from blocks.environments import EnvironmentSpec
+from blocks.registry import OciRegistry
 from tasks.engine import docker_error, engine_client, resolve_docker_host
 from tasks.exceptions import DeployError, ToolError
 from tasks.health import HealthResult, probe_health
@@ -115,6 +116,7 @@ def _engine_errors(action: str) -> Iterator[None]:
 # (a stop or remove racing its cleanup under load); the same call a moment later works.
 _TRANSIENT_ENGINE = ("device or resource busy", "timed out waiting for file")
 ENGINE_ATTEMPTS = 4
+WATCH_SLICE_S = 1.0  # how often a deploy looks at the new container between probes
 
 
 def _settled(call: Callable[[], Any]) -> Any:
@@ -160,8 +162,10 @@ class DockerDeployer:
         *,
         environment_env: Mapping[str, Mapping[str, str]] | None = None,
         health_deadline_s: float = 60.0,
+        registries: Sequence[OciRegistry] = (),
     ) -> None:
         self.docker_host = docker_host
+        self.registries = {r.address: r for r in registries}
         self.prefix = prefix
         self.extra_env = {k: dict(v) for k, v in (extra_env or {}).items()}
         self.environment_env = {k: dict(v) for k, v in (environment_env or {}).items()}
@@ -170,15 +174,19 @@ class DockerDeployer:
 
     @classmethod
     def from_block(
-        cls, target: DockerTarget, extra_env: Mapping[str, Mapping[str, str]] | None = None
+        cls,
+        target: DockerTarget,
+        extra_env: Mapping[str, Mapping[str, str]] | None = None,
+        registries: Sequence[OciRegistry] = (),
     ) -> DockerDeployer:
-        """A deployer configured by a DockerTarget block."""
+        """A deployer configured by a DockerTarget block; `registries` log in to pull."""
         return cls(
             target.docker_host,
             target.name_prefix,
             extra_env,
             environment_env=target.environment_env,
             health_deadline_s=target.health_deadline_s,
+            registries=registries,
         )
 
     @property
@@ -217,9 +225,25 @@ class DockerDeployer:
         if container is not None:
             _remove_container(container)
 
+    def _pull_with_login(self, image: ImageRef) -> None:
+        """Pull `image` by digest with its registry's login, when that registry has one.
+
+        The engine's implicit pull (on run) is anonymous; a registry that needs a login
+        gets the credentials of its block, handed to the engine for this pull only.
+        """
+        registry = self.registries.get(image.repository.split("/", 1)[0])
+        if registry is None or registry.username is None or registry.password is None:
+            return
+        login = {
+            "username": registry.username.get_secret_value(),
+            "password": registry.password.get_secret_value(),
+        }
+        self.client.images.pull(image.repository, tag=image.digest, auth_config=login)
+
     def _start(self, env: EnvironmentSpec, service: ServiceSpec, image: ImageRef, name: str) -> Any:
         extra = {**self.environment_env.get(env.name, {}), **self.extra_env.get(image.digest, {})}
         try:
+            self._pull_with_login(image)
             return self.client.containers.run(
                 image.reference,
                 name=name,
@@ -240,6 +264,25 @@ class DockerDeployer:
         return probe_health(
             self.address(env, service), service, deadline_s=deadline_s, expect_digest=digest
         )
+
+    def _watch(
+        self, new: Any, env: EnvironmentSpec, service: ServiceSpec, digest: str, deadline_s: float
+    ) -> HealthResult:
+        """Probe the new container until healthy; fail at once when it has exited or is
+        restarting (fail fast): the deadline only bounds a release that is slow but alive.
+        """
+        end = time.monotonic() + deadline_s
+        while True:
+            remaining = end - time.monotonic()
+            result = self._probe(env, service, digest, max(min(WATCH_SLICE_S, remaining), 0.1))
+            if result.ok or remaining <= WATCH_SLICE_S:
+                return result
+            new.reload()
+            state = new.attrs.get("State") or {}
+            if new.status in ("exited", "dead") or state.get("Restarting"):
+                code = state.get("ExitCode")
+                stopped = f"the container {new.status} (exit code {code}) before it was healthy"
+                return result.model_copy(update={"failures": [*result.failures, stopped]})
 
     def _bring_back(self, env: EnvironmentSpec, service: ServiceSpec, old: Any | None) -> str:
         """Restart the previous container stopped by this deploy; say how that went."""
@@ -284,7 +327,7 @@ class DockerDeployer:
             new = self._start(env, service, image, f"{name}-next")
         except DeployError as exc:
             raise DeployError(f"{exc}; {self._bring_back(env, service, serving)}") from exc
-        result = self._probe(env, service, image.digest, deadline_s)
+        result = self._watch(new, env, service, image.digest, deadline_s)
         if result.ok:
             if old is not None:
                 _remove_container(old)

@@ -20,6 +20,7 @@ What a real API server does, and how it is judged here:
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from tasks.deploy.manifests import (
     render_overlay,
     service_objects,
 )
+from tasks.deploy.service_proxy import service_path, service_proxy
 from tasks.exceptions import DeployError, KubernetesApiError, ManifestError, RolloutFailed
 from tasks.models import DeployedService, ImageRef, utcnow
 from tasks.process import run_logger
@@ -174,6 +176,35 @@ def pod_problems(pods: Iterable[Mapping[str, Any]], image: str | None = None) ->
     return sorted(set(problems))
 
 
+# A new pod waiting for one of these will not become ready by waiting: the image cannot
+# be pulled, its container keeps crashing, or its configuration is missing.
+FATAL_WAITING = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "CreateContainerConfigError",
+        "InvalidImageName",
+    }
+)
+
+
+def fatal_pod_problems(pods: Iterable[Mapping[str, Any]], image: str) -> list[str]:
+    """Pods of `image` stuck for a reason waiting will not cure (FATAL_WAITING)."""
+    fatal = []
+    for pod in pods:
+        if pod.get("metadata", {}).get("deletionTimestamp"):
+            continue
+        if image not in {c.get("image") for c in pod.get("spec", {}).get("containers", [])}:
+            continue
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in FATAL_WAITING:
+                fatal.append(pod)
+                break
+    return pod_problems(fatal, image)
+
+
 # --------------------------------------------------------------------------- deployer
 
 T = TypeVar("T")
@@ -182,8 +213,8 @@ T = TypeVar("T")
 class KubernetesDeployer:
     """The `kubernetes` deploy target: server-side apply of the rendered overlay.
 
-    Health checks against `address()` need cluster DNS: from outside the cluster run
-    them through `kubectl port-forward svc/<service> 8000 -n <namespace>`.
+    Health checks use `address()`: cluster DNS inside the cluster, the API server's
+    service proxy (on loopback, with the cluster's credentials) outside it.
 
     `clock` measures rollout deadlines and the API retry budget (monotonic seconds).
     """
@@ -315,8 +346,18 @@ class KubernetesDeployer:
             raise DeployError(msg) from exc
 
     def address(self, env: EnvironmentSpec, service: ServiceSpec) -> str:
-        """The in-cluster URL of the service (cluster DNS; port-forward from outside)."""
-        return f"http://{service.name}.{env.namespace}.svc.cluster.local:{SERVICE_PORT}"
+        """Where `service` answers for this process.
+
+        Inside the cluster: cluster DNS. Outside it: the API server's service proxy,
+        through a loopback forwarder that adds the cluster's credentials
+        (tasks/deploy/service_proxy.py). `KubernetesTarget.health_via` chooses, or
+        detects a pod by KUBERNETES_SERVICE_HOST.
+        """
+        via = self.target.health_via
+        if via == "dns" or (via == "auto" and os.environ.get("KUBERNETES_SERVICE_HOST")):
+            return f"http://{service.name}.{env.namespace}.svc.cluster.local:{SERVICE_PORT}"
+        proxy = service_proxy(self.api_client.configuration, self.target.identity())
+        return proxy.url + service_path(env.namespace, service.name, SERVICE_PORT)
 
     # -- internals
 
@@ -454,6 +495,11 @@ class KubernetesDeployer:
             )
             if status.done:
                 return
+            # Fail fast: a new pod that cannot start fails the deploy now; the deadline
+            # only bounds a rollout that is slow but alive.
+            stuck = fatal_pod_problems(self._pods(env.namespace, service.name), image)
+            if stuck:
+                raise RolloutFailed(f"new pods cannot start: {'; '.join(stuck)}")
             if status.failed or now > give_up_at:
                 reason = (
                     status.message

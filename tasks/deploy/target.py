@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, cast
+from collections.abc import Sequence
+from typing import Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.catalog import ServiceSpec
 from blocks.docker_target import DockerTarget
-from blocks.environments import EnvironmentSpec
+from blocks.environments import EnvironmentSpec, TargetKind
 from blocks.kubernetes_target import KubernetesTarget
+from blocks.registry import OciRegistry
 from tasks.exceptions import ConfigError
 from tasks.models import DeployedService, ImageRef
 
 DOCKER_TARGET_BLOCK = "elice-docker"
 KUBERNETES_TARGET_BLOCK = "elice-kubernetes"
-TARGETS = ("docker", "kubernetes")
-TargetKind = Literal["docker", "kubernetes"]
+TARGETS: tuple[TargetKind, ...] = ("docker", "kubernetes")
 
 
 class Deployer(Protocol):
@@ -64,6 +65,9 @@ class DeployTarget(BaseModel):
     docker: DockerTarget | None = Field(default=None, description="docker: its settings")
     kubernetes: KubernetesTarget | None = Field(default=None, description="kubernetes: cluster")
     drill_env: dict[str, dict[str, str]] = Field(default_factory=dict)
+    registries: tuple[OciRegistry, ...] = Field(
+        default=(), description="docker: registries the engine logs in to when it pulls"
+    )
 
     def deployer(self) -> Deployer:
         """The deployer of this target, with the drill variables applied."""
@@ -73,7 +77,9 @@ class DeployTarget(BaseModel):
             return KubernetesDeployer(self.kubernetes)
         from tasks.deploy.docker import DockerDeployer  # noqa: PLC0415 - keeps docker-py lazy
 
-        return DockerDeployer.from_block(self.docker or DockerTarget(), self.drill_env)
+        return DockerDeployer.from_block(
+            self.docker or DockerTarget(), self.drill_env, self.registries
+        )
 
 
 def resolve_deploy_target(
@@ -103,3 +109,32 @@ def resolve_deploy_target(
     except ValueError:  # none saved: the local defaults
         block = DockerTarget()
     return DeployTarget(target="docker", docker=block, drill_env=drill_env or {})
+
+
+def environment_target(
+    env: EnvironmentSpec,
+    requested: str | None = None,
+    drill_env: dict[str, dict[str, str]] | None = None,
+    registries: Sequence[OciRegistry | None] = (),
+) -> DeployTarget:
+    """The target `env`'s configuration names, loaded; `registries` to pull from.
+
+    `requested` (a caller's `--target`) may only repeat the configured target: where an
+    environment runs is configuration, not a choice made per run.
+
+    Raises:
+        ConfigError: `requested` differs from the configured target, or the target
+            cannot be loaded (see `resolve_deploy_target`).
+    """
+    if requested is not None and requested != env.target:
+        msg = (
+            f"{env.name} deploys to its configured target {env.target!r}, not {requested!r}; "
+            "change the environment's `target` in the pipeline configuration instead"
+        )
+        raise ConfigError(msg)
+    loaded = resolve_deploy_target(env.target, drill_env)
+    pull: dict[str, OciRegistry] = {}
+    for registry in registries:
+        if registry is not None:
+            pull.setdefault(registry.address, registry)
+    return loaded.model_copy(update={"registries": tuple(pull.values())})

@@ -75,6 +75,15 @@ def test_every_catalog_service_exists_in_the_monorepo() -> None:
         (lambda d: d.update(colour="blue"), "unknown top-level keys ['colour']"),
         (lambda d: d.pop("services"), "services: field required"),
         (lambda d: d["performance"].update(max_p95_ratio=0.5), "performance: max_p95_ratio"),
+        (lambda d: d["environments"][0].update(target="nomad"), "environments[0]: target"),
+        (
+            lambda d: d["environments"][1].update(registry={"kind": "gcr", "block": "x"}),
+            "environments[1]: registry.kind",
+        ),
+        (
+            lambda d: d["environments"][1].update(registry={"kind": "oci", "block": "Not_A_Name"}),
+            "environments[1]: registry.block",
+        ),
     ],
 )
 def test_invalid_configuration_names_file_field_and_problem(tmp_path, mutate, expected) -> None:
@@ -84,6 +93,44 @@ def test_invalid_configuration_names_file_field_and_problem(tmp_path, mutate, ex
     message = str(caught.value)
     assert str(path) in message
     assert expected in message
+
+
+def test_the_default_ships_everywhere_through_docker_and_the_ci_registry() -> None:
+    for env in load_file(DEFAULT).environments.environments:
+        assert (env.target, env.registry) == ("docker", None), env.name
+
+
+def test_the_aws_setup_names_each_environments_ecr_registry_and_kubernetes() -> None:
+    aws = load_file(REPO / "config" / "pipeline.aws.yaml")
+    default = load_file(DEFAULT)
+    assert aws.catalog == default.catalog  # extends: the services are the default's
+    assert aws.performance == default.performance
+    assert aws.environments.names() == default.environments.names()
+    for env in aws.environments.environments:
+        assert env.target == "kubernetes"
+        assert env.registry is not None
+        assert (env.registry.kind, env.registry.block) == ("ecr", f"elice-ecr-{env.name}")
+        base = default.environment(env.name)
+        assert env.model_dump(exclude={"target", "registry"}) == base.model_dump(
+            exclude={"target", "registry"}
+        )
+
+
+def test_extends_replaces_whole_sections_and_goes_one_level_deep(tmp_path: Path) -> None:
+    base = _write(tmp_path, lambda d: None)
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"extends": base.name, "performance": {"requests": 5}}))
+    cfg = load_file(child)
+    assert cfg.performance.requests == 5
+    assert len(cfg.catalog.services) == 12
+    grandchild = tmp_path / "grandchild.yaml"
+    grandchild.write_text(yaml.safe_dump({"extends": child.name}))
+    with pytest.raises(ConfigError, match="must be a mapping that extends nothing"):
+        load_file(grandchild)
+    dangling = tmp_path / "dangling.yaml"
+    dangling.write_text(yaml.safe_dump({"extends": "absent.yaml"}))
+    with pytest.raises(ConfigError, match=r"absent\.yaml: cannot read configuration"):
+        load_file(dangling)
 
 
 def test_unreadable_and_malformed_files_are_config_errors(tmp_path) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
-import io
 import json
 import queue
 import threading
@@ -67,10 +66,10 @@ from tasks.exceptions import (
 )
 from tasks.health import probe_health
 from tasks.models import ImageRef
-from tasks.registry import manifest_digest
 from tasks.releases import Ledger, ReleaseRecord
 from tasks.slack_actions import APPROVE_ACTION
 from tests.approvers import Approvers
+from tests.flows.chain import as_service, derive
 from tests.plugins.receivers import Receiver
 
 pytestmark = pytest.mark.stack
@@ -136,22 +135,6 @@ class Train:
         self.cfg = cfg
         self.digests: dict[str, ImageRef] = {}
         self.run_ids: list[UUID] = []
-
-
-def derive(client: docker.DockerClient, base: ImageRef, variant: str) -> ImageRef:
-    """An image FROM `base` with one more label, pushed; same commit label as `base`."""
-    source = f"{base.repository}:{base.tag}" if base.tag else base.reference
-    dockerfile = f"FROM {source}\nLABEL io.elice.test.variant={variant}\n"
-    tag = f"variant-{variant}-{base.short}"
-    client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=f"{base.repository}:{tag}")
-    for chunk in client.api.push(base.repository, tag=tag, stream=True, decode=True):
-        assert "error" not in chunk, chunk
-    digest = manifest_digest(base.repository, tag)
-    return base.model_copy(update={"digest": digest, "tag": tag})
-
-
-def as_service(image: ImageRef, service: str) -> ImageRef:
-    return image.model_copy(update={"service": service})
 
 
 def remove_containers(client: docker.DockerClient) -> None:

@@ -27,7 +27,6 @@ from uuid import UUID
 import docker
 import httpx
 import pytest
-import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowFilter,
@@ -44,21 +43,25 @@ from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
 from flows.health import health_check
 from tasks.approval import read_gate, submit_answer
-from tasks.deploy.docker import DockerDeployer, container_name
+from tasks.deploy.docker import DockerDeployer
 from tasks.exceptions import EnvironmentUnhealthy
 from tasks.health import probe_health
 from tasks.locks import LEASE_S
 from tasks.models import ImageRef
-from tasks.releases import Ledger, ReleaseRecord
+from tasks.releases import Ledger
 from tests.approvers import Approvers
-from tests.flows.test_promotion import as_service, derive
+from tests.flows.chain import (
+    SERVICES,
+    derive,
+    put_verified,
+    remove_containers,
+    write_chain_config,
+)
 from tests.plugins.postgres import PostgresPrefect
 
 pytestmark = pytest.mark.stack
 
 DEV, STG, PROD = "fx-dev", "fx-stg", "fx-prod"
-SERVICES = ["course", "course-b"]
-PREFIX = "elice"
 
 PROMOTE = textwrap.dedent(
     """
@@ -76,78 +79,6 @@ PROMOTE = textwrap.dedent(
     print("FINAL", state.type.value, state.message, flush=True)
     """
 )
-
-
-def write_config(path: Path) -> str:
-    data = {
-        "services": [
-            {"name": "course", "port": 8004, "libs": ["servicekit"]},
-            {"name": "course-b", "port": 8005, "libs": ["servicekit"]},
-        ],
-        "libs": [{"name": "servicekit", "libs": []}],
-        "environments": [
-            {
-                "name": DEV,
-                "namespace": DEV,
-                "replicas": {"min": 1, "max": 1},
-                "log_level": "INFO",
-                "storage": "minio",
-                "local_port_offset": 38100,
-            },
-            {
-                "name": STG,
-                "namespace": STG,
-                "replicas": {"min": 1, "max": 1},
-                "log_level": "INFO",
-                "storage": "minio",
-                "promotes_from": DEV,
-                "local_port_offset": 39100,
-            },
-            {
-                "name": PROD,
-                "namespace": PROD,
-                "replicas": {"min": 1, "max": 1},
-                "log_level": "WARN",
-                "storage": "minio",
-                "promotes_from": STG,
-                "local_port_offset": 39600,
-            },
-        ],
-        "performance": {"requests": 8, "concurrency": 4, "min_p95_slack_ms": 500},
-    }
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return str(path)
-
-
-def remove_containers(client: docker.DockerClient) -> None:
-    for env in (DEV, STG, PROD):
-        for service in SERVICES:
-            for suffix in ("", "-next"):
-                try:
-                    client.containers.get(container_name(PREFIX, env, service) + suffix).remove(
-                        force=True
-                    )
-                except docker.errors.NotFound:
-                    pass
-
-
-def put(cfg: PipelineConfig, env: str, service: str, image: ImageRef) -> None:
-    """Deploy `image` and record it as a verified release of `env`."""
-    ref = as_service(image, service)
-    DockerDeployer().deploy(cfg.environment(env), cfg.service(service), ref, deadline_s=60)
-    Ledger().record_deploy(
-        env,
-        ReleaseRecord(
-            service=service,
-            environment=env,
-            image=ref,
-            release_id=f"seed-{image.short}",
-            verified=True,
-            ref="refs/heads/main",
-            scan="clean",
-        ),
-    )
-    Ledger().mark_verified(env, service, None)
 
 
 def serving(cfg: PipelineConfig, env: str) -> dict[str, str | None]:
@@ -177,16 +108,18 @@ def releases(
     """fx-stg serves D1 of both services; fx-dev holds a verified D2 of both."""
     mp = pytest.MonkeyPatch()
     mp.setenv("DOCKER_HOST", stack.docker_host)
-    cfg_path = write_config(tmp_path / "pipeline.yaml")
+    cfg_path = write_chain_config(
+        tmp_path / "pipeline.yaml", [(DEV, 38100), (STG, 39100), (PROD, 39600)]
+    )
     cfg = load_config(cfg_path)
-    remove_containers(docker_client)
+    remove_containers(docker_client, [DEV, STG, PROD])
     d1 = pushed_image
     d2 = derive(docker_client, pushed_image, "fault")
     for service in SERVICES:
-        put(cfg, STG, service, d1)
-        put(cfg, DEV, service, d2)
+        put_verified(cfg, STG, service, d1)
+        put_verified(cfg, DEV, service, d2)
     yield cfg, cfg_path, d1, d2
-    remove_containers(docker_client)
+    remove_containers(docker_client, [DEV, STG, PROD])
     mp.undo()
 
 
@@ -319,8 +252,8 @@ def test_an_approval_resumes_a_promotion_across_a_server_restart(
 ) -> None:
     cfg, cfg_path, d1, d2 = releases
     for service in SERVICES:
-        put(cfg, STG, service, d2)
-        put(cfg, PROD, service, d1)
+        put_verified(cfg, STG, service, d2)
+        put_verified(cfg, PROD, service, d1)
     revision = Ledger().current(PROD).revision
     api = postgres_prefect.api_url
     people = Approvers(tmp_path, ["alice", "bob"])

@@ -28,7 +28,8 @@ deterministic (`now` can serve as the client's clock):
   one old pod goes;
 - a pod whose image (or digest) is in `bad_images` never becomes ready; it shows the
   waiting reason given there (ImagePullBackOff, ErrImagePull, CrashLoopBackOff,
-  CreateContainerConfigError) and the old pods keep serving; after the progress
+  CreateContainerConfigError), or runs without ever being ready (NOT_READY: a failing
+  readiness probe), and the old pods keep serving; after the progress
   deadline (`progress_deadline_s`, else the Deployment's progressDeadlineSeconds) of
   simulated time without progress the Progressing condition turns
   False / ProgressDeadlineExceeded.
@@ -42,6 +43,13 @@ What a real API server does that the deploy code must cope with, reproduced here
   failed rollout's ProgressDeadlineExceeded condition at the new generation for the
   next `rollback_stale_reads` reads, then the truth.
 
+The service proxy (`/api/v1/namespaces/<ns>/services/<name>:<port>/proxy/<path>`, GET):
+answered as one of the Service's ready pods would answer (round robin), from the pod's
+own container variables: /health and /ready 200, /version with its IMAGE_DIGEST,
+APP_VERSION and GIT_COMMIT; 503 "no endpoints available" while no pod is ready, like
+the real API server. No service code runs here: what a release's process answers is
+tested on the docker target; this checks the path and the pod a health check reaches.
+
 Fault injection: `fail_next(n, status)` answers the next n matching requests with
 that status (500, 409, 503...); `delay_next(n, seconds)` stalls them (timeouts).
 """
@@ -52,6 +60,7 @@ import copy
 import hashlib
 import itertools
 import json
+import re
 import threading
 import time
 import uuid
@@ -82,6 +91,7 @@ PULL = "ImagePullBackOff"
 ERR_PULL = "ErrImagePull"
 CRASH = "CrashLoopBackOff"
 CONFIG = "CreateContainerConfigError"
+NOT_READY = "NotReady"  # running, never ready (a failing readiness probe): slow but alive
 WAITING_MESSAGES = {
     PULL: 'Back-off pulling image "{image}"',
     ERR_PULL: 'failed to pull and unpack image "{image}": not found',
@@ -163,6 +173,8 @@ class KubeSimulator:
         self.arrivals: list[tuple[str, str]] = []  # method, path; recorded before any delay
         self.now = 0.0
         self.deployment_reads: list[dict[str, Any]] = []  # every Deployment a GET served
+        self.proxied: list[tuple[str, str, str]] = []  # namespace, service, path of proxy GETs
+        self._proxy_turn = itertools.count()
         self.stale_conditions_served = 0
         self._store: dict[Key, dict[str, Any]] = {}
         self._rollouts: dict[tuple[str, str], _Rollout] = {}
@@ -292,6 +304,12 @@ class KubeSimulator:
             raise ApiError(401, "Unauthorized", "Unauthorized")
         if path == "/version":
             return 200, dict(VERSION)
+        proxied = SERVICE_PROXY.match(parts.path)
+        if proxied:
+            if method != "GET":
+                raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
+            namespace, name, rest = proxied["namespace"], proxied["name"], proxied["rest"] or "/"
+            return self._proxy(namespace, name, rest)
         gv, plural, namespace, name, sub = _route(path)
         kind, namespaced = RESOURCES[(gv, plural)]
         if namespaced and namespace and (("v1", "namespaces", "", namespace) not in self._store):
@@ -332,6 +350,34 @@ class KubeSimulator:
         if method == "PATCH":
             return self._patch(key, kind, headers.get("content-type", ""), body, query)
         raise ApiError(405, "MethodNotAllowed", f"{method} is not supported")
+
+    def _proxy(self, namespace: str, name: str, path: str) -> tuple[int, dict[str, Any]]:
+        """A GET through the Service `name`, answered as a ready pod behind it would."""
+        if ("v1", "services", namespace, name) not in self._store:
+            raise ApiError(404, "NotFound", f'services "{name}" not found')
+        ready = [p for p in self._pods_of(namespace, name) if _ready(p) and not _terminating(p)]
+        if not ready:
+            raise ApiError(
+                503, "ServiceUnavailable", f'no endpoints available for service "{name}"'
+            )
+        pod = ready[next(self._proxy_turn) % len(ready)]
+        self.proxied.append((namespace, name, path))
+        env = {
+            e["name"]: str(e.get("value", ""))
+            for c in pod["spec"].get("containers", [])
+            for e in c.get("env", [])
+        }
+        if path in ("/health", "/ready"):
+            return 200, {"status": "ok", "pod": pod["metadata"]["name"]}
+        if path == "/version":
+            return 200, {
+                "service": name,
+                "version": env.get("APP_VERSION", ""),
+                "release": env.get("APP_RELEASE", ""),
+                "digest": env.get("IMAGE_DIGEST", ""),
+                "commit": env.get("GIT_COMMIT", ""),
+            }
+        raise ApiError(404, "NotFound", f"{path}: not found (simulated pod)")
 
     # -- verbs
 
@@ -633,6 +679,11 @@ class KubeSimulator:
             return False
         statuses = pod["status"]["containerStatuses"]
         bad = [(cs, self._bad_reason(cs["image"])) for cs in statuses]
+        if any(reason == NOT_READY for _, reason in bad):
+            for cs in statuses:
+                cs.update({"started": True, "state": {"running": {"startedAt": _timestamp()}}})
+            pod["status"]["phase"] = "Running"
+            return False
         if any(reason for _, reason in bad):
             for cs, reason in bad:
                 if reason in WAITING_MESSAGES:
@@ -761,6 +812,12 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
+
+
+SERVICE_PROXY = re.compile(
+    r"^/api/v1/namespaces/(?P<namespace>[^/]+)/services/(?P<name>[^/:]+)(:[^/]+)?"
+    r"/proxy(?P<rest>/.*)?$"
+)
 
 
 def _route(path: str) -> tuple[str, str, str, str, str]:

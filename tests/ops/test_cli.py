@@ -119,7 +119,7 @@ def test_ci_of_an_unknown_environment_is_refused_before_any_work() -> None:
     assert "unknown environment 'qa'" in result.output
 
 
-def test_unknown_deploy_target_is_refused() -> None:
+def test_a_target_other_than_the_configured_one_is_refused() -> None:
     result = runner.invoke(app, ["status", "--target", "nomad"])
     assert result.exit_code == 2
-    assert "unknown deploy target 'nomad'" in result.output
+    assert "dev deploys to its configured target 'docker', not 'nomad'" in result.output

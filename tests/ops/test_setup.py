@@ -14,6 +14,7 @@ import httpx
 import pytest
 import typer
 import yaml
+from kubernetes.client import CoreV1Api
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import (
     BlockDocumentUpdate,
@@ -25,11 +26,13 @@ from prefect.client.schemas.actions import (
 from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
 from prefect.events.worker import EventsWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from blocks.catalog import ServiceCatalog
 from blocks.config import PipelineConfig
 from blocks.environments import EnvironmentCatalog
+from blocks.kubernetes_target import KubernetesTarget
 from cicd.setup import (
     DOCKER_POOL,
     KUBERNETES_POOL,
@@ -41,9 +44,11 @@ from cicd.setup import (
 )
 from cicd.setup_cli import register
 from cicd.stack import free_port
+from tasks.deploy.target import KUBERNETES_TARGET_BLOCK
 from tasks.exceptions import ConfigError
 from tasks.locks import lock_name
 from tasks.process import which
+from tests.k8s_sim import KubeSimulator
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = {
@@ -355,3 +360,49 @@ def test_a_block_saved_by_an_older_version_is_overwritten(
     with temporary_settings(updates={PREFECT_API_URL: fresh_server}):
         envs = EnvironmentCatalog.load("elice-environments").environments
     assert envs == config.environments.environments
+
+
+def test_setup_saves_the_clusters_kubeconfig_as_a_secret_that_reaches_the_cluster(
+    fresh_server: str, tmp_path: Path
+) -> None:
+    with KubeSimulator() as sim:
+        kubeconfig = sim.kubeconfig(tmp_path / "kubeconfig", context="elice-eks")
+        planned = actions(ensure_setup(fresh_server, dry_run=True, kubeconfig=kubeconfig))
+        assert planned[f"block:{KUBERNETES_TARGET_BLOCK}"] == "create"
+        ensure_setup(fresh_server, kubeconfig=kubeconfig)
+        again = actions(ensure_setup(fresh_server, dry_run=True, kubeconfig=kubeconfig))
+        assert again[f"block:{KUBERNETES_TARGET_BLOCK}"] == "unchanged"
+        with (
+            temporary_settings(updates={PREFECT_API_URL: fresh_server}),
+            get_client(sync_client=True) as client,
+        ):
+            # what the API and the UI show: the kubeconfig masked, the token nowhere
+            document = client.read_block_document_by_name(
+                KUBERNETES_TARGET_BLOCK, "elice-kubernetes-target", include_secrets=False
+            )
+            shown = httpx.get(f"{fresh_server}/block_documents/{document.id}", timeout=10).text
+            assert sim.token is not None
+            assert sim.token not in shown
+            assert sim.token not in repr(document.data)
+            cluster = KubernetesTarget.load(KUBERNETES_TARGET_BLOCK)
+        assert isinstance(cluster.kubeconfig, SecretStr)
+        assert cluster.context == "elice-eks"
+        assert sim.token not in repr(cluster)
+        # the saved block reaches the cluster with the kubeconfig's token
+        namespaces = CoreV1Api(cluster.api_client()).list_namespace()
+        assert namespaces.kind == "NamespaceList"
+
+
+def test_a_kubeconfig_that_is_not_one_is_refused_naming_the_file_not_its_content(
+    fresh_server: str, tmp_path: Path
+) -> None:
+    secretive = tmp_path / "kubeconfig"
+    secretive.write_text("token: s3cr3t-value\n  : [\n")
+    with pytest.raises(ConfigError) as caught:
+        ensure_setup(fresh_server, dry_run=True, kubeconfig=secretive)
+    assert f"{secretive}: the kubeconfig is not valid YAML" in str(caught.value)
+    assert "s3cr3t" not in str(caught.value)
+    with KubeSimulator() as sim:
+        kubeconfig = sim.kubeconfig(tmp_path / "real", context="elice-eks")
+        with pytest.raises(ConfigError, match="no context 'other'; it has elice-eks"):
+            ensure_setup(fresh_server, dry_run=True, kubeconfig=kubeconfig, kube_context="other")

@@ -10,9 +10,20 @@ import pytest
 
 from blocks.catalog import ServiceSpec
 from blocks.config import parse_config
+from blocks.registry import OciRegistry
 from tasks.exceptions import PromotionRefused, StageFailed
+from tasks.models import ImageRef, PublishedImage
+from tasks.registry import copy_image_by_digest
 from tasks.releases import build_plan
-from tasks.security import check_request, judge_scans, parse_pip_audit, scan_dependencies
+from tasks.security import (
+    check_request,
+    generate_sbom,
+    judge_scans,
+    parse_pip_audit,
+    scan_dependencies,
+    syft_registry_env,
+)
+from tests.plugins.registries import AuthRegistry
 from tests.tasks.plans import D1, D2, PLAN_CONFIG, ledger_state
 
 
@@ -103,3 +114,28 @@ def test_scan_gate_needs_clean_scans_or_a_reasoned_override_where_gated() -> Non
         judge_scans(bad, prod, True, "ship it anyway")
     with pytest.raises(PromotionRefused, match="only meaningful with"):
         check_request(False, "a reason without an override")
+
+
+@pytest.mark.stack
+def test_syft_reads_an_authenticated_registry_with_its_login_only(
+    pushed_image: ImageRef, oci_registry: OciRegistry, basic_registry: AuthRegistry, tmp_path
+) -> None:
+    copied = copy_image_by_digest(
+        pushed_image,
+        basic_registry.block.repository("course"),
+        ["sbom"],
+        source=oci_registry,
+        target=basic_registry.block,
+    )
+    published = PublishedImage(image=copied, reused=False)
+    sbom = generate_sbom.fn(published, tmp_path / "with-login", registry=basic_registry.block)
+    assert sbom is not None
+    assert json.loads(sbom.read_text())["packages"]
+    # anonymous, syft is refused: no SBOM, and the stage says so instead of failing
+    anonymous = basic_registry.anonymous()
+    refused = generate_sbom.fn(published, tmp_path / "anonymous", registry=anonymous)
+    assert refused is None
+    env = syft_registry_env(basic_registry.block)
+    assert env["SYFT_REGISTRY_INSECURE_USE_HTTP"] == "true"  # the loopback test registry
+    https = basic_registry.block.model_copy(update={"insecure": False})
+    assert syft_registry_env(https)["SYFT_REGISTRY_INSECURE_USE_HTTP"] == "false"

@@ -209,6 +209,32 @@ def test_unhealthy_release_is_rolled_back_to_the_previous_one(
     assert f"{name}-next" not in container_names(docker_client)
 
 
+def test_a_release_whose_container_exits_fails_at_once_not_at_the_deadline(
+    stack: StackInfo,
+    deployer: DockerDeployer,
+    service: ServiceSpec,
+    pushed_image: ImageRef,
+    derived_image: ImageRef,
+) -> None:
+    deployer.deploy(TEST_ENV, service, pushed_image, deadline_s=DEADLINE_S)
+    # an address this machine does not have: the server cannot bind and the process exits
+    drill = DockerDeployer(
+        stack.docker_host,
+        PREFIX,
+        {derived_image.digest: {"HOST": "203.0.113.1"}},
+        health_deadline_s=DEADLINE_S,
+    )
+    with pytest.raises(DeployError) as caught:
+        drill.deploy(TEST_ENV, service, derived_image, deadline_s=DEADLINE_S)
+    message = str(caught.value)
+    # the verdict names the exit: it came from watching the container, not from the
+    # deadline running out (a deadline failure lists the failed probes only)
+    assert "the container exited (exit code" in message
+    assert "before it was healthy" in message
+    assert message.endswith(f"previous release {pushed_image.short} restored")
+    assert served_digest(deployer, service) == pushed_image.digest
+
+
 def test_new_release_replaces_the_old_and_restore_puts_it_back(
     deployer: DockerDeployer,
     service: ServiceSpec,

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -28,8 +29,9 @@ from tasks.deploy.kubernetes import (
 )
 from tasks.deploy.manifests import containers, render_overlay, service_objects
 from tasks.exceptions import DeployError, KubernetesApiError
+from tasks.health import probe_health
 from tasks.models import ImageRef
-from tests.k8s_sim import CONFIG, CRASH, ERR_PULL, PULL, KubeSimulator
+from tests.k8s_sim import CONFIG, CRASH, ERR_PULL, NOT_READY, PULL, KubeSimulator
 
 DEADLINE_S = 60.0  # generous: the simulator finishes in a few simulated steps
 
@@ -91,7 +93,9 @@ def test_deploy_applies_and_waits_for_the_rollout(
 
     assert deployed.image == image
     assert deployed.target == "kubernetes"
-    assert deployed.address == "http://auth.elice-devops-stg.svc.cluster.local:8000"
+    # outside the cluster: the API server's service proxy, on loopback
+    assert deployed.address.startswith("http://127.0.0.1:")
+    assert deployed.address.endswith("/api/v1/namespaces/elice-devops-stg/services/auth:8000/proxy")
     live = sim.get("deployments", "elice-devops-stg", "auth")
     assert live is not None
     assert live["spec"]["template"]["spec"]["containers"][0]["image"] == image.reference
@@ -138,16 +142,34 @@ def test_failed_rollout_names_the_pod_reason_and_restores_the_previous_digest(
     deployer.deploy(env, service, good, deadline_s=DEADLINE_S)
     sim.bad_images[bad.digest] = reason
 
+    started = sim.now
     with pytest.raises(DeployError) as caught:
         deployer.deploy(env, service, bad, deadline_s=DEADLINE_S)
 
     message = str(caught.value)
-    assert "ProgressDeadlineExceeded" in message or "progress deadline" in message
+    # failed fast on the pods' reason: a few simulated steps, not the 300 s deadline
+    assert "new pods cannot start" in message
     assert reason in message
+    assert sim.now - started < 60
     assert f"restored {good.reference}" in message
     live = deployer.live(env, service)
     assert live is not None
     assert live.image.digest == good.digest
+    assert _pod_images(sim, "elice-devops-prod", "course") == [good.reference] * 3
+
+
+def test_a_rollout_that_stays_unready_fails_at_the_progress_deadline(
+    sim: KubeSimulator, deployer: KubernetesDeployer, config: PipelineConfig
+) -> None:
+    env, service = config.environment("production"), config.service("course")
+    good, bad = _image("course", 1), _image("course", 2)
+    deployer.deploy(env, service, good, deadline_s=DEADLINE_S)
+    sim.bad_images[bad.digest] = NOT_READY  # running, never ready: slow but alive
+    with pytest.raises(DeployError) as caught:
+        deployer.deploy(env, service, bad, deadline_s=DEADLINE_S)
+    message = str(caught.value)
+    assert "progress deadline" in message or "ProgressDeadlineExceeded" in message
+    assert f"restored {good.reference}" in message
     assert _pod_images(sim, "elice-devops-prod", "course") == [good.reference] * 3
     # the rollback passed through the controller's stale ProgressDeadlineExceeded
     assert sim.stale_conditions_served == sim.rollback_stale_reads > 0
@@ -161,7 +183,7 @@ def test_a_stale_deadline_condition_during_a_rollback_is_not_a_failure(
     sim.rollback_stale_reads = 4
     deployer = KubernetesDeployer(_target(sim, tmp_path), clock=lambda: sim.now)
     previous = deployer.deploy(env, service, good, deadline_s=DEADLINE_S)
-    sim.bad_images[bad.digest] = CRASH
+    sim.bad_images[bad.digest] = NOT_READY
     with pytest.raises(DeployError, match=f"restored {re.escape(good.reference)}"):
         deployer.deploy(env, service, bad, deadline_s=DEADLINE_S)
     assert sim.stale_conditions_served == 4
@@ -187,6 +209,7 @@ def test_a_first_deploy_waits_for_the_hpa_minimum(
 ) -> None:
     env, service = config.environment("staging"), config.service("assessment")
     image = _image("assessment", 3)
+    sim.hpa_sync_s = 40  # time enough for the first pod to be ready before the HPA syncs
     deployer.deploy(env, service, image, deadline_s=DEADLINE_S)
     reads = sim.deployment_reads
     assert reads[-1]["status"]["availableReplicas"] == 2
@@ -393,3 +416,53 @@ def test_deadline_and_minimum_come_from_the_manifests() -> None:
 def test_bad_retry_budget_is_refused(sim: KubeSimulator, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="retry_budget_s"):
         KubernetesDeployer(_target(sim, tmp_path), retry_budget_s=-1)
+
+
+def test_outside_the_cluster_health_checks_reach_the_pods_through_the_service_proxy(
+    sim: KubeSimulator,
+    deployer: KubernetesDeployer,
+    config: PipelineConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    env, service = config.environment("dev"), config.service("auth")
+    image = _image("auth", 3)
+    address = deployer.address(env, service)
+    # nothing deployed yet: the API server's own answer comes back, not a connection error
+    first = probe_health(address, service, deadline_s=0.2)
+    assert not first.ok
+    assert "/health: answered 404" in first.failures
+    deployer.deploy(env, service, image, deadline_s=DEADLINE_S)
+    result = probe_health(address, service, deadline_s=5, expect_digest=image.digest)
+    assert result.ok, result.failures
+    assert result.version["digest"] == image.digest
+    assert ("elice-devops-dev", "auth", "/version") in sim.proxied
+    # every forwarded request carried the cluster's token (the simulator refuses others)
+    proxied = [r for r in sim.requests if "/proxy/" in r[1]]
+    assert proxied
+    assert {status for _, _, status, _ in proxied} == {404, 200}  # never 401
+    # the loopback port forwards service-proxy GETs only, not the rest of the API
+    base = address.split("/api/", 1)[0]
+    before = len(sim.requests)
+    refused = httpx.get(f"{base}/api/v1/namespaces/elice-devops-dev/configmaps", timeout=5)
+    assert refused.status_code == 403
+    assert len(sim.requests) == before
+    # the same cluster and credentials share one forwarder
+    again = KubernetesDeployer(deployer.target, clock=lambda: sim.now)
+    assert again.address(env, service) == address
+
+
+def test_inside_the_cluster_health_checks_use_cluster_dns(
+    sim: KubeSimulator,
+    deployer: KubernetesDeployer,
+    config: PipelineConfig,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env, service = config.environment("staging"), config.service("auth")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    assert deployer.address(env, service) == "http://auth.elice-devops-stg.svc.cluster.local:8000"
+    forced = KubernetesDeployer(deployer.target.model_copy(update={"health_via": "proxy"}))
+    assert "/services/auth:8000/proxy" in forced.address(env, service)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    dns = KubernetesDeployer(deployer.target.model_copy(update={"health_via": "dns"}))
+    assert dns.address(env, service).endswith(".svc.cluster.local:8000")

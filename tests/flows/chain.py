@@ -1,0 +1,109 @@
+"""A small promotion chain for flow tests: two services, environments of the test's own.
+
+Each test module names its environments and host ports, so modules never meet in the
+shared engine or ledger.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import docker
+import yaml
+
+from blocks.config import PipelineConfig
+from tasks.deploy.docker import DockerDeployer, container_name
+from tasks.models import ImageRef
+from tasks.registry import manifest_digest
+from tasks.releases import Ledger, ReleaseRecord
+
+SERVICES = ["course", "course-b"]
+PREFIX = "elice"
+
+
+def write_chain_config(
+    path: Path,
+    environments: list[tuple[str, int]],
+    services: list[tuple[str, int]] | None = None,
+    **extra: dict[str, Any],
+) -> str:
+    """A pipeline config whose environments promote one into the next, in order.
+
+    `environments` gives (name, host port offset); `services` (name, port), default
+    course and course-b; `extra` adds fields by environment name (a registry, a target).
+    """
+    envs: list[dict[str, Any]] = []
+    for index, (name, offset) in enumerate(environments):
+        env: dict[str, Any] = {
+            "name": name,
+            "namespace": name,
+            "replicas": {"min": 1, "max": 1},
+            "log_level": "INFO",
+            "storage": "minio",
+            "local_port_offset": offset,
+        }
+        if index:
+            env["promotes_from"] = environments[index - 1][0]
+        envs.append(env | extra.get(name, {}))
+    data = {
+        "services": [
+            {"name": name, "port": port, "libs": ["servicekit"]}
+            for name, port in (services or [("course", 8004), ("course-b", 8005)])
+        ],
+        "libs": [{"name": "servicekit", "libs": []}],
+        "environments": envs,
+        "performance": {"requests": 8, "concurrency": 4, "min_p95_slack_ms": 500},
+    }
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return str(path)
+
+
+def remove_containers(client: docker.DockerClient, environments: list[str]) -> None:
+    """Every container of SERVICES in `environments`, the blue/green spares included."""
+    for env in environments:
+        for service in SERVICES:
+            for suffix in ("", "-next"):
+                try:
+                    client.containers.get(container_name(PREFIX, env, service) + suffix).remove(
+                        force=True
+                    )
+                except docker.errors.NotFound:
+                    pass
+
+
+def derive(client: docker.DockerClient, base: ImageRef, variant: str) -> ImageRef:
+    """An image FROM `base` with one more label, pushed; same commit label as `base`."""
+    source = f"{base.repository}:{base.tag}" if base.tag else base.reference
+    dockerfile = f"FROM {source}\nLABEL io.elice.test.variant={variant}\n"
+    tag = f"variant-{variant}-{base.short}"
+    client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=f"{base.repository}:{tag}")
+    for chunk in client.api.push(base.repository, tag=tag, stream=True, decode=True):
+        assert "error" not in chunk, chunk
+    digest = manifest_digest(base.repository, tag)
+    return base.model_copy(update={"digest": digest, "tag": tag})
+
+
+def as_service(image: ImageRef, service: str) -> ImageRef:
+    """The same image, recorded as `service`'s."""
+    return image.model_copy(update={"service": service})
+
+
+def put_verified(cfg: PipelineConfig, env: str, service: str, image: ImageRef) -> None:
+    """What CI does for its environment: deploy `image` and record it verified."""
+    ref = as_service(image, service)
+    DockerDeployer().deploy(cfg.environment(env), cfg.service(service), ref, deadline_s=60)
+    Ledger().record_deploy(
+        env,
+        ReleaseRecord(
+            service=service,
+            environment=env,
+            image=ref,
+            release_id=f"seed-{image.short}",
+            verified=True,
+            ref="refs/heads/main",
+            scan="clean",
+        ),
+    )
+    Ledger().mark_verified(env, service, None)

@@ -1,0 +1,223 @@
+"""Promotion on the kubernetes target, end to end, from one configuration switch.
+
+The same `promote` flow as on the docker target; the configuration says `target:
+kubernetes` for both environments, and kd-stg keeps its images in its own registry (a
+real docker-registry behind htpasswd): promotion copies them there by digest and the
+cluster is given that reference. The cluster is the API-server SIMULATOR
+(tests/k8s_sim: no real API server runs on these machines), reached with a kubeconfig
+saved by `cicd setup`'s code as a secret block; health checks and baselines go through
+its service proxy, on loopback with the kubeconfig's token. The images are real ones
+in the local registry (promotion verifies their digests and labels there).
+
+Own environments kd-dev -> kd-stg, rendered from a copy of deployments/ whose dev and
+staging overlays carry those names (namespaces elice-devops-dev and -stg).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.states import State
+
+from blocks.config import PipelineConfig, load_config
+from blocks.kubernetes_target import KubernetesTarget
+from blocks.stack import StackInfo
+from flows.ci import CiOutcome, ci
+from flows.promotion import promote
+from tasks.deploy.kubernetes import KubernetesDeployer
+from tasks.deploy.target import KUBERNETES_TARGET_BLOCK
+from tasks.exceptions import PromotionRolledBack
+from tasks.models import ImageRef
+from tasks.releases import Ledger, ReleaseRecord
+from tests.flows.chain import as_service, derive, write_chain_config
+from tests.k8s_sim import CRASH, KubeSimulator
+from tests.plugins.registries import AuthRegistry
+from tests.tasks.ci_checkout import copy_monorepo
+
+pytestmark = pytest.mark.stack
+
+DEV, STG = "kd-dev", "kd-stg"
+SERVICES = ["course", "auth"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Cluster:
+    sim: KubeSimulator
+    cfg: PipelineConfig
+    cfg_path: str
+    target: KubernetesTarget
+    d1: ImageRef
+    d2: ImageRef
+    stg_registry: AuthRegistry
+
+    def in_stg(self, image: ImageRef, service: str) -> str:
+        """`image` of `service` as kd-stg's registry holds it."""
+        return f"{self.stg_registry.block.repository(service)}@{image.digest}"
+
+    def image(self, env: str, service: str) -> str | None:
+        namespace = self.cfg.environment(env).namespace
+        deployment = self.sim.get("deployments", namespace, service)
+        if deployment is None:
+            return None
+        image: str = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+        return image
+
+
+STG_REGISTRY = "test-registry-kd-stg"
+
+
+def _config(path: Path) -> str:
+    extra = {
+        DEV: {"namespace": "elice-devops-dev", "target": "kubernetes"},
+        STG: {
+            "namespace": "elice-devops-stg",
+            "target": "kubernetes",
+            "replicas": {"min": 2, "max": 5},
+            "registry": {"kind": "oci", "block": STG_REGISTRY},
+        },
+    }
+    return write_chain_config(
+        path, [(DEV, 37100), (STG, 37600)], [("course", 8004), ("auth", 8002)], **extra
+    )
+
+
+@pytest.fixture
+def cluster(
+    tmp_path: Path,
+    stack: StackInfo,
+    docker_client: docker.DockerClient,
+    pushed_image: ImageRef,
+    basic_registry: AuthRegistry,
+) -> Iterator[Cluster]:
+    """kd-dev runs a verified D1 of both services in the simulated cluster."""
+    basic_registry.block.save(STG_REGISTRY, overwrite=True)
+    tree = tmp_path / "deployments"
+    shutil.copytree(REPO / "deployments", tree)
+    (tree / "overlays" / "dev").rename(tree / "overlays" / DEV)
+    (tree / "overlays" / "staging").rename(tree / "overlays" / STG)
+    with KubeSimulator() as sim:
+        kubeconfig = sim.kubeconfig(tmp_path / "kubeconfig", context="kd")
+        target = KubernetesTarget.from_kubeconfig(kubeconfig).model_copy(
+            update={"deployments_dir": str(tree), "poll_interval_s": 0.05, "health_via": "proxy"}
+        )
+        target.save(KUBERNETES_TARGET_BLOCK, overwrite=True)
+        cfg_path = _config(tmp_path / "pipeline.yaml")
+        cfg = load_config(cfg_path)
+        d1 = pushed_image
+        d2 = derive(docker_client, pushed_image, "kubernetes")
+        deployer = KubernetesDeployer(target)
+        for service in SERVICES:
+            image = as_service(d1, service)
+            deployer.deploy(cfg.environment(DEV), cfg.service(service), image, deadline_s=60)
+            Ledger().record_deploy(
+                DEV,
+                ReleaseRecord(
+                    service=service,
+                    environment=DEV,
+                    image=image,
+                    release_id=f"seed-{d1.short}",
+                    verified=True,
+                    ref="refs/heads/main",
+                    scan="clean",
+                ),
+            )
+        try:
+            yield Cluster(sim, cfg, cfg_path, target, d1, d2, basic_registry)
+        finally:
+            with get_client(sync_client=True) as client:
+                for name, slug in (
+                    (KUBERNETES_TARGET_BLOCK, "elice-kubernetes-target"),
+                    (STG_REGISTRY, "elice-oci-registry"),
+                ):
+                    document = client.read_block_document_by_name(name, slug)
+                    client.delete_block_document(document.id)
+
+
+def _promote(c: Cluster) -> State[Any]:
+    return promote(
+        environment=STG,
+        config_source=c.cfg_path,
+        promoted_by="ci",
+        health_deadline_s=30,
+        return_state=True,
+    )
+
+
+def test_promotion_ships_to_kubernetes_and_a_failed_release_rolls_back(cluster: Cluster) -> None:
+    c = cluster
+    # D1 into kd-stg: applied in the cluster, checked through the service proxy
+    state = _promote(c)
+    assert state.is_completed(), state.message
+    for service in SERVICES:
+        # copied into kd-stg's own registry, and the cluster runs it from there
+        assert c.image(STG, service) == c.in_stg(c.d1, service)
+        record = Ledger().current(STG).services[service]
+        assert record.image.digest == c.d1.digest
+        assert record.image.reference == c.in_stg(c.d1, service)
+        # the source was smoke-tested and the target verified, both through the proxy
+        assert ("elice-devops-dev", service, "/version") in c.sim.proxied
+        assert ("elice-devops-stg", service, "/version") in c.sim.proxied
+    recorded = Ledger().current(STG)
+
+    # D2 runs in kd-dev; in kd-stg its pods crash: the deploy fails on their reason and
+    # every service of the release is back on D1
+    deployer = KubernetesDeployer(c.target)
+    for service in SERVICES:
+        image = as_service(c.d2, service)
+        deployer.deploy(c.cfg.environment(DEV), c.cfg.service(service), image, deadline_s=60)
+        Ledger().record_deploy(
+            DEV,
+            ReleaseRecord(
+                service=service,
+                environment=DEV,
+                image=image,
+                release_id=f"seed-{c.d2.short}",
+                verified=True,
+                ref="refs/heads/main",
+                scan="clean",
+            ),
+        )
+    c.sim.bad_images[c.d2.digest] = CRASH  # the pods already ready in kd-dev keep running
+    failed = _promote(c)
+    error = failed.result(raise_on_failure=False)
+    assert isinstance(error, PromotionRolledBack), error
+    assert "CrashLoopBackOff" in str(error)
+    for service in SERVICES:
+        assert c.image(STG, service) == c.in_stg(c.d1, service)
+    # the attempt is on record (begun, rolled back); what serves is recorded unchanged
+    after = Ledger().current(STG)
+    assert after.revision == recorded.revision + 2
+    assert after.in_progress is None
+    assert after.services == recorded.services
+
+
+def test_ci_delivers_to_kubernetes_through_the_same_target(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    repo = copy_monorepo(tmp_path / "repo", ["auth"])
+    state = ci(
+        services=["auth"],
+        repo=str(repo),
+        deliver=True,
+        environment=DEV,
+        config_source=cluster.cfg_path,
+        return_state=True,
+    )
+    outcome = state.result(raise_on_failure=False)
+    assert isinstance(outcome, CiOutcome), outcome
+    stages = {r.stage: r for r in outcome.results if r.service == "auth"}
+    for stage in ("image", "deploy", "health", "record"):
+        assert stages[stage].status == "passed", (stage, stages[stage].summary)
+    record = Ledger().current(DEV).services["auth"]
+    assert record.commit == outcome.commit
+    # applied in the cluster, pinned by digest, and checked through the service proxy
+    assert cluster.image(DEV, "auth") == record.image.reference
+    assert ("elice-devops-dev", "auth", "/version") in cluster.sim.proxied
