@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from prefect import Flow, flow
+from prefect import Flow, flow, unmapped
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
@@ -561,13 +561,15 @@ def promote(
         deployed: list[str] = []
         try:
             _deploy_in_waves(deploy_target, env, specs, plan, live, health_deadline_s, deployed)
-            for spec in specs:
-                check_service_health(
-                    addresses[spec.name],
-                    spec,
-                    VERIFY_DEADLINE_S,
-                    plan.change(spec.name).new_digest,
-                )
+            checks = check_service_health.map(
+                [addresses[spec.name] for spec in specs],
+                specs,
+                unmapped(VERIFY_DEADLINE_S),
+                [plan.change(spec.name).new_digest for spec in specs],
+            )
+            for check in checks:
+                check.result()  # the first unhealthy service fails the release
+            # one at a time: a baseline measured beside another service's is not its own
             for spec in specs:
                 after = measure_baseline(addresses[spec.name], spec, config.performance)
                 before_baseline = baseline_from_record(
