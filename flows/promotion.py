@@ -83,7 +83,9 @@ from tasks.releases import (
 )
 from tasks.security import check_request, security_verdict
 
-APPROVAL_POLL_S = 2
+# How often a paused gate looks for an answer: half of it, on average, is the delay
+# between an approval and the deploy (bench/approval_bench.py).
+APPROVAL_POLL_S = 1  # seconds (Prefect takes whole seconds)
 SMOKE_DEADLINE_S = 20
 VERIFY_DEADLINE_S = 30
 

@@ -1,0 +1,85 @@
+"""One changed service: a push's CI run (change detection) against that service's branch
+run alone.
+
+    uv run python bench/change_bench.py [SERVICE] [PAIRS]
+
+On a temporary git copy of the monorepo (all services, libs, config), in one process
+against a temporary Prefect server, with caches warm (one full run first). Each run
+first commits a change to SERVICE's source (one more comment line: its fingerprint
+changes, so every stage of its branch runs again and nothing else changes), then runs
+either
+- `ci()` with change detection over the last commit, checked in place: what a push runs,
+  the other services found unchanged; or
+- `ci(services=[SERVICE])`: the branch alone.
+Alternated, PAIRS pairs; medians and their ratio (issue 12, item 4: at most 1.5).
+Compare within one run only.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from bench.ci_bench import checkout  # noqa: E402  (a git copy in the bench's scratch dir)
+from blocks.config import load_config  # noqa: E402
+from flows.ci import ci  # noqa: E402
+
+GIT_ENV = {
+    "PATH": os.environ["PATH"],
+    "GIT_AUTHOR_NAME": "bench",
+    "GIT_AUTHOR_EMAIL": "bench@example.invalid",
+    "GIT_COMMITTER_NAME": "bench",
+    "GIT_COMMITTER_EMAIL": "bench@example.invalid",
+}
+
+
+def change(repo: Path, service: str, n: int) -> None:
+    """Commit one more comment line in `service`'s main module."""
+    spec = load_config().service(service)
+    main = repo / spec.path / "src" / spec.package / "main.py"
+    with main.open("a", encoding="utf-8") as out:
+        out.write(f"# bench change {n}\n")
+    for args in (["add", "-A"], ["commit", "-q", "-m", f"bench change {n}"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, env=GIT_ENV)
+
+
+def timed(label: str, repo: Path, services: list[str] | None) -> float:
+    started = time.perf_counter()
+    state = ci(services=services, repo=str(repo), return_state=True)
+    seconds = time.perf_counter() - started
+    checked = getattr(state.result(raise_on_failure=False), "affected", "?")
+    print(f"  {label:<22} {seconds:6.1f}s  {state.type.value}  checked {checked}")
+    return seconds
+
+
+def main() -> None:
+    service = sys.argv[1] if len(sys.argv) > 1 else "auth"
+    pairs = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    names = load_config().catalog.names()
+    repo = checkout(names)
+    times: dict[str, list[float]] = {"push (detected)": [], "branch alone": []}
+    with prefect_test_harness(server_startup_timeout=300):
+        ci(all_services=True, repo=str(repo), return_state=True)  # warm every cache
+        n = 0
+        for _ in range(pairs):
+            for label, services in (("push (detected)", None), ("branch alone", [service])):
+                n += 1
+                change(repo, service, n)
+                times[label].append(timed(label, repo, services))
+    alone = statistics.median(times["branch alone"])
+    for label, values in times.items():
+        median = statistics.median(values)
+        print(f"{label:<22} median {median:6.1f}s  ratio {median / alone:.2f}")
+
+
+if __name__ == "__main__":
+    main()
