@@ -147,7 +147,9 @@ def test_a_promotion_killed_between_deploys_is_undone_by_the_next_run(
     with (tmp_path / "first.log").open("w") as log:
         first = subprocess.Popen(
             [sys.executable, "-c", PROMOTE, STG, cfg_path],
-            env=env,
+            # one service after another: in waves both may finish before the kill, and
+            # the moment between two deploys is what this test kills in
+            env={**env, "ELICE_DEPLOY_WAVE": "1"},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
