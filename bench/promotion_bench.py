@@ -3,9 +3,10 @@ how long a release whose containers exit takes to be rolled back.
 
     uv run python bench/promotion_bench.py [N] [PAIRS]
 
-Runs in one process against a temporary Prefect server and the local stack (started or
-reused: `ensure_stack`). One real service image is built and pushed once; it stands in
-for each of the N services (a service is its port and variables, the image is shared),
+Runs in one process against a temporary Prefect server and the user's local stack
+(started or reused: `ensure_stack`; ledger and Prefect home are the bench's own). One
+real service image is built and pushed once; it stands in for each of the N services
+(a service is its port and variables, the image is shared),
 deployed and recorded as verified in the source environment `pb-dev`. Each run then
 promotes all N into a fresh target environment (its containers removed first, so every
 service deploys): `ELICE_DEPLOY_WAVE=1` (one after another, the flow before waves) and
@@ -35,6 +36,10 @@ sys.path.insert(0, str(ROOT))
 _SCRATCH = Path(tempfile.mkdtemp(prefix="promotion-bench-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", str(_SCRATCH / "prefect-home"))
+# The user's local stack (engine, registry), reused; only the ledger and Prefect's home
+# are the bench's own. Without this the stack would follow the state dir into scratch
+# and start an engine per run that outlives it.
+os.environ.setdefault("ELICE_STACK_DIR", os.environ.get("ELICE_STATE_DIR") or str(ROOT / ".elice"))
 os.environ.setdefault("ELICE_STATE_DIR", str(_SCRATCH / "state"))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
