@@ -30,7 +30,6 @@ from uuid import UUID
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import docker  # noqa: E402
 import yaml  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
@@ -43,10 +42,7 @@ from prefect.client.schemas.objects import StateType  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from bench import promotion_bench as pb  # noqa: E402  (scratch dirs and settings first)
-from blocks.config import load_config  # noqa: E402
-from blocks.registry import OciRegistry  # noqa: E402
 from blocks.repository import REPOSITORY_BLOCK  # noqa: E402
-from cicd.stack import ensure_stack  # noqa: E402
 from flows.promotion import promote  # noqa: E402
 from tasks.approval import read_gate, submit_answer  # noqa: E402
 from tests.approvers import Approvers  # noqa: E402  (keys and a policy repository)
@@ -127,13 +123,7 @@ def one_run(cfg_path: str, people: Approvers, seen: set[UUID]) -> tuple[float, f
 def main() -> None:
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 12
     runs = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    catalog = load_config().catalog.services[:count]
-    cfg_path = write_config([(s.name, s.port) for s in catalog])
-    cfg = load_config(cfg_path)
-    stack = ensure_stack()
-    os.environ["DOCKER_HOST"] = stack.docker_host
-    client = docker.DockerClient(base_url=stack.docker_host, timeout=600)
-    registry = OciRegistry(address=stack.registry, insecure=True)
+    cfg_path, cfg, stack, client, registry = pb.set_up(count, write_config)
     print(f"{count} services, {os.cpu_count()} cores, {runs} runs")
     resumed: list[float] = []
     deployed: list[float] = []

@@ -29,7 +29,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,6 +51,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from blocks.config import PipelineConfig, load_config  # noqa: E402
 from blocks.registry import OciRegistry  # noqa: E402
+from blocks.stack import StackInfo  # noqa: E402
 from cicd.stack import ensure_stack  # noqa: E402
 from flows.promotion import promote  # noqa: E402
 from tasks.deploy.docker import DockerDeployer, container_name  # noqa: E402
@@ -163,16 +166,30 @@ def run(cfg_path: str, env: str, wave: str | None, **extra: object) -> tuple[flo
     return time.perf_counter() - started, f"{state.type.value}: {(state.message or '')[:70]}"
 
 
-def main() -> None:
-    count = int(sys.argv[1]) if len(sys.argv) > 1 else 12
-    pairs = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+class Setup(NamedTuple):
+    cfg_path: str
+    cfg: PipelineConfig
+    stack: StackInfo
+    client: docker.DockerClient
+    registry: OciRegistry
+
+
+def set_up(count: int, write: Callable[[list[tuple[str, int]]], str]) -> Setup:
+    """The first `count` services' configuration (written by `write`), the local stack,
+    an engine client and the stack's registry; DOCKER_HOST points at the stack's engine."""
     catalog = load_config().catalog.services[:count]
-    cfg_path = write_config([(s.name, s.port) for s in catalog])
-    cfg = load_config(cfg_path)
+    cfg_path = write([(s.name, s.port) for s in catalog])
     stack = ensure_stack()
     os.environ["DOCKER_HOST"] = stack.docker_host
     client = docker.DockerClient(base_url=stack.docker_host, timeout=600)
     registry = OciRegistry(address=stack.registry, insecure=True)
+    return Setup(cfg_path, load_config(cfg_path), stack, client, registry)
+
+
+def main() -> None:
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 12
+    pairs = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+    cfg_path, cfg, stack, client, registry = set_up(count, write_config)
     print(f"{count} services, {os.cpu_count()} cores, {pairs} pairs")
     try:
         with prefect_test_harness(server_startup_timeout=300):
