@@ -30,6 +30,9 @@ class StackInfo(BaseModel):
     pause_image: str | None = Field(default=None, description="Infra image for kube play")
     prometheus_url: str | None = Field(default=None, description="Local Prometheus server")
     alertmanager_url: str | None = Field(default=None, description="Local Alertmanager")
+    slack_receiver_url: str | None = Field(
+        default=None, description="Local receiver of Slack's approval buttons"
+    )
 
 
 def stack_dir() -> Path:

@@ -13,8 +13,18 @@ then `on_decision(decision, approver_name)` acts on it and its text is the 200 a
 An `ApprovalError` from it (run not paused, answer refused) answers 409 with its message;
 anything else 500. Slack wants an answer within 3 seconds: `on_decision` must be quick.
 
-Run it with `python -m cicd.slack_receiver --port 3000 [--users FILE]`; the signing secret
-comes from ELICE_SLACK_SIGNING_SECRET and is never logged.
+Two ways to run it:
+
+- `cicd stack up` runs it as a part of the stack, beside the worker, as
+  `python -m cicd.slack_receiver --port 3000 --from-prefect`: the signing secret comes from
+  the Secret block the gate checks with (`elice-slack-signing-secret`), the Slack users
+  from the approval policy on the protected branch, both read again after
+  `REFRESH_S` (an unsaved secret or an unreadable policy answers 503, changing nothing).
+- By hand: `python -m cicd.slack_receiver --port 3000 --users FILE`, the signing secret
+  from ELICE_SLACK_SIGNING_SECRET.
+
+The secret is never logged. Slack must reach it over HTTPS: put a TLS proxy or tunnel in
+front of the loopback address.
 """
 
 from __future__ import annotations
@@ -28,13 +38,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import yaml
 from pydantic import SecretStr
 
-from tasks.approval import resume_from_slack
-from tasks.exceptions import ApprovalError
+from blocks.approvals import POLICY_FILE, parse_policy
+from blocks.repository import load_repository
+from tasks.approval import resume_from_slack, slack_signing_secret
+from tasks.exceptions import ApprovalError, ConfigError
 from tasks.slack_actions import (
     MAX_BODY_BYTES,
     ReplayGuard,
@@ -46,13 +58,53 @@ from tasks.slack_actions import (
     parse_slack_decision,
     verify_slack_request,
 )
+from tasks.workspace import read_protected_file
 
 ACTIONS_PATH = "/slack/actions"
 SECRET_ENV = "ELICE_SLACK_SIGNING_SECRET"  # noqa: S105 - the variable's name
 REQUEST_TIMEOUT_S = 10
+REFRESH_S = 30.0
+T = TypeVar("T")
 DecisionHandler = Callable[[SlackDecision, str], str]
 
 log = logging.getLogger("elice.slack_receiver")
+
+
+class Unavailable(Exception):
+    """What the receiver needs to judge a press cannot be had right now (503)."""
+
+
+class Refreshed(Generic[T]):
+    """A value read by `read` and kept for `ttl_s` seconds; a None read is not kept.
+
+    When a refresh fails, the last good value serves on; with none, `Unavailable`.
+    """
+
+    def __init__(self, read: Callable[[], T | None], what: str, ttl_s: float = REFRESH_S) -> None:
+        self._read = read
+        self._what = what
+        self._ttl_s = ttl_s
+        self._value: T | None = None
+        self._at = -float("inf")
+        self._lock = threading.Lock()
+
+    def __call__(self) -> T:
+        with self._lock:
+            if self._value is not None and time.monotonic() - self._at < self._ttl_s:
+                return self._value
+            try:
+                value = self._read()
+            except Exception as exc:  # noqa: BLE001 - any failure to read: serve the last value
+                if self._value is not None:
+                    log.warning("slack: %s not refreshed (%s)", self._what, type(exc).__name__)
+                    return self._value
+                msg = f"{self._what} cannot be read ({type(exc).__name__}): nothing was changed"
+                raise Unavailable(msg) from None
+            if value is None:
+                msg = f"{self._what} is not saved: nothing was changed"
+                raise Unavailable(msg)
+            self._value, self._at = value, time.monotonic()
+            return value
 
 
 class SlackReceiver:
@@ -60,8 +112,8 @@ class SlackReceiver:
 
     def __init__(
         self,
-        signing_secret: SecretStr,
-        slack_users: Mapping[str, str],
+        signing_secret: SecretStr | Callable[[], SecretStr],
+        slack_users: Mapping[str, str] | Callable[[], Mapping[str, str]],
         on_decision: DecisionHandler,
         *,
         host: str = "127.0.0.1",
@@ -70,15 +122,18 @@ class SlackReceiver:
     ) -> None:
         """Bind the socket (serving starts with `start` or `serve_forever`).
 
+        `signing_secret` and `slack_users` are values, or callables read at each press
+        (raising `Unavailable` when they cannot be had: that press answers 503).
+
         Raises:
-            ValueError: the signing secret is empty.
+            ValueError: the signing secret given as a value is empty.
             OSError: the address cannot be bound.
         """
-        if not signing_secret.get_secret_value():
+        if isinstance(signing_secret, SecretStr) and not signing_secret.get_secret_value():
             msg = f"the Slack signing secret is empty (set {SECRET_ENV})"
             raise ValueError(msg)
         self._secret = signing_secret
-        self._users = dict(slack_users)
+        self._users = slack_users if callable(slack_users) else dict(slack_users)
         self._on_decision = on_decision
         self._clock = clock
         self._seen = ReplayGuard()
@@ -89,7 +144,8 @@ class SlackReceiver:
         self.url = f"http://{bound_host!s}:{bound_port}"
 
     def __repr__(self) -> str:
-        return f"SlackReceiver(url={self.url!r}, users={len(self._users)})"
+        users = "from the policy" if callable(self._users) else len(self._users)
+        return f"SlackReceiver(url={self.url!r}, users={users})"
 
     def answer(
         self, path: str, headers: Sequence[tuple[str, str]], body: bytes, client: str = "-"
@@ -98,7 +154,13 @@ class SlackReceiver:
         if path != ACTIONS_PATH:
             return 404, "not found"
         try:
-            verify_slack_request(self._secret, headers, body, self._clock(), self._seen)
+            secret = self._secret() if callable(self._secret) else self._secret
+            users = self._users() if callable(self._users) else self._users
+        except Unavailable as exc:
+            log.error("slack: request from %s not judged: %s", client, exc)  # noqa: TRY400
+            return 503, str(exc)
+        try:
+            verify_slack_request(secret, headers, body, self._clock(), self._seen)
             decision = parse_slack_decision(body).model_copy(
                 update={
                     "proof": SlackProof(
@@ -108,7 +170,7 @@ class SlackReceiver:
                     )
                 }
             )
-            approver = approver_for(decision.user_id, self._users)
+            approver = approver_for(decision.user_id, users)
         except SlackRequestRefused as exc:
             log.warning("slack: request from %s refused (%d): %s", client, exc.status, exc)
             return exc.status, str(exc)
@@ -214,6 +276,17 @@ def load_slack_users(path: Path) -> dict[str, str]:
     return dict(data)
 
 
+def _policy_users() -> dict[str, str]:
+    """The Slack users of the approval policy on the protected branch (none committed:
+    no users, and every press is refused 403)."""
+    repository = load_repository()
+    try:
+        text = read_protected_file(repository, POLICY_FILE)
+    except ConfigError:
+        return {}
+    return dict(parse_policy(text, f"{POLICY_FILE} on {repository.protected_branch}").slack_users)
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -226,19 +299,34 @@ def main(
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=3000, help="port (0: a free one)")
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
         "--users", type=Path, help="YAML/JSON file: slack_users: {U123: alice, ...}"
     )
+    source.add_argument(
+        "--from-prefect",
+        action="store_true",
+        help=(
+            "the signing secret from the Prefect Secret block the gate checks with, the "
+            "Slack users from the approval policy on the protected branch"
+        ),
+    )
     args = parser.parse_args(argv)
-    secret = SecretStr(environ.get(SECRET_ENV, ""))
+    secret: SecretStr | Callable[[], SecretStr]
+    users: Mapping[str, str] | Callable[[], Mapping[str, str]]
     try:
-        users = load_slack_users(args.users) if args.users else {}
+        if args.from_prefect:
+            secret = Refreshed(slack_signing_secret, "the Slack signing secret (Secret block)")
+            users = Refreshed(_policy_users, "the approval policy's Slack users")
+        else:
+            secret = SecretStr(environ.get(SECRET_ENV, ""))
+            users = load_slack_users(args.users) if args.users else {}
         receiver = SlackReceiver(secret, users, on_decision, host=args.host, port=args.port)
     except (ValueError, OSError) as exc:
         print(f"slack receiver: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if not users:
+    if not args.from_prefect and not users:
         log.warning("slack: no Slack users mapped to approvers: every press is refused (403)")
     print(f"slack receiver listening on {receiver.url}{ACTIONS_PATH}", flush=True)
     try:

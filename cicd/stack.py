@@ -64,6 +64,7 @@ PAUSE_IMAGE = "localhost/podman-pause:catatonit"
 DEFAULT_REGISTRY_PORT = 5000
 DEFAULT_PROMETHEUS_PORT = 9090
 DEFAULT_ALERTMANAGER_PORT = 9093
+DEFAULT_SLACK_RECEIVER_PORT = 3000
 MONITORING_DEPS = ("prometheus", "prometheus-alertmanager")
 MONITORING_PARTS = ("prometheus", "alertmanager", "alert-log")
 ALERT_LOG_SCRIPT = Path(__file__).resolve().with_name("alert_log.py")
@@ -72,7 +73,7 @@ SYSTEM_DEPS = ("podman", "buildah", "runc", "docker-registry", "debootstrap", "c
 INSTALL_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "install-system-deps.sh"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The parts ensure_stack runs, in the order stop_stack stops them (dependents first).
-PARTS = (*MONITORING_PARTS, "prefect", "registry", "engine")
+PARTS = ("slack-receiver", *MONITORING_PARTS, "prefect", "registry", "engine")
 LOG_TAIL_LINES = 25
 # A running part of ours that holds its address gets this long to answer before a restart.
 REUSE_PATIENCE_S = 10.0
@@ -858,7 +859,12 @@ def _recorded_alert_log_port(root: Path) -> int | None:
 
 
 # What each monitoring part answers 200 on once it serves.
-_READY_PATHS = {"prometheus": "/-/ready", "alertmanager": "/-/ready", "alert-log": "/-/healthy"}
+_READY_PATHS = {
+    "prometheus": "/-/ready",
+    "alertmanager": "/-/ready",
+    "alert-log": "/-/healthy",
+    "slack-receiver": "/health",
+}
 
 
 def _monitor_alive(name: str, port: int) -> bool:
@@ -1030,6 +1036,36 @@ def _monitoring_status(home: Path, info: StackInfo) -> list[StackPart]:
     return parts
 
 
+# --- approvals ---------------------------------------------------------------------------
+
+
+def _ensure_slack_receiver(
+    home: Path, previous: StackInfo | None, api_url: str, steps: _Steps
+) -> str:
+    """The receiver of Slack's Approve / Reject buttons (`cicd/slack_receiver.py`), on
+    loopback, reading the signing secret and the Slack users where the gate does: the
+    server's Secret block and the protected branch's approval policy."""
+
+    def command(port: int) -> tuple[list[str], dict[str, str]]:
+        args = [sys.executable, "-m", "cicd.slack_receiver", "--port", str(port)]
+        return [*args, "--from-prefect"], {"PREFECT_API_URL": api_url}
+
+    port = _ensure_served(
+        home,
+        "slack-receiver",
+        "Slack receiver",
+        _recorded_port(previous.slack_receiver_url if previous else None),
+        DEFAULT_SLACK_RECEIVER_PORT,
+        False,
+        command,
+        30,
+        steps,
+    )
+    url = f"http://127.0.0.1:{port}"
+    steps.info("slack-receiver", f"Slack's request URL: {url}/slack/actions behind HTTPS")
+    return url
+
+
 # --- public API ------------------------------------------------------------------------
 
 
@@ -1042,13 +1078,14 @@ def ensure_stack(
     progress: Progress | None = None,
 ) -> StackInfo:
     """Reuse what runs and start what does not: registry, engine, base image, Prefect,
-    Prometheus and Alertmanager.
+    the worker and the Slack receiver, Prometheus and Alertmanager.
 
     Args:
         prefect: also run a Prefect server on a loopback port.
         worker: also make that server ready for the pipeline (`cicd setup`: work pool,
             limits, blocks, the deployments of prefect.yaml) and run a supervised process
-            worker on it, so the UI, the schedules and `prefect deployment run` work.
+            worker on it, so the UI, the schedules and `prefect deployment run` work; and
+            the Slack receiver for the approval buttons beside it (kept once running).
         monitoring: also run Prometheus (every docker-target service of every environment
             of the configuration, the project's rules) and Alertmanager (to the saved Slack /
             PagerDuty blocks, else to `alert_log_file`); None: with the worker. Once running,
@@ -1072,8 +1109,11 @@ def ensure_stack(
         api_url: str | None = None
         if prefect or worker or running_part(home, "prefect") is not None:
             api_url = _ensure_prefect(home, previous, steps)
+        slack_receiver_url: str | None = None
         if worker and api_url is not None:
             _ensure_deployments_and_worker(home, api_url, steps)
+        if api_url is not None and (worker or running_part(home, "slack-receiver") is not None):
+            slack_receiver_url = _ensure_slack_receiver(home, previous, api_url, steps)
         prometheus_url: str | None = None
         alertmanager_url: str | None = None
         wanted = monitoring if monitoring is not None else worker
@@ -1087,6 +1127,7 @@ def ensure_stack(
             pause_image=pause,
             prometheus_url=prometheus_url,
             alertmanager_url=alertmanager_url,
+            slack_receiver_url=slack_receiver_url,
         )
         save_stack_info(info, home)
         return info
@@ -1161,6 +1202,16 @@ def stack_status(root: Path | None = None) -> list[StackPart]:
     )
     if info is not None and (info.prometheus_url or info.alertmanager_url):
         parts.extend(_monitoring_status(home, info))
+    if info is not None and info.slack_receiver_url:
+        port = _recorded_port(info.slack_receiver_url)
+        alive = port is not None and _monitor_up(home, "slack-receiver", port)
+        parts.append(
+            StackPart(
+                name="slack-receiver",
+                state="running" if alive else "stopped",
+                address=info.slack_receiver_url,
+            )
+        )
     return parts
 
 

@@ -94,7 +94,9 @@ def up(
     """Start what is not running; reuse what is. Says what it installs and starts, with timings.
 
     With Prefect (the default): the server, the work pool, limits, blocks and every
-    deployment of prefect.yaml, and a supervised process worker (`cicd stack down` stops it).
+    deployment of prefect.yaml, a supervised process worker (`cicd stack down` stops it),
+    and the Slack receiver for the approval buttons (secret and users from the server's
+    Secret block and the protected approval policy; Slack reaches it through your HTTPS).
     With monitoring (the default): Prometheus scraping every service of every environment
     on the docker target, and Alertmanager sending to the saved Slack / PagerDuty blocks,
     else to `<stack dir>/logs/alerts.log` (`--no-monitoring` keeps running ones).
@@ -118,6 +120,8 @@ def up(
         console.print(f"Prometheus {info.prometheus_url}", highlight=False)
     if info.alertmanager_url:
         console.print(f"Alertmanager {info.alertmanager_url}", highlight=False)
+    if info.slack_receiver_url:
+        console.print(f"Slack receiver {info.slack_receiver_url}/slack/actions", highlight=False)
 
 
 @app.command()

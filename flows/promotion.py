@@ -16,7 +16,6 @@ from typing import Any
 from prefect import Flow, flow, unmapped
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run as current_run
 
 from blocks.approvals import ApprovalPolicy, EnvironmentPolicy
@@ -51,6 +50,7 @@ from tasks.deploy.target import DeployTarget, environment_target
 from tasks.exceptions import (
     AnswerRefused,
     ConfigError,
+    PauseInterrupted,
     PipelineError,
     PromotionError,
     PromotionRefused,
@@ -69,6 +69,7 @@ from tasks.locks import deploy_lock
 from tasks.metrics import publish_delivery_metrics
 from tasks.models import DeployedService, PromotionOutcome, PromotionPlan, SecurityVerdict
 from tasks.notify import Notice, flow_run_url, notify, paged_environment
+from tasks.pause import pause_for_answer
 from tasks.performance import baseline_from_record, check_regression, measure_baseline
 from tasks.process import run_logger
 from tasks.registry import verify_release_image
@@ -225,19 +226,25 @@ def _catalog(config: PipelineConfig) -> dict[str, ServiceSpec]:
 
 def _smoke_test_source(config: PipelineConfig, plan: PromotionPlan) -> None:
     """The releases answer in the environment they are promoted from (read-only), on
-    that environment's own target."""
+    that environment's own target; `deploy_wave_size()` services at a time, like the
+    deploys. The first failure is raised once its wave is done."""
     source_env = config.environment(plan.source_environment)
     specs = config.catalog.select(plan.services)
     source_target, _ = _target(source_env, None)
     addresses = service_addresses(source_target, source_env, specs)
-    for spec in specs:
-        smoke_test_release(
-            addresses[spec.name],
-            source_env.name,
-            spec,
-            plan.change(spec.name).image,
-            SMOKE_DEADLINE_S,
+    size = deploy_wave_size()
+    for start in range(0, len(specs), size):
+        wave = specs[start : start + size]
+        futures = smoke_test_release.map(
+            [addresses[spec.name] for spec in wave],
+            unmapped(source_env.name),
+            wave,
+            [plan.change(spec.name).image for spec in wave],
+            unmapped(SMOKE_DEADLINE_S),
         )
+        futures.wait()
+        for future in futures:
+            future.result()
 
 
 def _audit(plan: PromotionPlan, run_id: str, kind: Any, who: str, **fields: str) -> None:
@@ -288,17 +295,28 @@ def _await_approvals(
         pagerduty=None,
     )
     slack_secret = slack_signing_secret()
+
+    def forced(state: str) -> None:
+        why = f"the waiting run was forced to {state} from outside; paused again"
+        logger.warning("%s", why)
+        _audit(plan, run_id, "refused", "unknown", detail=why)
+
     deadline = time.monotonic() + gate.timeout_s
     approved: list[str] = []
     while (remaining := int(deadline - time.monotonic())) > 0:
         try:
-            answer = pause_flow_run(
-                wait_for_input=answer_form(plan, gate, approved, extra_env, run_id),
-                timeout=remaining,
-                poll_interval=APPROVAL_POLL_S,
+            answer = pause_for_answer(
+                answer_form(plan, gate, approved, extra_env, run_id),
+                timeout_s=remaining,
+                poll_s=APPROVAL_POLL_S,
+                on_forced=forced,
             )
         except FlowPauseTimeout:
             break
+        except PauseInterrupted as exc:
+            msg = f"{exc} while release {plan.release_id} waited for approval; nothing deployed"
+            _audit(plan, run_id, "refused", "unknown", detail=msg)
+            raise PromotionRejected(msg, plan=plan) from None
         except Exception as exc:  # noqa: BLE001 - a forced resume without a readable answer
             why = f"resumed without a readable answer ({type(exc).__name__}); waiting again"
             _audit(plan, run_id, "refused", "unknown", detail=why)

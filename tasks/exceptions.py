@@ -26,6 +26,7 @@ PipelineError
 │   └── PerformanceRegression  the new release is slower or fails more than the previous one
 └── ApprovalError            answering a paused promotion did not work
     ├── GateError            the run cannot be answered (unknown, not paused, no form)
+    │   └── PauseInterrupted  a waiting run was cancelled or ended from outside
     ├── ApprovalRefused      the Prefect server refused the answer; the run stays paused
     └── AnswerRefused        the gate refused an answer (no valid signature, not an
                              approver, self-approval, another promotion's statement)
@@ -226,6 +227,17 @@ class ApprovalError(PipelineError):
 
 class GateError(ApprovalError):
     """The run cannot be answered: unknown, not paused, or not waiting for an approval."""
+
+
+class PauseInterrupted(GateError):
+    """A waiting run was cancelled or set to a final state from outside; nothing answered."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(f"the waiting run was set to {state} from outside")
+        self.state = state
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.state,))
 
 
 class ApprovalRefused(ApprovalError):

@@ -11,8 +11,6 @@ and build on each other's releases (module-scoped state), like a release train:
 from __future__ import annotations
 
 import contextvars
-import hashlib
-import hmac
 import json
 import queue
 import threading
@@ -20,7 +18,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 from uuid import UUID
 
 import docker
@@ -40,7 +37,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 from prefect.client.schemas.objects import StateType
-from prefect.states import Running
+from prefect.states import Cancelling, Pending, Running, Scheduled
 from pydantic import SecretStr
 
 from blocks.config import PipelineConfig, load_config
@@ -71,6 +68,7 @@ from tasks.slack_actions import APPROVE_ACTION
 from tests.approvers import Approvers
 from tests.flows.chain import as_service, derive
 from tests.plugins.receivers import Receiver
+from tests.slack_requests import button_press, slack_signed
 
 pytestmark = pytest.mark.stack
 
@@ -485,6 +483,15 @@ def test_staging_update_then_production_rejection_deploys_nothing(train: Train) 
     before = set(train.run_ids)
     job = Background(train, PROD, promoted_by="alice")
     run_id = paused_run(before)
+    # forced to Scheduled (or Pending) through the API, it would wait where no answer
+    # reaches it: the gate puts it back to Paused, says so in the audit trail, and the
+    # rejection still ends it
+    for forced in (Scheduled(), Pending()):
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run_id, forced, force=True)
+        note = f"forced to {forced.name} from outside; paused again"
+        wait_until(lambda note=note: any(note in e.detail for e in audit_of(run_id)), 30)
+        assert paused_run(before) == run_id
     submit_answer(run_id, train.approvers.answer(run_id, "carol", "reject", "load test pending"))
     final = job.final()
     assert final.is_failed()
@@ -492,6 +499,24 @@ def test_staging_update_then_production_rejection_deploys_nothing(train: Train) 
     assert isinstance(error, PromotionRejected)
     assert "carol rejected" in str(error)
     assert "load test pending" in str(error)
+    assert Ledger().current(PROD).revision == revision
+    d1 = train.digests["D1"].digest
+    assert serving(train, PROD) == {"course": d1, "course-b": d1}
+
+
+def test_a_waiting_promotion_cancelled_from_outside_deploys_nothing(train: Train) -> None:
+    revision = Ledger().current(PROD).revision
+    before = set(train.run_ids)
+    job = Background(train, PROD, promoted_by="alice")
+    run_id = paused_run(before)
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Cancelling(), force=True)
+    final = job.final()
+    assert not final.is_completed()
+    entry = audit_of(run_id)[-1]
+    assert entry.kind == "refused"
+    assert "set to Cancelling from outside" in entry.detail
+    assert "nothing deployed" in entry.detail
     assert Ledger().current(PROD).revision == revision
     d1 = train.digests["D1"].digest
     assert serving(train, PROD) == {"course": d1, "course-b": d1}
@@ -561,31 +586,9 @@ SLACK_USERS = {"U0CAROL01": "carol", "U0ALICE01": "alice"}
 def slack_press(
     value: str, user_id: str, secret: str = SLACK_SIGNING
 ) -> tuple[bytes, dict[str, str]]:
-    """The request Slack sends when `user_id` presses Approve, signed as Slack documents it
-    (HMAC-SHA256 of "v0:<timestamp>:<body>"), computed here, not by the project's code."""
-    payload = {
-        "type": "block_actions",
-        "user": {"id": user_id, "username": user_id.lower(), "team_id": "T0001"},
-        "team": {"id": "T0001"},
-        "response_url": "https://hooks.slack.com/actions/T0001/1/abc",
-        "actions": [
-            {
-                "type": "button",
-                "action_id": APPROVE_ACTION,
-                "block_id": "elice_approval",
-                "value": value,
-                "action_ts": "1700000000.000100",
-            }
-        ],
-    }
-    body = urlencode({"payload": json.dumps(payload)}).encode()
-    timestamp = str(int(time.time()))
-    digest = hmac.new(secret.encode(), b"v0:" + timestamp.encode() + b":" + body, hashlib.sha256)
-    return body, {
-        "X-Slack-Request-Timestamp": timestamp,
-        "X-Slack-Signature": "v0=" + digest.hexdigest(),
-        "Content-Type": "application/x-www-form-urlencoded",
-    }
+    """The request Slack sends when `user_id` presses Approve, signed as Slack documents."""
+    body = button_press(APPROVE_ACTION, user_id, value)
+    return body, slack_signed(body, secret)
 
 
 @pytest.fixture(scope="module")

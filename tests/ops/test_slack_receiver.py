@@ -6,8 +6,6 @@ The signatures here are computed from Slack's documentation (HMAC-SHA256 of
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -16,7 +14,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -26,42 +23,22 @@ from pydantic import SecretStr
 from cicd.slack_receiver import ACTIONS_PATH, SECRET_ENV, SlackReceiver, load_slack_users
 from tasks.exceptions import GateError
 from tasks.slack_actions import APPROVE_ACTION, REJECT_ACTION, SlackDecision
+from tests.slack_requests import button_press, slack_signed
 
 SIGNING_SECRET = "e3b0c44298fc1c149afbf4c8996fb924-signing"
 RUN_ID = "0b6f3c52-8d0e-4a43-9a53-6d8a2b1f0c11"
+RELEASE = "3f9a0c1b2d4e"
 USERS = {"U0ALICE01": "alice", "U0BOB0002": "bob"}
 REPO = Path(__file__).resolve().parents[2]
 
 
 def press(action_id: str = APPROVE_ACTION, user_id: str = "U0ALICE01") -> bytes:
     """The form body Slack posts when a button is pressed."""
-    payload = {
-        "type": "block_actions",
-        "user": {"id": user_id, "username": "someone", "team_id": "T0001"},
-        "team": {"id": "T0001"},
-        "response_url": "https://hooks.slack.com/actions/T0001/1/abc",
-        "actions": [
-            {
-                "type": "button",
-                "action_id": action_id,
-                "block_id": "elice_approval",
-                "value": json.dumps({"run_id": RUN_ID, "release_id": "3f9a0c1b2d4e"}),
-                "action_ts": "1700000000.000100",
-            }
-        ],
-    }
-    return urlencode({"payload": json.dumps(payload)}).encode()
+    return button_press(action_id, user_id, json.dumps({"run_id": RUN_ID, "release_id": RELEASE}))
 
 
 def signed(body: bytes, *, secret: str = SIGNING_SECRET, at: int | None = None) -> dict[str, str]:
-    timestamp = str(int(time.time()) if at is None else at)
-    base = b"v0:" + timestamp.encode() + b":" + body
-    signature = "v0=" + hmac.new(secret.encode(), base, hashlib.sha256).hexdigest()
-    return {
-        "X-Slack-Request-Timestamp": timestamp,
-        "X-Slack-Signature": signature,
-        "Content-Type": "application/x-www-form-urlencoded",
-    }
+    return slack_signed(body, secret, at)
 
 
 class Recorder:

@@ -3,14 +3,19 @@
 A stack of its own in a temporary directory (reusing the session's engine): its Prefect
 server gets the pool, limits, blocks and deployments, and a supervised worker; a run of
 `ci/ci` started through the API with the deployment's defaults (what the UI's Run button
-posts) completes on that worker; `cicd stack down` stops the worker.
+posts) completes on that worker; `cicd stack down` stops the worker. The stack's Slack
+receiver reads its secret and users where the gate does (the server's Secret block, the
+protected approval policy) and hands a press it accepts to that server.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import httpx
 import pytest
+from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.events.worker import EventsWorker
@@ -18,13 +23,41 @@ from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
+from blocks.approvals import POLICY_FILE
 from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo, load_stack_info
+from cicd.slack_receiver import ACTIONS_PATH
 from cicd.stack import stop_stack
 from cicd.stack_cli import app
 from cicd.worker import worker_pid
+from tasks.approval import SLACK_SECRET_BLOCK
+from tasks.slack_actions import APPROVE_ACTION
 from tests.ops.runs import wait_for_log
+from tests.slack_requests import button_press, slack_signed
 from tests.tasks.ci_checkout import commit_all, copy_monorepo, git
+
+SLACK_USER = "U0TEAM001"
+SIGNING = "4c1f9e2d7a6b5c3d-team-signing"
+RUN = "5d2c7e1a-3b4f-4c6d-8e9f-0a1b2c3d4e5f"
+
+
+def presses_reach_the_server(url: str) -> None:
+    """The stack's Slack receiver judges presses with the server's Secret block and the
+    protected policy's users, and hands a good one to that server (where no run waits)."""
+
+    def post(user: str, secret: str = SIGNING) -> httpx.Response:
+        body = button_press(APPROVE_ACTION, user, json.dumps({"run_id": RUN, "release_id": "r1"}))
+        return httpx.post(url, content=body, headers=slack_signed(body, secret), timeout=30)
+
+    unsaved = post(SLACK_USER)
+    assert unsaved.status_code == 503, unsaved.text
+    assert "signing secret (Secret block) is not saved" in unsaved.text
+    Secret(value=SIGNING).save(SLACK_SECRET_BLOCK, overwrite=True)
+    assert post(SLACK_USER, secret="another-secret").status_code == 401
+    assert post("U0STRANGER").status_code == 403
+    handed_on = post(SLACK_USER)
+    assert handed_on.status_code == 409, handed_on.text
+    assert f"no flow run {RUN}" in handed_on.text
 
 
 def test_stack_up_serves_deployments_and_a_worker_runs_ci_with_its_defaults(
@@ -35,6 +68,7 @@ def test_stack_up_serves_deployments_and_a_worker_runs_ci_with_its_defaults(
     monkeypatch.setenv("ELICE_STACK_DIR", str(root))
     work = copy_monorepo(tmp_path / "work", [])
     (work / "README.md").write_text("# docs only\n")
+    (work / POLICY_FILE).write_text(f"slack_users:\n  {SLACK_USER}: alice\n")
     commit_all(work, "docs")  # the tip of main changes no service
     bare = tmp_path / "remote.git"
     git(tmp_path, "clone", "-q", "--bare", str(work), str(bare))
@@ -56,6 +90,9 @@ def test_stack_up_serves_deployments_and_a_worker_runs_ci_with_its_defaults(
                 [nightly] = deployments["nightly-rebuild"].schedules
                 assert nightly.active
             GitRepository(url=str(bare)).save(REPOSITORY_BLOCK, overwrite=True)
+            assert info.slack_receiver_url
+            assert "slack-receiver" in up.output
+            presses_reach_the_server(info.slack_receiver_url + ACTIONS_PATH)
             run = run_deployment("ci/ci", timeout=300, poll_interval=2)  # its defaults only
             assert run.state is not None
             assert run.state.is_completed(), run.state
@@ -64,11 +101,13 @@ def test_stack_up_serves_deployments_and_a_worker_runs_ci_with_its_defaults(
         again = CliRunner().invoke(app, ["up"])
         assert again.exit_code == 0, again.output
         assert "worker: running (pid" in again.output
+        assert "slack-receiver: running at" in again.output  # kept, not restarted
         APILogWorker.drain_all(timeout=30)  # what this process sent that server goes out now
         EventsWorker.drain_all(timeout=30)
         down = CliRunner().invoke(app, ["down"])
         assert down.exit_code == 0, down.output
         assert "worker" in down.output
         assert worker_pid(root) is None
+        assert "slack-receiver" in down.output
     finally:
         stop_stack(root)

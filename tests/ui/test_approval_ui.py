@@ -2,7 +2,9 @@
 
 The Resume form takes what `cicd sign` prints: the statement and its SSH signature. The
 session's test server runs without its UI, so this module starts a real `prefect server
-start` (own home and database) and runs the gate's judgement against it.
+start` (own home and database) and runs the gate's judgement and pause against it. A
+forged signature sent through the form is refused, the run pauses again with a new form,
+and the page shows it; the real signature then approves.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -26,7 +29,6 @@ from playwright.sync_api import Locator, Page, sync_playwright
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.events.worker import EventsWorker
-from prefect.flow_runs import pause_flow_run
 from prefect.logging.handlers import APILogWorker
 from prefect.runtime import flow_run as current_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -36,6 +38,7 @@ from cicd.stack import free_port
 from tasks.approval import answer_form, judge_answer, read_gate, statement_for
 from tasks.exceptions import AnswerRefused, GateError
 from tasks.models import PromotionPlan
+from tasks.pause import pause_for_answer
 from tasks.signing import sign_statement
 from tests.tasks.test_approval import APPROVERS, People, plan
 
@@ -114,8 +117,8 @@ def ui_gate(plan_json: str, allowed_signers: str) -> str:
     )
     gate = policy.environments["production"]
     for _ in range(3):
-        answer = pause_flow_run(
-            wait_for_input=answer_form(p, gate, [], {}, run_id), timeout=300, poll_interval=1
+        answer = pause_for_answer(
+            answer_form(p, gate, [], {}, run_id), timeout_s=300, poll_s=1, on_forced=print
         )
         try:
             verdict = judge_answer(
@@ -142,6 +145,38 @@ def paused_state(run_id: UUID) -> Any:
 def dialog(page: Page) -> Locator:
     """The "Resume Flow Run" dialog."""
     return page.locator(".p-modal", has_text="Resume Flow Run").first
+
+
+def outside(call: Callable[[], Any]) -> Any:
+    """`call()` in another thread: in playwright's sync API, this thread runs an event
+    loop, and Prefect's client functions would return coroutines here."""
+    ctx = contextvars.copy_context()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(ctx.run, call).result()
+
+
+def wait_for_new_form(run_id: UUID, old: Any, states: queue.Queue[Any]) -> None:
+    """Until the run is paused again on a form other than `old`, and that form is saved."""
+    end = time.monotonic() + 60
+    while True:
+        assert states.empty(), "a forged signature ended the run"
+        if paused_state(run_id).state_details.run_input_keyset not in (None, old):
+            try:
+                read_gate(run_id)
+            except GateError:
+                pass
+            else:
+                return
+        assert time.monotonic() < end, "the run did not pause again with a form"
+        time.sleep(0.3)
+
+
+def open_form(page: Page) -> Locator:
+    """Click Resume and wait for the dialog's form."""
+    page.get_by_role("button", name="Resume").first.click(timeout=60_000)
+    modal = dialog(page)
+    modal.locator("textarea").first.wait_for(timeout=30_000)
+    return modal
 
 
 def test_approve_through_the_ui_form(ui_server: str, tmp_path: Path) -> None:
@@ -172,10 +207,10 @@ def test_approve_through_the_ui_form(ui_server: str, tmp_path: Path) -> None:
             except GateError:
                 assert time.monotonic() < end, "the run never paused at its gate"
                 time.sleep(0.3)
-        # what `cicd sign` prints (refused answers are tried through the API in
-        # tests/flows/test_promotion.py against the real promote flow)
+        # what `cicd sign` prints; first an answer whose signature is not one
         statement = statement_for(p, str(run_id), {}, "approve", "", "platform-lead")
         signature = sign_statement(statement, people.keys["platform-lead"])
+        first_form = paused_state(run_id).state_details.run_input_keyset
 
         started = time.monotonic()
         with sync_playwright() as pw:
@@ -184,9 +219,7 @@ def test_approve_through_the_ui_form(ui_server: str, tmp_path: Path) -> None:
                 page = browser.new_page()
                 page.route("**/*amplitude.com/**", lambda route: route.abort())
                 page.goto(f"{ui_server}/runs/flow-run/{run_id}")
-                page.get_by_role("button", name="Resume").first.click(timeout=60_000)
-                modal = dialog(page)
-                modal.locator("textarea").first.wait_for(timeout=30_000)
+                modal = open_form(page)
                 text = modal.inner_text()
                 assert "Statement" in text
                 assert "Signature" in text
@@ -194,6 +227,13 @@ def test_approve_through_the_ui_form(ui_server: str, tmp_path: Path) -> None:
                 assert p.release_id in description.inner_text()
                 codes = description.locator("code").all_inner_texts()
                 assert p.changes[0].new_digest in codes
+                modal.locator("textarea").nth(0).fill(statement.model_dump_json())
+                modal.locator("textarea").nth(1).fill("-----BEGIN SSH SIGNATURE-----\nforged")
+                modal.get_by_role("button", name="Submit").click()
+                # refused: the run pauses again, with a new form, which the page shows
+                outside(lambda: wait_for_new_form(run_id, first_form, states))
+                page.reload()
+                modal = open_form(page)
                 modal.locator("textarea").nth(0).fill(statement.model_dump_json())
                 modal.locator("textarea").nth(1).fill(signature)
                 modal.get_by_role("button", name="Submit").click()
