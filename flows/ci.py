@@ -40,6 +40,7 @@ from tasks.images import (
 )
 from tasks.models import DeliverySettings, StageResult, Workspace
 from tasks.notify import Notice, flow_run_url, notify
+from tasks.process import set_tool_slots
 from tasks.python_build import lock_service, sync_service
 from tasks.quality import run_bandit, run_mypy, run_ruff
 from tasks.releases import record_release
@@ -188,11 +189,36 @@ def notify_ci_failed(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any])
     )
 
 
+# Threads for a CI run's tasks: more than every stage of 12 services (about 14 each), so a
+# ready task never queues behind waiting ones. A waiting thread costs no CPU.
+POOL_THREADS = 256
+
+
+class BoundedTaskRunner(ThreadPoolTaskRunner[Any]):
+    """A wide thread pool whose tools run at most `tool_slots` at once (`tasks.process`).
+
+    A task waiting for the one before it holds a thread, never a tool slot: with a pool
+    as narrow as the cores, waiting tasks took the threads and a ready image build
+    queued behind them.
+    """
+
+    def __init__(self, tool_slots: int) -> None:
+        super().__init__(max_workers=POOL_THREADS)
+        self.tool_slots = tool_slots
+
+    def duplicate(self) -> BoundedTaskRunner:
+        return type(self)(self.tool_slots)
+
+    def __enter__(self) -> BoundedTaskRunner:
+        set_tool_slots(self.tool_slots)
+        super().__enter__()
+        return self
+
+
 def bounded_runner(max_workers: int | None = None) -> TaskRunner[PrefectFuture[Any]]:
-    """A thread pool of `max_workers` (default: the cores); more tool processes is slower."""
-    runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(
-        max_workers=max_workers or os.cpu_count() or 2
-    )
+    """Tasks run on a wide thread pool; tools run `max_workers` at once (default: the
+    cores; more tool processes than cores is slower)."""
+    runner = BoundedTaskRunner(max_workers or os.cpu_count() or 2)
     return cast("TaskRunner[PrefectFuture[Any]]", runner)  # TaskRunner is invariant in F
 
 

@@ -226,25 +226,19 @@ def _catalog(config: PipelineConfig) -> dict[str, ServiceSpec]:
 
 def _smoke_test_source(config: PipelineConfig, plan: PromotionPlan) -> None:
     """The releases answer in the environment they are promoted from (read-only), on
-    that environment's own target; `deploy_wave_size()` services at a time, like the
-    deploys. The first failure is raised once its wave is done."""
+    that environment's own target."""
     source_env = config.environment(plan.source_environment)
     specs = config.catalog.select(plan.services)
     source_target, _ = _target(source_env, None)
     addresses = service_addresses(source_target, source_env, specs)
-    size = deploy_wave_size()
-    for start in range(0, len(specs), size):
-        wave = specs[start : start + size]
-        futures = smoke_test_release.map(
-            [addresses[spec.name] for spec in wave],
-            unmapped(source_env.name),
-            wave,
-            [plan.change(spec.name).image for spec in wave],
-            unmapped(SMOKE_DEADLINE_S),
+    for spec in specs:
+        smoke_test_release(
+            addresses[spec.name],
+            source_env.name,
+            spec,
+            plan.change(spec.name).image,
+            SMOKE_DEADLINE_S,
         )
-        futures.wait()
-        for future in futures:
-            future.result()
 
 
 def _audit(plan: PromotionPlan, run_id: str, kind: Any, who: str, **fields: str) -> None:

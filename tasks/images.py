@@ -36,7 +36,7 @@ from tasks.ecr import (
 from tasks.engine import docker_error, engine_client, resolve_docker_host
 from tasks.exceptions import ConfigError, ImageError, ToolError
 from tasks.models import DeliverySettings, ImageRef, PromotionPlan, PublishedImage, utcnow
-from tasks.process import retry_on_tool_error, run_logger
+from tasks.process import retry_on_tool_error, run_logger, tool_slot
 from tasks.registry import copy_image, find_published_image, manifest_digest
 
 DOCKERFILE = "services/Dockerfile"
@@ -235,19 +235,21 @@ def build_image(
     client = engine_client(docker_host)
     started = time.monotonic()
     try:
-        stream = client.api.build(
-            fileobj=context,
-            custom_context=True,
-            dockerfile=DOCKERFILE,
-            tag=f"{repository}:{tags[0]}",
-            buildargs=buildargs,
-            labels=labels,
-            network_mode="host",
-            rm=True,
-            forcerm=True,
-            decode=True,
-        )
-        image_id = _stream_build(stream, service.name)
+        with tool_slot():  # the engine's build works like a tool process: one slot
+            started = time.monotonic()
+            stream = client.api.build(
+                fileobj=context,
+                custom_context=True,
+                dockerfile=DOCKERFILE,
+                tag=f"{repository}:{tags[0]}",
+                buildargs=buildargs,
+                labels=labels,
+                network_mode="host",
+                rm=True,
+                forcerm=True,
+                decode=True,
+            )
+            image_id = _stream_build(stream, service.name)
         for tag in tags[1:]:
             client.api.tag(image_id, repository, tag)
     except docker_error("APIError") as exc:

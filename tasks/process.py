@@ -1,4 +1,11 @@
-"""Running external tools: one place that starts processes, captures and trims output."""
+"""Running external tools: one place that starts processes, captures and trims output.
+
+Tool slots: the CI flow's thread pool is wide, so a task waiting for the one before it
+never holds back one that could run; what is bounded (by the cores, or what the flow's
+runner says) is how many tools run at once. `run_tool`, the pytest fork server and the
+image build each hold a slot while their process works; a thread that holds one can
+start more tools inside it without taking another.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +30,62 @@ from prefect.tasks import exponential_backoff
 from tasks.exceptions import ToolError
 
 EXCERPT_LINES = 40
+
+
+class _Slots:
+    """At most `size` holders at once, in this process; reentrant in one thread."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._gate = threading.BoundedSemaphore(size)
+        self._held = threading.local()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if getattr(self._held, "depth", 0):
+            self._held.depth += 1
+            try:
+                yield
+            finally:
+                self._held.depth -= 1
+            return
+        with self._gate:
+            self._held.depth = 1
+            try:
+                yield
+            finally:
+                self._held.depth = 0
+
+
+_slots = _Slots(os.cpu_count() or 2)
+_slots_lock = threading.Lock()
+
+
+def set_tool_slots(size: int) -> None:
+    """How many tools may run at once from now on (tools running keep their slot).
+
+    Raises:
+        ValueError: `size` is below 1.
+    """
+    global _slots  # noqa: PLW0603 - one bound per process, set by the flow's runner
+    if size < 1:
+        msg = f"tool slots must be at least 1, got {size}"
+        raise ValueError(msg)
+    with _slots_lock:
+        if _slots.size != size:
+            _slots = _Slots(size)
+
+
+def tool_slots() -> int:
+    """How many tools may run at once."""
+    return _slots.size
+
+
+@contextmanager
+def tool_slot() -> Iterator[None]:
+    """Hold one tool slot while the block runs (at once when this thread holds one)."""
+    with _slots.hold():
+        yield
 
 
 @dataclass(frozen=True)
@@ -76,17 +141,18 @@ def run_tool(
     full_env = {**os.environ, **(env or {})}
     started = time.monotonic()
     try:
-        done = subprocess.run(
-            list(args),
-            cwd=cwd,
-            env=full_env,
-            input=input_text,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        with tool_slot():
+            done = subprocess.run(
+                list(args),
+                cwd=cwd,
+                env=full_env,
+                input=input_text,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
     except FileNotFoundError as exc:
         msg = f"cannot run {args[0]}: {exc.strerror}"
         raise ToolError(msg) from exc

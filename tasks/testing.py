@@ -34,7 +34,7 @@ from prefect import task
 from blocks.catalog import ServiceSpec
 from tasks.exceptions import ToolError
 from tasks.models import StageResult
-from tasks.process import STAGE_RETRY_OPTIONS, ToolRun, run_logger, run_tool
+from tasks.process import STAGE_RETRY_OPTIONS, ToolRun, run_logger, run_tool, tool_slot
 from tasks.quality import failed_check, passed_result, shared_config, venv_tool
 from tasks.source import (
     Details,
@@ -265,16 +265,19 @@ def run_pytest_process(
     """
     full_env = {**os.environ, **env}
     server = fork_server(repo, path, full_env)
-    if server is not None:
-        try:
-            return server.run("pytest", [*args, "-W", FORK_ONLY_WARNING], path, full_env, timeout)
-        except OSError as exc:
-            run_logger().warning(
-                "%s: fork server failed (%s); running pytest itself", path.name, exc
-            )
-    return run_tool(
-        [venv_tool(path, "python"), "-m", "pytest", *args], cwd=path, env=env, timeout=timeout
-    )
+    with tool_slot():  # the fork works like a tool process: one slot
+        if server is not None:
+            try:
+                return server.run(
+                    "pytest", [*args, "-W", FORK_ONLY_WARNING], path, full_env, timeout
+                )
+            except OSError as exc:
+                run_logger().warning(
+                    "%s: fork server failed (%s); running pytest itself", path.name, exc
+                )
+        return run_tool(
+            [venv_tool(path, "python"), "-m", "pytest", *args], cwd=path, env=env, timeout=timeout
+        )
 
 
 def pytest_args(config: str, package: str, scratch: Path) -> list[str]:

@@ -416,6 +416,11 @@ def test_production_gate_refuses_unproven_answers_then_deploys(
     wait_until(lambda: len(audit_of(run_id)) > seen, 60)
     assert (audit_of(run_id)[-1].kind, audit_of(run_id)[-1].who) == ("refused", "unknown")
     paused_run(before)
+    # forced to Scheduled, where no answer could reach it: paused again, and audited
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Scheduled(), force=True)
+    wait_until(lambda: any("forced to Scheduled" in e.detail for e in audit_of(run_id)), 30)
+    assert paused_run(before) == run_id
     # a fake plan planted where the form's description lives: the approver's command
     # never reads it, it signs what the ledgers say
     keyset = read_gate_keyset(run_id)
