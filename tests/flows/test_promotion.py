@@ -441,7 +441,8 @@ def test_production_gate_refuses_unproven_answers_then_deploys(
     record = Ledger().current(PROD).services["course"]
     assert (record.approved_by, record.promoted_by, record.verified) == ("bob", "alice", True)
     kinds = [e.kind for e in audit_of(run_id)]
-    assert kinds == ["requested", *["refused"] * (len(attacks) + 1), "approved"]
+    # each attack, the forced resume and the forced Scheduled are refused, then approved
+    assert kinds == ["requested", *["refused"] * (len(attacks) + 2), "approved"]
     wait_until(lambda: len(events(receiver, "resolve")) >= 1)
 
 
