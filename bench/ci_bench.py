@@ -35,9 +35,10 @@ IGNORED = shutil.ignore_patterns(
 )
 
 
-def checkout(services: list[str]) -> Path:
-    """A git copy of `services`, the libs, the shared service files and the config."""
-    repo = _SCRATCH / "repo"
+def checkout(services: list[str], dest: Path | None = None, config: str | None = None) -> Path:
+    """A git copy of `services`, the libs, the shared service files and the config (at
+    `dest`, default `<scratch>/repo`; `config` replaces config/pipeline.yaml)."""
+    repo = dest or _SCRATCH / "repo"
     for name in services:
         shutil.copytree(ROOT / "services" / name, repo / "services" / name, ignore=IGNORED)
     for shared in (ROOT / "services").iterdir():
@@ -45,6 +46,8 @@ def checkout(services: list[str]) -> Path:
             shutil.copy(shared, repo / "services" / shared.name)
     for part in ("libs", "config"):
         shutil.copytree(ROOT / part, repo / part, ignore=IGNORED)
+    if config is not None:
+        shutil.copy(config, repo / "config" / "pipeline.yaml")
     shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
     env = {
         "PATH": os.environ["PATH"],

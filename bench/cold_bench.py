@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -46,8 +45,8 @@ import docker  # noqa: E402
 import yaml  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from bench.ci_bench import _SCRATCH, IGNORED  # noqa: E402
-from bench.quality_bench import WORKERS, service_commands  # noqa: E402
+from bench.ci_bench import _SCRATCH, checkout  # noqa: E402
+from bench.quality_bench import WORKERS, service_target  # noqa: E402
 from blocks.catalog import ServiceSpec  # noqa: E402
 from blocks.config import PipelineConfig, load_config  # noqa: E402
 from blocks.environments import EnvironmentSpec  # noqa: E402
@@ -64,8 +63,7 @@ from tasks.images import (  # noqa: E402
 )
 from tasks.models import ImageRef  # noqa: E402
 from tasks.process import which  # noqa: E402
-from tasks.security import syft_registry_env  # noqa: E402
-from tasks.source import lib_dependencies, service_env  # noqa: E402
+from tasks.security import pip_audit_command, syft_registry_env  # noqa: E402
 
 ENV = "cb-dev"
 PREFIXES = ("elice", "make")
@@ -96,27 +94,8 @@ def write_config(names: list[str]) -> str:
 
 
 def fresh_checkout(names: list[str], cfg_path: str) -> Path:
-    """A new git copy: the services, the shared files, the libs, the config."""
-    repo = _SCRATCH / f"repo-{uuid.uuid4().hex[:8]}"
-    for name in names:
-        shutil.copytree(ROOT / "services" / name, repo / "services" / name, ignore=IGNORED)
-    for shared in (ROOT / "services").iterdir():
-        if shared.is_file():
-            shutil.copy(shared, repo / "services" / shared.name)
-    for part in ("libs", "config"):
-        shutil.copytree(ROOT / part, repo / part, ignore=IGNORED)
-    shutil.copy(cfg_path, repo / "config" / "pipeline.yaml")
-    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
-    env = {
-        "PATH": os.environ["PATH"],
-        "GIT_AUTHOR_NAME": "bench",
-        "GIT_AUTHOR_EMAIL": "bench@example.invalid",
-        "GIT_COMMITTER_NAME": "bench",
-        "GIT_COMMITTER_EMAIL": "bench@example.invalid",
-    }
-    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "bench"]):
-        subprocess.run(["git", "-C", str(repo), *args], check=True, env=env)
-    return repo
+    """A new git copy of the monorepo with the bench's configuration."""
+    return checkout(names, _SCRATCH / f"repo-{uuid.uuid4().hex[:8]}", cfg_path)
 
 
 def _q(value: str) -> str:
@@ -244,31 +223,8 @@ def makefile(
         ".PHONY: all " + " ".join(s.name for s in specs),
     ]
     for spec in specs:
-        path = repo / spec.path
-        variables = {
-            **service_env(path),
-            "COVERAGE_FILE": str(_SCRATCH / "make" / spec.name / ".coverage"),
-        }
-        prefix = f"cd {shlex.quote(str(path))} && env " + " ".join(
-            f"{k}={shlex.quote(v)}" for k, v in variables.items()
-        )
-        audit = [
-            which("pip-audit"),
-            "--strict",
-            "--no-deps",
-            "--disable-pip",
-            "--format",
-            "json",
-            "--progress-spinner",
-            "off",
-            "-r",
-            str(path / "requirements.lock"),
-        ]
-        lines.append(f"{spec.name}:")
-        lines.extend(
-            f"\t@{prefix} {shlex.join(command)} > /dev/null"
-            for command in service_commands(repo, spec, lib_dependencies(cfg.catalog, spec))
-        )
+        lines.extend(service_target(repo, spec, cfg.catalog))
+        audit = pip_audit_command(repo / spec.path / "requirements.lock")
         lines.append(f"\t-@cd {shlex.quote(str(repo))} && {shlex.join(audit)} > /dev/null 2>&1")
         lines.extend(f"\t@{line}" for line in engine_lines(repo, spec, env, registry, socket, base))
     out = _SCRATCH / "Makefile"

@@ -33,7 +33,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 import tasks.testing  # noqa: E402
 from bench.ci_bench import _SCRATCH, checkout  # noqa: E402  (the same git copy, env set)
-from blocks.catalog import ServiceSpec  # noqa: E402
+from blocks.catalog import ServiceCatalog, ServiceSpec  # noqa: E402
 from blocks.config import load_config  # noqa: E402
 from flows.ci import bounded_runner, ci  # noqa: E402
 from tasks.process import which  # noqa: E402
@@ -80,6 +80,25 @@ def service_commands(repo: Path, spec: ServiceSpec, libs: list[str]) -> list[lis
     return commands
 
 
+def service_target(repo: Path, spec: ServiceSpec, catalog: ServiceCatalog) -> list[str]:
+    """The Makefile target of `spec`: its commands in its directory and environment."""
+    path = repo / spec.path
+    env = {
+        **service_env(path),
+        "COVERAGE_FILE": str(_SCRATCH / "make" / spec.name / ".coverage"),
+    }
+    prefix = f"cd {shlex.quote(str(path))} && env " + " ".join(
+        f"{k}={shlex.quote(v)}" for k, v in env.items()
+    )
+    return [
+        f"{spec.name}:",
+        *(
+            f"\t@{prefix} {shlex.join(command)} > /dev/null"
+            for command in service_commands(repo, spec, lib_dependencies(catalog, spec))
+        ),
+    ]
+
+
 def makefile(repo: Path, specs: list[ServiceSpec]) -> Path:
     """One target per service: its commands in its directory and environment, in order."""
     catalog = load_config().catalog
@@ -88,19 +107,7 @@ def makefile(repo: Path, specs: list[ServiceSpec]) -> Path:
         ".PHONY: all " + " ".join(s.name for s in specs),
     ]
     for spec in specs:
-        path = repo / spec.path
-        env = {
-            **service_env(path),
-            "COVERAGE_FILE": str(_SCRATCH / "make" / spec.name / ".coverage"),
-        }
-        prefix = f"cd {shlex.quote(str(path))} && env " + " ".join(
-            f"{k}={shlex.quote(v)}" for k, v in env.items()
-        )
-        lines.append(f"{spec.name}:")
-        lines.extend(
-            f"\t@{prefix} {shlex.join(command)} > /dev/null"
-            for command in service_commands(repo, spec, lib_dependencies(catalog, spec))
-        )
+        lines.extend(service_target(repo, spec, catalog))
     out = _SCRATCH / "Makefile"
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out

@@ -90,6 +90,22 @@ def _sbom_cache_key(_context: TaskRunContext, parameters: dict[str, Any]) -> str
     return f"sbom-{published.image.digest}"
 
 
+def pip_audit_command(lock: Path) -> list[str]:
+    """pip-audit of the locked requirements `lock`, as JSON, pinned versions only."""
+    return [
+        which("pip-audit"),
+        "--strict",
+        "--no-deps",
+        "--disable-pip",
+        "--format",
+        "json",
+        "--progress-spinner",
+        "off",
+        "-r",
+        str(lock),
+    ]
+
+
 @task(
     name="scan-dependencies",
     task_run_name="scan-dependencies-{service.name}",
@@ -103,18 +119,7 @@ def scan_dependencies(service: ServiceSpec, repo: Path, timeout_s: float = 120) 
         return ScanReport(service=service.name, verdict="unknown", reason=f"{lock} is missing")
     try:
         done = run_tool(
-            [
-                which("pip-audit"),
-                "--strict",
-                "--no-deps",
-                "--disable-pip",
-                "--format",
-                "json",
-                "--progress-spinner",
-                "off",
-                "-r",
-                str(lock),
-            ],
+            pip_audit_command(lock),
             cwd=repo,
             timeout=timeout_s,
         )
