@@ -115,6 +115,7 @@ def _engine_errors(action: str) -> Iterator[None]:
 # Podman's Docker API answers 500 for these while a container's files are still in use
 # (a stop or remove racing its cleanup under load); the same call a moment later works.
 _TRANSIENT_ENGINE = ("device or resource busy", "timed out waiting for file")
+_VANISHED = "no such container"
 ENGINE_ATTEMPTS = 4
 WATCH_SLICE_S = 1.0  # how often a deploy looks at the new container between probes
 
@@ -210,6 +211,12 @@ class DockerDeployer:
             return self.client.containers.get(name)
         except docker_error("NotFound"):
             return None
+        except docker_error("APIError") as exc:
+            # Podman resolves the name first and then reads the container by id; one
+            # removed in between answers 500 "no such container": it is gone, as a 404.
+            if _VANISHED in str(exc):
+                return None
+            raise
 
     def live(self, env: EnvironmentSpec, service: ServiceSpec) -> DeployedService | None:
         """What the running canonical container serves, from its labels; None if none runs."""

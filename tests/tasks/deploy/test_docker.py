@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -122,6 +123,7 @@ PREFIX = "elicetest"
 # Generous: container start-up on two shared cores; a failing release waits this long.
 DEADLINE_S = 120.0
 BROKEN_DEADLINE_S = 30.0
+RACE_ROUNDS = 40
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +261,28 @@ def test_new_release_replaces_the_old_and_restore_puts_it_back(
     assert name not in container_names(docker_client)
     with pytest.raises(httpx.ConnectError):
         httpx.get(deployer.address(TEST_ENV, service) + "/health", timeout=5)
+
+
+def test_live_reads_a_container_removed_while_it_looks_as_none(
+    stack: StackInfo, deployer: DockerDeployer, service: ServiceSpec
+) -> None:
+    """Removal racing an inspect: a 404 on Docker, a 500 "no such container" on Podman.
+
+    A promotion's watcher and a deploy's remove meet exactly so; either answer means
+    nothing is served under that name, so `live()` says None and does not raise.
+    """
+    name = container_name(PREFIX, TEST_ENV.name, service.name)
+    client = docker.DockerClient(base_url=stack.docker_host)
+    looks = 0
+    try:
+        for _ in range(RACE_ROUNDS):
+            container = client.containers.create(stack.pause_image, name=name)
+            remover = threading.Thread(target=container.remove, kwargs={"force": True})
+            remover.start()
+            while remover.is_alive():
+                assert deployer.live(TEST_ENV, service) is None  # created, never started
+                looks += 1
+            remover.join()
+    finally:
+        client.close()
+    assert looks >= RACE_ROUNDS
