@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -15,10 +16,11 @@ from blocks.docker_target import DockerTarget
 from blocks.environments import EnvironmentSpec
 from blocks.registry import OciRegistry
 from tasks.engine import docker_error, engine_client, resolve_docker_host
-from tasks.exceptions import DeployError, ToolError
+from tasks.exceptions import DeployError, RegistryError, ToolError
 from tasks.health import HealthResult, probe_health
 from tasks.models import DeployedService, ImageRef, utcnow
 from tasks.process import run_logger
+from tasks.registry import fetch_manifest
 
 LABEL = "io.elice."
 MANAGED_BY = "elice-devops"
@@ -247,12 +249,47 @@ class DockerDeployer:
         }
         self.client.images.pull(image.repository, tag=image.digest, auth_config=login)
 
+    def _local_copy(self, image: ImageRef) -> str | None:
+        """The engine's own image of `image`, by id, when it has it; else None.
+
+        An engine that built and pushed an image does not know it by the registry's
+        manifest digest (Podman re-encodes layers on push), so running `repo@digest`
+        pulls every layer back and unpacks it again. The registry's manifest of
+        `image.digest`, checked against that digest here, names its config's digest,
+        which is the image id: the config pins the layers' uncompressed digests, so
+        the engine's image with that id is the same filesystem and configuration. Any
+        doubt (no manifest, an index, a body that does not hash to the digest, no such
+        image here) answers None and the engine pulls by digest as before.
+        """
+        registry = self.registries.get(image.repository.split("/", 1)[0])
+        try:
+            answer = fetch_manifest(image.repository, image.digest, registry)
+        except (RegistryError, ToolError):
+            return None
+        if "sha256:" + hashlib.sha256(answer.content).hexdigest() != image.digest:
+            return None
+        try:
+            manifest = answer.json()
+        except ValueError:
+            return None
+        config = manifest.get("config") if isinstance(manifest, dict) else None
+        digest = config.get("digest") if isinstance(config, dict) else None
+        if not isinstance(digest, str) or not digest.startswith("sha256:"):
+            return None
+        try:
+            local = self.client.images.get(digest)
+        except docker_error("ImageNotFound"):
+            return None
+        return digest if local.id == digest else None
+
     def _start(self, env: EnvironmentSpec, service: ServiceSpec, image: ImageRef, name: str) -> Any:
         extra = {**self.environment_env.get(env.name, {}), **self.extra_env.get(image.digest, {})}
         try:
-            self._pull_with_login(image)
+            local = self._local_copy(image)
+            if local is None:
+                self._pull_with_login(image)
             return self.client.containers.run(
-                image.reference,
+                local or image.reference,
                 name=name,
                 detach=True,
                 network_mode="host",

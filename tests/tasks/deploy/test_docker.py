@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -28,6 +29,8 @@ from tasks.deploy.docker import (
 from tasks.exceptions import DeployError
 from tasks.images import BuiltImage, push_image
 from tasks.models import ImageRef
+from tasks.registry import copy_image
+from tests.plugins.registries import AuthRegistry
 
 TEST_ENV = EnvironmentSpec(
     name="test-docker",
@@ -286,3 +289,75 @@ def test_live_reads_a_container_removed_while_it_looks_as_none(
     finally:
         client.close()
     assert looks >= RACE_ROUNDS
+
+
+def _release_only_in(
+    registry: AuthRegistry,
+    stack: StackInfo,
+    docker_client: docker.DockerClient,
+    built_image: BuiltImage,
+) -> ImageRef:
+    """A new release of the service in `registry` only: built, copied there, then
+    removed from the engine, so running it means pulling it with that registry's login."""
+    tag = f"pull-{uuid.uuid4().hex[:8]}"
+    dockerfile = f"FROM {built_image.references[0]}\nLABEL io.elice.test.release={tag}\n"
+    image, _ = docker_client.images.build(
+        fileobj=io.BytesIO(dockerfile.encode()), tag=f"{built_image.repository}:{tag}", rm=True
+    )
+    ci = push_image.fn(
+        built_image.model_copy(update={"image_id": image.id, "tags": (tag,)}),
+        docker_host=stack.docker_host,
+    )
+    there = copy_image(ci, registry.block)
+    docker_client.images.remove(image.id, force=True)
+    return there
+
+
+def pulls(docker_client: docker.DockerClient, since: float) -> list[str]:
+    """What the engine pulled since `since` (epoch seconds), from its event stream."""
+    events = docker_client.events(
+        since=int(since), until=int(time.time()) + 1, decode=True, filters={"type": "image"}
+    )
+    return [
+        str(event.get("Actor", {}).get("Attributes", {}).get("name") or event.get("id"))
+        for event in events
+        if event.get("Action") == "pull"
+    ]
+
+
+def test_a_release_the_engine_has_runs_from_its_own_copy_without_a_pull(
+    deployer: DockerDeployer,
+    service: ServiceSpec,
+    pushed_image: ImageRef,
+    built_image: BuiltImage,
+    docker_client: docker.DockerClient,
+) -> None:
+    since = time.time() - 1
+    deployer.deploy(TEST_ENV, service, pushed_image, deadline_s=DEADLINE_S)
+    assert served_digest(deployer, service) == pushed_image.digest
+    running = docker_client.containers.get(container_name(PREFIX, TEST_ENV.name, service.name))
+    assert running.attrs["Image"] == built_image.image_id  # the registry manifest's config
+    assert pulls(docker_client, since) == []  # the engine built it: nothing to fetch
+
+
+def test_a_release_the_engine_lacks_is_pulled_with_its_registrys_login(
+    stack: StackInfo,
+    service: ServiceSpec,
+    built_image: BuiltImage,
+    basic_registry: AuthRegistry,
+    docker_client: docker.DockerClient,
+) -> None:
+    image = _release_only_in(basic_registry, stack, docker_client, built_image)
+    anonymous = DockerDeployer(stack.docker_host, PREFIX, health_deadline_s=DEADLINE_S)
+    with pytest.raises(DeployError, match="not found in the registry or the engine"):
+        anonymous.deploy(TEST_ENV, service, image, deadline_s=DEADLINE_S)
+    deployer = DockerDeployer(
+        stack.docker_host, PREFIX, health_deadline_s=DEADLINE_S, registries=[basic_registry.block]
+    )
+    since = time.time() - 1
+    try:
+        deployer.deploy(TEST_ENV, service, image, deadline_s=DEADLINE_S)
+        assert served_digest(deployer, service) == image.digest
+        assert set(pulls(docker_client, since)) == {image.reference}  # and only it
+    finally:
+        deployer.restore(TEST_ENV, service, None)
