@@ -48,7 +48,8 @@ def checkout(services: list[str], dest: Path | None = None, config: str | None =
         shutil.copytree(ROOT / part, repo / part, ignore=IGNORED)
     if config is not None:
         shutil.copy(config, repo / "config" / "pipeline.yaml")
-    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
+    for ignore in (".gitignore", ".dockerignore"):  # the image build context obeys the latter
+        shutil.copy(ROOT / ignore, repo / ignore)
     env = {
         "PATH": os.environ["PATH"],
         "GIT_AUTHOR_NAME": "bench",

@@ -38,6 +38,7 @@ from tasks.exceptions import ConfigError, ImageError, ToolError
 from tasks.models import DeliverySettings, ImageRef, PromotionPlan, PublishedImage, utcnow
 from tasks.process import retry_on_tool_error, run_logger, tool_slot
 from tasks.registry import copy_image, find_published_image, manifest_digest
+from tasks.source import excluded_from_source
 
 DOCKERFILE = "services/Dockerfile"
 EXTRA_CA_PATH = ".build/extra-ca.crt"
@@ -149,7 +150,9 @@ def build_context(
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for rel in sorted(exclude_paths(str(root), _ignore_patterns(root), DOCKERFILE)):
             wanted_file = rel == DOCKERFILE or any(f"{rel}/".startswith(k) for k in keep[1:])
-            if wanted_file and (root / rel).is_file():
+            # what the fingerprint leaves out never enters the image, .dockerignore or not:
+            # an image cached by fingerprint must not depend on a checkout's .venv or caches
+            if wanted_file and not excluded_from_source(Path(rel)) and (root / rel).is_file():
                 tar.add(root / rel, arcname=rel, recursive=False)
         data = (extra_ca or "").encode()
         info = tarfile.TarInfo(EXTRA_CA_PATH)

@@ -186,7 +186,9 @@ def lib_dependencies(catalog: ServiceCatalog, service: ServiceSpec) -> list[str]
     return sorted(found)
 
 
-def _excluded(relative: Path) -> bool:
+def excluded_from_source(relative: Path) -> bool:
+    """Whether a path (relative to the repository) is a cache, an environment or coverage
+    output: never part of a service's source, its fingerprint or its image build context."""
     parts = relative.parts
     return (
         any(p in EXCLUDED_PARTS or p.endswith(".egg-info") for p in parts)
@@ -205,7 +207,7 @@ def _listed_files(repo: Path, directory: str) -> list[str]:
         names = {n for n in output.split("\0") if n}
     else:
         names = {str(p.relative_to(repo)) for p in (repo / directory).rglob("*") if p.is_file()}
-    return sorted(n for n in names if not _excluded(Path(n)) and (repo / n).is_file())
+    return sorted(n for n in names if not excluded_from_source(Path(n)) and (repo / n).is_file())
 
 
 def fingerprint(

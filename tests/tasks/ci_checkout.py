@@ -59,7 +59,8 @@ def copy_monorepo(dest: Path, services: list[str]) -> Path:
         shutil.copytree(REPO / "services" / name, dest / "services" / name, ignore=_IGNORED)
     shutil.copytree(REPO / "libs", dest / "libs", ignore=_IGNORED)
     shutil.copytree(REPO / "config", dest / "config", ignore=_IGNORED)
-    shutil.copy(REPO / ".gitignore", dest / ".gitignore")
+    for ignore in (".gitignore", ".dockerignore"):
+        shutil.copy(REPO / ignore, dest / ignore)
     git(dest, "init", "-q", "-b", "main")
     commit_all(dest, "initial")
     return dest

@@ -67,6 +67,26 @@ def test_build_context_holds_only_what_the_image_needs(config: PipelineConfig) -
     assert ca.read().decode() == PEM
 
 
+def test_build_context_leaves_out_environments_and_caches_without_a_dockerignore(
+    config: PipelineConfig, tmp_path: Path
+) -> None:
+    """A checkout whose service was synced and checked, and no .dockerignore: the context
+    holds the same source files as with one, never the .venv or the tools' caches."""
+    spec = config.service("course")
+    shutil.copytree(REPO / "services" / "course", tmp_path / "services" / "course")
+    shutil.copytree(REPO / "libs" / "servicekit", tmp_path / "libs" / "servicekit")
+    shutil.copy(REPO / "services" / "Dockerfile", tmp_path / "services" / "Dockerfile")
+    before = tarfile.open(fileobj=build_context(tmp_path, spec, ["servicekit"], PEM)).getnames()
+    service = tmp_path / "services" / "course"
+    for noise in (".venv/lib/site.py", ".mypy_cache/3.11/x.json", "src/__pycache__/a.pyc"):
+        (service / noise).parent.mkdir(parents=True, exist_ok=True)
+        (service / noise).write_text("noise")
+    (service / ".coverage").write_text("noise")
+    after = tarfile.open(fileobj=build_context(tmp_path, spec, ["servicekit"], PEM)).getnames()
+    assert after == before
+    assert "services/course/pyproject.toml" in after
+
+
 def test_bad_arguments_fail_before_any_build(config: PipelineConfig) -> None:
     with pytest.raises(ValueError, match="commit"):
         build_image.fn(
