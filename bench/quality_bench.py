@@ -11,6 +11,7 @@ Prefect server. Both work on the same temporary git copy of the monorepo: enviro
 synced and tool caches warm (one warm-up of each first), each keeping its own mypy cache.
 Runs alternate (make, flow, flow, make, ...); medians and their ratio are printed,
 with the CPU time of each (children included). Compare within one run only.
+`BENCH_TIMELINE=1` also prints each flow run's phases (`bench/timeline.py`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-import tasks.testing  # noqa: E402
+import tasks.forking  # noqa: E402
 from bench.ci_bench import _SCRATCH, checkout  # noqa: E402  (the same git copy, env set)
+from bench.timeline import flow_spans, report  # noqa: E402
 from blocks.catalog import ServiceCatalog, ServiceSpec  # noqa: E402
 from blocks.config import load_config  # noqa: E402
 from flows.ci import bounded_runner, ci  # noqa: E402
@@ -43,14 +45,15 @@ from tasks.source import lib_dependencies, service_env  # noqa: E402
 from tasks.testing import pytest_args  # noqa: E402
 
 WORKERS = 2
-_FORK_SERVER = tasks.testing.fork_server
+_FORK_SERVER = tasks.forking.fork_server
 
 
 def _no_fork_server(
     repo: str | Path,  # noqa: ARG001
     path: Path,  # noqa: ARG001
     env: dict[str, str],  # noqa: ARG001
-) -> tasks.testing.ForkServer | None:
+    module: str = "",  # noqa: ARG001
+) -> tasks.forking.ForkServer | None:
     return None
 
 
@@ -126,15 +129,17 @@ def run_make(make: Path) -> tuple[float, float]:
 
 
 def run_flow(repo: Path, names: list[str], *, fork: bool = True) -> tuple[float, float]:
-    """The flow; without `fork`, every service's pytest is a process of its own."""
-    tasks.testing.fork_server = _FORK_SERVER if fork else _no_fork_server
+    """The flow; without `fork`, every service's pytest and bandit is a process of its own."""
+    tasks.forking.fork_server = _FORK_SERVER if fork else _no_fork_server
     flow = ci.with_options(task_runner=bounded_runner(WORKERS))
-    cpu, started = _cpu(), time.perf_counter()
+    cpu, started, epoch = _cpu(), time.perf_counter(), time.time()
     state = flow(services=names, repo=str(repo), no_cache=True, return_state=True)
     seconds = time.perf_counter() - started
     if not state.is_completed():
         msg = f"the flow did not pass: {state.message}"
         raise SystemExit(msg)
+    if os.environ.get("BENCH_TIMELINE"):  # where the flow's time went, phase by phase
+        report("flow", flow_spans(state.state_details.flow_run_id, epoch), seconds)
     return seconds, _cpu() - cpu
 
 
@@ -148,7 +153,7 @@ def main() -> None:
     print(f"quality + tests of {len(names)} services, {os.cpu_count()} cores, {pairs} pairs")
     variants: dict[str, Callable[[], tuple[float, float]]] = {
         "make -j2": lambda: run_make(make),
-        "flow, pytest processes": lambda: run_flow(repo, names, fork=False),
+        "flow, tool processes": lambda: run_flow(repo, names, fork=False),
         "flow": lambda: run_flow(repo, names),
     }
     walls: dict[str, list[float]] = {label: [] for label in variants}

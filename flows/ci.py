@@ -30,6 +30,7 @@ from tasks.deploy import deploy_service
 from tasks.deploy.target import DeployTarget, environment_target
 from tasks.dispatch import SERVICE_DEPLOYMENT, collect_service_runs, start_service_runs
 from tasks.exceptions import ConfigError
+from tasks.forking import stop_fork_servers
 from tasks.health import verify_deployment
 from tasks.images import (
     build_arguments,
@@ -52,7 +53,7 @@ from tasks.source import (
     get_tool_versions,
     lib_dependencies,
 )
-from tasks.testing import run_pytest, stop_fork_servers
+from tasks.testing import run_pytest
 from tasks.workspace import prepare_workspace, remove_workspace, use_checkout
 
 CHECKS: tuple[tuple[str, Task[..., StageResult]], ...] = (
@@ -303,7 +304,7 @@ def run_stages(
     for (service, stage), future in stages.items():
         future.wait()
         results.append(stage_outcome(service, stage, future.state))
-    stop_fork_servers(root)  # pytest's fork server of this checkout (tasks/testing.py)
+    stop_fork_servers(root)  # the fork server of this checkout (tasks/forking.py)
     return results
 
 

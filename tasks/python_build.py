@@ -16,6 +16,7 @@ from prefect import task
 
 from blocks.catalog import ServiceSpec
 from tasks.exceptions import CheckFailed, ToolError
+from tasks.forking import warm_fork_server
 from tasks.models import StageResult
 from tasks.process import STAGE_RETRY_OPTIONS, ToolRun, run_logger, run_tool, which
 from tasks.source import service_dir, service_env
@@ -115,6 +116,7 @@ def sync_service(service: ServiceSpec, repo: str) -> StageResult:
         raise ToolError(msg)
     seconds = time.monotonic() - started
     run_logger().info("%s: environment synced in %.1fs", service.name, seconds)
+    warm_fork_server(repo, path)  # the checkout's first environment starts it (tasks/forking.py)
     return StageResult(
         service=service.name,
         stage="sync",

@@ -20,6 +20,7 @@ from prefect import task
 
 from blocks.catalog import ServiceSpec
 from tasks.exceptions import CheckFailed, SourceError, ToolError
+from tasks.forking import run_module, venv_tool
 from tasks.models import StageResult
 from tasks.process import EXCERPT_LINES, STAGE_RETRY_OPTIONS, ToolRun, run_logger, run_tool
 from tasks.source import (
@@ -38,19 +39,6 @@ _MYPY_ERROR = re.compile(r": error: ")
 SHARED_CONFIGS = {"mypy": "mypy.ini", "pytest": "pytest.ini", "bandit": "bandit.yaml"}
 """tool -> its configuration file in services/, shared by every service and passed to the
 tool explicitly (ruff finds services/ruff.toml through each pyproject's `extend`)."""
-
-
-def venv_tool(path: Path, tool: str) -> str:
-    """The service's own copy of `tool`.
-
-    Raises:
-        ToolError: the service's environment lacks it (sync the service first).
-    """
-    found = path / ".venv" / "bin" / tool
-    if not found.exists():
-        msg = f"{found} does not exist: sync the service's environment (uv sync) first"
-        raise ToolError(msg)
-    return str(found)
 
 
 def shared_config(repo: str | Path, tool: str) -> str:
@@ -283,7 +271,8 @@ def run_bandit(service: ServiceSpec, repo: str, fingerprint: str = "") -> StageR
     config = shared_config(repo, "bandit")
     with tempfile.TemporaryDirectory(prefix=f"bandit-{service.name}-") as scratch:
         out = Path(scratch) / "bandit.json"
-        scanned = _run(path, *bandit_command(config, out))
+        _, *args = bandit_command(config, out)
+        scanned = run_module(repo, path, "bandit", args, service_env(path), TOOL_TIMEOUT_S)
         if scanned.returncode not in (0, 1) or not out.is_file():
             msg = f"{service.name}: bandit exited {scanned.returncode}: {scanned.excerpt(10)}"
             raise ToolError(msg)

@@ -10,16 +10,17 @@ from pathlib import Path
 
 import pytest
 
+import tasks.forking
+import tasks.quality
 from tasks.exceptions import CheckFailed, ToolError
+from tasks.forking import ForkServer, fork_server, stop_fork_servers
 from tasks.python_build import lock_service, sync_service
+from tasks.quality import run_bandit
 from tasks.source import scratch_dir
 from tasks.testing import (
     FORK_ONLY_WARNING,
-    ForkServer,
-    fork_server,
     pytest_outcome,
     run_pytest,
-    stop_fork_servers,
     total_coverage,
 )
 from tests.tasks.ci_checkout import CONFIG, SAMPLE, copy_monorepo, synced_checkout
@@ -211,3 +212,36 @@ def test_stopping_the_fork_servers_ends_them(two_services: str) -> None:
     stop_fork_servers(two_services)
     assert not server.alive()
     assert not server.socket_path.exists()
+
+
+def test_bandit_forked_finds_what_its_own_process_finds(
+    two_services: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bandit stage runs in a fork of the same server, with the same findings."""
+    repo = two_services
+    server = ready_server(repo, OTHER)
+    assert "bandit" in server.info["distributions"]
+    spec = CONFIG.service(OTHER)
+    risky = Path(repo) / "services" / OTHER / "src" / spec.package / "injected_risk.py"
+    risky.write_text(
+        "import subprocess\n\n\ndef run(cmd: str) -> int:\n"
+        "    return subprocess.call(cmd, shell=True)\n"
+    )
+    try:
+        with monkeypatch.context() as alone:
+            alone.setattr(tasks.forking, "fork_server", lambda *_a, **_k: None)
+            with pytest.raises(CheckFailed) as own:
+                run_bandit.fn(spec, repo)
+
+        def no_process(*_a: object, **_k: object) -> None:
+            pytest.fail("bandit ran as a process of its own, not in the fork server")
+
+        monkeypatch.setattr(tasks.forking, "run_tool", no_process)
+        monkeypatch.setattr(tasks.quality, "run_tool", no_process)
+        with pytest.raises(CheckFailed) as forked:
+            run_bandit.fn(spec, repo)
+    finally:
+        risky.unlink()
+    assert forked.value.summary == own.value.summary
+    assert "B602" in forked.value.excerpt
+    assert "injected_risk.py" in forked.value.excerpt
