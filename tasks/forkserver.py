@@ -15,7 +15,7 @@ service's environment would: the working directory, environment variables, `sys.
 `{"pid": ...}` at once and `{"returncode": ...}` when the run ends, with subprocess's
 convention (negative: killed by that signal). The pipeline uses a server only for an
 environment that has exactly the imported distributions at the same versions
-(tasks/testing.py checks), so what ran is what the service's own environment runs.
+(tasks/forking.py checks), so what ran is what the service's own environment runs.
 
 The server exits when idle for IDLE_SECONDS, when its parent exits, or when its own
 environment is removed (the run's worktree is gone).
