@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import threading
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,6 @@ from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
     FlowRunFilter,
     FlowRunFilterId,
-    FlowRunFilterState,
-    FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
@@ -44,8 +41,8 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from bench import promotion_bench as pb  # noqa: E402  (scratch dirs and settings first)
 from blocks.repository import REPOSITORY_BLOCK  # noqa: E402
 from flows.promotion import promote  # noqa: E402
-from tasks.approval import read_gate, submit_answer  # noqa: E402
-from tests.approvers import Approvers  # noqa: E402  (keys and a policy repository)
+from tasks.approval import submit_answer  # noqa: E402
+from tests.approvers import Approvers, paused_promotion  # noqa: E402  (keys, a policy repo)
 
 GATE = "pb-gate"
 
@@ -62,27 +59,6 @@ def write_config(services: list[tuple[str, int]]) -> str:
     return str(path)
 
 
-def paused(before: set[UUID], timeout: float = 300) -> UUID:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
-                )
-            )
-        for run in runs:
-            if run.id not in before:
-                try:
-                    read_gate(run.id)
-                except Exception:  # noqa: BLE001 - the form is not saved yet
-                    continue
-                return run.id
-        time.sleep(0.2)
-    msg = "no promotion paused at its gate"
-    raise RuntimeError(msg)
-
-
 def one_run(cfg_path: str, people: Approvers, seen: set[UUID]) -> tuple[float, float]:
     done: list[Any] = []
     request = people.request(GATE, "alice")
@@ -92,7 +68,7 @@ def one_run(cfg_path: str, people: Approvers, seen: set[UUID]) -> tuple[float, f
         )
     )
     job.start()
-    run_id = paused(seen)
+    run_id = paused_promotion(seen)
     seen.add(run_id)
     answer = people.answer(run_id, "bob")
     answered = datetime.now(UTC)

@@ -17,7 +17,6 @@ Compare within one run only.
 
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
 import sys
@@ -29,17 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from bench.ci_bench import checkout  # noqa: E402  (a git copy in the bench's scratch dir)
+from bench.ci_bench import GIT_ENV, checkout  # noqa: E402  (a git copy in the scratch dir)
 from blocks.config import load_config  # noqa: E402
 from flows.ci import ci  # noqa: E402
-
-GIT_ENV = {
-    "PATH": os.environ["PATH"],
-    "GIT_AUTHOR_NAME": "bench",
-    "GIT_AUTHOR_EMAIL": "bench@example.invalid",
-    "GIT_COMMITTER_NAME": "bench",
-    "GIT_COMMITTER_EMAIL": "bench@example.invalid",
-}
 
 
 def change(repo: Path, service: str, n: int) -> None:

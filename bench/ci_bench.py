@@ -35,6 +35,16 @@ IGNORED = shutil.ignore_patterns(
 )
 
 
+GIT_ENV = {
+    "PATH": os.environ["PATH"],
+    "GIT_AUTHOR_NAME": "bench",
+    "GIT_AUTHOR_EMAIL": "bench@example.invalid",
+    "GIT_COMMITTER_NAME": "bench",
+    "GIT_COMMITTER_EMAIL": "bench@example.invalid",
+}
+"""The bench checkouts' git identity (commits must not need a configured user)."""
+
+
 def checkout(services: list[str], dest: Path | None = None, config: str | None = None) -> Path:
     """A git copy of `services`, the libs, the shared service files and the config (at
     `dest`, default `<scratch>/repo`; `config` replaces config/pipeline.yaml)."""
@@ -50,15 +60,8 @@ def checkout(services: list[str], dest: Path | None = None, config: str | None =
         shutil.copy(config, repo / "config" / "pipeline.yaml")
     for ignore in (".gitignore", ".dockerignore"):  # the image build context obeys the latter
         shutil.copy(ROOT / ignore, repo / ignore)
-    env = {
-        "PATH": os.environ["PATH"],
-        "GIT_AUTHOR_NAME": "bench",
-        "GIT_AUTHOR_EMAIL": "bench@example.invalid",
-        "GIT_COMMITTER_NAME": "bench",
-        "GIT_COMMITTER_EMAIL": "bench@example.invalid",
-    }
     for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "bench"]):
-        subprocess.run(["git", "-C", str(repo), *args], check=True, env=env)
+        subprocess.run(["git", "-C", str(repo), *args], check=True, env=GIT_ENV)
     return repo
 
 

@@ -9,14 +9,24 @@ sign what `cicd promote --key` and `cicd approve --key` sign.
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 
 from blocks.repository import GitRepository
-from tasks.approval import Decision, answer_for, sign_request
+from tasks.approval import Decision, answer_for, read_gate, sign_request
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -88,3 +98,30 @@ class Approvers:
         """The run input of `name`'s signed decision about the paused run."""
         run_input, _, _ = answer_for(run_id, self.keys[name], name, decision, reason)
         return run_input
+
+
+def paused_promotion(not_in: set[UUID], timeout: float = 120) -> UUID:
+    """The promote run paused at its gate with its form saved, not one of `not_in`.
+
+    Raises:
+        AssertionError: none within `timeout` seconds.
+    """
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["promote"])),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+                ),
+            )
+        for found in runs:
+            if found.id not in not_in:
+                try:
+                    read_gate(found.id)
+                except Exception:
+                    continue
+                return found.id
+        time.sleep(0.2)
+    msg = "no promote run paused at its gate"
+    raise AssertionError(msg)

@@ -27,16 +27,11 @@ import yaml
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    FlowFilter,
-    FlowFilterName,
     FlowRunFilter,
     FlowRunFilterId,
-    FlowRunFilterState,
-    FlowRunFilterStateType,
     LogFilter,
     LogFilterFlowRunId,
 )
-from prefect.client.schemas.objects import StateType
 from prefect.states import Cancelling, Pending, Running, Scheduled
 from pydantic import SecretStr
 
@@ -65,7 +60,7 @@ from tasks.health import probe_health
 from tasks.models import ImageRef
 from tasks.releases import Ledger, ReleaseRecord
 from tasks.slack_actions import APPROVE_ACTION
-from tests.approvers import Approvers
+from tests.approvers import Approvers, paused_promotion
 from tests.flows.chain import as_service, derive
 from tests.plugins.receivers import Receiver
 from tests.slack_requests import button_press, slack_signed
@@ -258,33 +253,11 @@ class Background:
         return self._states.get(timeout=timeout)
 
 
-def paused_run(not_in: set[UUID], timeout: float = 120) -> UUID:
-    """The promote run that is paused at its gate (form saved), not one of `not_in`."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=["promote"])),
-                flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
-                ),
-            )
-        for found in runs:
-            if found.id not in not_in:
-                try:
-                    read_gate(found.id)
-                except Exception:
-                    continue
-                return found.id
-        time.sleep(0.5)
-    pytest.fail("no promote run paused at its gate")
-
-
 def approve_in_background(t: Train, approver: str = "bob", **kwargs: Any) -> Any:
     """Promote to production and approve at the gate; returns the final state."""
     before = set(t.run_ids)
     job = Background(t, PROD, promoted_by="alice", **kwargs)
-    run_id = paused_run(before)
+    run_id = paused_promotion(before)
     submit_answer(run_id, t.approvers.answer(run_id, approver))
     return job.final()
 
@@ -384,7 +357,7 @@ def test_production_gate_refuses_unproven_answers_then_deploys(
 ) -> None:
     before = set(train.run_ids)
     job = Background(train, PROD, promoted_by="alice")
-    run_id = paused_run(before)
+    run_id = paused_promotion(before)
     gate = read_gate(run_id)
     assert gate.environment == PROD
     assert train.digests["D1"].digest in gate.description
@@ -407,7 +380,7 @@ def test_production_gate_refuses_unproven_answers_then_deploys(
         entry = answered(run_id, bad)
         assert entry.kind == "refused", (what, entry)
         assert entry.who == claimed, (what, entry)
-        paused_run(before)  # waits again
+        paused_promotion(before)  # waits again
         assert Ledger().current(PROD).services == {}, what
     # forced to Running with no answer at all: refused and audited, the run waits again
     seen = len(audit_of(run_id))
@@ -415,12 +388,12 @@ def test_production_gate_refuses_unproven_answers_then_deploys(
         client.set_flow_run_state(run_id, Running(), force=True)
     wait_until(lambda: len(audit_of(run_id)) > seen, 60)
     assert (audit_of(run_id)[-1].kind, audit_of(run_id)[-1].who) == ("refused", "unknown")
-    paused_run(before)
+    paused_promotion(before)
     # forced to Scheduled, where no answer could reach it: paused again, and audited
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(run_id, Scheduled(), force=True)
     wait_until(lambda: any("forced to Scheduled" in e.detail for e in audit_of(run_id)), 30)
-    assert paused_run(before) == run_id
+    assert paused_promotion(before) == run_id
     # a fake plan planted where the form's description lives: the approver's command
     # never reads it, it signs what the ledgers say
     keyset = read_gate_keyset(run_id)
@@ -488,7 +461,7 @@ def test_staging_update_then_production_rejection_deploys_nothing(train: Train) 
     revision = Ledger().current(PROD).revision
     before = set(train.run_ids)
     job = Background(train, PROD, promoted_by="alice")
-    run_id = paused_run(before)
+    run_id = paused_promotion(before)
     # forced to Scheduled (or Pending) through the API, it would wait where no answer
     # reaches it: the gate puts it back to Paused, says so in the audit trail, and the
     # rejection still ends it
@@ -497,7 +470,7 @@ def test_staging_update_then_production_rejection_deploys_nothing(train: Train) 
             client.set_flow_run_state(run_id, forced, force=True)
         note = f"forced to {forced.name} from outside; paused again"
         wait_until(lambda note=note: any(note in e.detail for e in audit_of(run_id)), 30)
-        assert paused_run(before) == run_id
+        assert paused_promotion(before) == run_id
     submit_answer(run_id, train.approvers.answer(run_id, "carol", "reject", "load test pending"))
     final = job.final()
     assert final.is_failed()
@@ -514,7 +487,7 @@ def test_a_waiting_promotion_cancelled_from_outside_deploys_nothing(train: Train
     revision = Ledger().current(PROD).revision
     before = set(train.run_ids)
     job = Background(train, PROD, promoted_by="alice")
-    run_id = paused_run(before)
+    run_id = paused_promotion(before)
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(run_id, Cancelling(), force=True)
     final = job.final()
@@ -639,7 +612,7 @@ def test_good_release_approved_in_slack_deploys_and_resolves_the_incident(
     resolves = len(events(receiver, "resolve"))
     before = set(train.run_ids)
     job = Background(train, PROD, promoted_by="alice")
-    run_id = paused_run(before)
+    run_id = paused_promotion(before)
     value = approve_button(receiver, run_id)  # the message carried the buttons
     url = f"{slack_receiver.url}{ACTIONS_PATH}"
     forged_body, forged_headers = slack_press(value, "U0CAROL01", secret="not-the-secret")
@@ -651,14 +624,14 @@ def test_good_release_approved_in_slack_deploys_and_resolves_the_incident(
     wait_until(lambda: audit_of(run_id)[-1].kind == "refused", 60)
     assert "own promotion" in audit_of(run_id)[-1].detail
     # a press planted straight into the run's input, with a made-up signature
-    paused_run(before)
+    paused_promotion(before)
     planted = {
         "slack_timestamp": headers["X-Slack-Request-Timestamp"],
         "slack_body": body.decode(),
         "slack_signature": "v0=" + "0" * 64,
     }
     assert answered(run_id, planted).kind == "refused"
-    paused_run(before)
+    paused_promotion(before)
     body, headers = slack_press(value, "U0CAROL01")
     answer = httpx.post(url, content=body, headers=headers)
     assert answer.status_code == 200, answer.text
@@ -706,10 +679,10 @@ def logs_of(run_id: UUID) -> list[str]:
 def test_two_promotions_waiting_at_their_gates_cannot_both_deploy(train: Train) -> None:
     before = set(train.run_ids)
     first = Background(train, PROD, promoted_by="alice")
-    first_id = paused_run(before)
+    first_id = paused_promotion(before)
     # Waiting for a person holds no lock: the second promotion reaches its gate too.
     second = Background(train, PROD, promoted_by="alice")
-    second_id = paused_run(before | {first_id})
+    second_id = paused_promotion(before | {first_id})
     approval = train.approvers.answer(second_id, "carol")  # signed while both wait
     submit_answer(first_id, train.approvers.answer(first_id, "bob"))
     assert first.final().is_completed()
@@ -742,14 +715,14 @@ def test_two_approvals_take_two_distinct_approvers(train: Train) -> None:
     try:
         before = set(train.run_ids)
         job = Background(train, PROD, promoted_by="alice")
-        run_id = paused_run(before)
+        run_id = paused_promotion(before)
         assert "Needs 2 signed approval" in read_gate(run_id).description
         assert answered(run_id, train.approvers.answer(run_id, "bob")).kind == "approved"
-        paused_run(before)  # one is not enough: it waits for the second
+        paused_promotion(before)  # one is not enough: it waits for the second
         again = answered(run_id, train.approvers.answer(run_id, "bob"))
         assert (again.kind, again.who) == ("refused", "bob")
         assert "approved already" in again.detail
-        paused_run(before)
+        paused_promotion(before)
         assert answered(run_id, train.approvers.answer(run_id, "carol")).kind == "approved"
         state = job.final()
     finally:
