@@ -12,6 +12,8 @@ either
   the other services found unchanged; or
 - `ci(services=[SERVICE])`: the branch alone.
 Alternated, PAIRS pairs; medians and their ratio (issue 12, item 4: at most 1.5).
+Then PAIRS pairs of a push that changes no service (a note outside services and libs)
+against a full uncached run of every service (item 3: at most 0.10).
 Compare within one run only.
 """
 
@@ -57,7 +59,12 @@ def main() -> None:
     pairs = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     names = load_config().catalog.names()
     repo = checkout(names)
-    times: dict[str, list[float]] = {"push (detected)": [], "branch alone": []}
+    times: dict[str, list[float]] = {
+        "push (detected)": [],
+        "branch alone": [],
+        "no change": [],
+        "full run": [],
+    }
     with prefect_test_harness(server_startup_timeout=300):
         ci(all_services=True, repo=str(repo), return_state=True)  # warm every cache
         n = 0
@@ -66,10 +73,24 @@ def main() -> None:
                 n += 1
                 change(repo, service, n)
                 times[label].append(timed(label, repo, services))
+        # issue 12, item 3: a push that changes no service, against the full run
+        for _ in range(pairs):
+            n += 1
+            note = repo / "NOTES.md"  # outside every service and lib
+            note.write_text(f"bench note {n}\n", encoding="utf-8")
+            for args in (["add", "-A"], ["commit", "-q", "-m", f"bench note {n}"]):
+                subprocess.run(["git", "-C", str(repo), *args], check=True, env=GIT_ENV)
+            times["no change"].append(timed("no change", repo, None))
+            started = time.perf_counter()
+            ci(all_services=True, repo=str(repo), no_cache=True, return_state=True)
+            times["full run"].append(time.perf_counter() - started)
+            print(f"  {'full run':<22} {times['full run'][-1]:6.1f}s")
     alone = statistics.median(times["branch alone"])
+    full = statistics.median(times["full run"])
     for label, values in times.items():
         median = statistics.median(values)
-        print(f"{label:<22} median {median:6.1f}s  ratio {median / alone:.2f}")
+        base = full if label in ("no change", "full run") else alone
+        print(f"{label:<22} median {median:6.1f}s  ratio {median / base:.2f}")
 
 
 if __name__ == "__main__":
