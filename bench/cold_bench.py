@@ -49,12 +49,10 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from bench.ci_bench import _SCRATCH, checkout  # noqa: E402
 from bench.quality_bench import WORKERS, service_target  # noqa: E402
 from bench.timeline import (  # noqa: E402
-    CpuSampler,
     children,
-    cpu_split,
+    cpu_watch,
     flow_spans,
     make_spans,
-    print_cpu,
     report,
     timed,
 )
@@ -286,15 +284,10 @@ def main() -> None:
         repo = fresh_checkout(names, cfg_path)
         make, log = makefile(repo, cfg, registry, socket, stack.base_image)
         make_cold(client, cfg, registry)
-        cpu, sampler = cpu_split(watched), CpuSampler()
-        sampler.start()
-        begun, epoch = time.perf_counter(), time.time()
-        subprocess.run(["make", "-s", f"-j{WORKERS}", "-f", str(make)], check=True)
-        seconds = time.perf_counter() - begun
-        sampler.stop.set()
-        sampler.join()
-        print_cpu(cpu, cpu_split(watched))
-        sampler.print_top()
+        with cpu_watch(watched):
+            begun, epoch = time.perf_counter(), time.time()
+            subprocess.run(["make", "-s", f"-j{WORKERS}", "-f", str(make)], check=True)
+            seconds = time.perf_counter() - begun
         report("make -j2", make_spans(log, epoch), seconds)
         return seconds
 
@@ -302,26 +295,21 @@ def main() -> None:
         repo = fresh_checkout(names, cfg_path)
         make_cold(client, cfg, registry)
         flow = ci.with_options(task_runner=bounded_runner(WORKERS))
-        cpu, sampler = cpu_split(watched), CpuSampler()
-        sampler.start()
-        begun, epoch = time.perf_counter(), time.time()
-        state = flow(
-            services=names,
-            repo=str(repo),
-            no_cache=True,
-            deliver=True,
-            environment=ENV,
-            config_source=cfg_path,
-            return_state=True,
-        )
-        seconds = time.perf_counter() - begun
+        with cpu_watch(watched):
+            begun, epoch = time.perf_counter(), time.time()
+            state = flow(
+                services=names,
+                repo=str(repo),
+                no_cache=True,
+                deliver=True,
+                environment=ENV,
+                config_source=cfg_path,
+                return_state=True,
+            )
+            seconds = time.perf_counter() - begun
         if not state.is_completed():
             msg = f"the flow did not pass: {(state.message or '')[:400]}"
             raise SystemExit(msg)
-        sampler.stop.set()
-        sampler.join()
-        print_cpu(cpu, cpu_split(watched))
-        sampler.print_top()
         report("flow", flow_spans(state.state_details.flow_run_id, epoch), seconds)
         return seconds
 

@@ -1,5 +1,6 @@
 """Where a bench run's time went: phases from make's recipe timestamps or the flow's task
-runs, how much of the run had 0, 1 or 2+ of them at work, and CPU by program.
+runs, how much of the run had 0, 1 or 2+ of them open, and CPU by program. A flow task
+run is open while it waits for a tool slot too, so for the flow "open" is not "working".
 
 Shared by the benches that compare the flow with a `make -j2` of the same commands.
 """
@@ -12,6 +13,7 @@ import shlex
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,7 @@ FLOW_PHASES = {  # task run name prefix (before the service's name) -> phase
 }
 
 
-QUIET = ("record", "fingerprint")  # bookkeeping, not tools: left out of "at work"
+QUIET = ("record", "fingerprint")  # bookkeeping, not tools: left out of "open"
 
 
 def flow_phase(task_run_name: str) -> str:
@@ -113,6 +115,21 @@ def cpu_split(pids: dict[str, int]) -> dict[str, float]:
 def print_cpu(before: dict[str, float], after: dict[str, float]) -> None:
     used = ", ".join(f"{name} {after[name] - before[name]:.1f}s" for name in before)
     print(f"    CPU during the run: {used}")
+
+
+@contextlib.contextmanager
+def cpu_watch(watched: dict[str, int]) -> Iterator[None]:
+    """While the block runs, sample every process's CPU; then print the machine's, each
+    watched process's and the top programs' CPU seconds."""
+    before, sampler = cpu_split(watched), CpuSampler()
+    sampler.start()
+    try:
+        yield
+    finally:
+        sampler.stop.set()
+        sampler.join()
+        print_cpu(before, cpu_split(watched))
+        sampler.print_top()
 
 
 def _label(pid: str) -> str:
@@ -199,7 +216,7 @@ def flow_spans(flow_run_id: Any, begun: float) -> list[Span]:
 
 def report(label: str, spans: list[Span], wall: float) -> None:
     """Per phase: how many, their summed and median seconds, first start, last end; and
-    how much of the wall time had 0, 1, 2 or more of them at work."""
+    how much of the wall time had 0, 1, 2 or more of them open (see the module's note)."""
     print(f"  {label}: phases (seconds from the start of the run)")
     print(f"    {'phase':<12} {'n':>3} {'sum':>7} {'median':>7} {'first':>7} {'last':>7}")
     phases: dict[str, list[Span]] = {}
@@ -219,6 +236,6 @@ def report(label: str, spans: list[Span], wall: float) -> None:
         busy[min(running, 2)] += step
         at += step
     print(
-        f"    at work: none {busy[0]:.1f}s, one {busy[1]:.1f}s, two or more {busy[2]:.1f}s"
+        f"    open: none {busy[0]:.1f}s, one {busy[1]:.1f}s, two or more {busy[2]:.1f}s"
         f" of {wall:.1f}s"
     )

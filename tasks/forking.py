@@ -214,15 +214,22 @@ def _start_server(venv: Path, env: dict[str, str]) -> ForkServer:
     return ForkServer(venv=venv, socket_path=path, process=process)
 
 
+def _servers(key: str, venv: Path, env: dict[str, str]) -> tuple[list[ForkServer], bool]:
+    """The live fork servers of the checkout `key`, one started in `venv` if none was; and
+    whether it was started now. Call with `_SERVERS_LOCK` held."""
+    servers = [s for s in _SERVERS.get(key, []) if s.alive()]
+    started = not servers
+    if started:
+        servers.append(_start_server(venv, env))
+    _SERVERS[key] = servers
+    return servers, started
+
+
 def warm_fork_server(repo: str | Path, path: Path) -> None:
     """Start the checkout's fork server in the environment at `path` if none runs yet, so
     it has imported its modules by the time the first tool asks for it."""
-    key = str(Path(repo).resolve())
     with _SERVERS_LOCK:
-        servers = [s for s in _SERVERS.get(key, []) if s.alive()]
-        if not servers:
-            servers.append(_start_server(path / ".venv", {**os.environ, **service_env(path)}))
-        _SERVERS[key] = servers
+        _servers(str(Path(repo).resolve()), path / ".venv", {**os.environ, **service_env(path)})
 
 
 def fork_server(
@@ -235,12 +242,9 @@ def fork_server(
     no server serves the environment (logged).
     """
     venv = path / ".venv"
-    key = str(Path(repo).resolve())
     with _SERVERS_LOCK:
-        servers = [s for s in _SERVERS.get(key, []) if s.alive()]
-        _SERVERS[key] = servers
-        if not servers:
-            servers.append(_start_server(venv, env))
+        servers, started = _servers(str(Path(repo).resolve()), venv, env)
+        if started:
             return None
         reasons = []
         for server in servers:

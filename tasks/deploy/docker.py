@@ -234,13 +234,17 @@ class DockerDeployer:
         if container is not None:
             _remove_container(container)
 
+    def _registry_of(self, image: ImageRef) -> OciRegistry | None:
+        """The block (its login) of the registry `image` lives in, if one was given."""
+        return self.registries.get(image.repository.split("/", 1)[0])
+
     def _pull_with_login(self, image: ImageRef) -> None:
         """Pull `image` by digest with its registry's login, when that registry has one.
 
         The engine's implicit pull (on run) is anonymous; a registry that needs a login
         gets the credentials of its block, handed to the engine for this pull only.
         """
-        registry = self.registries.get(image.repository.split("/", 1)[0])
+        registry = self._registry_of(image)
         if registry is None or registry.username is None or registry.password is None:
             return
         login = {
@@ -261,7 +265,7 @@ class DockerDeployer:
         doubt (no manifest, an index, a body that does not hash to the digest, no such
         image here) answers None and the engine pulls by digest as before.
         """
-        registry = self.registries.get(image.repository.split("/", 1)[0])
+        registry = self._registry_of(image)
         try:
             answer = fetch_manifest(image.repository, image.digest, registry)
         except (RegistryError, ToolError):
