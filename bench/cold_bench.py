@@ -61,6 +61,7 @@ from blocks.config import PipelineConfig, load_config  # noqa: E402
 from blocks.environments import EnvironmentSpec  # noqa: E402
 from blocks.registry import OciRegistry  # noqa: E402
 from cicd.stack import ensure_stack  # noqa: E402
+from core.records import ImageRef  # noqa: E402
 from flows.ci import bounded_runner, ci  # noqa: E402
 from tasks.deploy.docker import container_env, container_name  # noqa: E402
 from tasks.images import (  # noqa: E402
@@ -70,7 +71,6 @@ from tasks.images import (  # noqa: E402
     image_repository,
     local_ca_bundle,
 )
-from tasks.models import ImageRef  # noqa: E402
 from tasks.process import which  # noqa: E402
 from tasks.security import pip_audit_command, syft_registry_env  # noqa: E402
 

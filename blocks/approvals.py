@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from blocks.environments import PAGED_BY_NAME
-from tasks.exceptions import ConfigError
+from core.errors import ConfigError
 
 POLICY_FILE = "config/approvals.yaml"
 

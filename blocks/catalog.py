@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Protocol, TypeVar
 
 from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.exceptions import ConfigError
+from core.errors import ConfigError
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_N = TypeVar("_N", bound=_Named)
+
+
+def find_named(items: Sequence[_N], name: str, what: str, known: str) -> _N:
+    """The item called `name` (a service, an environment).
+
+    Raises:
+        ConfigError: none is; the message names `what` and lists the `known` ones.
+    """
+    for item in items:
+        if item.name == name:
+            return item
+    msg = f"unknown {what} {name!r}; {known}: {', '.join(i.name for i in items)}"
+    raise ConfigError(msg)
+
 
 _NAME = r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$"
 Name = Annotated[str, Field(pattern=_NAME, description="A DNS-1123 label")]
@@ -95,11 +118,7 @@ class ServiceCatalog(Block):
         Raises:
             ConfigError: no such service; the message lists the known ones.
         """
-        for service in self.services:
-            if service.name == name:
-                return service
-        msg = f"unknown service {name!r}; known services: {', '.join(self.names())}"
-        raise ConfigError(msg)
+        return find_named(self.services, name, "service", "known services")
 
     def select(self, names: list[str]) -> list[ServiceSpec]:
         """The named services in catalog order; every name must exist.

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from blocks.catalog import LibSpec, ServiceCatalog, ServiceSpec
 from blocks.environments import EnvironmentCatalog, EnvironmentSpec
-from tasks.exceptions import ConfigError
+from core.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 

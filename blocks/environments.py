@@ -7,8 +7,8 @@ from typing import Any, Literal
 from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from blocks.catalog import Name
-from tasks.exceptions import ConfigError
+from blocks.catalog import Name, find_named
+from core.errors import ConfigError
 
 
 class Replicas(BaseModel):
@@ -133,11 +133,7 @@ class EnvironmentCatalog(Block):
         Raises:
             ConfigError: no such environment; the message lists the known ones.
         """
-        for env in self.environments:
-            if env.name == name:
-                return env
-        msg = f"unknown environment {name!r}; known: {', '.join(self.names())}"
-        raise ConfigError(msg)
+        return find_named(self.environments, name, "environment", "known")
 
     def resolve(self, name: str) -> EnvironmentSpec:
         """The environment called `name`, or the one a seed alias stands for (`stg`, `prod`).

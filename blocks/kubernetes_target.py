@@ -10,7 +10,7 @@ from prefect.blocks.core import Block
 from prefect_kubernetes.credentials import KubernetesCredentials
 from pydantic import Field, SecretStr, field_validator
 
-from tasks.exceptions import ConfigError
+from core.errors import ConfigError
 
 
 def _kubeconfig_document(text: str) -> dict[str, Any]:

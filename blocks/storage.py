@@ -13,7 +13,7 @@ from prefect_aws import AwsCredentials, S3Bucket
 from pydantic import ConfigDict, Field, model_validator
 
 from blocks.config import state_dir
-from tasks.exceptions import ConfigError
+from core.errors import ConfigError
 
 STORAGE_BLOCK = "elice-release-storage"
 _BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"

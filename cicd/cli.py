@@ -13,8 +13,8 @@ from rich.table import Table
 from blocks.config import repo_root, save_as_blocks
 from cicd import metrics_cli, promote_cli, setup_cli, stack_cli
 from cicd.common import ConfigOption, TargetOption, cli_config, fail, prefect_api, split_names
-from tasks.exceptions import ConfigError, PipelineError
-from tasks.models import StageResult
+from core.errors import ConfigError, PipelineError
+from core.records import StageResult, short_digest
 from tasks.source import check_refs, verify_ref
 
 app = typer.Typer(
@@ -44,7 +44,7 @@ def ci_table(results: list[StageResult]) -> Table:
             service,
             "[red]failed[/red]" if failed else "[green]passed[/green]",
             f"{counts['passed']} passed, {counts['cached']} cached, {len(failed)} failed",
-            digest.removeprefix("sha256:")[:12],
+            short_digest(digest),
             f"{failed[0].stage}: {failed[0].summary}" if failed else "",
         )
     return table
@@ -176,7 +176,7 @@ def status(
             str(row["service"]),
             str(row["state"]),
             str(row["release"] or ""),
-            digest.removeprefix("sha256:")[:12],
+            short_digest(digest),
             str(row["address"]),
         )
     console.print(table)
@@ -199,8 +199,8 @@ def health(
 
     Exit 0 healthy; 1 unhealthy or nothing deployed; 2 bad input, before anything starts.
     """
+    from core.records import HealthReport  # noqa: PLC0415
     from flows.health import health_check  # noqa: PLC0415 - loads Prefect only when needed
-    from tasks.health import HealthReport  # noqa: PLC0415
 
     cfg = cli_config(config)
     chosen = split_names(services)

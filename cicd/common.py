@@ -15,7 +15,7 @@ from blocks.config import PipelineConfig, load_config
 from blocks.stack import StackInfo, load_stack_info
 from cicd.stack import ensure_stack
 from cicd.stack_cli import StepPrinter
-from tasks.exceptions import ConfigError, GateError
+from core.errors import ConfigError, GateError
 
 ConfigOption = Annotated[
     str | None,

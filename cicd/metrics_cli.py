@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cicd.common import ConfigOption, cli_config, fail, split_names
-from tasks.exceptions import PipelineError
+from core.errors import PipelineError
 
 console = Console()
 

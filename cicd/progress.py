@@ -84,7 +84,7 @@ _EXCEPTION = re.compile(r"\b[A-Z]\w*: (?P<message>.+)", re.DOTALL)
 
 
 class StageResultLike(Protocol):
-    """What the end of a run reads of a stage's result (tasks.models.StageResult)."""
+    """What the end of a run reads of a stage's result (core.records.StageResult)."""
 
     @property
     def service(self) -> str: ...

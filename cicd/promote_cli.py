@@ -26,6 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cicd.common import ConfigOption, TargetOption, cli_config, fail, prefect_api, split_names
+from core.errors import ApprovalError, ApprovalRefused, ConfigError, GateError, PipelineError
+from core.records import short_digest
 from tasks.approval import (
     Decision,
     answer_for,
@@ -35,7 +37,6 @@ from tasks.approval import (
     submit_answer,
 )
 from tasks.audit import read_audit
-from tasks.exceptions import ApprovalError, ApprovalRefused, ConfigError, GateError, PipelineError
 
 console = Console()
 
@@ -50,7 +51,7 @@ def _plan_table(plan: Any) -> Table:
     for column in ("service", "now", "new", "commits"):
         table.add_column(column)
     for change in plan.changes:
-        now = change.current_digest.removeprefix("sha256:")[:12] if change.current_digest else "-"
+        now = short_digest(change.current_digest) if change.current_digest else "-"
         table.add_row(change.service, now, change.image.short, change.commits)
     return table
 
@@ -343,7 +344,7 @@ def rollback_command(
     table.add_column("service")
     table.add_column("digest")
     for name, digest in sorted(restored.items()):
-        table.add_row(name, digest.removeprefix("sha256:")[:12] if digest else "(removed)")
+        table.add_row(name, short_digest(digest) if digest else "(removed)")
     console.print(table)
 
 

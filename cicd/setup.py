@@ -61,8 +61,8 @@ from blocks.config import (
 )
 from blocks.environments import EnvironmentCatalog
 from blocks.kubernetes_target import KubernetesTarget
+from core.errors import ConfigError, ToolError
 from tasks.deploy.target import KUBERNETES_TARGET_BLOCK
-from tasks.exceptions import ConfigError, ToolError
 from tasks.locks import lock_name
 
 CHECKOUT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from cicd.common import ConfigOption, cli_config, fail, prefect_api
 from cicd.setup import SetupChange, ensure_setup
-from tasks.exceptions import PipelineError
+from core.errors import PipelineError
 
 console = Console()
 _COLORS = {"create": "green", "update": "yellow", "unchanged": "dim"}

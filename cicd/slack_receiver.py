@@ -45,14 +45,13 @@ from pydantic import SecretStr
 
 from blocks.approvals import POLICY_FILE, parse_policy
 from blocks.repository import load_repository
+from core.errors import ApprovalError, ConfigError, SlackRequestRefused
 from tasks.approval import resume_from_slack, slack_signing_secret
-from tasks.exceptions import ApprovalError, ConfigError
 from tasks.slack_actions import (
     MAX_BODY_BYTES,
     ReplayGuard,
     SlackDecision,
     SlackProof,
-    SlackRequestRefused,
     approver_for,
     header_value,
     parse_slack_decision,

@@ -55,8 +55,8 @@ from cicd.stack_monitoring import (
     write_alertmanager_config,
     write_prometheus_config,
 )
+from core.errors import ConfigError, StackError, ToolError
 from tasks.engine import engine_client
-from tasks.exceptions import ConfigError, StackError, ToolError
 from tasks.process import run_tool, which
 
 BASE_IMAGE = "localhost/python-base:3.11"

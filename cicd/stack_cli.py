@@ -9,7 +9,7 @@ from rich.status import Status
 from rich.table import Table
 
 from cicd.stack import StackPart, StackStep, ensure_stack, stack_status, stop_stack
-from tasks.exceptions import StackError
+from core.errors import StackError
 
 app = typer.Typer(
     help="The local stack: container engine, OCI registry, base image, Prefect, monitoring."

@@ -35,8 +35,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from cicd.setup import HEARTBEAT_S
+from core.errors import ConfigError, ImageError, StackError, ToolError
 from tasks.engine import engine_client
-from tasks.exceptions import ConfigError, ImageError, StackError, ToolError
 from tasks.process import which
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ WORKER_DOCKERFILE = "worker/Dockerfile"
 WORKER_IMAGE = "localhost/elice-devops-worker:latest"
 EXTRA_CA_PATH = ".build/extra-ca.crt"
 IMAGE_FILES = ("pyproject.toml", "uv.lock", "README.md", "prefect.yaml", WORKER_DOCKERFILE)
-IMAGE_TREES = ("blocks", "cicd", "flows", "tasks", "config", "deployments")
+IMAGE_TREES = ("blocks", "cicd", "core", "flows", "tasks", "config", "deployments")
 _SKIPPED = {"__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".venv"}
 
 

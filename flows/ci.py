@@ -26,20 +26,21 @@ from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig, load_config, state_dir
 from blocks.environments import EnvironmentSpec
 from blocks.repository import load_repository
+from core.errors import ConfigError
+from core.records import StageResult, Workspace
 from tasks.deploy import deploy_service
 from tasks.deploy.target import DeployTarget, environment_target
 from tasks.dispatch import SERVICE_DEPLOYMENT, collect_service_runs, start_service_runs
-from tasks.exceptions import ConfigError
 from tasks.forking import stop_fork_servers
 from tasks.health import verify_deployment
 from tasks.images import (
+    DeliverySettings,
     build_arguments,
     build_image,
     delivery_settings,
     image_version,
     publish_image,
 )
-from tasks.models import DeliverySettings, StageResult, Workspace
 from tasks.notify import Notice, flow_run_url, notify
 from tasks.process import set_tool_slots
 from tasks.python_build import lock_service, sync_service

@@ -14,15 +14,10 @@ from prefect import Flow, flow, unmapped
 from prefect.client.schemas.objects import FlowRun, State
 
 from blocks.config import load_config
+from core.errors import EnvironmentUnhealthy
+from core.records import HealthReport, HealthResult
 from tasks.deploy.target import environment_target
-from tasks.exceptions import EnvironmentUnhealthy
-from tasks.health import (
-    NOT_DEPLOYED,
-    HealthReport,
-    HealthResult,
-    probe_service_health,
-    publish_health_report,
-)
+from tasks.health import NOT_DEPLOYED, probe_service_health, publish_health_report
 from tasks.notify import Notice, flow_run_url, notify, paged_environment
 from tasks.releases import read_ledger
 

@@ -23,6 +23,23 @@ from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig, load_config
 from blocks.environments import PAGED_BY_NAME, EnvironmentSpec
 from blocks.repository import load_repository
+from core.errors import (
+    AnswerRefused,
+    ConfigError,
+    PauseInterrupted,
+    PipelineError,
+    PromotionError,
+    PromotionRefused,
+    PromotionRejected,
+    PromotionRolledBack,
+)
+from core.records import (
+    DeployedService,
+    PromotionOutcome,
+    PromotionPlan,
+    SecurityVerdict,
+    short_digest,
+)
 from tasks.approval import (
     Promoter,
     answer_form,
@@ -47,16 +64,6 @@ from tasks.deploy import (
     service_addresses,
 )
 from tasks.deploy.target import DeployTarget, environment_target
-from tasks.exceptions import (
-    AnswerRefused,
-    ConfigError,
-    PauseInterrupted,
-    PipelineError,
-    PromotionError,
-    PromotionRefused,
-    PromotionRejected,
-    PromotionRolledBack,
-)
 from tasks.health import check_service_health, smoke_test_release
 from tasks.images import (
     EnvironmentRegistry,
@@ -67,7 +74,6 @@ from tasks.images import (
 )
 from tasks.locks import deploy_lock
 from tasks.metrics import publish_delivery_metrics
-from tasks.models import DeployedService, PromotionOutcome, PromotionPlan, SecurityVerdict
 from tasks.notify import Notice, flow_run_url, notify, paged_environment
 from tasks.pause import pause_for_answer
 from tasks.performance import baseline_from_record, check_regression, measure_baseline
@@ -108,7 +114,7 @@ def _paged(parameters: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _short(digest: str | None) -> str:
-    return digest.removeprefix("sha256:")[:12] if digest else "none"
+    return short_digest(digest) if digest else "none"
 
 
 def _services(plan: PromotionPlan | None) -> dict[str, str]:
@@ -586,9 +592,9 @@ def promote(
             # one at a time: a baseline measured beside another service's is not its own
             for spec in specs:
                 after = measure_baseline(addresses[spec.name], spec, config.performance)
-                before_baseline = baseline_from_record(
-                    spec.name, target_state.services.get(spec.name)
-                )
+                previous = target_state.services.get(spec.name)
+                recorded = previous.baseline if previous else None
+                before_baseline = baseline_from_record(spec.name, recorded)
                 check_regression(spec, before_baseline, after, config.performance)
                 baselines[spec.name] = after
             state = record_promotion(plan, baselines, approved_by, verdict, run_id)

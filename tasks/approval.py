@@ -41,21 +41,22 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from blocks.approvals import POLICY_FILE, ApprovalPolicy, EnvironmentPolicy, parse_policy
 from blocks.config import load_config
 from blocks.repository import GitRepository, load_repository
-from tasks.exceptions import (
+from core.errors import (
     AnswerRefused,
     ApprovalRefused,
     ConfigError,
     GateError,
     PromotionRefused,
+    SignatureRefused,
+    SigningError,
+    SlackRequestRefused,
 )
-from tasks.models import PromotionPlan, utcnow
+from core.records import PromotionPlan, utcnow
 from tasks.process import run_logger
 from tasks.releases import Ledger, build_plan, source_of
 from tasks.signing import (
     ApprovalStatement,
     PromotionRequest,
-    SignatureRefused,
-    SigningError,
     key_fingerprint,
     sign_statement,
     statement_from_json,
@@ -65,7 +66,6 @@ from tasks.slack_actions import (
     ReplayGuard,
     SlackDecision,
     SlackProof,
-    SlackRequestRefused,
     approver_for,
     parse_slack_decision,
     verify_slack_request,

@@ -16,8 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from blocks.storage import ledger_filesystem
-from tasks.exceptions import LedgerError
-from tasks.models import utcnow
+from core.errors import LedgerError
+from core.records import utcnow
 from tasks.process import run_logger
 from tasks.releases import check_environment_name
 from tasks.stores import open_store

@@ -18,8 +18,8 @@ from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from blocks.storage import backup_filesystem
-from tasks.exceptions import BackupError
-from tasks.models import DeployedService, ImageRef, utcnow
+from core.errors import BackupError
+from core.records import DeployedService, ImageRef, utcnow
 from tasks.process import run_logger
 from tasks.releases import EnvironmentState, check_environment_name
 from tasks.stores import ObjectStore, open_store

@@ -18,7 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import run_deployment
 
-from tasks.models import StageResult
+from core.records import StageResult
 from tasks.process import run_logger
 
 SERVICE_DEPLOYMENT = "ci-service/ci-service"

@@ -22,8 +22,8 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from blocks.registry import EcrRegistry, OciRegistry
-from tasks.exceptions import RegistryError, ToolError
-from tasks.models import ImageRef
+from core.errors import RegistryError, ToolError
+from core.records import ImageRef
 from tasks.process import run_logger
 from tasks.registry import (
     DOCKER_MANIFEST,

@@ -9,7 +9,7 @@ import sys
 import docker
 
 from blocks.stack import load_stack_info
-from tasks.exceptions import ToolError
+from core.errors import ToolError
 
 
 def docker_error(name: str) -> type[Exception]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.exceptions import ToolError
+from core.errors import ToolError
 from tasks.process import ToolRun, run_logger, run_tool, tool_slot
 from tasks.source import service_env
 

@@ -3,45 +3,19 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import httpx
 from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.catalog import ServiceSpec
-from tasks.exceptions import HealthCheckFailed, PromotionRefused
-from tasks.models import DeployOutcome, ImageRef
+from core.errors import HealthCheckFailed, PromotionRefused
+from core.records import DeployOutcome, HealthReport, HealthResult, ImageRef
 from tasks.process import run_logger
 
 VERSION_PATH = "/version"
 REQUEST_TIMEOUT_S = 5.0
-
-
-class HealthResult(BaseModel):
-    """What a health probe saw; `failures` is empty when `ok`."""
-
-    model_config = ConfigDict(frozen=True)
-
-    service: str
-    url: str = Field(description="Base URL that was probed")
-    ok: bool
-    attempts: int
-    seconds: float
-    failures: list[str] = Field(default_factory=list, description="endpoint: what it answered")
-    version: dict[str, str] = Field(default_factory=dict, description="GET /version, if read")
-
-    def summary_line(self) -> str:
-        """One line for the CI report."""
-        if self.ok:
-            return f"healthy at {self.url} after {self.seconds:.1f}s"
-        return f"unhealthy at {self.url}: {'; '.join(self.failures)}"
-
-    def report_details(self) -> dict[str, str]:
-        """Columns for the CI report."""
-        return {"address": self.url}
 
 
 def check_address(address: str) -> str:
@@ -194,32 +168,6 @@ def smoke_test_release(
 
 
 NOT_DEPLOYED = "nothing deployed: no release recorded in the ledger"
-
-
-class HealthReport(BaseModel):
-    """Every checked service's health in one environment."""
-
-    environment: str
-    results: list[HealthResult]
-
-    @property
-    def failed(self) -> list[HealthResult]:
-        """The unhealthy services."""
-        return [r for r in self.results if not r.ok]
-
-    @property
-    def ok(self) -> bool:
-        """Something was checked, and all of it is healthy."""
-        return bool(self.results) and not self.failed
-
-    def as_json(self) -> dict[str, Any]:
-        """`cicd health --json`: the environment, ok, and one object per service."""
-        fields = {"service", "url", "ok", "attempts", "seconds", "failures"}
-        return {
-            "environment": self.environment,
-            "ok": self.ok,
-            "services": [r.model_dump(mode="json", include=fields) for r in self.results],
-        }
 
 
 @task(name="probe-service-health", task_run_name="health-{service.name}", cache_policy=NO_CACHE)

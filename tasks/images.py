@@ -18,13 +18,15 @@ from typing import Any, cast
 from docker.utils.build import exclude_paths
 from prefect import task
 from prefect.tasks import exponential_backoff
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.catalog import ServiceSpec
 from blocks.config import repo_root
 from blocks.environments import EnvironmentSpec
 from blocks.registry import EcrRegistry, OciRegistry
 from blocks.stack import load_stack_info
+from core.errors import ConfigError, ImageError, ToolError
+from core.records import ImageRef, PromotionPlan, PublishedImage, utcnow
 from tasks.ecr import (
     combine_verdicts,
     ecr_registry_access,
@@ -34,8 +36,6 @@ from tasks.ecr import (
     put_lifecycle_policy,
 )
 from tasks.engine import docker_error, engine_client, resolve_docker_host
-from tasks.exceptions import ConfigError, ImageError, ToolError
-from tasks.models import DeliverySettings, ImageRef, PromotionPlan, PublishedImage, utcnow
 from tasks.process import retry_on_tool_error, run_logger, tool_slot
 from tasks.registry import copy_image, find_published_image, manifest_digest
 from tasks.source import excluded_from_source
@@ -448,6 +448,17 @@ def with_ecr_scans(plan: PromotionPlan, ecr: EcrRegistry) -> PromotionPlan:
         combined = combine_verdicts(change.scan, verdict)
         changes.append(change.model_copy(update={"scan": combined}))
     return plan.model_copy(update={"changes": changes})
+
+
+class DeliverySettings(BaseModel):
+    """Where images are built, pushed and deployed."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    docker_host: str = Field(description="Docker API engine that builds the images")
+    registry: OciRegistry = Field(description="The registry images are pushed to")
+    base_image: str | None = Field(default=None, description="BASE_IMAGE build argument")
+    ecr: EcrRegistry | None = Field(default=None, description="ECR mirror, when configured")
 
 
 def delivery_settings(

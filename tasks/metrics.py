@@ -35,7 +35,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.config import repo_root
-from tasks.models import StageResult, utcnow
+from core.records import StageResult, utcnow
 from tasks.process import run_logger, run_tool, which
 from tasks.releases import EnvironmentState, Ledger, ReleaseRecord, check_environment_name
 

@@ -35,8 +35,8 @@ from blocks.notifications import (
     load_pagerduty_service,
     load_slack_channel,
 )
-from tasks.exceptions import ConfigError, NoticeUndeliverable
-from tasks.models import ImageRef
+from core.errors import ConfigError, NoticeUndeliverable
+from core.records import ImageRef
 from tasks.process import run_logger
 from tasks.slack_actions import with_approval_actions
 

@@ -31,7 +31,7 @@ from prefect.input.run_input import (
 from prefect.states import Paused
 from prefect.utilities.engine import propose_state_sync
 
-from tasks.exceptions import PauseInterrupted
+from core.errors import PauseInterrupted
 
 # States that end a wait: the run is being stopped (or is over), never resumed.
 ENDS_WAIT = frozenset(

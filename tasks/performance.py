@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 import httpx
 from prefect import task
@@ -14,13 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.catalog import ServiceSpec
 from blocks.config import PerformancePolicy
-from tasks.exceptions import PerformanceRegression
+from core.errors import PerformanceRegression
+from core.records import utcnow
 from tasks.health import VERSION_PATH, check_address
-from tasks.models import utcnow
 from tasks.process import run_logger
-
-if TYPE_CHECKING:
-    from tasks.releases import ReleaseRecord
 
 REQUEST_TIMEOUT_S = 10.0
 
@@ -162,11 +159,11 @@ def baseline_record(baseline: Baseline) -> dict[str, float]:
     }
 
 
-def baseline_from_record(service: str, record: ReleaseRecord | None) -> Baseline | None:
-    """The previous release's baseline from its ledger record, None when there is none."""
-    if record is None or not record.baseline or "p95_ms" not in record.baseline:
+def baseline_from_record(service: str, values: Mapping[str, float] | None) -> Baseline | None:
+    """The previous release's baseline from its ledger record's `baseline` (see
+    `baseline_record`), None when there is none."""
+    if not values or "p95_ms" not in values:
         return None
-    values = record.baseline
     return Baseline(
         service=service,
         requests=int(values.get("requests", 0)),

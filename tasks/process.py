@@ -27,7 +27,7 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
-from tasks.exceptions import ToolError
+from core.errors import ToolError
 
 EXCERPT_LINES = 40
 

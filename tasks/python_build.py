@@ -15,9 +15,9 @@ from pathlib import Path
 from prefect import task
 
 from blocks.catalog import ServiceSpec
-from tasks.exceptions import CheckFailed, ToolError
+from core.errors import CheckFailed, ToolError
+from core.records import StageResult
 from tasks.forking import warm_fork_server
-from tasks.models import StageResult
 from tasks.process import STAGE_RETRY_OPTIONS, ToolRun, run_logger, run_tool, which
 from tasks.source import service_dir, service_env
 

@@ -19,9 +19,9 @@ from typing import Any
 from prefect import task
 
 from blocks.catalog import ServiceSpec
-from tasks.exceptions import CheckFailed, SourceError, ToolError
+from core.errors import CheckFailed, SourceError, ToolError
+from core.records import StageResult
 from tasks.forking import run_module, venv_tool
-from tasks.models import StageResult
 from tasks.process import EXCERPT_LINES, STAGE_RETRY_OPTIONS, ToolRun, run_logger, run_tool
 from tasks.source import (
     SERVICES_DIR,

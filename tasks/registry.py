@@ -35,8 +35,8 @@ from prefect.tasks import exponential_backoff
 
 from blocks.catalog import ServiceSpec
 from blocks.registry import OciRegistry
-from tasks.exceptions import PromotionRefused, RegistryError, ToolError
-from tasks.models import ImageRef
+from core.errors import PromotionRefused, RegistryError, ToolError
+from core.records import ImageRef
 from tasks.process import retry_on_tool_error, run_logger, run_tool, which
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"

@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from blocks.config import PipelineConfig
 from blocks.environments import EnvironmentSpec
 from blocks.storage import ledger_filesystem
-from tasks.exceptions import ConfigError, LedgerConflict, LedgerError, PromotionRefused
-from tasks.models import (
+from core.errors import ConfigError, LedgerConflict, LedgerError, PromotionRefused
+from core.records import (
     DeployedService,
     DeployOutcome,
     ImageRef,

@@ -9,8 +9,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import State
 
-from tasks.exceptions import CheckFailed, StageFailed
-from tasks.models import StageResult
+from core.errors import CheckFailed, StageFailed
+from core.records import StageResult, short_digest
 from tasks.process import run_logger
 
 CI_STAGES = ("lock", "sync", "ruff", "mypy", "bandit", "pytest")
@@ -118,7 +118,7 @@ def stage_table(results: Sequence[StageResult]) -> list[dict[str, str]]:
             if r.service == service and r.details.get("digest")
         ]
         if digests:
-            row["digest"] = digests[0].removeprefix("sha256:")[:12]
+            row["digest"] = short_digest(digests[0])
         rows.append(row)
     if any("digest" in row for row in rows):
         for row in rows:

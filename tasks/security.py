@@ -22,8 +22,8 @@ from pydantic import BaseModel, Field
 from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
 from blocks.registry import OciRegistry
-from tasks.exceptions import PromotionRefused, StageFailed, ToolError
-from tasks.models import PromotionPlan, PublishedImage, SecurityVerdict
+from core.errors import PromotionRefused, StageFailed, ToolError
+from core.records import PromotionPlan, PublishedImage, SecurityVerdict
 from tasks.process import run_logger, run_tool, which
 
 Verdict = Literal["clean", "vulnerable", "unknown"]

@@ -10,7 +10,7 @@ builds the bytes that are signed, runs `ssh-keygen`, and reads its verdict.
     key_fingerprint(signature)                        -> "SHA256:..." of the signing key
     parse_allowed_signers(text)                       -> principal -> public keys
 
-Errors (tasks.exceptions.ApprovalError below):
+Errors (defined in core.errors, below ApprovalError):
 
     ApprovalError
     ├── SigningError       ssh-keygen could not sign or check (missing, no key, timeout)
@@ -35,7 +35,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.exceptions import ApprovalError, ConfigError
+from core.errors import ConfigError, SignatureRefused, SigningError
 
 NAMESPACE = "elice-devops-approval@elice"
 """The `ssh-keygen -n` namespace: a signature made for anything else never verifies here."""
@@ -60,14 +60,6 @@ _KEY_TYPE = re.compile(
     r"(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)"
     r"|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com)"
 )
-
-
-class SigningError(ApprovalError):
-    """A statement could not be signed, or a signature could not be checked at all."""
-
-
-class SignatureRefused(ApprovalError):
-    """The signature does not prove this statement, by this signer, for this namespace."""
 
 
 def _canonical(document: dict[str, Any]) -> bytes:

@@ -12,7 +12,7 @@
 
 Errors:
 
-    ApprovalError (tasks.exceptions)
+    ApprovalError (core.errors, where these are defined)
     └── SlackRequestRefused     a Slack request that must change nothing
         ├── SlackSignatureInvalid   not signed by Slack, stale, or a replay    (HTTP 401)
         ├── SlackPayloadInvalid     not an approval button press of ours        (HTTP 400)
@@ -27,13 +27,17 @@ import json
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from tasks.exceptions import ApprovalError
+from core.errors import (
+    SlackPayloadInvalid,
+    SlackSignatureInvalid,
+    SlackUserUnknown,
+)
 
 APPROVE_ACTION = "elice_approve"
 REJECT_ACTION = "elice_reject"
@@ -49,30 +53,6 @@ _ACTIONS: dict[str, Literal["approve", "reject"]] = {
 _RELEASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _USER_ID = re.compile(r"[UW][A-Z0-9]{2,31}")
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
-
-
-class SlackRequestRefused(ApprovalError):
-    """A request to the Slack receiver that must change nothing; `status` is its HTTP answer."""
-
-    status: ClassVar[int] = 400
-
-
-class SlackSignatureInvalid(SlackRequestRefused):
-    """Not signed with the app's signing secret, too old or new, or seen before."""
-
-    status: ClassVar[int] = 401
-
-
-class SlackPayloadInvalid(SlackRequestRefused):
-    """The body is not a press of one of the approval buttons."""
-
-    status: ClassVar[int] = 400
-
-
-class SlackUserUnknown(SlackRequestRefused):
-    """The Slack user who pressed the button is not mapped to an approver."""
-
-    status: ClassVar[int] = 403
 
 
 class SlackDecision(BaseModel):

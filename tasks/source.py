@@ -21,7 +21,7 @@ from prefect.context import TaskRunContext
 
 from blocks.catalog import ServiceCatalog, ServiceSpec
 from blocks.config import state_dir
-from tasks.exceptions import SourceError, ToolError
+from core.errors import SourceError, ToolError
 from tasks.process import STAGE_RETRY_OPTIONS, run_logger, run_tool, which
 
 SERVICES_DIR = "services"

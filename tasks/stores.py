@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError
 from prefect.filesystems import LocalFileSystem, WritableFileSystem
 from prefect_aws import S3Bucket
 
-from tasks.exceptions import LedgerError
+from core.errors import LedgerError
 
 
 class ObjectStore(Protocol):

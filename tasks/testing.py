@@ -16,9 +16,9 @@ from pathlib import Path
 from prefect import task
 
 from blocks.catalog import ServiceSpec
-from tasks.exceptions import ToolError
+from core.errors import ToolError
+from core.records import StageResult
 from tasks.forking import run_module
-from tasks.models import StageResult
 from tasks.process import STAGE_RETRY_OPTIONS, ToolRun
 from tasks.quality import failed_check, passed_result, shared_config
 from tasks.source import (

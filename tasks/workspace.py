@@ -27,8 +27,8 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.config import state_dir
 from blocks.repository import GitRepository
-from tasks.exceptions import ConfigError, SourceError, ToolError
-from tasks.models import Workspace
+from core.errors import ConfigError, SourceError, ToolError
+from core.records import Workspace
 from tasks.process import STAGE_RETRY_OPTIONS, ToolRun, run_logger, run_tool, which
 from tasks.source import scratch_root
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE = ("cicd", "flows", "tasks", "blocks")
+PIPELINE = ("cicd", "flows", "tasks", "blocks", "core")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
@@ -113,15 +113,17 @@ def test_pipeline_never_imports_services_or_libs() -> None:
     assert not found, "the pipeline imports a service or lib:\n" + "\n".join(found)
 
 
-def test_the_error_hierarchy_is_a_leaf() -> None:
-    """blocks may import tasks.exceptions (pyproject.toml's one ignore_imports) only because
-    tasks/exceptions.py imports nothing of the project: no path upward can go through it."""
-    path = ROOT / "tasks" / "exceptions.py"
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    relative = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
-    assert not relative, f"tasks/exceptions.py has relative imports at lines {relative}"
-    found = forbidden_imports([path], PIPELINE, ROOT)
-    assert not found, "tasks/exceptions.py must stay a leaf:\n" + "\n".join(found)
+def test_the_bottom_layer_imports_nothing_above_it() -> None:
+    """core (the error hierarchy, the records) is below every layer: it imports none of them."""
+    paths = sorted((ROOT / "core").glob("*.py"))
+    assert paths, "core/ is missing: has the layout moved?"
+    above = tuple(name for name in PIPELINE if name != "core")
+    for path in paths:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        relative = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
+        assert not relative, f"{path.name} has relative imports at lines {relative}"
+    found = forbidden_imports(paths, above, ROOT)
+    assert not found, "core/ imports a layer above it:\n" + "\n".join(found)
 
 
 def _write_tree(root: Path, files: dict[str, str]) -> None:
@@ -131,17 +133,18 @@ def _write_tree(root: Path, files: dict[str, str]) -> None:
         path.write_text(text, encoding="utf-8")
 
 
-# A pipeline in miniature: every layer and the allowed blocks -> tasks.exceptions import.
+# A pipeline in miniature: every layer, blocks raising from the bottom layer.
 _CLEAN_TREE = {
     "cicd/__init__.py": "",
     "cicd/stack.py": "import flows.ci\n",
     "flows/__init__.py": "",
     "flows/ci.py": "from tasks import containers\nfrom blocks import config\n",
     "tasks/__init__.py": "",
-    "tasks/exceptions.py": "class ConfigError(ValueError):\n    pass\n",
     "tasks/containers.py": "from blocks.config import load\n",
     "blocks/__init__.py": "",
-    "blocks/config.py": "from tasks.exceptions import ConfigError\n\ndef load(): ...\n",
+    "blocks/config.py": "from core.errors import ConfigError\n\ndef load(): ...\n",
+    "core/__init__.py": "",
+    "core/errors.py": "class ConfigError(Exception):\n    pass\n",
 }
 
 
@@ -163,8 +166,9 @@ def test_lint_imports_passes_a_clean_tree_with_the_real_contracts(tmp_path: Path
         ),
         ("flows/ci.py", "import cicd.stack\n", "flows.ci -> cicd.stack"),
         ("blocks/config.py", "from tasks.containers import y\n", "blocks.config -> tasks"),
+        ("core/errors.py", "from blocks.config import load\n", "core.errors -> blocks.config"),
     ],
-    ids=["tasks-to-cicd-in-a-function", "flows-to-cicd", "blocks-to-tasks-not-exceptions"],
+    ids=["tasks-to-cicd-in-a-function", "flows-to-cicd", "blocks-to-tasks", "core-to-blocks"],
 )
 def test_lint_imports_fails_on_an_upward_import(
     tmp_path: Path, name: str, text: str, violation: str

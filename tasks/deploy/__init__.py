@@ -15,11 +15,11 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
+from core.errors import PipelineError, PromotionError, PromotionRefused
+from core.records import DeployedService, DeployOutcome, ImageRef, PublishedImage
 from tasks.deploy.target import DeployTarget
-from tasks.exceptions import PipelineError, PromotionError, PromotionRefused
 from tasks.health import probe_health
 from tasks.locks import deploy_lock, mark_crashed
-from tasks.models import DeployedService, DeployOutcome, ImageRef, PublishedImage
 from tasks.process import run_logger
 from tasks.releases import EnvironmentState, end_deploys, read_ledger
 

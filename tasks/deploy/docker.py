@@ -15,10 +15,10 @@ from blocks.catalog import ServiceSpec
 from blocks.docker_target import DockerTarget
 from blocks.environments import EnvironmentSpec
 from blocks.registry import OciRegistry
+from core.errors import DeployError, RegistryError, ToolError
+from core.records import DeployedService, HealthResult, ImageRef, utcnow
 from tasks.engine import docker_error, engine_client, resolve_docker_host
-from tasks.exceptions import DeployError, RegistryError, ToolError
-from tasks.health import HealthResult, probe_health
-from tasks.models import DeployedService, ImageRef, utcnow
+from tasks.health import probe_health
 from tasks.process import run_logger
 from tasks.registry import fetch_manifest
 

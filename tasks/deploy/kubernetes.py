@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
 from blocks.kubernetes_target import KubernetesTarget
+from core.errors import DeployError, KubernetesApiError, ManifestError, RolloutFailed
+from core.records import DeployedService, ImageRef, utcnow
 from tasks.deploy.manifests import (
     ANNOTATION_PREFIX,
     APP_CONTAINER,
@@ -42,8 +44,6 @@ from tasks.deploy.manifests import (
     service_objects,
 )
 from tasks.deploy.service_proxy import service_path, service_proxy
-from tasks.exceptions import DeployError, KubernetesApiError, ManifestError, RolloutFailed
-from tasks.models import DeployedService, ImageRef, utcnow
 from tasks.process import run_logger
 
 FIELD_MANAGER = "elice-devops"

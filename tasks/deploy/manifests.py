@@ -19,8 +19,8 @@ import yaml
 from prefect import task
 
 from blocks.config import repo_root
-from tasks.exceptions import ManifestError
-from tasks.models import ImageRef
+from core.errors import ManifestError
+from core.records import ImageRef
 from tasks.process import run_logger, run_tool, which
 
 # The Kubernetes minor version the manifests are validated against (deployments/README.md).

@@ -12,8 +12,8 @@ from blocks.docker_target import DockerTarget
 from blocks.environments import EnvironmentSpec, TargetKind
 from blocks.kubernetes_target import KubernetesTarget
 from blocks.registry import OciRegistry
-from tasks.exceptions import ConfigError
-from tasks.models import DeployedService, ImageRef
+from core.errors import ConfigError
+from core.records import DeployedService, ImageRef
 
 DOCKER_TARGET_BLOCK = "elice-docker"
 KUBERNETES_TARGET_BLOCK = "elice-kubernetes"

@@ -10,7 +10,7 @@ import yaml
 from blocks.catalog import ServiceCatalog
 from blocks.config import load_blocks, load_config, load_file, save_as_blocks
 from blocks.environments import EnvironmentCatalog
-from tasks.exceptions import ConfigError
+from core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT = REPO / "config" / "pipeline.yaml"

@@ -50,9 +50,9 @@ import yaml
 
 from blocks.stack import StackInfo
 from cicd.stack import free_port
+from core.records import ImageRef
 from tasks.deploy.kubernetes import APP_CONTAINER
 from tasks.deploy.manifests import render_overlay, service_objects
-from tasks.models import ImageRef
 
 DEPLOYMENTS = Path(__file__).resolve().parents[2] / "deployments"
 SERVICE = "course"

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from blocks.config import PipelineConfig
+from core.errors import ManifestError
+from core.records import ImageRef
 from tasks.deploy.manifests import (
     KUBERNETES_VERSION,
     deployments_root,
@@ -20,8 +22,6 @@ from tasks.deploy.manifests import (
     validate_manifests,
     validate_objects,
 )
-from tasks.exceptions import ManifestError
-from tasks.models import ImageRef
 
 ENVS = ["dev", "staging", "production"]
 DEPLOYMENTS = Path(__file__).resolve().parents[2] / "deployments"

@@ -14,8 +14,8 @@ import docker
 import yaml
 
 from blocks.config import PipelineConfig
+from core.records import ImageRef
 from tasks.deploy.docker import DockerDeployer, container_name
-from tasks.models import ImageRef
 from tasks.registry import manifest_digest
 from tasks.releases import Ledger, ReleaseRecord
 

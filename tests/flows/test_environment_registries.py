@@ -19,11 +19,11 @@ from prefect.client.orchestration import get_client
 from blocks.config import PipelineConfig, load_config
 from blocks.registry import OciRegistry
 from blocks.stack import StackInfo
+from core.errors import PromotionRefused, RegistryError
+from core.records import ImageRef
 from flows.promotion import promote
 from tasks.deploy.docker import DockerDeployer
-from tasks.exceptions import PromotionRefused, RegistryError
 from tasks.health import probe_health
-from tasks.models import ImageRef
 from tasks.registry import image_exists
 from tasks.releases import Ledger
 from tests.flows.chain import SERVICES, put_verified, remove_containers, write_chain_config

@@ -24,11 +24,11 @@ from blocks.config import load_config
 from blocks.notifications import PAGERDUTY_BLOCK, SLACK_BLOCK, PagerDutyService, SlackChannel
 from blocks.stack import StackInfo
 from cicd.cli import app
+from core.errors import ConfigError, EnvironmentUnhealthy, HealthCheckFailed
+from core.records import HealthReport, ImageRef
 from flows.health import health_check
 from tasks.deploy.docker import DockerDeployer, container_name
-from tasks.exceptions import ConfigError, EnvironmentUnhealthy, HealthCheckFailed
-from tasks.health import NOT_DEPLOYED, HealthReport
-from tasks.models import ImageRef
+from tasks.health import NOT_DEPLOYED
 from tasks.releases import Ledger, ReleaseRecord
 from tests.plugins.receivers import Receiver
 from tests.tasks.servicekit_server import DIGEST_A, DIGEST_B, servicekit_server

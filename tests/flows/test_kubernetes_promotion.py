@@ -29,12 +29,12 @@ from prefect.states import State
 from blocks.config import PipelineConfig, load_config
 from blocks.kubernetes_target import KubernetesTarget
 from blocks.stack import StackInfo
+from core.errors import PromotionRolledBack
+from core.records import ImageRef
 from flows.ci import CiOutcome, ci
 from flows.promotion import promote
 from tasks.deploy.kubernetes import KubernetesDeployer
 from tasks.deploy.target import KUBERNETES_TARGET_BLOCK
-from tasks.exceptions import PromotionRolledBack
-from tasks.models import ImageRef
 from tasks.releases import Ledger, ReleaseRecord
 from tests.flows.chain import as_service, derive, write_chain_config
 from tests.k8s_sim import CRASH, KubeSimulator

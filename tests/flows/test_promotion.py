@@ -40,6 +40,8 @@ from blocks.notifications import PAGERDUTY_BLOCK, SLACK_BLOCK, PagerDutyService,
 from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
 from cicd.slack_receiver import ACTIONS_PATH, SlackReceiver
+from core.errors import PromotionError, PromotionRefused, PromotionRejected, PromotionRolledBack
+from core.records import ImageRef
 from flows.promotion import promote, rollback
 from tasks.approval import (
     SLACK_SECRET_BLOCK,
@@ -50,14 +52,7 @@ from tasks.approval import (
 )
 from tasks.audit import AuditEntry, read_audit
 from tasks.deploy.docker import DockerDeployer, container_name
-from tasks.exceptions import (
-    PromotionError,
-    PromotionRefused,
-    PromotionRejected,
-    PromotionRolledBack,
-)
 from tasks.health import probe_health
-from tasks.models import ImageRef
 from tasks.releases import Ledger, ReleaseRecord
 from tasks.slack_actions import APPROVE_ACTION
 from tests.approvers import Approvers, paused_promotion

@@ -41,13 +41,13 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from blocks.config import PipelineConfig, load_config
 from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
+from core.errors import EnvironmentUnhealthy
+from core.records import ImageRef
 from flows.health import health_check
 from tasks.approval import read_gate, submit_answer
 from tasks.deploy.docker import DockerDeployer
-from tasks.exceptions import EnvironmentUnhealthy
 from tasks.health import probe_health
 from tasks.locks import LEASE_S
-from tasks.models import ImageRef
 from tasks.releases import Ledger
 from tests.approvers import Approvers
 from tests.flows.chain import (

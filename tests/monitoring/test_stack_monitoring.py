@@ -49,8 +49,8 @@ from cicd.stack import (
 )
 from cicd.stack_cli import app
 from cicd.stack_monitoring import AlertReceivers, saved_receivers, write_alertmanager_config
+from core.records import ImageRef
 from tasks.deploy.docker import DockerDeployer, container_name
-from tasks.models import ImageRef
 from tests.monitoring.tools import REPO, get_json, post_json, run, tool, wait_for
 from tests.plugins.receivers import Receiver
 

@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cicd.cli import app
-from tasks.models import ImageRef
+from core.records import ImageRef
 from tasks.releases import Ledger, ReleaseRecord
 
 REPO = Path(__file__).resolve().parents[2]

@@ -44,8 +44,8 @@ from cicd.setup import (
 )
 from cicd.setup_cli import register
 from cicd.stack import free_port
+from core.errors import ConfigError
 from tasks.deploy.target import KUBERNETES_TARGET_BLOCK
-from tasks.exceptions import ConfigError
 from tasks.locks import lock_name
 from tasks.process import which
 from tests.k8s_sim import KubeSimulator

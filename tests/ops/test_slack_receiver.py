@@ -21,7 +21,7 @@ from prefect.settings import PREFECT_API_URL
 from pydantic import SecretStr
 
 from cicd.slack_receiver import ACTIONS_PATH, SECRET_ENV, SlackReceiver, load_slack_users
-from tasks.exceptions import GateError
+from core.errors import GateError
 from tasks.slack_actions import APPROVE_ACTION, REJECT_ACTION, SlackDecision
 from tests.slack_requests import button_press, slack_signed
 

@@ -24,7 +24,7 @@ from cicd.stack import (
     stop_stack,
 )
 from cicd.stack_cli import StepPrinter, app
-from tasks.models import ImageRef
+from core.records import ImageRef
 
 
 def _pids(root: Path) -> dict[str, str]:

@@ -38,7 +38,7 @@ from cicd.stack import (
     stop_stack,
 )
 from cicd.stack_cli import app
-from tasks.exceptions import StackError
+from core.errors import StackError
 
 
 class Impostor:

@@ -31,7 +31,7 @@ from cicd.worker import (
     worker_build_context,
     worker_pid,
 )
-from tasks.exceptions import ConfigError
+from core.errors import ConfigError
 from tasks.images import local_ca_bundle
 from tasks.process import which
 from tests.tasks.ci_checkout import synced_checkout

@@ -29,8 +29,8 @@ from blocks.config import PipelineConfig
 from blocks.registry import OciRegistry
 from blocks.stack import StackInfo
 from cicd.stack import ensure_stack
+from core.records import ImageRef
 from tasks.images import BuiltImage, build_image, image_repository, local_ca_bundle, push_image
-from tasks.models import ImageRef
 
 os.environ.setdefault("ELICE_STACK_DIR", "/var/tmp/elice-test-stack")
 IMAGE_SERVICE = "course"

@@ -3,7 +3,7 @@ configuration and ledger states built from (digest, verified, scan) triples."""
 
 from __future__ import annotations
 
-from tasks.models import ImageRef
+from core.records import ImageRef
 from tasks.releases import EnvironmentState, ReleaseRecord
 
 D1, D2, D3 = ("sha256:" + c * 64 for c in "123")

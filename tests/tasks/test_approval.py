@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 from blocks.approvals import ApprovalPolicy, EnvironmentPolicy, parse_policy
 from blocks.config import parse_config
 from cicd.promote_cli import register
+from core.errors import AnswerRefused, ConfigError, PromotionRefused
+from core.records import ImageRef, PlannedChange, PromotionPlan, make_plan, release_id
 from tasks.approval import (
     ApprovalAnswer,
     identify_promoter,
@@ -24,8 +26,6 @@ from tasks.approval import (
     sign_request,
     statement_for,
 )
-from tasks.exceptions import AnswerRefused, ConfigError, PromotionRefused
-from tasks.models import ImageRef, PlannedChange, PromotionPlan, make_plan, release_id
 from tasks.signing import sign_statement
 
 APPROVERS = ("platform-lead", "sre-oncall", "release-manager")

@@ -13,6 +13,8 @@ from prefect.filesystems import LocalFileSystem, WritableFileSystem
 from prefect_aws import AwsCredentials
 
 from blocks.storage import ReleaseStorage
+from core.errors import BackupError
+from core.records import DeployedService, ImageRef
 from tasks.backup import (
     BACKUP_ID,
     Backup,
@@ -23,8 +25,6 @@ from tasks.backup import (
     new_backup_id,
     restore_targets,
 )
-from tasks.exceptions import BackupError
-from tasks.models import DeployedService, ImageRef
 from tasks.releases import EnvironmentState, Ledger, ReleaseRecord
 from tasks.stores import open_store
 

@@ -13,6 +13,8 @@ from prefect_aws import AwsCredentials
 from pydantic import SecretStr
 
 from blocks.registry import EcrRegistry, OciRegistry
+from core.errors import ImageError, RegistryError
+from core.records import ImageRef
 from tasks.ecr import (
     ecr_client,
     ecr_credentials,
@@ -24,8 +26,6 @@ from tasks.ecr import (
     mirror_to_ecr,
     put_lifecycle_policy,
 )
-from tasks.exceptions import ImageError, RegistryError
-from tasks.models import ImageRef
 from tasks.registry import fetch_manifest, image_exists, verify_release_image
 from tests.plugins.registries import AuthRegistry
 

@@ -14,10 +14,10 @@ from prefect_aws import AwsCredentials
 
 from blocks.environments import EnvironmentSpec, RegistryChoice, Replicas
 from blocks.registry import EcrRegistry, OciRegistry
+from core.errors import ConfigError
+from core.records import ImageRef, PlannedChange, PromotionPlan
 from tasks.ecr import combine_verdicts, ecr_client, ecr_registry_access, judge_ecr_findings
-from tasks.exceptions import ConfigError
 from tasks.images import EnvironmentRegistry, environment_registry, place_images, with_ecr_scans
-from tasks.models import ImageRef, PlannedChange, PromotionPlan
 from tasks.registry import image_exists, read_labels
 from tests.plugins.registries import AuthRegistry
 

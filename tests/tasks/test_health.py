@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from blocks.catalog import ServiceSpec
-from tasks.exceptions import HealthCheckFailed
+from core.errors import HealthCheckFailed
 from tasks.health import check_service_health, probe_health
 from tests.tasks.servicekit_server import DIGEST_A, DIGEST_B, free_port, servicekit_server
 

@@ -14,7 +14,8 @@ import pytest
 from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig
 from blocks.stack import StackInfo
-from tasks.exceptions import ImageError
+from core.errors import ImageError
+from core.records import ImageRef
 from tasks.images import (
     BuiltImage,
     build_context,
@@ -24,7 +25,6 @@ from tasks.images import (
     image_tags,
     local_ca_bundle,
 )
-from tasks.models import ImageRef
 from tasks.registry import image_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,6 +11,7 @@ import pytest
 from prefect.filesystems import LocalFileSystem
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.records import ImageRef, PlannedChange, SecurityVerdict, StageResult, make_plan
 from tasks.metrics import (
     GAUGES,
     DeliveryMetrics,
@@ -23,7 +24,6 @@ from tasks.metrics import (
     prometheus_text,
     stage_metrics,
 )
-from tasks.models import ImageRef, PlannedChange, SecurityVerdict, StageResult, make_plan
 from tasks.releases import (
     DeployIntent,
     Ledger,

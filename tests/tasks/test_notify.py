@@ -10,8 +10,8 @@ import pytest
 from prefect.states import State
 
 from blocks.notifications import PAGERDUTY_BLOCK, SLACK_BLOCK, PagerDutyService, SlackChannel
-from tasks.exceptions import NoticeUndeliverable
-from tasks.models import ImageRef
+from core.errors import NoticeUndeliverable
+from core.records import ImageRef
 from tasks.notify import (
     Notice,
     digest_change,

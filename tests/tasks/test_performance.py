@@ -8,7 +8,7 @@ import pytest
 
 from blocks.catalog import ServiceSpec
 from blocks.config import PerformancePolicy
-from tasks.exceptions import PerformanceRegression, PromotionError
+from core.errors import PerformanceRegression, PromotionError
 from tasks.performance import (
     Baseline,
     check_regression,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.exceptions import SourceError
+from core.errors import SourceError
 from tasks.python_build import EXPORTS, lock_service, sync_service
 from tests.tasks.ci_checkout import CONFIG, SAMPLE, synced_checkout
 

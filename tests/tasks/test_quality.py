@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.exceptions import CheckFailed, SourceError, ToolError
+from core.errors import CheckFailed, SourceError, ToolError
 from tasks.quality import (
     bandit_issues,
     mypy_summary,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from blocks.registry import OciRegistry
-from tasks.exceptions import ImageError, ToolError
+from core.errors import ImageError, ToolError
+from core.records import ImageRef
 from tasks.images import BuiltImage, push_image
-from tasks.models import ImageRef
 from tasks.registry import copy_tag, image_exists, manifest_digest, read_labels, split_repository
 
 UNKNOWN = "sha256:" + "0" * 64

@@ -17,8 +17,8 @@ import pytest
 from pydantic import SecretStr
 
 from blocks.registry import OciRegistry
-from tasks.exceptions import PromotionRefused, RegistryError, ToolError
-from tasks.models import ImageRef
+from core.errors import PromotionRefused, RegistryError, ToolError
+from core.records import ImageRef
 from tasks.registry import (
     MANIFEST_ACCEPT,
     OCI_INDEX,

@@ -21,8 +21,8 @@ from blocks.storage import (
     backup_filesystem,
     ledger_filesystem,
 )
-from tasks.exceptions import ConfigError, LedgerConflict, LedgerError, PromotionRefused
-from tasks.models import ImageRef, release_id
+from core.errors import ConfigError, LedgerConflict, LedgerError, PromotionRefused
+from core.records import ImageRef, release_id
 from tasks.releases import (
     EnvironmentState,
     Ledger,

@@ -7,8 +7,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.states import Completed, Failed, Pending
 
-from tasks.exceptions import CheckFailed, ToolError
-from tasks.models import StageResult
+from core.errors import CheckFailed, ToolError
+from core.records import StageResult
 from tasks.reports import (
     failed_services,
     markdown_report,

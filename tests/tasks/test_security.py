@@ -11,8 +11,8 @@ import pytest
 from blocks.catalog import ServiceSpec
 from blocks.config import parse_config
 from blocks.registry import OciRegistry
-from tasks.exceptions import PromotionRefused, StageFailed
-from tasks.models import ImageRef, PublishedImage
+from core.errors import PromotionRefused, StageFailed
+from core.records import ImageRef, PublishedImage
 from tasks.registry import copy_image_by_digest
 from tasks.releases import build_plan
 from tasks.security import (

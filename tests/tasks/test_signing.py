@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.exceptions import ApprovalError, ConfigError
+from core.errors import ApprovalError, ConfigError, SignatureRefused, SigningError
 from tasks.signing import (
     NAMESPACE,
     ApprovalStatement,
-    SignatureRefused,
-    SigningError,
     key_fingerprint,
     parse_allowed_signers,
     sign_statement,

@@ -13,17 +13,19 @@ from urllib.parse import urlencode
 import pytest
 from pydantic import SecretStr
 
-from tasks.exceptions import ApprovalError
+from core.errors import (
+    ApprovalError,
+    SlackPayloadInvalid,
+    SlackRequestRefused,
+    SlackSignatureInvalid,
+    SlackUserUnknown,
+)
 from tasks.notify import Notice, slack_blocks
 from tasks.slack_actions import (
     APPROVE_ACTION,
     MAX_SKEW_S,
     REJECT_ACTION,
     ReplayGuard,
-    SlackPayloadInvalid,
-    SlackRequestRefused,
-    SlackSignatureInvalid,
-    SlackUserUnknown,
     approval_actions,
     approver_for,
     parse_slack_decision,

@@ -10,7 +10,7 @@ import pytest
 from prefect.states import Completed, Failed
 
 from blocks.catalog import ServiceCatalog
-from tasks.exceptions import CheckFailed, SourceError, StageFailed, ToolError
+from core.errors import CheckFailed, SourceError, StageFailed, ToolError
 from tasks.process import retry_on_tool_error
 from tasks.quality import SHARED_CONFIGS
 from tasks.source import (

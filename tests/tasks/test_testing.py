@@ -12,7 +12,7 @@ import pytest
 
 import tasks.forking
 import tasks.quality
-from tasks.exceptions import CheckFailed, ToolError
+from core.errors import CheckFailed, ToolError
 from tasks.forking import ForkServer, fork_server, stop_fork_servers
 from tasks.python_build import lock_service, sync_service
 from tasks.quality import run_bandit

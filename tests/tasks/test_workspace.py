@@ -14,7 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 from blocks.repository import GitRepository
-from tasks.exceptions import SourceError, ToolError
+from core.errors import SourceError, ToolError
 from tasks.workspace import git_env, mirror_path, prepare_workspace, remove_workspace
 from tests.tasks.ci_checkout import commit_all, git
 

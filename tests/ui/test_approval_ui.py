@@ -35,9 +35,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks.approvals import ApprovalPolicy, EnvironmentPolicy
 from cicd.stack import free_port
+from core.errors import AnswerRefused, GateError
+from core.records import PromotionPlan
 from tasks.approval import answer_form, judge_answer, read_gate, statement_for
-from tasks.exceptions import AnswerRefused, GateError
-from tasks.models import PromotionPlan
 from tasks.pause import pause_for_answer
 from tasks.signing import sign_statement
 from tests.tasks.test_approval import APPROVERS, People, plan

@@ -18,6 +18,8 @@ from blocks.config import PipelineConfig
 from blocks.docker_target import DockerTarget
 from blocks.environments import EnvironmentSpec, Replicas
 from blocks.stack import StackInfo
+from core.errors import DeployError
+from core.records import ImageRef
 from tasks.deploy.docker import (
     DockerDeployer,
     container_env,
@@ -26,9 +28,7 @@ from tasks.deploy.docker import (
     deployed_from_labels,
     log_excerpt,
 )
-from tasks.exceptions import DeployError
 from tasks.images import BuiltImage, push_image
-from tasks.models import ImageRef
 from tasks.registry import copy_image
 from tests.plugins.registries import AuthRegistry
 

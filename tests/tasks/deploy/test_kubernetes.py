@@ -20,6 +20,8 @@ from prefect_kubernetes.credentials import KubernetesClusterConfig, KubernetesCr
 
 from blocks.config import PipelineConfig
 from blocks.kubernetes_target import KubernetesTarget
+from core.errors import DeployError, KubernetesApiError
+from core.records import ImageRef
 from tasks.deploy.kubernetes import (
     FIELD_MANAGER,
     KubernetesDeployer,
@@ -28,9 +30,7 @@ from tasks.deploy.kubernetes import (
     rollout_status,
 )
 from tasks.deploy.manifests import containers, render_overlay, service_objects
-from tasks.exceptions import DeployError, KubernetesApiError
 from tasks.health import probe_health
-from tasks.models import ImageRef
 from tests.k8s_sim import CONFIG, CRASH, ERR_PULL, NOT_READY, PULL, KubeSimulator
 
 DEADLINE_S = 60.0  # generous: the simulator finishes in a few simulated steps

@@ -1,14 +1,15 @@
-"""Records that pass between tasks: stage results, images, deployments, promotion plans."""
+"""Records that pass between tasks: stage results, images, deployments, health, promotion plans.
+
+The bottom layer: imports nothing of the project.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from blocks.registry import EcrRegistry, OciRegistry
 
 StageStatus = Literal["passed", "failed", "skipped", "cached"]
 
@@ -16,6 +17,11 @@ StageStatus = Literal["passed", "failed", "skipped", "cached"]
 def utcnow() -> datetime:
     """Now, timezone-aware."""
     return datetime.now(UTC)
+
+
+def short_digest(digest: str) -> str:
+    """The first 12 hex digits of a `sha256:` digest (or of a bare hex digest)."""
+    return digest.removeprefix("sha256:")[:12]
 
 
 class StageResult(BaseModel):
@@ -66,18 +72,7 @@ class ImageRef(BaseModel):
     @property
     def short(self) -> str:
         """The first 12 hex digits of the digest."""
-        return self.digest.removeprefix("sha256:")[:12]
-
-
-class DeliverySettings(BaseModel):
-    """Where images are built, pushed and deployed."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
-
-    docker_host: str = Field(description="Docker API engine that builds the images")
-    registry: OciRegistry = Field(description="The registry images are pushed to")
-    base_image: str | None = Field(default=None, description="BASE_IMAGE build argument")
-    ecr: EcrRegistry | None = Field(default=None, description="ECR mirror, when configured")
+        return short_digest(self.digest)
 
 
 class DeployedService(BaseModel):
@@ -124,6 +119,59 @@ class DeployOutcome(BaseModel):
     def report_details(self) -> dict[str, str]:
         """Columns for the CI report."""
         return {"address": self.deployed.address, "digest": self.deployed.image.digest}
+
+
+# --- health ------------------------------------------------------------------------
+
+
+class HealthResult(BaseModel):
+    """What a health probe saw; `failures` is empty when `ok`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    service: str
+    url: str = Field(description="Base URL that was probed")
+    ok: bool
+    attempts: int
+    seconds: float
+    failures: list[str] = Field(default_factory=list, description="endpoint: what it answered")
+    version: dict[str, str] = Field(default_factory=dict, description="GET /version, if read")
+
+    def summary_line(self) -> str:
+        """One line for the CI report."""
+        if self.ok:
+            return f"healthy at {self.url} after {self.seconds:.1f}s"
+        return f"unhealthy at {self.url}: {'; '.join(self.failures)}"
+
+    def report_details(self) -> dict[str, str]:
+        """Columns for the CI report."""
+        return {"address": self.url}
+
+
+class HealthReport(BaseModel):
+    """Every checked service's health in one environment."""
+
+    environment: str
+    results: list[HealthResult]
+
+    @property
+    def failed(self) -> list[HealthResult]:
+        """The unhealthy services."""
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def ok(self) -> bool:
+        """Something was checked, and all of it is healthy."""
+        return bool(self.results) and not self.failed
+
+    def as_json(self) -> dict[str, Any]:
+        """`cicd health --json`: the environment, ok, and one object per service."""
+        fields = {"service", "url", "ok", "attempts", "seconds", "failures"}
+        return {
+            "environment": self.environment,
+            "ok": self.ok,
+            "services": [r.model_dump(mode="json", include=fields) for r in self.results],
+        }
 
 
 # --- promotion ---------------------------------------------------------------------

@@ -28,19 +28,28 @@ PipelineError
     ├── GateError            the run cannot be answered (unknown, not paused, no form)
     │   └── PauseInterrupted  a waiting run was cancelled or ended from outside
     ├── ApprovalRefused      the Prefect server refused the answer; the run stays paused
-    └── AnswerRefused        the gate refused an answer (no valid signature, not an
-                             approver, self-approval, another promotion's statement)
+    ├── AnswerRefused        the gate refused an answer (no valid signature, not an
+    │                        approver, self-approval, another promotion's statement)
+    ├── SigningError         ssh-keygen could not sign or check (missing, no key, timeout)
+    ├── SignatureRefused     the signature does not prove this statement by its signer
+    └── SlackRequestRefused  a Slack request that must change nothing (HTTP 400)
+        ├── SlackSignatureInvalid  not signed by Slack, stale, or a replay  (HTTP 401)
+        ├── SlackPayloadInvalid    not an approval button press of ours      (HTTP 400)
+        └── SlackUserUnknown       the Slack user is no configured approver  (HTTP 403)
 
 None derives from ValueError or KeyError, so nobody catches one by accident. Errors
 that carry data rebuild themselves in `__reduce__`: Prefect pickles a failed run's
 exception as its result.
 
-This module imports nothing of the project: every layer (blocks included) raises from it.
+This is the bottom layer: it imports nothing of the project but `core.records` (the
+payloads), and every layer (blocks included) raises from it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
+
+from core.records import HealthReport, PromotionPlan
 
 
 class PipelineError(Exception):
@@ -134,9 +143,9 @@ class HealthCheckFailed(PipelineError):
 
 
 class EnvironmentUnhealthy(HealthCheckFailed):
-    """An environment's health check failed; `report` is its `tasks.health.HealthReport`."""
+    """An environment's health check failed; `report` is its health report."""
 
-    def __init__(self, message: str, report: Any = None) -> None:
+    def __init__(self, message: str, report: HealthReport | None = None) -> None:
         self.report = report
         super().__init__(message)
 
@@ -178,10 +187,10 @@ class PromotionRefused(PromotionError):
 class PromotionRejected(PromotionError):
     """An approver rejected the promotion, or nobody approved it in time; nothing deployed.
 
-    `plan` is the promotion plan (a `tasks.models.PromotionPlan`) when one was made.
+    `plan` is the promotion plan when one was made.
     """
 
-    def __init__(self, message: str, *, plan: Any = None) -> None:
+    def __init__(self, message: str, *, plan: PromotionPlan | None = None) -> None:
         self.plan = plan
         super().__init__(message)
 
@@ -198,7 +207,7 @@ class PromotionRolledBack(PromotionError):
         *,
         failed: str,
         restored: dict[str, str | None],
-        plan: Any = None,
+        plan: PromotionPlan | None = None,
     ) -> None:
         self.failed = failed
         self.restored = restored
@@ -255,15 +264,47 @@ class AnswerRefused(ApprovalError):
         return (type(self), (str(self), self.claimed))
 
 
+class SigningError(ApprovalError):
+    """A statement could not be signed, or a signature could not be checked at all."""
+
+
+class SignatureRefused(ApprovalError):
+    """The signature does not prove this statement, by this signer, for this namespace."""
+
+
+class SlackRequestRefused(ApprovalError):
+    """A request to the Slack receiver that must change nothing; `status` is its HTTP answer."""
+
+    status: ClassVar[int] = 400
+
+
+class SlackSignatureInvalid(SlackRequestRefused):
+    """Not signed with the app's signing secret, too old or new, or seen before."""
+
+    status: ClassVar[int] = 401
+
+
+class SlackPayloadInvalid(SlackRequestRefused):
+    """The body is not a press of one of the approval buttons."""
+
+    status: ClassVar[int] = 400
+
+
+class SlackUserUnknown(SlackRequestRefused):
+    """The Slack user who pressed the button is not mapped to an approver."""
+
+    status: ClassVar[int] = 403
+
+
 def _rebuild_undeliverable(message: str, transient: bool) -> NoticeUndeliverable:
     return NoticeUndeliverable(message, transient=transient)
 
 
-def _rebuild_rejected(message: str, plan: Any) -> PromotionRejected:
+def _rebuild_rejected(message: str, plan: PromotionPlan | None) -> PromotionRejected:
     return PromotionRejected(message, plan=plan)
 
 
 def _rebuild_rolled_back(
-    message: str, failed: str, restored: dict[str, str | None], plan: Any
+    message: str, failed: str, restored: dict[str, str | None], plan: PromotionPlan | None
 ) -> PromotionRolledBack:
     return PromotionRolledBack(message, failed=failed, restored=restored, plan=plan)
