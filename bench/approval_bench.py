@@ -86,7 +86,7 @@ def one_run(cfg_path: str, people: Approvers, seen: set[UUID]) -> tuple[float, f
     running = min(
         s.timestamp for s in states if s.type == StateType.RUNNING and s.timestamp > answered
     )
-    deploys = [t.start_time for t in tasks if t.name.startswith("deploy-") and t.start_time]
+    deploys = [t.start_time for t in tasks if t.name.startswith("deploy_release-") and t.start_time]
     if os.environ.get("BENCH_VERBOSE"):
         for t in sorted(tasks, key=lambda t: t.start_time or answered):
             if t.start_time and answered < t.start_time <= min(deploys):

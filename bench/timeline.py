@@ -40,20 +40,20 @@ MAKE_PHASES = (
     (" lock", "lock"),
     (" export ", "lock"),
 )
-FLOW_PHASES = {  # task run name prefix (before the service's name) -> phase
-    "lock": "lock",
-    "sync": "sync",
-    "fingerprint": "fingerprint",
-    "ruff": "ruff",
-    "mypy": "mypy",
-    "bandit": "bandit",
-    "pytest": "pytest",
-    "scan-dependencies": "audit",
-    "publish-image": "build+push",
-    "generate-sbom": "sbom",
-    "deploy": "deploy",
-    "verify": "health",
-    "record": "record",
+FLOW_PHASES = {  # task name (the run name's part before the service's name) -> phase
+    "lock_service": "lock",
+    "sync_service": "sync",
+    "fingerprint_service": "fingerprint",
+    "run_ruff": "ruff",
+    "run_mypy": "mypy",
+    "run_bandit": "bandit",
+    "run_pytest": "pytest",
+    "scan_dependencies": "audit",
+    "publish_image": "build+push",
+    "generate_sbom": "sbom",
+    "deploy_service": "deploy",
+    "verify_deployment": "health",
+    "record_release": "record",
 }
 
 

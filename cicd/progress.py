@@ -56,6 +56,14 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from flows.stages import (
+    CI_STAGES,
+    CI_STEPS,
+    PROMOTE_STAGES,
+    PROMOTE_STEPS,
+    ROLLBACK_STAGES,
+    ROLLBACK_STEPS,
+)
 from tasks.notify import flow_run_url
 
 POLL_S = 0.5
@@ -171,10 +179,9 @@ class StageView:
     """Every stage's column, in pipeline order."""
     shown: tuple[str, ...]
     """Columns shown from the start (with `waiting` cells); others appear when they run."""
-    named: tuple[tuple[str, str], ...]
-    """(task run name template, stage); `{service}` is a known service, `{any}` anything."""
-    unnamed: Mapping[str, str]
-    """Task name -> stage, for tasks whose run names do not name the service."""
+    tasks: Mapping[str, str]
+    """Task name -> stage (flows/stages.py); a run named `<task>-<service>[-...]` is placed
+    at that service, a run with Prefect's default name by its logs."""
     steps: Mapping[str, str] = field(default_factory=dict)
     """Task name -> step of the run as a whole."""
     hidden: frozenset[str] = frozenset()
@@ -187,39 +194,8 @@ CI_VIEW = StageView(
     flow="ci",
     stages=(*CHECK_STAGES, "image", "scan", "sbom", "deploy", "health", "record"),
     shown=CHECK_STAGES,
-    named=(
-        ("publish-image-{service}", "image"),
-        ("scan-dependencies-{service}", "scan"),
-        ("generate-sbom-{service}", "sbom"),
-        ("deploy-{service}-to-{any}", "deploy"),
-        ("verify-{service}", "health"),
-        ("record-{service}", "record"),
-        # the names the check tasks would carry with a task_run_name (see the report)
-        ("lock-{service}", "lock"),
-        ("sync-{service}", "sync"),
-        ("fingerprint-{service}", "fingerprint"),
-        ("ruff-{service}", "ruff"),
-        ("mypy-{service}", "mypy"),
-        ("bandit-{service}", "bandit"),
-        ("pytest-{service}", "pytest"),
-        ("build-image-{service}", "image"),
-    ),
-    unnamed={
-        "lock-service": "lock",
-        "sync-service": "sync",
-        "fingerprint-service": "fingerprint",
-        "run-ruff": "ruff",
-        "run-mypy": "mypy",
-        "run-bandit": "bandit",
-        "run-pytest": "pytest",
-        "build_image": "image",
-    },
-    steps={
-        "prepare-workspace": "workspace",
-        "use-checkout": "workspace",
-        "detect-changes": "changes",
-        "publish-ci-artifacts": "report",
-    },
+    tasks=CI_STAGES,
+    steps=CI_STEPS,
     hidden=frozenset({"fingerprint"}),
 )
 
@@ -227,45 +203,16 @@ PROMOTE_VIEW = StageView(
     flow="promote",
     stages=("image", "smoke", "deploy", "health", "baseline", "regression"),
     shown=("image", "smoke", "deploy", "health", "baseline", "regression"),
-    named=(
-        ("verify-release-image-{service}", "image"),
-        ("deploy-{service}-{any}", "deploy"),
-        ("smoke-{service}", "smoke"),
-        ("check-health-{service}", "health"),
-        ("baseline-{service}", "baseline"),
-        ("regression-{service}", "regression"),
-    ),
-    unnamed={
-        "smoke-test-release": "smoke",
-        "check-service-health": "health",
-        "measure-baseline": "baseline",
-        "check-regression": "regression",
-    },
-    steps={
-        "ensure-deploy-lock": "lock",
-        "plan-promotion": "plan",
-        "security-verdict": "security",
-        "backup_environment": "backup",
-        "record-promotion": "record",
-        "confirm-restored": "rollback",
-    },
+    tasks=PROMOTE_STAGES,
+    steps=PROMOTE_STEPS,
 )
-
 
 ROLLBACK_VIEW = StageView(
     flow="rollback",
     stages=("rollback", "record"),
     shown=("rollback", "record"),
-    named=(
-        ("rollback-{service}-{any}", "rollback"),
-        ("record-rollback-{service}-{any}", "record"),
-    ),
-    unnamed={},
-    steps={
-        "ensure-deploy-lock": "lock",
-        "recover-interrupted-deploys": "recover",
-        "read-ledger": "ledger",
-    },
+    tasks=ROLLBACK_STAGES,
+    steps=ROLLBACK_STEPS,
 )
 
 
@@ -281,15 +228,10 @@ class Placed:
 
 def _templates(view: StageView, services: Sequence[str]) -> list[tuple[re.Pattern[str], str]]:
     names = "|".join(re.escape(s) for s in sorted(services, key=len, reverse=True)) or "(?!)"
-    patterns = []
-    for template, stage in view.named:
-        parts = re.split(r"(\{service\}|\{any\})", template)
-        regex = "".join(
-            f"(?P<service>{names})" if p == "{service}" else ".+" if p == "{any}" else re.escape(p)
-            for p in parts
-        )
-        patterns.append((re.compile(f"^{regex}$"), stage))
-    return patterns
+    return [
+        (re.compile(f"^{re.escape(task)}-(?P<service>{names})(?:-.+)?$"), stage)
+        for task, stage in view.tasks.items()
+    ]
 
 
 def named_service(text: str, services: Sequence[str]) -> str | None:
@@ -344,7 +286,7 @@ def place_runs(
         task = default.group("task") if default else run.name
         if task in view.steps:
             placed[run.id] = Placed(view.steps[task], None, step=True)
-        elif task in view.unnamed:
+        elif task in view.tasks:
             only = run_services[0] if run_services and len(run_services) == 1 else None
             message = (run.state.message or "") if run.state else ""
             failure = _EXCEPTION.search(message)
@@ -353,7 +295,7 @@ def place_runs(
                 or hints.get(run.id)
                 or (named_service(failure.group("message"), services) if failure else None)
             )
-            placed[run.id] = Placed(view.unnamed[task], service)
+            placed[run.id] = Placed(view.tasks[task], service)
     _spread_services(runs, placed)
     return placed
 

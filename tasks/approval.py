@@ -565,7 +565,7 @@ def pause_expired(message: str | None) -> bool:
     return PAUSE_EXPIRED in (message or "")
 
 
-@task(name="read-approval-policy", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def read_approval_policy(repository: GitRepository) -> ApprovalPolicy:
     """The approval policy as committed on the protected branch (none committed: empty,
     so only production's built-in gate applies, and it refuses for want of approvers).

@@ -26,7 +26,7 @@ FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.C
 POLL_S = 2.0
 
 
-@task(name="start-service-runs", cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def start_service_runs(
     deployment: str, services: list[str], parameters: dict[str, Any]
 ) -> dict[str, UUID]:
@@ -49,7 +49,7 @@ def _lost(service: str, why: str) -> StageResult:
     return StageResult(service=service, stage="worker", status="failed", summary=why)
 
 
-@task(name="collect-service-runs", cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def collect_service_runs(runs: dict[str, UUID], timeout_s: float = 3600) -> list[StageResult]:
     """Wait for every service run; the stage results each reported, in service order.
 

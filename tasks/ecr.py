@@ -338,7 +338,7 @@ def combine_verdicts(*verdicts: str | None) -> str:
     return "clean" if found and all(v == "clean" for v in found) else "unknown"
 
 
-@task(name="ecr-scan-findings", task_run_name="ecr-scan-{image.service}", retries=2)
+@task(task_run_name="ecr_scan_verdict-{image.service}", retries=2)
 def ecr_scan_verdict(registry: EcrRegistry, image: ImageRef) -> tuple[str, str]:
     """ECR's scan-on-push verdict for `image` in `registry` (see `judge_ecr_findings`).
 

@@ -102,7 +102,7 @@ def probe_health(
     )
 
 
-@task(name="check-service-health", task_run_name="check-health-{service.name}")
+@task(task_run_name="check_service_health-{service.name}")
 def check_service_health(
     address: str, service: ServiceSpec, deadline_s: float = 30, expect_digest: str | None = None
 ) -> HealthResult:
@@ -130,7 +130,7 @@ def check_service_health(
     return result
 
 
-@task(name="verify-deployment", task_run_name="verify-{service.name}")
+@task(task_run_name="verify_deployment-{service.name}")
 def verify_deployment(
     outcome: DeployOutcome, service: ServiceSpec, deadline_s: float = 30.0
 ) -> HealthResult:
@@ -141,7 +141,7 @@ def verify_deployment(
     )
 
 
-@task(name="smoke-test-release", task_run_name="smoke-{service.name}", cache_policy=NO_CACHE)
+@task(task_run_name="smoke_test_release-{service.name}", cache_policy=NO_CACHE)
 def smoke_test_release(
     address: str,
     source_env: str,
@@ -170,7 +170,7 @@ def smoke_test_release(
 NOT_DEPLOYED = "nothing deployed: no release recorded in the ledger"
 
 
-@task(name="probe-service-health", task_run_name="health-{service.name}", cache_policy=NO_CACHE)
+@task(task_run_name="probe_service_health-{service.name}", cache_policy=NO_CACHE)
 def probe_service_health(
     address: str, service: ServiceSpec, deadline_s: float, expect_digest: str
 ) -> HealthResult:
@@ -185,7 +185,7 @@ def probe_service_health(
     return result
 
 
-@task(name="publish-health-report", cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def publish_health_report(report: HealthReport) -> None:
     """The report as a table artifact `health-<env>` in the Prefect UI."""
     env_name = report.environment

@@ -195,8 +195,7 @@ def _stream_build(chunks: Iterator[dict[str, Any]], service: str) -> str:
 
 
 @task(
-    name="build-image",
-    task_run_name="build-image-{service.name}",
+    task_run_name="build_image-{service.name}",
     retries=1,
     retry_delay_seconds=5,
     retry_condition_fn=retry_on_tool_error,
@@ -515,7 +514,7 @@ def build_arguments(
     }
 
 
-@task(name="publish-image", task_run_name="publish-image-{service.name}")
+@task(task_run_name="publish_image-{service.name}")
 def publish_image(
     service: ServiceSpec,
     repo: str,

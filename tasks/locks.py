@@ -29,7 +29,7 @@ def lock_name(environment: str) -> str:
     return f"deploy-{environment}"
 
 
-@task(name="ensure-deploy-lock", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def ensure_deploy_lock(environment: str) -> bool:
     """Create the `deploy-<env>` global concurrency limit (1 slot) if it is missing.
 

@@ -473,7 +473,7 @@ def environment_metrics(
     ]
 
 
-@task(name="publish-delivery-metrics", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def publish_delivery_metrics(
     environment: str, window_days: float = DEFAULT_WINDOW_DAYS
 ) -> DeliveryMetrics:

@@ -114,7 +114,7 @@ def regressions(before: Baseline | None, after: Baseline, policy: PerformancePol
     return problems
 
 
-@task(name="measure-baseline", task_run_name="baseline-{service.name}")
+@task(task_run_name="measure_baseline-{service.name}")
 def measure_baseline(address: str, service: ServiceSpec, policy: PerformancePolicy) -> Baseline:
     """Measure `service` at `address` on /version (a real request path, unlike the probes)."""
     baseline = probe_baseline(address, VERSION_PATH, policy, service=service.name)
@@ -129,7 +129,7 @@ def measure_baseline(address: str, service: ServiceSpec, policy: PerformancePoli
     return baseline
 
 
-@task(name="check-regression", task_run_name="regression-{service.name}")
+@task(task_run_name="check_regression-{service.name}")
 def check_regression(
     service: ServiceSpec, before: Baseline | None, after: Baseline, policy: PerformancePolicy
 ) -> None:

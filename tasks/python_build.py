@@ -59,7 +59,7 @@ def _uv(path: Path, *args: str) -> ToolRun:
     return run_tool([which("uv"), *args], cwd=path, env=service_env(path), timeout=UV_TIMEOUT_S)
 
 
-@task(name="lock-service", task_run_name="lock-{service.name}", **STAGE_RETRY_OPTIONS)
+@task(task_run_name="lock_service-{service.name}", **STAGE_RETRY_OPTIONS)
 def lock_service(service: ServiceSpec, repo: str, libs: list[str] | None = None) -> StageResult:
     """`uv lock` the service, then export requirements.lock and requirements-dev.lock.
 
@@ -101,7 +101,7 @@ def lock_service(service: ServiceSpec, repo: str, libs: list[str] | None = None)
     )
 
 
-@task(name="sync-service", task_run_name="sync-{service.name}", **STAGE_RETRY_OPTIONS)
+@task(task_run_name="sync_service-{service.name}", **STAGE_RETRY_OPTIONS)
 def sync_service(service: ServiceSpec, repo: str) -> StageResult:
     """`uv sync --frozen` the service's own environment (with its dev group: the checkers).
 

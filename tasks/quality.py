@@ -150,12 +150,7 @@ def unformatted_files(output: str) -> list[str]:
     return list(dict.fromkeys(files))
 
 
-@task(
-    name="run-ruff",
-    task_run_name="ruff-{service.name}",
-    cache_key_fn=stage_cache_key,
-    **STAGE_RETRY_OPTIONS,
-)
+@task(task_run_name="run_ruff-{service.name}", cache_key_fn=stage_cache_key, **STAGE_RETRY_OPTIONS)
 def run_ruff(service: ServiceSpec, repo: str, fingerprint: str = "") -> StageResult:
     """`ruff check` and `ruff format --check` the service (its own ruff configuration).
 
@@ -200,12 +195,7 @@ def mypy_summary(output: str) -> str:
     return f"{len(_MYPY_ERROR.findall(output))} type errors"
 
 
-@task(
-    name="run-mypy",
-    task_run_name="mypy-{service.name}",
-    cache_key_fn=stage_cache_key,
-    **STAGE_RETRY_OPTIONS,
-)
+@task(task_run_name="run_mypy-{service.name}", cache_key_fn=stage_cache_key, **STAGE_RETRY_OPTIONS)
 def run_mypy(service: ServiceSpec, repo: str, fingerprint: str = "") -> StageResult:
     """`mypy src` with the services' shared (strict) configuration, services/mypy.ini.
 
@@ -254,10 +244,7 @@ def bandit_issues(report: dict[str, Any]) -> tuple[str, str]:
 
 
 @task(
-    name="run-bandit",
-    task_run_name="bandit-{service.name}",
-    cache_key_fn=stage_cache_key,
-    **STAGE_RETRY_OPTIONS,
+    task_run_name="run_bandit-{service.name}", cache_key_fn=stage_cache_key, **STAGE_RETRY_OPTIONS
 )
 def run_bandit(service: ServiceSpec, repo: str, fingerprint: str = "") -> StageResult:
     """`bandit -c services/bandit.yaml -r src`: security findings of the service's code.

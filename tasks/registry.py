@@ -475,8 +475,7 @@ def copy_image_by_digest(
 
 
 @task(
-    name="copy-image",
-    task_run_name="copy-image-{image.service}",
+    task_run_name="copy_image-{image.service}",
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
@@ -510,7 +509,7 @@ def copy_image(
 # --- CI and promotion ----------------------------------------------------------------------
 
 
-@task(name="find-published-image", task_run_name="find-published-image-{service.name}")
+@task(task_run_name="find_published_image-{service.name}")
 def find_published_image(
     service: ServiceSpec, version: str, commit: str, registry: OciRegistry
 ) -> ImageRef | None:
@@ -548,8 +547,7 @@ def find_published_image(
 
 
 @task(
-    name="verify-release-image",
-    task_run_name="verify-release-image-{image.service}",
+    task_run_name="verify_release_image-{image.service}",
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=2,

@@ -370,7 +370,7 @@ class LedgerEntry(BaseModel):
         return {"revision": self.revision}
 
 
-@task(name="record-release", task_run_name="record-{outcome.deployed.service}")
+@task(task_run_name="record_release-{outcome.deployed.service}")
 def record_release(
     outcome: DeployOutcome, scan: ScanReport | None, workspace: Workspace
 ) -> LedgerEntry:
@@ -544,13 +544,13 @@ def promoted_state(
     )
 
 
-@task(name="read-ledger", cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def read_ledger(environment: str) -> EnvironmentState:
     """The latest ledger revision of `environment`."""
     return Ledger().current(environment)
 
 
-@task(name="plan-promotion", cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def plan_promotion(
     config: PipelineConfig,
     target_env: str,
@@ -583,7 +583,7 @@ def plan_promotion(
     return plan
 
 
-@task(name="record-promotion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def record_promotion(
     plan: PromotionPlan,
     baselines: dict[str, Baseline],
@@ -613,8 +613,7 @@ def record_promotion(
 
 
 @task(
-    name="record-rollback",
-    task_run_name="record-rollback-{service}-{environment}",
+    task_run_name="record_rollback-{service}-{environment}",
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=1,
@@ -654,7 +653,7 @@ def without_intent(state: EnvironmentState, flow_run_id: str, change: str) -> En
     return state.model_copy(update={"in_progress": None, "change": change})
 
 
-@task(name="begin-deploys", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def begin_deploys(
     plan: PromotionPlan,
     previous: Mapping[str, DeployedService | None],
@@ -670,7 +669,7 @@ def begin_deploys(
     return Ledger().update(plan.environment, lambda state: with_intent(state, intent))
 
 
-@task(name="end-deploys", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def end_deploys(environment: str, flow_run_id: str, change: str) -> EnvironmentState:
     """Clear the intent of `flow_run_id`: its deploys were undone, the old release serves."""
     return Ledger().update(environment, lambda state: without_intent(state, flow_run_id, change))

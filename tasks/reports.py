@@ -178,7 +178,7 @@ def markdown_report(results: Sequence[StageResult], title: str = "CI report") ->
     return "\n".join(lines)
 
 
-@task(name="publish-ci-artifacts")
+@task
 def publish_ci_artifacts(results: list[StageResult], key: str = "ci") -> str:
     """Publish the service x stage table and the markdown report as Prefect artifacts.
 

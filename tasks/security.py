@@ -107,8 +107,7 @@ def pip_audit_command(lock: Path) -> list[str]:
 
 
 @task(
-    name="scan-dependencies",
-    task_run_name="scan-dependencies-{service.name}",
+    task_run_name="scan_dependencies-{service.name}",
     cache_key_fn=_scan_cache_key,
     cache_expiration=timedelta(hours=24),
 )
@@ -158,11 +157,7 @@ def syft_registry_env(registry: OciRegistry | None) -> dict[str, str]:
     return env
 
 
-@task(
-    name="generate-sbom",
-    task_run_name="generate-sbom-{published.image.service}",
-    cache_key_fn=_sbom_cache_key,
-)
+@task(task_run_name="generate_sbom-{published.image.service}", cache_key_fn=_sbom_cache_key)
 def generate_sbom(
     published: PublishedImage,
     out_dir: Path,
@@ -251,7 +246,7 @@ def judge_scans(
     return SecurityVerdict(scans=scans, overridden=unknown, override_reason=override_reason)
 
 
-@task(name="security-verdict", cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def security_verdict(
     plan: PromotionPlan,
     env: EnvironmentSpec,

@@ -251,7 +251,7 @@ def read_tool_versions() -> dict[str, str]:
 # Tasks.
 
 
-@task(name="current-commit")
+@task
 def current_commit(repo: str) -> str:
     """The commit HEAD points to in `repo`.
 
@@ -276,7 +276,7 @@ def check_refs(repo: str | Path, base: str, head: str) -> None:
         verify_ref(repo, ref)
 
 
-@task(name="detect-changes")
+@task
 def detect_changes(repo: str, base: str, head: str, catalog: ServiceCatalog) -> list[str]:
     """The services affected by the changes from `base` to `head`, in catalog order.
 
@@ -297,13 +297,13 @@ def detect_changes(repo: str, base: str, head: str, catalog: ServiceCatalog) -> 
     return affected
 
 
-@task(name="get-tool-versions", **STAGE_RETRY_OPTIONS)
+@task(**STAGE_RETRY_OPTIONS)
 def get_tool_versions() -> dict[str, str]:
     """The tool versions every fingerprint includes."""
     return read_tool_versions()
 
 
-@task(name="fingerprint-service", task_run_name="fingerprint-{service.name}")
+@task(task_run_name="fingerprint_service-{service.name}")
 def fingerprint_service(
     repo: str, service: ServiceSpec, catalog: ServiceCatalog, tool_versions: dict[str, str]
 ) -> str:

@@ -88,10 +88,7 @@ def total_coverage(report: Path) -> float:
 
 
 @task(
-    name="run-pytest",
-    task_run_name="pytest-{service.name}",
-    cache_key_fn=stage_cache_key,
-    **STAGE_RETRY_OPTIONS,
+    task_run_name="run_pytest-{service.name}", cache_key_fn=stage_cache_key, **STAGE_RETRY_OPTIONS
 )
 def run_pytest(
     service: ServiceSpec, repo: str, threshold: int, fingerprint: str = ""

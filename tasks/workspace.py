@@ -139,7 +139,7 @@ def commit_on_branch(repo: str | Path, commit: str, branch: str) -> bool:
     return _git(where, "merge-base", "--is-ancestor", commit, tip.output.strip()).ok
 
 
-@task(name="prepare-workspace", cache_policy=NO_CACHE, **STAGE_RETRY_OPTIONS)
+@task(cache_policy=NO_CACHE, **STAGE_RETRY_OPTIONS)
 def prepare_workspace(repository: GitRepository, head: str, ref: str | None = None) -> Workspace:
     """Fetch the repository and check out exactly `head` into a worktree of this run's own.
 
@@ -180,7 +180,7 @@ def prepare_workspace(repository: GitRepository, head: str, ref: str | None = No
     return workspace
 
 
-@task(name="use-checkout", cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def use_checkout(repository: GitRepository, repo: str, ref: str | None = None) -> Workspace:
     """A local checkout checked in place (development): its HEAD, as if it were a workspace.
 
@@ -203,7 +203,7 @@ def use_checkout(repository: GitRepository, repo: str, ref: str | None = None) -
     )
 
 
-@task(name="remove-workspace", cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def remove_workspace(workspace: Workspace) -> None:
     """Remove the run's worktree (its virtual environments with it) and its scratch files."""
     mirror, path = Path(workspace.mirror), Path(workspace.path)

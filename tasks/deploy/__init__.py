@@ -24,7 +24,7 @@ from tasks.process import run_logger
 from tasks.releases import EnvironmentState, end_deploys, read_ledger
 
 
-@task(name="deploy-service", task_run_name="deploy-{service.name}-to-{env.name}")
+@task(task_run_name="deploy_service-{service.name}-{env.name}")
 def deploy_service(
     deploy_target: DeployTarget,
     env: EnvironmentSpec,
@@ -70,7 +70,7 @@ def _deploy_unless_serving(
     return DeployOutcome(deployed=deployed, changed=True)
 
 
-@task(name="read-live-services", cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def read_live_services(
     deploy_target: DeployTarget, env: EnvironmentSpec, services: list[ServiceSpec]
 ) -> dict[str, DeployedService | None]:
@@ -79,7 +79,7 @@ def read_live_services(
     return {svc.name: deployer.live(env, svc) for svc in services}
 
 
-@task(name="service-addresses", cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def service_addresses(
     deploy_target: DeployTarget, env: EnvironmentSpec, services: list[ServiceSpec]
 ) -> dict[str, str]:
@@ -88,11 +88,7 @@ def service_addresses(
     return {svc.name: deployer.address(env, svc) for svc in services}
 
 
-@task(
-    name="deploy-release",
-    task_run_name="deploy-{service.name}-{env.name}",
-    cache_policy=NO_CACHE,
-)
+@task(task_run_name="deploy_release-{service.name}-{env.name}", cache_policy=NO_CACHE)
 def deploy_release(
     deploy_target: DeployTarget,
     env: EnvironmentSpec,
@@ -110,7 +106,7 @@ def deploy_release(
     return deploy_target.deployer().deploy(env, service, image, deadline_s=deadline_s)
 
 
-@task(name="restore-environment", cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def restore_environment(
     deploy_target: DeployTarget,
     env: EnvironmentSpec,
@@ -148,7 +144,7 @@ def restore_environment(
     return restored
 
 
-@task(name="confirm-restored", cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def confirm_restored(
     deploy_target: DeployTarget,
     env: EnvironmentSpec,
@@ -199,11 +195,7 @@ def rollback_message(failure: PipelineError, restored: Mapping[str, str | None])
     return f"rolled back: {failure}; serving again: {back}"
 
 
-@task(
-    name="rollback-service",
-    task_run_name="rollback-{service.name}-{env.name}",
-    cache_policy=NO_CACHE,
-)
+@task(task_run_name="restore_service-{service.name}-{env.name}", cache_policy=NO_CACHE)
 def restore_service(
     deploy_target: DeployTarget, env: EnvironmentSpec, service: ServiceSpec, state: EnvironmentState
 ) -> str:
@@ -241,7 +233,7 @@ def restore_service(
     return previous.image.digest
 
 
-@task(name="recover-interrupted-deploys", cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE)
 def recover_interrupted(
     deploy_target: DeployTarget,
     env: EnvironmentSpec,

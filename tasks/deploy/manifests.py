@@ -267,7 +267,7 @@ def validate_objects(
     return problems
 
 
-@task(name="validate-manifests", retries=0)
+@task(retries=0)
 def validate_manifests(
     environment: str,
     images: Mapping[str, ImageRef] | None = None,

@@ -699,7 +699,7 @@ def test_two_promotions_waiting_at_their_gates_cannot_both_deploy(train: Train) 
     ids = [first_id, second_id]
     with get_client(sync_client=True) as client:
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-    began = {t.flow_run_id for t in tasks if t.name.startswith("begin-deploys")}
+    began = {t.flow_run_id for t in tasks if t.name.startswith("begin_deploys")}
     assert began == {first_id}, "the refused promotion began deploying"
 
 

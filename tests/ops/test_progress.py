@@ -111,7 +111,7 @@ def test_ci_prints_a_line_per_finished_stage_instead_of_the_log_stream(
     code, verbose = _ci(checkout, monkeypatch, f"{SERVICE},{OTHER}", "--verbose", "--no-cache")
     assert code == 0, "\n".join(verbose)
     stream = prefect_stream.getvalue().splitlines()[len(held) :]
-    assert any("Task run 'ruff-" in line for line in stream), stream
+    assert any("Task run 'run_ruff-" in line for line in stream), stream
     assert any("Finished in state" in line for line in stream), stream
     assert not [line for line in verbose if RUN_LINK.match(line) or STAGE_LINE.match(line)]
     assert verbose[-1] == "CI passed"
@@ -234,11 +234,11 @@ SERVICES = CONFIG.catalog.names()
 
 def test_named_runs_are_placed_by_their_names() -> None:
     runs = [
-        _run("publish-image-auth"),
-        _run("deploy-course-to-dev"),
-        _run("verify-auth"),
-        _run("prepare-workspace-1a2"),
-        _run("verify-release-image-auth"),  # a promotion's task: not CI's `verify-{service}`
+        _run("publish_image-auth"),
+        _run("deploy_service-course-dev"),
+        _run("verify_deployment-auth"),
+        _run("prepare_workspace-1a2"),
+        _run("verify_release_image-auth"),  # a promotion's task, not CI's verify_deployment
     ]
     placed = place_runs(runs, CI_VIEW, SERVICES)
     assert [placed.get(r.id) for r in runs] == [
@@ -249,15 +249,17 @@ def test_named_runs_are_placed_by_their_names() -> None:
         None,
     ]
     promoted = place_runs(
-        [_run("verify-release-image-auth"), _run("deploy-auth-staging")], PROMOTE_VIEW, SERVICES
+        [_run("verify_release_image-auth"), _run("deploy_release-auth-staging")],
+        PROMOTE_VIEW,
+        SERVICES,
     )
     assert sorted(p.stage for p in promoted.values()) == ["deploy", "image"]
     assert {p.service for p in promoted.values()} == {"auth"}
     rolled = place_runs(
         [
-            _run("rollback-auth-staging"),
-            _run("record-rollback-auth-staging"),
-            _run("recover-interrupted-deploys-0a1"),
+            _run("restore_service-auth-staging"),
+            _run("record_rollback-auth-staging"),
+            _run("recover_interrupted-0a1"),
         ],
         ROLLBACK_VIEW,
         SERVICES,
@@ -269,20 +271,20 @@ def test_named_runs_are_placed_by_their_names() -> None:
 
 
 def test_unnamed_runs_take_their_service_from_hints_failures_and_neighbours() -> None:
-    lock_a, lock_c = _run("lock-service-0a1"), _run("lock-service-9f3")
-    sync_a = _run("sync-service-111", after=[lock_a])
-    sync_c = _run("sync-service-222", after=[lock_c])
-    ruff_a = _run("run-ruff-abc", after=[sync_a])
+    lock_a, lock_c = _run("lock_service-0a1"), _run("lock_service-9f3")
+    sync_a = _run("sync_service-111", after=[lock_a])
+    sync_c = _run("sync_service-222", after=[lock_c])
+    ruff_a = _run("run_ruff-abc", after=[sync_a])
     ruff_c = _run(
-        "run-ruff-def",
+        "run_ruff-def",
         after=[sync_c],
         state=StateType.FAILED,
         message="Task run encountered an exception CheckFailed: course: ruff failed: E501 x2",
     )
-    pytest_a = _run("run-pytest-777", after=[ruff_a], state=StateType.RUNNING)
+    pytest_a = _run("run_pytest-777", after=[ruff_a], state=StateType.RUNNING)
     nested = _run("build_image-555", parent=pytest_a)
     image_a = _run("build_image-666", after=[pytest_a])
-    print_a = _run("fingerprint-service-888", after=[lock_a], shared=[lock_a, lock_c])
+    print_a = _run("fingerprint_service-888", after=[lock_a], shared=[lock_a, lock_c])
     runs = [lock_a, lock_c, sync_a, sync_c, ruff_a, ruff_c, pytest_a, nested, image_a, print_a]
 
     alone = place_runs(runs, CI_VIEW, SERVICES)  # course from its failure, spread to its lock
@@ -297,13 +299,13 @@ def test_unnamed_runs_take_their_service_from_hints_failures_and_neighbours() ->
     assert hinted[lock_c.id] == Placed("lock", "course")
     assert hinted[image_a.id] == Placed("image", "auth")
 
-    single = place_runs([_run("run-mypy-123")], CI_VIEW, SERVICES, run_services=["auth"])
+    single = place_runs([_run("run_mypy-123")], CI_VIEW, SERVICES, run_services=["auth"])
     assert list(single.values()) == [Placed("mypy", "auth")]
 
 
 def test_a_run_name_only_names_a_known_service() -> None:
     # `lock-{service}` (a task_run_name to come) must not read Prefect's `lock-service-1a2`
-    placed = place_runs([_run("lock-service-1a2")], CI_VIEW, SERVICES)
+    placed = place_runs([_run("lock_service-1a2")], CI_VIEW, SERVICES)
     assert list(placed.values()) == [Placed("lock", None)]
 
 
@@ -372,8 +374,8 @@ def test_a_promotion_is_followed_in_plain_lines_through_its_pause() -> None:
         PROMOTE_VIEW, Console(file=out, width=200), run_name="promote-cli-x", services=SERVICES
     )
     assert not progress.live_mode  # not a terminal
-    smoke = _run("smoke-test-release-123")  # its service: the first line it logged
-    api.runs = [_run("plan-promotion-abc"), _run("verify-release-image-auth"), smoke]
+    smoke = _run("smoke_test_release-123")  # its service: the first line it logged
+    api.runs = [_run("plan_promotion-abc"), _run("verify_release_image-auth"), smoke]
     api.logs = [_log(smoke, "auth 0123456789ab is healthy in staging")]
     with temporary_settings(updates={PREFECT_UI_URL: UI}):
         progress.poll(api)
@@ -381,7 +383,7 @@ def test_a_promotion_is_followed_in_plain_lines_through_its_pause() -> None:
         progress.poll(api)
         progress.poll(api)
         flow_run.state_type = StateType.RUNNING
-        api.runs.append(_run("deploy-auth-staging", state=StateType.RUNNING))
+        api.runs.append(_run("deploy_release-auth-staging", state=StateType.RUNNING))
         progress.poll(api)
         console = Console(record=True, force_terminal=True, width=120)
         console.print(progress.render())  # the live view of the same run
