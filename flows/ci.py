@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig, load_config, state_dir
 from blocks.environments import EnvironmentSpec
-from blocks.repository import load_repository
+from blocks.repository import GitRepository, load_repository
 from core.errors import ConfigError
 from core.records import StageResult, Workspace
 from tasks.deploy import deploy_service
@@ -224,27 +224,15 @@ def bounded_runner(max_workers: int | None = None) -> TaskRunner[PrefectFuture[A
     return cast("TaskRunner[PrefectFuture[Any]]", runner)  # TaskRunner is invariant in F
 
 
-def run_stages(
-    cfg: PipelineConfig,
-    env: EnvironmentSpec,
-    workspace: Workspace,
-    specs: list[ServiceSpec],
-    *,
-    no_cache: bool,
-    deliver: bool,
-) -> list[StageResult]:
-    """Every stage of `specs` in `workspace`, on this run's task runner; their results.
-
-    Submitted stage by stage across the services, so the bounded pool picks the work up
-    in pipeline order; a failing service fails only its own branch.
-    """
-    root, commit = workspace.path, workspace.commit
-    ships = deliver and workspace.protected
+def _submit_checks(
+    cfg: PipelineConfig, root: str, specs: list[ServiceSpec], *, no_cache: bool
+) -> tuple[StageFutures, dict[str, PrefectFuture[str]]]:
+    """Lock, sync, the checks and pytest of every service, submitted stage by stage across
+    the services; the stages' futures and each service's fingerprint."""
     refresh: bool | type[NotSet] = True if no_cache else NotSet
     checks = [(stage, check.with_options(refresh_cache=refresh)) for stage, check in CHECKS]
     pytest_task = run_pytest.with_options(refresh_cache=refresh)
     versions = get_tool_versions()
-
     stages: StageFutures = {}
     locks = {s.name: lock_service.submit(s, root, lib_dependencies(cfg.catalog, s)) for s in specs}
     prints = {
@@ -274,29 +262,48 @@ def run_stages(
             wait_for=[stages[s.name, stage] for stage, _ in checks],
             return_state=False,
         )
-    if deliver:  # delivery: image, scan (+ push, SBOM, deploy, health, ledger when it ships)
-        settings = delivery_settings(env=env)  # the deploy environment's registry and target
-        deploy_target = environment_target(env, registries=[settings.registry])
-        for s in specs:
-            prints[s.name].wait()
-            if not prints[s.name].state.is_completed():
-                continue
-            stages.update(
-                _delivery_stages(
-                    s,
-                    root,
-                    [stages[s.name, "pytest"]],
-                    version=image_version(root, s, prints[s.name].result()),
-                    commit=commit,
-                    settings=settings,
-                    env=env,
-                    deploy_target=deploy_target,
-                    rebuild=no_cache,
-                    workspace=workspace,
-                    ships=ships,
-                )
-            )
+    return stages, prints
 
+
+def _submit_deliveries(
+    env: EnvironmentSpec,
+    workspace: Workspace,
+    specs: list[ServiceSpec],
+    stages: StageFutures,
+    prints: dict[str, PrefectFuture[str]],
+    *,
+    no_cache: bool,
+    ships: bool,
+) -> None:
+    """Image and scan of every fingerprinted service (+ push, SBOM, deploy, health, ledger
+    when it ships), added to `stages`."""
+    settings = delivery_settings(env=env)  # the deploy environment's registry and target
+    deploy_target = environment_target(env, registries=[settings.registry])
+    for s in specs:
+        prints[s.name].wait()
+        if not prints[s.name].state.is_completed():
+            continue
+        stages.update(
+            _delivery_stages(
+                s,
+                workspace.path,
+                [stages[s.name, "pytest"]],
+                version=image_version(workspace.path, s, prints[s.name].result()),
+                commit=workspace.commit,
+                settings=settings,
+                env=env,
+                deploy_target=deploy_target,
+                rebuild=no_cache,
+                workspace=workspace,
+                ships=ships,
+            )
+        )
+
+
+def _stage_results(
+    specs: list[ServiceSpec], stages: StageFutures, prints: dict[str, PrefectFuture[str]]
+) -> list[StageResult]:
+    """Every stage's result once it ended (a failed fingerprint as a stage of its own)."""
     results: list[StageResult] = []
     for s in specs:
         prints[s.name].wait()
@@ -305,7 +312,29 @@ def run_stages(
     for (service, stage), future in stages.items():
         future.wait()
         results.append(stage_outcome(service, stage, future.state))
-    stop_fork_servers(root)  # the fork server of this checkout (tasks/forking.py)
+    return results
+
+
+def run_stages(
+    cfg: PipelineConfig,
+    env: EnvironmentSpec,
+    workspace: Workspace,
+    specs: list[ServiceSpec],
+    *,
+    no_cache: bool,
+    deliver: bool,
+) -> list[StageResult]:
+    """Every stage of `specs` in `workspace`, on this run's task runner; their results.
+
+    Submitted stage by stage across the services, so the bounded pool picks the work up
+    in pipeline order; a failing service fails only its own branch.
+    """
+    stages, prints = _submit_checks(cfg, workspace.path, specs, no_cache=no_cache)
+    if deliver:
+        ships = workspace.protected
+        _submit_deliveries(env, workspace, specs, stages, prints, no_cache=no_cache, ships=ships)
+    results = _stage_results(specs, stages, prints)
+    stop_fork_servers(workspace.path)  # the fork server of this checkout (tasks/forking.py)
     return results
 
 
@@ -411,34 +440,82 @@ def ci(
         The CiOutcome; a Failed state listing "service: stage failed: summary" per
         failed service when any failed (after the artifacts are published).
     """
-    source = load_repository()
-    if repository and repository not in (source.name, source.url):
-        msg = f"repository {repository!r} is not the configured one ({source.label})"
-        raise ConfigError(msg)
+    source = _configured_repository(repository)
     cfg = load_config(config_source)
     env = cfg.environment(environment)
+    args = (services, all_services, base, no_cache, deliver)
     if repo:
         if fan_out:
             msg = "fan_out needs the configured repository: service runs fetch their own commit"
             raise ConfigError(msg)
-        workspace = use_checkout(source, repo, ref)
-        return _check(cfg, env, workspace, services, all_services, base, no_cache, deliver)
+        return _check(cfg, env, use_checkout(source, repo, ref), *args)
     workspace = prepare_workspace(source, head, ref)
     try:
-        return _check(
-            cfg,
-            env,
-            workspace,
-            services,
-            all_services,
-            base,
-            no_cache,
-            deliver,
-            fan_out=fan_out,
-            config_source=config_source,
-        )
+        return _check(cfg, env, workspace, *args, fan_out=fan_out, config_source=config_source)
     finally:
         remove_workspace(workspace)
+
+
+def _configured_repository(repository: str | None) -> GitRepository:
+    """The configured repository; ConfigError when `repository` (GitHub's name) is another."""
+    source = load_repository()
+    if repository and repository not in (source.name, source.url):
+        msg = f"repository {repository!r} is not the configured one ({source.label})"
+        raise ConfigError(msg)
+    return source
+
+
+def _affected(
+    cfg: PipelineConfig,
+    workspace: Workspace,
+    services: list[str] | None,
+    all_services: bool,
+    base: str,
+) -> list[str]:
+    """The services this run checks: the named ones, all, or those `base..commit` affects."""
+    if services:
+        return [s.name for s in cfg.catalog.select(services)]
+    if all_services:
+        return cfg.catalog.names()
+    return detect_changes(workspace.path, base, workspace.commit, cfg.catalog)
+
+
+def _announce(workspace: Workspace, names: list[str], *, deliver: bool) -> None:
+    logger = get_run_logger()
+    commit = workspace.commit[:12]
+    logger.info("CI of %s at %s: %s", workspace.repository, commit, ", ".join(names))
+    if deliver and not workspace.protected:
+        logger.info(
+            "%s is not on %s: checks and images only; nothing is deployed or recorded",
+            commit,
+            workspace.protected_branch,
+        )
+
+
+def _outcome(
+    workspace: Workspace, names: list[str], results: list[StageResult], *, ships: bool
+) -> CiOutcome | State[Any]:
+    """The run's outcome, its report published; Failed (carrying it) when a service failed."""
+    results.sort(key=lambda r: names.index(r.service))
+    failed = failed_services(results)
+    summary = publish_ci_artifacts(results)
+    outcome = CiOutcome(
+        commit=workspace.commit,
+        ref=workspace.ref,
+        protected=workspace.protected,
+        shipped=ships,
+        affected=names,
+        results=results,
+        failed={name: f"{r.stage}: {r.summary}" for name, r in failed.items()},
+        message=summary,
+    )
+    if failed:
+        lines = [f"{name}: {r.stage} failed: {r.summary}" for name, r in failed.items()]
+        return Failed(
+            message=f"CI failed for {len(failed)} of {len(names)} services:\n" + "\n".join(lines),
+            data=outcome,
+        )
+    return outcome
 
 
 def _check(
@@ -455,34 +532,18 @@ def _check(
     config_source: str | None = None,
 ) -> CiOutcome | State[Any]:
     """The stages of one CI run in `workspace`."""
-    logger = get_run_logger()
-    root, commit = workspace.path, workspace.commit
-    if services:
-        names = [s.name for s in cfg.catalog.select(services)]
-    elif all_services:
-        names = cfg.catalog.names()
-    else:
-        names = detect_changes(root, base, commit, cfg.catalog)
-    ships = deliver and workspace.protected
+    names = _affected(cfg, workspace, services, all_services, base)
     if not names:
-        message = f"nothing to do: no service is affected by {base}..{commit[:12]}"
-        logger.info(message)
+        message = f"nothing to do: no service is affected by {base}..{workspace.commit[:12]}"
+        get_run_logger().info(message)
         return CiOutcome(
-            commit=commit,
+            commit=workspace.commit,
             ref=workspace.ref,
             protected=workspace.protected,
             nothing_to_do=True,
             message=message,
         )
-    specs = cfg.catalog.select(names)
-    logger.info("CI of %s at %s: %s", workspace.repository, commit[:12], ", ".join(names))
-    if deliver and not ships:
-        logger.info(
-            "%s is not on %s: checks and images only; nothing is deployed or recorded",
-            commit[:12],
-            workspace.protected_branch,
-        )
-
+    _announce(workspace, names, deliver=deliver)
     if fan_out:
         results = _fan_out(
             names,
@@ -493,25 +554,6 @@ def _check(
             config_source=config_source,
         )
     else:
+        specs = cfg.catalog.select(names)
         results = run_stages(cfg, env, workspace, specs, no_cache=no_cache, deliver=deliver)
-    results.sort(key=lambda r: names.index(r.service))
-
-    failed = failed_services(results)
-    summary = publish_ci_artifacts(results)
-    outcome = CiOutcome(
-        commit=commit,
-        ref=workspace.ref,
-        protected=workspace.protected,
-        shipped=ships,
-        affected=names,
-        results=results,
-        failed={name: f"{r.stage}: {r.summary}" for name, r in failed.items()},
-        message=summary,
-    )
-    if failed:
-        lines = [f"{name}: {r.stage} failed: {r.summary}" for name, r in failed.items()]
-        return Failed(
-            message=f"CI failed for {len(failed)} of {len(names)} services:\n" + "\n".join(lines),
-            data=outcome,
-        )
-    return outcome
+    return _outcome(workspace, names, results, ships=deliver and workspace.protected)

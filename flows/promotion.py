@@ -9,13 +9,11 @@ the flow's state hooks.
 
 from __future__ import annotations
 
-import os
-import time
+from dataclasses import dataclass
 from typing import Any
 
-from prefect import Flow, flow, unmapped
+from prefect import Flow, flow
 from prefect.client.schemas.objects import FlowRun, State
-from prefect.exceptions import FlowPauseTimeout
 from prefect.runtime import flow_run as current_run
 
 from blocks.approvals import ApprovalPolicy, EnvironmentPolicy
@@ -24,17 +22,13 @@ from blocks.config import PipelineConfig, load_config
 from blocks.environments import PAGED_BY_NAME, EnvironmentSpec
 from blocks.repository import load_repository
 from core.errors import (
-    AnswerRefused,
     ConfigError,
-    PauseInterrupted,
     PipelineError,
-    PromotionError,
     PromotionRefused,
     PromotionRejected,
     PromotionRolledBack,
 )
 from core.records import (
-    DeployedService,
     PromotionOutcome,
     PromotionPlan,
     SecurityVerdict,
@@ -42,20 +36,14 @@ from core.records import (
 )
 from tasks.approval import (
     Promoter,
-    answer_form,
     extra_env_of,
-    identify_promoter,
-    judge_answer,
     pause_expired,
     plan_markdown,
     read_approval_policy,
-    slack_signing_secret,
 )
-from tasks.audit import AuditEntry, record_decision
 from tasks.backup import backup_environment
 from tasks.deploy import (
     confirm_restored,
-    deploy_release,
     read_live_services,
     recover_interrupted,
     restore_environment,
@@ -64,7 +52,9 @@ from tasks.deploy import (
     service_addresses,
 )
 from tasks.deploy.target import DeployTarget, environment_target
-from tasks.health import check_service_health, smoke_test_release
+from tasks.deploy.waves import deploy_in_waves, verify_release
+from tasks.gate import audit, await_approvals, check_unchanged, gate_and_promoter
+from tasks.health import smoke_test_release
 from tasks.images import (
     EnvironmentRegistry,
     environment_registry,
@@ -74,12 +64,12 @@ from tasks.images import (
 )
 from tasks.locks import deploy_lock
 from tasks.metrics import publish_delivery_metrics
-from tasks.notify import Notice, flow_run_url, notify, paged_environment
-from tasks.pause import pause_for_answer
-from tasks.performance import baseline_from_record, check_regression, measure_baseline
+from tasks.notify import Notice, flow_run_url, notify, paged_environment, plan_changes
+from tasks.performance import Baseline
 from tasks.process import run_logger
 from tasks.registry import verify_release_image
 from tasks.releases import (
+    EnvironmentState,
     begin_deploys,
     end_deploys,
     plan_promotion,
@@ -90,11 +80,7 @@ from tasks.releases import (
 )
 from tasks.security import check_request, security_verdict
 
-# How often a paused gate looks for an answer: half of it, on average, is the delay
-# between an approval and the deploy (bench/approval_bench.py).
-APPROVAL_POLL_S = 1  # seconds (Prefect takes whole seconds)
 SMOKE_DEADLINE_S = 20
-VERIFY_DEADLINE_S = 30
 
 
 # --- state hooks: notices -------------------------------------------------------------
@@ -117,12 +103,6 @@ def _short(digest: str | None) -> str:
     return short_digest(digest) if digest else "none"
 
 
-def _services(plan: PromotionPlan | None) -> dict[str, str]:
-    if plan is None:
-        return {}
-    return {c.service: f"{_short(c.current_digest)} -> {c.image.short}" for c in plan.changes}
-
-
 def _send(flow_run: FlowRun, notice: Notice, *, page: bool = True) -> None:
     params = dict(flow_run.parameters or {})
     notify(notice, paged=_paged(params) if page else (), pagerduty="saved" if page else None)
@@ -138,7 +118,7 @@ def notify_promoted(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) 
         kind="deployed",
         environment=plan.environment,
         release_id=plan.release_id,
-        services=_services(plan),
+        services=plan_changes(plan),
         flow_run_url=flow_run_url(str(flow_run.id)),
         message=(
             f"Promoted from {plan.source_environment} by {plan.promoted_by}"
@@ -167,7 +147,7 @@ def notify_failed(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) ->
         kind=kind,
         environment=str((flow_run.parameters or {}).get("environment") or "unknown"),
         release_id=plan.release_id if isinstance(plan, PromotionPlan) else "",
-        services=_services(plan if isinstance(plan, PromotionPlan) else None),
+        services=plan_changes(plan if isinstance(plan, PromotionPlan) else None),
         flow_run_url=flow_run_url(str(flow_run.id)),
         message=message or f"{flow.name} ended {state.type.value}",
     )
@@ -230,6 +210,39 @@ def _catalog(config: PipelineConfig) -> dict[str, ServiceSpec]:
     return {spec.name: spec for spec in config.catalog.services}
 
 
+@dataclass(frozen=True)
+class _Promotion:
+    """What one promotion run resolved at its start, passed to its steps."""
+
+    config: PipelineConfig
+    env: EnvironmentSpec
+    deploy_target: DeployTarget
+    registry: EnvironmentRegistry
+    protected_branch: str
+    run_id: str
+    services: list[str] | None
+    promoter: Promoter
+    gate: EnvironmentPolicy | None
+    policy: ApprovalPolicy
+    allow_unknown_scan: bool
+    override_reason: str | None
+    drill_env: dict[str, dict[str, str]] | None
+
+    def plan(self) -> PromotionPlan:
+        return plan_promotion(
+            self.config, self.env.name, self.services, self.promoter.name, self.protected_branch
+        )
+
+    def verdict(self, plan: PromotionPlan) -> SecurityVerdict:
+        return security_verdict(
+            plan,
+            self.env,
+            self.allow_unknown_scan,
+            self.override_reason,
+            gated=self.gate is not None,
+        )
+
+
 def _smoke_test_source(config: PipelineConfig, plan: PromotionPlan) -> None:
     """The releases answer in the environment they are promoted from (read-only), on
     that environment's own target."""
@@ -247,231 +260,145 @@ def _smoke_test_source(config: PipelineConfig, plan: PromotionPlan) -> None:
         )
 
 
-def _audit(plan: PromotionPlan, run_id: str, kind: Any, who: str, **fields: str) -> None:
-    record_decision(
-        AuditEntry(
-            environment=plan.environment,
-            run_id=run_id,
-            release_id=plan.release_id,
-            kind=kind,
-            who=who,
-            **fields,
-        )
-    )
+def _prepare(run: _Promotion) -> tuple[PromotionPlan, SecurityVerdict]:
+    """Plan, scan gate, verified images, smoke tests, images in this environment's registry."""
+    plan = run.plan()
+    verdict = run.verdict(plan)
+    source = environment_registry(run.config.environment(plan.source_environment))
+    images = [c.image for c in plan.changes]
+    logins = [login_for(image, source.access) for image in images]
+    for future in verify_release_image.map(images, logins):
+        future.result()
+    _smoke_test_source(run.config, plan)
+    # Into this environment's own registry, by digest, before anything deploys: the
+    # ledger then names the image where this environment pulls it from.
+    placed = place_images(plan, source, run.registry)
+    if run.registry.ecr is not None:  # ECR's own scan joins the verdict
+        placed = with_ecr_scans(placed, run.registry.ecr)
+        verdict = run.verdict(placed)
+    return placed, verdict
 
 
-def _await_approvals(
+def _approved(
+    run: _Promotion, gate: EnvironmentPolicy
+) -> tuple[PromotionPlan, SecurityVerdict, str]:
+    """The prepared release and who approved it.
+
+    The wait for a person holds no lock: a rollback or another release of this
+    environment is never blocked by a pending approval, and a server restart during
+    the wait has no lease to lose. What was approved is re-checked under the lock.
+    """
+    plan, verdict = _prepare(run)
+    audit(plan, run.run_id, "requested", run.promoter.name, proof=run.promoter.proof)
+    extra = extra_env_of(plan, run.drill_env)
+    approvers = await_approvals(plan, gate, run.policy, extra, run.run_id)
+    return plan, verdict, ", ".join(approvers)
+
+
+def _settled(
+    run: _Promotion, approved: tuple[PromotionPlan, SecurityVerdict, str] | None
+) -> tuple[PromotionPlan, SecurityVerdict, str | None]:
+    """Under the lock: the approved release if nothing changed since, else the one prepared now."""
+    if approved is None:
+        plan, verdict = _prepare(run)
+        return plan, verdict, None
+    check_unchanged(approved[0], run.plan())
+    return approved
+
+
+def _deploy(
+    run: _Promotion,
     plan: PromotionPlan,
-    gate: EnvironmentPolicy,
-    policy: ApprovalPolicy,
-    extra_env: dict[str, dict[str, str]],
-    run_id: str,
-) -> list[str]:
-    """Pause until `gate.approvals_required` distinct approvers approved with proof.
-
-    Every answer is judged against this run's own plan (`judge_answer`); a refused one
-    (unsigned, planted, another promotion's, self-approval, a forced resume without an
-    answer) is audited and the run pauses again: nothing but a valid signature moves
-    it, and a valid rejection always ends it.
-
-    Raises:
-        PromotionRejected: a signed rejection, or nobody approved in time.
+    verdict: SecurityVerdict,
+    approved_by: str | None,
+    health_deadline_s: float,
+) -> tuple[EnvironmentState, list[str], dict[str, Baseline]]:
+    """Under the lock: back up, deploy in waves, verify, record; any failure puts every
+    service back. Returns the ledger recorded, the services deployed and their baselines.
     """
-    logger = run_logger()
-    link = flow_run_url(run_id) or f"/runs/flow-run/{run_id}"
-    hint = f"cicd approve {run_id} --key KEY  (or: cicd reject {run_id} --key KEY --reason ...)"
-    logger.info("release %s awaits approval: %s\n  CLI: %s", plan.release_id, link, hint)
-    notify(
-        Notice(
-            kind="approval_needed",
-            environment=plan.environment,
-            release_id=plan.release_id,
-            services=_services(plan),
-            flow_run_url=flow_run_url(run_id),
-            message=f"{plan.promoted_by} asks to promote from {plan.source_environment}",
-            cli_hint=hint,
-            run_id=run_id,
-        ),
-        pagerduty=None,
-    )
-    slack_secret = slack_signing_secret()
-
-    def forced(state: str) -> None:
-        why = f"the waiting run was forced to {state} from outside; paused again"
-        logger.warning("%s", why)
-        _audit(plan, run_id, "refused", "unknown", detail=why)
-
-    deadline = time.monotonic() + gate.timeout_s
-    approved: list[str] = []
-    while (remaining := int(deadline - time.monotonic())) > 0:
-        try:
-            answer = pause_for_answer(
-                answer_form(plan, gate, approved, extra_env, run_id),
-                timeout_s=remaining,
-                poll_s=APPROVAL_POLL_S,
-                on_forced=forced,
-            )
-        except FlowPauseTimeout:
-            break
-        except PauseInterrupted as exc:
-            msg = f"{exc} while release {plan.release_id} waited for approval; nothing deployed"
-            _audit(plan, run_id, "refused", "unknown", detail=msg)
-            raise PromotionRejected(msg, plan=plan) from None
-        except Exception as exc:  # noqa: BLE001 - a forced resume without a readable answer
-            why = f"resumed without a readable answer ({type(exc).__name__}); waiting again"
-            _audit(plan, run_id, "refused", "unknown", detail=why)
-            time.sleep(APPROVAL_POLL_S)
-            continue
-        try:
-            verdict = judge_answer(
-                answer,
-                plan=plan,
-                run_id=run_id,
-                extra_env=extra_env,
-                gate=gate,
-                policy=policy,
-                promoter=plan.promoted_by,
-                approved=approved,
-                slack_secret=slack_secret,
-            )
-        except AnswerRefused as refused:
-            _audit(
-                plan,
-                run_id,
-                "refused",
-                refused.claimed,
-                detail=f"{refused}; waiting again",
-                statement=str(getattr(answer, "statement", ""))[:20_000],
-                signature=str(getattr(answer, "signature", ""))[:16_384],
-            )
-            continue
-        evidence = {
-            "proof": verdict.proof,
-            "statement": verdict.statement,
-            "signature": verdict.signature,
-        }
-        if verdict.decision == "reject":
-            _audit(plan, run_id, "rejected", verdict.principal, detail=verdict.reason, **evidence)
-            msg = (
-                f"{verdict.principal} rejected release {plan.release_id}: {verdict.reason}; "
-                "nothing deployed"
-            )
-            raise PromotionRejected(msg, plan=plan)
-        _audit(plan, run_id, "approved", verdict.principal, **evidence)
-        approved.append(verdict.principal)
-        if len(approved) >= gate.approvals_required:
-            logger.info("release %s approved by %s", plan.release_id, ", ".join(approved))
-            return approved
-    msg = (
-        f"nobody approved release {plan.release_id} within {gate.timeout_s}s"
-        + (f" (approved by {', '.join(approved)} only)" if approved else "")
-        + "; nothing deployed"
-    )
-    _audit(plan, run_id, "timed_out", "nobody", detail=msg)
-    logger.error(msg)
-    raise PromotionRejected(msg, plan=plan)
-
-
-def _gate_and_promoter(
-    policy: ApprovalPolicy,
-    environment: str,
-    promoted_by: str,
-    request: str | None,
-    request_signature: str | None,
-    services: list[str] | None,
-) -> tuple[EnvironmentPolicy | None, Promoter]:
-    """The environment's gate (from the protected policy) and the proven promoter.
-
-    Raises:
-        PromotionRefused: production without a gate in the policy, or a gated
-            environment asked for without a signed request.
-    """
+    env, deploy_target = run.env, run.deploy_target
+    specs = run.config.catalog.select(plan.services)
+    target_state = read_ledger(env.name)
+    live = read_live_services(deploy_target, env, specs)
+    backup_environment(env.name, target_state, live)
+    begin_deploys(plan, live, run.run_id)
+    addresses = service_addresses(deploy_target, env, specs)
+    deployed: list[str] = []
+    previous = {name: record.baseline for name, record in target_state.services.items()}
     try:
-        gate = policy.gate(environment)
-    except ConfigError as exc:
-        raise PromotionRefused(str(exc)) from exc
-    promoter = identify_promoter(
-        promoted_by, request, request_signature, policy, environment, services
-    )
-    if gate is not None and not promoter.verified:
-        msg = (
-            f"{environment} waits for an approval, so its promoter must be known by key: "
-            "request it with `cicd promote --key KEY` (a typed name cannot rule out "
-            "approving one's own promotion)"
-        )
-        raise PromotionRefused(msg)
-    return gate, promoter
+        deploy_in_waves(deploy_target, env, specs, plan, live, health_deadline_s, deployed)
+        baselines = verify_release(addresses, specs, plan, previous, run.config.performance)
+        state = record_promotion(plan, baselines, approved_by, verdict, run.run_id)
+    except PipelineError as failure:
+        # All or nothing: every service that moved goes back, whichever wave it was in.
+        restore_environment(deploy_target, env, specs, live)
+        restored = confirm_restored(deploy_target, env, specs, live)
+        end_deploys(env.name, run.run_id, f"release {plan.release_id} rolled back: {failure}")
+        raise PromotionRolledBack(
+            rollback_message(failure, restored), failed=str(failure), restored=restored, plan=plan
+        ) from failure
+    return state, deployed, baselines
 
 
-def deploy_wave_size() -> int:
-    """How many services deploy at once: the machine's cores (ELICE_DEPLOY_WAVE overrides;
-    1 deploys one after another)."""
-    configured = os.environ.get("ELICE_DEPLOY_WAVE", "").strip()
-    if configured:
-        if not configured.isdigit() or int(configured) < 1:
-            msg = f"ELICE_DEPLOY_WAVE must be a positive integer, got {configured!r}"
-            raise PromotionRefused(msg)
-        return int(configured)
-    return max(1, os.cpu_count() or 1)
+def _start(
+    environment: str,
+    config_source: str | None,
+    target: str | None,
+    drill_env: dict[str, dict[str, str]] | None,
+    services: list[str] | None,
+    who: tuple[str, str | None, str | None],
+    scan: tuple[bool, str | None],
+) -> _Promotion:
+    """Everything a promotion resolves before it plans; refused before anything changes.
 
-
-def _deploy_in_waves(
-    deploy_target: DeployTarget,
-    env: EnvironmentSpec,
-    specs: list[ServiceSpec],
-    plan: PromotionPlan,
-    live: dict[str, DeployedService | None],
-    deadline_s: float,
-    deployed: list[str],
-) -> None:
-    """Deploy the services whose digest changes, a wave of `deploy_wave_size()` at a time.
-
-    A wave starts when the one before it is healthy; after a failure no further wave
-    starts, and the first failure is raised (the caller restores every service).
-    `deployed` collects the services that rolled out.
+    `who` is (promoted_by, request, request_signature); `scan` (allow_unknown_scan,
+    override_reason).
     """
-    logger = run_logger()
-    todo = []
-    for spec in specs:
-        change, before = plan.change(spec.name), live[spec.name]
-        if before is not None and before.image.digest == change.new_digest:
-            logger.info("%s already runs %s", spec.name, change.image.short)
-            continue
-        todo.append(spec)
-    size = deploy_wave_size()
-    for start in range(0, len(todo), size):
-        wave = todo[start : start + size]
-        futures = [
-            deploy_release.submit(
-                deploy_target, env, spec, plan.change(spec.name).image, deadline_s
-            )
-            for spec in wave
-        ]
-        failed = None
-        for spec, future in zip(wave, futures, strict=True):
-            future.wait()
-            if future.state.is_completed():
-                deployed.append(spec.name)
-            elif failed is None:
-                failed = future
-        if failed is not None:
-            failed.result()  # raises the wave's first failure
-            msg = f"a deploy in {env.name} did not complete: {failed.state.message}"
-            raise PromotionError(msg)
+    check_request(*scan)
+    config = _config(config_source, environment)
+    env = config.environment(environment)
+    deploy_target, registry = _target(env, target, drill_env)
+    repository = load_repository()
+    policy = read_approval_policy(repository)
+    gate, promoter = gate_and_promoter(policy, environment, who[0], who[1], who[2], services)
+    return _Promotion(
+        config=config,
+        env=env,
+        deploy_target=deploy_target,
+        registry=registry,
+        protected_branch=repository.protected_branch,
+        run_id=str(current_run.id),
+        services=services,
+        promoter=promoter,
+        gate=gate,
+        policy=policy,
+        allow_unknown_scan=scan[0],
+        override_reason=scan[1],
+        drill_env=drill_env,
+    )
 
 
-def _check_unchanged(approved: PromotionPlan, now: PromotionPlan) -> None:
-    """What was approved is still what would change; else PromotionRefused, nothing deployed."""
-
-    def moves(plan: PromotionPlan) -> list[tuple[str, str | None, str]]:
-        return [(c.service, c.current_digest, c.new_digest) for c in plan.changes]
-
-    if moves(approved) != moves(now):
-        msg = (
-            f"{approved.environment} changed while release {approved.release_id} waited for "
-            f"approval (now: {now.release_id}); nothing deployed, promote again"
-        )
-        raise PromotionRefused(msg)
+def _outcome(
+    plan: PromotionPlan,
+    state: EnvironmentState,
+    deployed: list[str],
+    approved_by: str | None,
+    baselines: dict[str, Baseline],
+) -> PromotionOutcome:
+    """The ledger published, the delivery metrics reported, and what the promotion did."""
+    publish_ledger_artifact(plan.environment, state)
+    # Delivery metrics are a report: failing to compute them never fails a release.
+    publish_delivery_metrics(plan.environment, return_state=True)
+    return PromotionOutcome(
+        plan=plan,
+        deployed=deployed,
+        approved_by=approved_by,
+        ledger_revision=state.revision,
+        baselines={
+            name: b.model_dump(include={"p50_ms", "p95_ms", "error_rate"})
+            for name, b in baselines.items()
+        },
+    )
 
 
 @flow(
@@ -514,115 +441,19 @@ def promote(
             required where the environment waits for an approval.
         request_signature: its SSH signature.
     """
-    check_request(allow_unknown_scan, override_reason)
-    config = _config(config_source, environment)
-    env = config.environment(environment)
-    deploy_target, registry = _target(env, target, drill_env)
-    repository = load_repository()
-    protected = repository.protected_branch
-    logger = run_logger()
-    run_id = str(current_run.id)
-    policy = read_approval_policy(repository)
-    gate, promoter = _gate_and_promoter(
-        policy, environment, promoted_by, request, request_signature, services
-    )
-
-    def prepare() -> tuple[PromotionPlan, SecurityVerdict]:
-        plan = plan_promotion(config, environment, services, promoter.name, protected)
-        verdict = security_verdict(
-            plan, env, allow_unknown_scan, override_reason, gated=gate is not None
-        )
-        source = environment_registry(config.environment(plan.source_environment))
-        images = [c.image for c in plan.changes]
-        logins = [login_for(image, source.access) for image in images]
-        for future in verify_release_image.map(images, logins):
-            future.result()
-        _smoke_test_source(config, plan)
-        # Into this environment's own registry, by digest, before anything deploys: the
-        # ledger then names the image where this environment pulls it from.
-        placed = place_images(plan, source, registry)
-        if registry.ecr is not None:  # ECR's own scan joins the verdict
-            placed = with_ecr_scans(placed, registry.ecr)
-            verdict = security_verdict(
-                placed, env, allow_unknown_scan, override_reason, gated=gate is not None
-            )
-        return placed, verdict
-
+    who = (promoted_by, request, request_signature)
+    scan = (allow_unknown_scan, override_reason)
+    run = _start(environment, config_source, target, drill_env, services, who, scan)
     if dry_run:
-        plan = plan_promotion(config, environment, services, promoter.name, protected)
-        logger.info("dry run: nothing changes\n%s", plan_markdown(plan))
+        plan = run.plan()
+        run_logger().info("dry run: nothing changes\n%s", plan_markdown(plan))
         return PromotionOutcome(plan=plan, dry_run=True)
-
-    approved_by: str | None = None
-    if gate is not None:
-        # The wait for a person holds no lock: a rollback or another release of this
-        # environment is never blocked by a pending approval, and a server restart
-        # during the wait has no lease to lose. What was approved is re-checked below.
-        plan, verdict = prepare()
-        _audit(plan, run_id, "requested", promoter.name, proof=promoter.proof)
-        extra = extra_env_of(plan, drill_env)
-        approved_by = ", ".join(_await_approvals(plan, gate, policy, extra, run_id))
-
+    approved = _approved(run, run.gate) if run.gate is not None else None
     with deploy_lock(environment):
-        recover_interrupted(deploy_target, env, _catalog(config), run_id)
-        if gate is not None:
-            now = plan_promotion(config, environment, services, promoter.name, protected)
-            _check_unchanged(plan, now)
-        else:
-            plan, verdict = prepare()
-        specs = config.catalog.select(plan.services)
-        target_state = read_ledger(environment)
-        live = read_live_services(deploy_target, env, specs)
-        backup_environment(environment, target_state, live)
-        begin_deploys(plan, live, run_id)
-
-        addresses = service_addresses(deploy_target, env, specs)
-        baselines = {}
-        deployed: list[str] = []
-        try:
-            _deploy_in_waves(deploy_target, env, specs, plan, live, health_deadline_s, deployed)
-            checks = check_service_health.map(
-                [addresses[spec.name] for spec in specs],
-                specs,
-                unmapped(VERIFY_DEADLINE_S),
-                [plan.change(spec.name).new_digest for spec in specs],
-            )
-            for check in checks:
-                check.result()  # the first unhealthy service fails the release
-            # one at a time: a baseline measured beside another service's is not its own
-            for spec in specs:
-                after = measure_baseline(addresses[spec.name], spec, config.performance)
-                previous = target_state.services.get(spec.name)
-                recorded = previous.baseline if previous else None
-                before_baseline = baseline_from_record(spec.name, recorded)
-                check_regression(spec, before_baseline, after, config.performance)
-                baselines[spec.name] = after
-            state = record_promotion(plan, baselines, approved_by, verdict, run_id)
-        except PipelineError as failure:
-            # All or nothing: every service that moved goes back, whichever wave it was in.
-            restore_environment(deploy_target, env, specs, live)
-            restored = confirm_restored(deploy_target, env, specs, live)
-            end_deploys(environment, run_id, f"release {plan.release_id} rolled back: {failure}")
-            raise PromotionRolledBack(
-                rollback_message(failure, restored),
-                failed=str(failure),
-                restored=restored,
-                plan=plan,
-            ) from failure
-
-    publish_ledger_artifact(environment, state)
-    # Delivery metrics are a report: failing to compute them never fails a release.
-    publish_delivery_metrics(environment, return_state=True)
-    return PromotionOutcome(
-        plan=plan,
-        deployed=deployed,
-        approved_by=approved_by,
-        ledger_revision=state.revision,
-        baselines={
-            name: b.model_dump(include={"p50_ms", "p95_ms", "error_rate"})
-            for name, b in baselines.items()
-        },
-    )
+        recover_interrupted(run.deploy_target, run.env, _catalog(run.config), run.run_id)
+        plan, verdict, approved_by = _settled(run, approved)
+        state, deployed, baselines = _deploy(run, plan, verdict, approved_by, health_deadline_s)
+    return _outcome(plan, state, deployed, approved_by, baselines)
 
 
 @flow(

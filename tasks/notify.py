@@ -36,7 +36,7 @@ from blocks.notifications import (
     load_slack_channel,
 )
 from core.errors import ConfigError, NoticeUndeliverable
-from core.records import ImageRef
+from core.records import ImageRef, PromotionPlan, short_digest
 from tasks.process import run_logger
 from tasks.slack_actions import with_approval_actions
 
@@ -140,6 +140,17 @@ def scrub(text: str, secrets: Iterable[str | None]) -> str:
 def digest_change(old: ImageRef | None, new: ImageRef | None) -> str:
     """'old12hex -> new12hex' for a notice ('none' where there is no image)."""
     return f"{old.short if old else 'none'} -> {new.short if new else 'none'}"
+
+
+def plan_changes(plan: PromotionPlan | None) -> dict[str, str]:
+    """service -> 'old12hex -> new12hex' of every change of `plan` (none without a plan)."""
+    if plan is None:
+        return {}
+    return {
+        c.service: f"{short_digest(c.current_digest) if c.current_digest else 'none'}"
+        f" -> {c.image.short}"
+        for c in plan.changes
+    }
 
 
 def notice_title(notice: Notice) -> str:

@@ -1,0 +1,123 @@
+"""A promotion's deploy: the changed services in waves of the machine's cores, then every
+service verified healthy on its new digest and measured against its previous baseline.
+
+    deploy_wave_size()                                   services deployed at once
+    deploy_in_waves(target, env, specs, plan, live, ...) the waves; the first failure raised
+    verify_release(addresses, specs, plan, previous, policy) health, baselines, regressions
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from prefect import unmapped
+
+from blocks.catalog import ServiceSpec
+from blocks.config import PerformancePolicy
+from blocks.environments import EnvironmentSpec
+from core.errors import PromotionError, PromotionRefused
+from core.records import DeployedService, PromotionPlan
+from tasks.deploy import deploy_release
+from tasks.deploy.target import DeployTarget
+from tasks.health import check_service_health
+from tasks.performance import Baseline, baseline_from_record, check_regression, measure_baseline
+from tasks.process import run_logger
+
+VERIFY_DEADLINE_S = 30
+
+
+def deploy_wave_size() -> int:
+    """How many services deploy at once: the machine's cores (ELICE_DEPLOY_WAVE overrides;
+    1 deploys one after another)."""
+    configured = os.environ.get("ELICE_DEPLOY_WAVE", "").strip()
+    if configured:
+        if not configured.isdigit() or int(configured) < 1:
+            msg = f"ELICE_DEPLOY_WAVE must be a positive integer, got {configured!r}"
+            raise PromotionRefused(msg)
+        return int(configured)
+    return max(1, os.cpu_count() or 1)
+
+
+def _to_deploy(
+    specs: list[ServiceSpec], plan: PromotionPlan, live: Mapping[str, DeployedService | None]
+) -> list[ServiceSpec]:
+    """The services whose digest changes."""
+    todo = []
+    for spec in specs:
+        change, before = plan.change(spec.name), live[spec.name]
+        if before is not None and before.image.digest == change.new_digest:
+            run_logger().info("%s already runs %s", spec.name, change.image.short)
+            continue
+        todo.append(spec)
+    return todo
+
+
+def deploy_in_waves(
+    deploy_target: DeployTarget,
+    env: EnvironmentSpec,
+    specs: list[ServiceSpec],
+    plan: PromotionPlan,
+    live: Mapping[str, DeployedService | None],
+    deadline_s: float,
+    deployed: list[str],
+) -> None:
+    """Deploy the services whose digest changes, a wave of `deploy_wave_size()` at a time.
+
+    A wave starts when the one before it is healthy; after a failure no further wave
+    starts, and the first failure is raised (the caller restores every service).
+    `deployed` collects the services that rolled out.
+    """
+    todo = _to_deploy(specs, plan, live)
+    size = deploy_wave_size()
+    for start in range(0, len(todo), size):
+        wave = todo[start : start + size]
+        futures = [
+            deploy_release.submit(
+                deploy_target, env, spec, plan.change(spec.name).image, deadline_s
+            )
+            for spec in wave
+        ]
+        failed = None
+        for spec, future in zip(wave, futures, strict=True):
+            future.wait()
+            if future.state.is_completed():
+                deployed.append(spec.name)
+            elif failed is None:
+                failed = future
+        if failed is not None:
+            failed.result()  # raises the wave's first failure
+            msg = f"a deploy in {env.name} did not complete: {failed.state.message}"
+            raise PromotionError(msg)
+
+
+def verify_release(
+    addresses: Mapping[str, str],
+    specs: list[ServiceSpec],
+    plan: PromotionPlan,
+    previous: Mapping[str, Mapping[str, float] | None],
+    policy: PerformancePolicy,
+) -> dict[str, Baseline]:
+    """Every service healthy on its new digest, then its baseline measured and compared
+    with `previous` (service -> the previous release's recorded baseline).
+
+    Raises:
+        HealthCheckFailed: the first unhealthy service.
+        PerformanceRegression: the first service slower or failing more than allowed.
+    """
+    checks = check_service_health.map(
+        [addresses[spec.name] for spec in specs],
+        specs,
+        unmapped(VERIFY_DEADLINE_S),
+        [plan.change(spec.name).new_digest for spec in specs],
+    )
+    for check in checks:
+        check.result()  # the first unhealthy service fails the release
+    baselines = {}
+    # one at a time: a baseline measured beside another service's is not its own
+    for spec in specs:
+        after = measure_baseline(addresses[spec.name], spec, policy)
+        before = baseline_from_record(spec.name, previous.get(spec.name))
+        check_regression(spec, before, after, policy)
+        baselines[spec.name] = after
+    return baselines
