@@ -16,6 +16,7 @@ import yaml
 from blocks.config import PipelineConfig
 from core.records import ImageRef
 from tasks.deploy.docker import DockerDeployer, container_name
+from tasks.deploy.target import Deployer
 from tasks.registry import manifest_digest
 from tasks.releases import Ledger, ReleaseRecord
 
@@ -90,20 +91,34 @@ def as_service(image: ImageRef, service: str) -> ImageRef:
     return image.model_copy(update={"service": service})
 
 
-def put_verified(cfg: PipelineConfig, env: str, service: str, image: ImageRef) -> None:
-    """What CI does for its environment: deploy `image` and record it verified."""
+def put_release(
+    deployer: Deployer,
+    cfg: PipelineConfig,
+    env: str,
+    service: str,
+    image: ImageRef,
+    *,
+    release_id: str,
+    verified: bool = True,
+) -> None:
+    """What CI does for its environment: deploy `image` as `service` and record it."""
     ref = as_service(image, service)
-    DockerDeployer().deploy(cfg.environment(env), cfg.service(service), ref, deadline_s=60)
+    deployer.deploy(cfg.environment(env), cfg.service(service), ref, deadline_s=60)
     Ledger().record_deploy(
         env,
         ReleaseRecord(
             service=service,
             environment=env,
             image=ref,
-            release_id=f"seed-{image.short}",
-            verified=True,
+            release_id=release_id,
+            verified=verified,
             ref="refs/heads/main",
             scan="clean",
         ),
     )
+
+
+def put_verified(cfg: PipelineConfig, env: str, service: str, image: ImageRef) -> None:
+    """What CI does for its environment: deploy `image` and record it verified."""
+    put_release(DockerDeployer(), cfg, env, service, image, release_id=f"seed-{image.short}")
     Ledger().mark_verified(env, service, None)

@@ -35,8 +35,8 @@ from flows.ci import CiOutcome, ci
 from flows.promotion import promote
 from tasks.deploy.kubernetes import KubernetesDeployer
 from tasks.deploy.target import KUBERNETES_TARGET_BLOCK
-from tasks.releases import Ledger, ReleaseRecord
-from tests.flows.chain import as_service, derive, write_chain_config
+from tasks.releases import Ledger
+from tests.flows.chain import derive, put_release, write_chain_config
 from tests.k8s_sim import CRASH, KubeSimulator
 from tests.plugins.registries import AuthRegistry
 from tests.tasks.ci_checkout import copy_monorepo
@@ -115,20 +115,7 @@ def cluster(
         d2 = derive(docker_client, pushed_image, "kubernetes")
         deployer = KubernetesDeployer(target)
         for service in SERVICES:
-            image = as_service(d1, service)
-            deployer.deploy(cfg.environment(DEV), cfg.service(service), image, deadline_s=60)
-            Ledger().record_deploy(
-                DEV,
-                ReleaseRecord(
-                    service=service,
-                    environment=DEV,
-                    image=image,
-                    release_id=f"seed-{d1.short}",
-                    verified=True,
-                    ref="refs/heads/main",
-                    scan="clean",
-                ),
-            )
+            put_release(deployer, cfg, DEV, service, d1, release_id=f"seed-{d1.short}")
         try:
             yield Cluster(sim, cfg, cfg_path, target, d1, d2, basic_registry)
         finally:
@@ -171,20 +158,7 @@ def test_promotion_ships_to_kubernetes_and_a_failed_release_rolls_back(cluster: 
     # every service of the release is back on D1
     deployer = KubernetesDeployer(c.target)
     for service in SERVICES:
-        image = as_service(c.d2, service)
-        deployer.deploy(c.cfg.environment(DEV), c.cfg.service(service), image, deadline_s=60)
-        Ledger().record_deploy(
-            DEV,
-            ReleaseRecord(
-                service=service,
-                environment=DEV,
-                image=image,
-                release_id=f"seed-{c.d2.short}",
-                verified=True,
-                ref="refs/heads/main",
-                scan="clean",
-            ),
-        )
+        put_release(deployer, c.cfg, DEV, service, c.d2, release_id=f"seed-{c.d2.short}")
     c.sim.bad_images[c.d2.digest] = CRASH  # the pods already ready in kd-dev keep running
     failed = _promote(c)
     error = failed.result(raise_on_failure=False)

@@ -51,12 +51,12 @@ from tasks.approval import (
     submit_answer,
 )
 from tasks.audit import AuditEntry, read_audit
-from tasks.deploy.docker import DockerDeployer, container_name
+from tasks.deploy.docker import DockerDeployer
 from tasks.health import probe_health
-from tasks.releases import Ledger, ReleaseRecord
+from tasks.releases import Ledger
 from tasks.slack_actions import APPROVE_ACTION
 from tests.approvers import Approvers, paused_promotion
-from tests.flows.chain import as_service, derive
+from tests.flows.chain import derive, put_release, remove_containers
 from tests.plugins.receivers import Receiver
 from tests.slack_requests import button_press, slack_signed
 
@@ -125,18 +125,6 @@ class Train:
         self.run_ids: list[UUID] = []
 
 
-def remove_containers(client: docker.DockerClient) -> None:
-    for env in (DEV, STG, PROD):
-        for service in SERVICES:
-            for suffix in ("", "-next"):
-                try:
-                    client.containers.get(container_name(PREFIX, env, service) + suffix).remove(
-                        force=True
-                    )
-                except docker.errors.NotFound:
-                    pass
-
-
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[Receiver]:
     """Slack and PagerDuty receivers, saved as the blocks the flow's hooks load."""
@@ -175,7 +163,7 @@ def train(
     people.set_policy(GATE)
     people.repository.save(REPOSITORY_BLOCK, overwrite=True)
     t = Train(cfg_path, people, load_config(cfg_path))
-    remove_containers(docker_client)
+    remove_containers(docker_client, [DEV, STG, PROD])
     t.digests = {
         "D1": pushed_image,
         "D2": derive(docker_client, pushed_image, "two"),
@@ -185,26 +173,14 @@ def train(
         put_dev(t, service, t.digests["D1"])
     yield t
     GitRepository.delete(REPOSITORY_BLOCK)
-    remove_containers(docker_client)
+    remove_containers(docker_client, [DEV, STG, PROD])
     mp.undo()
 
 
 def put_dev(t: Train, service: str, image: ImageRef, *, verified: bool = True) -> None:
     """What CI does for dev: deploy the image and record it (verified or not)."""
-    ref = as_service(image, service)
-    DockerDeployer().deploy(t.cfg.environment(DEV), t.cfg.service(service), ref, deadline_s=60)
-    Ledger().record_deploy(
-        DEV,
-        ReleaseRecord(
-            service=service,
-            environment=DEV,
-            image=ref,
-            release_id=f"ci-{image.short}",
-            verified=verified,
-            ref="refs/heads/main",
-            scan="clean",
-        ),
-    )
+    release = f"ci-{image.short}"
+    put_release(DockerDeployer(), t.cfg, DEV, service, image, release_id=release, verified=verified)
 
 
 def serving(t: Train, env: str) -> dict[str, str | None]:
