@@ -13,13 +13,15 @@ from typing import Any
 from prefect import Flow, flow, unmapped
 from prefect.client.schemas.objects import FlowRun, State
 
+from blocks.catalog import ServiceSpec
 from blocks.config import load_config
+from blocks.environments import EnvironmentSpec
 from core.errors import EnvironmentUnhealthy
 from core.records import HealthReport, HealthResult
-from tasks.deploy.target import environment_target
+from tasks.deploy.target import Deployer, environment_target
 from tasks.health import NOT_DEPLOYED, probe_service_health, publish_health_report
 from tasks.notify import Notice, flow_run_url, notify, paged_environment
-from tasks.releases import read_ledger
+from tasks.releases import EnvironmentState, read_ledger
 
 
 def _not_deployed(url: str, service: str) -> HealthResult:
@@ -89,14 +91,36 @@ def health_check(
         which = f" of {', '.join(services)}" if services else ""
         msg = f"{env.name}: nothing deployed: the ledger records no release{which}"
         raise EnvironmentUnhealthy(msg, HealthReport(environment=env.name, results=[]))
+    outcomes = _probe(deployer, env, checked, deadline_s, ledger)
+    results = [
+        outcomes.get(s.name) or _not_deployed(deployer.address(env, s), s.name)
+        for s in specs
+        if s.name in outcomes or services
+    ]
+    report = HealthReport(environment=env.name, results=results)
+    publish_health_report(report)
+    if report.failed:
+        raise EnvironmentUnhealthy(_unhealthy_message(report, ledger), report)
+    return report
+
+
+def _probe(
+    deployer: Deployer,
+    env: EnvironmentSpec,
+    checked: list[ServiceSpec],
+    deadline_s: float,
+    ledger: EnvironmentState,
+) -> dict[str, HealthResult]:
+    """Each checked service's health on the digest the ledger records (a probe that could
+    not run counts as unhealthy)."""
     states = probe_service_health.map(
         [deployer.address(env, s) for s in checked],
         checked,
         unmapped(deadline_s),
-        [deployed[s.name].image.digest for s in checked],
+        [ledger.services[s.name].image.digest for s in checked],
         return_state=True,
     )
-    outcomes = {
+    return {
         spec.name: state.result()
         if state.is_completed()
         else HealthResult(
@@ -109,22 +133,17 @@ def health_check(
         )
         for spec, state in zip(checked, states, strict=True)
     }
-    results = [
-        outcomes.get(s.name) or _not_deployed(deployer.address(env, s), s.name)
-        for s in specs
-        if s.name in outcomes or services
-    ]
-    report = HealthReport(environment=env.name, results=results)
-    publish_health_report(report)
-    if report.failed:
-        names = ", ".join(f"{r.service} ({'; '.join(r.failures)})" for r in report.failed)
-        msg = f"{env.name}: unhealthy: {names}"
-        if ledger.in_progress is not None:
-            pending = ledger.in_progress
-            msg += (
-                f"; run {pending.flow_run_id} has been deploying release {pending.release_id} "
-                f"since {pending.started_at:%Y-%m-%d %H:%M:%S %Z} (if it died, the next "
-                f"promotion or `cicd rollback {env.name}` puts the previous releases back)"
-            )
-        raise EnvironmentUnhealthy(msg, report)
-    return report
+
+
+def _unhealthy_message(report: HealthReport, ledger: EnvironmentState) -> str:
+    """Which services are unhealthy, and which promotion may be deploying meanwhile."""
+    names = ", ".join(f"{r.service} ({'; '.join(r.failures)})" for r in report.failed)
+    msg = f"{report.environment}: unhealthy: {names}"
+    if ledger.in_progress is not None:
+        pending = ledger.in_progress
+        msg += (
+            f"; run {pending.flow_run_id} has been deploying release {pending.release_id} "
+            f"since {pending.started_at:%Y-%m-%d %H:%M:%S %Z} (if it died, the next "
+            f"promotion or `cicd rollback {report.environment}` puts the previous releases back)"
+        )
+    return msg

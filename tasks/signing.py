@@ -27,7 +27,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -410,6 +410,35 @@ def sign_statement(
     return signature + "\n"
 
 
+def _check_signer(
+    statement: Signable,
+    sig_file: Path,
+    signers_file: Path,
+    public_key: bytes,
+    fingerprint: str,
+    allowed: Mapping[str, Sequence[str]],
+    timeout: float,
+) -> None:
+    """The signing key is allowed, and it is the claimed signer's; else SignatureRefused."""
+    found = _run(
+        ["-Y", "find-principals", "-s", str(sig_file), "-f", str(signers_file)], b"", timeout
+    )
+    principals = found.stdout.decode("utf-8", "replace").split()
+    if found.returncode != 0 or not principals:
+        msg = f"key {fingerprint} is not in the allowed signers"
+        raise SignatureRefused(msg)
+    if principals != [statement.signer]:
+        msg = (
+            f"statement claims signer {statement.signer!r}, "
+            f"but key {fingerprint} belongs to {', '.join(principals)}"
+        )
+        raise SignatureRefused(msg)
+    blob = base64.b64encode(public_key).decode()
+    if not any(k.split()[1] == blob for k in allowed.get(statement.signer, ())):
+        msg = f"key {fingerprint} is not listed for {statement.signer!r}"
+        raise SignatureRefused(msg)
+
+
 def verify_statement(
     statement: Signable,
     signature: str,
@@ -443,23 +472,7 @@ def verify_statement(
         sig_file, signers_file = Path(tmp) / "statement.sig", Path(tmp) / "allowed_signers"
         sig_file.write_text(signature.strip() + "\n", encoding="ascii")
         signers_file.write_text(allowed_signers, encoding="utf-8")
-        found = _run(
-            ["-Y", "find-principals", "-s", str(sig_file), "-f", str(signers_file)], b"", timeout
-        )
-        principals = found.stdout.decode("utf-8", "replace").split()
-        if found.returncode != 0 or not principals:
-            msg = f"key {fingerprint} is not in the allowed signers"
-            raise SignatureRefused(msg)
-        if principals != [statement.signer]:
-            msg = (
-                f"statement claims signer {statement.signer!r}, "
-                f"but key {fingerprint} belongs to {', '.join(principals)}"
-            )
-            raise SignatureRefused(msg)
-        blob = base64.b64encode(public_key).decode()
-        if not any(k.split()[1] == blob for k in allowed.get(statement.signer, ())):
-            msg = f"key {fingerprint} is not listed for {statement.signer!r}"
-            raise SignatureRefused(msg)
+        _check_signer(statement, sig_file, signers_file, public_key, fingerprint, allowed, timeout)
         verified = _run(
             [
                 "-Y",

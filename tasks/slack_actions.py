@@ -259,12 +259,11 @@ def _field(data: Mapping[str, Any], key: str, where: str) -> Any:
     return value
 
 
-def parse_slack_decision(body: bytes) -> SlackDecision:
-    """The button press in a `block_actions` interaction (form field `payload`, JSON).
+def _payload(body: bytes) -> dict[str, Any]:
+    """The `payload` JSON object of a form-encoded block_actions interaction.
 
     Raises:
-        SlackPayloadInvalid: not form-encoded with one `payload`, not JSON, not a
-            block_actions of one of our two buttons, or the button's value is not ours.
+        SlackPayloadInvalid: too large, not a form with one JSON payload, not block_actions.
     """
     if len(body) > MAX_BODY_BYTES:
         msg = f"body larger than {MAX_BODY_BYTES} bytes"
@@ -282,6 +281,36 @@ def parse_slack_decision(body: bytes) -> SlackDecision:
     if payload.get("type") != "block_actions":
         msg = f"payload: type: {payload.get('type')!r} is not block_actions"
         raise SlackPayloadInvalid(msg)
+    return payload
+
+
+def _run_and_release(action: dict[str, Any]) -> tuple[str, str]:
+    """The run id and release id an approval button carries as its value.
+
+    Raises:
+        SlackPayloadInvalid: not a run id and release id of ours.
+    """
+    try:
+        value = json.loads(_field(action, "value", "actions[0]."))
+        run_id = str(UUID(value["run_id"]))
+        release_id = value["release_id"]
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        msg = "payload: actions[0].value: not a run id and release id of ours"
+        raise SlackPayloadInvalid(msg) from exc
+    if not isinstance(release_id, str) or not _RELEASE.fullmatch(release_id):
+        msg = f"payload: actions[0].value: release_id {release_id!r} is not a release id"
+        raise SlackPayloadInvalid(msg)
+    return run_id, release_id
+
+
+def parse_slack_decision(body: bytes) -> SlackDecision:
+    """The button press in a `block_actions` interaction (form field `payload`, JSON).
+
+    Raises:
+        SlackPayloadInvalid: not form-encoded with one `payload`, not JSON, not a
+            block_actions of one of our two buttons, or the button's value is not ours.
+    """
+    payload = _payload(body)
     user = _field(payload, "user", "")
     actions = _field(payload, "actions", "")
     if not isinstance(user, dict) or not isinstance(actions, list) or len(actions) != 1:
@@ -296,16 +325,7 @@ def parse_slack_decision(body: bytes) -> SlackDecision:
     if not isinstance(user_id, str) or not _USER_ID.fullmatch(user_id):
         msg = f"payload: user.id: {user_id!r} is not a Slack user id"
         raise SlackPayloadInvalid(msg)
-    try:
-        value = json.loads(_field(action, "value", "actions[0]."))
-        run_id = str(UUID(value["run_id"]))
-        release_id = value["release_id"]
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        msg = "payload: actions[0].value: not a run id and release id of ours"
-        raise SlackPayloadInvalid(msg) from exc
-    if not isinstance(release_id, str) or not _RELEASE.fullmatch(release_id):
-        msg = f"payload: actions[0].value: release_id {release_id!r} is not a release id"
-        raise SlackPayloadInvalid(msg)
+    run_id, release_id = _run_and_release(action)
     response_url = payload.get("response_url", "")
     if not isinstance(response_url, str) or (
         response_url and urlsplit(response_url).scheme not in ("http", "https")
