@@ -102,91 +102,110 @@ def _same(a: ReleaseRecord | None, b: ReleaseRecord | None) -> bool:
     )
 
 
+def _changed(state: EnvironmentState, before: EnvironmentState | None) -> list[str]:
+    """The services whose record differs between `before` and `state`."""
+    names = sorted(set(state.services) | set(before.services if before else {}))
+    return [
+        name
+        for name in names
+        if not _same(state.services.get(name), before.services.get(name) if before else None)
+    ]
+
+
+def _by_hand_events(
+    state: EnvironmentState, before: EnvironmentState | None, changed: list[str]
+) -> list[DeliveryEvent]:
+    """Records changed outside a promotion: restores by hand, else CI's deployments."""
+    env = state.environment
+    # Restored by hand: the record is the one the service had before (or none).
+    restored = [
+        n
+        for n in changed
+        if before is not None
+        and (n not in state.services or _same(state.services[n], before.previous.get(n)))
+    ]
+    events = []
+    for name in restored:
+        bad = before.services.get(name) if before is not None else None
+        events.append(
+            DeliveryEvent(
+                environment=env,
+                kind="rollback",
+                release_id=bad.release_id if bad else "",
+                at=state.updated_at,
+                revision=state.revision,
+                records=(bad,) if bad else (),
+                source="by-hand",
+            )
+        )
+    events.extend(
+        DeliveryEvent(
+            environment=env,
+            kind="deployment",
+            release_id=state.services[n].release_id,
+            at=state.updated_at,
+            revision=state.revision,
+            records=(state.services[n],),
+            source="ci",
+        )
+        for n in changed
+        if n not in restored and n in state.services
+    )
+    return events
+
+
+def _revision_events(
+    state: EnvironmentState, before: EnvironmentState | None
+) -> list[DeliveryEvent]:
+    """What one revision did: a promotion, a failed promotion, or changes by hand or CI."""
+    text_changed = before is None or state.change != before.change
+    changed = _changed(state, before)
+    promoted = _PROMOTED.match(state.change) if text_changed else None
+    failed = (
+        (_ROLLED_BACK.match(state.change) or _DIED.match(state.change)) if text_changed else None
+    )
+    if promoted:
+        release = promoted.group("release")
+        records = tuple(
+            state.services[n]
+            for n in changed
+            if n in state.services and state.services[n].release_id == release
+        )
+        return [
+            DeliveryEvent(
+                environment=state.environment,
+                kind="deployment",
+                release_id=release,
+                at=state.updated_at,
+                revision=state.revision,
+                records=records,
+                source="promotion",
+            )
+        ]
+    if failed:
+        release = failed.group("release")
+        intent = before.in_progress if before is not None else None
+        started = intent.started_at if intent and intent.release_id == release else None
+        return [
+            DeliveryEvent(
+                environment=state.environment,
+                kind="failed-promotion",
+                release_id=release,
+                at=state.updated_at,
+                revision=state.revision,
+                started_at=started,
+                source="recovery" if failed.re is _DIED else "pipeline",
+            )
+        ]
+    return _by_hand_events(state, before, changed) if changed else []
+
+
 def delivery_events(history: Sequence[EnvironmentState]) -> list[DeliveryEvent]:
     """What each revision of one environment's ledger did, oldest first."""
     events: list[DeliveryEvent] = []
     before: EnvironmentState | None = None
     for state in history:
-        env = state.environment
-        text_changed = before is None or state.change != before.change
-        changed = [
-            name
-            for name in sorted(set(state.services) | set(before.services if before else {}))
-            if not _same(state.services.get(name), before.services.get(name) if before else None)
-        ]
-        promoted = _PROMOTED.match(state.change) if text_changed else None
-        failed = (
-            (_ROLLED_BACK.match(state.change) or _DIED.match(state.change))
-            if text_changed
-            else None
-        )
-        if promoted:
-            release = promoted.group("release")
-            records = tuple(
-                state.services[n]
-                for n in changed
-                if n in state.services and state.services[n].release_id == release
-            )
-            events.append(
-                DeliveryEvent(
-                    environment=env,
-                    kind="deployment",
-                    release_id=release,
-                    at=state.updated_at,
-                    revision=state.revision,
-                    records=records,
-                    source="promotion",
-                )
-            )
-        elif failed:
-            release = failed.group("release")
-            intent = before.in_progress if before is not None else None
-            started = intent.started_at if intent and intent.release_id == release else None
-            events.append(
-                DeliveryEvent(
-                    environment=env,
-                    kind="failed-promotion",
-                    release_id=release,
-                    at=state.updated_at,
-                    revision=state.revision,
-                    started_at=started,
-                    source="recovery" if failed.re is _DIED else "pipeline",
-                )
-            )
-        elif changed:
-            # Restored by hand: the record is the one the service had before (or none).
-            restored = [
-                n
-                for n in changed
-                if before is not None
-                and (n not in state.services or _same(state.services[n], before.previous.get(n)))
-            ]
-            for name in restored:
-                bad = before.services.get(name) if before is not None else None
-                events.append(
-                    DeliveryEvent(
-                        environment=env,
-                        kind="rollback",
-                        release_id=bad.release_id if bad else "",
-                        at=state.updated_at,
-                        revision=state.revision,
-                        records=(bad,) if bad else (),
-                        source="by-hand",
-                    )
-                )
-            events.extend(
-                DeliveryEvent(
-                    environment=env,
-                    kind="deployment",
-                    release_id=state.services[n].release_id,
-                    at=state.updated_at,
-                    revision=state.revision,
-                    records=(state.services[n],),
-                    source="ci",
-                )
-                for n in changed
-                if n not in restored and n in state.services
-            )
+        events.extend(_revision_events(state, before))
         before = state
     return events
 
@@ -219,6 +238,44 @@ def _median(values: Iterable[float]) -> float | None:
     return statistics.median(found) if found else None
 
 
+def _failures(
+    deployments: list[DeliveryEvent],
+    rollbacks: list[DeliveryEvent],
+    failed_promotions: list[DeliveryEvent],
+) -> tuple[set[int], list[float]]:
+    """The revisions of deployments a rollback failed, and every time to restore (s)."""
+    # A rollback by hand fails the deployment that put its release live (the latest before).
+    restore_times: list[float] = []
+    failed_deployments: set[int] = set()
+    for rollback in rollbacks:
+        cause = next(
+            (
+                d
+                for d in reversed(deployments)
+                if d.at <= rollback.at and d.release_id == rollback.release_id
+            ),
+            None,
+        )
+        if cause is not None:
+            failed_deployments.add(cause.revision)
+            restore_times.append((rollback.at - cause.at).total_seconds())
+    restore_times += [
+        (e.at - e.started_at).total_seconds() for e in failed_promotions if e.started_at
+    ]
+    return failed_deployments, restore_times
+
+
+def _lead_times(deployments: list[DeliveryEvent], commit_times: CommitTimes) -> list[float]:
+    """Commit to deploy, in seconds, of every deployed record whose commit time is known."""
+    lead_times = []
+    for deployment in deployments:
+        for record in deployment.records:
+            committed = commit_times(record.commit) if record.commit else None
+            if committed is not None:
+                lead_times.append(max(0.0, (record.deployed_at - committed).total_seconds()))
+    return lead_times
+
+
 def delivery_metrics(
     environment: str,
     history: Sequence[EnvironmentState],
@@ -245,35 +302,12 @@ def delivery_metrics(
     ]
     rollbacks = [e for e in events if e.kind == "rollback" and since <= e.at <= until]
 
-    # A rollback by hand fails the deployment that put its release live (the latest before).
-    restore_times: list[float] = []
-    failed_deployments: set[int] = set()
-    for rollback in rollbacks:
-        cause = next(
-            (
-                d
-                for d in reversed(deployments)
-                if d.at <= rollback.at and d.release_id == rollback.release_id
-            ),
-            None,
-        )
-        if cause is not None:
-            failed_deployments.add(cause.revision)
-            restore_times.append((rollback.at - cause.at).total_seconds())
-    restore_times += [
-        (e.at - e.started_at).total_seconds() for e in failed_promotions if e.started_at
-    ]
+    failed_deployments, restore_times = _failures(deployments, rollbacks, failed_promotions)
     failed = len(failed_promotions) + len(
         [d for d in in_window if d.revision in failed_deployments]
     )
     changes = len(in_window) + len(failed_promotions)
-
-    lead_times = []
-    for deployment in in_window:
-        for record in deployment.records:
-            committed = commit_times(record.commit) if record.commit else None
-            if committed is not None:
-                lead_times.append(max(0.0, (record.deployed_at - committed).total_seconds()))
+    lead_times = _lead_times(in_window, commit_times)
 
     return DeliveryMetrics(
         environment=environment,
