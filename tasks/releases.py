@@ -425,6 +425,65 @@ def source_of(config: PipelineConfig, target_env: str) -> EnvironmentSpec:
     return env
 
 
+def _chosen(
+    config: PipelineConfig,
+    services: list[str] | None,
+    source: EnvironmentState,
+    source_env: str,
+) -> list[str]:
+    """The services to promote: those named, else every one the source ledger records.
+
+    Raises:
+        PromotionRefused: an empty or unknown service list, or nothing recorded.
+    """
+    if services is not None:
+        if not services:
+            msg = "no services given; omit --services to promote every verified service"
+            raise PromotionRefused(msg)
+        try:
+            chosen = [s.name for s in config.catalog.select(services)]
+        except ConfigError as exc:
+            raise PromotionRefused(str(exc)) from exc
+    else:
+        chosen = [n for n in config.catalog.names() if n in source.services]
+    if not chosen:
+        msg = f"nothing to promote: no release is recorded in {source_env}"
+        raise PromotionRefused(msg)
+    return chosen
+
+
+def _check_releases(
+    source: EnvironmentState,
+    chosen: list[str],
+    target_env: str,
+    source_env: str,
+    protected_branch: str,
+) -> None:
+    """Every chosen release is deployed, verified and shipped from the protected branch.
+
+    Raises:
+        PromotionRefused: naming every release that is not.
+    """
+    problems = []
+    for name in chosen:
+        record = source.services.get(name)
+        if record is None:
+            problems.append(f"{name}: nothing deployed in {source_env}")
+        elif not record.verified:
+            problems.append(
+                f"{name}: release {record.release_id} ({record.image.short}) is not verified "
+                f"in {source_env}"
+            )
+        elif record.ref != f"refs/heads/{protected_branch}":
+            problems.append(
+                f"{name}: release {record.release_id} ({record.image.short}) was not shipped "
+                f"from the protected branch {protected_branch} ({record.ref or 'no ref recorded'})"
+            )
+    if problems:
+        msg = f"refusing to promote into {target_env}: " + "; ".join(problems)
+        raise PromotionRefused(msg)
+
+
 def build_plan(
     config: PipelineConfig,
     target_env: str,
@@ -455,37 +514,8 @@ def build_plan(
     if not promoted_by.strip():
         msg = "promoted_by is empty: say who promotes"
         raise PromotionRefused(msg)
-    if services is not None:
-        if not services:
-            msg = "no services given; omit --services to promote every verified service"
-            raise PromotionRefused(msg)
-        try:
-            chosen = [s.name for s in config.catalog.select(services)]
-        except ConfigError as exc:
-            raise PromotionRefused(str(exc)) from exc
-    else:
-        chosen = [n for n in config.catalog.names() if n in source.services]
-    if not chosen:
-        msg = f"nothing to promote: no release is recorded in {env.promotes_from}"
-        raise PromotionRefused(msg)
-    problems = []
-    for name in chosen:
-        record = source.services.get(name)
-        if record is None:
-            problems.append(f"{name}: nothing deployed in {env.promotes_from}")
-        elif not record.verified:
-            problems.append(
-                f"{name}: release {record.release_id} ({record.image.short}) is not verified "
-                f"in {env.promotes_from}"
-            )
-        elif record.ref != f"refs/heads/{protected_branch}":
-            problems.append(
-                f"{name}: release {record.release_id} ({record.image.short}) was not shipped "
-                f"from the protected branch {protected_branch} ({record.ref or 'no ref recorded'})"
-            )
-    if problems:
-        msg = f"refusing to promote into {env.name}: " + "; ".join(problems)
-        raise PromotionRefused(msg)
+    chosen = _chosen(config, services, source, env.promotes_from)
+    _check_releases(source, chosen, env.name, env.promotes_from, protected_branch)
     changes = []
     for name in chosen:
         record = source.services[name]
