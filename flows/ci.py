@@ -84,6 +84,21 @@ class CiOutcome(BaseModel):
     message: str = Field(default="", description="One line on the run")
 
 
+def _build_and_scan(
+    spec: ServiceSpec,
+    repo: str,
+    checks_passed: list[PrefectFuture[Any]],
+    arguments: dict[str, Any],
+    refresh: bool | type[NotSet],
+) -> StageFutures:
+    """A commit that does not ship: its image built and its dependencies scanned, no more."""
+    built = build_image.submit(spec, **arguments, wait_for=checks_passed, return_state=False)
+    scanned = scan_dependencies.with_options(refresh_cache=refresh).submit(
+        spec, Path(repo), wait_for=checks_passed, return_state=False
+    )
+    return {(spec.name, "image"): built, (spec.name, "scan"): scanned}
+
+
 def _delivery_stages(
     spec: ServiceSpec,
     repo: str,
@@ -106,16 +121,8 @@ def _delivery_stages(
     """
     refresh: bool | type[NotSet] = True if rebuild else NotSet
     if not ships:
-        built = build_image.submit(
-            spec,
-            **build_arguments(spec, repo, version, commit, settings),
-            wait_for=checks_passed,
-            return_state=False,
-        )
-        scanned = scan_dependencies.with_options(refresh_cache=refresh).submit(
-            spec, Path(repo), wait_for=checks_passed, return_state=False
-        )
-        return {(spec.name, "image"): built, (spec.name, "scan"): scanned}
+        arguments = build_arguments(spec, repo, version, commit, settings)
+        return _build_and_scan(spec, repo, checks_passed, arguments, refresh)
     image = publish_image.submit(
         spec,
         repo,
