@@ -194,6 +194,29 @@ def _stream_build(chunks: Iterator[dict[str, Any]], service: str) -> str:
     return image_id
 
 
+def _build_args(service: ServiceSpec, libs: list[str], base_image: str | None) -> dict[str, str]:
+    """The Dockerfile's build arguments for `service`."""
+    buildargs = {"SERVICE": service.name, "PACKAGE": service.package, "LIBS": " ".join(libs)}
+    if base_image:
+        buildargs["BASE_IMAGE"] = base_image
+    return buildargs
+
+
+def _engine_build(client: Any, context: Any, service: str, build: dict[str, Any]) -> str:
+    """Build through the engine's API (the shared Dockerfile, host network); the image id."""
+    stream = client.api.build(
+        fileobj=context,
+        custom_context=True,
+        dockerfile=DOCKERFILE,
+        network_mode="host",
+        rm=True,
+        forcerm=True,
+        decode=True,
+        **build,
+    )
+    return _stream_build(stream, service)
+
+
 @task(
     task_run_name="build_image-{service.name}",
     retries=1,
@@ -231,27 +254,13 @@ def build_image(
     chosen_libs = list(service.libs if libs is None else libs)
     context = build_context(root or repo_root(), service, chosen_libs, extra_ca)
     labels = image_labels(service.name, version, commit, source=source)
-    buildargs = {"SERVICE": service.name, "PACKAGE": service.package, "LIBS": " ".join(chosen_libs)}
-    if base_image:
-        buildargs["BASE_IMAGE"] = base_image
+    buildargs = _build_args(service, chosen_libs, base_image)
     client = engine_client(docker_host)
-    started = time.monotonic()
     try:
         with tool_slot():  # the engine's build works like a tool process: one slot
             started = time.monotonic()
-            stream = client.api.build(
-                fileobj=context,
-                custom_context=True,
-                dockerfile=DOCKERFILE,
-                tag=f"{repository}:{tags[0]}",
-                buildargs=buildargs,
-                labels=labels,
-                network_mode="host",
-                rm=True,
-                forcerm=True,
-                decode=True,
-            )
-            image_id = _stream_build(stream, service.name)
+            build = {"tag": f"{repository}:{tags[0]}", "buildargs": buildargs, "labels": labels}
+            image_id = _engine_build(client, context, service.name, build)
         for tag in tags[1:]:
             client.api.tag(image_id, repository, tag)
     except docker_error("APIError") as exc:

@@ -405,6 +405,35 @@ def skopeo_copy_arguments(
     ]
 
 
+def _copy_hosts(
+    image: ImageRef,
+    target_repository: str,
+    tags: Sequence[str],
+    source: OciRegistry | None,
+    target: OciRegistry | None,
+) -> tuple[str, str]:
+    """The source and target hosts of a copy, its arguments checked before anything is copied.
+
+    Raises:
+        ValueError: a bad repository, digest or tag, or a registry block for another host.
+    """
+    source_host, _ = split_repository(image.repository)
+    target_host, _ = split_repository(target_repository)
+    _registry_for(source_host, source)
+    _registry_for(target_host, target)
+    if not DIGEST_RE.match(image.digest):
+        msg = f"{image.service}: digest {image.digest!r} is not sha256:<64 hex digits>"
+        raise ValueError(msg)
+    if not tags:
+        msg = f"{image.service}: copying {image.reference} needs at least one tag in the target"
+        raise ValueError(msg)
+    for tag in tags:
+        if not TAG_RE.match(tag):
+            msg = f"tag {tag!r} is not a valid image tag ([A-Za-z0-9_.-], max 128)"
+            raise ValueError(msg)
+    return source_host, target_host
+
+
 def copy_image_by_digest(
     image: ImageRef,
     target_repository: str,
@@ -424,20 +453,7 @@ def copy_image_by_digest(
         RegistryError: a registry refused access or the image; the digest changed.
         ToolError: skopeo is missing, or a registry is unreachable.
     """
-    source_host, _ = split_repository(image.repository)
-    target_host, _ = split_repository(target_repository)
-    _registry_for(source_host, source)
-    _registry_for(target_host, target)
-    if not DIGEST_RE.match(image.digest):
-        msg = f"{image.service}: digest {image.digest!r} is not sha256:<64 hex digits>"
-        raise ValueError(msg)
-    if not tags:
-        msg = f"{image.service}: copying {image.reference} needs at least one tag in the target"
-        raise ValueError(msg)
-    for tag in tags:
-        if not TAG_RE.match(tag):
-            msg = f"tag {tag!r} is not a valid image tag ([A-Za-z0-9_.-], max 128)"
-            raise ValueError(msg)
+    source_host, target_host = _copy_hosts(image, target_repository, tags, source, target)
     skopeo = _skopeo()
     destination = f"{target_repository}:{tags[0]}"
     with tempfile.TemporaryDirectory(prefix="registry-copy-") as tmp:
