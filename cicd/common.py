@@ -1,4 +1,7 @@
-"""What every `cicd` command shares: options, configuration, errors, the local stack."""
+"""What every `cicd` command shares: options, configuration, errors, the Prefect API.
+
+The local stack is imported only by the commands that start it (`use_stack`).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +16,6 @@ from rich.console import Console
 
 from blocks.config import PipelineConfig, load_config
 from blocks.stack import StackInfo, load_stack_info
-from cicd.stack import ensure_stack
-from cicd.stack_cli import StepPrinter
 from tasks.exceptions import ConfigError, GateError
 
 ConfigOption = Annotated[
@@ -50,6 +51,9 @@ def split_names(value: str | None) -> list[str] | None:
 def use_stack(*, prefect: bool = True) -> StackInfo:
     """Bring up the local stack, saying what it starts on stderr (stdout stays for --json);
     tasks find its engine and registry in its record."""
+    from cicd.stack_cli import StepPrinter  # noqa: PLC0415 - the stack only when started
+    from stack.control import ensure_stack  # noqa: PLC0415
+
     printer = StepPrinter(Console(stderr=True))
     try:
         return ensure_stack(prefect=prefect, worker=prefect, progress=printer)

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cicd.common import ConfigOption, cli_config, fail, prefect_api
-from cicd.setup import SetupChange, ensure_setup
+from reconcile.setup import SetupChange, ensure_setup
 from tasks.exceptions import PipelineError
 
 console = Console()

@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.status import Status
 from rich.table import Table
 
-from cicd.stack import StackPart, StackStep, ensure_stack, stack_status, stop_stack
+from stack.control import ensure_stack, stack_status, stop_stack
+from stack.steps import StackPart, StackStep
 from tasks.exceptions import StackError
 
 app = typer.Typer(

@@ -49,7 +49,7 @@ import pytest
 import yaml
 
 from blocks.stack import StackInfo
-from cicd.stack import free_port
+from stack.ports import free_port
 from tasks.deploy.kubernetes import APP_CONTAINER
 from tasks.deploy.manifests import render_overlay, service_objects
 from tasks.models import ImageRef

@@ -35,20 +35,13 @@ from blocks.notifications import (
     load_pagerduty_service,
 )
 from blocks.stack import StackInfo, load_stack_info
-from cicd.stack import (
-    ALERT_LOG_SCRIPT,
-    StackStep,
-    alert_log_file,
-    ensure_stack,
-    free_port,
-    part_log_tail,
-    spawn_part,
-    stack_status,
-    stop_part,
-    stop_stack,
-)
 from cicd.stack_cli import app
-from cicd.stack_monitoring import AlertReceivers, saved_receivers, write_alertmanager_config
+from stack.control import ensure_stack, stack_status, stop_stack
+from stack.monitoring import ALERT_LOG_SCRIPT, alert_log_file
+from stack.monitoring_config import AlertReceivers, saved_receivers, write_alertmanager_config
+from stack.ports import free_port
+from stack.steps import StackStep
+from stack.supervisor import part_log_tail, spawn_part, stop_part
 from tasks.deploy.docker import DockerDeployer, container_name
 from tasks.models import ImageRef
 from tests.monitoring.tools import REPO, get_json, post_json, run, tool, wait_for

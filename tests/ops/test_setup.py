@@ -33,7 +33,8 @@ from blocks.catalog import ServiceCatalog
 from blocks.config import PipelineConfig
 from blocks.environments import EnvironmentCatalog
 from blocks.kubernetes_target import KubernetesTarget
-from cicd.setup import (
+from cicd.setup_cli import register
+from reconcile.setup import (
     DOCKER_POOL,
     KUBERNETES_POOL,
     PROCESS_POOL,
@@ -42,8 +43,7 @@ from cicd.setup import (
     ensure_setup,
     read_prefect_file,
 )
-from cicd.setup_cli import register
-from cicd.stack import free_port
+from stack.ports import free_port
 from tasks.deploy.target import KUBERNETES_TARGET_BLOCK
 from tasks.exceptions import ConfigError
 from tasks.locks import lock_name

@@ -28,7 +28,7 @@ import pytest
 from blocks.config import PipelineConfig
 from blocks.registry import OciRegistry
 from blocks.stack import StackInfo
-from cicd.stack import ensure_stack
+from stack.control import ensure_stack
 from tasks.images import BuiltImage, build_image, image_repository, local_ca_bundle, push_image
 from tasks.models import ImageRef
 

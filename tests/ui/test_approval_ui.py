@@ -34,7 +34,7 @@ from prefect.runtime import flow_run as current_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks.approvals import ApprovalPolicy, EnvironmentPolicy
-from cicd.stack import free_port
+from stack.ports import free_port
 from tasks.approval import answer_form, judge_answer, read_gate, statement_for
 from tasks.exceptions import AnswerRefused, GateError
 from tasks.models import PromotionPlan
