@@ -33,7 +33,7 @@ from blocks.stack import StackInfo
 from reconcile.setup import ensure_setup
 from stack.worker import ensure_worker, stop_worker
 from tasks.releases import Ledger
-from tests.ops.runs import failures_of, wait_for_log
+from tests.runs import failures_of, wait_for_log
 from tests.tasks.ci_checkout import REPO, commit_all, copy_monorepo, git
 
 CI_YML = REPO / ".github" / "workflows" / "ci.yml"

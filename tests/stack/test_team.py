@@ -32,7 +32,7 @@ from stack.control import stop_stack
 from stack.worker import worker_pid
 from tasks.approval import SLACK_SECRET_BLOCK
 from tasks.slack_actions import APPROVE_ACTION
-from tests.ops.runs import wait_for_log
+from tests.runs import wait_for_log
 from tests.slack_requests import button_press, slack_signed
 from tests.tasks.ci_checkout import commit_all, copy_monorepo, git
 
