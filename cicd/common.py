@@ -10,8 +10,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, NoReturn
 
+import httpx
 import typer
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+    temporary_settings,
+)
+from prefect.settings.legacy import Setting
 from rich.console import Console
 
 from blocks.config import PipelineConfig, load_config
@@ -79,8 +85,34 @@ def prefect_api(*, start_stack: bool = False) -> Iterator[str]:
     if not url:
         msg = "no Prefect API: set PREFECT_API_URL or start the stack (`cicd stack up --prefect`)"
         raise GateError(msg)
-    if url == current:
+    with temporary_settings(
+        updates={PREFECT_API_URL: url, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}
+    ):
         yield url
-        return
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+
+
+def _answers(api_url: str) -> bool:
+    try:
+        with httpx.Client(timeout=2, trust_env=False) as client:
+            return client.get(f"{api_url.rstrip('/')}/health").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def read_api() -> Iterator[str | None]:
+    """For the read commands (`status`, `health`, `audit`, `metrics`, `stack status`): the
+    configured Prefect API, else the local stack's server while it answers, else none; never
+    a temporary server of Prefect's own. Without an API, nothing saved on a server can be
+    read: configuration comes from the file, deploy targets and storage from their defaults.
+    """
+    url = PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL")
+    if not url:
+        stack = load_stack_info()
+        recorded = stack.prefect_api_url if stack else None
+        url = recorded if recorded and _answers(recorded) else None
+    updates: dict[Setting, object] = {PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}
+    if url:
+        updates[PREFECT_API_URL] = url
+    with temporary_settings(updates=updates):
         yield url

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.status import Status
 from rich.table import Table
 
+from cicd.common import read_api
 from stack.control import ensure_stack, stack_status, stop_stack
 from stack.steps import StackPart, StackStep
 from tasks.exceptions import StackError
@@ -136,7 +137,8 @@ def down() -> None:
 def status() -> None:
     """Show each part, its state and address (Prometheus, Alertmanager and the alert log once
     started); exit 1 when engine or registry is down."""
-    parts = stack_status()
+    with read_api():
+        parts = stack_status()
     console.print(_table(parts))
     if any(p.state == "stopped" for p in parts if p.name in {"engine", "registry"}):
         raise typer.Exit(1)
