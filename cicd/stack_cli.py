@@ -9,7 +9,6 @@ from rich.status import Status
 from rich.table import Table
 
 from cicd.common import read_api
-from stack.control import ensure_stack, stack_status, stop_stack
 from stack.steps import StackPart, StackStep
 from tasks.exceptions import StackError
 
@@ -103,6 +102,8 @@ def up(
     on the docker target, and Alertmanager sending to the saved Slack / PagerDuty blocks,
     else to `<stack dir>/logs/alerts.log` (`--no-monitoring` keeps running ones).
     """
+    from stack.control import ensure_stack, stack_status  # noqa: PLC0415 - only when asked
+
     printer = StepPrinter(console)
     try:
         info = ensure_stack(
@@ -129,6 +130,8 @@ def up(
 @app.command()
 def down() -> None:
     """Stop the processes the stack started (containers and images are kept)."""
+    from stack.control import stop_stack  # noqa: PLC0415 - only when asked
+
     stopped = stop_stack()
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
@@ -137,6 +140,8 @@ def down() -> None:
 def status() -> None:
     """Show each part, its state and address (Prometheus, Alertmanager and the alert log once
     started); exit 1 when engine or registry is down."""
+    from stack.control import stack_status  # noqa: PLC0415 - only when asked
+
     with read_api():
         parts = stack_status()
     console.print(_table(parts))
