@@ -9,8 +9,6 @@ from pathlib import Path
 
 from stack.supervisor import proc_stat, running_part
 
-# --- who listens where -------------------------------------------------------------------
-
 # Local addresses that take connections to 127.0.0.1, as /proc/net/tcp{,6} writes them.
 _LOOPBACK_V4 = {"0100007F", "00000000"}
 _LOOPBACK_V6 = {"0" * 32, "0000000000000000FFFF00000100007F"}

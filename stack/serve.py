@@ -24,6 +24,7 @@ from stack.supervisor import (
 )
 from tasks.exceptions import StackError
 
+# A running part of ours that holds its address gets this long to answer before a restart.
 REUSE_PATIENCE_S = 10.0
 
 
