@@ -18,6 +18,7 @@ from stack.supervisor import (
     part_log_tail,
     pid_file,
     reap,
+    recorded_pid,
     running_part,
     spawn_part,
     stop_part,
@@ -56,7 +57,7 @@ def wait_up(root: Path, name: str, what: str, up: Callable[[], bool], deadline_s
     Raises:
         StackError: naming the part, how it failed, its log and the log's last lines.
     """
-    pid = running_part(root, name)
+    pid = recorded_pid(root, name)
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         if up():

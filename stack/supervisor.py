@@ -32,6 +32,9 @@ PROC = Path("/proc")
 LOG_TAIL_LINES = 25
 _START_MARK = "--- elice stack: starting"
 _exit_codes: dict[int, int] = {}
+# The parts this process started: kept, so their exit codes stay readable (a dropped Popen
+# may be reaped by the subprocess module's own cleanup, and its code lost with it).
+_children: dict[int, subprocess.Popen[bytes]] = {}
 
 
 @contextlib.contextmanager
@@ -72,6 +75,9 @@ def start_time(pid: int) -> str | None:
 
 def reap(pid: int) -> int | None:
     """The exit code of our exited child `pid` (reaping it, or as reaped before), else None."""
+    child = _children.get(pid)
+    if child is not None:
+        return child.poll()
     try:
         done, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
@@ -176,20 +182,33 @@ def part_log(root: Path, name: str) -> Path:
     return root / "logs" / f"{name}.log"
 
 
+def _recorded(root: Path, name: str) -> tuple[int, str | None] | None:
+    try:
+        recorded = pid_file(root, name).read_text(encoding="ascii").split()
+        return int(recorded[0]), (recorded[1] if len(recorded) > 1 else None)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def recorded_pid(root: Path, name: str) -> int | None:
+    """The pid part `name`'s pid file names, whether it still runs or not."""
+    found = _recorded(root, name)
+    return found[0] if found else None
+
+
 def running_part(root: Path, name: str) -> int | None:
     """The pid of part `name` while the process the stack started for it runs, else None.
 
     The pid file holds the pid and the process's start time, so a pid the kernel has
     since given to an unrelated process is not taken for the part.
     """
-    try:
-        recorded = pid_file(root, name).read_text(encoding="ascii").split()
-        pid = int(recorded[0])
-    except (OSError, ValueError, IndexError):
+    found = _recorded(root, name)
+    if found is None:
         return None
+    pid, started = found
     if not alive(pid):
         return None
-    if len(recorded) > 1 and start_time(pid) not in {None, recorded[1]}:
+    if started is not None and start_time(pid) not in {None, started}:
         return None
     return pid
 
@@ -223,6 +242,7 @@ def spawn_part(
             env={**os.environ, **(env or {})},
             start_new_session=True,
         )
+    _children[proc.pid] = proc
     started = start_time(proc.pid) or ""
     pid_file(root, name).write_text(f"{proc.pid} {started}".strip() + "\n", encoding="ascii")
     return proc.pid

@@ -22,6 +22,7 @@ from stack.supervisor import (
     pid_file,
     proc_stat,
     reap,
+    recorded_pid,
     running_part,
     spawn_part,
     start_time,
@@ -57,10 +58,14 @@ def test_a_running_process_is_alive_and_an_exited_child_is_not() -> None:
     assert not alive(proc.pid)
 
 
-def test_an_exited_childs_code_is_kept_for_reap() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
-    _wait("the exit", lambda: not alive(proc.pid))
-    assert reap(proc.pid) == 3
+def test_a_parts_exit_code_survives_other_processes_starting(tmp_path: Path) -> None:
+    """A part that exits at once: its code stays readable, even after other processes were
+    started meanwhile (the subprocess module reaps dropped children it knows of)."""
+    pid = spawn_part(tmp_path, "quits", [sys.executable, "-c", "raise SystemExit(3)"])
+    _wait("the exit", lambda: running_part(tmp_path, "quits") is None)
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    assert recorded_pid(tmp_path, "quits") == pid
+    assert reap(pid) == 3
 
 
 def test_without_a_proc_entry_a_pid_is_dead_where_proc_is_mounted(tmp_path: Path) -> None:
