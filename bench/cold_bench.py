@@ -60,9 +60,9 @@ from blocks.catalog import ServiceSpec  # noqa: E402
 from blocks.config import PipelineConfig, load_config  # noqa: E402
 from blocks.environments import EnvironmentSpec  # noqa: E402
 from blocks.registry import OciRegistry  # noqa: E402
-from cicd.stack import ensure_stack  # noqa: E402
 from core.records import ImageRef  # noqa: E402
 from flows.ci import bounded_runner, ci  # noqa: E402
+from stack.control import ensure_stack  # noqa: E402
 from tasks.deploy.docker import container_env, container_name  # noqa: E402
 from tasks.images import (  # noqa: E402
     DOCKERFILE,

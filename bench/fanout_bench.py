@@ -3,7 +3,7 @@
     uv run python bench/fanout_bench.py [N]
 
 A temporary Prefect server (`prefect_test_harness`), `cicd setup` on it (the deployments
-of prefect.yaml), supervised process workers (`cicd.worker.ensure_worker`), and a
+of prefect.yaml), supervised process workers (`stack.worker.ensure_worker`), and a
 temporary git copy of the monorepo saved as the `elice-repository` block. Each worker
 takes one run at a time (`--limit 1`), so "1 worker" and "2 workers" mean one and two
 service branches at once. Every variant checks the same commit with
@@ -29,9 +29,9 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from bench.ci_bench import checkout  # noqa: E402  (the same git copy of the monorepo)
 from blocks.config import load_config  # noqa: E402
 from blocks.repository import REPOSITORY_BLOCK, GitRepository  # noqa: E402
-from cicd.setup import ensure_setup  # noqa: E402
-from cicd.worker import ensure_worker, stop_worker  # noqa: E402
 from flows.ci import CiOutcome, ci  # noqa: E402
+from reconcile.setup import ensure_setup  # noqa: E402
+from stack.worker import ensure_worker, stop_worker  # noqa: E402
 
 
 def monorepo(services: list[str]) -> tuple[Path, str]:

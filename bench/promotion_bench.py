@@ -52,9 +52,9 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from blocks.config import PipelineConfig, load_config  # noqa: E402
 from blocks.registry import OciRegistry  # noqa: E402
 from blocks.stack import StackInfo  # noqa: E402
-from cicd.stack import ensure_stack  # noqa: E402
 from core.records import ImageRef  # noqa: E402
 from flows.promotion import promote  # noqa: E402
+from stack.control import ensure_stack  # noqa: E402
 from tasks.deploy.docker import DockerDeployer, container_name  # noqa: E402
 from tasks.images import build_image, image_repository, local_ca_bundle, push_image  # noqa: E402
 from tasks.registry import manifest_digest  # noqa: E402

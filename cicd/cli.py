@@ -10,9 +10,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from blocks.config import repo_root, save_as_blocks
+from blocks.config import PipelineConfig, repo_root, save_as_blocks
 from cicd import metrics_cli, promote_cli, setup_cli, stack_cli
-from cicd.common import ConfigOption, TargetOption, cli_config, fail, prefect_api, split_names
+from cicd.common import (
+    ConfigOption,
+    TargetOption,
+    cli_config,
+    fail,
+    prefect_api,
+    read_api,
+    split_names,
+)
 from core.errors import ConfigError, PipelineError
 from core.records import StageResult, short_digest
 from tasks.source import check_refs, verify_ref
@@ -125,18 +133,13 @@ def ci(
     fail(state.message or "CI failed", 1)
 
 
-@app.command()
-def status(
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    environment: Annotated[str | None, typer.Option(help="Only this environment.")] = None,
-    config: ConfigOption = None,
-    target: TargetOption = None,
-) -> None:
-    """What runs where: per environment and service, the release, digest, address and state."""
+def _status_rows(
+    cfg: PipelineConfig, environment: str | None, target: str | None
+) -> list[dict[str, Any]]:
+    """One row per environment and service: from the ledger and the deploy targets."""
     from tasks.deploy.target import environment_target  # noqa: PLC0415 - Prefect on demand
     from tasks.releases import Ledger  # noqa: PLC0415
 
-    cfg = cli_config(config)
     try:
         envs = [cfg.environment(environment)] if environment else cfg.environments.environments
         deployers = {env.name: environment_target(env, target).deployer() for env in envs}
@@ -163,6 +166,24 @@ def status(
                     "deployed_at": record.deployed_at.isoformat() if record else None,
                 }
             )
+    return rows
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    environment: Annotated[str | None, typer.Option(help="Only this environment.")] = None,
+    config: ConfigOption = None,
+    target: TargetOption = None,
+) -> None:
+    """What runs where: per environment and service, the release, digest, address and state.
+
+    Read from the ledger and the configuration; saved blocks only from a running server
+    (the configured one or the stack's), never a temporary one.
+    """
+    cfg = cli_config(config)
+    with read_api():
+        rows = _status_rows(cfg, environment, target)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

@@ -1,4 +1,7 @@
-"""What every `cicd` command shares: options, configuration, errors, the local stack."""
+"""What every `cicd` command shares: options, configuration, errors, the Prefect API.
+
+The local stack is imported only by the commands that start it (`use_stack`).
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, NoReturn
 
+import httpx
 import typer
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+    temporary_settings,
+)
+from prefect.settings.legacy import Setting
 from rich.console import Console
 
 from blocks.config import PipelineConfig, load_config
 from blocks.stack import StackInfo, load_stack_info
-from cicd.stack import ensure_stack
-from cicd.stack_cli import StepPrinter
 from core.errors import ConfigError, GateError
 
 ConfigOption = Annotated[
@@ -50,6 +57,9 @@ def split_names(value: str | None) -> list[str] | None:
 def use_stack(*, prefect: bool = True) -> StackInfo:
     """Bring up the local stack, saying what it starts on stderr (stdout stays for --json);
     tasks find its engine and registry in its record."""
+    from cicd.stack_cli import StepPrinter  # noqa: PLC0415 - the stack only when started
+    from stack.control import ensure_stack  # noqa: PLC0415
+
     printer = StepPrinter(Console(stderr=True))
     try:
         return ensure_stack(prefect=prefect, worker=prefect, progress=printer)
@@ -75,8 +85,34 @@ def prefect_api(*, start_stack: bool = False) -> Iterator[str]:
     if not url:
         msg = "no Prefect API: set PREFECT_API_URL or start the stack (`cicd stack up --prefect`)"
         raise GateError(msg)
-    if url == current:
+    with temporary_settings(
+        updates={PREFECT_API_URL: url, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}
+    ):
         yield url
-        return
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+
+
+def _answers(api_url: str) -> bool:
+    try:
+        with httpx.Client(timeout=2, trust_env=False) as client:
+            return client.get(f"{api_url.rstrip('/')}/health").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def read_api() -> Iterator[str | None]:
+    """For the read commands (`status`, `health`, `audit`, `metrics`, `stack status`): the
+    configured Prefect API, else the local stack's server while it answers, else none; never
+    a temporary server of Prefect's own. Without an API, nothing saved on a server can be
+    read: configuration comes from the file, deploy targets and storage from their defaults.
+    """
+    url = PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL")
+    if not url:
+        stack = load_stack_info()
+        recorded = stack.prefect_api_url if stack else None
+        url = recorded if recorded and _answers(recorded) else None
+    updates: dict[Setting, object] = {PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}
+    if url:
+        updates[PREFECT_API_URL] = url
+    with temporary_settings(updates=updates):
         yield url

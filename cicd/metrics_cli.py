@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cicd.common import ConfigOption, cli_config, fail, split_names
+from cicd.common import ConfigOption, cli_config, fail, read_api, split_names
 from core.errors import PipelineError
 
 console = Console()
@@ -48,7 +48,8 @@ def metrics(
         envs = [cfg.environment(name).name for name in names]
     except PipelineError as exc:
         fail(str(exc))
-    found = environment_metrics(envs, window_days=days)
+    with read_api():
+        found = environment_metrics(envs, window_days=days)
     if as_json:
         typer.echo(json.dumps([m.model_dump(mode="json") for m in found], indent=2))
         return

@@ -25,7 +25,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cicd.common import ConfigOption, TargetOption, cli_config, fail, prefect_api, split_names
+from cicd.common import (
+    ConfigOption,
+    TargetOption,
+    cli_config,
+    fail,
+    prefect_api,
+    read_api,
+    split_names,
+)
 from core.errors import ApprovalError, ApprovalRefused, ConfigError, GateError, PipelineError
 from core.records import short_digest
 from tasks.approval import (
@@ -268,7 +276,8 @@ def audit_command(
 ) -> None:
     """Every decision about the environment's gated promotions, oldest first."""
     try:
-        entries = read_audit(environment)
+        with read_api():
+            entries = read_audit(environment)
     except (PipelineError, ValueError) as exc:
         fail(str(exc), 2)
     if as_json:

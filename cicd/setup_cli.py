@@ -7,15 +7,17 @@ prefect.yaml or the server's state cannot be reconciled, the server does not ans
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from cicd.common import ConfigOption, cli_config, fail, prefect_api
-from cicd.setup import SetupChange, ensure_setup
 from core.errors import PipelineError
+
+if TYPE_CHECKING:
+    from reconcile.setup import SetupChange
 
 console = Console()
 _COLORS = {"create": "green", "update": "yellow", "unchanged": "dim"}
@@ -63,6 +65,8 @@ def setup_command(
     ] = None,
 ) -> None:
     """Work pools, concurrency limits, blocks and prefect.yaml's deployments, idempotently."""
+    from reconcile.setup import ensure_setup  # noqa: PLC0415 - the reconciler only when asked
+
     cfg = cli_config(config) if config else None
     try:
         if api_url:

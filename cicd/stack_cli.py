@@ -8,8 +8,9 @@ from rich.console import Console
 from rich.status import Status
 from rich.table import Table
 
-from cicd.stack import StackPart, StackStep, ensure_stack, stack_status, stop_stack
+from cicd.common import read_api
 from core.errors import StackError
+from stack.steps import StackPart, StackStep
 
 app = typer.Typer(
     help="The local stack: container engine, OCI registry, base image, Prefect, monitoring."
@@ -101,6 +102,8 @@ def up(
     on the docker target, and Alertmanager sending to the saved Slack / PagerDuty blocks,
     else to `<stack dir>/logs/alerts.log` (`--no-monitoring` keeps running ones).
     """
+    from stack.control import ensure_stack, stack_status  # noqa: PLC0415 - only when asked
+
     printer = StepPrinter(console)
     try:
         info = ensure_stack(
@@ -127,6 +130,8 @@ def up(
 @app.command()
 def down() -> None:
     """Stop the processes the stack started (containers and images are kept)."""
+    from stack.control import stop_stack  # noqa: PLC0415 - only when asked
+
     stopped = stop_stack()
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
@@ -135,7 +140,10 @@ def down() -> None:
 def status() -> None:
     """Show each part, its state and address (Prometheus, Alertmanager and the alert log once
     started); exit 1 when engine or registry is down."""
-    parts = stack_status()
+    from stack.control import stack_status  # noqa: PLC0415 - only when asked
+
+    with read_api():
+        parts = stack_status()
     console.print(_table(parts))
     if any(p.state == "stopped" for p in parts if p.name in {"engine", "registry"}):
         raise typer.Exit(1)

@@ -4,7 +4,8 @@ PipelineError
 ├── ConfigError              configuration invalid, or names something unknown
 ├── SourceError              the repository, or a ref in it, cannot be read
 ├── ToolError                a tool or daemon could not run (network, engine down): retryable
-│   └── StackError           a part of the local stack could not be installed or started
+│   ├── StackError           a part of the local stack could not be installed or started
+│   └── Unavailable          what a daemon needs to answer cannot be had now (503: retry)
 ├── StageFailed              a check ran and said no (lint error, failing test): never retried
 │   └── CheckFailed          ...with the tool's output attached
 ├── ImageError               build, push or digest verification failed
@@ -70,6 +71,11 @@ class ToolError(PipelineError):
 
 class StackError(ToolError):
     """A part of the local stack could not be installed or started."""
+
+
+class Unavailable(ToolError):
+    """What a daemon (the Slack receiver) needs to judge a request cannot be had right now:
+    it answers 503, and the sender retries."""
 
 
 class StageFailed(PipelineError):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE = ("cicd", "flows", "tasks", "blocks", "core")
+PIPELINE = ("cicd", "stack", "reconcile", "daemons", "flows", "tasks", "blocks", "core")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
@@ -92,7 +92,8 @@ def _service_packages() -> set[str]:
 
 
 def test_pipeline_layers_hold() -> None:
-    """cicd > flows > tasks > blocks: import-linter's contracts in pyproject.toml are kept."""
+    """cicd > stack > reconcile > flows > tasks > blocks, the daemons beside them: the
+    import-linter contracts in pyproject.toml are kept."""
     result = _lint_imports(ROOT, ROOT / "pyproject.toml")
     assert result.returncode == 0, f"lint-imports failed:\n{result.stdout}\n{result.stderr}"
 
@@ -136,7 +137,13 @@ def _write_tree(root: Path, files: dict[str, str]) -> None:
 # A pipeline in miniature: every layer, blocks raising from the bottom layer.
 _CLEAN_TREE = {
     "cicd/__init__.py": "",
-    "cicd/stack.py": "import flows.ci\n",
+    "cicd/stack_cli.py": "import stack.control\nimport reconcile.setup\nimport daemons.receiver\n",
+    "stack/__init__.py": "",
+    "stack/control.py": "import reconcile.setup\nimport flows.ci\n",
+    "reconcile/__init__.py": "",
+    "reconcile/setup.py": "import flows.ci\n",
+    "daemons/__init__.py": "",
+    "daemons/receiver.py": "from tasks import containers\n",
     "flows/__init__.py": "",
     "flows/ci.py": "from tasks import containers\nfrom blocks import config\n",
     "tasks/__init__.py": "",
@@ -153,7 +160,7 @@ def test_lint_imports_passes_a_clean_tree_with_the_real_contracts(tmp_path: Path
     _write_tree(tmp_path, _CLEAN_TREE)
     result = _lint_imports(tmp_path, ROOT / "pyproject.toml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Contracts: 2 kept, 0 broken." in result.stdout, result.stdout
+    assert "Contracts: 5 kept, 0 broken." in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize(
@@ -161,14 +168,27 @@ def test_lint_imports_passes_a_clean_tree_with_the_real_contracts(tmp_path: Path
     [
         (
             "tasks/containers.py",  # an upward import hidden in a function still counts
-            "def stack():\n    from cicd.stack import x\n    return x\n",
-            "tasks.containers -> cicd.stack",
+            "def stack():\n    from cicd.stack_cli import x\n    return x\n",
+            "tasks.containers -> cicd.stack_cli",
         ),
-        ("flows/ci.py", "import cicd.stack\n", "flows.ci -> cicd.stack"),
+        ("flows/ci.py", "import cicd.stack_cli\n", "flows.ci -> cicd.stack_cli"),
         ("blocks/config.py", "from tasks.containers import y\n", "blocks.config -> tasks"),
+        ("stack/control.py", "import cicd.stack_cli\n", "stack.control -> cicd.stack_cli"),
+        ("reconcile/setup.py", "import stack.control\n", "reconcile.setup -> stack.control"),
+        ("daemons/receiver.py", "import stack.control\n", "daemons.receiver -> stack.control"),
+        ("flows/ci.py", "import daemons.receiver\n", "flows.ci -> daemons.receiver"),
         ("core/errors.py", "from blocks.config import load\n", "core.errors -> blocks.config"),
     ],
-    ids=["tasks-to-cicd-in-a-function", "flows-to-cicd", "blocks-to-tasks", "core-to-blocks"],
+    ids=[
+        "tasks-to-cicd-in-a-function",
+        "flows-to-cicd",
+        "blocks-to-tasks",
+        "stack-to-cicd",
+        "reconcile-to-stack",
+        "daemons-to-stack",
+        "flows-to-daemons",
+        "core-to-blocks",
+    ],
 )
 def test_lint_imports_fails_on_an_upward_import(
     tmp_path: Path, name: str, text: str, violation: str

@@ -49,8 +49,8 @@ import pytest
 import yaml
 
 from blocks.stack import StackInfo
-from cicd.stack import free_port
 from core.records import ImageRef
+from stack.ports import free_port
 from tasks.deploy.kubernetes import APP_CONTAINER
 from tasks.deploy.manifests import render_overlay, service_objects
 

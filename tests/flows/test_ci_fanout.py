@@ -36,9 +36,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
-from cicd.setup import VANISHED_AFTER_S, ensure_setup
-from cicd.worker import ensure_worker, stop_worker
 from flows.ci import CiOutcome, _failed_outcome, ci
+from reconcile.setup import VANISHED_AFTER_S, ensure_setup
+from stack.worker import ensure_worker, stop_worker
 from tests.plugins.postgres import PostgresPrefect
 from tests.tasks.ci_checkout import copy_monorepo, git
 

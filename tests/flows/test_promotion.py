@@ -39,9 +39,9 @@ from blocks.config import PipelineConfig, load_config
 from blocks.notifications import PAGERDUTY_BLOCK, SLACK_BLOCK, PagerDutyService, SlackChannel
 from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
-from cicd.slack_receiver import ACTIONS_PATH, SlackReceiver
 from core.errors import PromotionError, PromotionRefused, PromotionRejected, PromotionRolledBack
 from core.records import ImageRef
+from daemons.slack_receiver import ACTIONS_PATH, SlackReceiver
 from flows.promotion import promote, rollback
 from tasks.approval import (
     SLACK_SECRET_BLOCK,

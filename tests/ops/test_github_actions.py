@@ -30,10 +30,10 @@ from prefect.settings import PREFECT_API_URL
 
 from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
-from cicd.setup import ensure_setup
-from cicd.worker import ensure_worker, stop_worker
+from reconcile.setup import ensure_setup
+from stack.worker import ensure_worker, stop_worker
 from tasks.releases import Ledger
-from tests.ops.runs import failures_of, wait_for_log
+from tests.runs import failures_of, wait_for_log
 from tests.tasks.ci_checkout import REPO, commit_all, copy_monorepo, git
 
 CI_YML = REPO / ".github" / "workflows" / "ci.yml"

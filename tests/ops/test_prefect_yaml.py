@@ -11,7 +11,7 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 
-from cicd.setup import ensure_setup
+from reconcile.setup import ensure_setup
 
 REPO = Path(__file__).resolve().parents[2]
 PULL = [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $ELICE_REPO }}"}}]

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prefect_aws import AwsCredentials
 
-from cicd.stack import free_port
+from stack.ports import free_port
 from tasks.process import which
 
 

@@ -48,7 +48,8 @@ from pydantic import SecretStr
 
 from blocks.registry import OciRegistry
 from blocks.stack import StackInfo
-from cicd.stack import CONTAINERS_CONF, free_port
+from stack.engine import CONTAINERS_CONF
+from stack.ports import free_port
 
 TOKEN_SERVICE = "elice-test-registry"
 TOKEN_ISSUER = "elice-test-token-issuer"

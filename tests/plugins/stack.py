@@ -28,8 +28,8 @@ import pytest
 from blocks.config import PipelineConfig
 from blocks.registry import OciRegistry
 from blocks.stack import StackInfo
-from cicd.stack import ensure_stack
 from core.records import ImageRef
+from stack.control import ensure_stack
 from tasks.images import BuiltImage, build_image, image_repository, local_ca_bundle, push_image
 
 os.environ.setdefault("ELICE_STACK_DIR", "/var/tmp/elice-test-stack")

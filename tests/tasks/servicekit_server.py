@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cicd.stack import free_port
+from stack.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICEKIT_SRC = REPO / "libs" / "servicekit" / "src"

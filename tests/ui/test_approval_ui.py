@@ -34,9 +34,9 @@ from prefect.runtime import flow_run as current_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks.approvals import ApprovalPolicy, EnvironmentPolicy
-from cicd.stack import free_port
 from core.errors import AnswerRefused, GateError
 from core.records import PromotionPlan
+from stack.ports import free_port
 from tasks.approval import answer_form, judge_answer, read_gate, statement_for
 from tasks.pause import pause_for_answer
 from tasks.signing import sign_statement

@@ -1,15 +1,24 @@
-"""The `cicd` command line: status from the ledger, and clear errors before any work."""
+"""The `cicd` command line: status from the ledger, and clear errors before any work.
+
+Read commands never start a temporary Prefect server of their own.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
+from blocks.stack import StackInfo, save_stack_info
 from cicd.cli import app
 from core.records import ImageRef
+from stack.ports import free_port
 from tasks.releases import Ledger, ReleaseRecord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,14 +42,15 @@ def _config_with_environment(tmp_path: Path, name: str) -> Path:
     return path
 
 
-def test_status_json_reports_release_digest_address_and_state(tmp_path) -> None:
-    config = _config_with_environment(tmp_path, "cli-status")
-    digest = "sha256:" + "ab" * 32
+CICD = Path(sys.executable).with_name("cicd")
+
+
+def _record_auth(environment: str, digest: str) -> None:
     Ledger().record_deploy(
-        "cli-status",
+        environment,
         ReleaseRecord(
             service="auth",
-            environment="cli-status",
+            environment=environment,
             image=ImageRef(
                 service="auth",
                 repository="127.0.0.1:5000/elice/auth",
@@ -52,6 +62,12 @@ def test_status_json_reports_release_digest_address_and_state(tmp_path) -> None:
             verified=True,
         ),
     )
+
+
+def test_status_json_reports_release_digest_address_and_state(tmp_path) -> None:
+    config = _config_with_environment(tmp_path, "cli-status")
+    digest = "sha256:" + "ab" * 32
+    _record_auth("cli-status", digest)
     result = runner.invoke(app, ["status", "--json", "--config", str(config)])
     assert result.exit_code == 0, result.output
     rows = {row["service"]: row for row in json.loads(result.output)}
@@ -123,3 +139,43 @@ def test_a_target_other_than_the_configured_one_is_refused() -> None:
     result = runner.invoke(app, ["status", "--target", "nomad"])
     assert result.exit_code == 2
     assert "dev deploys to its configured target 'docker', not 'nomad'" in result.output
+
+
+@pytest.mark.parametrize("stack_record", [False, True], ids=["no-stack", "stack-server-down"])
+def test_status_json_as_a_process_starts_no_prefect_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stack_record: bool
+) -> None:
+    """`cicd status --json` with no Prefect API configured, and with a stack record naming a
+    server that no longer answers: valid JSON from the ledger, no temporary server."""
+    state, stack = tmp_path / "state", tmp_path / "stack"
+    monkeypatch.setenv("ELICE_STATE_DIR", str(state))
+    digest = "sha256:" + "cd" * 32
+    _record_auth("dev", digest)
+    if stack_record:
+        gone = f"http://127.0.0.1:{free_port()}/api"
+        info = StackInfo(
+            docker_host="unix:///nonexistent.sock",
+            registry="127.0.0.1:5000",
+            base_image="localhost/python-base:3.11",
+            prefect_api_url=gone,
+        )
+        stack.mkdir()
+        save_stack_info(info, stack)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(ELICE_STATE_DIR=str(state), ELICE_STACK_DIR=str(stack), ELICE_CONFIG="")
+    done = subprocess.run(
+        [str(CICD), "status", "--json"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Starting temporary server" not in done.stderr + done.stdout
+    assert "telemetry" not in done.stderr.lower()
+    rows = json.loads(done.stdout)
+    assert len(rows) == 36  # 12 services in dev, staging and production
+    auth = next(r for r in rows if r["environment"] == "dev" and r["service"] == "auth")
+    assert (auth["digest"], auth["state"]) == (digest, "verified")

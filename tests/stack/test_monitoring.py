@@ -1,4 +1,5 @@
-"""The local stack's Prometheus, Alertmanager and alert log as parts of the stack.
+"""The local stack's Prometheus, Alertmanager and alert log as parts of the stack
+(the alert log itself: tests/daemons/test_alert_log.py).
 
 The end-to-end test runs them through `ensure_stack` in a fresh stack directory on the
 session's engine, with a configuration of one environment of its own ("monitored", port
@@ -13,7 +14,6 @@ import contextlib
 import json
 import re
 import stat
-import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import docker
-import httpx
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -35,21 +34,12 @@ from blocks.notifications import (
     load_pagerduty_service,
 )
 from blocks.stack import StackInfo, load_stack_info
-from cicd.stack import (
-    ALERT_LOG_SCRIPT,
-    StackStep,
-    alert_log_file,
-    ensure_stack,
-    free_port,
-    part_log_tail,
-    spawn_part,
-    stack_status,
-    stop_part,
-    stop_stack,
-)
 from cicd.stack_cli import app
-from cicd.stack_monitoring import AlertReceivers, saved_receivers, write_alertmanager_config
 from core.records import ImageRef
+from stack.control import ensure_stack, stack_status, stop_stack
+from stack.monitoring import alert_log_file
+from stack.monitoring_config import AlertReceivers, saved_receivers, write_alertmanager_config
+from stack.steps import StackStep
 from tasks.deploy.docker import DockerDeployer, container_name
 from tests.monitoring.tools import REPO, get_json, post_json, run, tool, wait_for
 from tests.plugins.receivers import Receiver
@@ -68,54 +58,6 @@ def _log_lines(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-# --- the alert log receiver -------------------------------------------------------------
-
-
-def test_the_alert_log_writes_one_private_json_line_per_alert(tmp_path: Path) -> None:
-    port = free_port()
-    alerts = tmp_path / "logs" / "alerts.log"
-    args = [sys.executable, str(ALERT_LOG_SCRIPT), "--port", str(port), "--file", str(alerts)]
-    spawn_part(tmp_path, "alert-log", args)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for("the alert log", lambda: _answers(f"{url}/-/healthy"), timeout=15)
-        assert _mode(alerts) == 0o600
-        notification = {
-            "receiver": "pagerduty",
-            "status": "firing",
-            "alerts": [
-                {
-                    "status": "firing",
-                    "labels": {"alertname": "ServiceDown", "severity": "critical", "service": "a"},
-                    "annotations": {"summary": "a is down in production"},
-                    "startsAt": "2024-05-01T12:00:00Z",
-                },
-                {"status": "resolved", "labels": {"alertname": "HighLatency", "service": "b"}},
-            ],
-        }
-        post_json(f"{url}/alerts", notification)
-        bad = httpx.post(f"{url}/alerts", content=b"[1, 2]", timeout=5)
-        assert bad.status_code == 400
-        assert "not an Alertmanager notification" in bad.text
-        lines = _log_lines(alerts)
-        assert [(e["receiver"], e["status"], e["alertname"], e["service"]) for e in lines] == [
-            ("pagerduty", "firing", "ServiceDown", "a"),
-            ("pagerduty", "resolved", "HighLatency", "b"),
-        ]
-        assert lines[0]["annotations"] == {"summary": "a is down in production"}
-        assert lines[0]["severity"] == "critical"
-    finally:
-        assert stop_part(tmp_path, "alert-log")
-    assert "alert log: 127.0.0.1" in part_log_tail(tmp_path, "alert-log")
 
 
 # --- receivers and their secrets --------------------------------------------------------

@@ -371,7 +371,7 @@ def _plan_limit(client: SyncPrefectClient, name: str) -> Step:
 # --- the automation that notices vanished runs ---------------------------------------
 
 VANISHED_RUNS = "elice-vanished-runs"
-HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the workers (cicd/worker.py)
+HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the workers (stack/worker.py)
 VANISHED_AFTER_S = 3 * HEARTBEAT_S
 _FINAL_EVENTS = ("Completed", "Failed", "Cancelled", "Crashed")
 

@@ -33,7 +33,9 @@ from blocks.catalog import ServiceCatalog
 from blocks.config import PipelineConfig
 from blocks.environments import EnvironmentCatalog
 from blocks.kubernetes_target import KubernetesTarget
-from cicd.setup import (
+from cicd.setup_cli import register
+from core.errors import ConfigError
+from reconcile.setup import (
     DOCKER_POOL,
     KUBERNETES_POOL,
     PROCESS_POOL,
@@ -42,9 +44,7 @@ from cicd.setup import (
     ensure_setup,
     read_prefect_file,
 )
-from cicd.setup_cli import register
-from cicd.stack import free_port
-from core.errors import ConfigError
+from stack.ports import free_port
 from tasks.deploy.target import KUBERNETES_TARGET_BLOCK
 from tasks.locks import lock_name
 from tasks.process import which

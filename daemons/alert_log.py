@@ -5,7 +5,7 @@ notifications here (`webhook_configs`); each alert of each notification becomes 
 line in the log file (mode 0600): when it arrived, the receiver it was routed to, firing
 or resolved, its labels, annotations and times. `GET /-/healthy` answers `ok`.
 
-Run as a stack part (`cicd/stack.py` starts it by path, so it imports nothing of the
+Run as a stack part (`stack/monitoring.py` starts it by path, so it imports nothing of the
 project): `python alert_log.py --port PORT --file PATH`.
 """
 

@@ -7,7 +7,7 @@ produces), so the project's own rules (monitoring/prometheus/rules) apply unchan
 `alertmanager_config` keeps the project's routes and inhibitions and swaps the receivers:
 a configured Slack channel / PagerDuty service, else a webhook that writes alerts to a log.
 
-`cicd/stack.py` runs them as parts of the local stack: `AlertReceivers` are the saved Slack /
+`stack/monitoring.py` runs them as parts of the local stack: `AlertReceivers` are the saved Slack /
 PagerDuty blocks (`saved_receivers`), `write_local_config` writes everything the two servers
 read into `<stack dir>/monitoring/` (secrets in files of mode 0600, never in the configs).
 """

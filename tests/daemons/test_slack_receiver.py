@@ -20,8 +20,8 @@ import pytest
 from prefect.settings import PREFECT_API_URL
 from pydantic import SecretStr
 
-from cicd.slack_receiver import ACTIONS_PATH, SECRET_ENV, SlackReceiver, load_slack_users
 from core.errors import GateError
+from daemons.slack_receiver import ACTIONS_PATH, SECRET_ENV, SlackReceiver, load_slack_users
 from tasks.slack_actions import APPROVE_ACTION, REJECT_ACTION, SlackDecision
 from tests.slack_requests import button_press, slack_signed
 
@@ -215,7 +215,7 @@ def test_module_entry_point(tmp_path: Path) -> None:
         SECRET_ENV: SIGNING_SECRET,
         "PREFECT_API_URL": str(PREFECT_API_URL.value()),
     }
-    args = [sys.executable, "-m", "cicd.slack_receiver", "--port", "0", "--users", str(users)]
+    args = [sys.executable, "-m", "daemons.slack_receiver", "--port", "0", "--users", str(users)]
     stderr = tmp_path / "stderr.log"
     with stderr.open("w") as err:
         proc = subprocess.Popen(
@@ -242,7 +242,7 @@ def test_module_entry_point(tmp_path: Path) -> None:
 def test_module_entry_point_without_secret(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
     done = subprocess.run(
-        [sys.executable, "-m", "cicd.slack_receiver", "--port", "0"],
+        [sys.executable, "-m", "daemons.slack_receiver", "--port", "0"],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -25,20 +25,12 @@ import pytest
 from typer.testing import CliRunner
 
 from blocks.stack import StackInfo, load_stack_info, save_stack_info
-from cicd.stack import (
-    StackStep,
-    ensure_stack,
-    free_port,
-    part_listens,
-    part_log,
-    running_part,
-    spawn_part,
-    stack_status,
-    stop_part,
-    stop_stack,
-)
 from cicd.stack_cli import app
 from core.errors import StackError
+from stack.control import ensure_stack, stack_status, stop_stack
+from stack.ports import free_port, part_listens
+from stack.steps import StackStep
+from stack.supervisor import part_log, running_part, spawn_part, stop_part
 
 
 class Impostor:
@@ -141,7 +133,7 @@ def test_a_taken_registry_port_means_another_port_and_our_own_registry(
             root,
         )
     else:
-        monkeypatch.setattr("cicd.stack.DEFAULT_REGISTRY_PORT", impostor.port)
+        monkeypatch.setattr("stack.registry.DEFAULT_REGISTRY_PORT", impostor.port)
     steps: list[StackStep] = []
     info = ensure_stack(root=root, progress=steps.append)
 
@@ -241,7 +233,7 @@ http:
 def test_a_part_that_cannot_start_fails_stack_up_with_its_log_tail(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("cicd.stack.REGISTRY_CONF", BROKEN_REGISTRY_CONF)
+    monkeypatch.setattr("stack.registry.REGISTRY_CONF", BROKEN_REGISTRY_CONF)
     steps: list[StackStep] = []
     started = time.monotonic()
     with pytest.raises(StackError) as caught:

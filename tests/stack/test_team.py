@@ -26,13 +26,13 @@ from typer.testing import CliRunner
 from blocks.approvals import POLICY_FILE
 from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo, load_stack_info
-from cicd.slack_receiver import ACTIONS_PATH
-from cicd.stack import stop_stack
 from cicd.stack_cli import app
-from cicd.worker import worker_pid
+from daemons.slack_receiver import ACTIONS_PATH
+from stack.control import stop_stack
+from stack.worker import worker_pid
 from tasks.approval import SLACK_SECRET_BLOCK
 from tasks.slack_actions import APPROVE_ACTION
-from tests.ops.runs import wait_for_log
+from tests.runs import wait_for_log
 from tests.slack_requests import button_press, slack_signed
 from tests.tasks.ci_checkout import commit_all, copy_monorepo, git
 

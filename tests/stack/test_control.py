@@ -14,17 +14,13 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from blocks.stack import StackInfo, load_stack_info
-from cicd.stack import (
-    StackStep,
-    debian_mirror,
-    ensure_stack,
-    free_port,
-    registries_conf,
-    stack_status,
-    stop_stack,
-)
 from cicd.stack_cli import StepPrinter, app
 from core.records import ImageRef
+from stack.control import ensure_stack, stack_status, stop_stack
+from stack.engine import registries_conf
+from stack.images import debian_mirror
+from stack.ports import free_port
+from stack.steps import StackStep
 
 
 def _pids(root: Path) -> dict[str, str]:

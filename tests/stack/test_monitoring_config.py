@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from blocks.config import PipelineConfig
-from cicd.stack_monitoring import alertmanager_config, prometheus_config, scrape_targets
+from stack.monitoring_config import alertmanager_config, prometheus_config, scrape_targets
 from tests.monitoring.tools import (
     free_port,
     get_json,

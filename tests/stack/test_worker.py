@@ -20,18 +20,11 @@ from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL
 
 from blocks.stack import StackInfo
-from cicd.setup import PROCESS_POOL, ensure_setup
-from cicd.worker import (
-    WORKER_DOCKERFILE,
-    build_worker_image,
-    descendants,
-    ensure_worker,
-    log_file,
-    stop_worker,
-    worker_build_context,
-    worker_pid,
-)
 from core.errors import ConfigError
+from reconcile.setup import PROCESS_POOL, ensure_setup
+from stack.supervisor import descendants
+from stack.worker import ensure_worker, log_file, stop_worker, worker_pid
+from stack.worker_image import WORKER_DOCKERFILE, build_worker_image, worker_build_context
 from tasks.images import local_ca_bundle
 from tasks.process import which
 from tests.tasks.ci_checkout import synced_checkout

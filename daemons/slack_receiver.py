@@ -16,11 +16,11 @@ anything else 500. Slack wants an answer within 3 seconds: `on_decision` must be
 Two ways to run it:
 
 - `cicd stack up` runs it as a part of the stack, beside the worker, as
-  `python -m cicd.slack_receiver --port 3000 --from-prefect`: the signing secret comes from
+  `python -m daemons.slack_receiver --port 3000 --from-prefect`: the signing secret comes from
   the Secret block the gate checks with (`elice-slack-signing-secret`), the Slack users
   from the approval policy on the protected branch, both read again after
   `REFRESH_S` (an unsaved secret or an unreadable policy answers 503, changing nothing).
-- By hand: `python -m cicd.slack_receiver --port 3000 --users FILE`, the signing secret
+- By hand: `python -m daemons.slack_receiver --port 3000 --users FILE`, the signing secret
   from ELICE_SLACK_SIGNING_SECRET.
 
 The secret is never logged. Slack must reach it over HTTPS: put a TLS proxy or tunnel in
@@ -45,7 +45,7 @@ from pydantic import SecretStr
 
 from blocks.approvals import POLICY_FILE, parse_policy
 from blocks.repository import load_repository
-from core.errors import ApprovalError, ConfigError, SlackRequestRefused
+from core.errors import ApprovalError, ConfigError, SlackRequestRefused, Unavailable
 from tasks.approval import resume_from_slack, slack_signing_secret
 from tasks.slack_actions import (
     MAX_BODY_BYTES,
@@ -67,10 +67,6 @@ T = TypeVar("T")
 DecisionHandler = Callable[[SlackDecision, str], str]
 
 log = logging.getLogger("elice.slack_receiver")
-
-
-class Unavailable(Exception):
-    """What the receiver needs to judge a press cannot be had right now (503)."""
 
 
 class Refreshed(Generic[T]):
@@ -292,9 +288,9 @@ def main(
     on_decision: DecisionHandler = resume_from_slack,
     environ: Mapping[str, str] = os.environ,
 ) -> int:
-    """`python -m cicd.slack_receiver`: serve until interrupted; 2 on bad input."""
+    """`python -m daemons.slack_receiver`: serve until interrupted; 2 on bad input."""
     parser = argparse.ArgumentParser(
-        prog="python -m cicd.slack_receiver", description="Receive Slack approval buttons."
+        prog="python -m daemons.slack_receiver", description="Receive Slack approval buttons."
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=3000, help="port (0: a free one)")

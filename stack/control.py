@@ -1,0 +1,212 @@
+"""The local stack: a Docker-API engine, an OCI registry, a base image, optionally Prefect.
+
+Everything lives under `stack_dir()` (ELICE_STACK_DIR, else `state_dir()`): podman's
+storage, the registry's blobs, config files, logs, pid files and `stack.json`.
+`ensure_stack()` is idempotent and safe to call from concurrent processes (file lock).
+
+A part is up only when the process the stack started for it is alive, answers on its own
+address, and holds the listening socket there (it or a process of its session, read from
+/proc). Anything else answering on a recorded port is not ours: the part starts on another
+free port, and `stack.json` records where. A part that exits, or does not answer in time,
+fails `ensure_stack` with the last lines of its log (`<stack dir>/logs/<part>.log`).
+
+Long-running parts are processes with a pid file and a log file (stack/supervisor.py);
+`stop_stack` stops every part that has a pid file.
+
+`ensure_stack(progress=...)` reports each step as it starts and when it is done, with
+seconds (`StackStep`); the library itself prints nothing.
+
+Monitoring (with the worker, or `monitoring=True`): Debian's Prometheus scrapes every service
+of every environment where the docker target publishes it, with the project's rules, and
+alerts through Debian's Alertmanager to the saved Slack / PagerDuty blocks, else to a log
+(`alert_log_file`, written by the `alert-log` part, daemons/alert_log.py). Their configuration
+is made in stack/monitoring_config.py and lives in `<stack dir>/monitoring/`.
+
+The parts live in their own modules: supervisor (processes), ports (who listens where),
+serve (starting a served part and waiting for it), system (apt packages), engine, registry,
+images, prefect_server, monitoring, receiver (the Slack receiver) and worker.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Literal
+
+from blocks.stack import StackInfo, load_stack_info, save_stack_info, stack_dir
+from core.errors import ToolError
+from stack.engine import engine_alive, engine_paths, engine_up, ensure_engine
+from stack.images import BASE_IMAGE, ensure_images, image_present
+from stack.monitoring import MONITORING_PARTS, ensure_monitoring, monitoring_status
+from stack.ports import recorded_port
+from stack.prefect_server import ensure_prefect, prefect_up
+from stack.receiver import ensure_slack_receiver
+from stack.registry import ensure_registry, registry_up
+from stack.serve import monitor_up
+from stack.steps import Progress, StackPart, Steps
+from stack.supervisor import locked, running_part, stop_part
+from tasks.engine import engine_client
+
+PARTS = ("slack-receiver", *MONITORING_PARTS, "prefect", "registry", "engine")
+
+
+def ensure_stack(
+    *,
+    prefect: bool = False,
+    worker: bool = False,
+    monitoring: bool | None = None,
+    root: Path | None = None,
+    progress: Progress | None = None,
+) -> StackInfo:
+    """Reuse what runs and start what does not: registry, engine, base image, Prefect,
+    the worker and the Slack receiver, Prometheus and Alertmanager.
+
+    Args:
+        prefect: also run a Prefect server on a loopback port.
+        worker: also make that server ready for the pipeline (`cicd setup`: work pool,
+            limits, blocks, the deployments of prefect.yaml) and run a supervised process
+            worker on it, so the UI, the schedules and `prefect deployment run` work; and
+            the Slack receiver for the approval buttons beside it (kept once running).
+        monitoring: also run Prometheus (every docker-target service of every environment
+            of the configuration, the project's rules) and Alertmanager (to the saved Slack /
+            PagerDuty blocks, else to `alert_log_file`); None: with the worker. Once running,
+            they are kept (their configuration refreshed) like Prefect.
+        root: the stack's home (default `stack_dir()`).
+        progress: called with each step as it starts and ends (`StackStep`); the CLI
+            prints them, flows and tests pass nothing.
+
+    Raises:
+        StackError: a part could not be installed or did not come up; for a part that
+            exited or stayed silent, with the last lines of its log.
+    """
+    home = root or stack_dir()
+    home.mkdir(parents=True, exist_ok=True)
+    steps = Steps(progress)
+    wait_note = functools.partial(
+        steps.info, "stack", "another process is starting this stack; waiting for it"
+    )
+    with locked(home / "stack.lock", wait_note):
+        previous = load_stack_info(home)
+        registry = ensure_registry(home, previous, steps)
+        docker_host = ensure_engine(home, registry, steps)
+        pause = ensure_images(docker_host, home, steps)
+        api_url: str | None = None
+        if prefect or worker or running_part(home, "prefect") is not None:
+            api_url = ensure_prefect(home, previous, steps)
+        slack_receiver_url: str | None = None
+        if worker and api_url is not None:
+            _ensure_deployments_and_worker(home, api_url, steps)
+        if api_url is not None and (worker or running_part(home, "slack-receiver") is not None):
+            slack_receiver_url = ensure_slack_receiver(home, previous, api_url, steps)
+        prometheus_url: str | None = None
+        alertmanager_url: str | None = None
+        wanted = monitoring if monitoring is not None else worker
+        if wanted or any(running_part(home, name) is not None for name in MONITORING_PARTS):
+            prometheus_url, alertmanager_url = ensure_monitoring(home, previous, api_url, steps)
+        info = StackInfo(
+            docker_host=docker_host,
+            registry=registry,
+            base_image=BASE_IMAGE,
+            prefect_api_url=api_url,
+            pause_image=pause,
+            prometheus_url=prometheus_url,
+            alertmanager_url=alertmanager_url,
+            slack_receiver_url=slack_receiver_url,
+        )
+        save_stack_info(info, home)
+        return info
+
+
+def _ensure_deployments_and_worker(home: Path, api_url: str, steps: Steps) -> None:
+    from reconcile.setup import ensure_setup  # noqa: PLC0415 - loads the flows: only when asked
+    from stack.worker import ensure_worker, worker_pid  # noqa: PLC0415
+
+    with steps.step("deployments", "work pool, limits, blocks, deployments of prefect.yaml"):
+        changes = ensure_setup(api_url)
+    changed = sum(c.action != "unchanged" for c in changes)
+    steps.info("deployments", f"{changed} created or updated, {len(changes) - changed} unchanged")
+    running = worker_pid(home)
+    with steps.step("worker", "process worker on pool elice-process"):
+        pid = ensure_worker(home, api_url)
+    if running == pid:
+        steps.info("worker", f"running (pid {pid})")
+
+
+def stop_stack(root: Path | None = None) -> list[str]:
+    """Stop every part the stack started (never an external engine), dependents first.
+
+    Parts other than `PARTS` (started with `spawn_part`, e.g. a worker) stop first.
+    Returns the names of the parts that were running.
+    """
+    from stack.worker import stop_worker  # noqa: PLC0415
+
+    home = root or stack_dir()
+    with locked(home / "stack.lock"):
+        stopped = ["worker"] if stop_worker(home) else []  # with the runs it started
+        others = sorted(p.stem for p in (home / "pids").glob("*.pid") if p.stem not in PARTS)
+        return stopped + [name for name in (*others, *PARTS) if stop_part(home, name)]
+
+
+def stack_status(root: Path | None = None) -> list[StackPart]:
+    """Each part of the stack: running, stopped, external, present or missing.
+
+    A part is running only when the process the stack started holds its address and
+    answers there: something else answering on a recorded port does not count.
+    """
+    home = root or stack_dir()
+    info = load_stack_info(home)
+    parts: list[StackPart] = []
+    if os.environ.get("DOCKER_HOST"):
+        host = os.environ["DOCKER_HOST"]
+        state: Literal["running", "stopped", "external"] = "external"
+        parts.append(
+            StackPart(name="engine", state=state if engine_alive(host) else "stopped", address=host)
+        )
+    else:
+        host = f"unix://{engine_paths(home)[1]}"
+        parts.append(
+            StackPart(
+                name="engine", state="running" if engine_up(home) else "stopped", address=host
+            )
+        )
+    registry = info.registry if info else ""
+    port = recorded_port(registry)
+    alive = port is not None and registry_up(home, port)
+    parts.append(
+        StackPart(name="registry", state="running" if alive else "stopped", address=registry)
+    )
+    parts.append(_image_part(parts[0], BASE_IMAGE))
+    url = info.prefect_api_url if info else None
+    port = recorded_port(url)
+    alive = port is not None and prefect_up(home, port)
+    parts.append(
+        StackPart(name="prefect", state="running" if alive else "stopped", address=url or "")
+    )
+    if info is not None and (info.prometheus_url or info.alertmanager_url):
+        parts.extend(monitoring_status(home, info))
+    if info is not None and info.slack_receiver_url:
+        port = recorded_port(info.slack_receiver_url)
+        alive = port is not None and monitor_up(home, "slack-receiver", port)
+        parts.append(
+            StackPart(
+                name="slack-receiver",
+                state="running" if alive else "stopped",
+                address=info.slack_receiver_url,
+            )
+        )
+    return parts
+
+
+def _image_part(engine: StackPart, name: str) -> StackPart:
+    if engine.state == "stopped":
+        return StackPart(name="base-image", state="missing", address=name)
+    try:
+        client = engine_client(engine.address, timeout=30)
+    except ToolError:
+        return StackPart(name="base-image", state="missing", address=name)
+    try:
+        present = image_present(client, name)
+    finally:
+        client.close()
+    return StackPart(name="base-image", state="present" if present else "missing", address=name)

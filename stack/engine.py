@@ -1,0 +1,100 @@
+"""The Docker-API engine: Podman's API service on a socket of the stack, or DOCKER_HOST."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+import httpx
+
+from core.errors import StackError
+from stack.images import PAUSE_IMAGE
+from stack.ports import part_listens
+from stack.serve import REUSE_PATIENCE_S, http_ok, reusable, wait_up
+from stack.steps import Steps
+from stack.supervisor import running_part, spawn_part, stop_part
+from stack.system import ensure_system_deps
+from tasks.process import which
+
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+infra_image = "{pause}"
+"""
+
+
+def engine_paths(root: Path) -> tuple[Path, Path]:
+    home = root.absolute()  # the socket's path as bound is what /proc/net/unix shows
+    return home / "podman", home / "podman.sock"
+
+
+def engine_alive(docker_host: str) -> bool:
+    if docker_host.startswith("unix://"):
+        sock = docker_host.removeprefix("unix://")
+        if not Path(sock).exists():
+            return False
+        return http_ok("http://engine/_ping", httpx.HTTPTransport(uds=sock))
+    return http_ok(re.sub(r"^tcp://", "http://", docker_host).rstrip("/") + "/_ping")
+
+
+def engine_up(root: Path) -> bool:
+    """Our podman service holds its socket and answers /_ping there."""
+    sock = engine_paths(root)[1]
+    return part_listens(root, "engine", socket_path=sock) and engine_alive(f"unix://{sock}")
+
+
+def registries_conf(registry: str) -> str:
+    """registries.conf marking the local registry (and loopback) insecure."""
+    entries = dict.fromkeys([registry, "127.0.0.1", "localhost"])
+    blocks = "".join(f'\n[[registry]]\nlocation = "{e}"\ninsecure = true\n' for e in entries)
+    return f"unqualified-search-registries = []\n{blocks}"
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return False
+    path.write_text(text, encoding="utf-8")
+    return True
+
+
+def ensure_engine(root: Path, registry: str, steps: Steps) -> str:
+    """The engine's DOCKER_HOST; starts Podman's API service when ours does not serve it."""
+    if os.environ.get("DOCKER_HOST"):
+        host = os.environ["DOCKER_HOST"]
+        if not engine_alive(host):
+            msg = f"DOCKER_HOST={host} does not answer /_ping; start that engine or unset it"
+            raise StackError(msg)
+        steps.info("engine", f"using DOCKER_HOST={host}")
+        return host
+    storage, sock = engine_paths(root)
+    conf_dir = root / "conf"
+    conf_dir.mkdir(exist_ok=True)
+    changed = write_if_changed(
+        conf_dir / "containers.conf", CONTAINERS_CONF.format(pause=PAUSE_IMAGE)
+    )
+    changed |= write_if_changed(conf_dir / "registries.conf", registries_conf(registry))
+    host = f"unix://{sock}"
+    listens = functools.partial(part_listens, root, "engine", socket_path=sock)
+    if reusable(listens, lambda: engine_alive(host), REUSE_PATIENCE_S):
+        if not changed:
+            steps.info("engine", f"running at {host} (pid {running_part(root, 'engine')})")
+            return host
+        steps.info("engine", "its configuration changed: restarting (containers keep running)")
+    stop_part(root, "engine")  # conmon owns the containers: they survive
+    ensure_system_deps(progress=steps.progress)
+    sock.unlink(missing_ok=True)
+    env = {
+        "CONTAINERS_CONF": str(conf_dir / "containers.conf"),
+        "CONTAINERS_REGISTRIES_CONF": str(conf_dir / "registries.conf"),
+    }
+    args = [which("podman"), "--root", str(storage / "root"), "--runroot", str(storage / "run")]
+    with steps.step("engine", f"starting podman API service at {host}"):
+        spawn_part(root, "engine", [*args, "system", "service", "--time=0", host], env)
+        wait_up(root, "engine", "podman system service", lambda: engine_up(root), 60)
+    return host

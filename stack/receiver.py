@@ -1,0 +1,40 @@
+"""The Slack receiver as a part of the stack (the daemon itself: daemons/slack_receiver.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from blocks.stack import StackInfo
+from stack.ports import recorded_port
+from stack.serve import ensure_served
+from stack.steps import Steps
+
+DEFAULT_SLACK_RECEIVER_PORT = 3000
+
+
+def ensure_slack_receiver(
+    home: Path, previous: StackInfo | None, api_url: str, steps: Steps
+) -> str:
+    """The receiver of Slack's Approve / Reject buttons (`daemons/slack_receiver.py`), on
+    loopback, reading the signing secret and the Slack users where the gate does: the
+    server's Secret block and the protected branch's approval policy."""
+
+    def command(port: int) -> tuple[list[str], dict[str, str]]:
+        args = [sys.executable, "-m", "daemons.slack_receiver", "--port", str(port)]
+        return [*args, "--from-prefect"], {"PREFECT_API_URL": api_url}
+
+    port = ensure_served(
+        home,
+        "slack-receiver",
+        "Slack receiver",
+        recorded_port(previous.slack_receiver_url if previous else None),
+        DEFAULT_SLACK_RECEIVER_PORT,
+        False,
+        command,
+        30,
+        steps,
+    )
+    url = f"http://127.0.0.1:{port}"
+    steps.info("slack-receiver", f"Slack's request URL: {url}/slack/actions behind HTTPS")
+    return url

@@ -1,0 +1,204 @@
+"""The supervised local process worker.
+
+`ensure_worker()` starts `prefect worker start --pool elice-process --type process` as a
+part of the stack (stack/supervisor.py: pid file `root/pids/worker.pid`, log
+`root/logs/worker.log`) with PREFECT_API_URL and ELICE_REPO set, unless one already runs
+for the same server and pool, and waits until the server lists it online. Deployment runs
+then execute in child processes of that worker: prefect.yaml's pull step changes into
+`{{ $ELICE_REPO }}`, which the run resolves from the worker's environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import WorkerStatus
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from core.errors import ConfigError, StackError
+from reconcile.setup import HEARTBEAT_S
+from stack.supervisor import (
+    alive,
+    cmdline,
+    environ,
+    locked,
+    part_log,
+    part_log_tail,
+    pid_file,
+    running_part,
+    spawn_part,
+    terminate,
+)
+from tasks.process import which
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+WORKER = "worker"
+DEFAULT_POOL = "elice-process"
+QUERY_SECONDS = 2.0
+"""How often the local worker asks for runs (Prefect's default is 10 s): a run started
+from the UI begins within about this long."""
+
+
+def log_file(root: Path) -> Path:
+    """The worker's log (its stdout and stderr)."""
+    return part_log(root, WORKER)
+
+
+def _locked(root: Path) -> AbstractContextManager[None]:
+    return locked(root / "worker.lock")
+
+
+def worker_pid(root: Path) -> int | None:
+    """The pid of the worker `ensure_worker(root, ...)` started, while it runs.
+
+    A part of the stack's supervisor, checked once more by its command line: a pid the
+    kernel has since given to another process does not count.
+    """
+    pid = running_part(root, WORKER)
+    if pid is None:
+        return None
+    args = cmdline(pid)
+    if "worker" not in args or "start" not in args:  # the pid now names another process
+        return None
+    return pid
+
+
+def worker_name(root: Path, pool: str = DEFAULT_POOL) -> str:
+    """The name the worker of `root` registers with the server: pool, host, home."""
+    home = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    return f"{pool}-{socket.gethostname()}-{home}"
+
+
+def _option(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args[:-1] else None
+
+
+def _serves(pid: int, api_url: str, pool: str, checkout: Path) -> bool:
+    env = environ(pid)
+    return (
+        _option(cmdline(pid), "--pool") == pool
+        and env.get("PREFECT_API_URL") == api_url
+        and env.get("ELICE_REPO") == str(checkout)
+    )
+
+
+def _online(api_url: str, pool: str, name: str, since: datetime | None) -> bool:
+    with (
+        temporary_settings(updates={PREFECT_API_URL: api_url}),
+        get_client(sync_client=True) as client,
+    ):
+        try:
+            workers = client.read_workers_for_work_pool(pool)
+        except ObjectNotFound:
+            return False
+    for worker in workers:
+        if worker.name != name or worker.status != WorkerStatus.ONLINE:
+            continue
+        beat = worker.last_heartbeat_time
+        # A worker of the same name stopped a moment ago still shows as online: after a
+        # start, only a heartbeat from the new process counts.
+        if since is None or (beat is not None and beat >= since - timedelta(seconds=5)):
+            return True
+    return False
+
+
+def ensure_worker(
+    root: Path,
+    api_url: str,
+    pool: str = DEFAULT_POOL,
+    *,
+    repo: Path | None = None,
+    query_seconds: float = QUERY_SECONDS,
+    timeout_s: float = 90.0,
+    limit: int | None = None,
+) -> int:
+    """Run a process worker for `pool` of the server at `api_url`, started once; its pid.
+
+    Args:
+        root: home of the pid file (`pids/worker.pid`) and the log (`logs/worker.log`).
+        repo: the checkout the runs execute (ELICE_REPO): prefect.yaml's entrypoints are
+            found there. Default: this checkout.
+        query_seconds: how often the worker asks the server for runs.
+        limit: at most this many runs at once on this worker (None: no limit).
+        timeout_s: how long the worker may take to come online.
+
+    Raises:
+        ConfigError: `repo` holds no prefect.yaml.
+        StackError: the worker exited or did not come online; with its log's last lines.
+    """
+    checkout = (repo or CHECKOUT).resolve()
+    if not (checkout / "prefect.yaml").is_file():
+        msg = f"{checkout}: no prefect.yaml; ELICE_REPO must be a checkout of elice-devops"
+        raise ConfigError(msg)
+    name = worker_name(root, pool)
+    with _locked(root):
+        pid = worker_pid(root)
+        if pid is not None and not _serves(pid, api_url, pool, checkout):
+            pid_file(root, WORKER).unlink(missing_ok=True)
+            terminate(pid, 20.0, tree=True)
+            pid = None
+        since: datetime | None = None
+        if pid is None:
+            since = datetime.now(UTC)
+            pid = _spawn(root, pool, name, api_url, checkout, query_seconds, limit)
+        end = time.monotonic() + timeout_s
+        while not _online(api_url, pool, name, since):
+            if not alive(pid):
+                tail = part_log_tail(root, WORKER)
+                msg = f"the worker for {pool} exited; {log_file(root)}:\n{tail}"
+                raise StackError(msg)
+            if time.monotonic() > end:
+                msg = (
+                    f"the worker for {pool} is not online at {api_url} after {timeout_s:.0f}s;"
+                    f" {log_file(root)}:\n{part_log_tail(root, WORKER)}"
+                )
+                raise StackError(msg)
+            time.sleep(0.5)
+        return pid
+
+
+def _spawn(
+    root: Path,
+    pool: str,
+    name: str,
+    api_url: str,
+    checkout: Path,
+    query_seconds: float,
+    limit: int | None = None,
+) -> int:
+    args = [which("prefect"), "worker", "start", "--pool", pool, "--type", "process"]
+    if limit is not None:
+        args += ["--limit", str(limit)]
+    env = {
+        "PREFECT_API_URL": api_url,
+        "ELICE_REPO": str(checkout),
+        "PREFECT_WORKER_QUERY_SECONDS": str(query_seconds),
+        # each flow run's process beats every HEARTBEAT_S; `cicd setup`'s automation marks
+        # a run Crashed after three silent beats (worker or machine gone)
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+    }
+    # cwd: not the checkout: the deployment's pull step must get the run there
+    return spawn_part(root, WORKER, [*args, "--name", name], env, cwd=root)
+
+
+def stop_worker(root: Path, deadline_s: float = 20.0) -> bool:
+    """Stop the worker of `root` and every process below it (flow runs start sessions of
+    their own); True when one was running.
+
+    Raises:
+        StackError: a process survived SIGKILL.
+    """
+    with _locked(root):
+        pid = worker_pid(root)
+        pid_file(root, WORKER).unlink(missing_ok=True)
+        if pid is None:
+            return False
+        terminate(pid, deadline_s, tree=True)
+        return True
