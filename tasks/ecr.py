@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from blocks.registry import EcrRegistry, OciRegistry
 from tasks.exceptions import RegistryError, ToolError
+from tasks.masking import mask
 from tasks.models import ImageRef
 from tasks.process import run_logger
 from tasks.registry import (
@@ -174,6 +175,7 @@ def ecr_credentials(registry: EcrRegistry, *, now: datetime | None = None) -> Re
         except (ClientError, BotoCoreError) as exc:
             raise _aws_error("get_authorization_token", exc) from exc
         user, _, password = base64.b64decode(data["authorizationToken"]).decode().partition(":")
+        mask(password, data["authorizationToken"])
         expires = data["expiresAt"]
         login = RegistryLogin(
             username=user,

@@ -36,6 +36,7 @@ from prefect.tasks import exponential_backoff
 from blocks.catalog import ServiceSpec
 from blocks.registry import OciRegistry
 from tasks.exceptions import PromotionRefused, RegistryError, ToolError
+from tasks.masking import mask, scrub
 from tasks.models import ImageRef
 from tasks.process import retry_on_tool_error, run_logger, run_tool, which
 
@@ -89,6 +90,7 @@ class RegistryAuth(httpx.Auth):
         if self._username is None or self._password is None:
             return None
         pair = f"{self._username.get_secret_value()}:{self._password.get_secret_value()}"
+        mask(self._password.get_secret_value())
         return "Basic " + base64.b64encode(pair.encode()).decode()
 
     def _may_send_to(self, url: httpx.URL) -> bool:
@@ -352,6 +354,7 @@ def _authfile(directory: Path, name: str, host: str, registry: OciRegistry | Non
     auths: dict[str, dict[str, str]] = {}
     if registry is not None and registry.username and registry.password:
         pair = f"{registry.username.get_secret_value()}:{registry.password.get_secret_value()}"
+        mask(registry.password.get_secret_value())
         auths[host] = {"auth": base64.b64encode(pair.encode()).decode()}
     path = directory / name
     path.touch(mode=0o600)
@@ -360,11 +363,14 @@ def _authfile(directory: Path, name: str, host: str, registry: OciRegistry | Non
 
 
 def _scrub(text: str, registries: Sequence[OciRegistry | None]) -> str:
-    for registry in registries:
-        for secret in (registry.password, registry.username) if registry else ():
-            if secret is not None and secret.get_secret_value():
-                text = text.replace(secret.get_secret_value(), "**********")
-    return text
+    secrets = [
+        secret.get_secret_value()
+        for registry in registries
+        if registry
+        for secret in (registry.password, registry.username)
+        if secret is not None
+    ]
+    return scrub(text, secrets)
 
 
 def _skopeo() -> str:

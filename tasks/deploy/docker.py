@@ -18,6 +18,7 @@ from blocks.registry import OciRegistry
 from tasks.engine import docker_error, engine_client, resolve_docker_host
 from tasks.exceptions import DeployError, RegistryError, ToolError
 from tasks.health import HealthResult, probe_health
+from tasks.masking import mask_value
 from tasks.models import DeployedService, ImageRef, utcnow
 from tasks.process import run_logger
 from tasks.registry import fetch_manifest
@@ -249,7 +250,7 @@ class DockerDeployer:
             return
         login = {
             "username": registry.username.get_secret_value(),
-            "password": registry.password.get_secret_value(),
+            "password": mask_value(registry.password.get_secret_value()),
         }
         self.client.images.pull(image.repository, tag=image.digest, auth_config=login)
 

@@ -11,6 +11,7 @@ from prefect.states import State
 
 from blocks.notifications import PAGERDUTY_BLOCK, SLACK_BLOCK, PagerDutyService, SlackChannel
 from tasks.exceptions import NoticeUndeliverable
+from tasks.masking import scrub
 from tasks.models import ImageRef
 from tasks.notify import (
     Notice,
@@ -18,7 +19,6 @@ from tasks.notify import (
     notify,
     pagerduty_action,
     pagerduty_event,
-    scrub,
     send_pagerduty,
     send_slack,
     slack_blocks,
