@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import docker
+import requests
 
 from blocks.catalog import ServiceSpec
 from blocks.docker_target import DockerTarget
@@ -112,6 +113,11 @@ def _engine_errors(action: str) -> Iterator[None]:
         yield
     except docker_error("DockerException") as exc:
         msg = f"Docker engine failed to {action}: {exc}"
+        raise ToolError(msg) from exc
+    except (requests.RequestException, OSError) as exc:
+        # docker-py converts only HTTP errors: a dropped connection or a read timeout
+        # reaches here as requests' (or the socket's) own error.
+        msg = f"Docker engine unreachable while trying to {action}: {type(exc).__name__}: {exc}"
         raise ToolError(msg) from exc
 
 
