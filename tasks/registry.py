@@ -197,7 +197,8 @@ def _request(
 
     Raises:
         RegistryError: the registry refused access (401/403): not worth a retry.
-        ToolError: the registry is unreachable.
+        ToolError: the registry is unreachable, or answered 5xx or 429: a blip, never an
+            answer about the image (retried by the caller's task).
     """
     host, path = split_repository(repository)
     try:
@@ -206,6 +207,13 @@ def _request(
     except httpx.HTTPError as exc:
         msg = f"registry {host} unreachable for {method} {path}/{what}: {exc}"
         raise ToolError(msg) from exc
+    if answer.status_code >= 500 or answer.status_code == 429:
+        wait = answer.headers.get("Retry-After")
+        msg = (
+            f"registry {host} is unavailable for {method} {path}/{what} "
+            f"(HTTP {answer.status_code}{f', retry after {wait}s' if wait else ''})"
+        )
+        raise ToolError(msg)
     if answer.status_code in (401, 403):
         who = (
             "the configured credentials"
@@ -516,7 +524,13 @@ def copy_image(
 # --- CI and promotion ----------------------------------------------------------------------
 
 
-@task(name="find-published-image", task_run_name="find-published-image-{service.name}")
+@task(
+    name="find-published-image",
+    task_run_name="find-published-image-{service.name}",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_on_tool_error,
+)
 def find_published_image(
     service: ServiceSpec, version: str, commit: str, registry: OciRegistry
 ) -> ImageRef | None:
