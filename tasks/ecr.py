@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 from blocks.registry import EcrRegistry, OciRegistry
 from core.errors import RegistryError, ToolError
 from core.records import ImageRef
+from tasks.masking import mask
 from tasks.process import run_logger
 from tasks.registry import (
     DOCKER_MANIFEST,
@@ -174,6 +175,7 @@ def ecr_credentials(registry: EcrRegistry, *, now: datetime | None = None) -> Re
         except (ClientError, BotoCoreError) as exc:
             raise _aws_error("get_authorization_token", exc) from exc
         user, _, password = base64.b64decode(data["authorizationToken"]).decode().partition(":")
+        mask(password, data["authorizationToken"])
         expires = data["expiresAt"]
         login = RegistryLogin(
             username=user,

@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ToolError
-from tasks.process import ToolRun, run_logger, run_tool, tool_slot
+from tasks.process import (
+    ToolRun,
+    env_secrets,
+    run_logger,
+    run_tool,
+    tool_env,
+    tool_output,
+    tool_slot,
+)
 from tasks.source import service_env
 
 
@@ -174,7 +182,8 @@ class ForkServer:
                 msg = f"the fork server dropped the run of {module} in {cwd}"
                 raise OSError(msg)
             returncode = int(json.loads(line)["returncode"])
-            text = output.read_text(encoding="utf-8", errors="replace") if output.exists() else ""
+            raw = output.read_bytes() if output.exists() else b""
+            text = tool_output(raw, secrets=env_secrets(env))
         args_run = (str(cwd / ".venv" / "bin" / "python"), "-m", module, *args)
         return ToolRun(args_run, returncode, text, time.monotonic() - started)
 
@@ -229,7 +238,7 @@ def warm_fork_server(repo: str | Path, path: Path) -> None:
     """Start the checkout's fork server in the environment at `path` if none runs yet, so
     it has imported its modules by the time the first tool asks for it."""
     with _SERVERS_LOCK:
-        _servers(str(Path(repo).resolve()), path / ".venv", {**os.environ, **service_env(path)})
+        _servers(str(Path(repo).resolve()), path / ".venv", tool_env(service_env(path)))
 
 
 def fork_server(
@@ -290,7 +299,7 @@ def run_module(
     Raises:
         ToolError: the module could not be started, or timed out.
     """
-    full_env = {**os.environ, **env}
+    full_env = tool_env(env)
     server = fork_server(repo, path, full_env, module)
     with tool_slot():  # the fork works like a tool process: one slot
         if server is not None:

@@ -36,6 +36,7 @@ from tasks.ecr import (
     put_lifecycle_policy,
 )
 from tasks.engine import docker_error, engine_client, resolve_docker_host
+from tasks.masking import mask_value
 from tasks.process import retry_on_tool_error, run_logger, tool_slot
 from tasks.registry import copy_image, find_published_image, manifest_digest
 from tasks.source import excluded_from_source
@@ -304,7 +305,7 @@ def push_image(
     if registry and registry.username and registry.password:
         auth = {
             "username": registry.username.get_secret_value(),
-            "password": registry.password.get_secret_value(),
+            "password": mask_value(registry.password.get_secret_value()),
         }
     client = engine_client(docker_host)
     try:

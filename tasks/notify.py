@@ -9,9 +9,8 @@ that is logged or raised.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from typing import Any, Literal
-from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
 from prefect import task
@@ -37,6 +36,7 @@ from blocks.notifications import (
 )
 from core.errors import ConfigError, NoticeUndeliverable
 from core.records import ImageRef, PromotionPlan, short_digest
+from tasks.masking import scrub
 from tasks.process import run_logger
 from tasks.slack_actions import with_approval_actions
 
@@ -48,7 +48,6 @@ PagerDutyAction = Literal["trigger", "resolve"]
 
 MAX_RETRY_AFTER_S = 60
 TIMEOUT_S = 10
-MIN_SECRET_PART = 8  # a URL part shorter than this is no secret by itself (see secret_parts)
 
 _TITLES: dict[str, tuple[str, str]] = {
     "approval_needed": (":hourglass_flowing_sand:", "Approval needed"),
@@ -102,39 +101,6 @@ class Notice(BaseModel):
 
 
 # --- pure helpers -----------------------------------------------------------------------
-
-
-def secret_parts(secret: str) -> set[str]:
-    """`secret`, and the parts of it that are secret alone when it is an http(s) URL.
-
-    An endpoint may echo only the path or the query of a webhook URL
-    (`/services/T.../B.../XXXX`): the parts are the path, the path with the query, every
-    tail of the path after its first segment (`T.../B.../XXXX`, `B.../XXXX`, `XXXX`; the
-    only segment of a one-segment path), the query and each query value, and a password.
-    Parts shorter than `MIN_SECRET_PART` characters alone are left in place.
-    """
-    parts = {secret}
-    url = urlsplit(secret)
-    if url.scheme not in ("http", "https") or not url.netloc:
-        return parts
-    segments = [s for s in url.path.split("/") if s]
-    tails = ["/".join(segments[i:]) for i in range(1 if len(segments) > 1 else 0, len(segments))]
-    query_values = [v for _, v in parse_qsl(url.query, keep_blank_values=True)]
-    candidates = [*tails, *query_values, url.query, url.password or ""]
-    if segments:
-        candidates += [url.path, f"{url.path}?{url.query}" if url.query else url.path]
-    parts.update(c for c in candidates if len(c) >= MIN_SECRET_PART)
-    return parts
-
-
-def scrub(text: str, secrets: Iterable[str | None]) -> str:
-    """`text` with every secret, its secret parts (`secret_parts`) and their URL-encoded
-    forms replaced by `***`."""
-    parts = {part for secret in secrets if secret for part in secret_parts(secret)}
-    for part in sorted(parts, key=len, reverse=True):
-        for form in sorted({part, quote(part, safe=""), quote(part)}, key=len, reverse=True):
-            text = text.replace(form, "***")
-    return text
 
 
 def digest_change(old: ImageRef | None, new: ImageRef | None) -> str:

@@ -9,9 +9,13 @@ start more tools inside it without taking another.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from prefect.client.schemas.objects import State
 from prefect.exceptions import MissingContextError
@@ -28,6 +32,7 @@ from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
 from core.errors import ToolError
+from tasks.masking import scrub_masked
 
 EXCERPT_LINES = 40
 
@@ -123,6 +128,106 @@ def which(tool: str) -> str:
     return found
 
 
+TOOL_ENV_NAMES = frozenset(
+    {
+        "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+        "SHELL", "SSH_AUTH_SOCK", "SOURCE_DATE_EPOCH", "NO_COLOR",
+        "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+        "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+        "DOCKER_HOST", "CONTAINER_HOST", "REGISTRY_AUTH_FILE",
+    }
+)  # fmt: skip
+"""What a tool inherits of the worker's environment by name; the rest it is given."""
+
+TOOL_ENV_PREFIXES = ("LC_", "XDG_", "UV_", "PIP_INDEX", "PIP_EXTRA_INDEX", "CONTAINERS_")
+"""...and by prefix: locale, user directories, uv's and pip's index and cache settings."""
+
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|PASSPHRASE|AUTH|CREDENTIAL|_KEY|^KEY|_VALUE_\d+$")
+
+MAX_OUTPUT_BYTES = 8 * 1024 * 1024
+"""A tool's output kept at most: its first and last halves, the bytes between counted."""
+
+_KILL_WAIT_S = 10.0
+
+
+def tool_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a tool runs with: the worker's locale, paths, proxies and tool
+    caches (`TOOL_ENV_NAMES`, `TOOL_ENV_PREFIXES`), and `env` over them. Nothing else of
+    the worker reaches a tool: no Prefect API key, cloud credential or token it holds."""
+    inherited = {
+        name: value
+        for name, value in os.environ.items()
+        if name in TOOL_ENV_NAMES or name.startswith(TOOL_ENV_PREFIXES)
+    }
+    return {**inherited, **(env or {})}
+
+
+def env_secrets(env: Mapping[str, str]) -> list[str]:
+    """The values in `env` whose names say they are secret (tokens, passwords, auth)."""
+    return [value for name, value in env.items() if _SECRET_NAME.search(name.upper())]
+
+
+class _Capture:
+    """A pipe read to its end in a thread: the first and last `limit / 2` bytes kept, the
+    bytes between counted, so a tool printing without end costs bounded memory."""
+
+    def __init__(self, stream: IO[bytes], limit: int) -> None:
+        self._stream = stream
+        self._half = max(limit // 2, 1)
+        self._head = bytearray()
+        self._tail: collections.deque[bytes] = collections.deque()
+        self._tail_size = 0
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while chunk := os.read(self._stream.fileno(), 65536):
+            room = self._half - len(self._head)
+            if room > 0:
+                self._head += chunk[:room]
+                chunk = chunk[room:]
+            if not chunk:
+                continue
+            self._tail.append(chunk)
+            self._tail_size += len(chunk)
+            while self._tail_size - len(self._tail[0]) >= self._half:
+                self._tail_size -= len(self._tail[0])
+                self.dropped += len(self._tail.popleft())
+        self._stream.close()
+
+    def text(self, wait_s: float) -> str:
+        """The output read so far, decoded (invalid bytes replaced)."""
+        self._thread.join(wait_s)
+        tail = b"".join(self._tail)
+        if self._tail_size > self._half:
+            cut = self._tail_size - self._half
+            tail = tail[cut:]
+            self.dropped += cut
+            self._tail_size = self._half
+        return _render(bytes(self._head), tail, self.dropped)
+
+
+def _render(head: bytes, tail: bytes, dropped: int) -> str:
+    text = head.decode("utf-8", errors="replace")
+    if dropped:
+        text += f"\n[... {dropped} bytes of output left out ...]\n"
+    return text + tail.decode("utf-8", errors="replace")
+
+
+def tool_output(
+    raw: bytes, *, secrets: Sequence[str | None] = (), max_output: int = MAX_OUTPUT_BYTES
+) -> str:
+    """A tool's output as `run_tool` keeps it: capped (its middle left out and counted),
+    decoded with invalid bytes replaced, scrubbed of masked values and `secrets`."""
+    half = max(max_output // 2, 1)
+    if len(raw) > 2 * half:
+        text = _render(raw[:half], raw[-half:], len(raw) - 2 * half)
+    else:
+        text = _render(raw, b"", 0)
+    return scrub_masked(text, secrets)
+
+
 def run_tool(
     args: Sequence[str],
     *,
@@ -130,36 +235,69 @@ def run_tool(
     env: Mapping[str, str] | None = None,
     timeout: float = 600,
     input_text: str | None = None,
+    secrets: Sequence[str | None] = (),
+    max_output: int = MAX_OUTPUT_BYTES,
 ) -> ToolRun:
     """Run a tool to completion, capturing stdout and stderr together.
 
+    The tool gets `tool_env(env)`, in a process group of its own. Its output is decoded
+    with invalid bytes replaced, capped at `max_output` bytes (the middle left out and
+    counted) and scrubbed of every masked secret, `secrets` and the secret values of
+    `env`. On timeout the whole group is killed: nothing the tool started outlives it.
     A non-zero exit is returned, not raised: the caller decides what it means.
 
     Raises:
         ToolError: the tool could not be started or timed out.
     """
-    full_env = {**os.environ, **(env or {})}
+    full_env = tool_env(env)
+    hidden = [*secrets, *env_secrets(env or {})]
     started = time.monotonic()
-    try:
-        with tool_slot():
-            done = subprocess.run(
+    with tool_slot():
+        try:
+            process = subprocess.Popen(
                 list(args),
                 cwd=cwd,
                 env=full_env,
-                input=input_text,
+                stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                text=True,
-                timeout=timeout,
-                check=False,
+                start_new_session=True,
             )
-    except FileNotFoundError as exc:
-        msg = f"cannot run {args[0]}: {exc.strerror}"
-        raise ToolError(msg) from exc
-    except subprocess.TimeoutExpired as exc:
-        msg = f"{' '.join(args[:3])} timed out after {timeout:.0f}s"
-        raise ToolError(msg) from exc
-    return ToolRun(tuple(args), done.returncode, done.stdout or "", time.monotonic() - started)
+        except OSError as exc:
+            msg = f"cannot run {args[0]}: {exc.strerror}"
+            raise ToolError(msg) from exc
+        assert process.stdout is not None  # noqa: S101 - PIPE above
+        capture = _Capture(process.stdout, max_output)
+        if process.stdin is not None:
+            _feed(process.stdin, input_text or "")
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            _kill_group(process)
+            msg = f"{' '.join(args[:3])} timed out after {timeout:.0f}s (its processes killed)"
+            raise ToolError(msg) from exc
+        output = capture.text(_KILL_WAIT_S)
+    return ToolRun(
+        tuple(args), returncode, scrub_masked(output, hidden), time.monotonic() - started
+    )
+
+
+def _feed(stdin: IO[bytes], text: str) -> None:
+    def write() -> None:
+        with contextlib.suppress(OSError):
+            stdin.write(text.encode("utf-8"))
+        with contextlib.suppress(OSError):
+            stdin.close()
+
+    threading.Thread(target=write, daemon=True).start()
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """Kill the tool's process group (it leads one: start_new_session) and reap the tool."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=_KILL_WAIT_S)
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:

@@ -37,6 +37,7 @@ from blocks.catalog import ServiceSpec
 from blocks.registry import OciRegistry
 from core.errors import PromotionRefused, RegistryError, ToolError
 from core.records import ImageRef
+from tasks.masking import mask, scrub
 from tasks.process import retry_on_tool_error, run_logger, run_tool, which
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -89,6 +90,7 @@ class RegistryAuth(httpx.Auth):
         if self._username is None or self._password is None:
             return None
         pair = f"{self._username.get_secret_value()}:{self._password.get_secret_value()}"
+        mask(self._password.get_secret_value())
         return "Basic " + base64.b64encode(pair.encode()).decode()
 
     def _may_send_to(self, url: httpx.URL) -> bool:
@@ -195,7 +197,8 @@ def _request(
 
     Raises:
         RegistryError: the registry refused access (401/403): not worth a retry.
-        ToolError: the registry is unreachable.
+        ToolError: the registry is unreachable, or answered 5xx or 429: a blip, never an
+            answer about the image (retried by the caller's task).
     """
     host, path = split_repository(repository)
     try:
@@ -204,6 +207,13 @@ def _request(
     except httpx.HTTPError as exc:
         msg = f"registry {host} unreachable for {method} {path}/{what}: {exc}"
         raise ToolError(msg) from exc
+    if answer.status_code >= 500 or answer.status_code == 429:
+        wait = answer.headers.get("Retry-After")
+        msg = (
+            f"registry {host} is unavailable for {method} {path}/{what} "
+            f"(HTTP {answer.status_code}{f', retry after {wait}s' if wait else ''})"
+        )
+        raise ToolError(msg)
     if answer.status_code in (401, 403):
         who = (
             "the configured credentials"
@@ -352,6 +362,7 @@ def _authfile(directory: Path, name: str, host: str, registry: OciRegistry | Non
     auths: dict[str, dict[str, str]] = {}
     if registry is not None and registry.username and registry.password:
         pair = f"{registry.username.get_secret_value()}:{registry.password.get_secret_value()}"
+        mask(registry.password.get_secret_value())
         auths[host] = {"auth": base64.b64encode(pair.encode()).decode()}
     path = directory / name
     path.touch(mode=0o600)
@@ -360,11 +371,14 @@ def _authfile(directory: Path, name: str, host: str, registry: OciRegistry | Non
 
 
 def _scrub(text: str, registries: Sequence[OciRegistry | None]) -> str:
-    for registry in registries:
-        for secret in (registry.password, registry.username) if registry else ():
-            if secret is not None and secret.get_secret_value():
-                text = text.replace(secret.get_secret_value(), "**********")
-    return text
+    secrets = [
+        secret.get_secret_value()
+        for registry in registries
+        if registry
+        for secret in (registry.password, registry.username)
+        if secret is not None
+    ]
+    return scrub(text, secrets)
 
 
 def _skopeo() -> str:
@@ -525,7 +539,12 @@ def copy_image(
 # --- CI and promotion ----------------------------------------------------------------------
 
 
-@task(task_run_name="find_published_image-{service.name}")
+@task(
+    task_run_name="find_published_image-{service.name}",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_on_tool_error,
+)
 def find_published_image(
     service: ServiceSpec, version: str, commit: str, registry: OciRegistry
 ) -> ImageRef | None:

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from prefect.filesystems import LocalFileSystem, WritableFileSystem
 from prefect_aws import S3Bucket
 
@@ -50,12 +50,19 @@ class LocalStore:
             return self._path(path).read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            msg = f"cannot read {self._path(path)}: {exc.strerror or exc}"
+            raise LedgerError(msg) from exc
 
     def create(self, path: str, data: bytes) -> bool:
         """Write to a temporary file, then hard-link it into place: atomic and exclusive."""
         target = self._path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".part")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".part")
+        except OSError as exc:
+            msg = f"cannot write {target}: {exc.strerror or exc}"
+            raise LedgerError(msg) from exc
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -64,6 +71,9 @@ class LocalStore:
             os.link(tmp, target)
         except FileExistsError:
             return False
+        except OSError as exc:  # disk full, permission, read-only file system
+            msg = f"cannot write {target}: {exc.strerror or exc}"
+            raise LedgerError(msg) from exc
         finally:
             Path(tmp).unlink(missing_ok=True)
         return True
@@ -71,11 +81,15 @@ class LocalStore:
     def names(self, folder: str) -> list[str]:
         """Files directly in `folder`, temporary files excluded."""
         directory = self._path(folder)
-        if not directory.is_dir():
-            return []
-        return sorted(
-            p.name for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")
-        )
+        try:
+            if not directory.is_dir():
+                return []
+            return sorted(
+                p.name for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")
+            )
+        except OSError as exc:
+            msg = f"cannot list {directory}: {exc.strerror or exc}"
+            raise LedgerError(msg) from exc
 
 
 class S3Store:
@@ -108,6 +122,8 @@ class S3Store:
             if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
                 return None
             raise LedgerError(f"cannot read s3 key {self._key(path)}: {_aws_error(exc)}") from exc
+        except BotoCoreError as exc:  # endpoint unreachable, connection reset, read timeout
+            raise LedgerError(f"cannot read s3 key {self._key(path)}: {exc}") from exc
         body: bytes = answer["Body"].read()
         return body
 
@@ -127,6 +143,8 @@ class S3Store:
             if code in {"PreconditionFailed", "ConditionalRequestConflict"}:
                 return False
             raise LedgerError(f"cannot write s3 key {self._key(path)}: {_aws_error(exc)}") from exc
+        except BotoCoreError as exc:
+            raise LedgerError(f"cannot write s3 key {self._key(path)}: {exc}") from exc
         return True
 
     def names(self, folder: str) -> list[str]:
@@ -141,6 +159,8 @@ class S3Store:
                 found.extend(item["Key"][len(prefix) :] for item in page.get("Contents", []))
         except ClientError as exc:
             raise LedgerError(f"cannot list s3 prefix {prefix}: {_aws_error(exc)}") from exc
+        except BotoCoreError as exc:
+            raise LedgerError(f"cannot list s3 prefix {prefix}: {exc}") from exc
         return sorted(found)
 
 

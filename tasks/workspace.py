@@ -29,6 +29,7 @@ from blocks.config import state_dir
 from blocks.repository import GitRepository
 from core.errors import ConfigError, SourceError, ToolError
 from core.records import Workspace
+from tasks.masking import mask
 from tasks.process import STAGE_RETRY_OPTIONS, ToolRun, run_logger, run_tool, which
 from tasks.source import scratch_root
 
@@ -43,6 +44,7 @@ def git_env(repository: GitRepository) -> dict[str, str]:
     if repository.token is not None:
         user = repository.username or "x-access-token"
         pair = f"{user}:{repository.token.get_secret_value()}".encode()
+        mask(repository.token.get_secret_value(), base64.b64encode(pair).decode())
         env |= {
             "GIT_CONFIG_COUNT": "1",
             "GIT_CONFIG_KEY_0": "http.extraHeader",

@@ -24,6 +24,7 @@ pytest_plugins = [
     "tests.plugins.aws",
     "tests.plugins.postgres",
     "tests.plugins.registries",
+    "tests.plugins.faults",
 ]
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import docker
+import requests
 
 from blocks.catalog import ServiceSpec
 from blocks.docker_target import DockerTarget
@@ -19,6 +20,7 @@ from core.errors import DeployError, RegistryError, ToolError
 from core.records import DeployedService, HealthResult, ImageRef, utcnow
 from tasks.engine import docker_error, engine_client, resolve_docker_host
 from tasks.health import probe_health
+from tasks.masking import mask_value
 from tasks.process import run_logger
 from tasks.registry import fetch_manifest
 
@@ -111,6 +113,11 @@ def _engine_errors(action: str) -> Iterator[None]:
         yield
     except docker_error("DockerException") as exc:
         msg = f"Docker engine failed to {action}: {exc}"
+        raise ToolError(msg) from exc
+    except (requests.RequestException, OSError) as exc:
+        # docker-py converts only HTTP errors: a dropped connection or a read timeout
+        # reaches here as requests' (or the socket's) own error.
+        msg = f"Docker engine unreachable while trying to {action}: {type(exc).__name__}: {exc}"
         raise ToolError(msg) from exc
 
 
@@ -249,7 +256,7 @@ class DockerDeployer:
             return
         login = {
             "username": registry.username.get_secret_value(),
-            "password": registry.password.get_secret_value(),
+            "password": mask_value(registry.password.get_secret_value()),
         }
         self.client.images.pull(image.repository, tag=image.digest, auth_config=login)
 

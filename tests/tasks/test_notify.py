@@ -12,13 +12,13 @@ from prefect.states import State
 from blocks.notifications import PAGERDUTY_BLOCK, SLACK_BLOCK, PagerDutyService, SlackChannel
 from core.errors import NoticeUndeliverable
 from core.records import ImageRef
+from tasks.masking import scrub
 from tasks.notify import (
     Notice,
     digest_change,
     notify,
     pagerduty_action,
     pagerduty_event,
-    scrub,
     send_pagerduty,
     send_slack,
     slack_blocks,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import threading
 import time
 import uuid
@@ -18,7 +19,7 @@ from blocks.config import PipelineConfig
 from blocks.docker_target import DockerTarget
 from blocks.environments import EnvironmentSpec, Replicas
 from blocks.stack import StackInfo
-from core.errors import DeployError
+from core.errors import DeployError, ToolError
 from core.records import ImageRef
 from tasks.deploy.docker import (
     DockerDeployer,
@@ -118,6 +119,42 @@ def test_image_of_another_service_is_refused_before_touching_the_engine() -> Non
     deployer = DockerDeployer("unix:///nowhere.sock")
     with pytest.raises(ValueError, match="not 'user'"):
         deployer.deploy(TEST_ENV, ServiceSpec(name="user", port=8003), IMAGE, deadline_s=5)
+
+
+@pytest.mark.parametrize("answer", [b"", b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{"])
+def test_an_engine_that_drops_the_connection_is_a_tool_error(answer: bytes) -> None:
+    """docker-py converts only HTTP errors; a connection closed before or in the middle of
+    an answer (the engine answered its version first) must still reach the pipeline as its
+    own (retryable) ToolError."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+
+    def drop() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                while request := conn.recv(65536):
+                    if b" /version " not in request.split(b"\r\n", 1)[0]:
+                        conn.sendall(answer)  # then closed: dropped mid-answer
+                        break
+                    body = b'{"ApiVersion": "1.41", "Version": "4.3.1"}'
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                    )
+
+    threading.Thread(target=drop, daemon=True).start()
+    try:
+        deployer = DockerDeployer(f"tcp://127.0.0.1:{port}")
+        with pytest.raises(ToolError, match="Docker engine unreachable while trying to inspect"):
+            deployer.live(TEST_ENV, ServiceSpec(name="user", port=8003))
+    finally:
+        server.close()
 
 
 # --- against the real engine and registry ---------------------------------------------
