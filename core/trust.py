@@ -1,0 +1,103 @@
+"""The trust roots of a worker host: what decides what ships, pinned where the API can't reach.
+
+Open-source Prefect has no users and no per-route permissions: whoever reaches its API can
+edit blocks, deployments, parameters, variables and job variables. So nothing the server
+stores may decide what ships. A worker host pins, in a file of its own (owner-only):
+
+- the repository (clone URL, protected branch, the file holding its read token), from
+  whose protected branch, as committed, everything else that decides is read: the
+  approval policy and its keys, the environments with their targets and registries, the
+  service catalog, and `prefect.yaml` (what the worker may run);
+- the environments this worker may deploy into (a CI or staging worker never holds
+  production's credentials, and refuses a run that would deploy there).
+
+The worker hands the file's path to every flow run it starts as `TRUST_FILE_ENV`, after
+the deployment's job variables are applied, so no job variable can replace it.
+
+The bottom layer: imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+import re
+import stat
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from core.errors import ConfigError
+
+TRUST_FILE_ENV = "ELICE_TRUST_FILE"
+"""The variable a worker sets for its flow runs: the path of its trust file."""
+
+_BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
+_ENVIRONMENT = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
+
+
+class TrustRoots(BaseModel):
+    """What a worker host trusts, from its own file."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    repository: str = Field(description="clone URL (https://, ssh://, file://) or a local path")
+    protected_branch: str = Field(default="main", description="only its commits ship")
+    token_file: Path | None = Field(
+        default=None, description="a file holding the https read token (owner-only)"
+    )
+    environments: tuple[str, ...] = Field(
+        description="the environments this worker may deploy into (its credentials)"
+    )
+
+    @field_validator("protected_branch")
+    @classmethod
+    def _branch(cls, value: str) -> str:
+        if not _BRANCH.match(value) or ".." in value:
+            msg = f"{value!r} is not a branch name"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("environments")
+    @classmethod
+    def _environments(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [name for name in value if not _ENVIRONMENT.match(name)]
+        if bad or not value:
+            msg = f"environments must be environment names, got {list(value)}"
+            raise ValueError(msg)
+        return value
+
+    def may_deploy(self, environment: str) -> bool:
+        """Whether this worker holds `environment`'s deploy credentials."""
+        return environment in self.environments
+
+
+def load_trust_roots(path: Path) -> TrustRoots:
+    """The trust roots in `path` (YAML), refusing a file others may write.
+
+    Raises:
+        ConfigError: the file is missing, writable by group or others, or invalid.
+    """
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        msg = f"trust file {path}: {exc.strerror or exc}"
+        raise ConfigError(msg) from exc
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        msg = f"trust file {path} is writable by others (mode {stat.S_IMODE(mode):o}): chmod 600"
+        raise ConfigError(msg)
+    try:
+        data = yaml.safe_load(text)
+        return TrustRoots.model_validate(data)
+    except (yaml.YAMLError, ValidationError) as exc:
+        msg = f"trust file {path} is invalid: {exc}"
+        raise ConfigError(msg) from exc
+
+
+def write_trust_roots(path: Path, roots: TrustRoots) -> Path:
+    """Write `roots` to `path`, owner-only (0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(yaml.safe_dump(roots.model_dump(mode="json"), sort_keys=False), "utf-8")
+    return path
