@@ -276,6 +276,10 @@ def audit_command(
 ) -> None:
     """Every decision about the environment's gated promotions, oldest first."""
     try:
+        environment = cli_config(None).environments.resolve(environment).name
+    except ConfigError as exc:
+        fail(str(exc))
+    try:
         with read_api():
             entries = read_audit(environment)
     except (PipelineError, ValueError) as exc:

@@ -115,6 +115,13 @@ def test_register_blocks_saves_the_configuration() -> None:
     assert len(json.loads(listed.output)) == 12
 
 
+def test_audit_of_an_unknown_environment_is_refused() -> None:
+    result = runner.invoke(app, ["audit", "qa"])
+    assert result.exit_code == 2
+    assert "unknown environment 'qa'" in result.output
+    assert "approval audit" not in result.output
+
+
 def test_status_of_an_unknown_environment_is_one_line_and_exit_2() -> None:
     result = runner.invoke(app, ["status", "--environment", "qa"])
     assert result.exit_code == 2
