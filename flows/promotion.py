@@ -43,16 +43,13 @@ from tasks.approval import (
 )
 from tasks.backup import backup_environment
 from tasks.deploy import (
-    confirm_restored,
     read_live_services,
     recover_interrupted,
-    restore_environment,
     restore_service,
-    rollback_message,
     service_addresses,
 )
 from tasks.deploy.target import DeployTarget, environment_target
-from tasks.deploy.waves import deploy_in_waves, verify_release
+from tasks.deploy.waves import deploy_in_waves, undo_release, verify_release
 from tasks.gate import audit, await_approvals, check_unchanged, gate_and_promoter
 from tasks.health import smoke_test_release
 from tasks.images import (
@@ -71,7 +68,6 @@ from tasks.registry import verify_release_image
 from tasks.releases import (
     EnvironmentState,
     begin_deploys,
-    end_deploys,
     plan_promotion,
     publish_ledger_artifact,
     read_ledger,
@@ -329,14 +325,13 @@ def _deploy(
         deploy_in_waves(deploy_target, env, specs, plan, live, health_deadline_s, deployed)
         baselines = verify_release(addresses, specs, plan, previous, run.config.performance)
         state = record_promotion(plan, baselines, approved_by, verdict, run.run_id)
-    except PipelineError as failure:
-        # All or nothing: every service that moved goes back, whichever wave it was in.
-        restore_environment(deploy_target, env, specs, live)
-        restored = confirm_restored(deploy_target, env, specs, live)
-        end_deploys(env.name, run.run_id, f"release {plan.release_id} rolled back: {failure}")
-        raise PromotionRolledBack(
-            rollback_message(failure, restored), failed=str(failure), restored=restored, plan=plan
-        ) from failure
+    except BaseException as failure:
+        # All or nothing, whatever failed (the pipeline's own error, a client's, a
+        # cancellation): every service that moved goes back, whichever wave it was in.
+        undone = undo_release(deploy_target, env, specs, live, plan, run.run_id, failure)
+        if not isinstance(failure, Exception):
+            raise
+        raise undone from failure
     return state, deployed, baselines
 
 

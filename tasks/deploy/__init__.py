@@ -186,7 +186,7 @@ def confirm_restored(
     return serving
 
 
-def rollback_message(failure: PipelineError, restored: Mapping[str, str | None]) -> str:
+def rollback_message(failure: BaseException, restored: Mapping[str, str | None]) -> str:
     """What a rolled-back promotion says: what failed, and what serves again."""
     back = ", ".join(
         f"{svc} {digest.removeprefix('sha256:')[:12] if digest else '(removed)'}"

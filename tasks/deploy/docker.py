@@ -371,13 +371,46 @@ class DockerDeployer:
     def _deploy(
         self, env: EnvironmentSpec, service: ServiceSpec, image: ImageRef, deadline_s: float
     ) -> DeployedService:
-        logger = run_logger()
         name = container_name(self.prefix, env.name, service.name)
         self._remove(f"{name}-next")
         old = self._find(name)
         serving = old if old is not None and old.status == "running" else None
         if serving is not None:
             _settled(lambda: serving.stop(timeout=STOP_TIMEOUT_S))
+        try:
+            return self._replace(env, service, image, deadline_s, old, serving)
+        except DeployError:
+            raise
+        except Exception as exc:
+            # The engine failed between stopping the old container and proving the new one
+            # (a dropped connection, a timeout, a 500): the old one is started again.
+            outcome = self._bring_back_after(env, service, serving, f"{name}-next")
+            msg = f"{service.name}: deploying {image.short} to {env.name} failed: {exc}; {outcome}"
+            raise ToolError(msg) from exc
+
+    def _bring_back_after(
+        self, env: EnvironmentSpec, service: ServiceSpec, old: Any | None, spare: str
+    ) -> str:
+        """`_bring_back` after an engine failure: the half-started spare removed first; any
+        error of the engine's is reported, never raised over the failure it follows."""
+        try:
+            self._remove(spare)
+            return self._bring_back(env, service, old)
+        except Exception as exc:  # noqa: BLE001 - reported with the deploy's own failure
+            return f"the previous release could NOT be restarted: {type(exc).__name__}: {exc}"
+
+    def _replace(
+        self,
+        env: EnvironmentSpec,
+        service: ServiceSpec,
+        image: ImageRef,
+        deadline_s: float,
+        old: Any | None,
+        serving: Any | None,
+    ) -> DeployedService:
+        """Start `image` beside the stopped `old`; keep it if healthy, else restart `serving`."""
+        logger = run_logger()
+        name = container_name(self.prefix, env.name, service.name)
         try:
             new = self._start(env, service, image, f"{name}-next")
         except DeployError as exc:

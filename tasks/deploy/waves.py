@@ -16,13 +16,14 @@ from prefect import unmapped
 from blocks.catalog import ServiceSpec
 from blocks.config import PerformancePolicy
 from blocks.environments import EnvironmentSpec
-from core.errors import PromotionError, PromotionRefused
+from core.errors import PromotionError, PromotionRefused, PromotionRolledBack
 from core.records import DeployedService, PromotionPlan
-from tasks.deploy import deploy_release
+from tasks.deploy import confirm_restored, deploy_release, restore_environment, rollback_message
 from tasks.deploy.target import DeployTarget
 from tasks.health import check_service_health
 from tasks.performance import Baseline, baseline_from_record, check_regression, measure_baseline
 from tasks.process import run_logger
+from tasks.releases import end_deploys
 
 VERIFY_DEADLINE_S = 30
 
@@ -121,3 +122,34 @@ def verify_release(
         check_regression(spec, before, after, policy)
         baselines[spec.name] = after
     return baselines
+
+
+def undo_release(
+    deploy_target: DeployTarget,
+    env: EnvironmentSpec,
+    specs: list[ServiceSpec],
+    live: Mapping[str, DeployedService | None],
+    plan: PromotionPlan,
+    run_id: str,
+    failure: BaseException,
+) -> PromotionRolledBack:
+    """All or nothing, whatever failed: every service that moved is put back, checked, and
+    the ledger's intent cleared. Returns the error to raise, naming the cause.
+
+    A ledger that cannot record the rollback (the store failing, as it may have failed the
+    record that caused this) never replaces the cause: the intent stays on record, and the
+    next promotion or rollback of the environment finds it and checks what serves.
+    """
+    restore_environment(deploy_target, env, specs, live)
+    restored = confirm_restored(deploy_target, env, specs, live)
+    message = rollback_message(failure, restored)
+    try:
+        end_deploys(env.name, run_id, f"release {plan.release_id} rolled back: {failure}")
+    except Exception as exc:  # noqa: BLE001 - reported with the failure it follows
+        note = (
+            f"; the ledger could not record the rollback ({exc}): its intent stays, and the "
+            f"next promotion or rollback of {env.name} checks it"
+        )
+        run_logger().error("%s%s", env.name, note)
+        message += note
+    return PromotionRolledBack(message, failed=str(failure), restored=restored, plan=plan)
