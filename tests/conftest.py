@@ -1,4 +1,11 @@
-"""Session-wide isolation: a temporary Prefect home and server, a temporary state dir."""
+"""Session-wide isolation: a temporary Prefect home and server, a temporary state dir.
+
+The suite runs on two pytest-xdist workers (`-n 2 --dist loadscope` in pyproject's addopts).
+Each worker is a session of its own: its own temporary directory, Prefect home, state dir
+and Prefect test server. What the workers share is the local stack (engine, registry, base
+image; `ensure_stack` takes a file lock) and uv's cache. `--dist loadscope` keeps each
+module on one worker; the hooks below mark what needs the stack and order the modules.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,16 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="elice-tests-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-home")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
-os.environ.setdefault("ELICE_STATE_DIR", str(_SESSION_DIR / "state"))
+# Each session (each xdist worker is one) keeps its ledger, mirrors and workspaces apart:
+# under the ELICE_STATE_DIR the run was started with, one directory per worker, else in
+# the session's own directory. Workers inherit the controller's environment, so the
+# directory the run started with is passed on in ELICE_TESTS_STATE_BASE.
+_STATE_BASE = os.environ.setdefault("ELICE_TESTS_STATE_BASE", os.environ.get("ELICE_STATE_DIR", ""))
+os.environ["ELICE_STATE_DIR"] = (
+    str(Path(_STATE_BASE) / os.environ.get("PYTEST_XDIST_WORKER", "main"))
+    if _STATE_BASE
+    else str(_SESSION_DIR / "state")
+)
 
 import pytest  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
@@ -28,6 +44,48 @@ pytest_plugins = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
+
+STACK_FIXTURE = "stack"
+"""A test that uses this fixture (directly or through another) is marked `stack`."""
+SLOW_FIXTURES = frozenset({"postgres_prefect"})
+"""A test that uses one of these (a real server that takes long to start) is marked `slow`."""
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Mark each test as it is collected, before `-m` selects: `stack` on every test that
+    uses the local stack (the `stack` fixture or one built on it, e.g. `docker_client`,
+    `pushed_image`), `slow` on every test using `SLOW_FIXTURES` (other slow tests carry the
+    mark themselves). `-m "not stack and not slow"` is the fast tier."""
+    used = set(getattr(item, "fixturenames", ()))
+    if STACK_FIXTURE in used and not item.get_closest_marker("stack"):
+        item.add_marker(pytest.mark.stack)
+    if SLOW_FIXTURES & used and not item.get_closest_marker("slow"):
+        item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker: hand out modules with `slow` tests first, then those with `stack`
+    ones, so the longest modules do not start last and leave one worker running alone at
+    the end. `--dist loadscope` keeps each module on one worker (its module fixtures are set
+    up once, its tests keep their order); the modules are then handed out in this order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: the order makes no difference to the wall time
+
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::", 1)[0]
+
+    def weight(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow"):
+            return 0
+        return 1 if item.get_closest_marker("stack") else 2
+
+    first: dict[str, int] = {}
+    rank: dict[str, int] = {}
+    for index, item in enumerate(items):
+        first.setdefault(module(item), index)
+        rank[module(item)] = min(rank.get(module(item), 2), weight(item))
+    items.sort(key=lambda item: (rank[module(item)], first[module(item)]))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -90,6 +90,7 @@ def _ci(
     return result.exit_code, result.output.splitlines()
 
 
+@pytest.mark.slow
 def test_ci_prints_a_line_per_finished_stage_instead_of_the_log_stream(
     checkout: Path, monkeypatch: pytest.MonkeyPatch, prefect_stream: io.StringIO
 ) -> None:
@@ -122,6 +123,7 @@ def test_ci_prints_a_line_per_finished_stage_instead_of_the_log_stream(
     print(f"progress: {progress} lines; the log stream: {len(stream)} lines")
 
 
+@pytest.mark.slow
 def test_a_failed_stage_prints_its_excerpt_at_the_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_stream: io.StringIO
 ) -> None:

@@ -42,6 +42,8 @@ from stack.worker import ensure_worker, stop_worker
 from tests.plugins.postgres import PostgresPrefect
 from tests.tasks.ci_checkout import copy_monorepo, git
 
+pytestmark = pytest.mark.slow  # two process workers on a PostgreSQL-backed server: minutes
+
 SERVICES = ["auth", "course", "content"]  # catalog order
 
 

@@ -18,6 +18,8 @@ from flows.ci import CiOutcome, ci
 from tasks.process import which
 from tests.tasks.ci_checkout import commit_all, copy_monorepo
 
+pytestmark = pytest.mark.slow  # real CI runs / servers: out of the fast tier
+
 LINT_BROKEN, TEST_BROKEN, CLEAN = "course", "search", "notification"
 SERVICES = [LINT_BROKEN, CLEAN, TEST_BROKEN]  # catalog order, as the outcome lists them
 CHECKS = ["lock", "sync", "ruff", "mypy", "bandit", "pytest"]

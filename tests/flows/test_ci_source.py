@@ -25,6 +25,8 @@ from tasks.releases import Ledger
 from tests.plugins.receivers import Receiver
 from tests.tasks.ci_checkout import REPO, commit_all, copy_monorepo, git
 
+pytestmark = pytest.mark.slow  # real CI runs / servers: out of the fast tier
+
 SERVICE = "auth"
 ENV = "ci-src"
 

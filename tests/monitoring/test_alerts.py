@@ -134,6 +134,7 @@ MUTATIONS = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "old", "new", "count"), MUTATIONS)
 def test_promtool_cases_have_teeth(
     tmp_path: Path, name: str, old: str, new: str, count: int

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
@@ -48,6 +49,7 @@ def test_the_file_says_what_the_team_runs() -> None:
     assert deployments["health-check"]["schedules"] == [{"interval": 900}]
 
 
+@pytest.mark.slow
 def test_every_deployment_registers_with_its_schedule_and_pool() -> None:
     created = _prefect("work-pool", "create", "elice-process", "--type", "process", "--overwrite")
     assert created.returncode == 0, created.stdout + created.stderr

@@ -135,6 +135,7 @@ def server_state(url: str) -> dict[str, set[str]]:
     }
 
 
+@pytest.mark.slow
 def test_a_fresh_server_dry_run_then_setup_then_nothing_to_change(
     fresh_server: str, config: PipelineConfig
 ) -> None:
@@ -202,6 +203,7 @@ def test_a_fresh_server_dry_run_then_setup_then_nothing_to_change(
             assert health.active
 
 
+@pytest.mark.slow
 def test_setup_puts_back_what_was_changed_on_the_server(fresh_server: str) -> None:
     ensure_setup(fresh_server)
     with temporary_settings(updates={PREFECT_API_URL: fresh_server}):
@@ -242,6 +244,7 @@ def test_setup_puts_back_what_was_changed_on_the_server(fresh_server: str) -> No
             assert promote.parameters == {"environment": "staging"}
 
 
+@pytest.mark.slow
 def test_a_pool_of_another_type_is_refused_before_any_change(fresh_server: str) -> None:
     ensure_setup(fresh_server)
     with temporary_settings(updates={PREFECT_API_URL: fresh_server}):
@@ -277,6 +280,7 @@ def test_setup_of_the_session_server_from_prefect_api_url() -> None:
             assert [s.active for s in deployment.schedules] == [True]
 
 
+@pytest.mark.slow
 def test_cli_setup_prints_the_changes(fresh_server: str) -> None:
     app = typer.Typer()
 

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from blocks.config import PipelineConfig
@@ -78,6 +79,7 @@ class _Metrics(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_a_stopped_service_raises_service_down_at_the_receiver(
     tmp_path: Path, running_receiver: Receiver
 ) -> None:

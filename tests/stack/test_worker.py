@@ -55,6 +55,7 @@ def api_url() -> str:
     return str(PREFECT_API_URL.value())
 
 
+@pytest.mark.slow
 def test_a_deployment_run_started_like_the_ui_completes_on_the_worker(
     api_url: str, tmp_path: Path
 ) -> None:

@@ -42,6 +42,8 @@ from tasks.pause import pause_for_answer
 from tasks.signing import sign_statement
 from tests.tasks.test_approval import APPROVERS, People, plan
 
+pytestmark = pytest.mark.slow  # real CI runs / servers: out of the fast tier
+
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
     "--headless",
