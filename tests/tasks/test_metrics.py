@@ -127,10 +127,10 @@ def promote(
 
 
 def test_the_parsed_change_texts_are_the_ones_the_pipeline_writes() -> None:
-    promotion = (REPO / "flows" / "promotion.py").read_text(encoding="utf-8")
+    waves = (REPO / "tasks" / "deploy" / "waves.py").read_text(encoding="utf-8")
     deploy = (REPO / "tasks" / "deploy" / "__init__.py").read_text(encoding="utf-8")
     releases = (REPO / "tasks" / "releases.py").read_text(encoding="utf-8")
-    assert 'f"release {plan.release_id} rolled back: {failure}"' in promotion
+    assert 'f"release {plan.release_id} rolled back: {failure}"' in waves
     assert 'f"run {pending.flow_run_id} died deploying release {pending.release_id}; "' in deploy
     assert 'f"release {plan.release_id} promoted from {plan.source_environment}"' in releases
 
