@@ -1,7 +1,7 @@
 """A promotion's deploy: the changed services in waves of the machine's cores, then every
 service verified healthy on its new digest and measured against its previous baseline.
 
-    deploy_wave_size()                                   services deployed at once
+    deploy_wave_size(configured)                         services deployed at once
     deploy_in_waves(target, env, specs, plan, live, ...) the waves; the first failure raised
     verify_release(addresses, specs, plan, previous, policy) health, baselines, regressions
 """
@@ -27,10 +27,10 @@ from tasks.process import run_logger
 VERIFY_DEADLINE_S = 30
 
 
-def deploy_wave_size() -> int:
-    """How many services deploy at once: the machine's cores (ELICE_DEPLOY_WAVE overrides;
-    1 deploys one after another)."""
-    configured = os.environ.get("ELICE_DEPLOY_WAVE", "").strip()
+def deploy_wave_size(configured: str = "") -> int:
+    """How many services deploy at once: the machine's cores; `configured` (the user
+    setting ELICE_DEPLOY_WAVE) overrides, 1 deploys one after another."""
+    configured = configured.strip()
     if configured:
         if not configured.isdigit() or int(configured) < 1:
             msg = f"ELICE_DEPLOY_WAVE must be a positive integer, got {configured!r}"
@@ -61,15 +61,17 @@ def deploy_in_waves(
     live: Mapping[str, DeployedService | None],
     deadline_s: float,
     deployed: list[str],
+    wave_setting: str = "",
 ) -> None:
-    """Deploy the services whose digest changes, a wave of `deploy_wave_size()` at a time.
+    """Deploy the services whose digest changes, a wave of `deploy_wave_size(wave_setting)`
+    at a time (the user setting ELICE_DEPLOY_WAVE; empty: the machine's cores).
 
     A wave starts when the one before it is healthy; after a failure no further wave
     starts, and the first failure is raised (the caller restores every service).
     `deployed` collects the services that rolled out.
     """
     todo = _to_deploy(specs, plan, live)
-    size = deploy_wave_size()
+    size = deploy_wave_size(wave_setting)
     for start in range(0, len(todo), size):
         wave = todo[start : start + size]
         futures = [
