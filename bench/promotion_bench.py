@@ -52,7 +52,9 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from blocks.config import PipelineConfig, load_config  # noqa: E402
 from blocks.registry import OciRegistry  # noqa: E402
 from blocks.stack import StackInfo  # noqa: E402
+from blocks.storage import ledger_filesystem  # noqa: E402
 from core.records import ImageRef  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from flows.promotion import promote  # noqa: E402
 from stack.control import ensure_stack  # noqa: E402
 from tasks.deploy.docker import DockerDeployer, container_name  # noqa: E402
@@ -130,7 +132,7 @@ def seed(cfg: PipelineConfig, env: str, release: ImageRef) -> None:
     for spec in cfg.catalog.services:
         ref = release.model_copy(update={"service": spec.name})
         deployer.deploy(cfg.environment(env), spec, ref, deadline_s=120)
-        Ledger().record_deploy(
+        Ledger(ledger_filesystem(Settings.from_environ())).record_deploy(
             env,
             ReleaseRecord(
                 service=spec.name,
@@ -142,7 +144,7 @@ def seed(cfg: PipelineConfig, env: str, release: ImageRef) -> None:
                 scan="clean",
             ),
         )
-        Ledger().mark_verified(env, spec.name, None)
+        Ledger(ledger_filesystem(Settings.from_environ())).mark_verified(env, spec.name, None)
 
 
 def clear(client: docker.DockerClient, cfg: PipelineConfig, env: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from blocks.catalog import LibSpec, ServiceCatalog, ServiceSpec
 from blocks.environments import EnvironmentCatalog, EnvironmentSpec
 from core.errors import ConfigError
+from core.settings import CHECKOUT, Settings
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -19,21 +19,25 @@ CATALOG_BLOCK = "elice-services"
 ENVIRONMENTS_BLOCK = "elice-environments"
 
 
-def repo_root() -> Path:
-    """The monorepo the pipeline builds: ELICE_REPO, or this checkout."""
-    return Path(os.environ.get("ELICE_REPO") or Path(__file__).resolve().parents[1])
+def repo_root(settings: Settings | None = None) -> Path:
+    """The monorepo the pipeline builds: `settings.repo` (ELICE_REPO), or this checkout.
+
+    Without `settings`, the user settings are read here (a caller outside a run).
+    """
+    return (settings or Settings.from_environ()).repo
 
 
 def default_config_file() -> Path:
     """The embedded default configuration file."""
-    return Path(__file__).resolve().parents[1] / "config" / "pipeline.yaml"
+    return CHECKOUT / "config" / "pipeline.yaml"
 
 
-def state_dir() -> Path:
-    """Where the local stack keeps its state (ELICE_STATE_DIR, default <checkout>/.elice)."""
-    path = Path(os.environ.get("ELICE_STATE_DIR") or Path(__file__).resolve().parents[1] / ".elice")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def state_dir(settings: Settings | None = None) -> Path:
+    """Where state lives: `settings.state_dir` (ELICE_STATE_DIR, default <checkout>/.elice).
+
+    Without `settings`, the user settings are read here (a caller outside a run).
+    """
+    return (settings or Settings.from_environ()).resolved_state_dir()
 
 
 class PerformancePolicy(BaseModel):
@@ -177,9 +181,10 @@ def load_blocks() -> PipelineConfig:
 def load_config(source: str | None = None) -> PipelineConfig:
     """The configuration from `source`: "blocks", a file path, or the embedded default.
 
-    Without an argument, ELICE_CONFIG decides, then the embedded default file.
+    Without an argument, the user setting ELICE_CONFIG decides (read here when the caller
+    did not resolve it: a flow passes `settings.config`), then the embedded default file.
     """
-    choice = source or os.environ.get("ELICE_CONFIG") or ""
+    choice = source or Settings.from_environ().config
     if choice == "blocks":
         return load_blocks()
     return load_file(Path(choice) if choice else default_config_file())

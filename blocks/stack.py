@@ -8,14 +8,13 @@ fact they share, so it sits below both.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from blocks.config import state_dir
+from core.settings import VARIABLES, Settings
 
-STACK_DIR_ENV = "ELICE_STACK_DIR"
+STACK_DIR_ENV = VARIABLES["stack_dir"]
 
 
 class StackInfo(BaseModel):
@@ -35,12 +34,12 @@ class StackInfo(BaseModel):
     )
 
 
-def stack_dir() -> Path:
-    """The stack's home: ELICE_STACK_DIR (a documented user setting), else the state dir."""
-    custom = os.environ.get(STACK_DIR_ENV)
-    path = Path(custom) if custom else state_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def stack_dir(settings: Settings | None = None) -> Path:
+    """The stack's home: ELICE_STACK_DIR (a documented user setting), else the state dir.
+
+    Without `settings`, the user settings are read here (a caller outside a run).
+    """
+    return (settings or Settings.from_environ()).resolved_stack_dir()
 
 
 def stack_info_file(root: Path | None = None) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -12,8 +11,8 @@ from prefect.filesystems import LocalFileSystem, WritableFileSystem
 from prefect_aws import AwsCredentials, S3Bucket
 from pydantic import ConfigDict, Field, model_validator
 
-from blocks.config import state_dir
 from core.errors import ConfigError
+from core.settings import Settings
 
 STORAGE_BLOCK = "elice-release-storage"
 _BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
@@ -55,10 +54,23 @@ class ReleaseStorage(Block):
             raise ValueError(msg)
         return self
 
-    def filesystem(self, area: Literal["ledger", "backups"]) -> WritableFileSystem:
-        """The filesystem block holding `area` (ledger or backups)."""
+    def filesystem(
+        self, area: Literal["ledger", "backups"], state_dir: Path | None = None
+    ) -> WritableFileSystem:
+        """The filesystem block holding `area` (ledger or backups); `state_dir` is the
+        base of a local one without a path (the user setting ELICE_STATE_DIR).
+
+        Raises:
+            ConfigError: a local storage without a path, and no `state_dir` given.
+        """
         if self.kind == "local":
-            base = Path(self.path).expanduser() if self.path else state_dir()
+            if self.path:
+                base = Path(self.path).expanduser()
+            elif state_dir is not None:
+                base = state_dir
+            else:
+                msg = "a local release storage without a path needs the state dir"
+                raise ConfigError(msg)
             folder = base / area
             folder.mkdir(parents=True, exist_ok=True)
             return LocalFileSystem(basepath=str(folder))
@@ -72,13 +84,13 @@ class ReleaseStorage(Block):
         return S3Bucket(bucket_name=self.bucket, credentials=credentials, bucket_folder=folder_key)
 
 
-def release_storage() -> ReleaseStorage:
+def release_storage(settings: Settings) -> ReleaseStorage:
     """The configured storage: the saved block when ELICE_STORAGE=blocks, else local default.
 
     Raises:
         ConfigError: ELICE_STORAGE=blocks but no block named "elice-release-storage" is saved.
     """
-    if os.environ.get("ELICE_STORAGE") == "blocks":
+    if settings.storage_from_blocks:
         try:
             loaded = ReleaseStorage.load(STORAGE_BLOCK)
         except ValueError as exc:
@@ -91,11 +103,18 @@ def release_storage() -> ReleaseStorage:
     return ReleaseStorage()
 
 
-def ledger_filesystem() -> WritableFileSystem:
-    """Where the release ledger lives."""
-    return release_storage().filesystem("ledger")
+def ledger_filesystem(settings: Settings) -> WritableFileSystem:
+    """Where the release ledger lives (the storage block is loaded: resolve it once a run)."""
+    return release_storage(settings).filesystem("ledger", settings.resolved_state_dir())
 
 
-def backup_filesystem() -> WritableFileSystem:
-    """Where environment backups live."""
-    return release_storage().filesystem("backups")
+def backup_filesystem(settings: Settings) -> WritableFileSystem:
+    """Where environment backups live (the storage block is loaded: resolve it once a run)."""
+    return release_storage(settings).filesystem("backups", settings.resolved_state_dir())
+
+
+def release_stores(settings: Settings) -> tuple[WritableFileSystem, WritableFileSystem]:
+    """(ledger, backups): the storage block loaded once, for a run to pass down."""
+    storage = release_storage(settings)
+    base = settings.resolved_state_dir()
+    return storage.filesystem("ledger", base), storage.filesystem("backups", base)

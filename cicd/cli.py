@@ -10,12 +10,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from blocks.config import PipelineConfig, repo_root, save_as_blocks
+from blocks.config import PipelineConfig, save_as_blocks
 from cicd import metrics_cli, promote_cli, setup_cli, stack_cli
 from cicd.common import (
     ConfigOption,
     TargetOption,
     cli_config,
+    cli_settings,
     fail,
     prefect_api,
     read_api,
@@ -83,7 +84,8 @@ def ci(
     Progress: a live services x stages table on a terminal, one line per finished stage
     otherwise; the run's UI link first and the failures' output last.
     """
-    cfg = cli_config(config)
+    settings = cli_settings()
+    cfg = cli_config(config, settings)
     chosen = split_names(services)
     checked = cfg.catalog.names() if all_services else None  # None: change detection says
     try:
@@ -91,8 +93,8 @@ def ci(
         if chosen:
             checked = [s.name for s in cfg.catalog.select(chosen)]
         if not chosen and not all_services:
-            check_refs(repo_root(), base, head)
-        head = verify_ref(repo_root(), head)
+            check_refs(settings.repo, base, head)
+        head = verify_ref(settings.repo, head)
     except PipelineError as exc:
         fail(str(exc))
     from prefect.client.schemas.objects import State  # noqa: PLC0415 - Prefect when needed
@@ -137,16 +139,21 @@ def _status_rows(
     cfg: PipelineConfig, environment: str | None, target: str | None
 ) -> list[dict[str, Any]]:
     """One row per environment and service: from the ledger and the deploy targets."""
+    from blocks.storage import ledger_filesystem  # noqa: PLC0415 - Prefect on demand
     from tasks.deploy.target import environment_target  # noqa: PLC0415 - Prefect on demand
     from tasks.releases import Ledger  # noqa: PLC0415
 
+    settings = cli_settings()
     try:
         envs = [cfg.environment(environment)] if environment else cfg.environments.environments
-        deployers = {env.name: environment_target(env, target).deployer() for env in envs}
+        deployers = {
+            env.name: environment_target(env, target, docker_host=settings.docker_host).deployer()
+            for env in envs
+        }
     except PipelineError as exc:
         fail(str(exc))
     rows = []
-    book = Ledger()
+    book = Ledger(ledger_filesystem(settings))
     for env in envs:
         deployer = deployers[env.name]
         current = book.current(env.name)

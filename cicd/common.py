@@ -23,6 +23,7 @@ from rich.console import Console
 from blocks.config import PipelineConfig, load_config
 from blocks.stack import StackInfo, load_stack_info
 from core.errors import ConfigError, GateError
+from core.settings import Settings
 
 ConfigOption = Annotated[
     str | None,
@@ -41,10 +42,17 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def cli_config(source: str | None) -> PipelineConfig:
-    """The configuration from `source`; an invalid one ends the command with exit code 2."""
+def cli_settings() -> Settings:
+    """The user settings (ELICE_CONFIG, ELICE_STATE_DIR, ...), read once by a command and
+    passed down from there."""
+    return Settings.from_environ()
+
+
+def cli_config(source: str | None, settings: Settings | None = None) -> PipelineConfig:
+    """The configuration from `source` (else ELICE_CONFIG, else the embedded default); an
+    invalid one ends the command with exit code 2."""
     try:
-        return load_config(source)
+        return load_config(source or (settings or cli_settings()).config)
     except ConfigError as exc:
         fail(str(exc))
 

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cicd.common import ConfigOption, cli_config, fail, read_api, split_names
+from cicd.common import ConfigOption, cli_config, cli_settings, fail, read_api, split_names
 from core.errors import PipelineError
 
 console = Console()
@@ -32,24 +32,30 @@ def metrics(
     config: ConfigOption = None,
 ) -> None:
     """Deployment frequency, lead time, change failure rate and time to restore per environment."""
-    from tasks.metrics import (  # noqa: PLC0415 - Prefect only when needed
+    from blocks.storage import ledger_filesystem  # noqa: PLC0415 - Prefect only when needed
+    from tasks.metrics import (  # noqa: PLC0415
         environment_metrics,
+        git_commit_times,
         metrics_row,
         prometheus_text,
     )
+    from tasks.releases import Ledger  # noqa: PLC0415
 
     if as_json and prometheus:
         fail("--json and --prometheus exclude each other")
     if days <= 0:
         fail(f"--days must be positive, got {days}")
-    cfg = cli_config(config)
+    settings = cli_settings()
+    cfg = cli_config(config, settings)
     try:
         names = split_names(environment) or cfg.environments.names()
         envs = [cfg.environment(name).name for name in names]
     except PipelineError as exc:
         fail(str(exc))
     with read_api():
-        found = environment_metrics(envs, window_days=days)
+        ledger = Ledger(ledger_filesystem(settings))
+        times = git_commit_times(settings.repo)
+        found = environment_metrics(envs, window_days=days, ledger=ledger, commit_times=times)
     if as_json:
         typer.echo(json.dumps([m.model_dump(mode="json") for m in found], indent=2))
         return

@@ -22,13 +22,16 @@ from typing import Annotated, Any
 from uuid import UUID
 
 import typer
+from prefect.filesystems import WritableFileSystem
 from rich.console import Console
 from rich.table import Table
 
+from blocks.storage import ledger_filesystem
 from cicd.common import (
     ConfigOption,
     TargetOption,
     cli_config,
+    cli_settings,
     fail,
     prefect_api,
     read_api,
@@ -166,11 +169,13 @@ AsOption = Annotated[
 VERDICT_WAIT_S = 30.0
 
 
-def _verdict(run_id: UUID, environment: str, since: float) -> tuple[str, str]:
+def _verdict(
+    run_id: UUID, environment: str, since: float, store: WritableFileSystem
+) -> tuple[str, str]:
     """What the gate made of the answer sent at `since`: (kind, detail) from the audit."""
     end = time.monotonic() + VERDICT_WAIT_S
     while time.monotonic() < end:
-        for entry in reversed(read_audit(environment)):
+        for entry in reversed(read_audit(store, environment)):
             if entry.run_id == str(run_id) and entry.at.timestamp() >= since - 1:
                 return entry.kind, entry.detail
         time.sleep(0.5)
@@ -179,16 +184,19 @@ def _verdict(run_id: UUID, environment: str, since: float) -> tuple[str, str]:
 
 def _answer(run_id: UUID, key: Path, signer: str | None, decision: Decision, reason: str) -> None:
     who = signer or os.environ.get("USER") or getpass.getuser()
+    settings = cli_settings()
     try:
         with prefect_api():
             gate = read_gate(run_id)
-            run_input, plan, statement = answer_for(run_id, key, who, decision, reason)
+            run_input, plan, statement = answer_for(
+                run_id, key, who, decision, reason, settings=settings
+            )
             console.print(_plan_table(plan))
             for service, variables in sorted(statement.extra_env.items()):
                 console.print(f"  extra variables of {service}: {variables}")
             sent = time.time()
             submit_answer(run_id, run_input)
-            kind, detail = _verdict(run_id, gate.environment, sent)
+            kind, detail = _verdict(run_id, gate.environment, sent, ledger_filesystem(settings))
     except GateError as exc:
         fail(str(exc), 2)
     except ApprovalRefused as exc:
@@ -238,7 +246,7 @@ def sign_command(
     try:
         with prefect_api():
             run_input, plan, _ = answer_for(
-                run_id, key, who, "reject" if reject else "approve", reason
+                run_id, key, who, "reject" if reject else "approve", reason, settings=cli_settings()
             )
     except GateError as exc:
         fail(str(exc), 2)
@@ -275,13 +283,14 @@ def audit_command(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per entry.")] = False,
 ) -> None:
     """Every decision about the environment's gated promotions, oldest first."""
+    settings = cli_settings()
     try:
-        environment = cli_config(None).environments.resolve(environment).name
+        environment = cli_config(None, settings).environments.resolve(environment).name
     except ConfigError as exc:
         fail(str(exc))
     try:
         with read_api():
-            entries = read_audit(environment)
+            entries = read_audit(ledger_filesystem(settings), environment)
     except (PipelineError, ValueError) as exc:
         fail(str(exc), 2)
     if as_json:

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from prefect import Flow, Task, flow
 from prefect.client.schemas.objects import FlowRun, State
+from prefect.filesystems import WritableFileSystem
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.states import Failed
@@ -26,8 +27,10 @@ from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig, load_config, state_dir
 from blocks.environments import EnvironmentSpec
 from blocks.repository import GitRepository, load_repository
+from blocks.storage import ledger_filesystem
 from core.errors import ConfigError
 from core.records import StageResult, Workspace
+from core.settings import Settings
 from tasks.deploy import deploy_service
 from tasks.deploy.target import DeployTarget, environment_target
 from tasks.dispatch import SERVICE_DEPLOYMENT, collect_service_runs, start_service_runs
@@ -112,6 +115,8 @@ def _delivery_stages(
     rebuild: bool,
     workspace: Workspace,
     ships: bool,
+    user: Settings,
+    ledger: WritableFileSystem | None,
 ) -> StageFutures:
     """The seed's Docker build, security scan, push, dev deploy and health check.
 
@@ -120,7 +125,7 @@ def _delivery_stages(
     does not ship gets its image built and scanned, and nothing after that.
     """
     refresh: bool | type[NotSet] = True if rebuild else NotSet
-    if not ships:
+    if not ships or ledger is None:  # a shipping run always resolved its ledger
         arguments = build_arguments(spec, repo, version, commit, settings)
         return _build_and_scan(spec, repo, checks_passed, arguments, refresh)
     image = publish_image.submit(
@@ -137,13 +142,15 @@ def _delivery_stages(
         spec, Path(repo), wait_for=checks_passed, return_state=False
     )
     sbom = generate_sbom.with_options(refresh_cache=refresh).submit(
-        image, state_dir() / "sbom", registry=settings.registry, return_state=False
+        image, state_dir(user) / "sbom", registry=settings.registry, return_state=False
     )
     deployed = deploy_service.submit(
         deploy_target, env, spec, image, wait_for=[scan], return_state=False
     )
     health = verify_deployment.submit(deployed, spec, return_state=False)
-    record = record_release.submit(deployed, scan, workspace, wait_for=[health], return_state=False)
+    record = record_release.submit(
+        deployed, scan, workspace, ledger, wait_for=[health], return_state=False
+    )
     return {
         (spec.name, "image"): image,
         (spec.name, "scan"): scan,
@@ -281,11 +288,16 @@ def _submit_deliveries(
     *,
     no_cache: bool,
     ships: bool,
+    user: Settings,
 ) -> None:
     """Image and scan of every fingerprinted service (+ push, SBOM, deploy, health, ledger
-    when it ships), added to `stages`."""
-    settings = delivery_settings(env=env)  # the deploy environment's registry and target
-    deploy_target = environment_target(env, registries=[settings.registry])
+    when it ships), added to `stages`. `user`: the settings the run read at its start."""
+    # the deploy environment's registry and target, the engine, the ledger: once a run
+    settings = delivery_settings(user.docker_host, env)
+    deploy_target = environment_target(
+        env, registries=[settings.registry], docker_host=user.docker_host
+    )
+    ledger = ledger_filesystem(user) if ships else None
     for s in specs:
         prints[s.name].wait()
         if not prints[s.name].state.is_completed():
@@ -303,6 +315,8 @@ def _submit_deliveries(
                 rebuild=no_cache,
                 workspace=workspace,
                 ships=ships,
+                user=user,
+                ledger=ledger,
             )
         )
 
@@ -330,6 +344,7 @@ def run_stages(
     *,
     no_cache: bool,
     deliver: bool,
+    user: Settings,
 ) -> list[StageResult]:
     """Every stage of `specs` in `workspace`, on this run's task runner; their results.
 
@@ -339,7 +354,9 @@ def run_stages(
     stages, prints = _submit_checks(cfg, workspace.path, specs, no_cache=no_cache)
     if deliver:
         ships = workspace.protected
-        _submit_deliveries(env, workspace, specs, stages, prints, no_cache=no_cache, ships=ships)
+        _submit_deliveries(
+            env, workspace, specs, stages, prints, no_cache=no_cache, ships=ships, user=user
+        )
     results = _stage_results(specs, stages, prints)
     stop_fork_servers(workspace.path)  # the fork server of this checkout (tasks/forking.py)
     return results
@@ -382,8 +399,9 @@ def ci_service(
     The `ci` flow with `fan_out` starts one of these per affected service through the
     `ci-service` deployment, so the work spreads over every worker of the pool.
     """
+    user = Settings.from_environ()
     source = load_repository()
-    cfg = load_config(config_source)
+    cfg = load_config(config_source or user.config)
     env = cfg.environment(environment)
     specs = cfg.catalog.select([service])
     workspace = prepare_workspace(source, head, ref)
@@ -395,7 +413,7 @@ def ci_service(
             socket.gethostname(),
             os.getppid(),
         )
-        return run_stages(cfg, env, workspace, specs, no_cache=no_cache, deliver=deliver)
+        return run_stages(cfg, env, workspace, specs, no_cache=no_cache, deliver=deliver, user=user)
     finally:
         remove_workspace(workspace)
 
@@ -447,18 +465,21 @@ def ci(
         The CiOutcome; a Failed state listing "service: stage failed: summary" per
         failed service when any failed (after the artifacts are published).
     """
+    user = Settings.from_environ()
     source = _configured_repository(repository)
-    cfg = load_config(config_source)
+    cfg = load_config(config_source or user.config)
     env = cfg.environment(environment)
     args = (services, all_services, base, no_cache, deliver)
     if repo:
         if fan_out:
             msg = "fan_out needs the configured repository: service runs fetch their own commit"
             raise ConfigError(msg)
-        return _check(cfg, env, use_checkout(source, repo, ref), *args)
+        return _check(cfg, env, use_checkout(source, repo, ref), *args, user=user)
     workspace = prepare_workspace(source, head, ref)
     try:
-        return _check(cfg, env, workspace, *args, fan_out=fan_out, config_source=config_source)
+        return _check(
+            cfg, env, workspace, *args, user=user, fan_out=fan_out, config_source=config_source
+        )
     finally:
         remove_workspace(workspace)
 
@@ -535,6 +556,7 @@ def _check(
     no_cache: bool,
     deliver: bool,
     *,
+    user: Settings,
     fan_out: bool = False,
     config_source: str | None = None,
 ) -> CiOutcome | State[Any]:
@@ -562,5 +584,7 @@ def _check(
         )
     else:
         specs = cfg.catalog.select(names)
-        results = run_stages(cfg, env, workspace, specs, no_cache=no_cache, deliver=deliver)
+        results = run_stages(
+            cfg, env, workspace, specs, no_cache=no_cache, deliver=deliver, user=user
+        )
     return _outcome(workspace, names, results, ships=deliver and workspace.protected)

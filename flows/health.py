@@ -18,7 +18,9 @@ from blocks.config import load_config
 from blocks.environments import EnvironmentSpec
 from core.errors import EnvironmentUnhealthy
 from core.records import HealthReport, HealthResult
-from tasks.deploy.target import Deployer, environment_target
+from core.settings import Settings
+from tasks.context import resolve_run
+from tasks.deploy.target import Deployer
 from tasks.health import NOT_DEPLOYED, probe_service_health, publish_health_report
 from tasks.notify import Notice, flow_run_url, notify, paged_environment
 from tasks.releases import EnvironmentState, read_ledger
@@ -33,7 +35,8 @@ def _not_deployed(url: str, service: str) -> HealthResult:
 def _notify_health(flow_run: FlowRun, state: State[Any], *, healthy: bool) -> None:
     params = flow_run.parameters or {}
     name, paged = paged_environment(
-        str(params.get("environment") or "dev"), params.get("config_source")
+        str(params.get("environment") or "dev"),
+        params.get("config_source") or Settings.from_environ().config,
     )
     notice = Notice(
         kind="healthy" if healthy else "failed",
@@ -80,11 +83,13 @@ def health_check(
             environment's configured one.
         EnvironmentUnhealthy: nothing deployed, or a service is unhealthy.
     """
-    cfg = load_config(config_source)
+    settings = Settings.from_environ()
+    cfg = load_config(config_source or settings.config)
     env = cfg.environments.resolve(environment)
     specs = cfg.catalog.select(services) if services else cfg.catalog.services
-    deployer = environment_target(env, target).deployer()
-    ledger = read_ledger(env.name)
+    context = resolve_run(settings, cfg, env, target=target, registry=False)
+    deployer = context.deploy_target.deployer()
+    ledger = read_ledger(context.ledger, env.name)
     deployed = ledger.services
     checked = [s for s in specs if s.name in deployed]
     if not checked:

@@ -34,6 +34,7 @@ from core.records import (
     SecurityVerdict,
     short_digest,
 )
+from core.settings import Settings
 from tasks.approval import (
     Promoter,
     extra_env_of,
@@ -42,6 +43,7 @@ from tasks.approval import (
     read_approval_policy,
 )
 from tasks.backup import backup_environment
+from tasks.context import RunContext, resolve_run
 from tasks.deploy import (
     read_live_services,
     recover_interrupted,
@@ -85,7 +87,8 @@ SMOKE_DEADLINE_S = 20
 def _paged(parameters: dict[str, Any]) -> tuple[str, ...]:
     """Environments whose failures page: production, and the gated environment of this run."""
     name, paged = paged_environment(
-        str(parameters.get("environment")), parameters.get("config_source")
+        str(parameters.get("environment")),
+        parameters.get("config_source") or Settings.from_environ().config,
     )
     if not paged:
         try:
@@ -180,24 +183,32 @@ def notify_rollback_done(flow: Flow[..., Any], flow_run: FlowRun, state: State[A
 # --- flows ----------------------------------------------------------------------------
 
 
-def _config(config_source: str | None, environment: str) -> PipelineConfig:
-    try:
-        config = load_config(config_source)
-        config.environment(environment)
-    except ConfigError as exc:
-        raise PromotionRefused(str(exc)) from exc
-    return config
-
-
-def _target(
-    env: EnvironmentSpec,
+def _context(
+    settings: Settings,
+    config_source: str | None,
+    environment: str,
     target: str | None,
     drill_env: dict[str, dict[str, str]] | None = None,
-) -> tuple[DeployTarget, EnvironmentRegistry]:
-    """`env`'s configured target and registry, loaded; refused before anything changes."""
+) -> RunContext:
+    """The run's context: configuration, `environment`, its target and registry, the
+    stores; resolved once, refused before anything changes."""
     try:
-        registry = environment_registry(env)
-        return environment_target(env, target, drill_env, [registry.access]), registry
+        config = load_config(config_source or settings.config)
+        env = config.environment(environment)
+        return resolve_run(settings, config, env, target=target, drill_env=drill_env)
+    except ConfigError as exc:
+        raise PromotionRefused(str(exc)) from exc
+
+
+def _source(
+    context: RunContext, source_env: EnvironmentSpec
+) -> tuple[DeployTarget, EnvironmentRegistry]:
+    """The target and registry of the environment promoted from, loaded once."""
+    try:
+        registry = environment_registry(source_env)
+        pulls = [registry.access]
+        docker_host = context.settings.docker_host
+        return environment_target(source_env, None, None, pulls, docker_host), registry
     except ConfigError as exc:
         raise PromotionRefused(str(exc)) from exc
 
@@ -208,12 +219,10 @@ def _catalog(config: PipelineConfig) -> dict[str, ServiceSpec]:
 
 @dataclass(frozen=True)
 class _Promotion:
-    """What one promotion run resolved at its start, passed to its steps."""
+    """What one promotion run resolved at its start, passed to its steps: the run's
+    context and who promotes what, under which gate."""
 
-    config: PipelineConfig
-    env: EnvironmentSpec
-    deploy_target: DeployTarget
-    registry: EnvironmentRegistry
+    context: RunContext
     protected_branch: str
     run_id: str
     services: list[str] | None
@@ -224,9 +233,31 @@ class _Promotion:
     override_reason: str | None
     drill_env: dict[str, dict[str, str]] | None
 
+    @property
+    def config(self) -> PipelineConfig:
+        return self.context.config
+
+    @property
+    def env(self) -> EnvironmentSpec:
+        return self.context.env
+
+    @property
+    def deploy_target(self) -> DeployTarget:
+        return self.context.deploy_target
+
+    @property
+    def registry(self) -> EnvironmentRegistry:
+        assert self.context.registry is not None  # noqa: S101 - a promotion resolves it
+        return self.context.registry
+
     def plan(self) -> PromotionPlan:
         return plan_promotion(
-            self.config, self.env.name, self.services, self.promoter.name, self.protected_branch
+            self.context.ledger,
+            self.config,
+            self.env.name,
+            self.services,
+            self.promoter.name,
+            self.protected_branch,
         )
 
     def verdict(self, plan: PromotionPlan) -> SecurityVerdict:
@@ -239,12 +270,13 @@ class _Promotion:
         )
 
 
-def _smoke_test_source(config: PipelineConfig, plan: PromotionPlan) -> None:
+def _smoke_test_source(
+    config: PipelineConfig, plan: PromotionPlan, source_target: DeployTarget
+) -> None:
     """The releases answer in the environment they are promoted from (read-only), on
     that environment's own target."""
     source_env = config.environment(plan.source_environment)
     specs = config.catalog.select(plan.services)
-    source_target, _ = _target(source_env, None)
     addresses = service_addresses(source_target, source_env, specs)
     for spec in specs:
         smoke_test_release(
@@ -260,12 +292,12 @@ def _prepare(run: _Promotion) -> tuple[PromotionPlan, SecurityVerdict]:
     """Plan, scan gate, verified images, smoke tests, images in this environment's registry."""
     plan = run.plan()
     verdict = run.verdict(plan)
-    source = environment_registry(run.config.environment(plan.source_environment))
+    source_target, source = _source(run.context, run.config.environment(plan.source_environment))
     images = [c.image for c in plan.changes]
     logins = [login_for(image, source.access) for image in images]
     for future in verify_release_image.map(images, logins):
         future.result()
-    _smoke_test_source(run.config, plan)
+    _smoke_test_source(run.config, plan, source_target)
     # Into this environment's own registry, by digest, before anything deploys: the
     # ledger then names the image where this environment pulls it from.
     placed = place_images(plan, source, run.registry)
@@ -285,9 +317,10 @@ def _approved(
     the wait has no lease to lose. What was approved is re-checked under the lock.
     """
     plan, verdict = _prepare(run)
-    audit(plan, run.run_id, "requested", run.promoter.name, proof=run.promoter.proof)
+    store = run.context.ledger
+    audit(store, plan, run.run_id, "requested", run.promoter.name, proof=run.promoter.proof)
     extra = extra_env_of(plan, run.drill_env)
-    approvers = await_approvals(plan, gate, run.policy, extra, run.run_id)
+    approvers = await_approvals(plan, gate, run.policy, extra, run.run_id, store)
     return plan, verdict, ", ".join(approvers)
 
 
@@ -314,21 +347,23 @@ def _deploy(
     """
     env, deploy_target = run.env, run.deploy_target
     specs = run.config.catalog.select(plan.services)
-    target_state = read_ledger(env.name)
+    ledger = run.context.ledger
+    target_state = read_ledger(ledger, env.name)
     live = read_live_services(deploy_target, env, specs)
-    backup_environment(env.name, target_state, live)
-    begin_deploys(plan, live, run.run_id)
+    backup_environment(env.name, target_state, live, fs=run.context.backups)
+    begin_deploys(ledger, plan, live, run.run_id)
     addresses = service_addresses(deploy_target, env, specs)
     deployed: list[str] = []
     previous = {name: record.baseline for name, record in target_state.services.items()}
     try:
-        deploy_in_waves(deploy_target, env, specs, plan, live, health_deadline_s, deployed)
+        wave = run.context.settings.deploy_wave
+        deploy_in_waves(deploy_target, env, specs, plan, live, health_deadline_s, deployed, wave)
         baselines = verify_release(addresses, specs, plan, previous, run.config.performance)
-        state = record_promotion(plan, baselines, approved_by, verdict, run.run_id)
+        state = record_promotion(ledger, plan, baselines, approved_by, verdict, run.run_id)
     except BaseException as failure:
         # All or nothing, whatever failed (the pipeline's own error, a client's, a
         # cancellation): every service that moved goes back, whichever wave it was in.
-        undone = undo_release(deploy_target, env, specs, live, plan, run.run_id, failure)
+        undone = undo_release(deploy_target, env, specs, live, plan, (ledger, run.run_id), failure)
         if not isinstance(failure, Exception):
             raise
         raise undone from failure
@@ -350,17 +385,12 @@ def _start(
     override_reason).
     """
     check_request(*scan)
-    config = _config(config_source, environment)
-    env = config.environment(environment)
-    deploy_target, registry = _target(env, target, drill_env)
+    context = _context(Settings.from_environ(), config_source, environment, target, drill_env)
     repository = load_repository()
     policy = read_approval_policy(repository)
     gate, promoter = gate_and_promoter(policy, environment, who[0], who[1], who[2], services)
     return _Promotion(
-        config=config,
-        env=env,
-        deploy_target=deploy_target,
-        registry=registry,
+        context=context,
         protected_branch=repository.protected_branch,
         run_id=str(current_run.id),
         services=services,
@@ -374,6 +404,7 @@ def _start(
 
 
 def _outcome(
+    context: RunContext,
     plan: PromotionPlan,
     state: EnvironmentState,
     deployed: list[str],
@@ -381,9 +412,10 @@ def _outcome(
     baselines: dict[str, Baseline],
 ) -> PromotionOutcome:
     """The ledger published, the delivery metrics reported, and what the promotion did."""
-    publish_ledger_artifact(plan.environment, state)
+    publish_ledger_artifact(context.ledger, plan.environment, state)
     # Delivery metrics are a report: failing to compute them never fails a release.
-    publish_delivery_metrics(plan.environment, return_state=True)
+    repo = context.settings.repo
+    publish_delivery_metrics(context.ledger, plan.environment, repo, return_state=True)
     return PromotionOutcome(
         plan=plan,
         deployed=deployed,
@@ -445,10 +477,11 @@ def promote(
         return PromotionOutcome(plan=plan, dry_run=True)
     approved = _approved(run, run.gate) if run.gate is not None else None
     with deploy_lock(environment):
-        recover_interrupted(run.deploy_target, run.env, _catalog(run.config), run.run_id)
+        catalog = _catalog(run.config)
+        recover_interrupted(run.context.ledger, run.deploy_target, run.env, catalog, run.run_id)
         plan, verdict, approved_by = _settled(run, approved)
         state, deployed, baselines = _deploy(run, plan, verdict, approved_by, health_deadline_s)
-    return _outcome(plan, state, deployed, approved_by, baselines)
+    return _outcome(run.context, plan, state, deployed, approved_by, baselines)
 
 
 @flow(
@@ -469,27 +502,32 @@ def rollback(
 
     Returns service -> digest serving now. Waits for a running promotion to finish.
     """
-    config = _config(config_source, environment)
-    env = config.environment(environment)
+    context = _context(Settings.from_environ(), config_source, environment, target)
+    config, env, deploy_target, ledger = (
+        context.config,
+        context.env,
+        context.deploy_target,
+        context.ledger,
+    )
     if services is not None:
         try:
             config.catalog.select(services)
         except ConfigError as exc:
             raise PromotionRefused(str(exc)) from exc
-    deploy_target, _ = _target(env, target)
     with deploy_lock(environment):
-        recovered = recover_interrupted(deploy_target, env, _catalog(config), str(current_run.id))
+        run_id = str(current_run.id)
+        recovered = recover_interrupted(ledger, deploy_target, env, _catalog(config), run_id)
         if recovered is not None:
             # A promotion died mid-deploy: what it changed is undone, and the releases the
             # ledger names serve again. Going back further is a second, deliberate request.
             run_logger().info("%s: %s", environment, recovered.change)
-            publish_ledger_artifact(environment, recovered)
+            publish_ledger_artifact(ledger, environment, recovered)
             return {
                 name: record.image.digest
                 for name, record in recovered.services.items()
                 if name in (services or recovered.services)
             }
-        state = read_ledger(environment)
+        state = read_ledger(ledger, environment)
         names = services or [n for n in config.catalog.names() if n in state.previous]
         if not names:
             msg = f"the ledger of {environment} keeps no previous release to return to"
@@ -497,7 +535,7 @@ def rollback(
         restored: dict[str, str | None] = {}
         for name in names:
             restored[name] = restore_service(deploy_target, env, config.service(name), state)
-            record_rollback(environment, name)
+            record_rollback(ledger, environment, name)
     run_logger().info("%s rolled back by %s: %s", environment, requested_by, restored)
-    publish_ledger_artifact(environment)
+    publish_ledger_artifact(ledger, environment)
     return restored

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from blocks.approvals import POLICY_FILE, ApprovalPolicy, EnvironmentPolicy, parse_policy
 from blocks.config import load_config
 from blocks.repository import GitRepository, load_repository
+from blocks.storage import ledger_filesystem
 from core.errors import (
     AnswerRefused,
     ApprovalRefused,
@@ -52,6 +53,7 @@ from core.errors import (
     SlackRequestRefused,
 )
 from core.records import PromotionPlan, utcnow
+from core.settings import Settings
 from tasks.process import run_logger
 from tasks.releases import Ledger, build_plan, source_of
 from tasks.signing import (
@@ -489,7 +491,7 @@ def read_gate(run_id: UUID) -> Gate:
     )
 
 
-def plan_of_gate(gate: Gate) -> tuple[PromotionPlan, dict[str, dict[str, str]]]:
+def plan_of_gate(gate: Gate, settings: Settings) -> tuple[PromotionPlan, dict[str, dict[str, str]]]:
     """The plan a paused promotion waits on, computed here from the ledgers (never read
     from the server's description), and its extra container variables.
 
@@ -498,10 +500,10 @@ def plan_of_gate(gate: Gate) -> tuple[PromotionPlan, dict[str, dict[str, str]]]:
         ConfigError: the run names a configuration that cannot be loaded.
     """
     params = gate.parameters
-    config = load_config(params.get("config_source"))
+    config = load_config(params.get("config_source") or settings.config)
     env = config.environments.resolve(gate.environment)
     source = source_of(config, env.name)
-    ledger = Ledger()
+    ledger = Ledger(ledger_filesystem(settings))
     plan = build_plan(
         config,
         env.name,
@@ -515,15 +517,24 @@ def plan_of_gate(gate: Gate) -> tuple[PromotionPlan, dict[str, dict[str, str]]]:
 
 
 def answer_for(
-    run_id: UUID, key: Path, signer: str, decision: Decision, reason: str = ""
+    run_id: UUID,
+    key: Path,
+    signer: str,
+    decision: Decision,
+    reason: str = "",
+    *,
+    settings: Settings | None = None,
 ) -> tuple[dict[str, str], PromotionPlan, ApprovalStatement]:
     """Sign a decision about the paused promotion `run_id`: (run input, plan, statement).
+
+    The plan is computed from the ledger where the user settings keep it (`settings`, the
+    command line's; read from the environment here when not given).
 
     Raises:
         GateError: the run is not waiting for an answer.
         SigningError: the key cannot sign.
     """
-    plan, extra = plan_of_gate(read_gate(run_id))
+    plan, extra = plan_of_gate(read_gate(run_id), settings or Settings.from_environ())
     statement = statement_for(plan, str(run_id), extra, decision, reason, signer)
     signature = sign_statement(statement, key)
     return {"statement": statement.model_dump_json(), "signature": signature}, plan, statement

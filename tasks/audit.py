@@ -13,9 +13,9 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
+from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from blocks.storage import ledger_filesystem
 from core.errors import LedgerError
 from core.records import utcnow
 from tasks.process import run_logger
@@ -46,15 +46,15 @@ def _folder(environment: str) -> str:
     return f"{check_environment_name(environment)}/audit"
 
 
-def record_decision(entry: AuditEntry) -> AuditEntry:
+def record_decision(store: WritableFileSystem, entry: AuditEntry) -> AuditEntry:
     """Append `entry` to the environment's audit trail (a new object; nothing overwritten).
 
     Raises:
         LedgerError: the store refused to create the entry.
     """
     name = f"{entry.at:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:12]}.json"
-    store = open_store(ledger_filesystem())
-    if not store.create(f"{_folder(entry.environment)}/{name}", entry.model_dump_json().encode()):
+    objects = open_store(store)
+    if not objects.create(f"{_folder(entry.environment)}/{name}", entry.model_dump_json().encode()):
         msg = f"audit entry {name} of {entry.environment} could not be created"
         raise LedgerError(msg)
     log = run_logger()
@@ -66,17 +66,17 @@ def record_decision(entry: AuditEntry) -> AuditEntry:
     return entry
 
 
-def read_audit(environment: str) -> list[AuditEntry]:
+def read_audit(store: WritableFileSystem, environment: str) -> list[AuditEntry]:
     """Every entry of the environment's audit trail, oldest first.
 
     Raises:
         LedgerError: an entry cannot be read.
     """
-    store = open_store(ledger_filesystem())
+    objects = open_store(store)
     folder = _folder(environment)
     entries = []
-    for name in sorted(store.names(folder)):
-        data = store.read(f"{folder}/{name}")
+    for name in sorted(objects.names(folder)):
+        data = objects.read(f"{folder}/{name}")
         if data is None:
             continue
         try:

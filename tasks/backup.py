@@ -17,7 +17,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from blocks.storage import backup_filesystem
 from core.errors import BackupError
 from core.records import DeployedService, ImageRef, utcnow
 from tasks.process import run_logger
@@ -51,8 +50,8 @@ def new_backup_id(now: datetime | None = None) -> str:
     return f"{moment:%Y%m%dT%H%M%S}{millis:03d}Z-{uuid.uuid4().hex[:8]}"
 
 
-def _store(fs: WritableFileSystem | None) -> ObjectStore:
-    return open_store(fs if fs is not None else backup_filesystem())
+def _store(fs: WritableFileSystem) -> ObjectStore:
+    return open_store(fs)
 
 
 def restore_targets(backup: Backup) -> dict[str, ImageRef | None]:
@@ -75,7 +74,7 @@ def backup_environment(
     live: dict[str, DeployedService | None],
     manifests: list[dict[str, Any]] | None = None,
     *,
-    fs: WritableFileSystem | None = None,
+    fs: WritableFileSystem,
 ) -> str:
     """Write a backup bundle of `env_name`; returns the backup id.
 
@@ -113,14 +112,14 @@ def backup_environment(
     return backup.backup_id
 
 
-def list_backups(env: str, *, fs: WritableFileSystem | None = None) -> list[str]:
+def list_backups(env: str, *, fs: WritableFileSystem) -> list[str]:
     """Backup ids of `env`, oldest first."""
     check_environment_name(env)
     names = _store(fs).names(env)
     return [n.removesuffix(".json") for n in names if BACKUP_ID.match(n.removesuffix(".json"))]
 
 
-def load_backup(env: str, backup_id: str, *, fs: WritableFileSystem | None = None) -> Backup:
+def load_backup(env: str, backup_id: str, *, fs: WritableFileSystem) -> Backup:
     """Read one backup.
 
     Raises:
@@ -146,7 +145,7 @@ def load_backup(env: str, backup_id: str, *, fs: WritableFileSystem | None = Non
     return backup
 
 
-def latest_backup(env: str, *, fs: WritableFileSystem | None = None) -> Backup | None:
+def latest_backup(env: str, *, fs: WritableFileSystem) -> Backup | None:
     """The newest backup of `env`, None when there is none."""
     ids = list_backups(env, fs=fs)
     return load_backup(env, ids[-1], fs=fs) if ids else None

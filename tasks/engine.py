@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 import docker
@@ -26,18 +25,16 @@ def docker_error(name: str) -> type[Exception]:
 
 
 def resolve_docker_host(docker_host: str | None = None) -> str:
-    """The engine to use: `docker_host`, else DOCKER_HOST, else the one the local stack runs.
+    """The engine to use: `docker_host`, else the one the local stack runs.
 
-    DOCKER_HOST is read here, at the edge, as the documented way to point the pipeline
-    at a real Docker engine.
+    The caller passes the block's engine or the user setting DOCKER_HOST (read once, by
+    the command line or at a flow's start: `core.settings`).
 
     Raises:
         ToolError: none of them names an engine.
     """
     if docker_host:
         return docker_host
-    if os.environ.get("DOCKER_HOST"):
-        return os.environ["DOCKER_HOST"]
     info = load_stack_info()
     if info is None:
         msg = "no Docker engine: set DockerTarget.docker_host or DOCKER_HOST, or `cicd stack up`"

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from prefect.exceptions import FlowPauseTimeout
+from prefect.filesystems import WritableFileSystem
 from prefect.input import RunInput
 from pydantic import SecretStr
 
@@ -43,9 +44,17 @@ from tasks.process import run_logger
 APPROVAL_POLL_S = 1  # seconds (Prefect takes whole seconds)
 
 
-def audit(plan: PromotionPlan, run_id: str, kind: Any, who: str, **fields: str) -> None:
-    """Record one decision about `plan` in its environment's audit trail."""
+def audit(
+    store: WritableFileSystem,
+    plan: PromotionPlan,
+    run_id: str,
+    kind: Any,
+    who: str,
+    **fields: str,
+) -> None:
+    """Record one decision about `plan` in its environment's audit trail (in `store`)."""
     record_decision(
+        store,
         AuditEntry(
             environment=plan.environment,
             run_id=run_id,
@@ -53,7 +62,7 @@ def audit(plan: PromotionPlan, run_id: str, kind: Any, who: str, **fields: str) 
             kind=kind,
             who=who,
             **fields,
-        )
+        ),
     )
 
 
@@ -123,6 +132,7 @@ def _announce(plan: PromotionPlan, run_id: str) -> None:
 
 
 def _next_answer(
+    store: WritableFileSystem,
     plan: PromotionPlan,
     form: type[RunInput],
     run_id: str,
@@ -138,7 +148,7 @@ def _next_answer(
     def forced(state: str) -> None:
         why = f"the waiting run was forced to {state} from outside; paused again"
         run_logger().warning("%s", why)
-        audit(plan, run_id, "refused", "unknown", detail=why)
+        audit(store, plan, run_id, "refused", "unknown", detail=why)
 
     try:
         return pause_for_answer(
@@ -148,16 +158,17 @@ def _next_answer(
         raise
     except PauseInterrupted as exc:
         msg = f"{exc} while release {plan.release_id} waited for approval; nothing deployed"
-        audit(plan, run_id, "refused", "unknown", detail=msg)
+        audit(store, plan, run_id, "refused", "unknown", detail=msg)
         raise PromotionRejected(msg, plan=plan) from None
     except Exception as exc:  # noqa: BLE001 - a forced resume without a readable answer
         why = f"resumed without a readable answer ({type(exc).__name__}); waiting again"
-        audit(plan, run_id, "refused", "unknown", detail=why)
+        audit(store, plan, run_id, "refused", "unknown", detail=why)
         time.sleep(APPROVAL_POLL_S)
         return None
 
 
 def _judged(
+    store: WritableFileSystem,
     answer: RunInput,
     plan: PromotionPlan,
     gate: EnvironmentPolicy,
@@ -182,6 +193,7 @@ def _judged(
         )
     except AnswerRefused as refused:
         audit(
+            store,
             plan,
             run_id,
             "refused",
@@ -193,7 +205,9 @@ def _judged(
         return None
 
 
-def _record_verdict(plan: PromotionPlan, run_id: str, verdict: Verdict) -> None:
+def _record_verdict(
+    store: WritableFileSystem, plan: PromotionPlan, run_id: str, verdict: Verdict
+) -> None:
     """Audit a valid answer; a rejection ends the promotion (PromotionRejected)."""
     evidence = {
         "proof": verdict.proof,
@@ -201,13 +215,13 @@ def _record_verdict(plan: PromotionPlan, run_id: str, verdict: Verdict) -> None:
         "signature": verdict.signature,
     }
     if verdict.decision == "reject":
-        audit(plan, run_id, "rejected", verdict.principal, detail=verdict.reason, **evidence)
+        audit(store, plan, run_id, "rejected", verdict.principal, detail=verdict.reason, **evidence)
         msg = (
             f"{verdict.principal} rejected release {plan.release_id}: {verdict.reason}; "
             "nothing deployed"
         )
         raise PromotionRejected(msg, plan=plan)
-    audit(plan, run_id, "approved", verdict.principal, **evidence)
+    audit(store, plan, run_id, "approved", verdict.principal, **evidence)
 
 
 def await_approvals(
@@ -216,6 +230,7 @@ def await_approvals(
     policy: ApprovalPolicy,
     extra_env: dict[str, dict[str, str]],
     run_id: str,
+    store: WritableFileSystem,
 ) -> list[str]:
     """Pause until `gate.approvals_required` distinct approvers approved with proof.
 
@@ -234,15 +249,17 @@ def await_approvals(
     while (remaining := int(deadline - time.monotonic())) > 0:
         form = answer_form(plan, gate, approved, extra_env, run_id)
         try:
-            answer = _next_answer(plan, form, run_id, remaining)
+            answer = _next_answer(store, plan, form, run_id, remaining)
         except FlowPauseTimeout:
             break
         if answer is None:
             continue
-        verdict = _judged(answer, plan, gate, policy, extra_env, run_id, approved, slack_secret)
+        verdict = _judged(
+            store, answer, plan, gate, policy, extra_env, run_id, approved, slack_secret
+        )
         if verdict is None:
             continue
-        _record_verdict(plan, run_id, verdict)
+        _record_verdict(store, plan, run_id, verdict)
         approved.append(verdict.principal)
         if len(approved) >= gate.approvals_required:
             run_logger().info("release %s approved by %s", plan.release_id, ", ".join(approved))
@@ -252,6 +269,6 @@ def await_approvals(
         + (f" (approved by {', '.join(approved)} only)" if approved else "")
         + "; nothing deployed"
     )
-    audit(plan, run_id, "timed_out", "nobody", detail=msg)
+    audit(store, plan, run_id, "timed_out", "nobody", detail=msg)
     run_logger().error(msg)
     raise PromotionRejected(msg, plan=plan)

@@ -475,7 +475,7 @@ def delivery_settings(
 ) -> DeliverySettings:
     """Where images are built and pushed, resolved once per CI run.
 
-    The engine: `docker_host`, else DOCKER_HOST, else the local stack's. The registry:
+    The engine: `docker_host` (the user setting DOCKER_HOST), else the local stack's. The registry:
     `env`'s own (CI's deploy environment), else the saved `elice-registry` block, else
     the local stack's. The base image: the local stack's (None: the Dockerfile's
     default). ECR mirror: the saved `elice-ecr` block, if any.

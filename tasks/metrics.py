@@ -32,6 +32,7 @@ from typing import Literal
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.config import repo_root
@@ -487,12 +488,12 @@ def environment_metrics(
     environments: Iterable[str],
     *,
     window_days: float = DEFAULT_WINDOW_DAYS,
-    ledger: Ledger | None = None,
+    ledger: Ledger,
     commit_times: CommitTimes | None = None,
     now: datetime | None = None,
 ) -> list[DeliveryMetrics]:
-    """The metrics of each environment from the ledger (default: the configured storage)."""
-    book = ledger or Ledger()
+    """The metrics of each environment from `ledger`."""
+    book = ledger
     times = commit_times or git_commit_times()
     until = now or datetime.now(UTC)
     return [
@@ -509,10 +510,19 @@ def environment_metrics(
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def publish_delivery_metrics(
-    environment: str, window_days: float = DEFAULT_WINDOW_DAYS
+    store: WritableFileSystem,
+    environment: str,
+    repo: Path,
+    window_days: float = DEFAULT_WINDOW_DAYS,
 ) -> DeliveryMetrics:
-    """Compute an environment's delivery metrics and publish them as artifact `delivery-<env>`."""
-    (metrics,) = environment_metrics([environment], window_days=window_days)
+    """Compute an environment's delivery metrics (the ledger in `store`, commit times from
+    `repo`) and publish them as artifact `delivery-<env>`."""
+    (metrics,) = environment_metrics(
+        [environment],
+        window_days=window_days,
+        ledger=Ledger(store),
+        commit_times=git_commit_times(repo),
+    )
     create_markdown_artifact(
         markdown=metrics_markdown([metrics]),
         key=f"delivery-{environment}",

@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from blocks.config import PipelineConfig
 from blocks.environments import EnvironmentSpec
-from blocks.storage import ledger_filesystem
 from core.errors import ConfigError, LedgerConflict, LedgerError, PromotionRefused
 from core.records import (
     DeployedService,
@@ -132,11 +131,12 @@ def check_environment_name(env: str) -> str:
 class Ledger:
     """Per-environment release ledger with immutable, exclusively created revisions."""
 
-    def __init__(self, fs: WritableFileSystem | None = None, *, max_attempts: int = MAX_ATTEMPTS):
+    def __init__(self, store: WritableFileSystem, *, max_attempts: int = MAX_ATTEMPTS):
+        """The ledger in `store`: the filesystem a run resolved once (`ledger_filesystem`)."""
         if max_attempts < 1:
             msg = f"max_attempts must be at least 1, got {max_attempts}"
             raise ValueError(msg)
-        self.store = open_store(fs if fs is not None else ledger_filesystem())
+        self.store = open_store(store)
         self.max_attempts = max_attempts
 
     def _revisions(self, env: str) -> list[int]:
@@ -337,10 +337,12 @@ def _cell(text: str) -> str:
 
 
 @task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
-def publish_ledger_artifact(env: str, state: EnvironmentState | None = None) -> str:
+def publish_ledger_artifact(
+    store: WritableFileSystem, env: str, state: EnvironmentState | None = None
+) -> str:
     """Publish the ledger of `env` as a markdown artifact keyed `ledger-<env>`; returns its id."""
     check_environment_name(env)
-    current = state if state is not None else Ledger().current(env)
+    current = state if state is not None else Ledger(store).current(env)
     artifact_id = create_markdown_artifact(
         markdown=ledger_markdown(current),
         key=f"ledger-{env}",
@@ -372,7 +374,10 @@ class LedgerEntry(BaseModel):
 
 @task(task_run_name="record_release-{outcome.deployed.service}")
 def record_release(
-    outcome: DeployOutcome, scan: ScanReport | None, workspace: Workspace
+    outcome: DeployOutcome,
+    scan: ScanReport | None,
+    workspace: Workspace,
+    store: WritableFileSystem,
 ) -> LedgerEntry:
     """Record the deployed, health-checked release in the environment's ledger.
 
@@ -397,7 +402,7 @@ def record_release(
         ref=f"refs/heads/{workspace.protected_branch}",
         commit=workspace.commit,
     )
-    ledger = Ledger()
+    ledger = Ledger(store)
     state = ledger.current(deployed.environment)
     current = state.services.get(deployed.service)
     if current is not None and current.image.digest == record.image.digest and current.verified:
@@ -575,13 +580,14 @@ def promoted_state(
 
 
 @task(cache_policy=NO_CACHE)
-def read_ledger(environment: str) -> EnvironmentState:
+def read_ledger(store: WritableFileSystem, environment: str) -> EnvironmentState:
     """The latest ledger revision of `environment`."""
-    return Ledger().current(environment)
+    return Ledger(store).current(environment)
 
 
 @task(cache_policy=NO_CACHE)
 def plan_promotion(
+    store: WritableFileSystem,
     config: PipelineConfig,
     target_env: str,
     services: list[str] | None,
@@ -594,7 +600,7 @@ def plan_promotion(
         PromotionRefused: see `build_plan`; nothing has changed.
     """
     env = source_of(config, target_env)
-    ledger = Ledger()
+    ledger = Ledger(store)
     plan = build_plan(
         config,
         target_env,
@@ -615,6 +621,7 @@ def plan_promotion(
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def record_promotion(
+    store: WritableFileSystem,
     plan: PromotionPlan,
     baselines: dict[str, Baseline],
     approved_by: str | None,
@@ -622,7 +629,7 @@ def record_promotion(
     flow_run_id: str | None,
 ) -> EnvironmentState:
     """Write the promotion to the target's ledger in one revision: deployed and verified."""
-    state = Ledger().update(
+    state = Ledger(store).update(
         plan.environment,
         lambda current: promoted_state(
             current,
@@ -648,9 +655,9 @@ def record_promotion(
     retries=2,
     retry_delay_seconds=1,
 )
-def record_rollback(environment: str, service: str) -> EnvironmentState:
+def record_rollback(store: WritableFileSystem, environment: str, service: str) -> EnvironmentState:
     """Record in the ledger that `service` serves its previous release again."""
-    return Ledger().restore_previous(environment, service)
+    return Ledger(store).restore_previous(environment, service)
 
 
 def with_intent(state: EnvironmentState, intent: DeployIntent) -> EnvironmentState:
@@ -685,6 +692,7 @@ def without_intent(state: EnvironmentState, flow_run_id: str, change: str) -> En
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def begin_deploys(
+    store: WritableFileSystem,
     plan: PromotionPlan,
     previous: Mapping[str, DeployedService | None],
     flow_run_id: str,
@@ -696,10 +704,14 @@ def begin_deploys(
         images={c.service: c.image for c in plan.changes},
         previous={c.service: previous.get(c.service) for c in plan.changes},
     )
-    return Ledger().update(plan.environment, lambda state: with_intent(state, intent))
+    return Ledger(store).update(plan.environment, lambda state: with_intent(state, intent))
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def end_deploys(environment: str, flow_run_id: str, change: str) -> EnvironmentState:
+def end_deploys(
+    store: WritableFileSystem, environment: str, flow_run_id: str, change: str
+) -> EnvironmentState:
     """Clear the intent of `flow_run_id`: its deploys were undone, the old release serves."""
-    return Ledger().update(environment, lambda state: without_intent(state, flow_run_id, change))
+    return Ledger(store).update(
+        environment, lambda state: without_intent(state, flow_run_id, change)
+    )

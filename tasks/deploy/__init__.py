@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.filesystems import WritableFileSystem
 
 from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
@@ -235,6 +236,7 @@ def restore_service(
 
 @task(cache_policy=NO_CACHE)
 def recover_interrupted(
+    store: WritableFileSystem,
     deploy_target: DeployTarget,
     env: EnvironmentSpec,
     services: Mapping[str, ServiceSpec],
@@ -251,7 +253,7 @@ def recover_interrupted(
     Raises:
         PromotionError: a service could not be put back; the intent stays for the next run.
     """
-    pending = read_ledger.fn(env.name).in_progress
+    pending = read_ledger.fn(store, env.name).in_progress
     if pending is None or pending.flow_run_id == flow_run_id:
         return None
     logger = run_logger()
@@ -279,7 +281,7 @@ def recover_interrupted(
         f"run {pending.flow_run_id} died deploying release {pending.release_id}; "
         f"run {flow_run_id} put the previous releases back"
     )
-    state = end_deploys.fn(env.name, pending.flow_run_id, change)
+    state = end_deploys.fn(store, env.name, pending.flow_run_id, change)
     mark_crashed(pending.flow_run_id, f"died while deploying; {change}")
     logger.warning("%s: %s", env.name, rollback_message(PromotionError(change), restored))
     return state

@@ -83,9 +83,14 @@ class DeployTarget(BaseModel):
 
 
 def resolve_deploy_target(
-    target: str = "docker", drill_env: dict[str, dict[str, str]] | None = None
+    target: str = "docker",
+    drill_env: dict[str, dict[str, str]] | None = None,
+    docker_host: str | None = None,
 ) -> DeployTarget:
     """Load `target`'s saved block once (docker: the defaults when none is saved).
+
+    `docker_host` (the user setting DOCKER_HOST) is the docker target's engine where its
+    block names none.
 
     Raises:
         ConfigError: an unknown target, drill variables for kubernetes, or no saved
@@ -108,6 +113,8 @@ def resolve_deploy_target(
         block = cast("DockerTarget", DockerTarget.load(DOCKER_TARGET_BLOCK))
     except ValueError:  # none saved: the local defaults
         block = DockerTarget()
+    if block.docker_host is None and docker_host:
+        block = block.model_copy(update={"docker_host": docker_host})
     return DeployTarget(target="docker", docker=block, drill_env=drill_env or {})
 
 
@@ -116,8 +123,10 @@ def environment_target(
     requested: str | None = None,
     drill_env: dict[str, dict[str, str]] | None = None,
     registries: Sequence[OciRegistry | None] = (),
+    docker_host: str | None = None,
 ) -> DeployTarget:
-    """The target `env`'s configuration names, loaded; `registries` to pull from.
+    """The target `env`'s configuration names, loaded; `registries` to pull from;
+    `docker_host` the engine where the docker target's block names none (DOCKER_HOST).
 
     `requested` (a caller's `--target`) may only repeat the configured target: where an
     environment runs is configuration, not a choice made per run.
@@ -132,7 +141,7 @@ def environment_target(
             "change the environment's `target` in the pipeline configuration instead"
         )
         raise ConfigError(msg)
-    loaded = resolve_deploy_target(env.target, drill_env)
+    loaded = resolve_deploy_target(env.target, drill_env, docker_host)
     pull: dict[str, OciRegistry] = {}
     for registry in registries:
         if registry is not None:

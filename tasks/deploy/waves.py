@@ -1,7 +1,7 @@
 """A promotion's deploy: the changed services in waves of the machine's cores, then every
 service verified healthy on its new digest and measured against its previous baseline.
 
-    deploy_wave_size()                                   services deployed at once
+    deploy_wave_size(configured)                         services deployed at once
     deploy_in_waves(target, env, specs, plan, live, ...) the waves; the first failure raised
     verify_release(addresses, specs, plan, previous, policy) health, baselines, regressions
 """
@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 
 from prefect import unmapped
+from prefect.filesystems import WritableFileSystem
 
 from blocks.catalog import ServiceSpec
 from blocks.config import PerformancePolicy
@@ -28,10 +29,10 @@ from tasks.releases import end_deploys
 VERIFY_DEADLINE_S = 30
 
 
-def deploy_wave_size() -> int:
-    """How many services deploy at once: the machine's cores (ELICE_DEPLOY_WAVE overrides;
-    1 deploys one after another)."""
-    configured = os.environ.get("ELICE_DEPLOY_WAVE", "").strip()
+def deploy_wave_size(configured: str = "") -> int:
+    """How many services deploy at once: the machine's cores; `configured` (the user
+    setting ELICE_DEPLOY_WAVE) overrides, 1 deploys one after another."""
+    configured = configured.strip()
     if configured:
         if not configured.isdigit() or int(configured) < 1:
             msg = f"ELICE_DEPLOY_WAVE must be a positive integer, got {configured!r}"
@@ -62,15 +63,17 @@ def deploy_in_waves(
     live: Mapping[str, DeployedService | None],
     deadline_s: float,
     deployed: list[str],
+    wave_setting: str = "",
 ) -> None:
-    """Deploy the services whose digest changes, a wave of `deploy_wave_size()` at a time.
+    """Deploy the services whose digest changes, a wave of `deploy_wave_size(wave_setting)`
+    at a time (the user setting ELICE_DEPLOY_WAVE; empty: the machine's cores).
 
     A wave starts when the one before it is healthy; after a failure no further wave
     starts, and the first failure is raised (the caller restores every service).
     `deployed` collects the services that rolled out.
     """
     todo = _to_deploy(specs, plan, live)
-    size = deploy_wave_size()
+    size = deploy_wave_size(wave_setting)
     for start in range(0, len(todo), size):
         wave = todo[start : start + size]
         futures = [
@@ -130,7 +133,7 @@ def undo_release(
     specs: list[ServiceSpec],
     live: Mapping[str, DeployedService | None],
     plan: PromotionPlan,
-    run_id: str,
+    record: tuple[WritableFileSystem, str],
     failure: BaseException,
 ) -> PromotionRolledBack:
     """All or nothing, whatever failed: every service that moved is put back, checked, and
@@ -139,12 +142,14 @@ def undo_release(
     A ledger that cannot record the rollback (the store failing, as it may have failed the
     record that caused this) never replaces the cause: the intent stays on record, and the
     next promotion or rollback of the environment finds it and checks what serves.
+    `record` is the ledger's store and the run whose intent it holds.
     """
+    ledger, run_id = record
     restore_environment(deploy_target, env, specs, live)
     restored = confirm_restored(deploy_target, env, specs, live)
     message = rollback_message(failure, restored)
     try:
-        end_deploys(env.name, run_id, f"release {plan.release_id} rolled back: {failure}")
+        end_deploys(ledger, env.name, run_id, f"release {plan.release_id} rolled back: {failure}")
     except Exception as exc:  # noqa: BLE001 - reported with the failure it follows
         note = (
             f"; the ledger could not record the rollback ({exc}): its intent stays, and the "

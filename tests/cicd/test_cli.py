@@ -19,7 +19,8 @@ from blocks.stack import StackInfo, save_stack_info
 from cicd.cli import app
 from core.records import ImageRef
 from stack.ports import free_port
-from tasks.releases import Ledger, ReleaseRecord
+from tasks.releases import ReleaseRecord
+from tests.ledgers import current_ledger
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -46,7 +47,7 @@ CICD = Path(sys.executable).with_name("cicd")
 
 
 def _record_auth(environment: str, digest: str) -> None:
-    Ledger().record_deploy(
+    current_ledger().record_deploy(
         environment,
         ReleaseRecord(
             service="auth",

@@ -18,7 +18,8 @@ from core.records import ImageRef
 from tasks.deploy.docker import DockerDeployer, container_name
 from tasks.deploy.target import Deployer
 from tasks.registry import manifest_digest
-from tasks.releases import Ledger, ReleaseRecord
+from tasks.releases import ReleaseRecord
+from tests.ledgers import current_ledger
 
 SERVICES = ["course", "course-b"]
 PREFIX = "elice"
@@ -104,7 +105,7 @@ def put_release(
     """What CI does for its environment: deploy `image` as `service` and record it."""
     ref = as_service(image, service)
     deployer.deploy(cfg.environment(env), cfg.service(service), ref, deadline_s=60)
-    Ledger().record_deploy(
+    current_ledger().record_deploy(
         env,
         ReleaseRecord(
             service=service,
@@ -121,4 +122,4 @@ def put_release(
 def put_verified(cfg: PipelineConfig, env: str, service: str, image: ImageRef) -> None:
     """What CI does for its environment: deploy `image` and record it verified."""
     put_release(DockerDeployer(), cfg, env, service, image, release_id=f"seed-{image.short}")
-    Ledger().mark_verified(env, service, None)
+    current_ledger().mark_verified(env, service, None)

@@ -18,7 +18,7 @@ from prefect.client.schemas.objects import State
 
 from flows.ci import CiOutcome, ci
 from tasks.registry import verify_release_image
-from tasks.releases import Ledger
+from tests.ledgers import current_ledger
 from tests.tasks.ci_checkout import copy_monorepo
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,7 +77,7 @@ def first(delivery) -> State[Any]:
 def test_every_service_is_built_pushed_deployed_and_healthy(first, config) -> None:
     assert first.is_completed(), first.message
     outcome = _outcome(first)
-    ledger = Ledger().current(ENV)
+    ledger = current_ledger().current(ENV)
     for name in SERVICES:
         stages = {r.stage: r for r in outcome.results if r.service == name}
         for stage in ("image", "scan", "deploy", "health", "record"):
@@ -112,6 +112,6 @@ def test_an_unchanged_service_is_neither_rebuilt_nor_redeployed(first, delivery,
     assert after == before
     # a reused image is recorded with the commit it was built from, so promotion's
     # image check (digest present, revision label = recorded commit) accepts it
-    ledger = Ledger().current(ENV)
+    ledger = current_ledger().current(ENV)
     for name in SERVICES:
         assert verify_release_image.fn(ledger.services[name].image) == ledger.services[name].image

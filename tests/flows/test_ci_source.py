@@ -21,7 +21,7 @@ from blocks.notifications import SLACK_BLOCK, SlackChannel
 from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
 from flows.ci import CiOutcome, ci
-from tasks.releases import Ledger
+from tests.ledgers import current_ledger
 from tests.plugins.receivers import Receiver
 from tests.tasks.ci_checkout import REPO, commit_all, copy_monorepo, git
 
@@ -108,7 +108,7 @@ def test_a_pull_request_builds_its_image_and_ships_nothing(
     git(work, "checkout", "-q", "-b", "feature")
     sha = _push(work, "feature", "a pull request\n")
     git(work, "checkout", "-q", "main")
-    before = Ledger().current(ENV)
+    before = current_ledger().current(ENV)
     state = ci(
         services=[SERVICE], head=sha, ref="refs/pull/1/merge", deliver=True,
         environment=ENV, config_source=config_file, return_state=True,
@@ -121,7 +121,7 @@ def test_a_pull_request_builds_its_image_and_ships_nothing(
     assert stages["image"] == "passed"
     assert "scan" in stages
     assert not {"sbom", "deploy", "health", "record"} & set(stages)
-    assert Ledger().current(ENV).revision == before.revision  # nothing recorded
+    assert current_ledger().current(ENV).revision == before.revision  # nothing recorded
 
 
 def test_another_repository_is_refused(remote: tuple[Path, Path]) -> None:

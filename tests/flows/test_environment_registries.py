@@ -25,8 +25,8 @@ from flows.promotion import promote
 from tasks.deploy.docker import DockerDeployer
 from tasks.health import probe_health
 from tasks.registry import image_exists
-from tasks.releases import Ledger
 from tests.flows.chain import SERVICES, put_verified, remove_containers, write_chain_config
+from tests.ledgers import current_ledger
 from tests.plugins.registries import AuthRegistry
 
 pytestmark = pytest.mark.stack
@@ -82,7 +82,7 @@ def test_promotion_copies_each_image_into_the_environments_own_registry(
         return_state=True,
     )
     assert state.is_completed(), state.message
-    records = Ledger().current(STG).services
+    records = current_ledger().current(STG).services
     for service in SERVICES:
         image = records[service].image
         # recorded where rg-stg pulls it from, with the digest rg-dev verified
@@ -103,7 +103,8 @@ def test_promotion_copies_each_image_into_the_environments_own_registry(
         )
         assert health.ok, health.failures
     # the source environment still names the CI registry's image
-    assert Ledger().current(DEV).services["course"].image.repository == pushed_image.repository
+    source = current_ledger().current(DEV).services["course"]
+    assert source.image.repository == pushed_image.repository
 
 
 def test_an_unsaved_registry_block_is_refused_before_anything_changes(
@@ -114,12 +115,12 @@ def test_an_unsaved_registry_block_is_refused_before_anything_changes(
         [(DEV, 36100), (STG, 36600)],
         **{STG: {"registry": {"kind": "oci", "block": "test-registry-never-saved"}}},
     )
-    before = Ledger().current(STG)
+    before = current_ledger().current(STG)
     state = promote(environment=STG, config_source=cfg_path, promoted_by="ci", return_state=True)
     error = state.result(raise_on_failure=False)
     assert isinstance(error, PromotionRefused), error
     assert "its registry block 'test-registry-never-saved' (oci) is not saved" in str(error)
-    assert Ledger().current(STG).revision == before.revision
+    assert current_ledger().current(STG).revision == before.revision
     assert (
         DockerDeployer().live(load_config(cfg_path).environment(STG), chain[0].service("course"))
         is None
@@ -130,7 +131,7 @@ def test_a_target_other_than_the_configured_one_is_refused(
     chain: tuple[PipelineConfig, str],
 ) -> None:
     _, cfg_path = chain
-    before = Ledger().current(STG)
+    before = current_ledger().current(STG)
     state = promote(
         environment=STG,
         config_source=cfg_path,
@@ -141,7 +142,7 @@ def test_a_target_other_than_the_configured_one_is_refused(
     error = state.result(raise_on_failure=False)
     assert isinstance(error, PromotionRefused), error
     assert "rg-stg deploys to its configured target 'docker', not 'kubernetes'" in str(error)
-    assert Ledger().current(STG).revision == before.revision
+    assert current_ledger().current(STG).revision == before.revision
 
 
 def test_a_saved_block_of_another_kind_is_not_taken_for_the_named_one(

@@ -29,7 +29,8 @@ from core.records import HealthReport, ImageRef
 from flows.health import health_check
 from tasks.deploy.docker import DockerDeployer, container_name
 from tasks.health import NOT_DEPLOYED
-from tasks.releases import Ledger, ReleaseRecord
+from tasks.releases import ReleaseRecord
+from tests.ledgers import current_ledger
 from tests.plugins.receivers import Receiver
 from tests.tasks.servicekit_server import DIGEST_A, DIGEST_B, servicekit_server
 
@@ -87,7 +88,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 
 def record(env: str, digest: str, service: str = "probe") -> None:
     image = ImageRef(service=service, repository=f"127.0.0.1:5000/elice/{service}", digest=digest)
-    Ledger().record_deploy(
+    current_ledger().record_deploy(
         env,
         ReleaseRecord(
             service=service, environment=env, image=image, release_id="r-test", verified=True
@@ -257,7 +258,7 @@ def test_cicd_health_of_a_real_container_by_alias(
         record_container = ReleaseRecord(
             service="course", environment="production", image=image, release_id="r-c"
         )
-        Ledger().record_deploy("production", record_container)
+        current_ledger().record_deploy("production", record_container)
         result = runner.invoke(app, ["health", "prod", "--json", "--config", str(config)])
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)

@@ -35,9 +35,9 @@ from flows.ci import CiOutcome, ci
 from flows.promotion import promote
 from tasks.deploy.kubernetes import KubernetesDeployer
 from tasks.deploy.target import KUBERNETES_TARGET_BLOCK
-from tasks.releases import Ledger
 from tests.flows.chain import derive, put_release, write_chain_config
 from tests.k8s_sim import CRASH, KubeSimulator
+from tests.ledgers import current_ledger
 from tests.plugins.registries import AuthRegistry
 from tests.tasks.ci_checkout import copy_monorepo
 
@@ -146,13 +146,13 @@ def test_promotion_ships_to_kubernetes_and_a_failed_release_rolls_back(cluster: 
     for service in SERVICES:
         # copied into kd-stg's own registry, and the cluster runs it from there
         assert c.image(STG, service) == c.in_stg(c.d1, service)
-        record = Ledger().current(STG).services[service]
+        record = current_ledger().current(STG).services[service]
         assert record.image.digest == c.d1.digest
         assert record.image.reference == c.in_stg(c.d1, service)
         # the source was smoke-tested and the target verified, both through the proxy
         assert ("elice-devops-dev", service, "/version") in c.sim.proxied
         assert ("elice-devops-stg", service, "/version") in c.sim.proxied
-    recorded = Ledger().current(STG)
+    recorded = current_ledger().current(STG)
 
     # D2 runs in kd-dev; in kd-stg its pods crash: the deploy fails on their reason and
     # every service of the release is back on D1
@@ -167,7 +167,7 @@ def test_promotion_ships_to_kubernetes_and_a_failed_release_rolls_back(cluster: 
     for service in SERVICES:
         assert c.image(STG, service) == c.in_stg(c.d1, service)
     # the attempt is on record (begun, rolled back); what serves is recorded unchanged
-    after = Ledger().current(STG)
+    after = current_ledger().current(STG)
     assert after.revision == recorded.revision + 2
     assert after.in_progress is None
     assert after.services == recorded.services
@@ -190,7 +190,7 @@ def test_ci_delivers_to_kubernetes_through_the_same_target(
     stages = {r.stage: r for r in outcome.results if r.service == "auth"}
     for stage in ("image", "deploy", "health", "record"):
         assert stages[stage].status == "passed", (stage, stages[stage].summary)
-    record = Ledger().current(DEV).services["auth"]
+    record = current_ledger().current(DEV).services["auth"]
     assert record.commit == outcome.commit
     # applied in the cluster, pinned by digest, and checked through the service proxy
     assert cluster.image(DEV, "auth") == record.image.reference

@@ -39,8 +39,10 @@ from blocks.config import PipelineConfig, load_config
 from blocks.notifications import PAGERDUTY_BLOCK, SLACK_BLOCK, PagerDutyService, SlackChannel
 from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
+from blocks.storage import ledger_filesystem
 from core.errors import PromotionError, PromotionRefused, PromotionRejected, PromotionRolledBack
 from core.records import ImageRef
+from core.settings import Settings
 from daemons.slack_receiver import ACTIONS_PATH, SlackReceiver
 from flows.promotion import promote, rollback
 from tasks.approval import (
@@ -53,10 +55,10 @@ from tasks.approval import (
 from tasks.audit import AuditEntry, read_audit
 from tasks.deploy.docker import DockerDeployer
 from tasks.health import probe_health
-from tasks.releases import Ledger
 from tasks.slack_actions import APPROVE_ACTION
 from tests.approvers import Approvers, paused_promotion
 from tests.flows.chain import derive, put_release, remove_containers
+from tests.ledgers import current_ledger
 from tests.plugins.receivers import Receiver
 from tests.slack_requests import button_press, slack_signed
 
@@ -268,7 +270,7 @@ def test_staging_promotion_of_a_dev_verified_release(train: Train, receiver: Rec
     assert outcome.deployed == SERVICES
     assert outcome.approved_by is None
     assert serving(train, STG) == {"course": d1, "course-b": d1}
-    current = Ledger().current(STG)
+    current = current_ledger().current(STG)
     for name in SERVICES:
         record = current.services[name]
         assert record.verified
@@ -284,22 +286,22 @@ def test_staging_promotion_of_a_dev_verified_release(train: Train, receiver: Rec
 
 def test_unverified_release_is_refused_and_nothing_deploys(train: Train) -> None:
     put_dev(train, "course", train.digests["D2"], verified=False)
-    revision = Ledger().current(STG).revision
+    revision = current_ledger().current(STG).revision
     state = run(train, STG, services=["course"], promoted_by="ci")
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
     assert isinstance(error, PromotionRefused)
     assert "course: release ci-" in str(error)
     assert "is not verified in pr-dev" in str(error)
-    assert Ledger().current(STG).revision == revision
+    assert current_ledger().current(STG).revision == revision
     d1 = train.digests["D1"].digest
     assert serving(train, STG) == {"course": d1, "course-b": d1}
 
 
 def test_dry_run_plans_and_changes_nothing(train: Train) -> None:
-    Ledger().mark_verified(DEV, "course", None)
+    current_ledger().mark_verified(DEV, "course", None)
     put_dev(train, "course-b", train.digests["D3"])
-    revision = Ledger().current(STG).revision
+    revision = current_ledger().current(STG).revision
     state = run(train, STG, promoted_by="ci", dry_run=True)
     assert state.is_completed()
     plan = state.result().plan
@@ -308,11 +310,12 @@ def test_dry_run_plans_and_changes_nothing(train: Train) -> None:
         train.digests["D3"].digest,
     ]
     assert [c.current_digest for c in plan.changes] == [train.digests["D1"].digest] * 2
-    assert Ledger().current(STG).revision == revision
+    assert current_ledger().current(STG).revision == revision
 
 
 def audit_of(run_id: UUID) -> list[AuditEntry]:
-    return [e for e in read_audit(PROD) if e.run_id == str(run_id)]
+    store = ledger_filesystem(Settings.from_environ())
+    return [e for e in read_audit(store, PROD) if e.run_id == str(run_id)]
 
 
 def answered(run_id: UUID, run_input: dict[str, str]) -> AuditEntry:
@@ -352,7 +355,7 @@ def test_production_gate_refuses_unproven_answers_then_deploys(
         assert entry.kind == "refused", (what, entry)
         assert entry.who == claimed, (what, entry)
         paused_promotion(before)  # waits again
-        assert Ledger().current(PROD).services == {}, what
+        assert current_ledger().current(PROD).services == {}, what
     # forced to Running with no answer at all: refused and audited, the run waits again
     seen = len(audit_of(run_id))
     with get_client(sync_client=True) as client:
@@ -382,7 +385,7 @@ def test_production_gate_refuses_unproven_answers_then_deploys(
     assert state.result().approved_by == "bob"
     d1 = train.digests["D1"].digest
     assert serving(train, PROD) == {"course": d1, "course-b": d1}
-    record = Ledger().current(PROD).services["course"]
+    record = current_ledger().current(PROD).services["course"]
     assert (record.approved_by, record.promoted_by, record.verified) == ("bob", "alice", True)
     kinds = [e.kind for e in audit_of(run_id)]
     # each attack, the forced resume and the forced Scheduled are refused, then approved
@@ -403,23 +406,23 @@ def test_a_caller_cannot_bring_an_approval_policy(train: Train, tmp_path: Path) 
     data["environments"][2]["approval_required"] = False  # the attack: no gate for me
     own = tmp_path / "mine.yaml"
     own.write_text(yaml.safe_dump(data), encoding="utf-8")
-    revision = Ledger().current(PROD).revision
+    revision = current_ledger().current(PROD).revision
     state = run(train, PROD, promoted_by="alice", config_source=str(own))
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
     assert isinstance(error, PromotionRefused), error
     assert "approval policy is not part of the pipeline configuration" in str(error)
-    assert Ledger().current(PROD).revision == revision
+    assert current_ledger().current(PROD).revision == revision
 
 
 def test_an_unsigned_production_request_is_refused(train: Train) -> None:
-    revision = Ledger().current(PROD).revision
+    revision = current_ledger().current(PROD).revision
     state = run(train, PROD, promoted_by="alice", request=None)
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
     assert isinstance(error, PromotionRefused), error
     assert "must be known by key" in str(error)
-    assert Ledger().current(PROD).revision == revision
+    assert current_ledger().current(PROD).revision == revision
 
 
 def test_staging_update_then_production_rejection_deploys_nothing(train: Train) -> None:
@@ -427,9 +430,10 @@ def test_staging_update_then_production_rejection_deploys_nothing(train: Train) 
     assert state.is_completed(), state.message
     d2, d3 = train.digests["D2"].digest, train.digests["D3"].digest
     assert serving(train, STG) == {"course": d2, "course-b": d3}
-    assert Ledger().current(STG).previous["course"].image.digest == train.digests["D1"].digest
+    previous = current_ledger().current(STG).previous["course"]
+    assert previous.image.digest == train.digests["D1"].digest
 
-    revision = Ledger().current(PROD).revision
+    revision = current_ledger().current(PROD).revision
     before = set(train.run_ids)
     job = Background(train, PROD, promoted_by="alice")
     run_id = paused_promotion(before)
@@ -449,13 +453,13 @@ def test_staging_update_then_production_rejection_deploys_nothing(train: Train) 
     assert isinstance(error, PromotionRejected)
     assert "carol rejected" in str(error)
     assert "load test pending" in str(error)
-    assert Ledger().current(PROD).revision == revision
+    assert current_ledger().current(PROD).revision == revision
     d1 = train.digests["D1"].digest
     assert serving(train, PROD) == {"course": d1, "course-b": d1}
 
 
 def test_a_waiting_promotion_cancelled_from_outside_deploys_nothing(train: Train) -> None:
-    revision = Ledger().current(PROD).revision
+    revision = current_ledger().current(PROD).revision
     before = set(train.run_ids)
     job = Background(train, PROD, promoted_by="alice")
     run_id = paused_promotion(before)
@@ -467,13 +471,13 @@ def test_a_waiting_promotion_cancelled_from_outside_deploys_nothing(train: Train
     assert entry.kind == "refused"
     assert "set to Cancelling from outside" in entry.detail
     assert "nothing deployed" in entry.detail
-    assert Ledger().current(PROD).revision == revision
+    assert current_ledger().current(PROD).revision == revision
     d1 = train.digests["D1"].digest
     assert serving(train, PROD) == {"course": d1, "course-b": d1}
 
 
 def test_approval_timeout_deploys_nothing(train: Train, receiver: Receiver) -> None:
-    revision = Ledger().current(PROD).revision
+    revision = current_ledger().current(PROD).revision
     started = time.monotonic()
     train.approvers.set_policy({PROD: {"approvers": APPROVERS, "timeout_s": 3}})
     try:
@@ -488,7 +492,7 @@ def test_approval_timeout_deploys_nothing(train: Train, receiver: Receiver) -> N
     wait_until(lambda: any("nobody approved release" in m and reason in m for m in logs_of(run_id)))
     wait_until(lambda: any("nobody approved in time" in t for t in slack_texts(receiver)))
     assert time.monotonic() - started < 60
-    assert Ledger().current(PROD).revision == revision
+    assert current_ledger().current(PROD).revision == revision
     d1 = train.digests["D1"].digest
     assert serving(train, PROD) == {"course": d1, "course-b": d1}
 
@@ -506,7 +510,7 @@ def test_failed_release_rolls_back_every_service(
 ) -> None:
     d1, d3 = train.digests["D1"].digest, train.digests["D3"].digest
     triggers = len(events(receiver, "trigger"))
-    recorded = Ledger().current(PROD)
+    recorded = current_ledger().current(PROD)
     state = approve_in_background(train, drill_env={d3: drill})
     assert state.is_failed()
     error = state.result(raise_on_failure=False)
@@ -516,7 +520,7 @@ def test_failed_release_rolls_back_every_service(
     assert error.restored == {"course": d1, "course-b": d1}
     # course (D2) deployed fine and was rolled back with course-b: both serve D1 again
     assert serving(train, PROD) == {"course": d1, "course-b": d1}
-    after = Ledger().current(PROD)
+    after = current_ledger().current(PROD)
     # the attempt is on record (begun, rolled back); what serves is recorded unchanged
     assert after.revision == recorded.revision + 2
     assert after.in_progress is None
@@ -630,7 +634,7 @@ def test_rollback_flow_returns_to_the_previous_release(train: Train) -> None:
     d1, d3 = train.digests["D1"].digest, train.digests["D3"].digest
     assert state.result() == {"course": d1}
     assert serving(train, PROD) == {"course": d1, "course-b": d3}
-    assert Ledger().current(PROD).services["course"].image.digest == d1
+    assert current_ledger().current(PROD).services["course"].image.digest == d1
     again = rollback(
         environment=PROD,
         services=["course"],
@@ -657,7 +661,7 @@ def test_two_promotions_waiting_at_their_gates_cannot_both_deploy(train: Train) 
     approval = train.approvers.answer(second_id, "carol")  # signed while both wait
     submit_answer(first_id, train.approvers.answer(first_id, "bob"))
     assert first.final().is_completed()
-    revision = Ledger().current(PROD).revision
+    revision = current_ledger().current(PROD).revision
     submit_answer(second_id, approval)
     final = second.final()
     assert final.is_failed()
@@ -666,8 +670,8 @@ def test_two_promotions_waiting_at_their_gates_cannot_both_deploy(train: Train) 
     assert "changed while release" in str(error)
     assert "nothing deployed" in str(error)
     # the second approval moved nothing: what the first deployed, and who approved it, stay
-    assert Ledger().current(PROD).revision == revision
-    record = Ledger().current(PROD).services["course"]
+    assert current_ledger().current(PROD).revision == revision
+    record = current_ledger().current(PROD).services["course"]
     assert record.approved_by == "bob"
     assert record.image.digest == train.digests["D2"].digest
     assert serving(train, PROD)["course"] == train.digests["D2"].digest
@@ -700,7 +704,7 @@ def test_two_approvals_take_two_distinct_approvers(train: Train) -> None:
         train.approvers.set_policy(GATE)
     assert state.is_completed(), state.message
     assert state.result().approved_by == "bob, carol"
-    assert Ledger().current(PROD).services["course"].approved_by == "bob, carol"
+    assert current_ledger().current(PROD).services["course"].approved_by == "bob, carol"
 
 
 def test_secrets_never_reach_the_logs(train: Train, receiver: Receiver) -> None:

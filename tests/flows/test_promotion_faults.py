@@ -48,7 +48,6 @@ from tasks.approval import read_gate, submit_answer
 from tasks.deploy.docker import DockerDeployer
 from tasks.health import probe_health
 from tasks.locks import LEASE_S
-from tasks.releases import Ledger
 from tests.approvers import Approvers
 from tests.flows.chain import (
     SERVICES,
@@ -57,6 +56,7 @@ from tests.flows.chain import (
     remove_containers,
     write_chain_config,
 )
+from tests.ledgers import current_ledger
 from tests.plugins.postgres import PostgresPrefect
 
 pytestmark = pytest.mark.stack
@@ -143,7 +143,7 @@ def test_a_promotion_killed_between_deploys_is_undone_by_the_next_run(
         "PREFECT_API_URL": postgres_prefect.api_url,
         "DOCKER_HOST": stack.docker_host,
     }
-    before = Ledger().current(STG)
+    before = current_ledger().current(STG)
     with (tmp_path / "first.log").open("w") as log:
         first = subprocess.Popen(
             [sys.executable, "-c", PROMOTE, STG, cfg_path],
@@ -169,7 +169,7 @@ def test_a_promotion_killed_between_deploys_is_undone_by_the_next_run(
     killed_at = time.time()
 
     # the ledger: still the old release, and a promotion recorded as under way
-    state = Ledger().current(STG)
+    state = current_ledger().current(STG)
     pending = state.in_progress
     assert pending is not None
     assert {s: r.image.digest for s, r in state.services.items()} == dict.fromkeys(
@@ -201,14 +201,14 @@ def test_a_promotion_killed_between_deploys_is_undone_by_the_next_run(
     assert "FINAL COMPLETED" in second.stdout, output[-4000:]
     assert f"run {pending.flow_run_id} died while deploying" in output
 
-    history = Ledger().history(STG)
+    history = current_ledger().history(STG)
     undone = [s for s in history if "died deploying" in s.change]
     assert len(undone) == 1, [s.change for s in history]
     recovered = undone[0]
     assert recovered.in_progress is None
     assert recovered.services == before.services  # the ledger named the old release all along
     assert recovered.updated_at.timestamp() - killed_at < 2 * LEASE_S, "found too late"
-    final = Ledger().current(STG)
+    final = current_ledger().current(STG)
     assert final.in_progress is None
     assert {s: r.image.digest for s, r in final.services.items()} == dict.fromkeys(
         SERVICES, d2.digest
@@ -256,7 +256,7 @@ def test_an_approval_resumes_a_promotion_across_a_server_restart(
     for service in SERVICES:
         put_verified(cfg, STG, service, d2)
         put_verified(cfg, PROD, service, d1)
-    revision = Ledger().current(PROD).revision
+    revision = current_ledger().current(PROD).revision
     api = postgres_prefect.api_url
     people = Approvers(tmp_path, ["alice", "bob"])
     people.set_policy({PROD: {"approvers": ["alice", "bob"], "timeout_s": 600}})
@@ -286,7 +286,7 @@ def test_an_approval_resumes_a_promotion_across_a_server_restart(
             GitRepository.delete(REPOSITORY_BLOCK)
     output = (tmp_path / "prod.log").read_text()
     assert "FINAL COMPLETED" in output, output[-4000:]
-    state = Ledger().current(PROD)
+    state = current_ledger().current(PROD)
     assert state.revision > revision
     assert state.in_progress is None
     assert state.services["course"].approved_by == "bob"

@@ -32,7 +32,7 @@ from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
 from reconcile.setup import ensure_setup
 from stack.worker import ensure_worker, stop_worker
-from tasks.releases import Ledger
+from tests.ledgers import current_ledger
 from tests.runs import failures_of, wait_for_log
 from tests.tasks.ci_checkout import REPO, commit_all, copy_monorepo, git
 
@@ -148,11 +148,11 @@ def test_push_pull_request_failure_and_nightly_through_the_workflow_commands(
     name = f"gha-{context['github.run_id']}-1"
     assert done.returncode == 0, failures_of(_run_named(name))
     assert wait_for_log(_run_named(name), f"at {good[:12]}")
-    record = Ledger().current("dev").services[SERVICE]
+    record = current_ledger().current("dev").services[SERVICE]
     assert record.commit == good
     assert record.ref == "refs/heads/main"
     assert record.repository == "elice/monorepo"
-    shipped = Ledger().current("dev").revision
+    shipped = current_ledger().current("dev").revision
 
     # a pull request: checks and an image, nothing deployed or recorded; exit 0
     git(work, "checkout", "-q", "-b", "feature")
@@ -160,8 +160,8 @@ def test_push_pull_request_failure_and_nightly_through_the_workflow_commands(
     git(work, "checkout", "-q", "main")
     done = _run_ci_step(_context("pull_request", good, pull, "refs/pull/1/merge"))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert Ledger().current("dev").revision == shipped
-    assert Ledger().current("dev").services[SERVICE].commit == good
+    assert current_ledger().current("dev").revision == shipped
+    assert current_ledger().current("dev").services[SERVICE].commit == good
 
     # a push whose test fails: the command exits 1
     (source.parent.parent / "tests" / "test_broken.py").write_text(
@@ -170,7 +170,7 @@ def test_push_pull_request_failure_and_nightly_through_the_workflow_commands(
     broken = _push(work, "main", f"services/{SERVICE}/CHANGES.md", "broken\n")
     done = _run_ci_step(_context("push", good, broken, "refs/heads/main"))
     assert done.returncode == 1, done.stdout + done.stderr
-    assert Ledger().current("dev").revision == shipped
+    assert current_ledger().current("dev").revision == shipped
 
     # fixed on main; the nightly deployment takes the newest commit on main when it starts
     (source.parent.parent / "tests" / "test_broken.py").unlink()
@@ -181,4 +181,4 @@ def test_push_pull_request_failure_and_nightly_through_the_workflow_commands(
     assert nightly.state is not None
     assert nightly.state.is_completed(), nightly.state
     assert wait_for_log(nightly.id, f"at {fixed[:12]}")
-    assert Ledger().current("dev").services[SERVICE].commit == fixed
+    assert current_ledger().current("dev").services[SERVICE].commit == fixed

@@ -11,7 +11,9 @@ import pytest
 from prefect.filesystems import LocalFileSystem
 from prometheus_client.parser import text_string_to_metric_families
 
+from blocks.storage import ledger_filesystem
 from core.records import ImageRef, PlannedChange, SecurityVerdict, StageResult, make_plan
+from core.settings import Settings
 from tasks.metrics import (
     GAUGES,
     DeliveryMetrics,
@@ -32,6 +34,7 @@ from tasks.releases import (
     with_intent,
     without_intent,
 )
+from tests.ledgers import current_ledger
 from tests.monitoring.tools import tool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -317,7 +320,7 @@ def test_publish_delivery_metrics_writes_the_artifact(tmp_path: Path) -> None:
     from tasks.metrics import publish_delivery_metrics  # noqa: PLC0415
 
     env = f"m-{uuid.uuid4().hex[:10]}"
-    Ledger().record_deploy(
+    current_ledger().record_deploy(
         env,
         ReleaseRecord(
             service="auth", environment=env, image=image("auth", 1, ""), release_id="ci-1.0"
@@ -326,7 +329,8 @@ def test_publish_delivery_metrics_writes_the_artifact(tmp_path: Path) -> None:
 
     @flow
     def after_promotion() -> DeliveryMetrics:
-        return publish_delivery_metrics(env, window_days=7)
+        store = ledger_filesystem(Settings.from_environ())
+        return publish_delivery_metrics(store, env, Settings.from_environ().repo, window_days=7)
 
     metrics = after_promotion()
     assert (metrics.environment, metrics.deployments) == (env, 1)

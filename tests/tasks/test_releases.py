@@ -23,6 +23,7 @@ from blocks.storage import (
 )
 from core.errors import ConfigError, LedgerConflict, LedgerError, PromotionRefused
 from core.records import ImageRef, release_id
+from core.settings import Settings
 from tasks.releases import (
     EnvironmentState,
     Ledger,
@@ -33,6 +34,7 @@ from tasks.releases import (
     with_deploy,
 )
 from tasks.stores import open_store
+from tests.ledgers import current_ledger
 from tests.tasks.plans import D1, D2, PLAN_CONFIG, ledger_state
 
 
@@ -257,7 +259,8 @@ def test_storage_defaults_to_local_state_dir(
 ) -> None:
     monkeypatch.delenv("ELICE_STORAGE", raising=False)
     monkeypatch.setenv("ELICE_STATE_DIR", str(tmp_path))
-    ledger_fs, backup_fs = ledger_filesystem(), backup_filesystem()
+    settings = Settings.from_environ()
+    ledger_fs, backup_fs = ledger_filesystem(settings), backup_filesystem(settings)
     assert isinstance(ledger_fs, LocalFileSystem)
     assert isinstance(backup_fs, LocalFileSystem)
     assert ledger_fs.basepath == str(tmp_path / "ledger")
@@ -277,10 +280,10 @@ def test_storage_from_saved_s3_block(
     ).save(STORAGE_BLOCK, overwrite=True)
     monkeypatch.setenv("ELICE_STORAGE", "blocks")
     try:
-        fs = ledger_filesystem()
+        fs = ledger_filesystem(Settings.from_environ())
         assert isinstance(fs, S3Bucket)
         assert fs.bucket_folder == "elice/prod/ledger"
-        Ledger().record_deploy("production", record("auth", "a", "r1", env="production"))
+        current_ledger().record_deploy("production", record("auth", "a", "r1", env="production"))
         keys = [
             o["Key"]
             for o in fs.credentials.get_s3_client().list_objects_v2(Bucket=bucket)["Contents"]
@@ -289,17 +292,17 @@ def test_storage_from_saved_s3_block(
     finally:
         ReleaseStorage.delete(STORAGE_BLOCK)
     with pytest.raises(ConfigError, match="cannot be loaded"):
-        ledger_filesystem()
+        ledger_filesystem(Settings.from_environ())
 
 
 def test_publish_ledger_artifact(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("ELICE_STORAGE", raising=False)
     monkeypatch.setenv("ELICE_STATE_DIR", str(tmp_path))
-    Ledger().record_deploy("staging", record("auth", "d", "r7"))
+    current_ledger().record_deploy("staging", record("auth", "d", "r7"))
 
     @flow
     def publish() -> str:
-        return publish_ledger_artifact("staging")
+        return publish_ledger_artifact(ledger_filesystem(Settings.from_environ()), "staging")
 
     publish()
     artifact = Artifact.get("ledger-staging")

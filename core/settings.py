@@ -1,0 +1,85 @@
+"""The user settings: every environment variable the pipeline reads as a user input.
+
+Read once, by `Settings.from_environ()`: by the command line, or at a flow's start when a
+worker runs it. Below that, the values are passed in; nothing under the flows reads
+`os.environ` for them. The README lists them as the user settings.
+
+| variable | field | what |
+|---|---|---|
+| `ELICE_CONFIG` | `config` | the configuration: a YAML file, `blocks`, or the embedded default |
+| `ELICE_REPO` | `repo` | the monorepo CI checks (default: this checkout) |
+| `ELICE_STATE_DIR` | `state_dir` | where state lives (default: `<checkout>/.elice`) |
+| `ELICE_STACK_DIR` | `stack_dir` | where the local stack lives (default: the state dir) |
+| `ELICE_STORAGE` | `storage` | `blocks`: the ledger and backups in the saved storage block |
+| `ELICE_DEPLOY_WAVE` | `deploy_wave` | services deployed at once (default: the machine's cores) |
+| `DOCKER_HOST` | `docker_host` | a real Docker engine instead of the stack's |
+| `ELICE_TRUST_FILE` | `trust_file` | a worker host's trust roots (`core/trust.py`) |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.trust import TRUST_FILE_ENV
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+"""This checkout: the default monorepo and the parent of the default state dir."""
+
+VARIABLES: dict[str, str] = {
+    "config": "ELICE_CONFIG",
+    "repo": "ELICE_REPO",
+    "state_dir": "ELICE_STATE_DIR",
+    "stack_dir": "ELICE_STACK_DIR",
+    "storage": "ELICE_STORAGE",
+    "deploy_wave": "ELICE_DEPLOY_WAVE",
+    "docker_host": "DOCKER_HOST",
+    "trust_file": TRUST_FILE_ENV,
+}
+"""Each setting and the environment variable it is read from."""
+
+
+class Settings(BaseModel):
+    """The user settings, as read from the environment once. Unset and empty are the same."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    config: str = Field(default="", description="ELICE_CONFIG: a file, `blocks`, or the default")
+    repo: Path = Field(default=CHECKOUT, description="ELICE_REPO: the monorepo CI checks")
+    state_dir: Path = Field(default=CHECKOUT / ".elice", description="ELICE_STATE_DIR")
+    stack_dir: Path | None = Field(
+        default=None, description="ELICE_STACK_DIR (None: the state dir)"
+    )
+    storage: str = Field(default="", description="ELICE_STORAGE: `blocks` or unset")
+    deploy_wave: str = Field(
+        default="",
+        description="ELICE_DEPLOY_WAVE as given; checked where the waves are sized",
+    )
+    docker_host: str | None = Field(default=None, description="DOCKER_HOST")
+    trust_file: Path | None = Field(default=None, description="ELICE_TRUST_FILE")
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """The settings from `environ` (default: this process's environment)."""
+        source = os.environ if environ is None else environ
+        given = {field: source.get(name, "") for field, name in VARIABLES.items()}
+        return cls(**{field: value for field, value in given.items() if value})
+
+    @property
+    def storage_from_blocks(self) -> bool:
+        """Whether the ledger and backups live where the saved storage block says."""
+        return self.storage == "blocks"
+
+    def resolved_state_dir(self) -> Path:
+        """The state dir, created when missing."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        return self.state_dir
+
+    def resolved_stack_dir(self) -> Path:
+        """The stack's home (the state dir unless ELICE_STACK_DIR names one), created."""
+        path = self.stack_dir or self.state_dir
+        path.mkdir(parents=True, exist_ok=True)
+        return path
