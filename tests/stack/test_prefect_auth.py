@@ -7,12 +7,15 @@ import base64
 import stat
 from pathlib import Path
 
+import httpx
 import pytest
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from blocks.stack import StackInfo, load_stack_auth, save_stack_info, stack_auth_file
 from cicd.common import api_settings
-from stack.prefect_server import ensure_stack_auth
+from stack.prefect_server import ensure_prefect, ensure_stack_auth
+from stack.steps import Steps
+from stack.supervisor import stop_part
 from tasks.masking import scrub_masked
 
 STACK_API = "http://127.0.0.1:4299/api"
@@ -65,3 +68,30 @@ def test_a_configured_auth_string_wins(stack_home: Path) -> None:
     with temporary_settings(updates={PREFECT_API_AUTH_STRING: "team:configured-by-the-user"}):
         updates = api_settings(STACK_API)
         assert PREFECT_API_AUTH_STRING not in updates
+
+
+def test_a_server_running_with_another_string_is_restarted_with_the_stacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real server of a stack's own home (free loopback ports, not the shared stack's):
+    reused while it runs with the stack's string, restarted when the string was replaced."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    old = ensure_stack_auth(tmp_path)
+    said: list[str] = []
+    steps = Steps(lambda step: said.append(step.text))
+    url = ensure_prefect(tmp_path, None, steps, old)
+    previous = StackInfo(docker_host="x", registry="y", base_image="z", prefect_api_url=url)
+    try:
+        assert ensure_prefect(tmp_path, previous, steps, old) == url
+        assert any(text.startswith("running at") for text in said)
+        stack_auth_file(tmp_path).chmod(0o640)
+        new = ensure_stack_auth(tmp_path)
+        url = ensure_prefect(tmp_path, previous, steps, new)
+        assert "running without the stack's auth string: restarting" in said
+        filter_url = f"{url}/deployments/filter"
+        user, _, password = new.partition(":")
+        assert httpx.post(filter_url, json={}, auth=(user, password), timeout=30).is_success
+        stale = httpx.post(filter_url, json={}, auth=(user, old.partition(":")[2]), timeout=30)
+        assert stale.status_code == 401
+    finally:
+        stop_part(tmp_path, "prefect")

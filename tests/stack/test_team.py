@@ -98,10 +98,13 @@ def auth_is_nowhere_public(root: Path, auth: str) -> None:
         assert password not in log, f"{part}'s log holds the auth string"
 
 
-def cicd_status(root: Path) -> subprocess.CompletedProcess[str]:
-    """`cicd status --json` as a user runs it: no PREFECT_API_URL, the stack's directory."""
+def cicd_status(root: Path, auth: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`cicd status --json` as a user runs it: no PREFECT_API_URL, the stack's directory;
+    `auth`: a PREFECT_API_AUTH_STRING of the user's own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["ELICE_STACK_DIR"] = str(root)
+    if auth is not None:
+        env["PREFECT_API_AUTH_STRING"] = auth
     return subprocess.run(
         [str(Path(sys.executable).with_name("cicd")), "status", "--json"],
         env=env,
@@ -158,9 +161,14 @@ def test_stack_up_serves_deployments_and_a_worker_runs_ci_with_its_defaults(
             assert run.state.is_completed(), run.state
             # the run's own logs reach the server when its process exits: wait for them
             assert wait_for_log(run.id, "nothing to do"), "the run never said 'nothing to do'"
-        status = cicd_status(root)
+        status = cicd_status(root)  # reads the saved deploy target: with the stack's string
         assert status.returncode == 0, status.stderr
         assert {row["environment"] for row in json.loads(status.stdout)} >= {"dev"}
+        wrong = "admin:" + "w" * 43  # the user's own (wrong) string is the one sent
+        refused = cicd_status(root, auth=wrong)
+        assert refused.returncode != 0, refused.stdout
+        assert "401" in refused.stderr + refused.stdout
+        assert wrong[6:] not in refused.stderr + refused.stdout
         again = CliRunner().invoke(app, ["up"])
         assert again.exit_code == 0, again.output
         assert "prefect: running at" in again.output  # the same string: reused
