@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.settings import VARIABLES, Settings
 
 STACK_DIR_ENV = VARIABLES["stack_dir"]
+STACK_AUTH_FILE = "prefect-auth"
+"""The stack's Prefect server auth string (`user:token`), owner-only, in the stack's home."""
 
 
 class StackInfo(BaseModel):
@@ -58,3 +60,19 @@ def load_stack_info(root: Path | None = None) -> StackInfo | None:
 def save_stack_info(info: StackInfo, root: Path | None = None) -> None:
     """Record `info` as the running stack."""
     stack_info_file(root).write_text(info.model_dump_json(indent=2), encoding="utf-8")
+
+
+def stack_auth_file(root: Path | None = None) -> Path:
+    """The owner-only file holding the stack's Prefect server auth string."""
+    return (root or stack_dir()) / STACK_AUTH_FILE
+
+
+def load_stack_auth(root: Path | None = None) -> str | None:
+    """The auth string the stack's Prefect server requires (`PREFECT_API_AUTH_STRING` of its
+    clients), or None when the stack never made one. Never print or log it."""
+    path = stack_auth_file(root)
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    return value or None

@@ -1,6 +1,11 @@
 """What every `cicd` command shares: options, configuration, errors, the Prefect API.
 
 The local stack is imported only by the commands that start it (`use_stack`).
+
+Credentials: a command talking to the local stack's server sends the stack's auth string
+(`<stack dir>/prefect-auth`) as PREFECT_API_AUTH_STRING, unless one is configured. For any
+other server (a team's PREFECT_API_URL), PREFECT_API_AUTH_STRING / PREFECT_API_KEY apply as
+Prefect reads them.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Annotated, NoReturn
 import httpx
 import typer
 from prefect.settings import (
+    PREFECT_API_AUTH_STRING,
     PREFECT_API_URL,
     PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
     temporary_settings,
@@ -21,9 +27,10 @@ from prefect.settings.legacy import Setting
 from rich.console import Console
 
 from blocks.config import PipelineConfig, load_config
-from blocks.stack import StackInfo, load_stack_info
+from blocks.stack import StackInfo, load_stack_auth, load_stack_info
 from core.errors import ConfigError, GateError
 from core.settings import Settings
+from tasks.masking import mask_auth_string
 
 ConfigOption = Annotated[
     str | None,
@@ -75,6 +82,27 @@ def use_stack(*, prefect: bool = True) -> StackInfo:
         printer.close()
 
 
+def _same_api(a: str, b: str) -> bool:
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def api_settings(url: str) -> dict[Setting, object]:
+    """The settings that point this process at `url`: with the stack's auth string when
+    `url` is the local stack's server and no PREFECT_API_AUTH_STRING is configured."""
+    updates: dict[Setting, object] = {
+        PREFECT_API_URL: url,
+        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False,
+    }
+    if PREFECT_API_AUTH_STRING.value() is None:
+        stack = load_stack_info()
+        if stack is not None and stack.prefect_api_url and _same_api(stack.prefect_api_url, url):
+            auth = load_stack_auth()
+            if auth is not None:
+                mask_auth_string(auth)
+                updates[PREFECT_API_AUTH_STRING] = auth
+    return updates
+
+
 @contextmanager
 def prefect_api(*, start_stack: bool = False) -> Iterator[str]:
     """Point this process at a Prefect API: the configured one, else the local stack's.
@@ -93,9 +121,7 @@ def prefect_api(*, start_stack: bool = False) -> Iterator[str]:
     if not url:
         msg = "no Prefect API: set PREFECT_API_URL or start the stack (`cicd stack up --prefect`)"
         raise GateError(msg)
-    with temporary_settings(
-        updates={PREFECT_API_URL: url, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}
-    ):
+    with temporary_settings(updates=api_settings(url)):
         yield url
 
 
@@ -119,8 +145,8 @@ def read_api() -> Iterator[str | None]:
         stack = load_stack_info()
         recorded = stack.prefect_api_url if stack else None
         url = recorded if recorded and _answers(recorded) else None
-    updates: dict[Setting, object] = {PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}
-    if url:
-        updates[PREFECT_API_URL] = url
+    updates: dict[Setting, object] = (
+        api_settings(url) if url else {PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}
+    )
     with temporary_settings(updates=updates):
         yield url

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from rich.console import Console
 from rich.table import Table
 
-from cicd.common import ConfigOption, cli_config, fail, prefect_api
+from cicd.common import ConfigOption, api_settings, cli_config, fail, prefect_api
 from core.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -69,8 +70,10 @@ def setup_command(
 
     cfg = cli_config(config) if config else None
     try:
-        if api_url:
-            url = api_url
+        # the stack's server (the default, or named by --api-url) with the stack's credentials
+        api = temporary_settings(updates=api_settings(api_url)) if api_url else prefect_api()
+        with api:
+            url = str(PREFECT_API_URL.value())
             changes = ensure_setup(
                 url,
                 dry_run=dry_run,
@@ -80,17 +83,6 @@ def setup_command(
                 kubeconfig=kubeconfig,
                 kube_context=kube_context,
             )
-        else:
-            with prefect_api() as url:
-                changes = ensure_setup(
-                    url,
-                    dry_run=dry_run,
-                    local_worker_pool=process_pool,
-                    worker_image=worker_image,
-                    config=cfg,
-                    kubeconfig=kubeconfig,
-                    kube_context=kube_context,
-                )
     except PipelineError as exc:
         fail(str(exc))
     title = f"setup of {url}" + (" (dry run: nothing changed)" if dry_run else "")

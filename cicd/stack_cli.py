@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.status import Status
 from rich.table import Table
 
+from blocks.stack import stack_auth_file
 from cicd.common import read_api
 from core.errors import StackError
 from stack.steps import StackPart, StackStep
@@ -119,6 +120,12 @@ def up(
     console.print(f"export DOCKER_HOST={info.docker_host}", highlight=False, soft_wrap=True)
     if info.prefect_api_url:
         console.print(f"export PREFECT_API_URL={info.prefect_api_url}", highlight=False)
+        # the command that reads the auth string, never the string itself
+        console.print(
+            f'export PREFECT_API_AUTH_STRING="$(cat {stack_auth_file()})"',
+            highlight=False,
+            soft_wrap=True,
+        )
     if info.prometheus_url:
         console.print(f"Prometheus {info.prometheus_url}", highlight=False)
     if info.alertmanager_url:

@@ -34,13 +34,15 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
+
 from blocks.stack import StackInfo, load_stack_info, save_stack_info, stack_dir
 from core.errors import ToolError
 from stack.engine import engine_alive, engine_paths, engine_up, ensure_engine
 from stack.images import BASE_IMAGE, ensure_images, image_present
 from stack.monitoring import MONITORING_PARTS, ensure_monitoring, monitoring_status
 from stack.ports import recorded_port
-from stack.prefect_server import ensure_prefect, prefect_up
+from stack.prefect_server import ensure_prefect, ensure_stack_auth, prefect_up
 from stack.receiver import ensure_slack_receiver
 from stack.registry import ensure_registry, registry_up
 from stack.serve import monitor_up
@@ -92,18 +94,23 @@ def ensure_stack(
         docker_host = ensure_engine(home, registry, steps)
         pause = ensure_images(docker_host, home, steps)
         api_url: str | None = None
+        auth: str | None = None
         if prefect or worker or running_part(home, "prefect") is not None:
-            api_url = ensure_prefect(home, previous, steps)
+            auth = ensure_stack_auth(home)
+            api_url = ensure_prefect(home, previous, steps, auth)
         slack_receiver_url: str | None = None
-        if worker and api_url is not None:
-            _ensure_deployments_and_worker(home, api_url, steps)
-        if api_url is not None and (worker or running_part(home, "slack-receiver") is not None):
-            slack_receiver_url = ensure_slack_receiver(home, previous, api_url, steps)
         prometheus_url: str | None = None
         alertmanager_url: str | None = None
-        wanted = monitoring if monitoring is not None else worker
-        if wanted or any(running_part(home, name) is not None for name in MONITORING_PARTS):
-            prometheus_url, alertmanager_url = ensure_monitoring(home, previous, api_url, steps)
+        # this process's own calls to the stack's server (setup, the worker's check, the
+        # saved receivers) carry its auth string
+        with temporary_settings(updates={PREFECT_API_AUTH_STRING: auth} if auth else {}):
+            if worker and api_url is not None:
+                _ensure_deployments_and_worker(home, api_url, steps, auth)
+            if api_url is not None and (worker or running_part(home, "slack-receiver") is not None):
+                slack_receiver_url = ensure_slack_receiver(home, previous, api_url, steps, auth)
+            wanted = monitoring if monitoring is not None else worker
+            if wanted or any(running_part(home, name) is not None for name in MONITORING_PARTS):
+                prometheus_url, alertmanager_url = ensure_monitoring(home, previous, api_url, steps)
         info = StackInfo(
             docker_host=docker_host,
             registry=registry,
@@ -118,7 +125,9 @@ def ensure_stack(
         return info
 
 
-def _ensure_deployments_and_worker(home: Path, api_url: str, steps: Steps) -> None:
+def _ensure_deployments_and_worker(
+    home: Path, api_url: str, steps: Steps, auth: str | None
+) -> None:
     from reconcile.setup import ensure_setup  # noqa: PLC0415 - loads the flows: only when asked
     from stack.worker import ensure_worker, worker_pid  # noqa: PLC0415
 
@@ -128,7 +137,7 @@ def _ensure_deployments_and_worker(home: Path, api_url: str, steps: Steps) -> No
     steps.info("deployments", f"{changed} created or updated, {len(changes) - changed} unchanged")
     running = worker_pid(home)
     with steps.step("worker", "process worker on pool elice-process"):
-        pid = ensure_worker(home, api_url)
+        pid = ensure_worker(home, api_url, auth=auth)
     if running == pid:
         steps.info("worker", f"running (pid {pid})")
 

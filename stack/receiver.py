@@ -9,20 +9,28 @@ from blocks.stack import StackInfo
 from stack.ports import recorded_port
 from stack.serve import ensure_served
 from stack.steps import Steps
+from stack.supervisor import environ, running_part
 
 DEFAULT_SLACK_RECEIVER_PORT = 3000
 
 
 def ensure_slack_receiver(
-    home: Path, previous: StackInfo | None, api_url: str, steps: Steps
+    home: Path, previous: StackInfo | None, api_url: str, steps: Steps, auth: str | None = None
 ) -> str:
     """The receiver of Slack's Approve / Reject buttons (`daemons/slack_receiver.py`), on
     loopback, reading the signing secret and the Slack users where the gate does: the
-    server's Secret block and the protected branch's approval policy."""
+    server's Secret block and the protected branch's approval policy. `auth`: the server's
+    auth string, in the receiver's environment (a running receiver without it restarts)."""
+    env = {"PREFECT_API_URL": api_url}
+    if auth is not None:
+        env["PREFECT_API_AUTH_STRING"] = auth  # the environment, never argv
+    pid = running_part(home, "slack-receiver")
+    running = environ(pid) if pid is not None else {}
+    changed = pid is not None and any(running.get(k) != v for k, v in env.items())
 
     def command(port: int) -> tuple[list[str], dict[str, str]]:
         args = [sys.executable, "-m", "daemons.slack_receiver", "--port", str(port)]
-        return [*args, "--from-prefect"], {"PREFECT_API_URL": api_url}
+        return [*args, "--from-prefect"], env
 
     port = ensure_served(
         home,
@@ -30,7 +38,7 @@ def ensure_slack_receiver(
         "Slack receiver",
         recorded_port(previous.slack_receiver_url if previous else None),
         DEFAULT_SLACK_RECEIVER_PORT,
-        False,
+        changed,
         command,
         30,
         steps,

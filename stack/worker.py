@@ -2,10 +2,11 @@
 
 `ensure_worker()` starts `prefect worker start --pool elice-process --type process` as a
 part of the stack (stack/supervisor.py: pid file `root/pids/worker.pid`, log
-`root/logs/worker.log`) with PREFECT_API_URL and ELICE_REPO set, unless one already runs
-for the same server and pool, and waits until the server lists it online. Deployment runs
-then execute in child processes of that worker: prefect.yaml's pull step changes into
-`{{ $ELICE_REPO }}`, which the run resolves from the worker's environment.
+`root/logs/worker.log`) with PREFECT_API_URL and ELICE_REPO set (and the server's auth
+string as PREFECT_API_AUTH_STRING, in its environment only), unless one already runs
+for the same server, credentials and pool, and waits until the server lists it online.
+Deployment runs then execute in child processes of that worker: prefect.yaml's pull step
+changes into `{{ $ELICE_REPO }}`, which the run resolves from the worker's environment.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import WorkerStatus
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+from prefect.settings.legacy import Setting
 
 from core.errors import ConfigError, StackError
 from reconcile.setup import HEARTBEAT_S
@@ -80,18 +82,24 @@ def _option(args: list[str], flag: str) -> str | None:
     return args[args.index(flag) + 1] if flag in args[:-1] else None
 
 
-def _serves(pid: int, api_url: str, pool: str, checkout: Path) -> bool:
+def _serves(pid: int, api_url: str, pool: str, checkout: Path, auth: str | None) -> bool:
     env = environ(pid)
     return (
         _option(cmdline(pid), "--pool") == pool
         and env.get("PREFECT_API_URL") == api_url
         and env.get("ELICE_REPO") == str(checkout)
+        and (auth is None or env.get("PREFECT_API_AUTH_STRING") == auth)
     )
 
 
-def _online(api_url: str, pool: str, name: str, since: datetime | None) -> bool:
+def _online(
+    api_url: str, pool: str, name: str, since: datetime | None, auth: str | None = None
+) -> bool:
+    updates: dict[Setting, object] = {PREFECT_API_URL: api_url}
+    if auth is not None:
+        updates[PREFECT_API_AUTH_STRING] = auth
     with (
-        temporary_settings(updates={PREFECT_API_URL: api_url}),
+        temporary_settings(updates=updates),
         get_client(sync_client=True) as client,
     ):
         try:
@@ -118,6 +126,7 @@ def ensure_worker(
     query_seconds: float = QUERY_SECONDS,
     timeout_s: float = 90.0,
     limit: int | None = None,
+    auth: str | None = None,
 ) -> int:
     """Run a process worker for `pool` of the server at `api_url`, started once; its pid.
 
@@ -128,6 +137,8 @@ def ensure_worker(
         query_seconds: how often the worker asks the server for runs.
         limit: at most this many runs at once on this worker (None: no limit).
         timeout_s: how long the worker may take to come online.
+        auth: the server's auth string (PREFECT_API_AUTH_STRING), passed in the worker's
+            environment (its runs inherit it); None: the worker's environment decides.
 
     Raises:
         ConfigError: `repo` holds no prefect.yaml.
@@ -140,16 +151,16 @@ def ensure_worker(
     name = worker_name(root, pool)
     with _locked(root):
         pid = worker_pid(root)
-        if pid is not None and not _serves(pid, api_url, pool, checkout):
+        if pid is not None and not _serves(pid, api_url, pool, checkout, auth):
             pid_file(root, WORKER).unlink(missing_ok=True)
             terminate(pid, 20.0, tree=True)
             pid = None
         since: datetime | None = None
         if pid is None:
             since = datetime.now(UTC)
-            pid = _spawn(root, pool, name, api_url, checkout, query_seconds, limit)
+            pid = _spawn(root, pool, name, api_url, checkout, query_seconds, limit, auth)
         end = time.monotonic() + timeout_s
-        while not _online(api_url, pool, name, since):
+        while not _online(api_url, pool, name, since, auth):
             if not alive(pid):
                 tail = part_log_tail(root, WORKER)
                 msg = f"the worker for {pool} exited; {log_file(root)}:\n{tail}"
@@ -172,6 +183,7 @@ def _spawn(
     checkout: Path,
     query_seconds: float,
     limit: int | None = None,
+    auth: str | None = None,
 ) -> int:
     args = [which("prefect"), "worker", "start", "--pool", pool, "--type", "process"]
     if limit is not None:
@@ -184,6 +196,8 @@ def _spawn(
         # a run Crashed after three silent beats (worker or machine gone)
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
     }
+    if auth is not None:
+        env["PREFECT_API_AUTH_STRING"] = auth  # the environment, never argv (ps shows argv)
     # cwd: not the checkout: the deployment's pull step must get the run there
     return spawn_part(root, WORKER, [*args, "--name", name], env, cwd=root)
 

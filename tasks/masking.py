@@ -9,6 +9,7 @@ its secrets in a job log.
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Iterable
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -61,6 +62,12 @@ def mask(*values: str | None) -> None:
     """
     with _masked_lock:
         _masked.update(v for v in values if v and len(v) >= MIN_MASKED)
+
+
+def mask_auth_string(auth: str) -> None:
+    """Mask a Prefect API auth string (`user:password`): itself, its password and the
+    basic-auth credentials it is sent as (base64 of the whole)."""
+    mask(auth, auth.partition(":")[2], base64.b64encode(auth.encode()).decode())
 
 
 def mask_value(value: str) -> str:

@@ -121,6 +121,7 @@ def test_prefect_api_comes_from_secrets() -> None:
     env = load(CI_YML)["env"]
     assert env["PREFECT_API_URL"] == "${{ secrets.PREFECT_API_URL }}"
     assert env["PREFECT_API_KEY"] == "${{ secrets.PREFECT_API_KEY }}"
+    assert env["PREFECT_API_AUTH_STRING"] == "${{ secrets.PREFECT_API_AUTH_STRING }}"
 
 
 def test_ci_job_runs_ci_deployment_with_repository_ref_base_and_head() -> None:

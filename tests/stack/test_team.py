@@ -6,11 +6,19 @@ server gets the pool, limits, blocks and deployments, and a supervised worker; a
 posts) completes on that worker; `cicd stack down` stops the worker. The stack's Slack
 receiver reads its secret and users where the gate does (the server's Secret block, the
 protected approval policy) and hands a press it accepts to that server.
+
+The server requires the stack's auth string (`<stack dir>/prefect-auth`, 0600): an API
+call without it is refused (401), the worker, the receiver and `cicd status` send it, and
+it shows in no process's command line and in no log of the stack.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -20,15 +28,16 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
 from blocks.approvals import POLICY_FILE
 from blocks.repository import REPOSITORY_BLOCK, GitRepository
-from blocks.stack import StackInfo, load_stack_info
+from blocks.stack import StackInfo, load_stack_auth, load_stack_info, stack_auth_file
 from cicd.stack_cli import app
 from daemons.slack_receiver import ACTIONS_PATH
 from stack.control import stop_stack
+from stack.supervisor import part_log
 from stack.worker import worker_pid
 from tasks.approval import SLACK_SECRET_BLOCK
 from tasks.slack_actions import APPROVE_ACTION
@@ -60,6 +69,52 @@ def presses_reach_the_server(url: str) -> None:
     assert f"no flow run {RUN}" in handed_on.text
 
 
+def api_refuses_strangers(api_url: str, auth: str) -> None:
+    """Without the auth string (or with another) the stack's API answers 401; with it, 200.
+    Prefect leaves GET /api/health open for probes: it says nothing stored."""
+    filter_url = f"{api_url}/deployments/filter"
+    assert httpx.post(filter_url, json={}, timeout=30).status_code == 401
+    user, _, password = auth.partition(":")
+    wrong = httpx.post(filter_url, json={}, auth=(user, "not-" + password), timeout=30)
+    assert wrong.status_code == 401
+    assert httpx.post(filter_url, json={}, auth=(user, password), timeout=30).status_code == 200
+    assert httpx.get(f"{api_url}/health", timeout=30).status_code == 200
+
+
+def auth_is_nowhere_public(root: Path, auth: str) -> None:
+    """Neither the string nor its password is in any process's argv or the stack's logs."""
+    password = auth.partition(":")[2]
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        assert password not in argv, f"pid {proc.name}'s argv holds the auth string"
+    for part in ("prefect", "worker", "slack-receiver"):
+        log = part_log(root, part).read_text(errors="replace")
+        assert log, f"{part} wrote no log"
+        assert password not in log, f"{part}'s log holds the auth string"
+
+
+def cicd_status(root: Path, auth: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`cicd status --json` as a user runs it: no PREFECT_API_URL, the stack's directory;
+    `auth`: a PREFECT_API_AUTH_STRING of the user's own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["ELICE_STACK_DIR"] = str(root)
+    if auth is not None:
+        env["PREFECT_API_AUTH_STRING"] = auth
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("cicd")), "status", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
 def test_stack_up_serves_deployments_and_a_worker_runs_ci_with_its_defaults(
     stack: StackInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -81,7 +136,15 @@ def test_stack_up_serves_deployments_and_a_worker_runs_ci_with_its_defaults(
         assert info is not None
         assert info.prefect_api_url
         assert worker_pid(root) is not None
-        with temporary_settings(updates={PREFECT_API_URL: info.prefect_api_url}):
+        auth = load_stack_auth(root)
+        assert auth is not None
+        assert stat.S_IMODE(stack_auth_file(root).stat().st_mode) == 0o600
+        assert auth not in up.output
+        assert f'PREFECT_API_AUTH_STRING="$(cat {stack_auth_file(root)})"' in up.output
+        api_refuses_strangers(info.prefect_api_url, auth)
+        with temporary_settings(
+            updates={PREFECT_API_URL: info.prefect_api_url, PREFECT_API_AUTH_STRING: auth}
+        ):
             with get_client(sync_client=True) as client:
                 deployments = {d.name: d for d in client.read_deployments()}
                 assert {"ci", "nightly-rebuild", "promote", "rollback", "health-check"} <= set(
@@ -98,10 +161,21 @@ def test_stack_up_serves_deployments_and_a_worker_runs_ci_with_its_defaults(
             assert run.state.is_completed(), run.state
             # the run's own logs reach the server when its process exits: wait for them
             assert wait_for_log(run.id, "nothing to do"), "the run never said 'nothing to do'"
+        status = cicd_status(root)  # reads the saved deploy target: with the stack's string
+        assert status.returncode == 0, status.stderr
+        assert {row["environment"] for row in json.loads(status.stdout)} >= {"dev"}
+        wrong = "admin:" + "w" * 43  # the user's own (wrong) string is the one sent
+        refused = cicd_status(root, auth=wrong)
+        assert refused.returncode != 0, refused.stdout
+        assert "401" in refused.stderr + refused.stdout
+        assert wrong[6:] not in refused.stderr + refused.stdout
         again = CliRunner().invoke(app, ["up"])
         assert again.exit_code == 0, again.output
+        assert "prefect: running at" in again.output  # the same string: reused
+        assert load_stack_auth(root) == auth
         assert "worker: running (pid" in again.output
         assert "slack-receiver: running at" in again.output  # kept, not restarted
+        auth_is_nowhere_public(root, auth)
         APILogWorker.drain_all(timeout=30)  # what this process sent that server goes out now
         EventsWorker.drain_all(timeout=30)
         down = CliRunner().invoke(app, ["down"])
