@@ -11,8 +11,9 @@ committed:
   job variables, default parameters, work pool and queue are exactly the declared ones;
 - the run brings no job variables of its own;
 - the run's parameters are among the flow's, as its function on the protected branch
-  declares them, minus those that only serve local development (`LOCAL_ONLY`: a checkout
-  to use in place, a configuration file, extra container variables).
+  declares them; those that only serve local development (`LOCAL_ONLY`: a checkout to use
+  in place, a configuration file, extra container variables) may only be None (their
+  default, which a fan-out passes along).
 
 `differences` compares (pure); `declared_deployment` reads the protected branch.
 """
@@ -93,7 +94,8 @@ def differences(
         found.append(f"work pool {actual.work_pool!r} is not this worker's ({worker_pool!r})")
     if run_job_variables:
         found.append(f"the run sets job variables {sorted(run_job_variables)}")
-    local = sorted(set(run_parameters) & LOCAL_ONLY)
+    # None is each one's default ("not given"): a caller passing it along asks for nothing
+    local = sorted(k for k in LOCAL_ONLY if run_parameters.get(k) is not None)
     if local:
         found.append(f"parameters {local} serve local development only")
     unknown = sorted(set(run_parameters) - declared.allowed_parameters - LOCAL_ONLY)

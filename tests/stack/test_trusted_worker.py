@@ -257,7 +257,8 @@ def _facts(**changes: Any) -> DeploymentFacts:
 
 def test_differences_name_each_field_that_differs() -> None:
     declared = Declared(_facts(), frozenset({"services", "deliver"}))
-    assert differences(declared, _facts(), {"services": ["auth"]}, None, "elice-process") == []
+    asked = {"services": ["auth"], "config_source": None}  # None: the default, asks nothing
+    assert differences(declared, _facts(), asked, None, "elice-process") == []
     found = differences(
         declared,
         _facts(parameters={"deliver": False}, work_pool="other", work_queue="q"),
