@@ -1,10 +1,14 @@
-"""The supervised local process worker.
+"""The supervised local worker: the project's trusted process worker.
 
-`ensure_worker()` starts `prefect worker start --pool elice-process --type process` as a
+`ensure_worker()` starts `python -m stack.trusted_worker start --pool elice-process` as a
 part of the stack (stack/supervisor.py: pid file `root/pids/worker.pid`, log
-`root/logs/worker.log`) with PREFECT_API_URL and ELICE_REPO set (and the server's auth
-string as PREFECT_API_AUTH_STRING, in its environment only), unless one already runs
-for the same server, credentials and pool, and waits until the server lists it online.
+`root/logs/worker.log`, refusals also in `root/logs/worker-audit.jsonl`) with
+PREFECT_API_URL and ELICE_REPO set (and the server's auth string as PREFECT_API_AUTH_STRING,
+in its environment only), unless one already runs for the same server, credentials, pool
+and checkout, and waits until the server lists it online. Its trust file
+(`root/trust/worker.yaml`, owner-only) pins the checkout as the repository, `main` as the
+protected branch and the environments the stack deploys into: the worker starts only runs
+of deployments that prefect.yaml on that branch declares (stack/trusted_worker.py).
 Deployment runs then execute in child processes of that worker: prefect.yaml's pull step
 changes into `{{ $ELICE_REPO }}`, which the run resolves from the worker's environment.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import sys
 import time
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
@@ -25,6 +30,7 @@ from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary
 from prefect.settings.legacy import Setting
 
 from core.errors import ConfigError, StackError
+from core.trust import TrustRoots, write_trust_roots
 from reconcile.setup import HEARTBEAT_S
 from stack.supervisor import (
     alive,
@@ -38,11 +44,13 @@ from stack.supervisor import (
     spawn_part,
     terminate,
 )
-from tasks.process import which
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 WORKER = "worker"
 DEFAULT_POOL = "elice-process"
+PROTECTED_BRANCH = "main"
+ENVIRONMENTS = ("dev", "staging", "production")
+"""The environments the stack's one worker deploys into (it holds all their credentials)."""
 QUERY_SECONDS = 2.0
 """How often the local worker asks for runs (Prefect's default is 10 s): a run started
 from the UI begins within about this long."""
@@ -51,6 +59,16 @@ from the UI begins within about this long."""
 def log_file(root: Path) -> Path:
     """The worker's log (its stdout and stderr)."""
     return part_log(root, WORKER)
+
+
+def trust_file(root: Path) -> Path:
+    """The trust file the stack writes for its worker (owner-only)."""
+    return root / "trust" / "worker.yaml"
+
+
+def audit_log(root: Path) -> Path:
+    """The worker's refusals, one JSON object per line."""
+    return root / "logs" / "worker-audit.jsonl"
 
 
 def _locked(root: Path) -> AbstractContextManager[None]:
@@ -67,7 +85,7 @@ def worker_pid(root: Path) -> int | None:
     if pid is None:
         return None
     args = cmdline(pid)
-    if "worker" not in args or "start" not in args:  # the pid now names another process
+    if "stack.trusted_worker" not in args or "start" not in args:  # now another process
         return None
     return pid
 
@@ -84,8 +102,10 @@ def _option(args: list[str], flag: str) -> str | None:
 
 def _serves(pid: int, api_url: str, pool: str, checkout: Path, auth: str | None) -> bool:
     env = environ(pid)
+    args = cmdline(pid)
     return (
-        _option(cmdline(pid), "--pool") == pool
+        _option(args, "--pool") == pool
+        and _option(args, "--trust-file") is not None
         and env.get("PREFECT_API_URL") == api_url
         and env.get("ELICE_REPO") == str(checkout)
         and (auth is None or env.get("PREFECT_API_AUTH_STRING") == auth)
@@ -185,7 +205,26 @@ def _spawn(
     limit: int | None = None,
     auth: str | None = None,
 ) -> int:
-    args = [which("prefect"), "worker", "start", "--pool", pool, "--type", "process"]
+    trust = write_trust_roots(
+        trust_file(root),
+        TrustRoots(
+            repository=str(checkout),
+            protected_branch=PROTECTED_BRANCH,
+            environments=ENVIRONMENTS,
+        ),
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "stack.trusted_worker",
+        "start",
+        "--pool",
+        pool,
+        "--trust-file",
+        str(trust),
+        "--audit-log",
+        str(audit_log(root)),
+    ]
     if limit is not None:
         args += ["--limit", str(limit)]
     env = {

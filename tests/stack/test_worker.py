@@ -27,7 +27,6 @@ from stack.worker import ensure_worker, log_file, stop_worker, worker_pid
 from stack.worker_image import WORKER_DOCKERFILE, build_worker_image, worker_build_context
 from tasks.images import local_ca_bundle
 from tasks.process import which
-from tests.tasks.ci_checkout import synced_checkout
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,14 +66,14 @@ def test_a_deployment_run_started_like_the_ui_completes_on_the_worker(
     try:
         assert worker_pid(root) == pid
         assert ensure_worker(root, api_url) == pid  # running and online: reused
-        # CI of one service in a copy of the monorepo: the run must not touch this checkout.
+        # CI of one service, as a worker runs it: in a worktree of its own, fetched from the
+        # repository the worker pins (a checkout to use in place is refused on a worker).
         with get_client(sync_client=True) as client:  # each worker resolves it: not baked in
             [step] = client.read_deployment_by_name("ci/ci").pull_steps or []
         assert step == {
             "prefect.deployments.steps.set_working_directory": {"directory": "{{ $ELICE_REPO }}"}
         }
-        checkout = synced_checkout()
-        parameters = {"services": ["auth"], "deliver": False, "repo": str(checkout)}
+        parameters = {"services": ["auth"], "deliver": False}
         triggered = datetime.now(UTC)
         run = run_deployment(name="ci/ci", parameters=parameters, timeout=0)
         with get_client(sync_client=True) as client:

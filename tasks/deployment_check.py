@@ -1,0 +1,206 @@
+"""What a worker may run: a flow run's deployment against `prefect.yaml` on the protected branch.
+
+Anyone who reaches the Prefect API can rewrite a deployment (its entrypoint, pull steps,
+job variables, default parameters, work pool), create one, or start a run with job
+variables and parameters of their choosing. A worker therefore checks each run before it
+starts it, against what the protected branch of its pinned repository declares, as
+committed:
+
+- the deployment of that name exists in `prefect.yaml`;
+- entrypoint, pull steps (the deployment's own `pull`, else the file's top-level one),
+  job variables, default parameters, work pool and queue are exactly the declared ones;
+- the run brings no job variables of its own;
+- the run's parameters are among the flow's, as its function on the protected branch
+  declares them; those that only serve local development (`LOCAL_ONLY`: a checkout to use
+  in place, a configuration file, extra container variables) may only be None (their
+  default, which a fan-out passes along).
+
+`differences` compares (pure); `declared_deployment` reads the protected branch.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from pydantic import SecretStr
+
+from blocks.repository import GitRepository
+from core.errors import ConfigError
+from core.trust import TrustRoots
+from tasks.workspace import read_protected_file
+
+LOCAL_ONLY: frozenset[str] = frozenset({"repo", "config_source", "drill_env"})
+"""Flow parameters that only serve local development (`cicd ... --repo/--config`, rollback
+drills): each points the run at files or code the protected branch did not review, so a
+worker refuses a run that carries one."""
+
+
+@dataclass(frozen=True)
+class DeploymentFacts:
+    """What decides what a deployment run executes, as declared or as the API holds it."""
+
+    name: str
+    entrypoint: str
+    pull_steps: list[dict[str, Any]]
+    job_variables: dict[str, Any]
+    parameters: dict[str, Any]
+    work_pool: str
+    work_queue: str
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A deployment of `prefect.yaml` on the protected branch, and the parameters it takes."""
+
+    facts: DeploymentFacts
+    allowed_parameters: frozenset[str] = field(default_factory=frozenset)
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def differences(
+    declared: Declared,
+    actual: DeploymentFacts,
+    run_parameters: Mapping[str, Any],
+    run_job_variables: Mapping[str, Any] | None,
+    worker_pool: str,
+) -> list[str]:
+    """Each way a run differs from what the protected branch declares, one short line each.
+
+    Empty: the run may start.
+    """
+    want = declared.facts
+    found: list[str] = []
+    for what, mine, theirs in (
+        ("entrypoint", actual.entrypoint, want.entrypoint),
+        ("pull steps", actual.pull_steps, want.pull_steps),
+        ("job variables", actual.job_variables, want.job_variables),
+        ("default parameters", actual.parameters, want.parameters),
+        ("work pool", actual.work_pool, want.work_pool),
+        ("work queue", actual.work_queue, want.work_queue),
+    ):
+        if _json(mine) != _json(theirs):
+            found.append(
+                f"{what} {_short(mine)} differs from the protected branch's {_short(theirs)}"
+            )
+    if actual.work_pool != worker_pool:
+        found.append(f"work pool {actual.work_pool!r} is not this worker's ({worker_pool!r})")
+    if run_job_variables:
+        found.append(f"the run sets job variables {sorted(run_job_variables)}")
+    # None is each one's default ("not given"): a caller passing it along asks for nothing
+    local = sorted(k for k in LOCAL_ONLY if run_parameters.get(k) is not None)
+    if local:
+        found.append(f"parameters {local} serve local development only")
+    unknown = sorted(set(run_parameters) - declared.allowed_parameters - LOCAL_ONLY)
+    if unknown:
+        found.append(f"parameters {unknown} are not the flow's")
+    return found
+
+
+def _short(value: object, limit: int = 120) -> str:
+    text = _json(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def flow_parameters(source: str, function: str) -> frozenset[str]:
+    """The parameter names of `function` defined at the top of `source` (read, not imported).
+
+    Raises:
+        ConfigError: `source` defines no such function.
+    """
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == function:
+            args = node.args
+            names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+            return frozenset(names)
+    msg = f"no function {function!r} at the top of the entrypoint's file"
+    raise ConfigError(msg)
+
+
+def declared_deployments(prefect_yaml: str, read_file: Callable[[str], str]) -> dict[str, Declared]:
+    """The deployments `prefect_yaml` declares, by name; `read_file` reads an entrypoint's file.
+
+    A deployment whose entrypoint cannot be read is left out (no run of it may start).
+
+    Raises:
+        ConfigError: the file is not a prefect.yaml with a list of deployments.
+    """
+    try:
+        data = yaml.safe_load(prefect_yaml)
+    except yaml.YAMLError as exc:
+        msg = f"prefect.yaml is not YAML: {exc}"
+        raise ConfigError(msg) from exc
+    if not isinstance(data, dict) or not isinstance(data.get("deployments"), list):
+        msg = "prefect.yaml: deployments: expected a list"
+        raise ConfigError(msg)
+    pull = data.get("pull") or []
+    sources: dict[str, str | None] = {}
+    declared: dict[str, Declared] = {}
+    for raw in data["deployments"]:
+        if not isinstance(raw, dict) or not raw.get("name") or not raw.get("entrypoint"):
+            continue
+        pool = raw.get("work_pool") or {}
+        entrypoint = str(raw["entrypoint"])
+        path, _, function = entrypoint.partition(":")
+        if path not in sources:
+            try:
+                sources[path] = read_file(path)
+            except ConfigError:
+                sources[path] = None
+        source = sources[path]
+        if source is None:
+            continue
+        try:
+            allowed = flow_parameters(source, function)
+        except (ConfigError, SyntaxError):
+            continue
+        facts = DeploymentFacts(
+            name=str(raw["name"]),
+            entrypoint=entrypoint,
+            pull_steps=list(raw.get("pull", pull) or []),
+            job_variables=dict(pool.get("job_variables") or {}),
+            parameters=dict(raw.get("parameters") or {}),
+            work_pool=str(pool.get("name") or ""),
+            work_queue=str(pool.get("work_queue_name") or "default"),
+        )
+        declared[facts.name] = Declared(facts, allowed - LOCAL_ONLY)
+    return declared
+
+
+def trusted_repository(roots: TrustRoots) -> GitRepository:
+    """The pinned repository of `roots`, its read token from its owner-only file (unsaved).
+
+    Raises:
+        ConfigError: the token file cannot be read.
+    """
+    token: SecretStr | None = None
+    if roots.token_file is not None:
+        try:
+            token = SecretStr(roots.token_file.read_text(encoding="utf-8").strip())
+        except OSError as exc:
+            msg = f"token file {roots.token_file}: {exc.strerror or exc}"
+            raise ConfigError(msg) from exc
+    return GitRepository(url=roots.repository, protected_branch=roots.protected_branch, token=token)
+
+
+def declared_deployment(roots: TrustRoots, name: str) -> Declared:
+    """The deployment `name` as `prefect.yaml` declares it on the protected branch, fetched now.
+
+    Raises:
+        ConfigError: the protected branch declares no deployment `name`.
+        ToolError: the repository cannot be reached.
+    """
+    repository = trusted_repository(roots)
+    text = read_protected_file(repository, "prefect.yaml")
+    found = declared_deployments(text, lambda path: read_protected_file(repository, path))
+    if name not in found:
+        msg = f"deployment {name!r} is not declared in prefect.yaml on {roots.protected_branch}"
+        raise ConfigError(msg)
+    return found[name]
