@@ -20,8 +20,8 @@ from core.records import ImageRef
 from flows.promotion import promote
 from tasks.deploy.docker import DockerDeployer
 from tasks.health import probe_health
-from tasks.releases import Ledger
 from tests.flows.chain import SERVICES, derive, put_verified, remove_containers, write_chain_config
+from tests.ledgers import current_ledger
 from tests.plugins.faults import Fault, FaultProxy
 
 pytestmark = pytest.mark.stack
@@ -83,7 +83,7 @@ def test_an_engine_fault_mid_deploy_rolls_back_every_service(
     releases: tuple[PipelineConfig, str, ImageRef, FaultProxy], fault: Fault
 ) -> None:
     cfg, cfg_path, d1, proxy = releases
-    recorded = Ledger().current(STG)
+    recorded = current_ledger().current(STG)
     # The second service's container is hit: the first may already serve the new release.
     proxy.inject(Fault(**{**fault.__dict__, "first": 2}))
     state = promote(
@@ -100,7 +100,7 @@ def test_an_engine_fault_mid_deploy_rolls_back_every_service(
     assert error.restored == dict.fromkeys(SERVICES, d1.digest)
     assert "serving again" in str(error)
     assert _serving(cfg, STG) == dict.fromkeys(SERVICES, d1.digest)
-    after = Ledger().current(STG)
+    after = current_ledger().current(STG)
     assert after.in_progress is None
     assert "rolled back" in after.change
     assert after.services == recorded.services

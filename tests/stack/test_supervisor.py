@@ -123,7 +123,7 @@ def test_stopping_a_tree_reaches_processes_in_sessions_of_their_own(tmp_path: Pa
 def test_the_worker_is_a_part_of_the_same_supervisor(tmp_path: Path) -> None:
     """`worker_pid` reads the part's pid file (with its command line as one more check),
     `stop_worker` stops it through the supervisor."""
-    pid = spawn_part(tmp_path, "worker", [*SLEEPER, "worker", "start"])
+    pid = spawn_part(tmp_path, "worker", [*SLEEPER, "stack.trusted_worker", "start"])
     try:
         # the kernel sets the new command line up just after the exec Popen waits for
         _wait("its command line", lambda: bool(cmdline(pid)))
