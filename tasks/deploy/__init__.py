@@ -17,7 +17,7 @@ from prefect.filesystems import WritableFileSystem
 from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
 from core.errors import PipelineError, PromotionError, PromotionRefused
-from core.records import DeployedService, DeployOutcome, ImageRef, PublishedImage
+from core.records import DeployedService, DeployOutcome, ImageRef, PublishedImage, short_digest
 from tasks.deploy.target import DeployTarget
 from tasks.health import probe_health
 from tasks.locks import deploy_lock, mark_crashed
@@ -190,7 +190,7 @@ def confirm_restored(
 def rollback_message(failure: BaseException, restored: Mapping[str, str | None]) -> str:
     """What a rolled-back promotion says: what failed, and what serves again."""
     back = ", ".join(
-        f"{svc} {digest.removeprefix('sha256:')[:12] if digest else '(removed)'}"
+        f"{svc} {short_digest(digest) if digest else '(removed)'}"
         for svc, digest in sorted(restored.items())
     )
     return f"rolled back: {failure}; serving again: {back}"

@@ -6,6 +6,7 @@ ledger says what happened. Own environments (fd-dev -> fd-stg, host ports 40xxx)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def test_an_engine_fault_mid_deploy_rolls_back_every_service(
     cfg, cfg_path, d1, proxy = releases
     recorded = current_ledger().current(STG)
     # The second service's container is hit: the first may already serve the new release.
-    proxy.inject(Fault(**{**fault.__dict__, "first": 2}))
+    proxy.inject(dataclasses.replace(fault, first=2))
     state = promote(
         environment=STG,
         config_source=cfg_path,

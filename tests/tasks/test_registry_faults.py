@@ -3,6 +3,8 @@ registry are retryable ToolErrors, never "not found" or a refused promotion."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from core.errors import RegistryError, ToolError
@@ -37,7 +39,7 @@ def test_a_registry_fault_is_a_tool_error_then_the_real_answer_comes_back(
 ) -> None:
     proxy = fault_proxy(basic_registry.address)
     repository, block = _through(proxy, basic_registry)
-    proxy.inject(Fault(**{**fault.__dict__, "path": "/manifests/", "times": None}))
+    proxy.inject(dataclasses.replace(fault, path="/manifests/", times=None))
     with pytest.raises(ToolError, match=message):
         image_exists(repository, DIGEST, block)  # type: ignore[arg-type]
     with pytest.raises(ToolError, match=message):
