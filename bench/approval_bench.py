@@ -39,10 +39,11 @@ from prefect.client.schemas.objects import StateType  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from bench import promotion_bench as pb  # noqa: E402  (scratch dirs and settings first)
-from blocks.repository import REPOSITORY_BLOCK  # noqa: E402
+from core.trust import TRUST_FILE_ENV  # noqa: E402
 from flows.promotion import promote  # noqa: E402
 from tasks.approval import submit_answer  # noqa: E402
 from tests.approvers import Approvers, paused_promotion  # noqa: E402  (keys, a policy repo)
+from tests.trust import trust_file_for  # noqa: E402
 
 GATE = "pb-gate"
 
@@ -107,7 +108,7 @@ def main() -> None:
         with prefect_test_harness(server_startup_timeout=300):
             people = Approvers(pb._SCRATCH / "approvers", ["alice", "bob"])
             people.set_policy({GATE: {"approvers": ["bob"], "timeout_s": 600}})
-            people.repository.save(REPOSITORY_BLOCK, overwrite=True)
+            os.environ[TRUST_FILE_ENV] = str(trust_file_for(people.bare.parent, people.bare))
             first = pb.image(stack.docker_host, registry, stack.base_image)
             releases = [first, pb.variant(client, first)]
             for env in (pb.SOURCE, GATE):

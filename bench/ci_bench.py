@@ -45,17 +45,26 @@ GIT_ENV = {
 """The bench checkouts' git identity (commits must not need a configured user)."""
 
 
-def checkout(services: list[str], dest: Path | None = None, config: str | None = None) -> Path:
+def checkout(
+    services: list[str],
+    dest: Path | None = None,
+    config: str | None = None,
+    *,
+    pipeline: bool = False,
+) -> Path:
     """A git copy of `services`, the libs, the shared service files and the config (at
-    `dest`, default `<scratch>/repo`; `config` replaces config/pipeline.yaml)."""
+    `dest`, default `<scratch>/repo`; `config` replaces config/pipeline.yaml); with
+    `pipeline`, prefect.yaml and the flows too (what a worker pinning it compares)."""
     repo = dest or _SCRATCH / "repo"
     for name in services:
         shutil.copytree(ROOT / "services" / name, repo / "services" / name, ignore=IGNORED)
     for shared in (ROOT / "services").iterdir():
         if shared.is_file():
             shutil.copy(shared, repo / "services" / shared.name)
-    for part in ("libs", "config"):
+    for part in ("libs", "config", *(("flows",) if pipeline else ())):
         shutil.copytree(ROOT / part, repo / part, ignore=IGNORED)
+    if pipeline:
+        shutil.copy(ROOT / "prefect.yaml", repo / "prefect.yaml")
     if config is not None:
         shutil.copy(config, repo / "config" / "pipeline.yaml")
     for ignore in (".gitignore", ".dockerignore"):  # the image build context obeys the latter

@@ -14,6 +14,7 @@ run only (this machine's speed drifts between runs).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,15 +29,16 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from bench.ci_bench import checkout  # noqa: E402  (the same git copy of the monorepo)
 from blocks.config import load_config  # noqa: E402
-from blocks.repository import REPOSITORY_BLOCK, GitRepository  # noqa: E402
+from core.trust import TRUST_FILE_ENV  # noqa: E402
 from flows.ci import CiOutcome, ci  # noqa: E402
 from reconcile.setup import ensure_setup  # noqa: E402
 from stack.worker import ensure_worker, stop_worker  # noqa: E402
+from tests.trust import trust_file_for  # noqa: E402
 
 
 def monorepo(services: list[str]) -> tuple[Path, str]:
     """A bare repository holding `services`, the libs and the shared files; its commit."""
-    work = checkout(services)
+    work = checkout(services, pipeline=True)
     bare = work.parent / "remote.git"
     subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
     head = subprocess.run(
@@ -66,11 +68,11 @@ def main() -> None:
         api = str(PREFECT_API_URL.value())
         try:
             ensure_setup(api)
-            GitRepository(url=str(bare)).save(REPOSITORY_BLOCK, overwrite=True)
-            ensure_worker(first, api, limit=1)
+            os.environ[TRUST_FILE_ENV] = str(trust_file_for(scratch, bare))  # this process
+            ensure_worker(first, api, limit=1, repository=str(bare))
             timed(services[:1], sha)  # warm: uv's cache, the tools, the imports
             one, outcome = timed(services, sha)
-            ensure_worker(second, api, limit=1)
+            ensure_worker(second, api, limit=1, repository=str(bare))
             two, _ = timed(services, sha)
         finally:
             stop_worker(first)

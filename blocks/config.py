@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import posixpath
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -130,17 +132,37 @@ def parse_config(data: Any, source: str) -> PipelineConfig:
     )
 
 
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        msg = f"{source}: not valid YAML: {exc}"
+        raise ConfigError(msg) from exc
+
+
 def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         msg = f"{path}: cannot read configuration: {exc.strerror}"
         raise ConfigError(msg) from exc
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        msg = f"{path}: not valid YAML: {exc}"
-        raise ConfigError(msg) from exc
+    return _parse_yaml(text, str(path))
+
+
+def _extended(data: Any, source: str, read_base: Callable[[str], Any]) -> Any:
+    """`data` over the sections of the file its `extends:` names (`read_base` reads it)."""
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    data = dict(data)
+    base_name = data.pop("extends")
+    if not isinstance(base_name, str) or not base_name:
+        msg = f"{source}: extends must name a configuration file, got {base_name!r}"
+        raise ConfigError(msg)
+    base = read_base(base_name)
+    if not isinstance(base, dict) or "extends" in base:
+        msg = f"{source}: extends {base_name}, which must be a mapping that extends nothing"
+        raise ConfigError(msg)
+    return {**base, **data}
 
 
 def load_file(path: Path) -> PipelineConfig:
@@ -150,19 +172,23 @@ def load_file(path: Path) -> PipelineConfig:
     the ones this file names, whole: a setup that differs only in its environments
     does not repeat the services. The base may not extend another file.
     """
-    data = _read_yaml(path)
-    if isinstance(data, dict) and "extends" in data:
-        base_name = data.pop("extends")
-        if not isinstance(base_name, str) or not base_name:
-            msg = f"{path}: extends must name a configuration file, got {base_name!r}"
-            raise ConfigError(msg)
-        base_path = path.parent / base_name
-        base = _read_yaml(base_path)
-        if not isinstance(base, dict) or "extends" in base:
-            msg = f"{path}: extends {base_name}, which must be a mapping that extends nothing"
-            raise ConfigError(msg)
-        data = {**base, **data}
+    data = _extended(_read_yaml(path), str(path), lambda name: _read_yaml(path.parent / name))
     return parse_config(data, str(path))
+
+
+def load_committed(name: str, read: Callable[[str], str], where: str) -> PipelineConfig:
+    """The configuration file `name` as `read` returns it (a path in a repository: a
+    branch's file as committed); `extends` is read the same way, beside it.
+
+    `where` names the place in messages ("config/pipeline.yaml on main of elice/monorepo").
+    """
+
+    def read_base(base: str) -> Any:
+        path = posixpath.normpath(posixpath.join(posixpath.dirname(name), base))
+        return _parse_yaml(read(path), f"{path} ({where})")
+
+    data = _extended(_parse_yaml(read(name), where), where, read_base)
+    return parse_config(data, where)
 
 
 def load_blocks() -> PipelineConfig:

@@ -1,24 +1,32 @@
-"""The repository CI checks: where to fetch it, its protected branch, its credentials."""
+"""The repository CI checks and whose protected branch decides what ships: pinned, never saved.
+
+    pinned_repository(settings)   the trust file's repository, else this machine's checkout
+
+Open-source Prefect lets whoever reaches its API save any block, so the repository is
+not a block: a worker reads it from its host's trust file (core/trust.py), a command on
+a person's machine from ELICE_REPO (default: this checkout) with `main` protected.
+Everything that decides what ships is read from that repository's protected branch.
+"""
 
 from __future__ import annotations
 
 import re
-from typing import cast
 
-from prefect.blocks.core import Block
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from blocks.config import repo_root
+from core.errors import ConfigError
+from core.settings import Settings
+from core.trust import TrustRoots
 
-REPOSITORY_BLOCK = "elice-repository"
 _BRANCH = re.compile(r"^(?!-)(?!.*\.\.)[A-Za-z0-9._/-]{1,200}(?<![/.])$")
+LOCAL_PROTECTED_BRANCH = "main"
+"""The protected branch of a machine without a trust file."""
 
 
-class GitRepository(Block):
+class GitRepository(BaseModel):
     """The monorepo CI checks out, one exact commit per run."""
 
-    _block_type_name = "Elice Git Repository"
-    _description = "The monorepo: clone URL, protected branch, credentials for https."
+    model_config = ConfigDict(frozen=True)
 
     url: str = Field(description="Clone URL (https://, ssh://, file://) or a local path")
     name: str = Field(
@@ -60,9 +68,33 @@ class GitRepository(Block):
         return f"refs/heads/{self.protected_branch}"
 
 
-def load_repository() -> GitRepository:
-    """The saved `elice-repository` block, else this checkout with `main` protected."""
-    try:
-        return cast("GitRepository", GitRepository.load(REPOSITORY_BLOCK))
-    except ValueError:  # none saved: the embedded default is this checkout
-        return GitRepository(url=str(repo_root()))
+def trusted_repository(roots: TrustRoots) -> GitRepository:
+    """The repository `roots` pin, its read token from its owner-only file.
+
+    Raises:
+        ConfigError: the token file cannot be read.
+    """
+    token: SecretStr | None = None
+    if roots.token_file is not None:
+        try:
+            token = SecretStr(roots.token_file.read_text(encoding="utf-8").strip())
+        except OSError as exc:
+            msg = f"token file {roots.token_file}: {exc.strerror or exc}"
+            raise ConfigError(msg) from exc
+    return GitRepository(
+        url=roots.repository, name=roots.name, protected_branch=roots.protected_branch, token=token
+    )
+
+
+def pinned_repository(settings: Settings) -> GitRepository:
+    """The repository this host trusts: its trust file's, else ELICE_REPO with `main`.
+
+    Never a block, a variable or a parameter: nothing the Prefect API stores.
+
+    Raises:
+        ConfigError: the trust file or its token file cannot be read.
+    """
+    roots = settings.trust_roots()
+    if roots is not None:
+        return trusted_repository(roots)
+    return GitRepository(url=str(settings.repo), protected_branch=LOCAL_PROTECTED_BRANCH)

@@ -13,6 +13,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from core.errors import ConfigError
 from core.settings import Settings
+from core.trust import TrustRoots
 
 STORAGE_BLOCK = "elice-release-storage"
 _BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
@@ -84,12 +85,37 @@ class ReleaseStorage(Block):
         return S3Bucket(bucket_name=self.bucket, credentials=credentials, bucket_folder=folder_key)
 
 
+def pinned_storage(roots: TrustRoots) -> ReleaseStorage:
+    """The storage a trust file pins: its S3 URL (the host's AWS credentials), its
+    directory, or the host's state dir."""
+    bucket = roots.ledger_bucket()
+    if bucket is not None:
+        return ReleaseStorage(
+            kind="s3", bucket=bucket[0], prefix=bucket[1], endpoint_url=roots.s3_endpoint
+        )
+    return ReleaseStorage(kind="local", path=roots.ledger or "")
+
+
 def release_storage(settings: Settings) -> ReleaseStorage:
-    """The configured storage: the saved block when ELICE_STORAGE=blocks, else local default.
+    """The configured storage: on a host with a trust file, the one it pins; else the
+    saved block when ELICE_STORAGE=blocks, else the local default.
+
+    A worker never reads the storage block: whoever rewrites it through the API could
+    otherwise plant a ledger of "verified" releases for promotion to ship.
 
     Raises:
-        ConfigError: ELICE_STORAGE=blocks but no block named "elice-release-storage" is saved.
+        ConfigError: ELICE_STORAGE=blocks on a host with a trust file, or with no block
+            named "elice-release-storage" saved.
     """
+    roots = settings.trust_roots()
+    if roots is not None:
+        if settings.storage_from_blocks:
+            msg = (
+                "ELICE_STORAGE=blocks on a host with a trust file: the trust file's `ledger` "
+                "says where the ledger lives, never a block the API can rewrite"
+            )
+            raise ConfigError(msg)
+        return pinned_storage(roots)
     if settings.storage_from_blocks:
         try:
             loaded = ReleaseStorage.load(STORAGE_BLOCK)

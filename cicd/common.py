@@ -26,11 +26,12 @@ from prefect.settings import (
 from prefect.settings.legacy import Setting
 from rich.console import Console
 
-from blocks.config import PipelineConfig, load_config
+from blocks.config import PipelineConfig
 from blocks.stack import StackInfo, load_stack_auth, load_stack_info
 from core.errors import ConfigError, GateError
 from core.settings import Settings
 from tasks.masking import mask_auth_string
+from tasks.trusted import pipeline_config
 
 ConfigOption = Annotated[
     str | None,
@@ -59,7 +60,7 @@ def cli_config(source: str | None, settings: Settings | None = None) -> Pipeline
     """The configuration from `source` (else ELICE_CONFIG, else the embedded default); an
     invalid one ends the command with exit code 2."""
     try:
-        return load_config(source or (settings or cli_settings()).config)
+        return pipeline_config(settings or cli_settings(), source)
     except ConfigError as exc:
         fail(str(exc))
 

@@ -3,6 +3,8 @@ Prometheus and Alertmanager."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 from rich.status import Status
@@ -92,6 +94,12 @@ def up(
         "--monitoring/--no-monitoring",
         help="Prometheus and Alertmanager (alerts to Slack / PagerDuty, else to a log).",
     ),
+    repository: str | None = typer.Option(
+        None,
+        "--repository",
+        help="The repository the worker pins (clone URL or path): its main decides what runs "
+        "and ships. Default: the one pinned before, else this checkout.",
+    ),
 ) -> None:
     """Start what is not running; reuse what is. Says what it installs and starts, with timings.
 
@@ -105,10 +113,17 @@ def up(
     """
     from stack.control import ensure_stack, stack_status  # noqa: PLC0415 - only when asked
 
+    if repository and Path(repository).exists():  # a local path: the worker's cwd differs
+        repository = str(Path(repository).resolve())
+
     printer = StepPrinter(console)
     try:
         info = ensure_stack(
-            prefect=prefect, worker=prefect, monitoring=monitoring, progress=printer
+            prefect=prefect,
+            worker=prefect,
+            monitoring=monitoring,
+            progress=printer,
+            repository=repository,
         )
     except StackError as exc:
         printer.close()

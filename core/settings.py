@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.trust import TRUST_FILE_ENV
+from core.trust import TRUST_FILE_ENV, TrustRoots, load_trust_roots
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 """This checkout: the default monorepo and the parent of the default state dir."""
@@ -67,6 +67,14 @@ class Settings(BaseModel):
         source = os.environ if environ is None else environ
         given = {field: source.get(name, "") for field, name in VARIABLES.items()}
         return cls(**{field: value for field, value in given.items() if value})
+
+    def trust_roots(self) -> TrustRoots | None:
+        """This host's trust roots (the ELICE_TRUST_FILE a worker sets), None without one.
+
+        Raises:
+            ConfigError: the file is missing, writable by others, or invalid.
+        """
+        return load_trust_roots(self.trust_file) if self.trust_file is not None else None
 
     @property
     def storage_from_blocks(self) -> bool:

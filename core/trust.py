@@ -9,7 +9,12 @@ stores may decide what ships. A worker host pins, in a file of its own (owner-on
   approval policy and its keys, the environments with their targets and registries, the
   service catalog, and `prefect.yaml` (what the worker may run);
 - the environments this worker may deploy into (a CI or staging worker never holds
-  production's credentials, and refuses a run that would deploy there).
+  production's credentials, and refuses a run that would deploy there);
+- where the release ledger and backups live (`ledger`: a local directory or an S3 URL,
+  with the host's own AWS credentials), never the storage block;
+- the address of each registry block a run may use (`registries`): a block names the
+  login, the trust file names the host it may be used for, so a rewritten block can
+  break a run, never send an image elsewhere.
 
 The worker hands the file's path to every flow run it starts as `TRUST_FILE_ENV`, after
 the deployment's job variables are applied, so no job variable can replace it.
@@ -33,6 +38,8 @@ TRUST_FILE_ENV = "ELICE_TRUST_FILE"
 
 _BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _ENVIRONMENT = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
+_CONFIG_PATH = re.compile(r"^(?!/)(?!.*(^|/)\.\.(/|$))[A-Za-z0-9._/-]{1,200}\.ya?ml$")
+_S3 = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>[^/].*?))?/?$")
 
 
 class TrustRoots(BaseModel):
@@ -47,6 +54,27 @@ class TrustRoots(BaseModel):
     )
     environments: tuple[str, ...] = Field(
         description="the environments this worker may deploy into (its credentials)"
+    )
+    name: str = Field(
+        default="", description="owner/name as GitHub spells it; a run naming another is refused"
+    )
+    config: str | None = Field(
+        default="config/pipeline.yaml",
+        description="the configuration file, a path in the repository read from the branch "
+        "(None: the host's choice, ELICE_CONFIG or --config: a person's machine; a worker "
+        "refuses to start without one)",
+    )
+    ledger: str | None = Field(
+        default=None,
+        description="ledger and backups: an absolute directory or s3://bucket/prefix "
+        "(None: the host's state dir)",
+    )
+    s3_endpoint: str | None = Field(
+        default=None, description="endpoint of an S3-compatible store for `ledger`"
+    )
+    registries: dict[str, str] = Field(
+        default_factory=dict,
+        description="registry block name -> the registry host (host[:port]) it may log into",
     )
 
     @field_validator("protected_branch")
@@ -65,6 +93,46 @@ class TrustRoots(BaseModel):
             msg = f"environments must be environment names, got {list(value)}"
             raise ValueError(msg)
         return value
+
+    @field_validator("config")
+    @classmethod
+    def _config(cls, value: str | None) -> str | None:
+        if value is not None and not _CONFIG_PATH.match(value):
+            msg = f"config must be a relative path to a .yaml file in the repository, got {value!r}"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("ledger")
+    @classmethod
+    def _ledger(cls, value: str | None) -> str | None:
+        if value is not None and not (_S3.match(value) or value.startswith("/")):
+            msg = f"ledger must be an absolute directory or s3://bucket/prefix, got {value!r}"
+            raise ValueError(msg)
+        return value
+
+    def ledger_bucket(self) -> tuple[str, str] | None:
+        """(bucket, prefix) when the ledger lives in S3, else None."""
+        found = _S3.match(self.ledger or "")
+        if found is None:
+            return None
+        return found["bucket"], (found["prefix"] or "").strip("/")
+
+    def check_registry(self, block: str, address: str) -> None:
+        """Refuse a registry block whose address is not the one this host pins for it.
+
+        Raises:
+            ConfigError: `block` is not pinned, or pinned to another address.
+        """
+        pinned = self.registries.get(block)
+        if pinned is None:
+            msg = (
+                f"registry block {block!r} is not pinned in the trust file: a block saved "
+                "through the API cannot choose where images go"
+            )
+            raise ConfigError(msg)
+        if pinned != address:
+            msg = f"registry block {block!r} names {address!r}; the trust file pins {pinned!r}"
+            raise ConfigError(msg)
 
     def may_deploy(self, environment: str) -> bool:
         """Whether this worker holds `environment`'s deploy credentials."""

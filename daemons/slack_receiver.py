@@ -44,8 +44,9 @@ import yaml
 from pydantic import SecretStr
 
 from blocks.approvals import POLICY_FILE, parse_policy
-from blocks.repository import load_repository
+from blocks.repository import pinned_repository
 from core.errors import ApprovalError, ConfigError, SlackRequestRefused, Unavailable
+from core.settings import Settings
 from tasks.approval import resume_from_slack, slack_signing_secret
 from tasks.slack_actions import (
     MAX_BODY_BYTES,
@@ -274,7 +275,7 @@ def load_slack_users(path: Path) -> dict[str, str]:
 def _policy_users() -> dict[str, str]:
     """The Slack users of the approval policy on the protected branch (none committed:
     no users, and every press is refused 403)."""
-    repository = load_repository()
+    repository = pinned_repository(Settings.from_environ())
     try:
         text = read_protected_file(repository, POLICY_FILE)
     except ConfigError:

@@ -24,9 +24,9 @@ from prefect.utilities.annotations import NotSet
 from pydantic import BaseModel, Field
 
 from blocks.catalog import ServiceSpec
-from blocks.config import PipelineConfig, load_config, state_dir
+from blocks.config import PipelineConfig, state_dir
 from blocks.environments import EnvironmentSpec
-from blocks.repository import GitRepository, load_repository
+from blocks.repository import GitRepository, pinned_repository
 from blocks.storage import ledger_filesystem
 from core.errors import ConfigError
 from core.records import StageResult, Workspace
@@ -58,6 +58,7 @@ from tasks.source import (
     lib_dependencies,
 )
 from tasks.testing import run_pytest
+from tasks.trusted import pipeline_config
 from tasks.workspace import prepare_workspace, remove_workspace, use_checkout
 
 CHECKS: tuple[tuple[str, Task[..., StageResult]], ...] = (
@@ -293,7 +294,7 @@ def _submit_deliveries(
     """Image and scan of every fingerprinted service (+ push, SBOM, deploy, health, ledger
     when it ships), added to `stages`. `user`: the settings the run read at its start."""
     # the deploy environment's registry and target, the engine, the ledger: once a run
-    settings = delivery_settings(user.docker_host, env)
+    settings = delivery_settings(user.docker_host, env, user.trust_roots())
     deploy_target = environment_target(
         env, registries=[settings.registry], docker_host=user.docker_host
     )
@@ -400,8 +401,8 @@ def ci_service(
     `ci-service` deployment, so the work spreads over every worker of the pool.
     """
     user = Settings.from_environ()
-    source = load_repository()
-    cfg = load_config(config_source or user.config)
+    source = pinned_repository(user)
+    cfg = pipeline_config(user, config_source)
     env = cfg.environment(environment)
     specs = cfg.catalog.select([service])
     workspace = prepare_workspace(source, head, ref)
@@ -466,8 +467,8 @@ def ci(
         failed service when any failed (after the artifacts are published).
     """
     user = Settings.from_environ()
-    source = _configured_repository(repository)
-    cfg = load_config(config_source or user.config)
+    source = _configured_repository(user, repository)
+    cfg = pipeline_config(user, config_source)
     env = cfg.environment(environment)
     args = (services, all_services, base, no_cache, deliver)
     if repo:
@@ -484,9 +485,9 @@ def ci(
         remove_workspace(workspace)
 
 
-def _configured_repository(repository: str | None) -> GitRepository:
-    """The configured repository; ConfigError when `repository` (GitHub's name) is another."""
-    source = load_repository()
+def _configured_repository(user: Settings, repository: str | None) -> GitRepository:
+    """The pinned repository; ConfigError when `repository` (GitHub's name) is another."""
+    source = pinned_repository(user)
     if repository and repository not in (source.name, source.url):
         msg = f"repository {repository!r} is not the configured one ({source.label})"
         raise ConfigError(msg)

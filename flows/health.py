@@ -14,7 +14,6 @@ from prefect import Flow, flow, unmapped
 from prefect.client.schemas.objects import FlowRun, State
 
 from blocks.catalog import ServiceSpec
-from blocks.config import load_config
 from blocks.environments import EnvironmentSpec
 from core.errors import EnvironmentUnhealthy
 from core.records import HealthReport, HealthResult
@@ -24,6 +23,7 @@ from tasks.deploy.target import Deployer
 from tasks.health import NOT_DEPLOYED, probe_service_health, publish_health_report
 from tasks.notify import Notice, flow_run_url, notify, paged_environment
 from tasks.releases import EnvironmentState, read_ledger
+from tasks.trusted import pipeline_config
 
 
 def _not_deployed(url: str, service: str) -> HealthResult:
@@ -36,7 +36,8 @@ def _notify_health(flow_run: FlowRun, state: State[Any], *, healthy: bool) -> No
     params = flow_run.parameters or {}
     name, paged = paged_environment(
         str(params.get("environment") or "dev"),
-        params.get("config_source") or Settings.from_environ().config,
+        Settings.from_environ(),
+        params.get("config_source"),
     )
     notice = Notice(
         kind="healthy" if healthy else "failed",
@@ -84,7 +85,7 @@ def health_check(
         EnvironmentUnhealthy: nothing deployed, or a service is unhealthy.
     """
     settings = Settings.from_environ()
-    cfg = load_config(config_source or settings.config)
+    cfg = pipeline_config(settings, config_source)
     env = cfg.environments.resolve(environment)
     specs = cfg.catalog.select(services) if services else cfg.catalog.services
     context = resolve_run(settings, cfg, env, target=target, registry=False)

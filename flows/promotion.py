@@ -18,9 +18,9 @@ from prefect.runtime import flow_run as current_run
 
 from blocks.approvals import ApprovalPolicy, EnvironmentPolicy
 from blocks.catalog import ServiceSpec
-from blocks.config import PipelineConfig, load_config
+from blocks.config import PipelineConfig
 from blocks.environments import PAGED_BY_NAME, EnvironmentSpec
-from blocks.repository import load_repository
+from blocks.repository import pinned_repository
 from core.errors import (
     ConfigError,
     PipelineError,
@@ -77,6 +77,7 @@ from tasks.releases import (
     record_rollback,
 )
 from tasks.security import check_request, security_verdict
+from tasks.trusted import pipeline_config
 
 SMOKE_DEADLINE_S = 20
 
@@ -86,13 +87,14 @@ SMOKE_DEADLINE_S = 20
 
 def _paged(parameters: dict[str, Any]) -> tuple[str, ...]:
     """Environments whose failures page: production, and the gated environment of this run."""
+    settings = Settings.from_environ()
     name, paged = paged_environment(
-        str(parameters.get("environment")),
-        parameters.get("config_source") or Settings.from_environ().config,
+        str(parameters.get("environment")), settings, parameters.get("config_source")
     )
     if not paged:
         try:
-            paged = read_approval_policy.fn(load_repository()).environments.get(name) is not None
+            policy = read_approval_policy.fn(pinned_repository(settings))
+            paged = policy.environments.get(name) is not None
         except PipelineError:
             paged = True  # whether it is gated is unknown: page rather than stay silent
     return (*PAGED_BY_NAME, name) if paged else PAGED_BY_NAME
@@ -193,7 +195,7 @@ def _context(
     """The run's context: configuration, `environment`, its target and registry, the
     stores; resolved once, refused before anything changes."""
     try:
-        config = load_config(config_source or settings.config)
+        config = pipeline_config(settings, config_source)
         env = config.environment(environment)
         return resolve_run(settings, config, env, target=target, drill_env=drill_env)
     except ConfigError as exc:
@@ -205,7 +207,7 @@ def _source(
 ) -> tuple[DeployTarget, EnvironmentRegistry]:
     """The target and registry of the environment promoted from, loaded once."""
     try:
-        registry = environment_registry(source_env)
+        registry = environment_registry(source_env, context.settings.trust_roots())
         pulls = [registry.access]
         docker_host = context.settings.docker_host
         return environment_target(source_env, None, None, pulls, docker_host), registry
@@ -385,8 +387,9 @@ def _start(
     override_reason).
     """
     check_request(*scan)
-    context = _context(Settings.from_environ(), config_source, environment, target, drill_env)
-    repository = load_repository()
+    settings = Settings.from_environ()
+    context = _context(settings, config_source, environment, target, drill_env)
+    repository = pinned_repository(settings)
     policy = read_approval_policy(repository)
     gate, promoter = gate_and_promoter(policy, environment, who[0], who[1], who[2], services)
     return _Promotion(

@@ -60,6 +60,7 @@ def ensure_stack(
     monitoring: bool | None = None,
     root: Path | None = None,
     progress: Progress | None = None,
+    repository: str | None = None,
 ) -> StackInfo:
     """Reuse what runs and start what does not: registry, engine, base image, Prefect,
     the worker and the Slack receiver, Prometheus and Alertmanager.
@@ -77,6 +78,8 @@ def ensure_stack(
         root: the stack's home (default `stack_dir()`).
         progress: called with each step as it starts and ends (`StackStep`); the CLI
             prints them, flows and tests pass nothing.
+        repository: the repository the worker pins (its protected branch decides what
+            runs and ships); None: the one pinned before, else this checkout.
 
     Raises:
         StackError: a part could not be installed or did not come up; for a part that
@@ -105,7 +108,7 @@ def ensure_stack(
         # saved receivers) carry its auth string
         with temporary_settings(updates={PREFECT_API_AUTH_STRING: auth} if auth else {}):
             if worker and api_url is not None:
-                _ensure_deployments_and_worker(home, api_url, steps, auth)
+                _ensure_deployments_and_worker(home, api_url, steps, auth, repository)
             if api_url is not None and (worker or running_part(home, "slack-receiver") is not None):
                 slack_receiver_url = ensure_slack_receiver(home, previous, api_url, steps, auth)
             wanted = monitoring if monitoring is not None else worker
@@ -126,10 +129,10 @@ def ensure_stack(
 
 
 def _ensure_deployments_and_worker(
-    home: Path, api_url: str, steps: Steps, auth: str | None
+    home: Path, api_url: str, steps: Steps, auth: str | None, repository: str | None
 ) -> None:
     from reconcile.setup import ensure_setup  # noqa: PLC0415 - loads the flows: only when asked
-    from stack.worker import ensure_worker, worker_pid  # noqa: PLC0415
+    from stack.worker import ensure_worker, pinned_repository, worker_pid  # noqa: PLC0415
 
     with steps.step("deployments", "work pool, limits, blocks, deployments of prefect.yaml"):
         changes = ensure_setup(api_url)
@@ -137,7 +140,9 @@ def _ensure_deployments_and_worker(
     steps.info("deployments", f"{changed} created or updated, {len(changes) - changed} unchanged")
     running = worker_pid(home)
     with steps.step("worker", "process worker on pool elice-process"):
-        pid = ensure_worker(home, api_url, auth=auth)
+        kept = pinned_repository(home)
+        url, name = (repository, "") if repository or kept is None else kept
+        pid = ensure_worker(home, api_url, auth=auth, repository=url, repository_name=name)
     if running == pid:
         steps.info("worker", f"running (pid {pid})")
 

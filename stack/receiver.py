@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 from blocks.stack import StackInfo
+from core.trust import TRUST_FILE_ENV
 from stack.ports import recorded_port
 from stack.serve import ensure_served
 from stack.steps import Steps
 from stack.supervisor import environ, running_part
+from stack.worker import trust_file
 
 DEFAULT_SLACK_RECEIVER_PORT = 3000
 
@@ -24,6 +26,8 @@ def ensure_slack_receiver(
     env = {"PREFECT_API_URL": api_url}
     if auth is not None:
         env["PREFECT_API_AUTH_STRING"] = auth  # the environment, never argv
+    if trust_file(home).is_file():  # the policy's repository: the one the worker pins
+        env[TRUST_FILE_ENV] = str(trust_file(home))
     pid = running_part(home, "slack-receiver")
     running = environ(pid) if pid is not None else {}
     changed = pid is not None and any(running.get(k) != v for k, v in env.items())

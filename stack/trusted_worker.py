@@ -14,10 +14,10 @@ the worker's log, the run's log and the audit file (one JSON object per line).
 Every run it starts gets `ELICE_TRUST_FILE` (core.trust.TRUST_FILE_ENV) set to the
 worker's trust file after the job variables are applied, so no job variable replaces it.
 
-Started as `python -m stack.trusted_worker start --pool P --name N --trust-file F
-[--audit-log A] [--limit L]` (stack/worker.py does). Its worker type is its own
-(`TYPE`); it polls a `process` pool, whose job template it shares, so Prefect logs a
-type-mismatch warning once at start.
+Started as `python -m stack.trusted_worker start --pool P --trust-file F [--name N]
+[--audit-log A] [--limit L]` (stack/worker.py does; so does the worker image). Its worker
+type is its own (`TYPE`); it polls a `process` pool, whose job template it shares, so
+Prefect logs a type-mismatch warning once at start.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from prefect.workers.process import (
     ProcessWorkerResult,
 )
 
-from core.errors import PipelineError
+from core.errors import ConfigError, PipelineError
 from core.trust import TRUST_FILE_ENV, TrustRoots, load_trust_roots
 from tasks.deployment_check import DeploymentFacts, declared_deployment, differences
 
@@ -102,6 +102,9 @@ class TrustedProcessWorker(ProcessWorker):
     ) -> None:
         self.trust_file = trust_file.resolve()
         self.trust_roots = load_trust_roots(self.trust_file)  # refuse to start without them
+        if self.trust_roots.config is None:
+            msg = f"trust file {self.trust_file}: a worker's must name its configuration (config)"
+            raise ConfigError(msg)
         self.audit_log = audit_log
         super().__init__(*args, **kwargs)
 
@@ -163,7 +166,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start", help="poll a work pool and run what the branch declares")
     start.add_argument("--pool", required=True)
-    start.add_argument("--name", required=True)
+    start.add_argument("--name", help="the worker's name (default: Prefect's, unique)")
     start.add_argument("--trust-file", required=True, type=Path)
     start.add_argument("--audit-log", type=Path)
     start.add_argument("--limit", type=int)

@@ -30,7 +30,7 @@ from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary
 from prefect.settings.legacy import Setting
 
 from core.errors import ConfigError, StackError
-from core.trust import TrustRoots, write_trust_roots
+from core.trust import TrustRoots, load_trust_roots, write_trust_roots
 from reconcile.setup import HEARTBEAT_S
 from stack.supervisor import (
     alive,
@@ -143,6 +143,8 @@ def ensure_worker(
     pool: str = DEFAULT_POOL,
     *,
     repo: Path | None = None,
+    repository: str | None = None,
+    repository_name: str = "",
     query_seconds: float = QUERY_SECONDS,
     timeout_s: float = 90.0,
     limit: int | None = None,
@@ -154,6 +156,9 @@ def ensure_worker(
         root: home of the pid file (`pids/worker.pid`) and the log (`logs/worker.log`).
         repo: the checkout the runs execute (ELICE_REPO): prefect.yaml's entrypoints are
             found there. Default: this checkout.
+        repository: the repository the worker's trust file pins (whose protected branch
+            decides what runs and ships). Default: the checkout.
+        repository_name: its owner/name as GitHub spells it (a run naming another is refused).
         query_seconds: how often the worker asks the server for runs.
         limit: at most this many runs at once on this worker (None: no limit).
         timeout_s: how long the worker may take to come online.
@@ -169,15 +174,19 @@ def ensure_worker(
         msg = f"{checkout}: no prefect.yaml; ELICE_REPO must be a checkout of elice-devops"
         raise ConfigError(msg)
     name = worker_name(root, pool)
+    roots = _trust_roots(checkout, repository, repository_name)
     with _locked(root):
         pid = worker_pid(root)
-        if pid is not None and not _serves(pid, api_url, pool, checkout, auth):
+        if pid is not None and (
+            not _serves(pid, api_url, pool, checkout, auth) or _pinned(root) != roots
+        ):
             pid_file(root, WORKER).unlink(missing_ok=True)
             terminate(pid, 20.0, tree=True)
             pid = None
         since: datetime | None = None
         if pid is None:
             since = datetime.now(UTC)
+            write_trust_roots(trust_file(root), roots)
             pid = _spawn(root, pool, name, api_url, checkout, query_seconds, limit, auth)
         end = time.monotonic() + timeout_s
         while not _online(api_url, pool, name, since, auth):
@@ -205,14 +214,7 @@ def _spawn(
     limit: int | None = None,
     auth: str | None = None,
 ) -> int:
-    trust = write_trust_roots(
-        trust_file(root),
-        TrustRoots(
-            repository=str(checkout),
-            protected_branch=PROTECTED_BRANCH,
-            environments=ENVIRONMENTS,
-        ),
-    )
+    trust = trust_file(root)
     args = [
         sys.executable,
         "-m",
@@ -228,6 +230,10 @@ def _spawn(
     if limit is not None:
         args += ["--limit", str(limit)]
     env = {
+        # a worker's runs read their configuration from the protected branch, never a file
+        # or a block the caller's environment names (core/trust.py)
+        "ELICE_CONFIG": "",
+        "ELICE_STORAGE": "",
         "PREFECT_API_URL": api_url,
         "ELICE_REPO": str(checkout),
         "PREFECT_WORKER_QUERY_SECONDS": str(query_seconds),
@@ -239,6 +245,32 @@ def _spawn(
         env["PREFECT_API_AUTH_STRING"] = auth  # the environment, never argv (ps shows argv)
     # cwd: not the checkout: the deployment's pull step must get the run there
     return spawn_part(root, WORKER, [*args, "--name", name], env, cwd=root)
+
+
+def _trust_roots(checkout: Path, repository: str | None, name: str) -> TrustRoots:
+    """What the stack's worker trusts: the repository (default: the checkout), its `main`,
+    the configuration as committed there, every environment."""
+    return TrustRoots(
+        repository=repository or str(checkout),
+        name=name,
+        protected_branch=PROTECTED_BRANCH,
+        environments=ENVIRONMENTS,
+    )
+
+
+def _pinned(root: Path) -> TrustRoots | None:
+    """The trust roots the worker of `root` was started with; None: none readable."""
+    try:
+        return load_trust_roots(trust_file(root))
+    except ConfigError:
+        return None
+
+
+def pinned_repository(root: Path) -> tuple[str, str] | None:
+    """The repository the worker of `root` pins and its GitHub name (kept across `cicd
+    stack up`); None: none yet."""
+    roots = _pinned(root)
+    return (roots.repository, roots.name) if roots is not None else None
 
 
 def stop_worker(root: Path, deadline_s: float = 20.0) -> bool:

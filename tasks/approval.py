@@ -39,8 +39,7 @@ from prefect.input.actions import read_flow_run_input
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from blocks.approvals import POLICY_FILE, ApprovalPolicy, EnvironmentPolicy, parse_policy
-from blocks.config import load_config
-from blocks.repository import GitRepository, load_repository
+from blocks.repository import GitRepository, pinned_repository
 from blocks.storage import ledger_filesystem
 from core.errors import (
     AnswerRefused,
@@ -72,6 +71,7 @@ from tasks.slack_actions import (
     parse_slack_decision,
     verify_slack_request,
 )
+from tasks.trusted import pipeline_config
 from tasks.workspace import read_protected_file
 
 Decision = Literal["approve", "reject"]
@@ -500,7 +500,7 @@ def plan_of_gate(gate: Gate, settings: Settings) -> tuple[PromotionPlan, dict[st
         ConfigError: the run names a configuration that cannot be loaded.
     """
     params = gate.parameters
-    config = load_config(params.get("config_source") or settings.config)
+    config = pipeline_config(settings, params.get("config_source"))
     env = config.environments.resolve(gate.environment)
     source = source_of(config, env.name)
     ledger = Ledger(ledger_filesystem(settings))
@@ -511,7 +511,7 @@ def plan_of_gate(gate: Gate, settings: Settings) -> tuple[PromotionPlan, dict[st
         str(params.get("promoted_by") or ""),
         ledger.current(str(source.promotes_from)),
         ledger.current(env.name),
-        protected_branch=load_repository().protected_branch,
+        protected_branch=pinned_repository(settings).protected_branch,
     )
     return plan, extra_env_of(plan, params.get("drill_env"))
 

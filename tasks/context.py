@@ -61,7 +61,7 @@ def resolve_run(
             configured one, or the storage block is missing.
         ToolError: ECR's API refused or is unreachable.
     """
-    own = environment_registry(env) if registry else None
+    own = environment_registry(env, settings.trust_roots()) if registry else None
     pulls = [own.access] if own is not None else []
     deploy_target = environment_target(env, target, drill_env, pulls, settings.docker_host)
     ledger, backups = release_stores(settings)

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from pydantic import SecretStr
 
-from blocks.repository import GitRepository
+from blocks.repository import trusted_repository
 from core.errors import ConfigError
 from core.trust import TrustRoots
 from tasks.workspace import read_protected_file
@@ -172,22 +171,6 @@ def declared_deployments(prefect_yaml: str, read_file: Callable[[str], str]) -> 
         )
         declared[facts.name] = Declared(facts, allowed - LOCAL_ONLY)
     return declared
-
-
-def trusted_repository(roots: TrustRoots) -> GitRepository:
-    """The pinned repository of `roots`, its read token from its owner-only file (unsaved).
-
-    Raises:
-        ConfigError: the token file cannot be read.
-    """
-    token: SecretStr | None = None
-    if roots.token_file is not None:
-        try:
-            token = SecretStr(roots.token_file.read_text(encoding="utf-8").strip())
-        except OSError as exc:
-            msg = f"token file {roots.token_file}: {exc.strerror or exc}"
-            raise ConfigError(msg) from exc
-    return GitRepository(url=roots.repository, protected_branch=roots.protected_branch, token=token)
 
 
 def declared_deployment(roots: TrustRoots, name: str) -> Declared:

@@ -27,6 +27,7 @@ from blocks.registry import EcrRegistry, OciRegistry
 from blocks.stack import load_stack_info
 from core.errors import ConfigError, ImageError, ToolError
 from core.records import ImageRef, PromotionPlan, PublishedImage, utcnow
+from core.trust import TrustRoots
 from tasks.ecr import (
     combine_verdicts,
     ecr_registry_access,
@@ -343,20 +344,25 @@ REGISTRY_BLOCK = "elice-registry"
 ECR_BLOCK = "elice-ecr"
 
 
-def pipeline_registry() -> OciRegistry:
+def pipeline_registry(roots: TrustRoots | None) -> OciRegistry:
     """The CI registry: the saved `elice-registry` block, else the local stack's.
 
+    With trust roots (a worker), the block's address must be the one they pin for it.
+
     Raises:
-        ConfigError: no block is saved and no local stack runs.
+        ConfigError: no block is saved and no local stack runs; the block is not pinned.
     """
     try:
-        return cast("OciRegistry", OciRegistry.load(REGISTRY_BLOCK))
+        block = cast("OciRegistry", OciRegistry.load(REGISTRY_BLOCK))
     except ValueError as exc:
         stack = load_stack_info()
         if stack is None:
             msg = f"no registry: save an OciRegistry block {REGISTRY_BLOCK!r} or `cicd stack up`"
             raise ConfigError(msg) from exc
         return OciRegistry(address=stack.registry, insecure=True)
+    if roots is not None:
+        roots.check_registry(REGISTRY_BLOCK, block.address)
+    return block
 
 
 class EnvironmentRegistry(BaseModel):
@@ -372,18 +378,21 @@ class EnvironmentRegistry(BaseModel):
         return self.access.repository(service)
 
 
-def environment_registry(env: EnvironmentSpec) -> EnvironmentRegistry:
+def environment_registry(env: EnvironmentSpec, roots: TrustRoots | None) -> EnvironmentRegistry:
     """`env`'s own registry (the block its configuration names), else the CI registry.
 
     An ECR registry's login comes from GetAuthorizationToken, refreshed before it expires.
+    With trust roots (a worker), the registry's address must be the one they pin for the
+    block: a block rewritten through the API breaks the run, never moves the images.
 
     Raises:
-        ConfigError: the named block is not saved (or is not of the named kind).
+        ConfigError: the named block is not saved (or is not of the named kind), or its
+            address is not the pinned one.
         ToolError: ECR's API refused or is unreachable.
     """
     choice = env.registry
     if choice is None:
-        return EnvironmentRegistry(access=pipeline_registry())
+        return EnvironmentRegistry(access=pipeline_registry(roots))
     kind = EcrRegistry if choice.kind == "ecr" else OciRegistry
     try:
         block = kind.load(choice.block)
@@ -394,8 +403,12 @@ def environment_registry(env: EnvironmentSpec) -> EnvironmentRegistry:
         )
         raise ConfigError(msg) from exc
     if isinstance(block, EcrRegistry):
-        return EnvironmentRegistry(access=ecr_registry_access(block), ecr=block)
-    return EnvironmentRegistry(access=cast("OciRegistry", block))
+        chosen = EnvironmentRegistry(access=ecr_registry_access(block), ecr=block)
+    else:
+        chosen = EnvironmentRegistry(access=cast("OciRegistry", block))
+    if roots is not None:
+        roots.check_registry(choice.block, chosen.access.address)
+    return chosen
 
 
 def login_for(image: ImageRef, *registries: OciRegistry) -> OciRegistry | None:
@@ -471,14 +484,15 @@ class DeliverySettings(BaseModel):
 
 
 def delivery_settings(
-    docker_host: str | None = None, env: EnvironmentSpec | None = None
+    docker_host: str | None, env: EnvironmentSpec | None, roots: TrustRoots | None
 ) -> DeliverySettings:
     """Where images are built and pushed, resolved once per CI run.
 
     The engine: `docker_host` (the user setting DOCKER_HOST), else the local stack's. The registry:
     `env`'s own (CI's deploy environment), else the saved `elice-registry` block, else
     the local stack's. The base image: the local stack's (None: the Dockerfile's
-    default). ECR mirror: the saved `elice-ecr` block, if any.
+    default). ECR mirror: the saved `elice-ecr` block, if any. With trust roots (a
+    worker), every registry block's address must be the one they pin for it.
 
     Raises:
         ConfigError: no registry is configured and no local stack runs.
@@ -486,11 +500,16 @@ def delivery_settings(
     """
     engine = resolve_docker_host(docker_host)
     stack = load_stack_info()
-    registry = environment_registry(env).access if env is not None else pipeline_registry()
+    if env is not None:
+        registry = environment_registry(env, roots).access
+    else:
+        registry = pipeline_registry(roots)
     try:
         ecr: EcrRegistry | None = cast("EcrRegistry", EcrRegistry.load(ECR_BLOCK))
     except ValueError:  # no ECR block saved: no mirror
         ecr = None
+    if ecr is not None and roots is not None:
+        roots.check_registry(ECR_BLOCK, ecr_registry_access(ecr).address)
     return DeliverySettings(
         docker_host=engine,
         registry=registry,

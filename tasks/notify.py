@@ -26,7 +26,6 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.web import WebClient
 from slack_sdk.webhook import WebhookClient
 
-from blocks.config import load_config
 from blocks.environments import PAGED_BY_NAME
 from blocks.notifications import (
     PagerDutyService,
@@ -34,11 +33,13 @@ from blocks.notifications import (
     load_pagerduty_service,
     load_slack_channel,
 )
-from core.errors import ConfigError, NoticeUndeliverable
+from core.errors import NoticeUndeliverable, PipelineError
 from core.records import ImageRef, PromotionPlan, short_digest
+from core.settings import Settings
 from tasks.masking import scrub
 from tasks.process import run_logger
 from tasks.slack_actions import with_approval_actions
+from tasks.trusted import pipeline_config
 
 NoticeKind = Literal[
     "approval_needed", "deployed", "rolled_back", "failed", "refused", "rejected", "healthy"
@@ -402,15 +403,17 @@ def pagerduty_action(
     return None
 
 
-def paged_environment(environment: str, config_source: str | None = None) -> tuple[str, bool]:
+def paged_environment(
+    environment: str, settings: Settings, config_source: str | None = None
+) -> tuple[str, bool]:
     """The environment's own name (seed aliases resolved), and whether its failures page.
 
     Production always pages; so does any environment behind an approval gate. An
     environment the configuration does not know keeps its name and pages by name only.
     """
     try:
-        env = load_config(config_source).environments.resolve(environment)
-    except ConfigError:
+        env = pipeline_config(settings, config_source).environments.resolve(environment)
+    except PipelineError:  # unknown, or unreadable: page by name
         return environment, environment in PAGED_BY_NAME
     return env.name, env.paged
 

@@ -217,11 +217,12 @@ def remove_workspace(workspace: Workspace) -> None:
     run_logger().info("removed the workspace of %s", workspace.commit[:12])
 
 
-def read_protected_file(repository: GitRepository, path: str) -> str:
+def read_protected_file(repository: GitRepository, path: str, *, fetch: bool = True) -> str:
     """`path` as committed on the tip of the protected branch, freshly fetched.
 
     Not the working tree, not a file a caller names: what the protected branch holds,
-    which takes a reviewed commit to change.
+    which takes a reviewed commit to change. `fetch=False` reads the mirror as the last
+    fetch left it (a second file of the same decision, read at the same commit).
 
     Raises:
         ConfigError: the protected branch has no such file.
@@ -229,7 +230,8 @@ def read_protected_file(repository: GitRepository, path: str) -> str:
     """
     mirror = mirror_path(repository)
     with mirror_lock(mirror):
-        update_mirror(repository, mirror)
+        if fetch or not mirror.exists():
+            update_mirror(repository, mirror)
         shown = _git(mirror, "show", f"{repository.protected_ref}:{path}")
     if not shown.ok:
         msg = f"{path} is not on {repository.protected_branch} of {repository.label}"

@@ -72,7 +72,7 @@ class Approvers:
 
     @property
     def repository(self) -> GitRepository:
-        """The repository block that points at the policy repository."""
+        """The policy repository, as a trust file pins it."""
         return GitRepository(url=str(self.bare), name="elice/monorepo")
 
     def set_policy(self, environments: dict[str, Any], **extra: Any) -> None:

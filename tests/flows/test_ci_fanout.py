@@ -34,13 +34,13 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
 from flows.ci import CiOutcome, _failed_outcome, ci
 from reconcile.setup import VANISHED_AFTER_S, ensure_setup
 from stack.worker import ensure_worker, stop_worker
 from tests.plugins.postgres import PostgresPrefect
 from tests.tasks.ci_checkout import copy_monorepo, git
+from tests.trust import pin_repository
 
 pytestmark = pytest.mark.slow  # two process workers on a PostgreSQL-backed server: minutes
 
@@ -53,22 +53,29 @@ def two_workers(
 ) -> Iterator[tuple[str, dict[int, str]]]:
     """Deployments and two one-run-at-a-time workers on the PostgreSQL-backed server."""
     root = tmp_path_factory.mktemp("fanout")
-    work = copy_monorepo(root / "work", SERVICES)
+    work = copy_monorepo(root / "work", SERVICES, pipeline=True)
     bare = root / "remote.git"
     git(root, "init", "-q", "--bare", "-b", "main", str(bare))
     git(work, "remote", "add", "origin", str(bare))
     git(work, "push", "-q", "origin", "main")
     sha = git(work, "rev-parse", "HEAD").strip()
     api = postgres_prefect.api_url
+    mp = pytest.MonkeyPatch()
+    pin_repository(mp, root, bare)  # this process's runs (the parent `ci`) pin it too
     with temporary_settings(updates={PREFECT_API_URL: api}):
         ensure_setup(api)
-        GitRepository(url=str(bare), name="elice/monorepo").save(REPOSITORY_BLOCK, overwrite=True)
-        pids = {ensure_worker(root / name, api, limit=1): name for name in ("worker-a", "worker-b")}
+        pids = {
+            ensure_worker(
+                root / name, api, limit=1, repository=str(bare), repository_name="elice/monorepo"
+            ): name
+            for name in ("worker-a", "worker-b")
+        }
         try:
             yield sha, pids
         finally:
             for name in ("worker-a", "worker-b"):
                 stop_worker(root / name)
+            mp.undo()
 
 
 def _statuses(outcome: CiOutcome) -> dict[tuple[str, str], str]:

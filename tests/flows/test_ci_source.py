@@ -18,12 +18,12 @@ from pydantic import SecretStr
 
 from blocks.config import state_dir
 from blocks.notifications import SLACK_BLOCK, SlackChannel
-from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
 from flows.ci import CiOutcome, ci
 from tests.ledgers import current_ledger
 from tests.plugins.receivers import Receiver
 from tests.tasks.ci_checkout import REPO, commit_all, copy_monorepo, git
+from tests.trust import pin_repository
 
 pytestmark = pytest.mark.slow  # real CI runs / servers: out of the fast tier
 
@@ -33,16 +33,17 @@ ENV = "ci-src"
 
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
-    """A clone to push from, its bare remote, and the repository block naming the remote."""
+    """A clone to push from, and its bare remote, pinned as this host's repository."""
     root = tmp_path_factory.mktemp("ci-source")
     work = copy_monorepo(root / "work", [SERVICE])
     bare = root / "remote.git"
     git(root, "init", "-q", "--bare", "-b", "main", str(bare))
     git(work, "remote", "add", "origin", str(bare))
     git(work, "push", "-q", "origin", "main")
-    GitRepository(url=str(bare), name="elice/monorepo").save(REPOSITORY_BLOCK, overwrite=True)
+    mp = pytest.MonkeyPatch()
+    pin_repository(mp, root, bare)
     yield work, bare
-    GitRepository.delete(REPOSITORY_BLOCK)
+    mp.undo()
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ and build on each other's releases (module-scoped state), like a release train:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import queue
@@ -24,6 +25,7 @@ import docker
 import httpx
 import pytest
 import yaml
+from prefect.blocks.core import Block
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -32,14 +34,15 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelling, Pending, Running, Scheduled
 from pydantic import SecretStr
 
 from blocks.config import PipelineConfig, load_config
 from blocks.notifications import PAGERDUTY_BLOCK, SLACK_BLOCK, PagerDutyService, SlackChannel
-from blocks.repository import REPOSITORY_BLOCK, GitRepository
+from blocks.registry import OciRegistry
 from blocks.stack import StackInfo
-from blocks.storage import ledger_filesystem
+from blocks.storage import STORAGE_BLOCK, ReleaseStorage, ledger_filesystem
 from core.errors import PromotionError, PromotionRefused, PromotionRejected, PromotionRolledBack
 from core.records import ImageRef
 from core.settings import Settings
@@ -55,12 +58,14 @@ from tasks.approval import (
 from tasks.audit import AuditEntry, read_audit
 from tasks.deploy.docker import DockerDeployer
 from tasks.health import probe_health
+from tasks.images import REGISTRY_BLOCK
 from tasks.slack_actions import APPROVE_ACTION
 from tests.approvers import Approvers, paused_promotion
 from tests.flows.chain import derive, put_release, remove_containers
 from tests.ledgers import current_ledger
 from tests.plugins.receivers import Receiver
 from tests.slack_requests import button_press, slack_signed
+from tests.trust import pin_repository
 
 pytestmark = pytest.mark.stack
 
@@ -163,7 +168,7 @@ def train(
     cfg_path = write_config(folder / "pipeline.yaml")
     people = Approvers(folder, [*APPROVERS, "mallory"])  # mallory has a key, approves nothing
     people.set_policy(GATE)
-    people.repository.save(REPOSITORY_BLOCK, overwrite=True)
+    pin_repository(mp, folder, people.bare)
     t = Train(cfg_path, people, load_config(cfg_path))
     remove_containers(docker_client, [DEV, STG, PROD])
     t.digests = {
@@ -174,7 +179,6 @@ def train(
     for service in SERVICES:
         put_dev(t, service, t.digests["D1"])
     yield t
-    GitRepository.delete(REPOSITORY_BLOCK)
     remove_containers(docker_client, [DEV, STG, PROD])
     mp.undo()
 
@@ -413,6 +417,60 @@ def test_a_caller_cannot_bring_an_approval_policy(train: Train, tmp_path: Path) 
     assert isinstance(error, PromotionRefused), error
     assert "approval policy is not part of the pipeline configuration" in str(error)
     assert current_ledger().current(PROD).revision == revision
+
+
+class SavedRepository(Block):
+    """The attacker's block: the type and name the gate once read its repository from."""
+
+    _block_type_name = "Elice Git Repository"
+    url: str
+    name: str = ""
+    protected_branch: str = "main"
+
+
+def test_blocks_saved_through_the_api_decide_nothing(train: Train, tmp_path: Path) -> None:
+    """What anyone reaching the API can save: a repository block whose `main` makes mallory
+    production's approver (with the key mallory holds), a storage block, a registry block
+    at another address. None of them changes who may approve or where images go; once
+    the registry block is gone, a real signed approval still ships."""
+    evil = Approvers(tmp_path / "evil", [])
+    evil.allowed_signers = train.approvers.allowed_signers
+    evil.set_policy({PROD: {"approvers": ["mallory"], "timeout_s": 120}})
+    SavedRepository(url=str(evil.bare), name="elice/monorepo").save(
+        "elice-repository", overwrite=True
+    )
+    ReleaseStorage(kind="local", path=str(tmp_path / "planted")).save(STORAGE_BLOCK, overwrite=True)
+    OciRegistry(address="127.0.0.1:1", insecure=True).save(REGISTRY_BLOCK, overwrite=True)
+    revision = current_ledger().current(PROD).revision
+    try:
+        state = run(train, PROD, promoted_by="alice")
+        assert state.is_failed()
+        error = state.result(raise_on_failure=False)
+        assert isinstance(error, PromotionRefused), error
+        assert "registry block 'elice-registry' is not pinned in the trust file" in str(error)
+        assert current_ledger().current(PROD).revision == revision
+        OciRegistry.delete(REGISTRY_BLOCK)
+        before = set(train.run_ids)
+        job = Background(train, PROD, promoted_by="alice")
+        run_id = paused_promotion(before)
+        entry = answered(run_id, train.approvers.answer(run_id, "mallory"))
+        assert (entry.kind, entry.who) == ("refused", "mallory"), entry
+        assert current_ledger().current(PROD).revision == revision
+        entry = answered(run_id, train.approvers.answer(run_id, "bob"))
+        assert (entry.kind, entry.who) == ("approved", "bob"), entry
+        state = job.final()
+        assert state.is_completed(), state.message
+        assert state.result().approved_by == "bob"
+        assert current_ledger().current(PROD).revision > revision
+        assert not (tmp_path / "planted" / "ledger").exists()  # the storage block: unread
+    finally:
+        for kind, name in (
+            (SavedRepository, "elice-repository"),
+            (ReleaseStorage, STORAGE_BLOCK),
+            (OciRegistry, REGISTRY_BLOCK),
+        ):
+            with contextlib.suppress(ValueError, ObjectNotFound):
+                kind.delete(name)
 
 
 def test_an_unsigned_production_request_is_refused(train: Train) -> None:

@@ -39,10 +39,10 @@ from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks.config import PipelineConfig, load_config
-from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
 from core.errors import EnvironmentUnhealthy
 from core.records import ImageRef
+from core.trust import TRUST_FILE_ENV
 from flows.health import health_check
 from tasks.approval import read_gate, submit_answer
 from tasks.deploy.docker import DockerDeployer
@@ -58,6 +58,7 @@ from tests.flows.chain import (
 )
 from tests.ledgers import current_ledger
 from tests.plugins.postgres import PostgresPrefect
+from tests.trust import trust_file_for
 
 pytestmark = pytest.mark.stack
 
@@ -260,10 +261,14 @@ def test_an_approval_resumes_a_promotion_across_a_server_restart(
     api = postgres_prefect.api_url
     people = Approvers(tmp_path, ["alice", "bob"])
     people.set_policy({PROD: {"approvers": ["alice", "bob"], "timeout_s": 600}})
-    with temporary_settings(updates={PREFECT_API_URL: api}):
-        people.repository.save(REPOSITORY_BLOCK, overwrite=True)
+    trust = trust_file_for(tmp_path, people.bare)  # the child's trust file
     signed = json.dumps(people.request(PROD, "alice"))
-    env = {**os.environ, "PREFECT_API_URL": api, "DOCKER_HOST": stack.docker_host}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api,
+        "DOCKER_HOST": stack.docker_host,
+        TRUST_FILE_ENV: str(trust),
+    }
     with (tmp_path / "prod.log").open("w") as log:
         job = subprocess.Popen(
             [sys.executable, "-c", PROMOTE, PROD, cfg_path, signed],
@@ -282,8 +287,6 @@ def test_an_approval_resumes_a_promotion_across_a_server_restart(
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
-        with temporary_settings(updates={PREFECT_API_URL: api}):
-            GitRepository.delete(REPOSITORY_BLOCK)
     output = (tmp_path / "prod.log").read_text()
     assert "FINAL COMPLETED" in output, output[-4000:]
     state = current_ledger().current(PROD)

@@ -3,7 +3,7 @@
 The `prefect deployment run` lines are read from .github/workflows/ci.yml (so the test
 cannot drift from the workflow), their `${{ ... }}` expressions filled in as GitHub
 would for a push or a pull request, and run with bash. The commits are pushed to a bare
-git remote after the worker started; the `elice-repository` block names that remote.
+git remote after the worker started; the worker's trust file pins that remote.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from prefect.client.schemas.filters import (
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL
 
-from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo
 from reconcile.setup import ensure_setup
 from stack.worker import ensure_worker, stop_worker
@@ -114,7 +113,7 @@ def _run_named(name: str) -> UUID:
 def team(tmp_path_factory: pytest.TempPathFactory, stack: StackInfo) -> Iterator[tuple[Path, str]]:
     """Deployments and a worker on the test server; a bare remote holding the monorepo."""
     root = tmp_path_factory.mktemp("gha")
-    work = copy_monorepo(root / "work", [SERVICE])
+    work = copy_monorepo(root / "work", [SERVICE], pipeline=True)
     bare = root / "remote.git"
     git(root, "init", "-q", "--bare", "-b", "main", str(bare))
     git(work, "remote", "add", "origin", str(bare))
@@ -122,13 +121,11 @@ def team(tmp_path_factory: pytest.TempPathFactory, stack: StackInfo) -> Iterator
     first = git(work, "rev-parse", "HEAD").strip()
     api = str(PREFECT_API_URL.value())
     ensure_setup(api)
-    GitRepository(url=str(bare), name="elice/monorepo").save(REPOSITORY_BLOCK, overwrite=True)
-    ensure_worker(root / "worker", api)
+    ensure_worker(root / "worker", api, repository=str(bare), repository_name="elice/monorepo")
     try:
         yield work, first
     finally:
         stop_worker(root / "worker")
-        GitRepository.delete(REPOSITORY_BLOCK)
         client = docker.DockerClient(base_url=stack.docker_host)
         for container in client.containers.list(all=True, filters={"name": "elice-dev-"}):
             container.remove(force=True)

@@ -32,7 +32,6 @@ from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary
 from typer.testing import CliRunner
 
 from blocks.approvals import POLICY_FILE
-from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from blocks.stack import StackInfo, load_stack_auth, load_stack_info, stack_auth_file
 from cicd.stack_cli import app
 from daemons.slack_receiver import ACTIONS_PATH
@@ -121,14 +120,14 @@ def test_stack_up_serves_deployments_and_a_worker_runs_ci_with_its_defaults(
     root = tmp_path / "stack"
     monkeypatch.setenv("DOCKER_HOST", stack.docker_host)
     monkeypatch.setenv("ELICE_STACK_DIR", str(root))
-    work = copy_monorepo(tmp_path / "work", [])
+    work = copy_monorepo(tmp_path / "work", [], pipeline=True)
     (work / "README.md").write_text("# docs only\n")
     (work / POLICY_FILE).write_text(f"slack_users:\n  {SLACK_USER}: alice\n")
     commit_all(work, "docs")  # the tip of main changes no service
     bare = tmp_path / "remote.git"
     git(tmp_path, "clone", "-q", "--bare", str(work), str(bare))
     try:
-        up = CliRunner().invoke(app, ["up"])
+        up = CliRunner().invoke(app, ["up", "--repository", str(bare)])
         assert up.exit_code == 0, up.output
         assert "deployments: work pool, limits, blocks, deployments of prefect.yaml" in up.output
         assert "worker: process worker on pool elice-process" in up.output
@@ -152,7 +151,6 @@ def test_stack_up_serves_deployments_and_a_worker_runs_ci_with_its_defaults(
                 )
                 [nightly] = deployments["nightly-rebuild"].schedules
                 assert nightly.active
-            GitRepository(url=str(bare)).save(REPOSITORY_BLOCK, overwrite=True)
             assert info.slack_receiver_url
             assert "slack-receiver" in up.output
             presses_reach_the_server(info.slack_receiver_url + ACTIONS_PATH)

@@ -192,14 +192,22 @@ def test_worker_image_runs_prefect_and_the_flows_as_non_root(
         image = docker_client.images.get(tag)
         assert image.attrs["Config"]["User"] == "10001:10001"
         assert image.attrs["Config"]["Cmd"] == [
-            "prefect",
-            "worker",
+            "python",
+            "-m",
+            "stack.trusted_worker",
             "start",
             "--pool",
             "elice-process",
-            "--type",
-            "process",
+            "--trust-file",
+            "/etc/elice/trust.yaml",
         ]
+        # its own command without a mounted trust file: refused, saying which file
+        refused = docker_client.containers.run(tag, detach=True, network_mode="none")
+        try:
+            assert refused.wait(timeout=120)["StatusCode"] == 2
+            assert "trust file /etc/elice/trust.yaml" in refused.logs().decode()
+        finally:
+            refused.remove(force=True)
 
         def run(*command: str) -> str:
             # Wait, then read the logs, then remove: with `remove=True` Podman can drop the

@@ -49,8 +49,10 @@ def commit_all(repo: Path, message: str) -> str:
     return git(repo, "rev-parse", "HEAD").strip()
 
 
-def copy_monorepo(dest: Path, services: list[str]) -> Path:
-    """A git repository at `dest` holding `services` (+ shared files), every lib, the config."""
+def copy_monorepo(dest: Path, services: list[str], *, pipeline: bool = False) -> Path:
+    """A git repository at `dest` holding `services` (+ shared files), every lib, the config;
+    with `pipeline`, also prefect.yaml and the flows (what a worker pinning it compares
+    a deployment with)."""
     (dest / "services").mkdir(parents=True, exist_ok=True)
     for shared in (REPO / "services").iterdir():
         if shared.is_file():
@@ -61,6 +63,9 @@ def copy_monorepo(dest: Path, services: list[str]) -> Path:
     shutil.copytree(REPO / "config", dest / "config", ignore=_IGNORED)
     for ignore in (".gitignore", ".dockerignore"):
         shutil.copy(REPO / ignore, dest / ignore)
+    if pipeline:
+        shutil.copy(REPO / "prefect.yaml", dest / "prefect.yaml")
+        shutil.copytree(REPO / "flows", dest / "flows", ignore=_IGNORED)
     git(dest, "init", "-q", "-b", "main")
     commit_all(dest, "initial")
     return dest

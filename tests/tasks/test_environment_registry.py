@@ -4,20 +4,30 @@ docker-registry that accepts exactly the login moto hands out)."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import Any
 
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
 from prefect_aws import AwsCredentials
 
 from blocks.environments import EnvironmentSpec, RegistryChoice, Replicas
 from blocks.registry import EcrRegistry, OciRegistry
 from core.errors import ConfigError
 from core.records import ImageRef, PlannedChange, PromotionPlan
+from core.trust import TrustRoots
 from tasks.ecr import combine_verdicts, ecr_client, ecr_registry_access, judge_ecr_findings
-from tasks.images import EnvironmentRegistry, environment_registry, place_images, with_ecr_scans
+from tasks.images import (
+    REGISTRY_BLOCK,
+    EnvironmentRegistry,
+    environment_registry,
+    pipeline_registry,
+    place_images,
+    with_ecr_scans,
+)
 from tasks.registry import image_exists, read_labels
 from tests.plugins.registries import AuthRegistry
 
@@ -67,7 +77,7 @@ def test_an_oci_block_named_by_the_environment_is_its_registry_with_its_login(
     name = f"test-er-{uuid.uuid4().hex[:6]}"
     basic_registry.block.save(name)
     try:
-        chosen = environment_registry(_env(RegistryChoice(kind="oci", block=name)))
+        chosen = environment_registry(_env(RegistryChoice(kind="oci", block=name)), None)
     finally:
         _forget(name, "elice-oci-registry")
     assert chosen.ecr is None
@@ -79,7 +89,7 @@ def test_an_oci_block_named_by_the_environment_is_its_registry_with_its_login(
 
 def test_an_unsaved_block_is_a_config_error_naming_it_and_its_kind() -> None:
     with pytest.raises(ConfigError) as caught:
-        environment_registry(_env(RegistryChoice(kind="ecr", block="test-er-never")))
+        environment_registry(_env(RegistryChoice(kind="ecr", block="test-er-never")), None)
     assert "er-stg: its registry block 'test-er-never' (ecr) is not saved" in str(caught.value)
     assert "EcrRegistry" in str(caught.value)
 
@@ -100,7 +110,7 @@ def test_promotion_places_images_in_the_environments_ecr_registry(
     name = f"test-er-ecr-{uuid.uuid4().hex[:6]}"
     ecr.save(name)
     try:
-        target = environment_registry(_env(RegistryChoice(kind="ecr", block=name)))
+        target = environment_registry(_env(RegistryChoice(kind="ecr", block=name)), None)
     finally:
         _forget(name, "elice-ecr-registry")
     # the login is ECR's own token (GetAuthorizationToken), not a stored password
@@ -191,3 +201,34 @@ def test_unknown_is_never_clean_and_vulnerable_always_wins(
     scans: tuple[str | None, str], combined: str
 ) -> None:
     assert combine_verdicts(*scans) == combined
+
+
+def test_a_registry_block_at_another_address_breaks_the_run() -> None:
+    """With trust roots (a worker), a registry block saved through the API at an address
+    other than the one the host pins is refused: it breaks the run, never moves images."""
+    env = _env(RegistryChoice(kind="oci", block="test-trusted-staging"))
+    pinned = TrustRoots(
+        repository="/srv/r",
+        environments=("er-stg",),
+        registries={"test-trusted-staging": "registry.internal:5000", REGISTRY_BLOCK: "ci:5000"},
+    )
+    OciRegistry(address="attacker.example:5000").save("test-trusted-staging", overwrite=True)
+    OciRegistry(address="ci:5000").save(REGISTRY_BLOCK, overwrite=True)
+    try:
+        with pytest.raises(ConfigError) as refused:
+            environment_registry(env, pinned)
+        assert str(refused.value) == (
+            "registry block 'test-trusted-staging' names 'attacker.example:5000'; "
+            "the trust file pins 'registry.internal:5000'"
+        )
+        unpinned = pinned.model_copy(update={"registries": {}})
+        with pytest.raises(ConfigError, match="'elice-registry' is not pinned"):
+            pipeline_registry(unpinned)
+        assert pipeline_registry(pinned).address == "ci:5000"
+        OciRegistry(address="registry.internal:5000").save("test-trusted-staging", overwrite=True)
+        assert environment_registry(env, pinned).access.address == "registry.internal:5000"
+        assert environment_registry(env, None).access.address == "registry.internal:5000"
+    finally:
+        for name in ("test-trusted-staging", REGISTRY_BLOCK):
+            with contextlib.suppress(ValueError, ObjectNotFound):
+                OciRegistry.delete(name)
