@@ -433,6 +433,9 @@ def test_blocks_saved_through_the_api_decide_nothing(train: Train, tmp_path: Pat
     production's approver (with the key mallory holds), a storage block, a registry block
     at another address. None of them changes who may approve or where images go; once
     the registry block is gone, a real signed approval still ships."""
+    if not current_ledger().current(STG).services:  # run alone: staging has a release first
+        assert run(train, STG, promoted_by="ci").is_completed()
+    (tmp_path / "evil").mkdir()
     evil = Approvers(tmp_path / "evil", [])
     evil.allowed_signers = train.approvers.allowed_signers
     evil.set_policy({PROD: {"approvers": ["mallory"], "timeout_s": 120}})
