@@ -12,10 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect.blocks.core import Block
 
 from core.trust import TRUST_FILE_ENV, TrustRoots, write_trust_roots
 
 ALL_ENVIRONMENTS = ("dev", "staging", "production")
+
+
+class SavedRepository(Block):
+    """An attacker's block: the type and name (`elice-repository`) the pipeline once read
+    its repository from, saved through the API to see that nothing reads it now."""
+
+    _block_type_name = "Elice Git Repository"
+    url: str
+    name: str = ""
+    protected_branch: str = "main"
 
 
 def trust_file_for(

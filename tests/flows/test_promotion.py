@@ -25,7 +25,6 @@ import docker
 import httpx
 import pytest
 import yaml
-from prefect.blocks.core import Block
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -65,7 +64,7 @@ from tests.flows.chain import derive, put_release, remove_containers
 from tests.ledgers import current_ledger
 from tests.plugins.receivers import Receiver
 from tests.slack_requests import button_press, slack_signed
-from tests.trust import pin_repository
+from tests.trust import SavedRepository, pin_repository
 
 pytestmark = pytest.mark.stack
 
@@ -417,15 +416,6 @@ def test_a_caller_cannot_bring_an_approval_policy(train: Train, tmp_path: Path) 
     assert isinstance(error, PromotionRefused), error
     assert "approval policy is not part of the pipeline configuration" in str(error)
     assert current_ledger().current(PROD).revision == revision
-
-
-class SavedRepository(Block):
-    """The attacker's block: the type and name the gate once read its repository from."""
-
-    _block_type_name = "Elice Git Repository"
-    url: str
-    name: str = ""
-    protected_branch: str = "main"
 
 
 def test_blocks_saved_through_the_api_decide_nothing(train: Train, tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prefect.blocks.core import Block
 from prefect.exceptions import ObjectNotFound
 from prefect_aws import S3Bucket
 
@@ -25,15 +24,7 @@ from core.settings import Settings
 from core.trust import TrustRoots
 from tasks.trusted import pipeline_config
 from tests.tasks.ci_checkout import REPO, commit_all, git
-from tests.trust import trust_file_for
-
-
-class SavedRepository(Block):
-    """The block type and name the pipeline once read its repository from."""
-
-    _block_type_name = "Elice Git Repository"
-    url: str
-    protected_branch: str = "main"
+from tests.trust import SavedRepository, trust_file_for
 
 
 @pytest.fixture
