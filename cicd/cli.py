@@ -147,7 +147,9 @@ def _status_rows(
     try:
         envs = [cfg.environment(environment)] if environment else cfg.environments.environments
         deployers = {
-            env.name: environment_target(env, target, docker_host=settings.docker_host).deployer()
+            env.name: environment_target(
+                env, target, docker_host=settings.docker_host, roots=settings.trust_roots()
+            ).deployer()
             for env in envs
         }
     except PipelineError as exc:

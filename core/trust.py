@@ -14,7 +14,9 @@ stores may decide what ships. A worker host pins, in a file of its own (owner-on
   with the host's own AWS credentials), never the storage block;
 - the address of each registry block a run may use (`registries`): a block names the
   login, the trust file names the host it may be used for, so a rewritten block can
-  break a run, never send an image elsewhere.
+  break a run, never send an image elsewhere;
+- the content of each deploy-target block a run may use (`blocks`: its sha256): the
+  engine or cluster, its credentials, its manifests directory and extra variables.
 
 The worker hands the file's path to every flow run it starts as `TRUST_FILE_ENV`, after
 the deployment's job variables are applied, so no job variable can replace it.
@@ -76,6 +78,11 @@ class TrustRoots(BaseModel):
         default_factory=dict,
         description="registry block name -> the registry host (host[:port]) it may log into",
     )
+    blocks: dict[str, str] = Field(
+        default_factory=dict,
+        description="deploy-target block name -> sha256:<digest> of its whole content "
+        "(`python -m stack.trusted_worker block-digest NAME`)",
+    )
 
     @field_validator("protected_branch")
     @classmethod
@@ -132,6 +139,26 @@ class TrustRoots(BaseModel):
             raise ConfigError(msg)
         if pinned != address:
             msg = f"registry block {block!r} names {address!r}; the trust file pins {pinned!r}"
+            raise ConfigError(msg)
+
+    def check_block(self, block: str, digest: str) -> None:
+        """Refuse a saved deploy-target block whose content is not the one this host pins.
+
+        Raises:
+            ConfigError: `block` is not pinned, or its content changed since it was pinned.
+        """
+        pinned = self.blocks.get(block)
+        if pinned is None:
+            msg = (
+                f"block {block!r} is not pinned in the trust file (blocks): a block saved "
+                "through the API cannot choose where or how services deploy"
+            )
+            raise ConfigError(msg)
+        if pinned != digest:
+            msg = (
+                f"block {block!r} changed since the trust file pinned it "
+                f"({digest[:19]} is not {pinned[:19]})"
+            )
             raise ConfigError(msg)
 
     def may_deploy(self, environment: str) -> bool:

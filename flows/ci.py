@@ -294,9 +294,10 @@ def _submit_deliveries(
     """Image and scan of every fingerprinted service (+ push, SBOM, deploy, health, ledger
     when it ships), added to `stages`. `user`: the settings the run read at its start."""
     # the deploy environment's registry and target, the engine, the ledger: once a run
-    settings = delivery_settings(user.docker_host, env, user.trust_roots())
+    roots = user.trust_roots()
+    settings = delivery_settings(user.docker_host, env, roots)
     deploy_target = environment_target(
-        env, registries=[settings.registry], docker_host=user.docker_host
+        env, registries=[settings.registry], docker_host=user.docker_host, roots=roots
     )
     ledger = ledger_filesystem(user) if ships else None
     for s in specs:

@@ -210,7 +210,8 @@ def _source(
         registry = environment_registry(source_env, context.settings.trust_roots())
         pulls = [registry.access]
         docker_host = context.settings.docker_host
-        return environment_target(source_env, None, None, pulls, docker_host), registry
+        roots = context.settings.trust_roots()
+        return environment_target(source_env, None, None, pulls, docker_host, roots=roots), registry
     except ConfigError as exc:
         raise PromotionRefused(str(exc)) from exc
 

@@ -30,10 +30,11 @@ import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.to_thread
+from prefect.blocks.core import Block
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import Abort, ObjectNotFound
 from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS
@@ -45,8 +46,15 @@ from prefect.workers.process import (
     ProcessWorkerResult,
 )
 
+from blocks.docker_target import DockerTarget
+from blocks.kubernetes_target import KubernetesTarget
 from core.errors import ConfigError, PipelineError
 from core.trust import TRUST_FILE_ENV, TrustRoots, load_trust_roots
+from tasks.deploy.target import (
+    DOCKER_TARGET_BLOCK,
+    KUBERNETES_TARGET_BLOCK,
+    block_digest,
+)
 from tasks.deployment_check import DeploymentFacts, declared_deployment, differences
 
 if TYPE_CHECKING:
@@ -170,7 +178,20 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     start.add_argument("--trust-file", required=True, type=Path)
     start.add_argument("--audit-log", type=Path)
     start.add_argument("--limit", type=int)
+    digest = commands.add_parser(
+        "block-digest", help="print a saved deploy-target block's digest, for the trust file"
+    )
+    digest.add_argument("block", choices=[DOCKER_TARGET_BLOCK, KUBERNETES_TARGET_BLOCK])
     return parser.parse_args(argv)
+
+
+def _block_digest(name: str) -> str:
+    kind = KubernetesTarget if name == KUBERNETES_TARGET_BLOCK else DockerTarget
+    try:
+        return block_digest(cast("Block", kind.load(name)))
+    except ValueError as exc:
+        msg = f"no block {name!r} is saved: {exc}"
+        raise ConfigError(msg) from exc
 
 
 async def _start(args: argparse.Namespace) -> None:
@@ -191,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     try:
+        if args.command == "block-digest":
+            print(f"{args.block}: {_block_digest(args.block)}")
+            return 0
         asyncio.run(_start(args))
     except PipelineError as exc:
         print(f"worker: {exc}", file=sys.stderr)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from typing import Protocol, cast
 
+from prefect.blocks.core import Block
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.catalog import ServiceSpec
@@ -14,6 +17,7 @@ from blocks.kubernetes_target import KubernetesTarget
 from blocks.registry import OciRegistry
 from core.errors import ConfigError
 from core.records import DeployedService, ImageRef
+from core.trust import TrustRoots
 
 DOCKER_TARGET_BLOCK = "elice-docker"
 KUBERNETES_TARGET_BLOCK = "elice-kubernetes"
@@ -82,19 +86,34 @@ class DeployTarget(BaseModel):
         )
 
 
+def block_digest(block: Block) -> str:
+    """sha256 of `block`'s whole content, secrets included: what a trust file pins."""
+    data = block.model_dump(mode="json", context={"include_secrets": True})
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _pinned(block: Block, name: str, roots: TrustRoots | None) -> None:
+    if roots is not None:
+        roots.check_block(name, block_digest(block))
+
+
 def resolve_deploy_target(
     target: str = "docker",
     drill_env: dict[str, dict[str, str]] | None = None,
     docker_host: str | None = None,
+    *,
+    roots: TrustRoots | None,
 ) -> DeployTarget:
     """Load `target`'s saved block once (docker: the defaults when none is saved).
 
     `docker_host` (the user setting DOCKER_HOST) is the docker target's engine where its
-    block names none.
+    block names none. With trust roots (a worker), a saved block must be the one they pin
+    (its content's digest): a block rewritten through the API breaks the run.
 
     Raises:
-        ConfigError: an unknown target, drill variables for kubernetes, or no saved
-            `elice-kubernetes` block for the kubernetes target.
+        ConfigError: an unknown target, drill variables for kubernetes, no saved
+            `elice-kubernetes` block for the kubernetes target, or a block not pinned.
     """
     if target not in TARGETS:
         msg = f"unknown deploy target {target!r}; choose one of {', '.join(TARGETS)}"
@@ -108,11 +127,14 @@ def resolve_deploy_target(
         except ValueError as exc:
             msg = f"the kubernetes target needs a saved block {KUBERNETES_TARGET_BLOCK!r}: {exc}"
             raise ConfigError(msg) from exc
+        _pinned(cluster, KUBERNETES_TARGET_BLOCK, roots)
         return DeployTarget(target="kubernetes", kubernetes=cluster)
     try:
         block = cast("DockerTarget", DockerTarget.load(DOCKER_TARGET_BLOCK))
     except ValueError:  # none saved: the local defaults
         block = DockerTarget()
+    else:
+        _pinned(block, DOCKER_TARGET_BLOCK, roots)
     if block.docker_host is None and docker_host:
         block = block.model_copy(update={"docker_host": docker_host})
     return DeployTarget(target="docker", docker=block, drill_env=drill_env or {})
@@ -124,6 +146,8 @@ def environment_target(
     drill_env: dict[str, dict[str, str]] | None = None,
     registries: Sequence[OciRegistry | None] = (),
     docker_host: str | None = None,
+    *,
+    roots: TrustRoots | None,
 ) -> DeployTarget:
     """The target `env`'s configuration names, loaded; `registries` to pull from;
     `docker_host` the engine where the docker target's block names none (DOCKER_HOST).
@@ -141,7 +165,7 @@ def environment_target(
             "change the environment's `target` in the pipeline configuration instead"
         )
         raise ConfigError(msg)
-    loaded = resolve_deploy_target(env.target, drill_env, docker_host)
+    loaded = resolve_deploy_target(env.target, drill_env, docker_host, roots=roots)
     pull: dict[str, OciRegistry] = {}
     for registry in registries:
         if registry is not None:

@@ -17,11 +17,14 @@ import yaml
 from prefect.exceptions import ObjectNotFound
 from prefect_aws import S3Bucket
 
+from blocks.config import load_config
+from blocks.docker_target import DockerTarget
 from blocks.repository import pinned_repository
 from blocks.storage import STORAGE_BLOCK, ReleaseStorage, release_storage
 from core.errors import ConfigError
 from core.settings import Settings
 from core.trust import TrustRoots
+from tasks.deploy.target import DOCKER_TARGET_BLOCK, block_digest, environment_target
 from tasks.trusted import pipeline_config
 from tests.tasks.ci_checkout import REPO, commit_all, git
 from tests.trust import SavedRepository, trust_file_for
@@ -104,3 +107,33 @@ def test_a_pinned_s3_ledger_uses_the_hosts_credentials(tmp_path: Path) -> None:
     assert ledger.bucket_folder == "prod/ledger"
     with pytest.raises(ValueError, match="absolute directory or s3://bucket/prefix"):
         TrustRoots(repository="/srv/r", environments=("dev",), ledger="relative/dir")
+
+
+def test_a_deploy_target_block_is_used_only_as_pinned(tmp_path: Path) -> None:
+    """A saved `elice-docker` block decides the engine and extra container variables: with
+    trust roots it must be the content they pin; a rewrite through the API is refused."""
+    env = load_config().environment("dev")
+    DockerTarget(docker_host="unix:///run/engine.sock").save(DOCKER_TARGET_BLOCK, overwrite=True)
+    try:
+        saved = DockerTarget.load(DOCKER_TARGET_BLOCK)
+        pinned = TrustRoots(
+            repository="/srv/r",
+            environments=("dev",),
+            blocks={DOCKER_TARGET_BLOCK: block_digest(saved)},
+        )
+        unpinned = pinned.model_copy(update={"blocks": {}})
+        with pytest.raises(ConfigError, match="'elice-docker' is not pinned in the trust file"):
+            environment_target(env, roots=unpinned)
+        target = environment_target(env, roots=pinned)
+        assert target.docker is not None
+        assert target.docker.docker_host == "unix:///run/engine.sock"
+        DockerTarget(
+            docker_host="unix:///run/engine.sock",
+            environment_env={"dev": {"PYTHONSTARTUP": "/tmp/evil.py"}},
+        ).save(DOCKER_TARGET_BLOCK, overwrite=True)
+        with pytest.raises(ConfigError, match="'elice-docker' changed since the trust file pinned"):
+            environment_target(env, roots=pinned)
+        assert environment_target(env, roots=None).docker is not None  # a person's machine
+    finally:
+        with contextlib.suppress(ValueError, ObjectNotFound):
+            DockerTarget.delete(DOCKER_TARGET_BLOCK)
