@@ -209,8 +209,8 @@ PROMOTE_VIEW = StageView(
 
 ROLLBACK_VIEW = StageView(
     flow="rollback",
-    stages=("rollback", "record"),
-    shown=("rollback", "record"),
+    stages=("rollback",),
+    shown=("rollback",),
     tasks=ROLLBACK_STAGES,
     steps=ROLLBACK_STEPS,
 )

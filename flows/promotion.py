@@ -47,11 +47,10 @@ from tasks.context import RunContext, resolve_run
 from tasks.deploy import (
     read_live_services,
     recover_interrupted,
-    restore_service,
     service_addresses,
 )
 from tasks.deploy.target import DeployTarget, environment_target
-from tasks.deploy.waves import deploy_in_waves, undo_release, verify_release
+from tasks.deploy.waves import deploy_in_waves, return_to_previous, undo_release, verify_release
 from tasks.gate import audit, await_approvals, check_unchanged, gate_and_promoter
 from tasks.health import smoke_test_release
 from tasks.images import (
@@ -74,7 +73,6 @@ from tasks.releases import (
     publish_ledger_artifact,
     read_ledger,
     record_promotion,
-    record_rollback,
 )
 from tasks.security import check_request, security_verdict
 from tasks.trusted import pipeline_config
@@ -536,10 +534,10 @@ def rollback(
         if not names:
             msg = f"the ledger of {environment} keeps no previous release to return to"
             raise PromotionRefused(msg)
-        restored: dict[str, str | None] = {}
-        for name in names:
-            restored[name] = restore_service(deploy_target, env, config.service(name), state)
-            record_rollback(ledger, environment, name)
+        specs = [config.service(name) for name in names]
+        restored = return_to_previous(
+            deploy_target, env, specs, state, (ledger, run_id), requested_by
+        )
     run_logger().info("%s rolled back by %s: %s", environment, requested_by, restored)
     publish_ledger_artifact(ledger, environment)
     return restored

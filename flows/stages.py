@@ -29,11 +29,12 @@ from tasks.python_build import lock_service, sync_service
 from tasks.quality import run_bandit, run_mypy, run_ruff
 from tasks.registry import verify_release_image
 from tasks.releases import (
+    begin_rollback,
+    finish_rollback,
     plan_promotion,
     read_ledger,
     record_promotion,
     record_release,
-    record_rollback,
 )
 from tasks.reports import publish_ci_artifacts
 from tasks.security import generate_sbom, scan_dependencies, security_verdict
@@ -100,10 +101,16 @@ PROMOTE_STEPS = _by_name(
 )
 """promote: task name -> the step of the run as a whole it is."""
 
-ROLLBACK_STAGES = _by_name({restore_service: "rollback", record_rollback: "record"})
+ROLLBACK_STAGES = _by_name({restore_service: "rollback"})
 """rollback: task name -> the stage of one service it is."""
 
 ROLLBACK_STEPS = _by_name(
-    {ensure_deploy_lock: "lock", recover_interrupted: "recover", read_ledger: "ledger"}
+    {
+        ensure_deploy_lock: "lock",
+        recover_interrupted: "recover",
+        read_ledger: "ledger",
+        begin_rollback: "intent",
+        finish_rollback: "record",
+    }
 )
 """rollback: task name -> the step of the run as a whole it is."""

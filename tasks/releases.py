@@ -649,17 +649,6 @@ def record_promotion(
     return state
 
 
-@task(
-    task_run_name="record_rollback-{service}-{environment}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=1,
-)
-def record_rollback(store: WritableFileSystem, environment: str, service: str) -> EnvironmentState:
-    """Record in the ledger that `service` serves its previous release again."""
-    return Ledger(store).restore_previous(environment, service)
-
-
 def with_intent(state: EnvironmentState, intent: DeployIntent) -> EnvironmentState:
     """`state` with `intent` under way.
 
@@ -705,6 +694,46 @@ def begin_deploys(
         previous={c.service: previous.get(c.service) for c in plan.changes},
     )
     return Ledger(store).update(plan.environment, lambda state: with_intent(state, intent))
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def begin_rollback(
+    store: WritableFileSystem,
+    environment: str,
+    serving: Mapping[str, DeployedService | None],
+    flow_run_id: str,
+) -> EnvironmentState:
+    """Record, before the first restore, which services go back to their previous release
+    and what serves them now: a rollback that dies mid-way is put back like a promotion."""
+
+    def intend(state: EnvironmentState) -> EnvironmentState:
+        missing = sorted(name for name in serving if name not in state.previous)
+        if missing:
+            msg = f"the ledger of {environment} keeps no previous release of {missing}"
+            raise PromotionRefused(msg)
+        intent = DeployIntent(
+            release_id=f"rollback-{flow_run_id[:8]}",
+            flow_run_id=flow_run_id,
+            images={name: state.previous[name].image for name in serving},
+            previous=dict(serving),
+        )
+        return with_intent(state, intent)
+
+    return Ledger(store).update(environment, intend)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def finish_rollback(
+    store: WritableFileSystem, environment: str, services: list[str], flow_run_id: str, change: str
+) -> EnvironmentState:
+    """One revision: each service's previous release serves again, the intent cleared."""
+
+    def done(state: EnvironmentState) -> EnvironmentState:
+        for name in services:
+            state = with_previous_restored(state, name)
+        return without_intent(state, flow_run_id, change)
+
+    return Ledger(store).update(environment, done)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)

@@ -4,6 +4,7 @@ service verified healthy on its new digest and measured against its previous bas
     deploy_wave_size(configured)                         services deployed at once
     deploy_in_waves(target, env, specs, plan, live, ...) the waves; the first failure raised
     verify_release(addresses, specs, plan, previous, policy) health, baselines, regressions
+    return_to_previous(target, env, specs, state, ...)  a rollback, intent first
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ from blocks.config import PerformancePolicy
 from blocks.environments import EnvironmentSpec
 from core.errors import PromotionError, PromotionRefused, PromotionRolledBack
 from core.records import DeployedService, PromotionPlan
-from tasks.deploy import confirm_restored, deploy_release, restore_environment, rollback_message
+from tasks.deploy import (
+    confirm_restored,
+    deploy_release,
+    restore_environment,
+    restore_service,
+    rollback_message,
+)
 from tasks.deploy.target import DeployTarget
 from tasks.health import check_service_health
 from tasks.performance import Baseline, baseline_from_record, check_regression, measure_baseline
 from tasks.process import run_logger
-from tasks.releases import end_deploys
+from tasks.releases import EnvironmentState, begin_rollback, end_deploys, finish_rollback
 
 VERIFY_DEADLINE_S = 30
 
@@ -158,3 +165,51 @@ def undo_release(
         run_logger().error("%s%s", env.name, note)
         message += note
     return PromotionRolledBack(message, failed=str(failure), restored=restored, plan=plan)
+
+
+def return_to_previous(
+    deploy_target: DeployTarget,
+    env: EnvironmentSpec,
+    specs: list[ServiceSpec],
+    state: EnvironmentState,
+    record: tuple[WritableFileSystem, str],
+    requested_by: str,
+) -> dict[str, str | None]:
+    """A rollback, all or nothing: the intent written first, each service's previous
+    release restored, then one ledger revision. Returns service -> digest serving now.
+
+    A failure part-way puts back what served before the rollback and clears the intent; a
+    run that dies part-way leaves the intent, which the next promotion or rollback of the
+    environment finds and puts back (`recover_interrupted`).
+
+    Raises:
+        PromotionRefused: a service has no previous release (nothing changed).
+        PromotionRolledBack: a restore failed; what served before serves again.
+    """
+    ledger, run_id = record
+    deployer = deploy_target.deployer()
+    serving: dict[str, DeployedService | None] = {}
+    for spec in specs:
+        current = state.services.get(spec.name)
+        serving[spec.name] = (
+            DeployedService(
+                service=spec.name,
+                environment=env.name,
+                image=current.image,
+                address=deployer.address(env, spec),
+            )
+            if current is not None
+            else None
+        )
+    begin_rollback(ledger, env.name, serving, run_id)
+    try:
+        restored = {spec.name: restore_service(deploy_target, env, spec, state) for spec in specs}
+    except Exception as exc:
+        restore_environment(deploy_target, env, specs, serving)
+        back = confirm_restored(deploy_target, env, specs, serving)
+        message = rollback_message(PromotionError(f"the rollback failed: {exc}"), back)
+        end_deploys(ledger, env.name, run_id, message)
+        raise PromotionRolledBack(message, failed=str(exc), restored=back) from exc
+    change = f"{', '.join(restored)} rolled back to their previous releases by {requested_by}"
+    finish_rollback(ledger, env.name, list(restored), run_id, change)
+    return dict(restored)

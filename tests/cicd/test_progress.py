@@ -269,16 +269,16 @@ def test_named_runs_are_placed_by_their_names() -> None:
     rolled = place_runs(
         [
             _run("restore_service-auth-staging"),
-            _run("record_rollback-auth-staging"),
             _run("recover_interrupted-0a1"),
+            _run("finish_rollback-0b2"),
         ],
         ROLLBACK_VIEW,
         SERVICES,
     )
     assert sorted((p.stage, p.service) for p in rolled.values() if not p.step) == [
-        ("record", "auth"),
         ("rollback", "auth"),
     ]
+    assert sorted(p.stage for p in rolled.values() if p.step) == ["record", "recover"]
 
 
 def test_unnamed_runs_take_their_service_from_hints_failures_and_neighbours() -> None:

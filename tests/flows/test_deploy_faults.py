@@ -18,7 +18,7 @@ from blocks.config import PipelineConfig, load_config
 from blocks.stack import StackInfo
 from core.errors import PromotionRolledBack
 from core.records import ImageRef
-from flows.promotion import promote
+from flows.promotion import promote, rollback
 from tasks.deploy.docker import DockerDeployer
 from tasks.health import probe_health
 from tests.flows.chain import SERVICES, derive, put_verified, remove_containers, write_chain_config
@@ -105,3 +105,37 @@ def test_an_engine_fault_mid_deploy_rolls_back_every_service(
     assert after.in_progress is None
     assert "rolled back" in after.change
     assert after.services == recorded.services
+
+
+def test_an_engine_fault_mid_rollback_puts_back_what_served(
+    releases: tuple[PipelineConfig, str, ImageRef, FaultProxy],
+) -> None:
+    """A rollback writes its intent first and is all or nothing too: the second service's
+    restore refused, the first goes back to what served before the rollback, the ledger
+    is unchanged but for the note; the next rollback, unhindered, returns both."""
+    cfg, cfg_path, d1, proxy = releases
+    shipped = promote(
+        environment=STG, config_source=cfg_path, promoted_by="ci", health_deadline_s=30
+    )
+    d2 = shipped.plan.changes[0].image.digest
+    assert _serving(cfg, STG) == dict.fromkeys(SERVICES, d2)
+    recorded = current_ledger().current(STG)
+    proxy.inject(Fault("refuse", method="POST", path=r"/containers/create", first=2))
+    state = rollback(environment=STG, config_source=cfg_path, return_state=True)
+    assert state.is_failed(), state.message
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, PromotionRolledBack), repr(error)
+    assert proxy.faults[0].fired == 1
+    assert error.restored == dict.fromkeys(SERVICES, d2)
+    assert _serving(cfg, STG) == dict.fromkeys(SERVICES, d2)
+    after = current_ledger().current(STG)
+    assert after.in_progress is None
+    assert "the rollback failed" in after.change
+    assert after.services == recorded.services
+    assert after.previous == recorded.previous
+    back = rollback(environment=STG, config_source=cfg_path, requested_by="oncall")
+    assert back == dict.fromkeys(SERVICES, d1.digest)
+    assert _serving(cfg, STG) == dict.fromkeys(SERVICES, d1.digest)
+    final = current_ledger().current(STG)
+    assert final.in_progress is None
+    assert "rolled back to their previous releases by oncall" in final.change
