@@ -70,6 +70,8 @@ def first_run(checkout: Path) -> State[Any]:
 def test_failures_stay_in_their_own_branch(first_run: State[Any]) -> None:
     assert first_run.is_failed()
     message = first_run.message or ""
+    assert message.startswith("CI failed for 2 of 3 services: "), message
+    assert "\n" not in message, message
     assert f"{LINT_BROKEN}: ruff failed: 1 lint findings (F401)" in message
     assert f"{TEST_BROKEN}: pytest failed: tests failed: 1 failed" in message
     assert CLEAN not in message
