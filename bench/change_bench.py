@@ -32,7 +32,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from bench.ci_bench import GIT_ENV, checkout  # noqa: E402  (a git copy in the scratch dir)
 from blocks.config import load_config  # noqa: E402
-from flows.ci import ci  # noqa: E402
+from flows.ci import ci, ci_outcome  # noqa: E402
 
 
 def change(repo: Path, service: str, n: int) -> None:
@@ -49,7 +49,8 @@ def timed(label: str, repo: Path, services: list[str] | None) -> float:
     started = time.perf_counter()
     state = ci(services=services, repo=str(repo), return_state=True)
     seconds = time.perf_counter() - started
-    checked = getattr(state.result(raise_on_failure=False), "affected", "?")
+    outcome = ci_outcome(state)
+    checked = outcome.affected if outcome is not None else "?"
     print(f"  {label:<22} {seconds:6.1f}s  {state.type.value}  checked {checked}")
     return seconds
 

@@ -29,8 +29,9 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from bench.ci_bench import checkout  # noqa: E402  (the same git copy of the monorepo)
 from blocks.config import load_config  # noqa: E402
+from core.records import CiOutcome  # noqa: E402
 from core.trust import TRUST_FILE_ENV  # noqa: E402
-from flows.ci import CiOutcome, ci  # noqa: E402
+from flows.ci import ci, ci_outcome  # noqa: E402
 from reconcile.setup import ensure_setup  # noqa: E402
 from stack.worker import ensure_worker, stop_worker  # noqa: E402
 from tests.trust import trust_file_for  # noqa: E402
@@ -51,8 +52,8 @@ def timed(services: list[str], sha: str) -> tuple[float, CiOutcome]:
     started = time.perf_counter()
     state = ci(services=services, head=sha, fan_out=True, no_cache=True, return_state=True)
     seconds = time.perf_counter() - started
-    outcome = state.result(raise_on_failure=False)
-    if not isinstance(outcome, CiOutcome) or outcome.failed:
+    outcome = ci_outcome(state)
+    if outcome is None or outcome.failed:
         msg = f"the bench run did not pass: {state.message}"
         raise SystemExit(msg)
     return seconds, outcome

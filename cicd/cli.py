@@ -101,9 +101,11 @@ def ci(
 
     from cicd.progress import CI_VIEW, run_flow  # noqa: PLC0415
     from flows.ci import ci as ci_flow  # noqa: PLC0415 - loads Prefect only when needed
+    from flows.ci import ci_outcome  # noqa: PLC0415
 
     def stage_results(state: State[Any]) -> list[StageResult]:
-        return list(getattr(state.result(raise_on_failure=False), "results", None) or [])
+        found = ci_outcome(state)
+        return list(found.results) if found is not None else []
 
     with prefect_api(start_stack=True):
         state = run_flow(
@@ -125,8 +127,7 @@ def ci(
             verbose=verbose,
             results=stage_results,
         )
-    outcome = state.result(raise_on_failure=False)
-    results = getattr(outcome, "results", None)
+    results = stage_results(state)
     if results:
         console.print(ci_table(results))
     if state.is_completed():

@@ -8,6 +8,7 @@ PipelineError
 │   └── Unavailable          what a daemon needs to answer cannot be had now (503: retry)
 ├── StageFailed              a check ran and said no (lint error, failing test): never retried
 │   └── CheckFailed          ...with the tool's output attached
+├── CiFailed                 a CI run ended with failed services; carries the run's outcome
 ├── ImageError               build, push or digest verification failed
 │   └── RegistryError        a registry (OCI or ECR) refused, or does not hold, an image
 ├── DeployError              a deploy did not become healthy; the previous release still serves
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from core.records import HealthReport, PromotionPlan
+from core.records import CiOutcome, HealthReport, PromotionPlan
 
 
 class PipelineError(Exception):
@@ -111,6 +112,22 @@ class CheckFailed(StageFailed):
     def __reduce__(self) -> tuple[Any, ...]:
         args = (self.service, self.stage, self.summary, self.excerpt, self.seconds, self.details)
         return (type(self), args)
+
+
+class CiFailed(PipelineError):
+    """A CI run checked its services and some failed; `outcome` is everything it found.
+
+    The message is one line, "CI failed for N of M services: service: stage failed:
+    summary; ...". The `ci` flow ends Failed with it as its state's data: the flow
+    engine hands a failed state's exception back to whoever reads its result.
+    """
+
+    def __init__(self, message: str, outcome: CiOutcome) -> None:
+        self.outcome = outcome
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.outcome))
 
 
 class ImageError(PipelineError):

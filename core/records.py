@@ -1,4 +1,5 @@
-"""Records that pass between tasks: stage results, images, deployments, health, promotion plans.
+"""Records that pass between tasks: stage results, CI outcomes, images, deployments, health,
+promotion plans.
 
 The bottom layer: imports nothing of the project.
 """
@@ -263,6 +264,24 @@ def make_plan(
         changes=changes,
         promoted_by=promoted_by,
     )
+
+
+class CiOutcome(BaseModel):
+    """What a CI run found."""
+
+    commit: str = Field(default="", description="The exact commit checked")
+    ref: str = Field(default="", description="The ref it was checked for")
+    protected: bool = Field(default=False, description="The commit is on the protected branch")
+    shipped: bool = Field(
+        default=False, description="Delivered: deployed and recorded (protected branch only)"
+    )
+    affected: list[str] = Field(default_factory=list, description="Services the run checked")
+    results: list[StageResult] = Field(default_factory=list, description="Every stage's result")
+    failed: dict[str, str] = Field(
+        default_factory=dict, description="Failed service -> 'stage: summary'"
+    )
+    nothing_to_do: bool = Field(default=False, description="No service was affected")
+    message: str = Field(default="", description="One line on the run")
 
 
 class SecurityVerdict(BaseModel):

@@ -8,6 +8,7 @@ across all services, so the bounded thread pool picks it up in pipeline order.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -15,21 +16,21 @@ from typing import Any, cast
 
 from prefect import Flow, Task, flow
 from prefect.client.schemas.objects import FlowRun, State
+from prefect.exceptions import MissingResult, UnfinishedRun
 from prefect.filesystems import WritableFileSystem
 from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.states import Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import NotSet
-from pydantic import BaseModel, Field
 
 from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig, state_dir
 from blocks.environments import EnvironmentSpec
 from blocks.repository import GitRepository, pinned_repository
 from blocks.storage import ledger_filesystem
-from core.errors import ConfigError
-from core.records import StageResult, Workspace
+from core.errors import CiFailed, ConfigError
+from core.records import CiOutcome, StageResult, Workspace
 from core.settings import Settings
 from tasks.deploy import deploy_service
 from tasks.deploy.target import DeployTarget, environment_target
@@ -68,24 +69,6 @@ CHECKS: tuple[tuple[str, Task[..., StageResult]], ...] = (
 )
 
 StageFutures = dict[tuple[str, str], PrefectFuture[Any]]
-
-
-class CiOutcome(BaseModel):
-    """What a CI run found."""
-
-    commit: str = Field(default="", description="The exact commit checked")
-    ref: str = Field(default="", description="The ref it was checked for")
-    protected: bool = Field(default=False, description="The commit is on the protected branch")
-    shipped: bool = Field(
-        default=False, description="Delivered: deployed and recorded (protected branch only)"
-    )
-    affected: list[str] = Field(default_factory=list, description="Services the run checked")
-    results: list[StageResult] = Field(default_factory=list, description="Every stage's result")
-    failed: dict[str, str] = Field(
-        default_factory=dict, description="Failed service -> 'stage: summary'"
-    )
-    nothing_to_do: bool = Field(default=False, description="No service was affected")
-    message: str = Field(default="", description="One line on the run")
 
 
 def _build_and_scan(
@@ -162,19 +145,57 @@ def _delivery_stages(
     }
 
 
-def _failed_outcome(state: State[Any]) -> Any:
-    """What a failed run left: the CiOutcome of a run whose stages failed, else its error.
+def ci_outcome(state: State[Any]) -> CiOutcome | None:
+    """What a `ci` run found, read from its final state: the one way every caller reads it.
 
-    (`state.result()` of a Failed state carrying a CiOutcome raises TypeError: it expects
-    an exception there.)
+    A passing run's result is its CiOutcome; a run whose services failed ends Failed with
+    a CiFailed carrying it. None for a run that checked nothing (it failed before: bad
+    input, an unreadable repository; or crashed), and for a state read back from the API
+    (the flow keeps its result in the process that ran it).
     """
-    data = getattr(state.data, "result", state.data)
-    if isinstance(data, CiOutcome):
-        return data
     try:
-        return state.result(raise_on_failure=False)
-    except TypeError:
+        value = state.result(raise_on_failure=False)
+    except (MissingResult, UnfinishedRun):
         return None
+    if isinstance(value, CiFailed):
+        return value.outcome
+    return value if isinstance(value, CiOutcome) else None
+
+
+class _ReportedFailure(logging.Filter):
+    """Keeps the flow engine's re-raise of a CI run's reported failure out of its logs.
+
+    Prefect 3.9's engine hands a Failed run's exception back to its caller. Where a worker
+    runs the flow (`python -m prefect.engine`) that re-raise is logged, traceback and all,
+    as "Engine execution exited with unexpected exception", although the run has already
+    ended Failed with its one-line message and the process exits 0. A CiFailed is that
+    expected end, not a crash: its record is dropped. Every other exception still logs.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, CiFailed)
+
+
+_REPORTED_FAILURE = _ReportedFailure()
+FLOW_RUN_LOGGER = "prefect.flow_runs"
+"""The logger of the engine's flow-run messages (`prefect.logging.loggers.flow_run_logger`)."""
+
+
+def ci_failed(outcome: CiOutcome, failed: dict[str, StageResult]) -> State[Any]:
+    """The end of a run whose services failed: Failed, one line, a CiFailed carrying `outcome`.
+
+    The line lists "service: stage failed: summary" for each failed service. The state is
+    returned, not raised: a raised error is logged with its traceback as the run ends, and
+    an outcome as a failed state's data is no exception (reading the result raises
+    TypeError, which a worker logs as a crash).
+    """
+    each = "; ".join(
+        f"{name}: {r.stage} failed: {' '.join(r.summary.split())}" for name, r in failed.items()
+    )
+    message = f"CI failed for {len(failed)} of {len(outcome.affected)} services: {each}"
+    logging.getLogger(FLOW_RUN_LOGGER).addFilter(_REPORTED_FAILURE)  # once: addFilter dedupes
+    return Failed(message=message, data=CiFailed(message, outcome))
 
 
 def notify_ci_failed(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:
@@ -184,8 +205,8 @@ def notify_ci_failed(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any])
     their defaults; a pull request's failure is its author's to see in GitHub.
     """
     params = flow_run.parameters or {}
-    outcome = _failed_outcome(state)
-    if isinstance(outcome, CiOutcome):
+    outcome = ci_outcome(state)
+    if outcome is not None:
         if not outcome.protected:
             return
         what = f"{outcome.commit[:12]} ({outcome.ref})"
@@ -464,8 +485,10 @@ def ci(
             whichever workers of the pool are free (scale-out); else in this run.
 
     Returns:
-        The CiOutcome; a Failed state listing "service: stage failed: summary" per
-        failed service when any failed (after the artifacts are published).
+        The CiOutcome; when a service failed (after the artifacts are published), a
+        Failed state whose one-line message lists "service: stage failed: summary" per
+        failed service, and whose result is a CiFailed carrying the CiOutcome. Read it
+        with `ci_outcome(state)`.
     """
     user = Settings.from_environ()
     source = _configured_repository(user, repository)
@@ -540,11 +563,7 @@ def _outcome(
         message=summary,
     )
     if failed:
-        lines = [f"{name}: {r.stage} failed: {r.summary}" for name, r in failed.items()]
-        return Failed(
-            message=f"CI failed for {len(failed)} of {len(names)} services:\n" + "\n".join(lines),
-            data=outcome,
-        )
+        return ci_failed(outcome, failed)
     return outcome
 
 

@@ -149,7 +149,7 @@ def test_a_failed_stage_prints_its_excerpt_at_the_end(
     excerpt = "\n".join(lines[failure:])
     assert "test_broken" in excerpt
     assert "assert 1 + 1 == 3" in excerpt or "assert 2 == 3" in excerpt
-    assert f"CI failed for 1 of 1 services:\n{SERVICE}: pytest failed" in text
+    assert f"CI failed for 1 of 1 services: {SERVICE}: pytest failed" in text
     assert not [line for line in prefect_stream.getvalue().splitlines() if "Task run" in line]
 
 

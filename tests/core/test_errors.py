@@ -8,6 +8,7 @@ import pickle
 
 import core.errors
 from core.errors import (
+    CiFailed,
     EnvironmentUnhealthy,
     PipelineError,
     PromotionRejected,
@@ -15,7 +16,15 @@ from core.errors import (
     SlackRequestRefused,
     SlackUserUnknown,
 )
-from core.records import HealthReport, HealthResult, ImageRef, PlannedChange, make_plan
+from core.records import (
+    CiOutcome,
+    HealthReport,
+    HealthResult,
+    ImageRef,
+    PlannedChange,
+    StageResult,
+    make_plan,
+)
 
 ERRORS = [
     value
@@ -37,6 +46,8 @@ def test_errors_with_typed_payloads_survive_pickling() -> None:
     image = ImageRef(service="auth", repository="r/auth", digest="sha256:" + "a" * 64)
     change = PlannedChange(service="auth", current_digest=None, image=image)
     plan = make_plan("staging", "dev", [change], "alice")
+    ruff = StageResult(service="auth", stage="ruff", status="failed", summary="F401")
+    outcome = CiOutcome(commit="c" * 40, affected=["auth"], results=[ruff], failed={"auth": "x"})
     report = HealthReport(
         environment="dev",
         results=[HealthResult(service="auth", url="http://x", ok=False, attempts=1, seconds=1)],
@@ -45,6 +56,7 @@ def test_errors_with_typed_payloads_survive_pickling() -> None:
         PromotionRejected("no", plan=plan),
         PromotionRolledBack("back", failed="auth", restored={"auth": None}, plan=plan),
         EnvironmentUnhealthy("sick", report),
+        CiFailed("CI failed for 1 of 1 services: auth: ruff failed: F401", outcome),
     ):
         again = pickle.loads(pickle.dumps(error))
         assert type(again) is type(error)

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from prefect.client.schemas.objects import State
 
-from flows.ci import CiOutcome, ci
+from core.records import CiOutcome
+from flows.ci import ci, ci_outcome
 from tasks.registry import verify_release_image
 from tests.ledgers import current_ledger
 from tests.tasks.ci_checkout import copy_monorepo
@@ -64,8 +65,8 @@ def _run(delivery: dict[str, Any]) -> State[Any]:
 
 
 def _outcome(state: State[Any]) -> CiOutcome:
-    outcome = state.result(raise_on_failure=False)
-    assert isinstance(outcome, CiOutcome), outcome
+    outcome = ci_outcome(state)
+    assert outcome is not None, state.message
     return outcome
 
 

@@ -14,7 +14,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.client.schemas.objects import State
 
-from flows.ci import CiOutcome, ci
+from core.records import CiOutcome
+from flows.ci import ci, ci_outcome
 from tasks.process import which
 from tests.tasks.ci_checkout import commit_all, copy_monorepo
 
@@ -26,8 +27,8 @@ CHECKS = ["lock", "sync", "ruff", "mypy", "bandit", "pytest"]
 
 
 def outcome_of(state: State[Any]) -> CiOutcome:
-    outcome = state.result(raise_on_failure=False)
-    assert isinstance(outcome, CiOutcome), outcome
+    outcome = ci_outcome(state)
+    assert outcome is not None, state.message
     return outcome
 
 
@@ -69,6 +70,8 @@ def first_run(checkout: Path) -> State[Any]:
 def test_failures_stay_in_their_own_branch(first_run: State[Any]) -> None:
     assert first_run.is_failed()
     message = first_run.message or ""
+    assert message.startswith("CI failed for 2 of 3 services: "), message
+    assert "\n" not in message, message
     assert f"{LINT_BROKEN}: ruff failed: 1 lint findings (F401)" in message
     assert f"{TEST_BROKEN}: pytest failed: tests failed: 1 failed" in message
     assert CLEAN not in message
@@ -139,8 +142,7 @@ def test_nothing_affected_completes_quickly(tmp_path: Path) -> None:
     head = commit_all(repo, "docs")
     state = ci(repo=str(repo), return_state=True)
     assert state.is_completed()
-    outcome = state.result()
-    assert isinstance(outcome, CiOutcome)
+    outcome = outcome_of(state)
     assert outcome.nothing_to_do
     assert outcome.affected == []
     assert outcome.results == []

@@ -19,7 +19,8 @@ from pydantic import SecretStr
 from blocks.config import state_dir
 from blocks.notifications import SLACK_BLOCK, SlackChannel
 from blocks.stack import StackInfo
-from flows.ci import CiOutcome, ci
+from core.records import CiOutcome
+from flows.ci import ci, ci_outcome
 from tests.ledgers import current_ledger
 from tests.plugins.receivers import Receiver
 from tests.tasks.ci_checkout import REPO, commit_all, copy_monorepo, git
@@ -72,8 +73,8 @@ def _push(work: Path, branch: str, text: str) -> str:
 
 
 def _outcome(state: Any) -> CiOutcome:
-    outcome = state.result(raise_on_failure=False)
-    assert isinstance(outcome, CiOutcome), outcome
+    outcome = ci_outcome(state)
+    assert outcome is not None, state.message
     return outcome
 
 

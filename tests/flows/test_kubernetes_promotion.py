@@ -31,7 +31,7 @@ from blocks.kubernetes_target import KubernetesTarget
 from blocks.stack import StackInfo
 from core.errors import PromotionRolledBack
 from core.records import ImageRef
-from flows.ci import CiOutcome, ci
+from flows.ci import ci, ci_outcome
 from flows.promotion import promote
 from tasks.deploy.kubernetes import KubernetesDeployer
 from tasks.deploy.target import KUBERNETES_TARGET_BLOCK
@@ -185,8 +185,8 @@ def test_ci_delivers_to_kubernetes_through_the_same_target(
         config_source=cluster.cfg_path,
         return_state=True,
     )
-    outcome = state.result(raise_on_failure=False)
-    assert isinstance(outcome, CiOutcome), outcome
+    outcome = ci_outcome(state)
+    assert outcome is not None, state.message
     stages = {r.stage: r for r in outcome.results if r.service == "auth"}
     for stage in ("image", "deploy", "health", "record"):
         assert stages[stage].status == "passed", (stage, stages[stage].summary)

@@ -24,13 +24,15 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterName,
+    LogFilter,
+    LogFilterFlowRunId,
 )
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL
 
 from blocks.stack import StackInfo
 from reconcile.setup import ensure_setup
-from stack.worker import ensure_worker, stop_worker
+from stack.worker import ensure_worker, log_file, stop_worker
 from tests.ledgers import current_ledger
 from tests.runs import failures_of, wait_for_log
 from tests.tasks.ci_checkout import REPO, commit_all, copy_monorepo, git
@@ -101,6 +103,30 @@ def _context(event: str, before: str, sha: str, ref: str) -> dict[str, str]:
     return context
 
 
+CRASH_SIGNS = ("unexpected exception", "Unexpected result for failed state", "TypeError")
+
+
+def _ended_failed_without_a_crash(run_id: UUID, worker_said: str) -> None:
+    """The run ended Failed with one line naming the failed stage; no crash in any log."""
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    assert state is not None
+    assert state.is_failed(), state
+    message = state.message or ""
+    assert message.startswith(f"CI failed for 1 of 1 services: {SERVICE}: pytest failed: "), message
+    assert "\n" not in message, message
+    assert wait_for_log(run_id, "Finished in state Failed")  # the run's last line has arrived
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    flow_logs = "\n".join(log.message for log in logs if log.task_run_id is None)
+    assert f"Finished in state Failed({message!r})" in flow_logs, flow_logs
+    assert "Traceback" not in flow_logs, flow_logs
+    assert str(run_id) in worker_said  # the worker ran it, and its output is in this part
+    for sign in CRASH_SIGNS:
+        assert sign not in flow_logs, flow_logs
+        assert sign not in worker_said, worker_said
+
+
 def _run_named(name: str) -> UUID:
     with get_client(sync_client=True) as client:
         (run,) = client.read_flow_runs(
@@ -110,8 +136,13 @@ def _run_named(name: str) -> UUID:
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory: pytest.TempPathFactory, stack: StackInfo) -> Iterator[tuple[Path, str]]:
-    """Deployments and a worker on the test server; a bare remote holding the monorepo."""
+def team(
+    tmp_path_factory: pytest.TempPathFactory, stack: StackInfo
+) -> Iterator[tuple[Path, str, Path]]:
+    """Deployments and a worker on the test server; a bare remote holding the monorepo.
+
+    Yields the working copy, its first commit and the worker's log file.
+    """
     root = tmp_path_factory.mktemp("gha")
     work = copy_monorepo(root / "work", [SERVICE], pipeline=True)
     bare = root / "remote.git"
@@ -123,7 +154,7 @@ def team(tmp_path_factory: pytest.TempPathFactory, stack: StackInfo) -> Iterator
     ensure_setup(api)
     ensure_worker(root / "worker", api, repository=str(bare), repository_name="elice/monorepo")
     try:
-        yield work, first
+        yield work, first, log_file(root / "worker")
     finally:
         stop_worker(root / "worker")
         client = docker.DockerClient(base_url=stack.docker_host)
@@ -133,9 +164,9 @@ def team(tmp_path_factory: pytest.TempPathFactory, stack: StackInfo) -> Iterator
 
 
 def test_push_pull_request_failure_and_nightly_through_the_workflow_commands(
-    team: tuple[Path, str],
+    team: tuple[Path, str, Path],
 ) -> None:
-    work, before = team
+    work, before, worker_log = team
     source = work / "services" / SERVICE / "src" / SERVICE
 
     # a good push to main: the command exits 0, the run checked that SHA, dev serves it
@@ -160,14 +191,20 @@ def test_push_pull_request_failure_and_nightly_through_the_workflow_commands(
     assert current_ledger().current("dev").revision == shipped
     assert current_ledger().current("dev").services[SERVICE].commit == good
 
-    # a push whose test fails: the command exits 1
+    # a push whose test fails: the command exits 1; the run ends Failed with one line and
+    # neither its logs nor the worker's hold an engine traceback
     (source.parent.parent / "tests" / "test_broken.py").write_text(
         "def test_broken() -> None:\n    assert 1 + 1 == 3\n"
     )
     broken = _push(work, "main", f"services/{SERVICE}/CHANGES.md", "broken\n")
-    done = _run_ci_step(_context("push", good, broken, "refs/heads/main"))
+    logged_before = len(worker_log.read_text())
+    context = _context("push", good, broken, "refs/heads/main")
+    done = _run_ci_step(context)
     assert done.returncode == 1, done.stdout + done.stderr
     assert current_ledger().current("dev").revision == shipped
+    _ended_failed_without_a_crash(
+        _run_named(f"gha-{context['github.run_id']}-1"), worker_log.read_text()[logged_before:]
+    )
 
     # fixed on main; the nightly deployment takes the newest commit on main when it starts
     (source.parent.parent / "tests" / "test_broken.py").unlink()
