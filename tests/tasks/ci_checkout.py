@@ -5,10 +5,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
 from blocks.config import load_config
+from blocks.repository import REPOSITORY_BLOCK, GitRepository
 from tasks.python_build import lock_service, sync_service
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,6 +50,39 @@ def commit_all(repo: Path, message: str) -> str:
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "--allow-empty", "-m", message)
     return git(repo, "rev-parse", "HEAD").strip()
+
+
+def push_commit(clone: Path, name: str, text: str, branch: str = "main") -> str:
+    """Write `name` in `clone`, commit it and push the commit to `branch`; the commit."""
+    (clone / name).write_text(text)
+    sha = commit_all(clone, f"add {name}")
+    git(clone, "push", "-q", "origin", f"HEAD:refs/heads/{branch}")
+    return sha
+
+
+def bare_remote(root: Path) -> tuple[Path, Path]:
+    """A bare remote under `root` and a clone to push from; main has one commit."""
+    bare = root / "remote.git"
+    git(root, "init", "-q", "--bare", "-b", "main", str(bare))
+    clone = root / "clone"
+    git(root, "clone", "-q", str(bare), str(clone))
+    git(clone, "checkout", "-q", "-b", "main")
+    push_commit(clone, "a.txt", "one\n")
+    return bare, clone
+
+
+@contextmanager
+def pinned(checkout: Path) -> Iterator[Path]:
+    """`checkout`'s main pushed to a bare remote beside it, saved as the repository block
+    (the pinned repository) for the duration: a commit of the checkout ships only so."""
+    bare = checkout.with_name(checkout.name + "-remote.git")
+    git(checkout.parent, "init", "-q", "--bare", "-b", "main", str(bare))
+    git(checkout, "push", "-q", str(bare), "main")
+    GitRepository(url=str(bare), name="elice/monorepo").save(REPOSITORY_BLOCK, overwrite=True)
+    try:
+        yield bare
+    finally:
+        GitRepository.delete(REPOSITORY_BLOCK)
 
 
 def copy_monorepo(dest: Path, services: list[str]) -> Path:
