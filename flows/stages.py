@@ -29,6 +29,7 @@ from tasks.python_build import lock_service, sync_service
 from tasks.quality import run_bandit, run_mypy, run_ruff
 from tasks.registry import verify_release_image
 from tasks.releases import (
+    check_reviewed,
     plan_promotion,
     read_ledger,
     record_promotion,
@@ -92,6 +93,7 @@ PROMOTE_STEPS = _by_name(
     {
         ensure_deploy_lock: "lock",
         plan_promotion: "plan",
+        check_reviewed: "reviewed",
         security_verdict: "security",
         backup_environment: "backup",
         record_promotion: "record",
