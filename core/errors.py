@@ -3,6 +3,7 @@
 PipelineError
 ├── ConfigError              configuration invalid, or names something unknown
 ├── SourceError              the repository, or a ref in it, cannot be read
+│   └── UnreviewedCommit     a commit is not on the protected branch (after a fresh fetch)
 ├── ToolError                a tool or daemon could not run (network, engine down): retryable
 │   ├── StackError           a part of the local stack could not be installed or started
 │   └── Unavailable          what a daemon needs to answer cannot be had now (503: retry)
@@ -64,6 +65,12 @@ class ConfigError(PipelineError):
 
 class SourceError(PipelineError):
     """The repository cannot be read, or a ref is not a commit in it."""
+
+
+class UnreviewedCommit(SourceError):
+    """A commit the protected branch does not reach, as a fresh fetch of the pinned
+    repository sees it: it may neither ship nor be promoted. The message names the full
+    SHA, the branch and the repository."""
 
 
 class ToolError(PipelineError):

@@ -101,6 +101,7 @@ def _delivery_stages(
     ships: bool,
     user: Settings,
     ledger: WritableFileSystem | None,
+    repository: GitRepository,
 ) -> StageFutures:
     """The seed's Docker build, security scan, push, dev deploy and health check.
 
@@ -133,7 +134,7 @@ def _delivery_stages(
     )
     health = verify_deployment.submit(deployed, spec, return_state=False)
     record = record_release.submit(
-        deployed, scan, workspace, ledger, wait_for=[health], return_state=False
+        deployed, scan, workspace, ledger, repository, wait_for=[health], return_state=False
     )
     return {
         (spec.name, "image"): image,
@@ -311,9 +312,11 @@ def _submit_deliveries(
     no_cache: bool,
     ships: bool,
     user: Settings,
+    repository: GitRepository,
 ) -> None:
     """Image and scan of every fingerprinted service (+ push, SBOM, deploy, health, ledger
-    when it ships), added to `stages`. `user`: the settings the run read at its start."""
+    when it ships), added to `stages`. `user`: the settings the run read at its start;
+    `repository`: the pinned one, which a release's commit is checked against again."""
     # the deploy environment's registry and target, the engine, the ledger: once a run
     roots = user.trust_roots()
     settings = delivery_settings(user.docker_host, env, roots)
@@ -340,6 +343,7 @@ def _submit_deliveries(
                 ships=ships,
                 user=user,
                 ledger=ledger,
+                repository=repository,
             )
         )
 
@@ -368,6 +372,7 @@ def run_stages(
     no_cache: bool,
     deliver: bool,
     user: Settings,
+    repository: GitRepository,
 ) -> list[StageResult]:
     """Every stage of `specs` in `workspace`, on this run's task runner; their results.
 
@@ -378,7 +383,15 @@ def run_stages(
     if deliver:
         ships = workspace.protected
         _submit_deliveries(
-            env, workspace, specs, stages, prints, no_cache=no_cache, ships=ships, user=user
+            env,
+            workspace,
+            specs,
+            stages,
+            prints,
+            no_cache=no_cache,
+            ships=ships,
+            user=user,
+            repository=repository,
         )
     results = _stage_results(specs, stages, prints)
     stop_fork_servers(workspace.path)  # the fork server of this checkout (tasks/forking.py)
@@ -436,7 +449,16 @@ def ci_service(
             socket.gethostname(),
             os.getppid(),
         )
-        return run_stages(cfg, env, workspace, specs, no_cache=no_cache, deliver=deliver, user=user)
+        return run_stages(
+            cfg,
+            env,
+            workspace,
+            specs,
+            no_cache=no_cache,
+            deliver=deliver,
+            user=user,
+            repository=source,
+        )
     finally:
         remove_workspace(workspace)
 
@@ -499,11 +521,19 @@ def ci(
         if fan_out:
             msg = "fan_out needs the configured repository: service runs fetch their own commit"
             raise ConfigError(msg)
-        return _check(cfg, env, use_checkout(source, repo, ref), *args, user=user)
+        checkout = use_checkout(source, repo, ref)
+        return _check(cfg, env, checkout, *args, user=user, repository=source)
     workspace = prepare_workspace(source, head, ref)
     try:
         return _check(
-            cfg, env, workspace, *args, user=user, fan_out=fan_out, config_source=config_source
+            cfg,
+            env,
+            workspace,
+            *args,
+            user=user,
+            repository=source,
+            fan_out=fan_out,
+            config_source=config_source,
         )
     finally:
         remove_workspace(workspace)
@@ -578,10 +608,11 @@ def _check(
     deliver: bool,
     *,
     user: Settings,
+    repository: GitRepository,
     fan_out: bool = False,
     config_source: str | None = None,
 ) -> CiOutcome | State[Any]:
-    """The stages of one CI run in `workspace`."""
+    """The stages of one CI run in `workspace`; `repository`: the pinned one."""
     names = _affected(cfg, workspace, services, all_services, base)
     if not names:
         message = f"nothing to do: no service is affected by {base}..{workspace.commit[:12]}"
@@ -606,6 +637,13 @@ def _check(
     else:
         specs = cfg.catalog.select(names)
         results = run_stages(
-            cfg, env, workspace, specs, no_cache=no_cache, deliver=deliver, user=user
+            cfg,
+            env,
+            workspace,
+            specs,
+            no_cache=no_cache,
+            deliver=deliver,
+            user=user,
+            repository=repository,
         )
     return _outcome(workspace, names, results, ships=deliver and workspace.protected)

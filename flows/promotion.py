@@ -20,7 +20,7 @@ from blocks.approvals import ApprovalPolicy, EnvironmentPolicy
 from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig
 from blocks.environments import PAGED_BY_NAME, EnvironmentSpec
-from blocks.repository import pinned_repository
+from blocks.repository import GitRepository, pinned_repository
 from core.errors import (
     ConfigError,
     PipelineError,
@@ -69,6 +69,7 @@ from tasks.registry import verify_release_image
 from tasks.releases import (
     EnvironmentState,
     begin_deploys,
+    check_reviewed,
     plan_promotion,
     publish_ledger_artifact,
     read_ledger,
@@ -224,7 +225,7 @@ class _Promotion:
     context and who promotes what, under which gate."""
 
     context: RunContext
-    protected_branch: str
+    repository: GitRepository
     run_id: str
     services: list[str] | None
     promoter: Promoter
@@ -252,14 +253,20 @@ class _Promotion:
         return self.context.registry
 
     def plan(self) -> PromotionPlan:
-        return plan_promotion(
+        """The plan from the ledgers, every release's commit checked against a fresh fetch.
+
+        Each plan is checked: a dry run's, the one before the gate, and the one re-made
+        under the lock after an approval (the wait may outlast a force-push).
+        """
+        plan = plan_promotion(
             self.context.ledger,
             self.config,
             self.env.name,
             self.services,
             self.promoter.name,
-            self.protected_branch,
+            self.repository.protected_branch,
         )
+        return check_reviewed(plan, self.repository)
 
     def verdict(self, plan: PromotionPlan) -> SecurityVerdict:
         return security_verdict(
@@ -393,7 +400,7 @@ def _start(
     gate, promoter = gate_and_promoter(policy, environment, who[0], who[1], who[2], services)
     return _Promotion(
         context=context,
-        protected_branch=repository.protected_branch,
+        repository=repository,
         run_id=str(current_run.id),
         services=services,
         promoter=promoter,

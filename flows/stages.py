@@ -30,6 +30,7 @@ from tasks.quality import run_bandit, run_mypy, run_ruff
 from tasks.registry import verify_release_image
 from tasks.releases import (
     begin_rollback,
+    check_reviewed,
     finish_rollback,
     plan_promotion,
     read_ledger,
@@ -93,6 +94,7 @@ PROMOTE_STEPS = _by_name(
     {
         ensure_deploy_lock: "lock",
         plan_promotion: "plan",
+        check_reviewed: "reviewed",
         security_verdict: "security",
         backup_environment: "backup",
         record_promotion: "record",

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from blocks.config import PipelineConfig
 from blocks.environments import EnvironmentSpec
+from blocks.repository import GitRepository
 from core.errors import ConfigError, LedgerConflict, LedgerError, PromotionRefused
 from core.records import (
     DeployedService,
@@ -38,6 +39,7 @@ from tasks.performance import Baseline, baseline_record
 from tasks.process import run_logger
 from tasks.security import ScanReport
 from tasks.stores import open_store
+from tasks.workspace import unreviewed_commits, verify_reviewed
 
 ENV_NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
 _REVISION_FILE = re.compile(r"^(\d{8})\.json$")
@@ -378,15 +380,23 @@ def record_release(
     scan: ScanReport | None,
     workspace: Workspace,
     store: WritableFileSystem,
+    repository: GitRepository,
 ) -> LedgerEntry:
     """Record the deployed, health-checked release in the environment's ledger.
 
+    The commit is checked again against a fresh fetch of `repository` (the pinned one)
+    right before the write: the checkout judged it minutes ago, and a force-push since
+    may have taken it off the protected branch.
+
     Raises:
-        PromotionRefused: the commit is not on the protected branch (it may not ship).
+        PromotionRefused: the workspace's commit is not on the protected branch.
+        UnreviewedCommit: the commit is not on it now (after the fresh fetch).
+        ToolError: the repository cannot be reached.
     """
     if not workspace.protected:
         msg = f"{workspace.commit[:12]} is not on {workspace.protected_branch}: not recorded"
         raise PromotionRefused(msg)
+    verify_reviewed(repository, workspace.commit)
     deployed = outcome.deployed
     run_id = flow_run.get_id()
     record = ReleaseRecord(
@@ -398,8 +408,8 @@ def record_release(
         flow_run_id=run_id,
         verified=True,
         scan=scan.verdict if scan else None,
-        repository=workspace.repository,
-        ref=f"refs/heads/{workspace.protected_branch}",
+        repository=repository.label,
+        ref=repository.protected_ref,
         commit=workspace.commit,
     )
     ledger = Ledger(store)
@@ -615,6 +625,39 @@ def plan_promotion(
         plan.release_id,
         plan.environment,
         ", ".join(f"{c.service} {c.image.short}" for c in plan.changes),
+    )
+    return plan
+
+
+@task(cache_policy=NO_CACHE)
+def check_reviewed(plan: PromotionPlan, repository: GitRepository) -> PromotionPlan:
+    """`plan` when every release in it was built from a commit its protected branch reaches now.
+
+    The ledger says which commit CI checked; whether that commit is reviewed is the pinned
+    repository's to say, after one fresh fetch for the whole plan: a record written before
+    a force-push, or planted naming a commit nobody reviewed, is refused here, before any
+    image is copied, the gate asks anyone or anything is backed up or deployed.
+
+    Raises:
+        PromotionRefused: naming each such service, its image and the full SHA.
+        ToolError: the repository cannot be reached.
+    """
+    missing = [c for c in plan.changes if not c.commit]
+    found = unreviewed_commits(repository, [c.commit for c in plan.changes if c.commit])
+    problems = [f"{c.service} ({c.image.short}): no commit recorded" for c in missing]
+    problems += [
+        f"{c.service} ({c.image.short}): {found[c.commit]}"
+        for c in plan.changes
+        if c.commit in found
+    ]
+    if problems:
+        msg = f"refusing to promote into {plan.environment}: " + "; ".join(problems)
+        raise PromotionRefused(msg)
+    run_logger().info(
+        "promotion %s: every commit is on %s of %s",
+        plan.release_id,
+        repository.protected_branch,
+        repository.label,
     )
     return plan
 

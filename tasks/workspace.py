@@ -8,6 +8,11 @@ stage results keyed by fingerprint) stay shared. The worktree is removed afterwa
 
 A commit may ship (deploy to dev, enter the ledger) only when it is on the protected
 branch as the mirror sees it after the fetch: ancestry decides, not a ref a caller names.
+The same question is asked again, against a fresh fetch, when a release is recorded and
+when it is promoted (`unreviewed_commits`, `verify_reviewed`): a commit force-pushed away
+in between, or a ledger record naming a commit nobody reviewed, is refused by its SHA.
+A local checkout is judged the same way, against the pinned repository's mirror, never
+against its own branches.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import hashlib
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,7 +32,7 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.config import state_dir
 from blocks.repository import GitRepository
-from core.errors import ConfigError, SourceError, ToolError
+from core.errors import ConfigError, SourceError, ToolError, UnreviewedCommit
 from core.records import Workspace
 from tasks.masking import mask
 from tasks.process import STAGE_RETRY_OPTIONS, ToolRun, run_logger, run_tool, which
@@ -141,6 +146,47 @@ def commit_on_branch(repo: str | Path, commit: str, branch: str) -> bool:
     return _git(where, "merge-base", "--is-ancestor", commit, tip.output.strip()).ok
 
 
+def _not_on_branch(repository: GitRepository, mirror: Path, commit: str) -> str | None:
+    """Why `commit` is not on the protected branch in `mirror` (None: it is on it)."""
+    where = f"{repository.protected_branch} of {repository.label}"
+    if not _SHA.match(commit):
+        return f"{commit!r} is not a full commit SHA, so it cannot be checked against {where}"
+    if commit_on_branch(mirror, commit, repository.protected_branch):
+        return None
+    if not _git(mirror, "cat-file", "-e", f"{commit}^{{commit}}").ok:
+        return f"commit {commit} is not on {where} (no such commit there)"
+    return f"commit {commit} is not on {where}"
+
+
+def unreviewed_commits(repository: GitRepository, commits: Iterable[str]) -> dict[str, str]:
+    """Each of `commits` the protected branch does not reach, with why, after one fresh fetch.
+
+    The pinned repository's mirror decides, fetched now under its lock: not a checkout's
+    own branches, not a ref a ledger record names. One fetch for any number of commits.
+
+    Raises:
+        ToolError: the repository cannot be reached.
+    """
+    mirror = mirror_path(repository)
+    with mirror_lock(mirror):
+        update_mirror(repository, mirror)
+        found = {commit: _not_on_branch(repository, mirror, commit) for commit in commits}
+    return {commit: why for commit, why in found.items() if why is not None}
+
+
+def verify_reviewed(repository: GitRepository, commit: str) -> None:
+    """`commit` is on the protected branch of `repository`, as a fresh fetch sees it now.
+
+    Raises:
+        UnreviewedCommit: it is not (the message names the full SHA, branch, repository).
+        ToolError: the repository cannot be reached.
+    """
+    why = unreviewed_commits(repository, [commit]).get(commit)
+    if why is not None:
+        msg = f"{why}: it may not ship"
+        raise UnreviewedCommit(msg)
+
+
 @task(cache_policy=NO_CACHE, **STAGE_RETRY_OPTIONS)
 def prepare_workspace(repository: GitRepository, head: str, ref: str | None = None) -> Workspace:
     """Fetch the repository and check out exactly `head` into a worktree of this run's own.
@@ -186,6 +232,11 @@ def prepare_workspace(repository: GitRepository, head: str, ref: str | None = No
 def use_checkout(repository: GitRepository, repo: str, ref: str | None = None) -> Workspace:
     """A local checkout checked in place (development): its HEAD, as if it were a workspace.
 
+    Whether it may ship is the pinned repository's to say, after a fresh fetch: the
+    checkout's own `main` is whatever its owner committed, so a commit only the checkout
+    has is checked and its images built, nothing more. A repository that cannot be
+    reached says nothing either way: checks and images only, with the reason logged.
+
     Raises:
         SourceError: `repo` is not a git checkout with a commit.
     """
@@ -194,13 +245,19 @@ def use_checkout(repository: GitRepository, repo: str, ref: str | None = None) -
         msg = f"'HEAD' is not a commit in {repo}"
         raise SourceError(msg)
     commit = found.output.strip()
+    try:
+        why = unreviewed_commits(repository, [commit]).get(commit)
+    except ToolError as exc:
+        why = f"{repository.label} cannot be fetched ({exc})"
+    if why is not None:
+        run_logger().info("%s: checks and images only", why)
     return Workspace(
         path=repo,
         mirror=repo,
         repository=repository.label,
         commit=commit,
         ref=ref or "HEAD",
-        protected=commit_on_branch(repo, commit, repository.protected_branch),
+        protected=why is None,
         protected_branch=repository.protected_branch,
     )
 

@@ -7,6 +7,7 @@ shared engine or ledger.
 from __future__ import annotations
 
 import io
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ import docker
 import yaml
 
 from blocks.config import PipelineConfig
+from blocks.repository import GitRepository, pinned_repository
 from core.records import ImageRef
+from core.settings import Settings
 from tasks.deploy.docker import DockerDeployer, container_name
 from tasks.deploy.target import Deployer
 from tasks.registry import manifest_digest
@@ -92,6 +95,19 @@ def as_service(image: ImageRef, service: str) -> ImageRef:
     return image.model_copy(update={"service": service})
 
 
+def protected_tip(repository: GitRepository | None = None) -> str:
+    """The commit the protected branch of `repository` points at now (default: the
+    repository the flows of this process load): a commit a promotion accepts."""
+    repo = repository or pinned_repository(Settings.from_environ())
+    listed = subprocess.run(
+        ["git", "ls-remote", repo.url, repo.protected_ref],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return listed.stdout.split()[0]
+
+
 def put_release(
     deployer: Deployer,
     cfg: PipelineConfig,
@@ -101,8 +117,10 @@ def put_release(
     *,
     release_id: str,
     verified: bool = True,
+    commit: str | None = None,
 ) -> None:
-    """What CI does for its environment: deploy `image` as `service` and record it."""
+    """What CI does for its environment: deploy `image` as `service` and record it, built
+    from `commit` (default: the tip of the protected branch the flows load)."""
     ref = as_service(image, service)
     deployer.deploy(cfg.environment(env), cfg.service(service), ref, deadline_s=60)
     current_ledger().record_deploy(
@@ -114,12 +132,16 @@ def put_release(
             release_id=release_id,
             verified=verified,
             ref="refs/heads/main",
+            commit=commit or protected_tip(),
             scan="clean",
         ),
     )
 
 
-def put_verified(cfg: PipelineConfig, env: str, service: str, image: ImageRef) -> None:
+def put_verified(
+    cfg: PipelineConfig, env: str, service: str, image: ImageRef, commit: str | None = None
+) -> None:
     """What CI does for its environment: deploy `image` and record it verified."""
-    put_release(DockerDeployer(), cfg, env, service, image, release_id=f"seed-{image.short}")
+    release = f"seed-{image.short}"
+    put_release(DockerDeployer(), cfg, env, service, image, release_id=release, commit=commit)
     current_ledger().mark_verified(env, service, None)

@@ -1,7 +1,8 @@
 """The CI flow through delivery: build, scan, push, deploy to an environment, health check.
 
 Real engine, real registry, real containers. The environment is `ci-dev` on its own
-ports, so a developer's dev containers are never touched.
+ports, so a developer's dev containers are never touched. The checkout is checked in
+place; its commit is pushed to the bare remote the repository block pins, so it ships.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from core.records import CiOutcome
 from flows.ci import ci, ci_outcome
 from tasks.registry import verify_release_image
 from tests.ledgers import current_ledger
-from tests.tasks.ci_checkout import copy_monorepo
+from tests.tasks.ci_checkout import copy_monorepo, pinned
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ["auth", "course", "media"]
@@ -30,7 +31,8 @@ OFFSET = 35000
 
 @pytest.fixture(scope="module")
 def delivery(stack, docker_client) -> Iterator[dict[str, Any]]:
-    """A monorepo checkout and a config whose only environment is ci-dev."""
+    """A monorepo checkout pushed to the pinned repository, a config whose only environment
+    is ci-dev."""
     root = Path(tempfile.mkdtemp(prefix="ci-delivery-"))
     repo = copy_monorepo(root / "repo", SERVICES)
     data = yaml.safe_load((REPO / "config" / "pipeline.yaml").read_text())
@@ -46,7 +48,7 @@ def delivery(stack, docker_client) -> Iterator[dict[str, Any]]:
     ]
     config = root / "pipeline.yaml"
     config.write_text(yaml.safe_dump(data))
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, pinned(repo):
         patch.setenv("DOCKER_HOST", stack.docker_host)
         yield {"repo": repo, "config": str(config)}
     for container in docker_client.containers.list(all=True, filters={"name": f"elice-{ENV}-"}):
@@ -78,6 +80,8 @@ def first(delivery) -> State[Any]:
 def test_every_service_is_built_pushed_deployed_and_healthy(first, config) -> None:
     assert first.is_completed(), first.message
     outcome = _outcome(first)
+    assert outcome.protected
+    assert outcome.shipped
     ledger = current_ledger().current(ENV)
     for name in SERVICES:
         stages = {r.stage: r for r in outcome.results if r.service == name}

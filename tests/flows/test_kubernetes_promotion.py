@@ -39,7 +39,7 @@ from tests.flows.chain import derive, put_release, write_chain_config
 from tests.k8s_sim import CRASH, KubeSimulator
 from tests.ledgers import current_ledger
 from tests.plugins.registries import AuthRegistry
-from tests.tasks.ci_checkout import copy_monorepo
+from tests.tasks.ci_checkout import copy_monorepo, pinned
 
 pytestmark = pytest.mark.stack
 
@@ -177,14 +177,15 @@ def test_ci_delivers_to_kubernetes_through_the_same_target(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     repo = copy_monorepo(tmp_path / "repo", ["auth"])
-    state = ci(
-        services=["auth"],
-        repo=str(repo),
-        deliver=True,
-        environment=DEV,
-        config_source=cluster.cfg_path,
-        return_state=True,
-    )
+    with pinned(repo):  # its commit pushed to the pinned repository: it ships
+        state = ci(
+            services=["auth"],
+            repo=str(repo),
+            deliver=True,
+            environment=DEV,
+            config_source=cluster.cfg_path,
+            return_state=True,
+        )
     outcome = ci_outcome(state)
     assert outcome is not None, state.message
     stages = {r.stage: r for r in outcome.results if r.service == "auth"}

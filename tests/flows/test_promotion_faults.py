@@ -52,6 +52,7 @@ from tests.approvers import Approvers
 from tests.flows.chain import (
     SERVICES,
     derive,
+    protected_tip,
     put_verified,
     remove_containers,
     write_chain_config,
@@ -254,13 +255,14 @@ def test_an_approval_resumes_a_promotion_across_a_server_restart(
     tmp_path: Path,
 ) -> None:
     cfg, cfg_path, d1, d2 = releases
-    for service in SERVICES:
-        put_verified(cfg, STG, service, d2)
-        put_verified(cfg, PROD, service, d1)
-    revision = current_ledger().current(PROD).revision
-    api = postgres_prefect.api_url
     people = Approvers(tmp_path, ["alice", "bob"])
     people.set_policy({PROD: {"approvers": ["alice", "bob"], "timeout_s": 600}})
+    reviewed = protected_tip(people.repository)  # the promotion's repository: the policy's
+    for service in SERVICES:
+        put_verified(cfg, STG, service, d2, commit=reviewed)
+        put_verified(cfg, PROD, service, d1, commit=reviewed)
+    revision = current_ledger().current(PROD).revision
+    api = postgres_prefect.api_url
     trust = trust_file_for(tmp_path, people.bare)  # the child's trust file
     signed = json.dumps(people.request(PROD, "alice"))
     env = {

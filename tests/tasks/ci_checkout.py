@@ -5,11 +5,16 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
+import pytest
+
 from blocks.config import load_config
 from tasks.python_build import lock_service, sync_service
+from tests.trust import pin_repository
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = load_config(str(REPO / "config" / "pipeline.yaml"))
@@ -47,6 +52,38 @@ def commit_all(repo: Path, message: str) -> str:
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "--allow-empty", "-m", message)
     return git(repo, "rev-parse", "HEAD").strip()
+
+
+def push_commit(clone: Path, name: str, text: str, branch: str = "main") -> str:
+    """Write `name` in `clone`, commit it and push the commit to `branch`; the commit."""
+    (clone / name).write_text(text)
+    sha = commit_all(clone, f"add {name}")
+    git(clone, "push", "-q", "origin", f"HEAD:refs/heads/{branch}")
+    return sha
+
+
+def bare_remote(root: Path) -> tuple[Path, Path]:
+    """A bare remote under `root` and a clone to push from; main has one commit."""
+    bare = root / "remote.git"
+    git(root, "init", "-q", "--bare", "-b", "main", str(bare))
+    clone = root / "clone"
+    git(root, "clone", "-q", str(bare), str(clone))
+    git(clone, "checkout", "-q", "-b", "main")
+    push_commit(clone, "a.txt", "one\n")
+    return bare, clone
+
+
+@contextmanager
+def pinned(checkout: Path) -> Iterator[Path]:
+    """`checkout`'s main pushed to a bare remote beside it, pinned as this process's
+    repository (a trust file, `config: null`) for the duration: a commit of the checkout
+    ships only so."""
+    bare = checkout.with_name(checkout.name + "-remote.git")
+    git(checkout.parent, "init", "-q", "--bare", "-b", "main", str(bare))
+    git(checkout, "push", "-q", str(bare), "main")
+    with pytest.MonkeyPatch.context() as mp:
+        pin_repository(mp, checkout.parent, bare)
+        yield bare
 
 
 def copy_monorepo(dest: Path, services: list[str], *, pipeline: bool = False) -> Path:

@@ -15,26 +15,37 @@ from prefect.filesystems import LocalFileSystem, WritableFileSystem
 from prefect_aws import AwsCredentials, S3Bucket
 
 from blocks.config import parse_config
+from blocks.repository import GitRepository
 from blocks.storage import (
     STORAGE_BLOCK,
     ReleaseStorage,
     backup_filesystem,
     ledger_filesystem,
 )
-from core.errors import ConfigError, LedgerConflict, LedgerError, PromotionRefused
-from core.records import ImageRef, release_id
+from core.errors import (
+    ConfigError,
+    LedgerConflict,
+    LedgerError,
+    PromotionRefused,
+    UnreviewedCommit,
+)
+from core.records import DeployedService, DeployOutcome, ImageRef, PromotionPlan, release_id
 from core.settings import Settings
 from tasks.releases import (
     EnvironmentState,
     Ledger,
     ReleaseRecord,
     build_plan,
+    check_reviewed,
     ledger_markdown,
     publish_ledger_artifact,
+    record_release,
     with_deploy,
 )
 from tasks.stores import open_store
+from tasks.workspace import prepare_workspace, remove_workspace
 from tests.ledgers import current_ledger
+from tests.tasks.ci_checkout import bare_remote, git, push_commit
 from tests.tasks.plans import D1, D2, PLAN_CONFIG, ledger_state
 
 
@@ -352,3 +363,86 @@ def test_a_release_not_shipped_from_the_protected_branch_is_refused() -> None:
             ledger_state("q-prod"),
             protected_branch="release",
         )
+
+
+# --- releases bound to reviewed commits (a real bare remote, force-pushed) ---------------
+
+
+def _deployed(commit: str) -> DeployOutcome:
+    service = DeployedService(
+        service="auth",
+        environment="q-dev",
+        image=ImageRef(
+            service="auth",
+            repository="127.0.0.1:5000/elice/auth",
+            digest=D1,
+            version="1.0.0",
+            commit=commit,
+        ),
+        address="http://127.0.0.1:18002",
+    )
+    return DeployOutcome(deployed=service, changed=True)
+
+
+def test_a_commit_force_pushed_off_main_after_its_checkout_is_not_recorded(
+    tmp_path: Path,
+) -> None:
+    bare, clone = bare_remote(tmp_path)
+    repository = GitRepository(url=str(bare), name="elice/monorepo")
+    store = LocalFileSystem(basepath=str(tmp_path / "ledger"))
+    base = git(clone, "rev-parse", "HEAD").strip()
+    pushed = push_commit(clone, "b.txt", "merged, then force-pushed away\n")
+    workspace = prepare_workspace.fn(repository, pushed)
+    assert workspace.protected  # on main when it was checked out...
+    git(clone, "push", "-q", "--force", "origin", f"{base}:refs/heads/main")
+    try:
+        with pytest.raises(UnreviewedCommit) as refused:  # ...and not when it is recorded
+            record_release.fn(_deployed(pushed), None, workspace, store, repository)
+    finally:
+        remove_workspace.fn(workspace)
+    assert f"commit {pushed} is not on main of elice/monorepo" in str(refused.value)
+    assert Ledger(store).current("q-dev").revision == 0
+    reviewed = prepare_workspace.fn(repository, base)
+    try:
+        entry = record_release.fn(_deployed(base), None, reviewed, store, repository)
+    finally:
+        remove_workspace.fn(reviewed)
+    assert (entry.revision, entry.changed) == (1, True)
+    recorded = Ledger(store).current("q-dev").services["auth"]
+    assert (recorded.commit, recorded.ref, recorded.repository) == (
+        base,
+        "refs/heads/main",
+        "elice/monorepo",
+    )
+
+
+def test_a_plan_is_checked_commit_by_commit_against_the_protected_branch(
+    tmp_path: Path,
+) -> None:
+    bare, clone = bare_remote(tmp_path)
+    repository = GitRepository(url=str(bare), name="elice/monorepo")
+    reviewed = git(clone, "rev-parse", "HEAD").strip()
+    git(clone, "checkout", "-q", "-b", "feature")
+    unreviewed = push_commit(clone, "f.txt", "never merged\n", branch="feature")
+    cfg = parse_config(PLAN_CONFIG, "test")
+    dev = ledger_state("q-dev", auth=(D1, True, "clean"), course=(D2, True, "clean"))
+    prod = ledger_state("q-prod")
+
+    def plan_of(**commits: str) -> PromotionPlan:
+        records = {
+            name: record.model_copy(update={"commit": commits[name]})
+            for name, record in dev.services.items()
+        }
+        source = dev.model_copy(update={"services": records})
+        return build_plan(cfg, "q-prod", None, "bob", source, prod)
+
+    ok = plan_of(auth=reviewed, course=reviewed)
+    assert check_reviewed.fn(ok, repository) == ok
+    with pytest.raises(PromotionRefused) as refused:
+        check_reviewed.fn(plan_of(auth=reviewed, course=unreviewed), repository)
+    assert str(refused.value) == (
+        "refusing to promote into q-prod: course (222222222222): "
+        f"commit {unreviewed} is not on main of elice/monorepo"
+    )
+    with pytest.raises(PromotionRefused, match=r"auth \(111111111111\): no commit recorded"):
+        check_reviewed.fn(plan_of(auth="", course=reviewed), repository)

@@ -14,36 +14,31 @@ import pytest
 from pydantic import SecretStr
 
 from blocks.repository import GitRepository
-from core.errors import SourceError, ToolError
-from tasks.workspace import git_env, mirror_path, prepare_workspace, remove_workspace
-from tests.tasks.ci_checkout import commit_all, git
+from core.errors import SourceError, ToolError, UnreviewedCommit
+from tasks.workspace import (
+    git_env,
+    mirror_path,
+    prepare_workspace,
+    remove_workspace,
+    unreviewed_commits,
+    use_checkout,
+    verify_reviewed,
+)
+from tests.tasks.ci_checkout import bare_remote, commit_all, git, push_commit
 
 TOKEN = "s3cret-token-value"
-
-
-def _commit(clone: Path, name: str, text: str, branch: str = "main") -> str:
-    (clone / name).write_text(text)
-    sha = commit_all(clone, f"add {name}")
-    git(clone, "push", "-q", "origin", f"HEAD:refs/heads/{branch}")
-    return sha
 
 
 @pytest.fixture
 def remote(tmp_path: Path) -> tuple[Path, Path]:
     """A bare remote and a clone to push from; main has one commit."""
-    bare = tmp_path / "remote.git"
-    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(bare))
-    clone = tmp_path / "clone"
-    git(tmp_path, "clone", "-q", str(bare), str(clone))
-    git(clone, "checkout", "-q", "-b", "main")
-    _commit(clone, "a.txt", "one\n")
-    return bare, clone
+    return bare_remote(tmp_path)
 
 
 def test_a_workspace_holds_exactly_the_commit_and_is_removed(remote: tuple[Path, Path]) -> None:
     bare, clone = remote
     first = git(clone, "rev-parse", "HEAD").strip()
-    second = _commit(clone, "a.txt", "two\n")
+    second = push_commit(clone, "a.txt", "two\n")
     repository = GitRepository(url=str(bare), name="elice/monorepo")
 
     ws = prepare_workspace.fn(repository, first, "refs/heads/main")
@@ -67,7 +62,7 @@ def test_the_tip_is_fetched_anew_for_each_run(remote: tuple[Path, Path]) -> None
     repository = GitRepository(url=str(bare))
     before = prepare_workspace.fn(repository, "HEAD")
     remove_workspace.fn(before)
-    pushed_later = _commit(clone, "b.txt", "later\n")  # after the mirror exists
+    pushed_later = push_commit(clone, "b.txt", "later\n")  # after the mirror exists
     after = prepare_workspace.fn(repository, "HEAD")
     assert after.commit == pushed_later != before.commit
     assert (Path(after.path) / "b.txt").exists()
@@ -77,7 +72,7 @@ def test_the_tip_is_fetched_anew_for_each_run(remote: tuple[Path, Path]) -> None
 def test_a_commit_off_the_protected_branch_does_not_ship(remote: tuple[Path, Path]) -> None:
     bare, clone = remote
     git(clone, "checkout", "-q", "-b", "feature")
-    feature = _commit(clone, "f.txt", "pull request\n", branch="feature")
+    feature = push_commit(clone, "f.txt", "pull request\n", branch="feature")
     repository = GitRepository(url=str(bare))
     ws = prepare_workspace.fn(repository, feature, "refs/pull/7/merge")
     assert ws.commit == feature
@@ -102,7 +97,7 @@ def test_an_unknown_commit_is_named(remote: tuple[Path, Path]) -> None:
 def test_concurrent_runs_never_share_a_worktree(remote: tuple[Path, Path]) -> None:
     bare, clone = remote
     first = git(clone, "rev-parse", "HEAD").strip()
-    second = _commit(clone, "a.txt", "two\n")
+    second = push_commit(clone, "a.txt", "two\n")
     repository = GitRepository(url=str(bare))
     with ThreadPoolExecutor(max_workers=4) as pool:
         spaces = list(
@@ -115,6 +110,60 @@ def test_concurrent_runs_never_share_a_worktree(remote: tuple[Path, Path]) -> No
     for ws in spaces:
         remove_workspace.fn(ws)
     assert not any((mirror_path(repository).parent.parent / "workspaces").glob("*/a.txt"))
+
+
+def test_a_checkout_is_judged_by_the_pinned_branch_never_its_own(
+    remote: tuple[Path, Path], tmp_path: Path
+) -> None:
+    bare, clone = remote
+    repository = GitRepository(url=str(bare), name="elice/monorepo")
+    (clone / "a.txt").write_text("unpushed\n")
+    local = commit_all(clone, "on the checkout's own main only")
+    assert git(clone, "rev-parse", "refs/heads/main").strip() == local
+    ws = use_checkout.fn(repository, str(clone))
+    assert ws.commit == local
+    assert not ws.protected  # its own main says yes; the pinned repository has no such commit
+    git(clone, "push", "-q", "origin", "main")
+    assert use_checkout.fn(repository, str(clone)).protected  # pushed: fetched afresh, on main
+    # another repository altogether, whose own main holds only what its owner committed
+    other = tmp_path / "other"
+    git(tmp_path, "init", "-q", "-b", "main", str(other))
+    (other / "a.txt").write_text("not reviewed\n")
+    stranger = commit_all(other, "nobody reviewed this")
+    ws = use_checkout.fn(repository, str(other))
+    assert (ws.commit, ws.protected) == (stranger, False)
+    # a pinned repository that cannot be fetched says nothing: checks and images only
+    gone = GitRepository(url=str(tmp_path / "gone.git"))
+    assert not use_checkout.fn(gone, str(clone)).protected
+
+
+def test_a_commit_is_reviewed_only_while_the_protected_branch_reaches_it(
+    remote: tuple[Path, Path],
+) -> None:
+    bare, clone = remote
+    repository = GitRepository(url=str(bare), name="elice/monorepo")
+    base = git(clone, "rev-parse", "HEAD").strip()
+    merged = push_commit(clone, "b.txt", "merged\n")
+    verify_reviewed(repository, merged)
+    verify_reviewed(repository, base)
+    git(clone, "checkout", "-q", "-b", "feature")
+    feature = push_commit(clone, "f.txt", "pull request\n", branch="feature")
+    with pytest.raises(UnreviewedCommit) as refused:
+        verify_reviewed(repository, feature)
+    assert f"commit {feature} is not on main of elice/monorepo" in str(refused.value)
+    # main force-pushed back to `base`: `merged` is still in the mirror, but off the branch
+    git(clone, "push", "-q", "--force", "origin", f"{base}:refs/heads/main")
+    with pytest.raises(UnreviewedCommit, match=f"commit {merged} is not on main"):
+        verify_reviewed(repository, merged)
+    unknown = "e" * 40
+    assert unreviewed_commits(repository, [base, merged, unknown, "main", "HEAD"]) == {
+        merged: f"commit {merged} is not on main of elice/monorepo",
+        unknown: f"commit {unknown} is not on main of elice/monorepo (no such commit there)",
+        "main": "'main' is not a full commit SHA, so it cannot be checked against main of "
+        "elice/monorepo",
+        "HEAD": "'HEAD' is not a full commit SHA, so it cannot be checked against main of "
+        "elice/monorepo",
+    }
 
 
 class _AuthHandler(http.server.SimpleHTTPRequestHandler):
