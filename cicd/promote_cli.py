@@ -269,7 +269,8 @@ def request_command(
     ] = "",
 ) -> None:
     """Print a signed promotion request as JSON (`request`, `request_signature`), for
-    `prefect deployment run promote/promote --param ...` (GitHub Actions)."""
+    `prefect deployment run promote/promote --param ...` (GitHub Actions; production:
+    `promote/promote-production`)."""
     who = signer or os.environ.get("USER") or getpass.getuser()
     try:
         request, signature = sign_request(to, split_names(services), who, key, actor=actor)

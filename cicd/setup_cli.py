@@ -49,7 +49,8 @@ def setup_command(
         bool,
         typer.Option(
             "--process-pool/--no-process-pool",
-            help="Also the process pool elice-process that `prefect worker start` polls.",
+            help="Also the process pools elice-process (CI, dev, staging) and elice-production"
+            " that the trusted workers poll.",
         ),
     ] = True,
     worker_image: Annotated[

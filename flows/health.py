@@ -20,6 +20,7 @@ from core.records import HealthReport, HealthResult
 from core.settings import Settings
 from tasks.context import resolve_run
 from tasks.deploy.target import Deployer
+from tasks.deployment_check import require_trusted_environment
 from tasks.health import NOT_DEPLOYED, probe_service_health, publish_health_report
 from tasks.notify import Notice, flow_run_url, notify, paged_environment
 from tasks.releases import EnvironmentState, read_ledger
@@ -85,6 +86,7 @@ def health_check(
         EnvironmentUnhealthy: nothing deployed, or a service is unhealthy.
     """
     settings = Settings.from_environ()
+    require_trusted_environment(settings, environment)  # the worker's trust file, if any
     cfg = pipeline_config(settings, config_source)
     env = cfg.environments.resolve(environment)
     specs = cfg.catalog.select(services) if services else cfg.catalog.services

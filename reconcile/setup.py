@@ -68,6 +68,8 @@ from tasks.locks import lock_name
 CHECKOUT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = CHECKOUT / "prefect.yaml"
 PROCESS_POOL = "elice-process"
+PRODUCTION_POOL = "elice-production"
+"""The process pool of production's deployments: only a production worker polls it."""
 DOCKER_POOL = "elice-docker"
 KUBERNETES_POOL = "elice-kubernetes"
 
@@ -272,7 +274,8 @@ def pool_templates(
     """Pool name -> (type, base job template): the workers' own default templates.
 
     Args:
-        local_worker_pool: include the process pool the local worker polls.
+        local_worker_pool: include the process pools the local workers poll (CI and
+            staging's, production's).
         worker_image: the default image of the Docker and Kubernetes pools' flow runs
             (the worker image, worker/Dockerfile); None keeps Prefect's default.
     """
@@ -282,7 +285,8 @@ def pool_templates(
 
     pools: dict[str, tuple[str, dict[str, Any]]] = {}
     if local_worker_pool:
-        pools[PROCESS_POOL] = ("process", ProcessWorker.get_default_base_job_template())
+        for name in (PROCESS_POOL, PRODUCTION_POOL):
+            pools[name] = ("process", ProcessWorker.get_default_base_job_template())
     for name, worker in ((DOCKER_POOL, DockerWorker), (KUBERNETES_POOL, KubernetesWorker)):
         template = copy.deepcopy(worker.get_default_base_job_template())
         if worker_image:
@@ -666,7 +670,8 @@ def ensure_setup(
 
     Args:
         dry_run: report what would change; change nothing.
-        local_worker_pool: also the process pool `elice-process` the local worker polls.
+        local_worker_pool: also the process pools the local workers poll: `elice-process`
+            (CI, dev, staging) and `elice-production`.
         worker_image: default image of the Docker and Kubernetes pools (see `pool_templates`).
         config: the configuration to save as blocks (default: ELICE_CONFIG or the
             embedded file; never the saved blocks).

@@ -24,7 +24,8 @@ is made in stack/monitoring_config.py and lives in `<stack dir>/monitoring/`.
 
 The parts live in their own modules: supervisor (processes), ports (who listens where),
 serve (starting a served part and waiting for it), system (apt packages), engine, registry,
-images, prefect_server, monitoring, receiver (the Slack receiver) and worker.
+images, prefect_server, monitoring, receiver (the Slack receiver) and worker (the two
+trusted workers).
 """
 
 from __future__ import annotations
@@ -63,14 +64,15 @@ def ensure_stack(
     repository: str | None = None,
 ) -> StackInfo:
     """Reuse what runs and start what does not: registry, engine, base image, Prefect,
-    the worker and the Slack receiver, Prometheus and Alertmanager.
+    the workers and the Slack receiver, Prometheus and Alertmanager.
 
     Args:
         prefect: also run a Prefect server on a loopback port.
-        worker: also make that server ready for the pipeline (`cicd setup`: work pool,
-            limits, blocks, the deployments of prefect.yaml) and run a supervised process
-            worker on it, so the UI, the schedules and `prefect deployment run` work; and
-            the Slack receiver for the approval buttons beside it (kept once running).
+        worker: also make that server ready for the pipeline (`cicd setup`: work pools,
+            limits, blocks, the deployments of prefect.yaml) and run the supervised trusted
+            workers on it (dev and staging's, production's: stack/worker.py), so the UI,
+            the schedules and `prefect deployment run` work; and the Slack receiver for
+            the approval buttons beside it (kept once running).
         monitoring: also run Prometheus (every docker-target service of every environment
             of the configuration, the project's rules) and Alertmanager (to the saved Slack /
             PagerDuty blocks, else to `alert_log_file`); None: with the worker. Once running,
@@ -132,32 +134,37 @@ def _ensure_deployments_and_worker(
     home: Path, api_url: str, steps: Steps, auth: str | None, repository: str | None
 ) -> None:
     from reconcile.setup import ensure_setup  # noqa: PLC0415 - loads the flows: only when asked
-    from stack.worker import ensure_worker, pinned_repository, worker_pid  # noqa: PLC0415
+    from stack.worker import WORKERS, ensure_worker, pinned_repository, worker_pid  # noqa: PLC0415
 
-    with steps.step("deployments", "work pool, limits, blocks, deployments of prefect.yaml"):
+    with steps.step("deployments", "work pools, limits, blocks, deployments of prefect.yaml"):
         changes = ensure_setup(api_url)
     changed = sum(c.action != "unchanged" for c in changes)
     steps.info("deployments", f"{changed} created or updated, {len(changes) - changed} unchanged")
-    running = worker_pid(home)
-    with steps.step("worker", "process worker on pool elice-process"):
-        kept = pinned_repository(home)
-        url, name = (repository, "") if repository or kept is None else kept
-        pid = ensure_worker(home, api_url, auth=auth, repository=url, repository_name=name)
-    if running == pid:
-        steps.info("worker", f"running (pid {pid})")
+    kept = pinned_repository(home)
+    url, name = (repository, "") if repository or kept is None else kept
+    for role in WORKERS:  # CI, dev and staging's; production's
+        running = worker_pid(home, role)
+        what = f"process worker on pool {role.pool} (deploys into {', '.join(role.environments)})"
+        with steps.step(role.part, what):
+            pid = ensure_worker(
+                home, api_url, role, auth=auth, repository=url, repository_name=name
+            )
+        if running == pid:
+            steps.info(role.part, f"running (pid {pid})")
 
 
 def stop_stack(root: Path | None = None) -> list[str]:
     """Stop every part the stack started (never an external engine), dependents first.
 
-    Parts other than `PARTS` (started with `spawn_part`, e.g. a worker) stop first.
+    The workers stop first (with their runs), then parts other than `PARTS` (started
+    with `spawn_part`).
     Returns the names of the parts that were running.
     """
-    from stack.worker import stop_worker  # noqa: PLC0415
+    from stack.worker import stop_workers  # noqa: PLC0415
 
     home = root or stack_dir()
     with locked(home / "stack.lock"):
-        stopped = ["worker"] if stop_worker(home) else []  # with the runs it started
+        stopped = stop_workers(home)  # with the runs they started
         others = sorted(p.stem for p in (home / "pids").glob("*.pid") if p.stem not in PARTS)
         return stopped + [name for name in (*others, *PARTS) if stop_part(home, name)]
 
@@ -197,6 +204,10 @@ def stack_status(root: Path | None = None) -> list[StackPart]:
     parts.append(
         StackPart(name="prefect", state="running" if alive else "stopped", address=url or "")
     )
+    if info is not None and info.prefect_api_url:  # workers run only beside a server
+        from stack.worker import worker_parts  # noqa: PLC0415 - loads the reconciler
+
+        parts.extend(worker_parts(home))
     if info is not None and (info.prometheus_url or info.alertmanager_url):
         parts.extend(monitoring_status(home, info))
     if info is not None and info.slack_receiver_url:

@@ -7,8 +7,10 @@ compares it with the deployment of the same name in `prefect.yaml` on the protec
 branch of the repository its trust file pins (tasks/deployment_check.py): entrypoint,
 pull steps, job variables, default parameters, work pool and queue, the run's own job
 variables (none allowed) and the run's parameter names (the flow's, minus those that
-serve local development only). On any difference, or when the branch cannot be read, the
-run is not started: it is marked Failed with a one-line reason, and an audit line goes to
+serve local development only); and the run's effective `environment` against the
+environments its trust file names (a dev/staging worker never deploys into production, a
+production worker into nothing else). On any difference, or when the branch cannot be
+read, the run is not started: it is marked Failed with a one-line reason, and an audit line goes to
 the worker's log, the run's log and the audit file (one JSON object per line).
 
 Every run it starts gets `ELICE_TRUST_FILE` (core.trust.TRUST_FILE_ENV) set to the
@@ -55,7 +57,12 @@ from tasks.deploy.target import (
     KUBERNETES_TARGET_BLOCK,
     block_digest,
 )
-from tasks.deployment_check import DeploymentFacts, declared_deployment, differences
+from tasks.deployment_check import (
+    DeploymentFacts,
+    declared_deployment,
+    differences,
+    environment_difference,
+)
 
 if TYPE_CHECKING:
     from prefect.client.schemas.responses import DeploymentResponse
@@ -86,9 +93,11 @@ def refusal_reason(
         work_pool=deployment.work_pool_name or "",
         work_queue=deployment.work_queue_name or "default",
     )
-    found = differences(
-        declared, actual, flow_run.parameters or {}, flow_run.job_variables or {}, pool
-    )
+    parameters = flow_run.parameters or {}
+    found = differences(declared, actual, parameters, flow_run.job_variables or {}, pool)
+    foreign = environment_difference(declared, parameters, roots)
+    if foreign is not None:
+        found.append(foreign)
     if not found:
         return None
     return f"deployment {deployment.name!r} refused: " + "; ".join(found)

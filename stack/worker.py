@@ -1,16 +1,26 @@
-"""The supervised local worker: the project's trusted process worker.
+"""The supervised local workers: the project's trusted process worker, one per role.
 
-`ensure_worker()` starts `python -m stack.trusted_worker start --pool elice-process` as a
-part of the stack (stack/supervisor.py: pid file `root/pids/worker.pid`, log
-`root/logs/worker.log`, refusals also in `root/logs/worker-audit.jsonl`) with
-PREFECT_API_URL and ELICE_REPO set (and the server's auth string as PREFECT_API_AUTH_STRING,
-in its environment only), unless one already runs for the same server, credentials, pool
-and checkout, and waits until the server lists it online. Its trust file
-(`root/trust/worker.yaml`, owner-only) pins the checkout as the repository, `main` as the
-protected branch and the environments the stack deploys into: the worker starts only runs
-of deployments that prefect.yaml on that branch declares (stack/trusted_worker.py).
-Deployment runs then execute in child processes of that worker: prefect.yaml's pull step
-changes into `{{ $ELICE_REPO }}`, which the run resolves from the worker's environment.
+The stack runs two (`WORKERS`), each a part of the stack's supervisor (stack/supervisor.py)
+with its own pid file `root/pids/<part>.pid`, log `root/logs/<part>.log`, refusals in
+`root/logs/<part>-audit.jsonl`, trust file `root/trust/<part>.yaml` (owner-only) and name:
+
+- `worker` polls `elice-process` (CI, staging's promotion, dev and staging rollbacks) and
+  may deploy into dev and staging;
+- `worker-production` polls `elice-production` (production's promotion, rollback and
+  health check) and may deploy into production only.
+
+Each trust file pins the checkout as the repository and `main` as the protected branch:
+a worker starts only runs of deployments that prefect.yaml on that branch declares, into an
+environment its trust file names (stack/trusted_worker.py). `ensure_worker()` starts one
+with PREFECT_API_URL and ELICE_REPO set (and the server's auth string as
+PREFECT_API_AUTH_STRING, in its environment only), unless one already runs for the same
+server, credentials, pool, checkout and trust roots, and waits until the server lists it
+online. Deployment runs then execute in child processes of that worker: prefect.yaml's
+pull step changes into `{{ $ELICE_REPO }}`, which the run resolves from the worker's
+environment.
+
+Both run on this one host, under one user: the separation is the workers' refusal, not
+credentials kept apart (README, "Workers: who deploys where").
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import socket
 import sys
 import time
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,7 +42,8 @@ from prefect.settings.legacy import Setting
 
 from core.errors import ConfigError, StackError
 from core.trust import TrustRoots, load_trust_roots, write_trust_roots
-from reconcile.setup import HEARTBEAT_S
+from reconcile.setup import HEARTBEAT_S, PROCESS_POOL, PRODUCTION_POOL
+from stack.steps import StackPart
 from stack.supervisor import (
     alive,
     cmdline,
@@ -40,48 +52,74 @@ from stack.supervisor import (
     part_log,
     part_log_tail,
     pid_file,
+    recorded_pid,
     running_part,
     spawn_part,
     terminate,
 )
 
 CHECKOUT = Path(__file__).resolve().parents[1]
-WORKER = "worker"
-DEFAULT_POOL = "elice-process"
 PROTECTED_BRANCH = "main"
-ENVIRONMENTS = ("dev", "staging", "production")
-"""The environments the stack's one worker deploys into (it holds all their credentials)."""
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """One worker of the stack: its part of the supervisor, its pool, its environments."""
+
+    part: str
+    """The supervisor's part name: pid file, log, trust file and audit log are named so."""
+    pool: str
+    environments: tuple[str, ...]
+    """What its trust file lets it deploy into (the credentials it would hold)."""
+
+
+DEPLOY_WORKER = WorkerRole("worker", PROCESS_POOL, ("dev", "staging"))
+PRODUCTION_WORKER = WorkerRole("worker-production", PRODUCTION_POOL, ("production",))
+WORKERS = (DEPLOY_WORKER, PRODUCTION_WORKER)
 QUERY_SECONDS = 2.0
 """How often the local worker asks for runs (Prefect's default is 10 s): a run started
 from the UI begins within about this long."""
 
 
-def log_file(root: Path) -> Path:
+def log_file(root: Path, role: WorkerRole = DEPLOY_WORKER) -> Path:
     """The worker's log (its stdout and stderr)."""
-    return part_log(root, WORKER)
+    return part_log(root, role.part)
 
 
-def trust_file(root: Path) -> Path:
-    """The trust file the stack writes for its worker (owner-only)."""
-    return root / "trust" / "worker.yaml"
+def trust_file(root: Path, role: WorkerRole = DEPLOY_WORKER) -> Path:
+    """The trust file the stack writes for the worker of `role` (owner-only)."""
+    return root / "trust" / f"{role.part}.yaml"
 
 
-def audit_log(root: Path) -> Path:
+def audit_log(root: Path, role: WorkerRole = DEPLOY_WORKER) -> Path:
     """The worker's refusals, one JSON object per line."""
-    return root / "logs" / "worker-audit.jsonl"
+    return root / "logs" / f"{role.part}-audit.jsonl"
 
 
-def _locked(root: Path) -> AbstractContextManager[None]:
-    return locked(root / "worker.lock")
+def _locked(root: Path, role: WorkerRole) -> AbstractContextManager[None]:
+    return locked(root / f"{role.part}.lock")
 
 
-def worker_pid(root: Path) -> int | None:
-    """The pid of the worker `ensure_worker(root, ...)` started, while it runs.
+def _trust_roots(
+    role: WorkerRole, checkout: Path, repository: str | None = None, name: str = ""
+) -> TrustRoots:
+    """What a stack worker trusts: the repository (default: the checkout), its `main`, the
+    configuration as committed there, the environments of its role."""
+    return TrustRoots(
+        repository=repository or str(checkout),
+        name=name,
+        protected_branch=PROTECTED_BRANCH,
+        environments=role.environments,
+    )
+
+
+def worker_pid(root: Path, role: WorkerRole = DEPLOY_WORKER) -> int | None:
+    """The pid of the worker of `role` that `ensure_worker(root, ...)` started, while it runs.
 
     A part of the stack's supervisor, checked once more by its command line: a pid the
     kernel has since given to another process does not count.
     """
-    pid = running_part(root, WORKER)
+    pid = running_part(root, role.part)
     if pid is None:
         return None
     args = cmdline(pid)
@@ -90,7 +128,7 @@ def worker_pid(root: Path) -> int | None:
     return pid
 
 
-def worker_name(root: Path, pool: str = DEFAULT_POOL) -> str:
+def worker_name(root: Path, pool: str = PROCESS_POOL) -> str:
     """The name the worker of `root` registers with the server: pool, host, home."""
     home = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
     return f"{pool}-{socket.gethostname()}-{home}"
@@ -100,12 +138,31 @@ def _option(args: list[str], flag: str) -> str | None:
     return args[args.index(flag) + 1] if flag in args[:-1] else None
 
 
-def _serves(pid: int, api_url: str, pool: str, checkout: Path, auth: str | None) -> bool:
+def _pins(path: str | None, roots: TrustRoots) -> bool:
+    """Whether the trust file `path` holds `roots` (a worker loads it when it starts, and
+    only `_spawn` writes it, just before)."""
+    try:
+        return path is not None and load_trust_roots(Path(path)) == roots
+    except ConfigError:
+        return False
+
+
+def _serves(
+    pid: int,
+    api_url: str,
+    role: WorkerRole,
+    checkout: Path,
+    auth: str | None,
+    root: Path,
+    roots: TrustRoots,
+) -> bool:
     env = environ(pid)
     args = cmdline(pid)
+    trust = _option(args, "--trust-file")
     return (
-        _option(args, "--pool") == pool
-        and _option(args, "--trust-file") is not None
+        _option(args, "--pool") == role.pool
+        and trust == str(trust_file(root, role))
+        and _pins(trust, roots)
         and env.get("PREFECT_API_URL") == api_url
         and env.get("ELICE_REPO") == str(checkout)
         and (auth is None or env.get("PREFECT_API_AUTH_STRING") == auth)
@@ -140,7 +197,7 @@ def _online(
 def ensure_worker(
     root: Path,
     api_url: str,
-    pool: str = DEFAULT_POOL,
+    role: WorkerRole = DEPLOY_WORKER,
     *,
     repo: Path | None = None,
     repository: str | None = None,
@@ -150,10 +207,12 @@ def ensure_worker(
     limit: int | None = None,
     auth: str | None = None,
 ) -> int:
-    """Run a process worker for `pool` of the server at `api_url`, started once; its pid.
+    """Run the trusted worker of `role` for the server at `api_url`, started once; its pid.
 
     Args:
-        root: home of the pid file (`pids/worker.pid`) and the log (`logs/worker.log`).
+        root: home of the pid file (`pids/<part>.pid`), the log (`logs/<part>.log`) and
+            the trust file (`trust/<part>.yaml`).
+        role: its pool and the environments its trust file names.
         repo: the checkout the runs execute (ELICE_REPO): prefect.yaml's entrypoints are
             found there. Default: this checkout.
         repository: the repository the worker's trust file pins (whose protected branch
@@ -173,31 +232,29 @@ def ensure_worker(
     if not (checkout / "prefect.yaml").is_file():
         msg = f"{checkout}: no prefect.yaml; ELICE_REPO must be a checkout of elice-devops"
         raise ConfigError(msg)
+    pool = role.pool
     name = worker_name(root, pool)
-    roots = _trust_roots(checkout, repository, repository_name)
-    with _locked(root):
-        pid = worker_pid(root)
-        if pid is not None and (
-            not _serves(pid, api_url, pool, checkout, auth) or _pinned(root) != roots
-        ):
-            pid_file(root, WORKER).unlink(missing_ok=True)
+    roots = _trust_roots(role, checkout, repository, repository_name)
+    with _locked(root, role):
+        pid = worker_pid(root, role)
+        if pid is not None and not _serves(pid, api_url, role, checkout, auth, root, roots):
+            pid_file(root, role.part).unlink(missing_ok=True)
             terminate(pid, 20.0, tree=True)
             pid = None
         since: datetime | None = None
         if pid is None:
             since = datetime.now(UTC)
-            write_trust_roots(trust_file(root), roots)
-            pid = _spawn(root, pool, name, api_url, checkout, query_seconds, limit, auth)
+            pid = _spawn(root, role, name, api_url, checkout, roots, query_seconds, limit, auth)
         end = time.monotonic() + timeout_s
         while not _online(api_url, pool, name, since, auth):
             if not alive(pid):
-                tail = part_log_tail(root, WORKER)
-                msg = f"the worker for {pool} exited; {log_file(root)}:\n{tail}"
+                tail = part_log_tail(root, role.part)
+                msg = f"the worker for {pool} exited; {log_file(root, role)}:\n{tail}"
                 raise StackError(msg)
             if time.monotonic() > end:
                 msg = (
                     f"the worker for {pool} is not online at {api_url} after {timeout_s:.0f}s;"
-                    f" {log_file(root)}:\n{part_log_tail(root, WORKER)}"
+                    f" {log_file(root, role)}:\n{part_log_tail(root, role.part)}"
                 )
                 raise StackError(msg)
             time.sleep(0.5)
@@ -206,26 +263,27 @@ def ensure_worker(
 
 def _spawn(
     root: Path,
-    pool: str,
+    role: WorkerRole,
     name: str,
     api_url: str,
     checkout: Path,
+    roots: TrustRoots,
     query_seconds: float,
     limit: int | None = None,
     auth: str | None = None,
 ) -> int:
-    trust = trust_file(root)
+    trust = write_trust_roots(trust_file(root, role), roots)
     args = [
         sys.executable,
         "-m",
         "stack.trusted_worker",
         "start",
         "--pool",
-        pool,
+        role.pool,
         "--trust-file",
         str(trust),
         "--audit-log",
-        str(audit_log(root)),
+        str(audit_log(root, role)),
     ]
     if limit is not None:
         args += ["--limit", str(limit)]
@@ -244,46 +302,57 @@ def _spawn(
     if auth is not None:
         env["PREFECT_API_AUTH_STRING"] = auth  # the environment, never argv (ps shows argv)
     # cwd: not the checkout: the deployment's pull step must get the run there
-    return spawn_part(root, WORKER, [*args, "--name", name], env, cwd=root)
+    return spawn_part(root, role.part, [*args, "--name", name], env, cwd=root)
 
 
-def _trust_roots(checkout: Path, repository: str | None, name: str) -> TrustRoots:
-    """What the stack's worker trusts: the repository (default: the checkout), its `main`,
-    the configuration as committed there, every environment."""
-    return TrustRoots(
-        repository=repository or str(checkout),
-        name=name,
-        protected_branch=PROTECTED_BRANCH,
-        environments=ENVIRONMENTS,
-    )
-
-
-def _pinned(root: Path) -> TrustRoots | None:
-    """The trust roots the worker of `root` was started with; None: none readable."""
+def _pinned(root: Path, role: WorkerRole = DEPLOY_WORKER) -> TrustRoots | None:
+    """The trust roots the worker of `role` in `root` was started with; None: none readable."""
     try:
-        return load_trust_roots(trust_file(root))
+        return load_trust_roots(trust_file(root, role))
     except ConfigError:
         return None
 
 
 def pinned_repository(root: Path) -> tuple[str, str] | None:
-    """The repository the worker of `root` pins and its GitHub name (kept across `cicd
-    stack up`); None: none yet."""
+    """The repository the stack's workers of `root` pin and its GitHub name (kept across
+    `cicd stack up`); None: none yet."""
     roots = _pinned(root)
     return (roots.repository, roots.name) if roots is not None else None
 
 
-def stop_worker(root: Path, deadline_s: float = 20.0) -> bool:
-    """Stop the worker of `root` and every process below it (flow runs start sessions of
-    their own); True when one was running.
+def stop_worker(root: Path, deadline_s: float = 20.0, role: WorkerRole = DEPLOY_WORKER) -> bool:
+    """Stop the worker of `role` in `root` and every process below it (flow runs start
+    sessions of their own); True when one was running.
 
     Raises:
         StackError: a process survived SIGKILL.
     """
-    with _locked(root):
-        pid = worker_pid(root)
-        pid_file(root, WORKER).unlink(missing_ok=True)
+    with _locked(root, role):
+        pid = worker_pid(root, role)
+        pid_file(root, role.part).unlink(missing_ok=True)
         if pid is None:
             return False
         terminate(pid, deadline_s, tree=True)
         return True
+
+
+def stop_workers(root: Path, deadline_s: float = 20.0) -> list[str]:
+    """Stop every worker of the stack in `root` (`WORKERS`); the parts that were running.
+
+    Raises:
+        StackError: a process survived SIGKILL.
+    """
+    return [role.part for role in WORKERS if stop_worker(root, deadline_s, role)]
+
+
+def worker_parts(root: Path) -> list[StackPart]:
+    """Each worker the stack started in `root` (a pid file recorded it), with its pool."""
+    return [
+        StackPart(
+            name=role.part,
+            state="running" if worker_pid(root, role) is not None else "stopped",
+            address=role.pool,
+        )
+        for role in WORKERS
+        if recorded_pid(root, role.part) is not None
+    ]

@@ -15,7 +15,14 @@ committed:
   in place, a configuration file, extra container variables) may only be None (their
   default, which a fan-out passes along).
 
-`differences` compares (pure); `declared_deployment` reads the protected branch.
+A worker also deploys only into the environments its trust file names (`TrustRoots.
+environments`: the credentials it holds): `environment_difference` refuses a run whose
+effective `environment` (the run's parameter, else the deployment's default, else the
+flow's own default on the protected branch) is another one, and `require_trusted_environment`
+is the same check made again by a promotion, rollback or health check at its start.
+
+`differences` and `environment_difference` compare (pure); `declared_deployment` reads the
+protected branch.
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ from typing import Any
 
 import yaml
 
+from blocks.environments import SEED_ALIASES
 from blocks.repository import trusted_repository
 from core.errors import ConfigError
-from core.trust import TrustRoots
+from core.settings import Settings
+from core.trust import TrustRoots, load_trust_roots
 from tasks.workspace import read_protected_file
 
 LOCAL_ONLY: frozenset[str] = frozenset({"repo", "config_source", "drill_env"})
@@ -54,10 +63,12 @@ class DeploymentFacts:
 
 @dataclass(frozen=True)
 class Declared:
-    """A deployment of `prefect.yaml` on the protected branch, and the parameters it takes."""
+    """A deployment of `prefect.yaml` on the protected branch, the parameters its flow takes
+    and their defaults (those written as literals)."""
 
     facts: DeploymentFacts
     allowed_parameters: frozenset[str] = field(default_factory=frozenset)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _json(value: object) -> str:
@@ -103,13 +114,72 @@ def differences(
     return found
 
 
+ENVIRONMENT = "environment"
+"""The flow parameter naming where a run deploys (or, for a health check, what it reads)."""
+
+
+def may_deploy_into(roots: TrustRoots, environment: str) -> bool:
+    """Whether a worker trusting `roots` may act on `environment`, a name or a seed alias
+    (`prod` stands for production, `stg` for staging, as the flows resolve them)."""
+    return roots.may_deploy(environment) or roots.may_deploy(
+        SEED_ALIASES.get(environment, environment)
+    )
+
+
+def _not_trusted(roots: TrustRoots, environment: str) -> str:
+    return (
+        f"environment {environment!r} is not one this worker deploys into"
+        f" ({', '.join(roots.environments)})"
+    )
+
+
+def environment_difference(
+    declared: Declared, run_parameters: Mapping[str, Any], roots: TrustRoots
+) -> str | None:
+    """Why a run may not act on its environment on a worker trusting `roots`; None: it may.
+
+    The effective environment is the run's `environment` parameter, else the deployment's
+    default (the protected branch's), else the flow's own default; a flow without an
+    `environment` parameter acts on none.
+    """
+    if ENVIRONMENT not in declared.allowed_parameters:
+        return None
+    for source in (run_parameters, declared.facts.parameters, declared.defaults):
+        if ENVIRONMENT in source:
+            environment = source[ENVIRONMENT]
+            break
+    else:
+        return "the run names no environment"
+    if not isinstance(environment, str):
+        return f"environment {_short(environment)} is not an environment's name"
+    return None if may_deploy_into(roots, environment) else _not_trusted(roots, environment)
+
+
+def require_trusted_environment(settings: Settings, environment: str) -> None:
+    """Refuse, at a flow's start, an environment the worker that started it may not act on.
+
+    Only a run started by a trusted worker has a trust file (`settings.trust_file`); the
+    worker already refused such a run, so this matters only when a worker is misconfigured.
+
+    Raises:
+        ConfigError: the trust file does not name `environment`, or cannot be read.
+    """
+    if settings.trust_file is None:
+        return
+    roots = load_trust_roots(settings.trust_file)
+    if not may_deploy_into(roots, environment):
+        msg = f"{_not_trusted(roots, environment)} (trust file {settings.trust_file})"
+        raise ConfigError(msg)
+
+
 def _short(value: object, limit: int = 120) -> str:
     text = _json(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def flow_parameters(source: str, function: str) -> frozenset[str]:
-    """The parameter names of `function` defined at the top of `source` (read, not imported).
+def flow_signature(source: str, function: str) -> tuple[frozenset[str], dict[str, Any]]:
+    """The parameter names of `function` defined at the top of `source` (read, not
+    imported), and the defaults among them written as literals.
 
     Raises:
         ConfigError: `source` defines no such function.
@@ -117,8 +187,21 @@ def flow_parameters(source: str, function: str) -> frozenset[str]:
     for node in ast.parse(source).body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == function:
             args = node.args
-            names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
-            return frozenset(names)
+            positional = [*args.posonlyargs, *args.args]
+            with_default = positional[len(positional) - len(args.defaults) :]
+            pairs = [
+                *zip(with_default, args.defaults, strict=True),
+                *zip(args.kwonlyargs, args.kw_defaults, strict=True),
+            ]
+            defaults: dict[str, Any] = {}
+            for arg, default in pairs:
+                if default is not None:
+                    try:
+                        defaults[arg.arg] = ast.literal_eval(default)
+                    except (ValueError, TypeError, SyntaxError):
+                        continue  # not a literal: not known without running the code
+            names = frozenset(a.arg for a in (*positional, *args.kwonlyargs))
+            return names, defaults
     msg = f"no function {function!r} at the top of the entrypoint's file"
     raise ConfigError(msg)
 
@@ -157,7 +240,7 @@ def declared_deployments(prefect_yaml: str, read_file: Callable[[str], str]) -> 
         if source is None:
             continue
         try:
-            allowed = flow_parameters(source, function)
+            allowed, defaults = flow_signature(source, function)
         except (ConfigError, SyntaxError):
             continue
         facts = DeploymentFacts(
@@ -169,7 +252,7 @@ def declared_deployments(prefect_yaml: str, read_file: Callable[[str], str]) -> 
             work_pool=str(pool.get("name") or ""),
             work_queue=str(pool.get("work_queue_name") or "default"),
         )
-        declared[facts.name] = Declared(facts, allowed - LOCAL_ONLY)
+        declared[facts.name] = Declared(facts, allowed - LOCAL_ONLY, defaults)
     return declared
 
 

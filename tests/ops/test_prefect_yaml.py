@@ -38,7 +38,15 @@ def test_the_file_says_what_the_team_runs() -> None:
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     assert spec["pull"] == PULL
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert {d["work_pool"]["name"] for d in deployments.values()} == {"elice-process"}
+    # production's deployments on production's pool (only its worker polls it), fixed to
+    # production; everything else on elice-process, whose workers deploy into dev and staging
+    pools = {name: d["work_pool"]["name"] for name, d in deployments.items()}
+    production = {"promote-production", "rollback-production", "health-check"}
+    assert {name for name, pool in pools.items() if pool == "elice-production"} == production
+    assert set(pools.values()) == {"elice-process", "elice-production"}
+    for name in production:
+        assert deployments[name]["parameters"]["environment"] == "production", name
+    assert deployments["promote"]["parameters"]["environment"] == "staging"
     # The flow decides whether a run may ship (protected branch), not the deployment.
     assert deployments["ci"]["parameters"]["deliver"] is True
     # GitHub Actions passes the actor; nobody promotes as a default name.
@@ -51,8 +59,9 @@ def test_the_file_says_what_the_team_runs() -> None:
 
 @pytest.mark.slow
 def test_every_deployment_registers_with_its_schedule_and_pool() -> None:
-    created = _prefect("work-pool", "create", "elice-process", "--type", "process", "--overwrite")
-    assert created.returncode == 0, created.stdout + created.stderr
+    for pool in ("elice-process", "elice-production"):
+        created = _prefect("work-pool", "create", pool, "--type", "process", "--overwrite")
+        assert created.returncode == 0, created.stdout + created.stderr
     deployed = _prefect("deploy", "--all")
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
 
@@ -72,8 +81,9 @@ def test_every_deployment_registers_with_its_schedule_and_pool() -> None:
         flows = {d.name: client.read_flow(d.flow_id).name for d in deployments.values()}
     assert flows["ci"] == "ci"
     assert flows["nightly-rebuild"] == "ci"
-    assert flows["promote"] == "promote"
-    assert flows["rollback"] == "rollback"
+    assert flows["promote"] == flows["promote-production"] == "promote"
+    assert flows["rollback"] == flows["rollback-production"] == "rollback"
+    assert deployments["promote-production"].work_pool_name == "elice-production"
     assert flows["health-check"] == "health-check"
 
     # `cicd setup` registers the same deployments: right after `prefect deploy` it has

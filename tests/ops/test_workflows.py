@@ -152,7 +152,7 @@ def test_promote_job_runs_after_ci_on_main_or_by_hand() -> None:
     assert "needs.ci.result == 'success'" in job["if"]
     assert "github.event_name == 'workflow_dispatch'" in job["if"]
     (argv,) = deployment_runs(job)
-    assert argv[3] == "promote/promote"
+    assert argv[3] == "${DEPLOYMENT}"
     assert "--watch" in argv
     assert params(argv) == {
         "environment": "${TARGET_ENVIRONMENT}",
@@ -167,6 +167,11 @@ def test_promote_job_runs_after_ci_on_main_or_by_hand() -> None:
     assert sign["env"]["PROMOTER"] == "${{ github.actor }}"
     (step,) = [s for s in job["steps"] if "prefect deployment run" in s.get("run", "")]
     assert step["env"]["TARGET_ENVIRONMENT"] == "${{ inputs.environment || 'staging' }}"
+    # production's own deployment (its own pool and worker); staging's otherwise
+    assert deployment_names(step) == {
+        "production": "promote/promote-production",
+        "staging": "promote/promote",
+    }
     # the person who triggered the workflow promotes, never a shared bot name
     assert step["env"]["PROMOTER"] == "${{ github.actor }}"
 
@@ -193,6 +198,19 @@ def flow_signature(entrypoint: str) -> tuple[str, set[str]]:
     pytest.fail(f"entrypoint {entrypoint}: no function {func} in {path}")
 
 
+def deployment_names(step: dict[str, Any]) -> dict[str, str]:
+    """The deployment a step's `DEPLOYMENT` names, by the dispatch input `environment`:
+    `${{ inputs.environment == 'E' && 'A' || 'B' }}` is A for E, else B."""
+    expression = str(step["env"]["DEPLOYMENT"]).strip()
+    found = re.fullmatch(
+        r"\$\{\{ inputs\.environment == '(\w+)' && '([\w/-]+)' \|\| '([\w/-]+)' \}\}",
+        expression,
+    )
+    assert found, f"DEPLOYMENT: {expression!r} is not the expression the test knows"
+    environment, then, otherwise = found.groups()
+    return {environment: then, "staging": otherwise}
+
+
 def prefect_deployments() -> dict[str, set[str]]:
     """``flow/deployment`` -> the flow's parameter names, for every deployment in prefect.yaml."""
     assert PREFECT_YAML.is_file(), "prefect.yaml is missing: the workflow's deployments live there"
@@ -206,8 +224,13 @@ def prefect_deployments() -> dict[str, set[str]]:
 @pytest.mark.parametrize("job_id", ["ci", "promote"])
 def test_workflow_deployments_exist_and_accept_the_params(job_id: str) -> None:
     deployments = prefect_deployments()
-    (argv,) = deployment_runs(load(CI_YML)["jobs"][job_id])
-    name = argv[3]
-    assert name in deployments, f"{name} is not a deployment in prefect.yaml: {sorted(deployments)}"
-    unknown = set(params(argv)) - deployments[name]
-    assert not unknown, f"{name} has no parameters {unknown}"
+    job = load(CI_YML)["jobs"][job_id]
+    (argv,) = deployment_runs(job)
+    names = {argv[3]}
+    if argv[3] == "${DEPLOYMENT}":
+        (step,) = [s for s in job["steps"] if "prefect deployment run" in s.get("run", "")]
+        names = set(deployment_names(step).values())
+    for name in names:
+        assert name in deployments, f"{name} is not in prefect.yaml: {sorted(deployments)}"
+        unknown = set(params(argv)) - deployments[name]
+        assert not unknown, f"{name} has no parameters {unknown}"

@@ -39,6 +39,7 @@ from reconcile.setup import (
     DOCKER_POOL,
     KUBERNETES_POOL,
     PROCESS_POOL,
+    PRODUCTION_POOL,
     VANISHED_RUNS,
     SetupChange,
     ensure_setup,
@@ -56,12 +57,19 @@ DEPLOYMENTS = {
     "ci/nightly-rebuild",
     "ci-service/ci-service",
     "promote/promote",
+    "promote/promote-production",
     "rollback/rollback",
+    "rollback/rollback-production",
     "health-check/health-check",
 }
 LIMITS = {lock_name(env) for env in ("dev", "staging", "production")}
 BLOCKS = {"elice-services", "elice-environments"}
-POOLS = {PROCESS_POOL: "process", DOCKER_POOL: "docker", KUBERNETES_POOL: "kubernetes"}
+POOLS = {
+    PROCESS_POOL: "process",
+    PRODUCTION_POOL: "process",
+    DOCKER_POOL: "docker",
+    KUBERNETES_POOL: "kubernetes",
+}
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +205,9 @@ def test_a_fresh_server_dry_run_then_setup_then_nothing_to_change(
             assert isinstance(nightly.schedule, CronSchedule)
             assert (nightly.schedule.cron, nightly.schedule.timezone) == ("0 3 * * *", "Asia/Seoul")
             assert nightly.active
-            [health] = client.read_deployment_by_name("health-check/health-check").schedules
+            health_check = client.read_deployment_by_name("health-check/health-check")
+            assert health_check.work_pool_name == PRODUCTION_POOL
+            [health] = health_check.schedules
             assert isinstance(health.schedule, IntervalSchedule)
             assert health.schedule.interval.total_seconds() == 900
             assert health.active

@@ -37,7 +37,7 @@ from cicd.stack_cli import app
 from daemons.slack_receiver import ACTIONS_PATH
 from stack.control import stop_stack
 from stack.supervisor import part_log
-from stack.worker import worker_pid
+from stack.worker import PRODUCTION_WORKER, worker_pid
 from tasks.approval import SLACK_SECRET_BLOCK
 from tasks.slack_actions import APPROVE_ACTION
 from tests.runs import wait_for_log
@@ -91,7 +91,7 @@ def auth_is_nowhere_public(root: Path, auth: str) -> None:
         except OSError:  # gone meanwhile
             continue
         assert password not in argv, f"pid {proc.name}'s argv holds the auth string"
-    for part in ("prefect", "worker", "slack-receiver"):
+    for part in ("prefect", "worker", "worker-production", "slack-receiver"):
         log = part_log(root, part).read_text(errors="replace")
         assert log, f"{part} wrote no log"
         assert password not in log, f"{part}'s log holds the auth string"
@@ -129,12 +129,18 @@ def test_stack_up_serves_deployments_and_a_worker_runs_ci_with_its_defaults(
     try:
         up = CliRunner().invoke(app, ["up", "--repository", str(bare)])
         assert up.exit_code == 0, up.output
-        assert "deployments: work pool, limits, blocks, deployments of prefect.yaml" in up.output
-        assert "worker: process worker on pool elice-process" in up.output
+        assert "deployments: work pools, limits, blocks, deployments of prefect.yaml" in up.output
+        assert "worker: process worker on pool elice-process (deploys into dev, staging)" in (
+            up.output
+        )
+        assert "worker-production: process worker on pool elice-production (deploys into" in (
+            up.output
+        )
         info = load_stack_info(root)
         assert info is not None
         assert info.prefect_api_url
         assert worker_pid(root) is not None
+        assert worker_pid(root, PRODUCTION_WORKER) is not None
         auth = load_stack_auth(root)
         assert auth is not None
         assert stat.S_IMODE(stack_auth_file(root).stat().st_mode) == 0o600
@@ -172,14 +178,16 @@ def test_stack_up_serves_deployments_and_a_worker_runs_ci_with_its_defaults(
         assert "prefect: running at" in again.output  # the same string: reused
         assert load_stack_auth(root) == auth
         assert "worker: running (pid" in again.output
+        assert "worker-production: running (pid" in again.output
         assert "slack-receiver: running at" in again.output  # kept, not restarted
         auth_is_nowhere_public(root, auth)
         APILogWorker.drain_all(timeout=30)  # what this process sent that server goes out now
         EventsWorker.drain_all(timeout=30)
         down = CliRunner().invoke(app, ["down"])
         assert down.exit_code == 0, down.output
-        assert "worker" in down.output
+        assert "worker, worker-production" in down.output
         assert worker_pid(root) is None
+        assert worker_pid(root, PRODUCTION_WORKER) is None
         assert "slack-receiver" in down.output
     finally:
         stop_stack(root)

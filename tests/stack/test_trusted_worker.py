@@ -2,12 +2,15 @@
 
 Each attack is made the way anyone reaching the Prefect API can make it (a PATCH of a
 deployment, a deployment created through the API, a run's parameters or job variables),
-against a real server and the stack's real worker process; none of them runs code.
+against a real server and the stack's real worker processes; none of them runs code. The
+stack's two workers (dev and staging's on elice-process, production's on elice-production)
+each refuse a run into an environment their trust file does not name.
 """
 
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import time
 import uuid
@@ -23,10 +26,24 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.settings import PREFECT_API_URL
 from prefect.workers.process import ProcessWorker
 
-from core.trust import TRUST_FILE_ENV, load_trust_roots
-from reconcile.setup import PROCESS_POOL, ensure_setup
-from stack.worker import audit_log, ensure_worker, stop_worker, trust_file
+from core.trust import TRUST_FILE_ENV, load_trust_roots, write_trust_roots
+from reconcile.setup import PROCESS_POOL, PRODUCTION_POOL, ensure_setup
+from stack.supervisor import alive
+from stack.worker import (
+    DEPLOY_WORKER,
+    PRODUCTION_WORKER,
+    WorkerRole,
+    audit_log,
+    ensure_worker,
+    log_file,
+    stop_worker,
+    stop_workers,
+    trust_file,
+    worker_parts,
+    worker_pid,
+)
 from tasks.deployment_check import LOCAL_ONLY, Declared, DeploymentFacts, differences
+from tests.tasks.ci_checkout import snapshot_checkout
 
 SET_DIR = "prefect.deployments.steps.set_working_directory"
 
@@ -39,14 +56,29 @@ def api_url() -> str:
 
 
 @pytest.fixture(scope="module")
-def worker_root(api_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The stack's worker (this checkout pinned, `main` protected), for the module."""
+def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workers' checkout: this tree, committed as `main` (its prefect.yaml is declared)."""
+    return snapshot_checkout(tmp_path_factory.mktemp("checkout"))
+
+
+@pytest.fixture(scope="module")
+def worker_root(
+    api_url: str, checkout: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """The stack's worker of dev and staging (`checkout` pinned, `main` protected)."""
     root = tmp_path_factory.mktemp("trusted") / "stack"
-    ensure_worker(root, api_url)
+    ensure_worker(root, api_url, repo=checkout)
     try:
         yield root
     finally:
-        stop_worker(root)
+        stop_workers(root)
+
+
+@pytest.fixture(scope="module")
+def production_root(api_url: str, checkout: Path, worker_root: Path) -> Path:
+    """The same stack with production's worker beside it (stopped with the other)."""
+    ensure_worker(worker_root, api_url, PRODUCTION_WORKER, repo=checkout)
+    return worker_root
 
 
 def _final(run_id: uuid.UUID, timeout_s: float = 120) -> FlowRun:
@@ -60,14 +92,19 @@ def _final(run_id: uuid.UUID, timeout_s: float = 120) -> FlowRun:
             time.sleep(0.5)
 
 
-def _refused(root: Path, run: FlowRun, *needles: str) -> None:
+def _audited(root: Path, role: WorkerRole = DEPLOY_WORKER) -> list[dict[str, Any]]:
+    path = audit_log(root, role)
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _refused(root: Path, run: FlowRun, *needles: str, role: WorkerRole = DEPLOY_WORKER) -> None:
     assert run.state is not None
     assert run.state.is_failed(), (run.state.type, run.state.message)
     message = run.state.message or ""
     assert "\n" not in message
     for needle in needles:
         assert needle in message, message
-    lines = [json.loads(line) for line in audit_log(root).read_text().splitlines()]
+    lines = _audited(root, role)
     [entry] = [e for e in lines if e["flow_run"] == str(run.id)]
     assert entry["kind"] == "refused"
     assert entry["reason"] == message
@@ -87,7 +124,7 @@ def test_a_pull_step_rewritten_through_the_api_never_executes(
 ) -> None:
     marker = tmp_path / "pwned"
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("health-check/health-check")
+        deployment = client.read_deployment_by_name("promote/promote")
     script = {"prefect.deployments.steps.run_shell_script": {"script": f"touch {marker}"}}
     try:
         patched = httpx.patch(
@@ -159,7 +196,7 @@ def test_a_run_with_job_variables_of_its_own_is_refused(
     attacker = tmp_path / "trust.yaml"
     attacker.write_text("repository: /elsewhere\nenvironments: [production]\n")
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("health-check/health-check")
+        deployment = client.read_deployment_by_name("promote/promote")
     body = {"job_variables": {"env": {TRUST_FILE_ENV: str(attacker)}}}
     run = _final(_create_run(api_url, deployment.id, body))
     _refused(worker_root, run, "the run sets job variables ['env']")
@@ -228,7 +265,7 @@ def test_a_declared_run_starts_and_sees_the_workers_trust_file_whatever_its_job_
             job_variables=job_variables,
         )
     root = tmp_path / "stack"
-    ensure_worker(root, api_url, pool, repo=repo)
+    ensure_worker(root, api_url, WorkerRole("worker", pool, ("dev",)), repo=repo)
     try:
         assert load_trust_roots(trust_file(root)).repository == str(repo.resolve())
         run = _final(_create_run(api_url, deployment_id, {"parameters": {"note": "ran"}}))
@@ -240,6 +277,99 @@ def test_a_declared_run_starts_and_sees_the_workers_trust_file_whatever_its_job_
         with get_client(sync_client=True) as client:
             client.delete_deployment(deployment_id)
             client.delete_work_pool(pool)
+
+
+@pytest.mark.stack
+def test_a_production_run_on_the_dev_and_staging_pool_is_refused_and_never_runs(
+    api_url: str, production_root: Path
+) -> None:
+    """Asked through the API to promote into production on elice-process (a deployment
+    the protected branch declares, a parameter its flow takes), the dev/staging worker
+    refuses; production's worker never sees a run of another pool."""
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("promote/promote")
+    body = {"parameters": {"environment": "production", "promoted_by": "mallory"}}
+    run = _final(_create_run(api_url, deployment.id, body))
+    _refused(
+        production_root,
+        run,
+        "deployment 'promote' refused",
+        "environment 'production' is not one this worker deploys into (dev, staging)",
+    )
+    assert _audited(production_root, PRODUCTION_WORKER) == []
+    assert str(run.id) not in log_file(production_root, PRODUCTION_WORKER).read_text()
+
+
+@pytest.mark.stack
+def test_production_refuses_another_environment_and_runs_its_health_check(
+    api_url: str, production_root: Path
+) -> None:
+    with get_client(sync_client=True) as client:
+        health = client.read_deployment_by_name("health-check/health-check")
+        promote = client.read_deployment_by_name("promote/promote-production")
+    assert (health.work_pool_name, promote.work_pool_name) == (PRODUCTION_POOL, PRODUCTION_POOL)
+    staging = _final(_create_run(api_url, promote.id, {"parameters": {"environment": "staging"}}))
+    _refused(
+        production_root,
+        staging,
+        "environment 'staging' is not one this worker deploys into (production)",
+        role=PRODUCTION_WORKER,
+    )
+    # its own run: started (Pending, Running) by production's worker, with its trust file;
+    # it ends as the health of production is (this session deployed nothing there)
+    run = _final(_create_run(api_url, health.id, {}))
+    with get_client(sync_client=True) as client:
+        history = [state.type for state in client.read_flow_run_states(run.id)]
+    assert StateType.RUNNING in history, (history, run.state)
+    assert run.state is not None
+    # past its own check of the trust file, to the health of production
+    message = run.state.message or ""
+    assert run.state.is_completed() or "EnvironmentUnhealthy: production:" in message, message
+    assert run.work_pool_name == PRODUCTION_POOL
+    assert str(run.id) in log_file(production_root, PRODUCTION_WORKER).read_text()
+    assert str(run.id) not in log_file(production_root).read_text()
+    assert not [e for e in _audited(production_root) if e["flow_run"] == str(run.id)]
+
+
+@pytest.mark.stack
+def test_the_supervisor_lists_and_stops_both_workers(
+    api_url: str, checkout: Path, production_root: Path
+) -> None:
+    """Last in the module: it ends the module's workers.
+
+    Each has its own pid file, log, owner-only trust file and name; a worker whose trust
+    file pins other environments (a stack from before the split) is replaced, not reused.
+    """
+    deploy_pid = worker_pid(production_root)
+    production_pid = worker_pid(production_root, PRODUCTION_WORKER)
+    assert deploy_pid is not None
+    assert production_pid is not None
+    assert deploy_pid != production_pid
+    parts = {p.name: (p.state, p.address) for p in worker_parts(production_root)}
+    assert parts == {
+        "worker": ("running", PROCESS_POOL),
+        "worker-production": ("running", PRODUCTION_POOL),
+    }
+    for role in (DEPLOY_WORKER, PRODUCTION_WORKER):
+        path = trust_file(production_root, role)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert load_trust_roots(path).environments == role.environments
+    reused = ensure_worker(production_root, api_url, PRODUCTION_WORKER, repo=checkout)
+    assert reused == production_pid
+
+    old = load_trust_roots(trust_file(production_root))
+    widened = old.model_copy(update={"environments": ("dev", "staging", "production")})
+    write_trust_roots(trust_file(production_root), widened)
+    replaced = ensure_worker(production_root, api_url, repo=checkout)
+    assert replaced != deploy_pid
+    assert not alive(deploy_pid)
+    assert load_trust_roots(trust_file(production_root)) == old
+
+    assert stop_workers(production_root) == ["worker", "worker-production"]
+    assert {p.name: p.state for p in worker_parts(production_root)} == {}
+    assert not alive(replaced)
+    assert not alive(production_pid)
+    assert stop_workers(production_root) == []
 
 
 def _facts(**changes: Any) -> DeploymentFacts:

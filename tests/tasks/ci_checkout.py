@@ -108,6 +108,21 @@ def copy_monorepo(dest: Path, services: list[str], *, pipeline: bool = False) ->
     return dest
 
 
+def snapshot_checkout(dest: Path) -> Path:
+    """This checkout as it is now (uncommitted changes and new files included), committed
+    as `main` of a git repository at `dest`: a worker pinning that repository's `main` reads
+    the tree under test, not the branch `main` of this one."""
+    listed = git(REPO, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if source.is_file() or source.is_symlink():  # a deleted file is still listed
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name, follow_symlinks=False)
+    git(dest, "init", "-q", "-b", "main")
+    commit_all(dest, "the tree under test")
+    return dest
+
+
 @cache
 def synced_checkout() -> Path:
     """One checkout per session with SAMPLE locked and synced; tests restore what they change."""
