@@ -108,7 +108,8 @@ def main() -> None:
         with prefect_test_harness(server_startup_timeout=300):
             people = Approvers(pb._SCRATCH / "approvers", ["alice", "bob"])
             people.set_policy({GATE: {"approvers": ["bob"], "timeout_s": 600}})
-            os.environ[TRUST_FILE_ENV] = str(trust_file_for(people.bare.parent, people.bare))
+            pinned = trust_file_for(people.bare.parent, people.bare, environments=(pb.SOURCE, GATE))
+            os.environ[TRUST_FILE_ENV] = str(pinned)
             first = pb.image(stack.docker_host, registry, stack.base_image)
             releases = [first, pb.variant(client, first)]
             for env in (pb.SOURCE, GATE):

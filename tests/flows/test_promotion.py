@@ -167,7 +167,7 @@ def train(
     cfg_path = write_config(folder / "pipeline.yaml")
     people = Approvers(folder, [*APPROVERS, "mallory"])  # mallory has a key, approves nothing
     people.set_policy(GATE)
-    pin_repository(mp, folder, people.bare)
+    pin_repository(mp, folder, people.bare, environments=(DEV, STG, PROD))
     t = Train(cfg_path, people, load_config(cfg_path))
     remove_containers(docker_client, [DEV, STG, PROD])
     t.digests = {

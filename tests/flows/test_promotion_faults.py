@@ -263,7 +263,7 @@ def test_an_approval_resumes_a_promotion_across_a_server_restart(
         put_verified(cfg, PROD, service, d1, commit=reviewed)
     revision = current_ledger().current(PROD).revision
     api = postgres_prefect.api_url
-    trust = trust_file_for(tmp_path, people.bare)  # the child's trust file
+    trust = trust_file_for(tmp_path, people.bare, environments=(DEV, STG, PROD))  # the child's
     signed = json.dumps(people.request(PROD, "alice"))
     env = {
         **os.environ,

@@ -65,7 +65,7 @@ def setup(
     )
     people = Approvers(folder, ["alice"])
     people.set_policy({})  # no gate: a refusal here is the commit check's alone
-    pin_repository(mp, folder, people.bare)
+    pin_repository(mp, folder, people.bare, environments=(DEV, STG))
     cfg = load_config(cfg_path)
     remove_containers(docker_client, [DEV, STG])
     put_verified(cfg, STG, SERVICE, pushed_image)  # the tip of main: reviewed
