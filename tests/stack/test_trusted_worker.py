@@ -113,8 +113,19 @@ def _refused(root: Path, run: FlowRun, *needles: str, role: WorkerRole = DEPLOY_
     assert history == [StateType.SCHEDULED, StateType.FAILED], history
 
 
+def _api(method: str, url: str, body: dict[str, Any]) -> httpx.Response:
+    """A call anyone reaching the API can make. A 503 (the test server's SQLite busy on a
+    loaded machine: Prefect's "retry this") is made again, as Prefect's own client does."""
+    for _ in range(5):
+        answer = httpx.request(method, url, json=body, timeout=30)
+        if answer.status_code != httpx.codes.SERVICE_UNAVAILABLE:
+            break
+        time.sleep(1)
+    return answer
+
+
 def _create_run(api_url: str, deployment_id: uuid.UUID, body: dict[str, Any]) -> uuid.UUID:
-    answer = httpx.post(f"{api_url}/deployments/{deployment_id}/create_flow_run", json=body)
+    answer = _api("POST", f"{api_url}/deployments/{deployment_id}/create_flow_run", body)
     answer.raise_for_status()
     return uuid.UUID(answer.json()["id"])
 
@@ -127,9 +138,10 @@ def test_a_pull_step_rewritten_through_the_api_never_executes(
         deployment = client.read_deployment_by_name("promote/promote")
     script = {"prefect.deployments.steps.run_shell_script": {"script": f"touch {marker}"}}
     try:
-        patched = httpx.patch(
+        patched = _api(
+            "PATCH",
             f"{api_url}/deployments/{deployment.id}",
-            json={"pull_steps": [script, *(deployment.pull_steps or [])]},
+            {"pull_steps": [script, *(deployment.pull_steps or [])]},
         )
         assert patched.status_code == 204, patched.text
         run = _final(_create_run(api_url, deployment.id, {}))
