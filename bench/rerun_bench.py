@@ -11,8 +11,10 @@ under <state dir>/git/workspaces and removes it afterwards. The first run starts
 stage cache, no service environment and no tool cache of the pipeline (uv's download
 cache stays warm: these machines cannot fetch every wheel again); then RERUNS reruns of
 the same commit (default 3). Prints each run, which stages ran and which were found in the
-cache, how many `uv sync` ran, the median rerun and its ratio to the first run (issue 20,
-item 3: at most 0.05). Compare within one run only.
+cache, the median rerun and its ratio to the first run (issue 20, item 3: at most 0.05).
+Then one service changes (a comment line in its first service's main module) and the
+run of that commit shows what the changed service's stages cost, its new environment
+(sync) among them. Compare within one run only.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from prefect.client.schemas.objects import State  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+from bench.change_bench import change  # noqa: E402
 from bench.ci_bench import _SCRATCH as CI_BENCH_SCRATCH  # noqa: E402
 from bench.ci_bench import GIT_ENV, checkout  # noqa: E402
 from bench.timeline import cpu_watch, flow_spans, report  # noqa: E402
@@ -56,9 +59,11 @@ def results(state: State[Any]) -> list[StageResult]:
     return list(getattr(state.result(raise_on_failure=False), "results", None) or [])
 
 
-def run_once(label: str, head: str, names: list[str], *, phases: bool = False) -> float:
-    """One `cicd ci --all --no-deliver` of `head`; prints and returns its wall time (with
-    `phases`, also where it went: task runs by phase, CPU by process)."""
+def run_once(
+    label: str, head: str, names: list[str], *, phases: bool = False
+) -> tuple[float, list[StageResult]]:
+    """One `cicd ci --all --no-deliver` of `head`; prints and returns its wall time and
+    results (with `phases`, also where it went: task runs by phase, CPU by process)."""
     parameters = {
         "services": None,
         "all_services": True,
@@ -90,7 +95,7 @@ def run_once(label: str, head: str, names: list[str], *, phases: bool = False) -
     )
     if phases:
         report(label, flow_spans(state.state_details.flow_run_id, begun), seconds)
-    return seconds
+    return seconds, found
 
 
 def main() -> None:
@@ -108,10 +113,25 @@ def main() -> None:
     ).stdout.strip()
     print(f"`cicd ci --all --no-deliver` of {len(names)} services at {head[:12]}, twice and more")
     with prefect_test_harness(server_startup_timeout=300):
-        first = run_once("first", head, names, phases=True)
-        again = [run_once(f"rerun {n + 1}", head, names, phases=n == 0) for n in range(reruns)]
+        first, _ = run_once("first", head, names, phases=True)
+        again = [run_once(f"rerun {n + 1}", head, names, phases=n == 0)[0] for n in range(reruns)]
+        # one service changed (a comment line): what its new environment costs in its run
+        change(repo, names[0], 1)
+        changed_head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=GIT_ENV,
+        ).stdout.strip()
+        changed, found = run_once("changed", changed_head, names)
     median = statistics.median(again)
     print(f"first run {first:.1f}s; rerun median {median:.1f}s; ratio {median / first:.3f}")
+    own = {r.stage: r.seconds for r in found if r.service == names[0]}
+    print(
+        f"one service changed ({names[0]}): run {changed:.1f}s; its stages "
+        + ", ".join(f"{stage} {sec:.1f}s" for stage, sec in own.items())
+    )
     left = sorted(p.name for p in (_SCRATCH / "state" / "git" / "workspaces").glob("*"))
     print(f"worktrees left behind: {len(left)}")
     for scratch in (_SCRATCH, CI_BENCH_SCRATCH):
