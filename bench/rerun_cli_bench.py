@@ -41,10 +41,14 @@ os.environ["PREFECT_HOME"] = str(_SCRATCH / "prefect-home")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 import docker  # noqa: E402
+from prefect import get_client  # noqa: E402
+from prefect.client.schemas.sorting import FlowRunSort  # noqa: E402
+from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 
 from bench.ci_bench import _SCRATCH as CI_BENCH_SCRATCH  # noqa: E402
 from bench.ci_bench import GIT_ENV, checkout  # noqa: E402
 from bench.cold_bench import ENV, make_cold, write_config  # noqa: E402
+from bench.timeline import flow_spans, report  # noqa: E402
 from blocks.config import load_config  # noqa: E402
 from blocks.registry import OciRegistry  # noqa: E402
 from stack.control import ensure_stack  # noqa: E402
@@ -86,10 +90,30 @@ def commit_notes(repo: Path, names: list[str]) -> None:
         subprocess.run(["git", "-C", str(repo), *args], check=True, env=GIT_ENV)
 
 
+def flow_report(label: str, api: str, begun: float, wall: float) -> None:
+    """Where the run's time went: its flow run against the wall time (the rest is the
+    command's start-up, the stack's check and the progress display), and its task runs
+    by phase (`bench/timeline.py`)."""
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+        if not runs or runs[0].start_time is None or runs[0].end_time is None:
+            print(f"  {label}: no finished flow run found")
+            return
+        run = runs[0]
+        inside = (run.end_time - run.start_time).total_seconds()
+        print(
+            f"  {label}: flow run {inside:.1f}s, starting {run.start_time.timestamp() - begun:.1f}s"
+            f" after the command; the command ended {begun + wall - run.end_time.timestamp():.1f}s"
+            " after the flow run"
+        )
+        report(label, flow_spans(run.id, begun), wall)
+
+
 def run_cli(label: str, config: str, env: dict[str, str]) -> float:
-    """`uv run cicd ci --all` once; prints its wall time and its last lines."""
+    """`uv run cicd ci --all` once; prints its wall time, its last lines and its phases."""
     log = _SCRATCH / f"{label.replace(' ', '-')}.log"
     command = ["uv", "run", "cicd", "ci", "--all", "--config", config, "--environment", ENV]
+    begun = time.time()
     started = time.perf_counter()
     with log.open("wb") as out:
         done = subprocess.run(
@@ -103,6 +127,7 @@ def run_cli(label: str, config: str, env: dict[str, str]) -> float:
     if done.returncode != 0:
         msg = f"{label} failed: {log}"
         raise SystemExit(msg)
+    flow_report(label, env["PREFECT_API_URL"], begun, seconds)
     return seconds
 
 
