@@ -75,6 +75,8 @@ PAGE = 200
 """The server's largest page (PREFECT_SERVER_API_DEFAULT_LIMIT)."""
 
 FINAL = frozenset({"passed", "cached", "failed", "cancelled", "skipped"})
+ENDED = frozenset({StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED})
+"""A task run's state types once it has ended."""
 STYLES = {
     "passed": "green",
     "cached": "cyan",
@@ -640,7 +642,10 @@ class RunProgress:
 
     def finish(self, results: Sequence[StageResultLike] = ()) -> None:
         """Poll until the API caught up with the run's end, lay `results` (exact) over the
-        polled cells, and print what is left: final lines (plain) and the failures."""
+        polled cells, and print what is left: final lines (plain) and the failures.
+
+        With `results` (every stage, exactly), only the run's own steps still come from the
+        API: the polls end as soon as every task run has ended there."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -654,7 +659,8 @@ class RunProgress:
                 now = [(r.id, r.state_type) for r in self._seen.runs]
                 running = any(r.state_type == StateType.RUNNING for r in self._seen.runs)
                 unchanged = unchanged + 1 if now == before and not running else 0
-                if unchanged >= STEADY_POLLS:
+                ended = bool(now) and all(kind in ENDED for _, kind in now)
+                if unchanged >= STEADY_POLLS or (results and ended):
                     break
                 before = now
                 time.sleep(self.poll_s)

@@ -4,6 +4,8 @@ Per service: lock -> sync -> (ruff, mypy, bandit in parallel) -> pytest -> deliv
 (when asked). Every service runs as its own branch of task runs: a failing service
 fails only its own branch, the others carry on. The work is submitted stage by stage
 across all services, so the bounded thread pool picks it up in pipeline order.
+A rerun of unchanged content locks and syncs nothing: its lock files are recorded
+current and every check is cached by the fingerprint, so no environment is needed.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from tasks.releases import record_release
 from tasks.reports import failed_services, publish_ci_artifacts, stage_outcome
 from tasks.security import generate_sbom, scan_dependencies
 from tasks.source import (
+    StageCall,
     detect_changes,
     fingerprint_service,
     get_tool_versions,
@@ -261,44 +264,59 @@ def bounded_runner(max_workers: int | None = None) -> TaskRunner[PrefectFuture[A
     return cast("TaskRunner[PrefectFuture[Any]]", runner)  # TaskRunner is invariant in F
 
 
+def _check_calls(
+    root: str, specs: list[ServiceSpec], *, no_cache: bool
+) -> dict[str, tuple[list[StageCall], StageCall]]:
+    """Each service's checks and its pytest, as they are submitted (their fingerprint to come)."""
+    refresh: bool | type[NotSet] = True if no_cache else NotSet
+    checks = [(stage, check.with_options(refresh_cache=refresh)) for stage, check in CHECKS]
+    pytest_task = run_pytest.with_options(refresh_cache=refresh)
+    return {
+        s.name: (
+            [StageCall.of(stage, check, s, root) for stage, check in checks],
+            StageCall.of("pytest", pytest_task, s, root, s.coverage_threshold),
+        )
+        for s in specs
+    }
+
+
 def _submit_checks(
     cfg: PipelineConfig, root: str, specs: list[ServiceSpec], *, no_cache: bool
 ) -> tuple[StageFutures, dict[str, PrefectFuture[str]]]:
     """Lock, sync, the checks and pytest of every service, submitted stage by stage across
-    the services; the stages' futures and each service's fingerprint."""
-    refresh: bool | type[NotSet] = True if no_cache else NotSet
-    checks = [(stage, check.with_options(refresh_cache=refresh)) for stage, check in CHECKS]
-    pytest_task = run_pytest.with_options(refresh_cache=refresh)
+    the services; the stages' futures and each service's fingerprint.
+
+    The sync stage waits for the fingerprint: a service whose every check is cached at it
+    gets no environment (`sync_service`), and a lock that changed nothing at the same
+    content before is not run again (`lock_service`; `no_cache` runs both)."""
     versions = get_tool_versions()
     stages: StageFutures = {}
-    locks = {s.name: lock_service.submit(s, root, lib_dependencies(cfg.catalog, s)) for s in specs}
+    locks = {
+        s.name: lock_service.submit(
+            s, root, lib_dependencies(cfg.catalog, s), cfg.catalog, versions, reuse=not no_cache
+        )
+        for s in specs
+    }
     prints = {
         s.name: fingerprint_service.submit(
             root, s, cfg.catalog, versions, wait_for=[locks[s.name]], return_state=False
         )
         for s in specs
     }
-    syncs = {
-        s.name: sync_service.submit(s, root, wait_for=[locks[s.name]], return_state=False)
-        for s in specs
-    }
+    calls = _check_calls(root, specs, no_cache=no_cache)
     for s in specs:
+        checks, pytest_call = calls[s.name]
         stages[s.name, "lock"] = locks[s.name]
-        stages[s.name, "sync"] = syncs[s.name]
-    for s in specs:
-        for stage, check in checks:
-            stages[s.name, stage] = check.submit(
-                s, root, fingerprint=prints[s.name], wait_for=[syncs[s.name]], return_state=False
-            )
-    for s in specs:
-        stages[s.name, "pytest"] = pytest_task.submit(
-            s,
-            root,
-            s.coverage_threshold,
-            fingerprint=prints[s.name],
-            wait_for=[stages[s.name, stage] for stage, _ in checks],
-            return_state=False,
+        stages[s.name, "sync"] = sync_service.submit(
+            s, root, prints[s.name], [*checks, pytest_call], return_state=False
         )
+    for s in specs:
+        for call in calls[s.name][0]:
+            stages[s.name, call.stage] = call.submit(prints[s.name], [stages[s.name, "sync"]])
+    for s in specs:
+        checks, call = calls[s.name]
+        waits = [stages[s.name, c.stage] for c in checks]
+        stages[s.name, "pytest"] = call.submit(prints[s.name], waits)
     return stages, prints
 
 

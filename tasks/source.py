@@ -11,13 +11,19 @@ from __future__ import annotations
 import hashlib
 import inspect
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from prefect import task
+from prefect import Task, task
+from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
+from prefect.futures import PrefectFuture
+from prefect.results import ResultStore, get_result_store
+from prefect.settings import PREFECT_TASKS_REFRESH_CACHE
+from prefect.utilities.callables import get_call_parameters
 
 from blocks.catalog import ServiceCatalog, ServiceSpec
 from blocks.config import state_dir
@@ -56,22 +62,68 @@ def _module_source(module: str) -> str:
     return inspect.getsource(sys.modules[module])
 
 
+def stage_key(stage: Task[..., Any], parameters: Mapping[str, Any]) -> str | None:
+    """The cache key of `stage` called with `parameters` (see `stage_cache_key`)."""
+    fingerprint = parameters.get("fingerprint")
+    if not fingerprint:
+        return None
+    extra = {k: str(v) for k, v in sorted(parameters.items()) if k not in {"repo", "fingerprint"}}
+    digest = hashlib.sha256()
+    for part in (stage.name, fingerprint, _module_source(stage.fn.__module__), repr(extra)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return f"ci-{stage.name}-{digest.hexdigest()[:32]}"
+
+
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     """Cache a stage by (its task, the service fingerprint, its module's source, other inputs).
 
     The checkout path is left out, so another checkout of the same content hits the
     cache. Without a fingerprint nothing is cached.
     """
-    fingerprint = parameters.get("fingerprint")
-    if not fingerprint:
-        return None
-    fn = context.task.fn
-    extra = {k: str(v) for k, v in sorted(parameters.items()) if k not in {"repo", "fingerprint"}}
-    digest = hashlib.sha256()
-    for part in (context.task.name, fingerprint, _module_source(fn.__module__), repr(extra)):
-        digest.update(part.encode())
-        digest.update(b"\0")
-    return f"ci-{context.task.name}-{digest.hexdigest()[:32]}"
+    return stage_key(context.task, parameters)
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """A cached stage as the flow submits it, before its fingerprint is known.
+
+    The flow submits the stage from it, and the sync stage asks it whether the stage will
+    run at all (`cached`): a service whose every check is cached needs no environment.
+    """
+
+    stage: str
+    task: Task[..., Any]
+    parameters: dict[str, Any]
+
+    @classmethod
+    def of(cls, stage: str, task: Task[..., Any], *args: Any, **kwargs: Any) -> StageCall:
+        """The call `task(*args, **kwargs)`, bound as Prefect binds it (defaults filled in)."""
+        return cls(stage, task, get_call_parameters(task.fn, args, kwargs))
+
+    def submit(self, fingerprint: Any, wait_for: list[PrefectFuture[Any]]) -> PrefectFuture[Any]:
+        """Submit the call with its `fingerprint` (a value or the future of one)."""
+        parameters = {**self.parameters, "fingerprint": fingerprint}
+        return self.task.submit(**parameters, wait_for=wait_for, return_state=False)
+
+    def cached(self, fingerprint: str) -> bool:
+        """True when this call at `fingerprint` takes its result from the cache: exactly the
+        record Prefect's engine would look up (the key, the task's result store), and never
+        when the cache is off or refreshed."""
+        refresh = self.task.refresh_cache
+        if refresh is None:
+            refresh = PREFECT_TASKS_REFRESH_CACHE.value()
+        policy = self.task.cache_policy
+        if refresh or not isinstance(policy, CacheKeyFnPolicy) or policy.cache_key_fn is None:
+            return False
+        if policy.cache_key_fn is not stage_cache_key:
+            return False
+        key = stage_key(self.task, {**self.parameters, "fingerprint": fingerprint})
+        if key is None:
+            return False
+        # the engine's own call (async_dispatch: `_sync` makes it synchronous in any context)
+        update = cast("Callable[..., ResultStore]", get_result_store().update_for_task)
+        return update(self.task, _sync=True).exists(key)
 
 
 def service_dir(repo: str | Path, service: ServiceSpec) -> Path:

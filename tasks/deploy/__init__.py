@@ -18,11 +18,14 @@ from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
 from core.errors import PipelineError, PromotionError, PromotionRefused
 from core.records import DeployedService, DeployOutcome, ImageRef, PublishedImage, short_digest
-from tasks.deploy.target import DeployTarget
+from tasks.deploy.target import Deployer, DeployTarget
 from tasks.health import probe_health
 from tasks.locks import deploy_lock, mark_crashed
 from tasks.process import run_logger
 from tasks.releases import EnvironmentState, end_deploys, read_ledger
+
+LOOK_S = 2.0
+"""How long the look before the lock waits for a healthy answer (a failing look deploys)."""
 
 
 @task(task_run_name="deploy_service-{service.name}-{env.name}")
@@ -36,27 +39,37 @@ def deploy_service(
 ) -> DeployOutcome:
     """CI's deploy: the image, unless exactly that digest already serves there healthily.
 
-    Holds `deploy-<env>` while it looks and deploys: deploys into one environment are
-    serialised across runs (and wait for a promotion or rollback of it).
+    A deploy holds `deploy-<env>` while it looks again and deploys: deploys into one
+    environment are serialised across runs (and wait for a promotion or rollback of it).
+    The first look takes no lock: it only reads, and a rerun whose every digest already
+    serves then deploys nothing without queueing for the lock service by service.
     """
+    deployer = deploy_target.deployer()
+    live = _already_serving(deployer, env, service, published.image, deadline_s=LOOK_S)
+    if live is not None:
+        return DeployOutcome(deployed=live, changed=False)
     with deploy_lock(env.name):
-        return _deploy_unless_serving(deploy_target, env, service, published.image, deadline_s)
+        return _deploy_unless_serving(deployer, env, service, published.image, deadline_s)
 
 
-def _deploy_unless_serving(
-    deploy_target: DeployTarget,
+def _already_serving(
+    deployer: Deployer,
     env: EnvironmentSpec,
     service: ServiceSpec,
     image: ImageRef,
+    *,
     deadline_s: float,
-) -> DeployOutcome:
-    deployer = deploy_target.deployer()
+    warn: bool = False,
+) -> DeployedService | None:
+    """What serves `service` in `env` when it is exactly `image`, answering healthily."""
     live = deployer.live(env, service)
-    if live is not None and live.image.digest == image.digest:
-        probe = probe_health(live.address, service, deadline_s=5, expect_digest=image.digest)
-        if probe.ok:
-            run_logger().info("%s %s already serves in %s", service.name, image.short, env.name)
-            return DeployOutcome(deployed=live, changed=False)
+    if live is None or live.image.digest != image.digest:
+        return None
+    probe = probe_health(live.address, service, deadline_s=deadline_s, expect_digest=image.digest)
+    if probe.ok:
+        run_logger().info("%s %s already serves in %s", service.name, image.short, env.name)
+        return live
+    if warn:
         run_logger().warning(
             "%s %s should serve in %s but does not answer (%s): deploying it again",
             service.name,
@@ -64,6 +77,19 @@ def _deploy_unless_serving(
             env.name,
             "; ".join(probe.failures),
         )
+    return None
+
+
+def _deploy_unless_serving(
+    deployer: Deployer,
+    env: EnvironmentSpec,
+    service: ServiceSpec,
+    image: ImageRef,
+    deadline_s: float,
+) -> DeployOutcome:
+    live = _already_serving(deployer, env, service, image, deadline_s=5, warn=True)
+    if live is not None:
+        return DeployOutcome(deployed=live, changed=False)
     deployed = deployer.deploy(env, service, image, deadline_s=deadline_s)
     run_logger().info(
         "%s %s deployed to %s at %s", service.name, image.short, env.name, deployed.address

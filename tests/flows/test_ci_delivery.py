@@ -8,6 +8,7 @@ place; its commit is pushed to the bare remote the repository block pins, so it 
 from __future__ import annotations
 
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from prefect.client.schemas.objects import State
 
 from core.records import CiOutcome
 from flows.ci import ci, ci_outcome
+from tasks.locks import deploy_lock
 from tasks.registry import verify_release_image
 from tests.ledgers import current_ledger
 from tests.tasks.ci_checkout import copy_monorepo, pinned
@@ -27,6 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 SERVICES = ["auth", "course", "media"]
 ENV = "ci-dev"
 OFFSET = 35000
+HOLD_S = 300
+"""How long the unchanged run's test holds deploy-ci-dev at most (the run takes seconds)."""
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +110,23 @@ def test_an_unchanged_service_is_neither_rebuilt_nor_redeployed(first, delivery,
         c.name: c.id for c in docker_client.containers.list(filters={"name": f"elice-{ENV}-"})
     }
     assert len(before) == len(SERVICES)
-    again = _run(delivery)
+    # another holds deploy-<env> all the while: a run with nothing to deploy does not wait
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with deploy_lock(ENV):
+            held.set()
+            release.wait(HOLD_S)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(60), "the test could not take deploy-ci-dev"
+    try:
+        again = _run(delivery)
+        assert holder.is_alive(), "the rerun waited until the other holder let go"
+    finally:
+        release.set()
+        holder.join(60)
     assert again.is_completed(), again.message
     outcome = _outcome(again)
     for name in SERVICES:
