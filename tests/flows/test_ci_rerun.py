@@ -18,11 +18,11 @@ import pytest
 
 import tasks.python_build
 from blocks.config import state_dir
-from blocks.repository import REPOSITORY_BLOCK, GitRepository
-from core.records import StageResult
-from flows.ci import CiOutcome, ci
+from core.records import CiOutcome, StageResult
+from flows.ci import ci, ci_outcome
 from tasks.process import which
 from tests.tasks.ci_checkout import SAMPLE, commit_all, copy_monorepo
+from tests.trust import pin_repository
 
 pytestmark = pytest.mark.slow  # real CI runs of a service: out of the fast tier
 
@@ -36,9 +36,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     work = copy_monorepo(tmp_path_factory.mktemp("ci-rerun") / "repo", [SAMPLE])
     (work / "services" / SAMPLE / "NOTES.md").write_text(f"rerun test {uuid.uuid4()}\n")
     commit_all(work, "a content of its own")
-    GitRepository(url=str(work)).save(REPOSITORY_BLOCK, overwrite=True)
-    yield work
-    GitRepository.delete(REPOSITORY_BLOCK)
+    with pytest.MonkeyPatch.context() as mp:
+        pin_repository(mp, work.parent, work)  # this host's repository
+        yield work
 
 
 def run_ci(head: str, monkeypatch: pytest.MonkeyPatch) -> tuple[CiOutcome, list[str]]:
@@ -54,8 +54,8 @@ def run_ci(head: str, monkeypatch: pytest.MonkeyPatch) -> tuple[CiOutcome, list[
     with monkeypatch.context() as patch:
         patch.setattr(tasks.python_build, "run_tool", recorded)
         state = ci(services=[SAMPLE], head=head, deliver=False, return_state=True)
-    outcome = state.result(raise_on_failure=False)
-    assert isinstance(outcome, CiOutcome), outcome
+    outcome = ci_outcome(state)
+    assert outcome is not None, state.message
     assert state.is_completed(), state.message
     return outcome, ran
 
