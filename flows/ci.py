@@ -36,6 +36,7 @@ from core.records import CiOutcome, StageResult, Workspace
 from core.settings import Settings
 from tasks.deploy import deploy_service
 from tasks.deploy.target import DeployTarget, environment_target
+from tasks.deployment_check import refuse_local_only
 from tasks.dispatch import SERVICE_DEPLOYMENT, collect_service_runs, start_service_runs
 from tasks.forking import stop_fork_servers
 from tasks.health import verify_deployment
@@ -454,6 +455,7 @@ def ci_service(
     `ci-service` deployment, so the work spreads over every worker of the pool.
     """
     user = Settings.from_environ()
+    refuse_local_only(user, {"config_source": config_source})  # rewritten since the check?
     source = pinned_repository(user)
     cfg = pipeline_config(user, config_source)
     env = cfg.environment(environment)
@@ -531,6 +533,7 @@ def ci(
         with `ci_outcome(state)`.
     """
     user = Settings.from_environ()
+    refuse_local_only(user, {"repo": repo, "config_source": config_source})
     source = _configured_repository(user, repository)
     cfg = pipeline_config(user, config_source)
     env = cfg.environment(environment)

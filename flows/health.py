@@ -20,7 +20,7 @@ from core.records import HealthReport, HealthResult
 from core.settings import Settings
 from tasks.context import resolve_run
 from tasks.deploy.target import Deployer
-from tasks.deployment_check import require_trusted_environment
+from tasks.deployment_check import refuse_local_only, require_trusted_environment
 from tasks.health import NOT_DEPLOYED, probe_service_health, publish_health_report
 from tasks.notify import Notice, flow_run_url, notify, paged_environment
 from tasks.releases import EnvironmentState, read_ledger
@@ -87,6 +87,7 @@ def health_check(
     """
     settings = Settings.from_environ()
     require_trusted_environment(settings, environment)  # the worker's trust file, if any
+    refuse_local_only(settings, {"config_source": config_source})
     cfg = pipeline_config(settings, config_source)
     env = cfg.environments.resolve(environment)
     specs = cfg.catalog.select(services) if services else cfg.catalog.services

@@ -51,7 +51,7 @@ from tasks.deploy import (
 )
 from tasks.deploy.target import DeployTarget, environment_target
 from tasks.deploy.waves import deploy_in_waves, return_to_previous, undo_release, verify_release
-from tasks.deployment_check import require_trusted_environment
+from tasks.deployment_check import refuse_local_only, require_trusted_environment
 from tasks.gate import audit, await_approvals, check_unchanged, gate_and_promoter
 from tasks.health import smoke_test_release
 from tasks.images import (
@@ -478,7 +478,9 @@ def promote(
             required where the environment waits for an approval.
         request_signature: its SSH signature.
     """
-    require_trusted_environment(Settings.from_environ(), environment)  # a worker's, if any
+    settings = Settings.from_environ()
+    require_trusted_environment(settings, environment)  # a worker's, if any
+    refuse_local_only(settings, {"config_source": config_source, "drill_env": drill_env})
     who = (promoted_by, request, request_signature)
     scan = (allow_unknown_scan, override_reason)
     run = _start(environment, config_source, target, drill_env, services, who, scan)
@@ -513,8 +515,10 @@ def rollback(
 
     Returns service -> digest serving now. Waits for a running promotion to finish.
     """
-    require_trusted_environment(Settings.from_environ(), environment)  # a worker's, if any
-    context = _context(Settings.from_environ(), config_source, environment, target)
+    settings = Settings.from_environ()
+    require_trusted_environment(settings, environment)  # a worker's, if any
+    refuse_local_only(settings, {"config_source": config_source})
+    context = _context(settings, config_source, environment, target)
     config, env, deploy_target, ledger = (
         context.config,
         context.env,

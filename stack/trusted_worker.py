@@ -29,10 +29,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
+from uuid import UUID
 
 import anyio
 import anyio.to_thread
@@ -59,9 +61,11 @@ from tasks.deploy.target import (
 )
 from tasks.deployment_check import (
     DeploymentFacts,
+    Launch,
     declared_deployment,
     differences,
     environment_difference,
+    launch_of,
 )
 
 if TYPE_CHECKING:
@@ -73,8 +77,9 @@ AUDIT = logging.getLogger("elice.worker.audit")
 
 def refusal_reason(
     roots: TrustRoots, flow_run: FlowRun, deployment: DeploymentResponse | None, pool: str
-) -> str | None:
-    """Why `flow_run` may not start on a worker of `pool` trusting `roots`; None: it may.
+) -> str | Launch:
+    """Why `flow_run` may not start on a worker of `pool` trusting `roots`; else how to
+    start it (`Launch`: the declared working directory and entrypoint, never re-read).
 
     Reads the protected branch (a fresh fetch): blocking.
     """
@@ -98,8 +103,11 @@ def refusal_reason(
     foreign = environment_difference(declared, parameters, roots)
     if foreign is not None:
         found.append(foreign)
-    if not found:
-        return None
+    launch = launch_of(declared, os.environ)
+    if launch is None and not found:
+        found.append("its pull steps are not one working directory the worker can set itself")
+    if not found and launch is not None:
+        return launch
     return f"deployment {deployment.name!r} refused: " + "; ".join(found)
 
 
@@ -123,6 +131,7 @@ class TrustedProcessWorker(ProcessWorker):
             msg = f"trust file {self.trust_file}: a worker's must name its configuration (config)"
             raise ConfigError(msg)
         self.audit_log = audit_log
+        self._launches: dict[UUID, Launch] = {}
         super().__init__(*args, **kwargs)
 
     async def _submit_run(self, flow_run: FlowRun) -> None:
@@ -136,7 +145,8 @@ class TrustedProcessWorker(ProcessWorker):
         reason = await anyio.to_thread.run_sync(
             refusal_reason, self.trust_roots, flow_run, deployment, self._work_pool_name
         )
-        if reason is None:
+        if isinstance(reason, Launch):
+            self._launches[flow_run.id] = reason
             return await super()._submit_run(flow_run)
         try:
             await self._refuse(flow_run, reason)
@@ -173,8 +183,20 @@ class TrustedProcessWorker(ProcessWorker):
         configuration: ProcessJobConfiguration,
         task_status: anyio.abc.TaskStatus[int] | None = None,
     ) -> ProcessWorkerResult:
-        # After the job variables were applied: the worker's trust file, whatever they said.
-        configuration.env = {**configuration.env, TRUST_FILE_ENV: str(self.trust_file)}
+        launch = self._launches.pop(flow_run.id, None)
+        if launch is None:  # not through _submit_run's check: never started
+            msg = f"flow run {flow_run.id} was not checked against the protected branch"
+            raise ConfigError(msg)
+        # After the job variables were applied: the worker's trust file, whatever they said;
+        # and the run starts in the declared directory with the declared entrypoint, so it
+        # reads neither pull steps nor entrypoint from the API (which may have changed them
+        # since the check).
+        configuration.env = {
+            **configuration.env,
+            TRUST_FILE_ENV: str(self.trust_file),
+            "PREFECT__FLOW_ENTRYPOINT": launch.entrypoint,
+        }
+        configuration.working_dir = launch.directory
         return await super().run(flow_run, configuration, task_status)
 
 

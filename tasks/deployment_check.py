@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -153,6 +155,57 @@ def environment_difference(
     if not isinstance(environment, str):
         return f"environment {_short(environment)} is not an environment's name"
     return None if may_deploy_into(roots, environment) else _not_trusted(roots, environment)
+
+
+SET_WORKING_DIRECTORY = "prefect.deployments.steps.set_working_directory"
+_ENV_TEMPLATE = re.compile(r"^\{\{\s*\$([A-Za-z_][A-Za-z0-9_]*)\s*\}\}$")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How a worker starts a run it verified, so the run reads nothing the API could have
+    rewritten since: its working directory, and its entrypoint as an absolute path."""
+
+    directory: Path
+    entrypoint: str
+
+
+def launch_of(declared: Declared, environ: Mapping[str, str]) -> Launch | None:
+    """The launch of a run of `declared`, its pull steps done by the worker itself; None
+    when they are anything but one working directory (a literal or `{{ $VAR }}` of
+    `environ`) that exists."""
+    steps = declared.facts.pull_steps
+    if len(steps) != 1 or set(steps[0]) != {SET_WORKING_DIRECTORY}:
+        return None
+    directory = str((steps[0][SET_WORKING_DIRECTORY] or {}).get("directory", ""))
+    variable = _ENV_TEMPLATE.match(directory)
+    if variable is not None:
+        directory = environ.get(variable.group(1), "")
+    if not directory or "{{" in directory or not Path(directory).is_dir():
+        return None
+    path, _, function = declared.facts.entrypoint.partition(":")
+    where = Path(directory).resolve()
+    return Launch(directory=where, entrypoint=f"{where / path}:{function}")
+
+
+def refuse_local_only(settings: Settings, parameters: Mapping[str, Any]) -> None:
+    """Refuse, at a flow's start on a worker, parameters that serve local development.
+
+    The worker refused them before it started the run; a run's parameters can still be
+    rewritten through the API between that check and the run's start, so the flow looks
+    again. No-op on a person's machine: no trust file, or one that leaves the configuration
+    to the host (`config: null`, which a worker refuses to start with).
+
+    Raises:
+        ConfigError: a worker's trust file is set and one of `LOCAL_ONLY` is given.
+    """
+    given = sorted(k for k in LOCAL_ONLY if parameters.get(k) is not None)
+    if not given:
+        return
+    roots = settings.trust_roots()
+    if roots is not None and roots.config is not None:
+        msg = f"parameters {given} serve local development only; a worker's run takes none"
+        raise ConfigError(msg)
 
 
 def require_trusted_environment(settings: Settings, environment: str) -> None:

@@ -7,11 +7,18 @@ at their start.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import subprocess
+import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
 
 from core.errors import ConfigError
 from core.settings import Settings
@@ -19,10 +26,14 @@ from core.trust import TRUST_FILE_ENV, TrustRoots, write_trust_roots
 from flows.health import health_check
 from flows.promotion import promote, rollback
 from tasks.deployment_check import (
+    SET_WORKING_DIRECTORY,
     Declared,
     DeploymentFacts,
+    Launch,
     environment_difference,
     flow_signature,
+    launch_of,
+    refuse_local_only,
     require_trusted_environment,
 )
 
@@ -137,3 +148,83 @@ def test_the_flows_refuse_an_environment_their_worker_may_not_deploy_into_first(
     with pytest.raises(ConfigError, match=r"environment '(production|prod)' is not one") as info:
         start()
     assert str(trust) in str(info.value)
+
+
+def test_a_worker_runs_the_declared_working_directory_and_entrypoint_itself(
+    tmp_path: Path,
+) -> None:
+    pull = [{SET_WORKING_DIRECTORY: {"directory": "{{ $ELICE_REPO }}"}}]
+    declared = _declared("deploy")
+    declared = Declared(
+        dataclasses.replace(declared.facts, pull_steps=pull, entrypoint="flows/x.py:deploy"),
+        declared.allowed_parameters,
+        declared.defaults,
+    )
+    launch = launch_of(declared, {"ELICE_REPO": str(tmp_path)})
+    assert launch == Launch(tmp_path.resolve(), f"{tmp_path.resolve()}/flows/x.py:deploy")
+    assert launch_of(declared, {}) is None  # the variable unset: nothing to set
+    assert launch_of(declared, {"ELICE_REPO": str(tmp_path / "gone")}) is None
+    script = [{"prefect.deployments.steps.run_shell_script": {"script": "touch /tmp/x"}}]
+    other = Declared(dataclasses.replace(declared.facts, pull_steps=[*pull, *script]))
+    assert launch_of(other, {"ELICE_REPO": str(tmp_path)}) is None
+
+
+def test_a_workers_run_refuses_local_only_parameters_again_at_its_start(tmp_path: Path) -> None:
+    """The run's parameters can be rewritten through the API after the worker's check."""
+    worker = write_trust_roots(
+        tmp_path / "worker.yaml", DEV_STAGING.model_copy(update={"config": "config/p.yaml"})
+    )
+    person = write_trust_roots(
+        tmp_path / "person.yaml", DEV_STAGING.model_copy(update={"config": None})
+    )
+    refuse_local_only(Settings(trust_file=worker), {"repo": None, "config_source": None})
+    with pytest.raises(ConfigError, match=r"parameters \['config_source', 'repo'\] serve local"):
+        refuse_local_only(Settings(trust_file=worker), {"repo": "/x", "config_source": "/c.yaml"})
+    refuse_local_only(Settings(trust_file=person), {"repo": "/x"})  # a person's machine
+    refuse_local_only(Settings(), {"repo": "/x"})
+
+
+def test_a_run_launched_as_the_worker_launches_it_never_runs_the_apis_pull_steps(
+    tmp_path: Path,
+) -> None:
+    """The attack in the window between the worker's check and the run's start: the
+    deployment's pull step rewritten to a script. Started the way the worker starts a run
+    it verified (the declared directory as its working directory, the declared entrypoint
+    in PREFECT__FLOW_ENTRYPOINT), Prefect's engine runs the declared flow and never reads
+    the pull steps: the script does not run."""
+    code = tmp_path / "code"
+    code.mkdir()
+    ran, marker = tmp_path / "ran", tmp_path / "pwned"
+    (code / "probe.py").write_text(
+        "from pathlib import Path\nfrom prefect import flow\n\n\n@flow\n"
+        f"def probe() -> None:\n    Path({str(ran)!r}).write_text('declared')\n"
+    )
+    evil = [{"prefect.deployments.steps.run_shell_script": {"script": f"touch {marker}"}}]
+    with get_client(sync_client=True) as client:
+        deployment_id = client.create_deployment(
+            flow_id=client.create_flow_from_name("probe"),
+            name=f"probe-{uuid.uuid4().hex[:6]}",
+            entrypoint="probe.py:probe",
+            pull_steps=evil,  # as the API holds it after the rewrite
+        )
+        run = client.create_flow_run_from_deployment(deployment_id)
+    launch = Launch(code, f"{code}/probe.py:probe")
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    env["PREFECT__FLOW_ENTRYPOINT"] = launch.entrypoint
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect.engine", str(run.id)],
+        cwd=launch.directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ran.read_text() == "declared"
+    assert not marker.exists()
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run.id).state
+        client.delete_deployment(deployment_id)
+    assert state is not None
+    assert state.is_completed()
