@@ -114,9 +114,8 @@ class StageCall:
         if refresh is None:
             refresh = PREFECT_TASKS_REFRESH_CACHE.value()
         policy = self.task.cache_policy
-        if refresh or not isinstance(policy, CacheKeyFnPolicy) or policy.cache_key_fn is None:
-            return False
-        if policy.cache_key_fn is not stage_cache_key:
+        ours = isinstance(policy, CacheKeyFnPolicy) and policy.cache_key_fn is stage_cache_key
+        if refresh or not ours:
             return False
         key = stage_key(self.task, {**self.parameters, "fingerprint": fingerprint})
         if key is None:
