@@ -34,7 +34,7 @@ from core.records import ImageRef
 from flows.ci import ci, ci_outcome
 from flows.promotion import promote
 from tasks.deploy.kubernetes import KubernetesDeployer
-from tasks.deploy.target import KUBERNETES_TARGET_BLOCK
+from tasks.deploy.target import KUBERNETES_TARGET_BLOCK, block_digest
 from tests.flows.chain import derive, put_release, write_chain_config
 from tests.k8s_sim import CRASH, KubeSimulator
 from tests.ledgers import current_ledger
@@ -177,7 +177,9 @@ def test_ci_delivers_to_kubernetes_through_the_same_target(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     repo = copy_monorepo(tmp_path / "repo", ["auth"])
-    with pinned(repo):  # its commit pushed to the pinned repository: it ships
+    saved = KubernetesTarget.load(KUBERNETES_TARGET_BLOCK)  # the host pins the target it uses
+    pin = {KUBERNETES_TARGET_BLOCK: block_digest(saved)}
+    with pinned(repo, blocks=pin):  # its commit pushed to the pinned repository: it ships
         state = ci(
             services=["auth"],
             repo=str(repo),

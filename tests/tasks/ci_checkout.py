@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,15 +75,15 @@ def bare_remote(root: Path) -> tuple[Path, Path]:
 
 
 @contextmanager
-def pinned(checkout: Path) -> Iterator[Path]:
+def pinned(checkout: Path, **more: Any) -> Iterator[Path]:
     """`checkout`'s main pushed to a bare remote beside it, pinned as this process's
-    repository (a trust file, `config: null`) for the duration: a commit of the checkout
-    ships only so."""
+    repository (a trust file, `config: null`; `more`: its other fields) for the duration:
+    a commit of the checkout ships only so."""
     bare = checkout.with_name(checkout.name + "-remote.git")
     git(checkout.parent, "init", "-q", "--bare", "-b", "main", str(bare))
     git(checkout, "push", "-q", str(bare), "main")
     with pytest.MonkeyPatch.context() as mp:
-        pin_repository(mp, checkout.parent, bare)
+        pin_repository(mp, checkout.parent, bare, **more)
         yield bare
 
 
