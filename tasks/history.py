@@ -80,16 +80,19 @@ def ledger_releases(history: Sequence[EnvironmentState]) -> list[LedgerRelease]:
     """
     found: dict[str, dict[str, ReleaseRecord]] = {}
     first: dict[str, int] = {}
+    since: dict[str, datetime] = {}
     for state in history:
         for record in [*state.previous.values(), *state.services.values()]:
-            found.setdefault(record.release_id, {})[record.service] = record
-            first.setdefault(record.release_id, state.revision)
+            release_id = record.release_id
+            found.setdefault(release_id, {})[record.service] = record
+            first.setdefault(release_id, state.revision)
+            since[release_id] = min(since.get(release_id, record.deployed_at), record.deployed_at)
     releases = [
         LedgerRelease(
             release_id=release_id,
             records=dict(sorted(records.items())),
             first_revision=first[release_id],
-            deployed_at=min(r.deployed_at for r in records.values()),
+            deployed_at=since[release_id],
         )
         for release_id, records in found.items()
     ]

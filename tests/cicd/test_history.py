@@ -25,7 +25,8 @@ from core.errors import PromotionRefused
 from core.records import ImageRef
 from core.windows import DeployWindows, parse_clock
 from tasks.freeze import check_deploy_window
-from tasks.releases import ReleaseRecord
+from tasks.history import judge_releases, ledger_releases
+from tasks.releases import EnvironmentState, ReleaseRecord, with_deploy
 from tests.approvers import Approvers
 from tests.flows.chain import SERVICES, as_service, derive, protected_tip, write_chain_config
 from tests.ledgers import current_ledger
@@ -160,3 +161,59 @@ def test_override_freeze_needs_a_reason() -> None:
     )
     assert result.exit_code == 2
     assert "--reason must say why" in result.output
+
+
+# --- the verdicts, from ledger revisions alone -------------------------------------------
+
+
+def _image(service: str, n: int) -> ImageRef:
+    return ImageRef(
+        service=service,
+        repository=f"127.0.0.1:5000/elice/{service}",
+        digest=f"sha256:{n:064x}",
+        version=f"v{n}",
+        commit="c" * 40,
+    )
+
+
+def _states(*releases: tuple[str, int, bool]) -> list[EnvironmentState]:
+    """Revisions recording, in order, each (release id, image number, verified)."""
+    state = EnvironmentState(environment=STG)
+    states = []
+    for revision, (release, n, verified) in enumerate(releases, start=1):
+        for service in SERVICES:
+            record = ReleaseRecord(
+                service=service,
+                environment=STG,
+                image=_image(service, n),
+                release_id=release,
+                verified=verified,
+                commit=f"{n:040x}",
+            )
+            state = with_deploy(state, record)
+        state = state.model_copy(update={"revision": revision})
+        states.append(state)
+    return states
+
+
+def test_releases_are_judged_from_the_revisions() -> None:
+    states = _states(("a", 1, True), ("b", 2, False), ("c", 3, True), ("d", 4, True))
+    releases = ledger_releases(states)
+    assert [r.release_id for r in releases] == ["d", "c", "b", "a"]
+    unreviewed = {f"{3:040x}": f"commit {3:040x} is not on main"}
+    gone = {("course-b", _image("course-b", 1).digest)}
+    judged = judge_releases(
+        releases,
+        states[-1],
+        SERVICES,
+        unreviewed,
+        lambda r: "course-b: image gone" if (r.service, r.image.digest) in gone else None,
+    )
+    by_id = {s.release.release_id: s for s in judged}
+    assert by_id["d"].serving == SERVICES
+    assert not by_id["d"].returnable
+    assert by_id["c"].problems == [f"{s}: commit {3:040x} is not on main" for s in SERVICES]
+    assert by_id["b"].problems == [f"{s}: never verified in {STG}" for s in SERVICES]
+    assert by_id["a"].problems == ["course-b: image gone"]
+    only_course = judge_releases(releases, states[-1], ["course"], {}, lambda r: None)
+    assert "course-b: no longer in the configuration" in only_course[-1].problems

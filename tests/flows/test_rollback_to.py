@@ -1,7 +1,7 @@
 """`rollback --to RELEASE`: back to any release of the ledger, verified like a promotion.
 
 Real engine, registry, Prefect server and a pinned repository (the policy repository of
-`tests/approvers.py`, no gate). Own environments rt-dev -> rt-stg (host ports 48xxx), two
+`tests/approvers.py`, no gate). Own environments rt-dev -> rt-stg (host ports 39xxx), two
 services. The tests run in file order on one release train:
 
     seed (D1, both services) -> R2 (D2, promoted) -> R3 (D3, promoted)
@@ -69,7 +69,7 @@ def train(
     mp = pytest.MonkeyPatch()
     mp.setenv("DOCKER_HOST", stack.docker_host)
     folder = tmp_path_factory.mktemp("rollback-to")
-    cfg_path = write_chain_config(folder / "pipeline.yaml", [(DEV, 40100), (STG, 40600)])
+    cfg_path = write_chain_config(folder / "pipeline.yaml", [(DEV, 31100), (STG, 31600)])
     people = Approvers(folder, ["alice"])
     people.set_policy({})
     pin_repository(mp, folder, people.bare, environments=(DEV, STG))

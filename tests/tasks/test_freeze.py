@@ -2,7 +2,7 @@
 SSH keys, and a promotion into a frozen environment against the real stack.
 
 The clock is injected the way a drill injects it: the ELICE_CLOCK setting for the flow,
-an argument for the functions below it. Own environments fz-dev -> fz-stg (ports 49xxx).
+an argument for the functions below it. Own environments fz-dev -> fz-stg (ports 37xxx).
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def chain(
     mp.setenv("DOCKER_HOST", stack.docker_host)
     mp.setenv("ELICE_CLOCK", "2026-12-24T10:00:00+09:00")
     folder = tmp_path_factory.mktemp("freeze")
-    cfg_path = write_chain_config(folder / "pipeline.yaml", [(DEV, 41100), (STG, 41600)])
+    cfg_path = write_chain_config(folder / "pipeline.yaml", [(DEV, 29100), (STG, 29600)])
     people = Approvers(folder, ["alice", "bob", "carol"])
     people.set_policy({}, deploy_windows={STG: WINDOWS})
     pin_repository(mp, folder, people.bare, environments=(DEV, STG))
