@@ -29,7 +29,7 @@ from core.windows import DeployWindows, clock_now, frozen_at, parse_clock
 from flows.promotion import promote
 from tasks.audit import read_audit
 from tasks.deploy.docker import DockerDeployer
-from tasks.freeze import check_deploy_window, deploy_clock, sign_override
+from tasks.freeze import check_deploy_window, deploy_clock, require_overridden, sign_override
 from tests.approvers import Approvers
 from tests.flows.chain import SERVICES, derive, put_verified, remove_containers, write_chain_config
 from tests.ledgers import current_ledger
@@ -319,3 +319,12 @@ def test_a_promotion_into_a_frozen_environment_is_refused_then_overridden(chain:
         ("freeze_override", "alice", "security fix"),
         ("freeze_override", "bob", "security fix"),
     ]
+
+
+def test_the_release_deployed_must_be_the_one_overridden() -> None:
+    freeze = frozen_at(windows(), FROZEN)
+    assert freeze is not None
+    require_overridden(None, "anything")  # open: nothing to match
+    require_overridden((freeze, "r1"), "r1")
+    with pytest.raises(PromotionRefused, match="overridden for release r1, but release r2"):
+        require_overridden((freeze, "r1"), "r2")
