@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from blocks.environments import PAGED_BY_NAME
 from core.errors import ConfigError
+from core.windows import DeployWindows
 
 POLICY_FILE = "config/approvals.yaml"
 
@@ -66,6 +67,10 @@ class ApprovalPolicy(BaseModel):
     github_users: dict[str, str] = Field(
         default_factory=dict, description="GitHub login -> principal"
     )
+    deploy_windows: dict[str, DeployWindows] = Field(
+        default_factory=dict,
+        description="Environment -> its freezes (core/windows.py); none: always open",
+    )
 
     def gate(self, environment: str) -> EnvironmentPolicy | None:
         """The gate of `environment`; None when it deploys without approval.
@@ -81,6 +86,15 @@ class ApprovalPolicy(BaseModel):
             )
             raise ConfigError(msg)
         return policy
+
+    def override_approvers(self, environment: str) -> tuple[str, ...]:
+        """Who may sign an override of `environment`'s freeze: its windows' own list, else
+        its gate's approvers; none when neither names anyone."""
+        windows = self.deploy_windows.get(environment)
+        if windows is not None and windows.override_approvers:
+            return windows.override_approvers
+        gate = self.environments.get(environment)
+        return gate.approvers if gate is not None else ()
 
 
 def parse_policy(text: str, where: str = POLICY_FILE) -> ApprovalPolicy:

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from blocks.config import PipelineConfig, save_as_blocks
-from cicd import metrics_cli, promote_cli, setup_cli, stack_cli
+from cicd import history_cli, metrics_cli, promote_cli, setup_cli, stack_cli
 from cicd.common import (
     ConfigOption,
     TargetOption,
@@ -36,6 +36,7 @@ app.add_typer(stack_cli.app, name="stack", help="The local stack: Prefect, regis
 promote_cli.register(app)
 setup_cli.register(app)
 metrics_cli.register(app)
+history_cli.register(app)
 console = Console()
 
 

@@ -37,6 +37,7 @@ from cicd.common import (
     read_api,
     split_names,
 )
+from cicd.history_cli import read_overrides
 from core.errors import ApprovalError, ApprovalRefused, ConfigError, GateError, PipelineError
 from core.records import short_digest
 from tasks.approval import (
@@ -89,6 +90,10 @@ def promote_command(
         Path | None,
         typer.Option(help="SSH key that signs the request (required where approval is)."),
     ] = None,
+    freeze_override: Annotated[
+        list[Path] | None,
+        typer.Option(help="In a freeze: an approver's signed override (twice, two approvers)."),
+    ] = None,
 ) -> None:
     """Promote the verified releases of the environment below into --to.
 
@@ -110,6 +115,7 @@ def promote_command(
             fail(str(exc), 2)
     if allow_unknown_scan != bool((override_reason or "").strip()):
         fail("--allow-unknown-scan and --override-reason go together", 2)
+    overrides = read_overrides(freeze_override)
     who = promoted_by or os.environ.get("USER") or getpass.getuser()
     request: tuple[str, str] | None = None
     if key is not None:
@@ -135,6 +141,7 @@ def promote_command(
                     "target": target,
                     "request": request[0] if request else None,
                     "request_signature": request[1] if request else None,
+                    "freeze_override": overrides,
                 },
                 view=PROMOTE_VIEW,
                 console=console,
@@ -325,8 +332,15 @@ def rollback_command(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Prefect's log stream, not the progress table.")
     ] = False,
+    to_release: Annotated[
+        str | None,
+        typer.Option(
+            "--to", help="A release of the ledger (`cicd history ENV`); default: the previous."
+        ),
+    ] = None,
 ) -> None:
-    """Return an environment (or some services) to the previous releases in the ledger."""
+    """Return an environment (or some services) to the previous releases in the ledger,
+    or (--to) to any release of its ledger whose images are still in its registry."""
     cfg = cli_config(config)
     try:
         cfg.environment(environment)
@@ -351,6 +365,7 @@ def rollback_command(
                     "requested_by": requested_by or os.environ.get("USER") or getpass.getuser(),
                     "config_source": config,
                     "target": target,
+                    "to_release": to_release,
                 },
                 view=ROLLBACK_VIEW,
                 console=console,

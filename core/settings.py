@@ -14,6 +14,7 @@ worker runs it. Below that, the values are passed in; nothing under the flows re
 | `ELICE_DEPLOY_WAVE` | `deploy_wave` | services deployed at once (default: the machine's cores) |
 | `DOCKER_HOST` | `docker_host` | a real Docker engine instead of the stack's |
 | `ELICE_TRUST_FILE` | `trust_file` | a worker host's trust roots (`core/trust.py`) |
+| `ELICE_CLOCK` | `clock` | the instant deploy windows are judged at (not on a worker) |
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ VARIABLES: dict[str, str] = {
     "deploy_wave": "ELICE_DEPLOY_WAVE",
     "docker_host": "DOCKER_HOST",
     "trust_file": TRUST_FILE_ENV,
+    "clock": "ELICE_CLOCK",
 }
 """Each setting and the environment variable it is read from."""
 
@@ -60,6 +62,9 @@ class Settings(BaseModel):
     )
     docker_host: str | None = Field(default=None, description="DOCKER_HOST")
     trust_file: Path | None = Field(default=None, description="ELICE_TRUST_FILE")
+    clock: str = Field(
+        default="", description="ELICE_CLOCK: ISO 8601 instant for deploy windows (unset: now)"
+    )
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -35,6 +35,7 @@ from core.records import (
     short_digest,
 )
 from core.settings import Settings
+from core.windows import Freeze, clock_now
 from tasks.approval import (
     Promoter,
     extra_env_of,
@@ -52,8 +53,10 @@ from tasks.deploy import (
 from tasks.deploy.target import DeployTarget, environment_target
 from tasks.deploy.waves import deploy_in_waves, return_to_previous, undo_release, verify_release
 from tasks.deployment_check import refuse_local_only, require_trusted_environment
+from tasks.freeze import check_deploy_window, deploy_clock, require_overridden
 from tasks.gate import audit, await_approvals, check_unchanged, gate_and_promoter
 from tasks.health import smoke_test_release
+from tasks.history import deploy_return, plan_return
 from tasks.images import (
     EnvironmentRegistry,
     environment_registry,
@@ -438,6 +441,23 @@ def _outcome(
     )
 
 
+def _window(run: _Promotion, overrides: list[dict[str, str]] | None) -> tuple[Freeze, str] | None:
+    """The environment's deploy window at the run's clock: open (None), or frozen and
+    overridden for a release; refused (and audited) before anything changes otherwise."""
+    try:
+        now = clock_now(deploy_clock(run.context.settings))
+    except (ConfigError, ValueError) as exc:
+        raise PromotionRefused(str(exc)) from exc
+    return check_deploy_window(
+        run.policy,
+        run.env.name,
+        now,
+        overrides,
+        lambda: run.plan().release_id,
+        (run.context.ledger, run.run_id),
+    )
+
+
 @flow(
     name="promote",
     on_completion=[notify_promoted],
@@ -458,6 +478,7 @@ def promote(
     health_deadline_s: float = 60,
     request: str | None = None,
     request_signature: str | None = None,
+    freeze_override: list[dict[str, str]] | None = None,
 ) -> PromotionOutcome:
     """Promote the verified releases of the environment below into `environment`.
 
@@ -477,6 +498,8 @@ def promote(
         request: a signed promotion request (JSON, `cicd promote --key` makes it);
             required where the environment waits for an approval.
         request_signature: its SSH signature.
+        freeze_override: in a freeze of the environment's deploy windows, two approvers'
+            signed overrides of this release (`cicd override-freeze` prints each).
     """
     settings = Settings.from_environ()
     require_trusted_environment(settings, environment)  # a worker's, if any
@@ -488,13 +511,30 @@ def promote(
         plan = run.plan()
         run_logger().info("dry run: nothing changes\n%s", plan_markdown(plan))
         return PromotionOutcome(plan=plan, dry_run=True)
+    window = _window(run, freeze_override)
     approved = _approved(run, run.gate) if run.gate is not None else None
     with deploy_lock(environment):
         catalog = _catalog(run.config)
         recover_interrupted(run.context.ledger, run.deploy_target, run.env, catalog, run.run_id)
         plan, verdict, approved_by = _settled(run, approved)
+        require_overridden(window, plan.release_id)
         state, deployed, baselines = _deploy(run, plan, verdict, approved_by, health_deadline_s)
     return _outcome(run.context, plan, state, deployed, approved_by, baselines)
+
+
+def _return_to(
+    context: RunContext,
+    release_id: str,
+    services: list[str] | None,
+    requested_by: str,
+    run_id: str,
+) -> dict[str, str | None]:
+    """Under the lock: the return to `release_id`, verified, then deployed all or nothing."""
+    repository = pinned_repository(context.settings)
+    planned = plan_return(context, repository, release_id, services, requested_by)
+    restored = deploy_return(context, planned, run_id, requested_by)
+    run_logger().info("%s returned to release %s by %s", context.env.name, release_id, requested_by)
+    return restored
 
 
 @flow(
@@ -510,8 +550,11 @@ def rollback(
     requested_by: str = "cli",
     config_source: str | None = None,
     target: str | None = None,
+    to_release: str | None = None,
 ) -> dict[str, str | None]:
-    """Return `environment` to its previous releases, as the ledger records them.
+    """Return `environment` to its previous releases, as the ledger records them; with
+    `to_release`, to that release of its ledger (`cicd history ENV` lists them), verified
+    like a promotion (reviewed commits, digests in the environment's registry).
 
     Returns service -> digest serving now. Waits for a running promotion to finish.
     """
@@ -543,6 +586,10 @@ def rollback(
                 for name, record in recovered.services.items()
                 if name in (services or recovered.services)
             }
+        if to_release is not None:
+            restored = _return_to(context, to_release, services, requested_by, run_id)
+            publish_ledger_artifact(ledger, environment)
+            return restored
         state = read_ledger(ledger, environment)
         names = services or [n for n in config.catalog.names() if n in state.previous]
         if not names:

@@ -22,7 +22,9 @@ from tasks.process import run_logger
 from tasks.releases import check_environment_name
 from tasks.stores import open_store
 
-AuditKind = Literal["requested", "approved", "rejected", "refused", "timed_out"]
+AuditKind = Literal[
+    "requested", "approved", "rejected", "refused", "timed_out", "frozen", "freeze_override"
+]
 
 
 class AuditEntry(BaseModel):

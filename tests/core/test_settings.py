@@ -25,6 +25,7 @@ def test_each_variable_becomes_its_setting(tmp_path: Path) -> None:
         "ELICE_DEPLOY_WAVE": "2",
         "DOCKER_HOST": "unix:///run/docker.sock",
         "ELICE_TRUST_FILE": str(tmp_path / "trust.yaml"),
+        "ELICE_CLOCK": "2026-12-24T10:00:00+09:00",
     }
     assert sorted(environ) == sorted(VARIABLES.values())
     settings = Settings.from_environ(environ)
@@ -36,6 +37,7 @@ def test_each_variable_becomes_its_setting(tmp_path: Path) -> None:
     assert settings.deploy_wave == "2"
     assert settings.docker_host == "unix:///run/docker.sock"
     assert settings.trust_file == tmp_path / "trust.yaml"
+    assert settings.clock == "2026-12-24T10:00:00+09:00"
 
 
 def test_unset_and_empty_are_the_defaults(tmp_path: Path) -> None:
