@@ -35,12 +35,12 @@ from core.windows import Freeze, frozen_at
 from tasks.audit import AuditEntry, record_decision
 from tasks.process import run_logger
 from tasks.signing import (
-    _canonical,
-    _environment_name,
-    _principal,
-    _utc_second,
+    canonical,
+    environment_name,
     key_fingerprint,
+    principal,
     sign_statement,
+    utc_second,
     verify_statement,
 )
 
@@ -65,17 +65,17 @@ class FreezeOverride(BaseModel):
     @field_validator("environment")
     @classmethod
     def _environment(cls, value: str) -> str:
-        return _environment_name(value)
+        return environment_name(value)
 
     @field_validator("signed_at")
     @classmethod
     def _signed_at(cls, value: datetime) -> datetime:
-        return _utc_second(value)
+        return utc_second(value)
 
     @field_validator("signer")
     @classmethod
     def _signer(cls, value: str) -> str:
-        return _principal(value)
+        return principal(value)
 
     @field_validator("reason")
     @classmethod
@@ -95,7 +95,7 @@ class FreezeOverride(BaseModel):
             "signed_at": self.signed_at,
             "signer": self.signer,
         }
-        return _canonical(document)
+        return canonical(document)
 
 
 def deploy_clock(settings: Settings) -> str:

@@ -62,7 +62,7 @@ _KEY_TYPE = re.compile(
 )
 
 
-def _canonical(document: dict[str, Any]) -> bytes:
+def canonical(document: dict[str, Any]) -> bytes:
     """The signed bytes of `document`: keys sorted at every level, no whitespace between
     tokens, non-ASCII as itself, UTF-8; `signed_at` as `YYYY-MM-DDTHH:MM:SSZ`."""
     fields = {**document, "signed_at": document["signed_at"].strftime("%Y-%m-%dT%H:%M:%SZ")}
@@ -70,21 +70,21 @@ def _canonical(document: dict[str, Any]) -> bytes:
     return text.encode("utf-8")
 
 
-def _environment_name(value: str) -> str:
+def environment_name(value: str) -> str:
     if not _NAME.fullmatch(value):
         msg = f"environment must be a DNS-1123 label, got {value!r}"
         raise ValueError(msg)
     return value
 
 
-def _utc_second(value: datetime) -> datetime:
+def utc_second(value: datetime) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         msg = "signed_at must be timezone-aware"
         raise ValueError(msg)
     return value.astimezone(UTC).replace(microsecond=0)
 
 
-def _principal(value: str) -> str:
+def principal(value: str) -> str:
     if not _PRINCIPAL.fullmatch(value):
         msg = f"signer must match {PRINCIPAL_PATTERN}, got {value!r}"
         raise ValueError(msg)
@@ -126,7 +126,7 @@ class ApprovalStatement(BaseModel):
     @field_validator("environment")
     @classmethod
     def _environment(cls, value: str) -> str:
-        return _environment_name(value)
+        return environment_name(value)
 
     @field_validator("release_id")
     @classmethod
@@ -164,12 +164,12 @@ class ApprovalStatement(BaseModel):
     @field_validator("signed_at")
     @classmethod
     def _signed_at(cls, value: datetime) -> datetime:
-        return _utc_second(value)
+        return utc_second(value)
 
     @field_validator("signer")
     @classmethod
     def _signer(cls, value: str) -> str:
-        return _principal(value)
+        return principal(value)
 
     @model_validator(mode="after")
     def _reason(self) -> ApprovalStatement:
@@ -197,7 +197,7 @@ class ApprovalStatement(BaseModel):
             "signed_at": self.signed_at,
             "signer": self.signer,
         }
-        return _canonical(document)
+        return canonical(document)
 
 
 class PromotionRequest(BaseModel):
@@ -215,17 +215,17 @@ class PromotionRequest(BaseModel):
     @field_validator("environment")
     @classmethod
     def _environment(cls, value: str) -> str:
-        return _environment_name(value)
+        return environment_name(value)
 
     @field_validator("signed_at")
     @classmethod
     def _signed_at(cls, value: datetime) -> datetime:
-        return _utc_second(value)
+        return utc_second(value)
 
     @field_validator("signer")
     @classmethod
     def _signer(cls, value: str) -> str:
-        return _principal(value)
+        return principal(value)
 
     @field_validator("services")
     @classmethod
@@ -246,7 +246,7 @@ class PromotionRequest(BaseModel):
             "signed_at": self.signed_at,
             "signer": self.signer,
         }
-        return _canonical(document)
+        return canonical(document)
 
 
 class Signable(Protocol):
@@ -287,18 +287,18 @@ def parse_allowed_signers(text: str) -> dict[str, tuple[str, ...]]:
             msg = f"{where}: cert-authority is not accepted: list each approver's own key"
             raise ConfigError(msg)
         key = f"{fields[at]} {fields[at + 1]}"
-        for principal in fields[0].split(","):
-            if not _PRINCIPAL.fullmatch(principal):
-                msg = f"{where}: principal {principal!r} is not a plain approver name"
+        for signer in fields[0].split(","):
+            if not _PRINCIPAL.fullmatch(signer):
+                msg = f"{where}: principal {signer!r} is not a plain approver name"
                 raise ConfigError(msg)
-            if owner.setdefault(key, principal) != principal:
+            if owner.setdefault(key, signer) != signer:
                 msg = (
-                    f"{where}: the key of {owner[key]!r} is listed for {principal!r} too: "
+                    f"{where}: the key of {owner[key]!r} is listed for {signer!r} too: "
                     "one key proves one approver"
                 )
                 raise ConfigError(msg)
-            if key not in keys.get(principal, ()):
-                keys[principal] = (*keys.get(principal, ()), key)
+            if key not in keys.get(signer, ()):
+                keys[signer] = (*keys.get(signer, ()), key)
     return keys
 
 
