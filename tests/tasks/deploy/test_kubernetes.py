@@ -2,6 +2,11 @@
 
 The official kubernetes client talks real HTTP to the simulator, configured through a
 kubeconfig loaded into prefect-kubernetes' KubernetesClusterConfig/KubernetesCredentials.
+The same releases, failures, restores and credentials run against a real control plane
+in test_kubernetes_real.py; what stays here only is what a real server cannot show on
+this machine or not on demand: traffic to pods (health checks through the service proxy,
+no container runs there), injected 5xx/409 answers and timeouts, the controller's stale
+ProgressDeadlineExceeded during a rollback, and the retry budget on a simulated clock.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from tasks.health import probe_health
 from tests.k8s_sim import CONFIG, CRASH, ERR_PULL, NOT_READY, PULL, KubeSimulator
 
 DEADLINE_S = 60.0  # generous: the simulator finishes in a few simulated steps
+ROLLOUT_DEADLINE_S = 400.0  # beyond the manifests' progressDeadlineSeconds (300)
 
 
 @pytest.fixture
@@ -49,7 +55,7 @@ def _target(sim: KubeSimulator, tmp_path: Path, **overrides: Any) -> KubernetesT
         "poll_interval_s": 0.01,
         "retry_backoff_s": 0.01,
         "retry_backoff_max_s": 0.05,
-        "rollout_deadline_s": DEADLINE_S,
+        "rollout_deadline_s": ROLLOUT_DEADLINE_S,
         **overrides,
     }
     return KubernetesTarget(credentials=KubernetesCredentials(cluster_config=cluster), **settings)
