@@ -36,7 +36,13 @@ from typing import Any, TypeVar
 from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
 from blocks.kubernetes_target import KubernetesTarget
-from core.errors import DeployError, KubernetesApiError, ManifestError, RolloutFailed
+from core.errors import (
+    ConfigError,
+    DeployError,
+    KubernetesApiError,
+    ManifestError,
+    RolloutFailed,
+)
 from core.records import DeployedService, ImageRef, utcnow
 from tasks.deploy.manifests import (
     ANNOTATION_PREFIX,
@@ -497,6 +503,55 @@ class KubernetesDeployer:
         proxy = service_proxy(self.api_client.configuration, self.target.identity())
         return proxy.url + service_path(env.namespace, service.name, SERVICE_PORT)
 
+    def check(self, namespaces: Iterable[str]) -> str:
+        """Try the cluster and credentials before they are saved; the server's version.
+
+        The server must answer with these credentials, and an access review must allow
+        them to apply Deployments in each of `namespaces`.
+
+        Raises:
+            ConfigError: refused (e.g. 401: a client certificate of another CA), no
+                answer, or not allowed to apply in a namespace (named).
+        """
+        from kubernetes import client  # noqa: PLC0415
+
+        server = self.api_client.configuration.host
+        try:
+            version = self._call("read the version", client.VersionApi(self.api_client).get_code)
+            refused = [ns for ns in namespaces if not self._may_apply(ns)]
+        except KubernetesApiError as exc:
+            msg = f"the kubeconfig does not work with {server}: {exc}"
+            raise ConfigError(msg) from exc
+        if refused:
+            msg = (
+                f"the kubeconfig's credentials may not apply Deployments on {server} in "
+                f"namespace(s) {', '.join(refused)} (access review: not allowed)"
+            )
+            raise ConfigError(msg)
+        return str(version.git_version)
+
+    def _may_apply(self, namespace: str) -> bool:
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {
+                "resourceAttributes": {
+                    "namespace": namespace,
+                    "verb": "patch",
+                    "group": "apps",
+                    "resource": "deployments",
+                }
+            },
+        }
+        api = self._api("AuthorizationV1Api")
+        response = self._call(
+            f"access review in {namespace}",
+            api.create_self_subject_access_review,
+            review,
+            _preload_content=False,
+        )
+        return bool(json.loads(response.data).get("status", {}).get("allowed"))
+
     # -- internals
 
     def _objects(
@@ -628,8 +683,9 @@ class KubernetesDeployer:
                 raise
 
     def _remove_drift(self, env: EnvironmentSpec, service: ServiceSpec) -> None:
-        """Remove what other managers added to the Deployment (see `drift`), in one JSON
-        patch that holds only if nothing changed since the read."""
+        """Remove what other managers added to the Deployment (see `drift`) in one JSON
+        patch. No resourceVersion test: the controllers write the status meanwhile, and
+        the paths are into the spec and metadata only we and the drift's managers write."""
         deployment = self._read_deployment(env.namespace, service.name)
         found = drift(deployment) if deployment is not None else []
         if deployment is None or not found:
@@ -637,12 +693,8 @@ class KubernetesDeployer:
         run_logger().warning(
             "%s/%s: removing drift: %s", env.name, service.name, describe_drift(found)
         )
-        version = deployment["metadata"]["resourceVersion"]
-        ops: list[dict[str, Any]] = [
-            {"op": "test", "path": "/metadata/resourceVersion", "value": version}
-        ]
         paths = sorted((tokens for _, tokens in found), reverse=True)  # later list items first
-        ops += [{"op": "remove", "path": _pointer(tokens)} for tokens in paths]
+        ops = [{"op": "remove", "path": _pointer(tokens)} for tokens in paths]
         api = self._api("AppsV1Api")
         self._call(
             f"remove drift from Deployment/{service.name}",

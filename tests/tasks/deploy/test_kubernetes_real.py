@@ -26,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from blocks.config import PipelineConfig
 from blocks.kubernetes_target import KubernetesTarget
-from core.errors import DeployError, KubernetesApiError
+from core.errors import ConfigError, DeployError, KubernetesApiError
 from core.records import ImageRef
 from tasks.deploy.kubernetes import FIELD_MANAGER, KubernetesDeployer, drift
 from tests.plugins.kube import NODE, Authority, KubeCluster
@@ -382,3 +382,38 @@ def test_drift_by_another_manager_is_reported_and_removed_by_the_next_deploy(
     raw = client.ApiClient().sanitize_for_serialization(live)
     assert drift(raw) == []
     assert pod_images(kube, env.namespace, "search") == [second.reference] * 3
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def test_the_kubeconfig_is_checked_against_the_server(
+    kube: KubeCluster, config: PipelineConfig, tmp_path: Path
+) -> None:
+    namespaces = ["elice-devops-dev", "elice-devops-prod"]
+    assert deployer_for(kube).check(namespaces).startswith("v1.24.0-alpha.1")
+    other_ca = kube.client_kubeconfig(
+        "admin", tmp_path / "other-ca", orgs=("system:masters",), ca=Authority.create("other")
+    )
+    with pytest.raises(ConfigError, match=r"does not work with https://127\.0\.0\.1:\d+: .*401"):
+        KubernetesDeployer(target_for(other_ca, retries=0), retry_budget_s=0).check(namespaces)
+    nobody = kube.client_kubeconfig("nobody", tmp_path / "nobody")
+    with pytest.raises(
+        ConfigError, match=r"may not apply Deployments .* elice-devops-dev, elice-devops-prod"
+    ):
+        KubernetesDeployer(target_for(nobody)).check(namespaces)
+
+
+def test_cicd_setup_refuses_a_kubeconfig_the_server_refuses_before_saving(
+    kube: KubeCluster, tmp_path: Path
+) -> None:
+    from reconcile.setup import ensure_setup  # noqa: PLC0415
+
+    other_ca = kube.client_kubeconfig(
+        "admin", tmp_path / "other-ca", orgs=("system:masters",), ca=Authority.create("other")
+    )
+    # a Prefect API nobody answers on: the kubeconfig is refused before setup talks to it
+    with pytest.raises(ConfigError, match="401") as caught:
+        ensure_setup("http://127.0.0.1:9/api", kubeconfig=other_ca)
+    assert "does not work with" in str(caught.value)
+    assert "BEGIN" not in str(caught.value)  # no key material in the message
