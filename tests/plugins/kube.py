@@ -346,10 +346,13 @@ class KubeCluster:
         with urllib.request.urlopen(f"{self.server}/readyz", context=context, timeout=2) as r:
             return bool(r.status == 200)
 
-    def restart_apiserver(self) -> None:
-        """Stop the API server as an operator would (SIGTERM) and start it again."""
-        _stop(self.procs["kube-apiserver"], timeout=60)
+    def restart_apiserver(self) -> float:
+        """Stop the API server as an operator would (SIGTERM; SIGKILL if it has not
+        exited in 10 s) and start it again on its port; the seconds it was down."""
+        down = time.monotonic()
+        _stop(self.procs["kube-apiserver"], timeout=10)
         self.start_apiserver()
+        return time.monotonic() - down
 
     def stop(self) -> None:
         if self.kubelet is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -417,3 +418,54 @@ def test_cicd_setup_refuses_a_kubeconfig_the_server_refuses_before_saving(
         ensure_setup("http://127.0.0.1:9/api", kubeconfig=other_ca)
     assert "does not work with" in str(caught.value)
     assert "BEGIN" not in str(caught.value)  # no key material in the message
+
+
+def test_a_deploy_survives_an_api_server_restart(
+    kube: KubeCluster,
+    kubelet_marks: dict[str, str],
+    config: PipelineConfig,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    env, spec = config.environment("staging"), config.service("notification")
+    deployer = deployer_for(kube)
+    first, second = image("notification"), image("notification")
+    deployer.deploy(env, spec, first, deadline_s=DEADLINE_S)
+    kubelet_marks[second.digest] = "NotReady"  # the rollout waits until the restart is over
+    downtime: list[float] = []
+
+    def restart_mid_rollout() -> None:
+        deadline = time.monotonic() + 30
+        while second.reference not in pod_images(kube, env.namespace, "notification"):
+            assert time.monotonic() < deadline, "the new release's pods never came"
+            time.sleep(0.1)
+        downtime.append(kube.restart_apiserver())
+        kubelet_marks.pop(second.digest)
+
+    restarter = threading.Thread(target=restart_mid_rollout)
+    restarter.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="elice"):
+            deployed = deployer.deploy(env, spec, second, deadline_s=DEADLINE_S)
+    finally:
+        restarter.join()
+    assert downtime, "the API server was not restarted"
+    assert "no answer" in caplog.text or ", retry " in caplog.text  # it retried through it
+    assert deployed.image == second
+    assert pod_images(kube, env.namespace, "notification") == [second.reference] * 2
+
+
+def test_missing_binaries_are_named_with_the_paths_tried(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tests.plugins import kube as plugin  # noqa: PLC0415
+
+    monkeypatch.setenv("ELICE_K8S_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(plugin, "DEFAULT_SHARED", tmp_path / "not-here-either")
+    monkeypatch.setattr(plugin, "REPO", tmp_path / "clone")
+    with pytest.raises(FileNotFoundError) as caught:
+        plugin.shared_dir()
+    message = str(caught.value)
+    assert "kube-apiserver.xz" in message
+    assert str(tmp_path / "nowhere") in message
+    assert str(tmp_path / "not-here-either") in message
+    assert "ELICE_K8S_DIR" in message
