@@ -30,6 +30,9 @@ from core.records import ImageRef
 from tasks.deploy.kubernetes import (
     FIELD_MANAGER,
     KubernetesDeployer,
+    describe_drift,
+    drift,
+    foreign_owner,
     minimum_replicas,
     progress_deadline_s,
     rollout_status,
@@ -472,3 +475,66 @@ def test_inside_the_cluster_health_checks_use_cluster_dns(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
     dns = KubernetesDeployer(deployer.target.model_copy(update={"health_via": "dns"}))
     assert dns.address(env, service).endswith(".svc.cluster.local:8000")
+
+
+def _managed(manager: str, fields: dict[str, Any], operation: str = "Update") -> dict[str, Any]:
+    return {"manager": manager, "operation": operation, "fieldsV1": fields}
+
+
+def test_ownership_and_drift_are_read_from_the_managed_fields() -> None:
+    """What a real server's managedFields say (shapes as v1.24 writes them)."""
+    ours = {
+        "f:metadata": {"f:labels": {"f:app": {}}},
+        "f:spec": {
+            "f:template": {
+                "f:spec": {
+                    "f:containers": {
+                        'k:{"name":"app"}': {"f:env": {'k:{"name":"PORT"}': {".": {}}}}
+                    }
+                }
+            }
+        },
+    }
+    theirs = {
+        "f:metadata": {"f:labels": {"f:hotfix": {}}},
+        "f:spec": {
+            "f:template": {
+                "f:spec": {
+                    "f:containers": {
+                        'k:{"name":"app"}': {
+                            "f:env": {'k:{"name":"DEBUG"}': {".": {}, "f:name": {}}}
+                        }
+                    }
+                }
+            }
+        },
+    }
+    env = [{"name": "PORT", "value": "8000"}, {"name": "DEBUG", "value": "1"}]
+    deployment: dict[str, Any] = {
+        "metadata": {
+            "labels": {"app": "a", "hotfix": "yes"},
+            "managedFields": [
+                _managed(FIELD_MANAGER, ours, "Apply"),
+                _managed("kubectl-set", theirs),
+                _managed("kube-controller-manager", {"f:metadata": {"f:annotations": {}}}),
+                {**_managed("kube-controller-manager", {"f:status": {}}), "subresource": "status"},
+            ],
+        },
+        "spec": {"template": {"spec": {"containers": [{"name": "app", "env": env}]}}},
+    }
+    assert foreign_owner(deployment) is None
+    found = drift(deployment)
+    assert found == [
+        ("kubectl-set", ["metadata", "labels", "hotfix"]),
+        ("kubectl-set", ["spec", "template", "spec", "containers", 0, "env", 1]),
+    ]
+    assert describe_drift(found) == (
+        "kubectl-set: /metadata/labels/hotfix, /spec/template/spec/containers/0/env/1"
+    )
+    deployment["metadata"]["managedFields"] = [_managed("helm", ours)]
+    assert foreign_owner(deployment) == "field managers helm"
+    assert drift(deployment) == []  # nothing of ours to compare with
+    deployment["metadata"]["managedFields"] = []  # a server without them: the label says
+    assert foreign_owner(deployment) == "label managed-by=None"
+    deployment["metadata"]["labels"]["app.kubernetes.io/managed-by"] = FIELD_MANAGER
+    assert foreign_owner(deployment) is None
