@@ -70,7 +70,14 @@ class KubernetesTarget(Block):
         default=2.0, gt=0, le=60, description="Seconds between rollout status reads"
     )
     rollout_deadline_s: float = Field(
-        default=600.0, gt=0, le=7200, description="How long a restore may take to roll out"
+        default=600.0,
+        gt=0,
+        le=7200,
+        description=(
+            "How long a rollout (a deploy's or a restore's) may take before it fails; the "
+            "controller's ProgressDeadlineExceeded (the manifests' progressDeadlineSeconds) "
+            "ends a failing one sooner"
+        ),
     )
     request_timeout_s: float = Field(
         default=30.0, gt=0, le=600, description="Timeout of one API request"

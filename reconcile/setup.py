@@ -62,6 +62,7 @@ from blocks.config import (
 from blocks.environments import EnvironmentCatalog
 from blocks.kubernetes_target import KubernetesTarget
 from core.errors import ConfigError, ToolError
+from tasks.deploy.kubernetes import KubernetesDeployer
 from tasks.deploy.target import KUBERNETES_TARGET_BLOCK
 from tasks.locks import lock_name
 
@@ -650,6 +651,19 @@ def _setup_config() -> PipelineConfig:
     return load_config(choice if choice and choice != "blocks" else str(default_config_file()))
 
 
+def _check_cluster(cluster: KubernetesTarget, cfg: PipelineConfig) -> None:
+    """Try a kubeconfig against its server before it is saved (a kubeconfig signed by
+    another CA used to fail only at the first deploy): the version, and an access review
+    in the namespaces of the kubernetes environments (all environments' when none is)."""
+    envs = cfg.environments.environments
+    namespaces = [e.namespace for e in envs if e.target == "kubernetes"] or [
+        e.namespace for e in envs
+    ]
+    KubernetesDeployer(cluster.model_copy(update={"retries": 0}), retry_budget_s=0).check(
+        namespaces
+    )
+
+
 def ensure_setup(
     api_url: str | None = None,
     *,
@@ -679,7 +693,8 @@ def ensure_setup(
             `elice-kubernetes` as a secret, with `kube_context` (default: its current one).
 
     Raises:
-        ConfigError: no API is configured, or prefect.yaml or the server's state cannot be
+        ConfigError: no API is configured, the kubeconfig does not work with its server
+            (checked before anything is written), or prefect.yaml or the server's state cannot be
             reconciled (a pool of another type; a deployment's pool neither exists nor is
             set up here).
         ToolError: the server does not answer.
@@ -691,6 +706,8 @@ def ensure_setup(
     cfg = config or _setup_config()
     specs = read_prefect_file(prefect_file)
     cluster = KubernetesTarget.from_kubeconfig(kubeconfig, kube_context) if kubeconfig else None
+    if cluster is not None:
+        _check_cluster(cluster, cfg)
     pools = pool_templates(local_worker_pool=local_worker_pool, worker_image=worker_image)
     with (
         temporary_settings(updates={PREFECT_API_URL: url}),

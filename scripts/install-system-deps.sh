@@ -3,7 +3,8 @@
 set -euo pipefail
 
 PACKAGES=(podman buildah runc docker-registry debootstrap prometheus prometheus-alertmanager
-          chromium catatonit uidmap postgresql git openssh-client skopeo apache2-utils)
+          chromium catatonit uidmap postgresql git openssh-client skopeo apache2-utils
+          etcd-server xz-utils openssl)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -41,13 +41,14 @@ pytest_plugins = [
     "tests.plugins.postgres",
     "tests.plugins.registries",
     "tests.plugins.faults",
+    "tests.plugins.kube",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
 
 STACK_FIXTURE = "stack"
 """A test that uses this fixture (directly or through another) is marked `stack`."""
-SLOW_FIXTURES = frozenset({"postgres_prefect"})
+SLOW_FIXTURES = frozenset({"postgres_prefect", "kube"})
 """A test that uses one of these (a real server that takes long to start) is marked `slow`."""
 
 

@@ -4,9 +4,9 @@
 tested without a cluster; `KubernetesDeployer` drives the official client.
 
 What a real API server does, and how it is judged here:
-- a rollout's one deadline is the manifests' `progressDeadlineSeconds` (plus a grace
-  for the controller to say so): the controller's ProgressDeadlineExceeded verdict,
-  not a timer of ours, ends a failing rollout;
+- a rollout (a deploy's or a restore's) is waited for at most the target's
+  `rollout_deadline_s`; the controller's ProgressDeadlineExceeded verdict (the
+  manifests' `progressDeadlineSeconds`) ends a failing one sooner;
 - that condition counts only once the progress deadline has passed since this apply:
   rolling back, the controller shows the failed rollout's condition at the new
   generation for a moment;
@@ -14,7 +14,12 @@ What a real API server does, and how it is judged here:
   are available, not when the Deployment's first replica is (the HPA raises
   replicas at its next sync);
 - API calls are retried for `API_RETRY_BUDGET_S` at least, longer than an API server
-  restart takes.
+  restart takes;
+- only a Deployment this pipeline applied (its field manager `FIELD_MANAGER` in the
+  managedFields) is taken as the previous release; any other is refused before a write;
+- fields another manager added to the Deployment (`kubectl set env`, a label) are drift:
+  `live()` reports them, the next deploy removes them after its apply;
+- an apply that fails part-way deletes the objects it created.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +36,13 @@ from typing import Any, TypeVar
 from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
 from blocks.kubernetes_target import KubernetesTarget
-from core.errors import DeployError, KubernetesApiError, ManifestError, RolloutFailed
+from core.errors import (
+    ConfigError,
+    DeployError,
+    KubernetesApiError,
+    ManifestError,
+    RolloutFailed,
+)
 from core.records import DeployedService, ImageRef, utcnow
 from tasks.deploy.manifests import (
     ANNOTATION_PREFIX,
@@ -48,7 +59,7 @@ from tasks.process import run_logger
 
 FIELD_MANAGER = "elice-devops"
 DEFAULT_PROGRESS_DEADLINE_S = 600  # Kubernetes' default progressDeadlineSeconds
-ROLLOUT_GRACE_S = 60.0  # after the progress deadline: time for the controller's verdict
+CONTROLLER_MANAGERS = frozenset({"kube-controller-manager"})  # revision annotation, scale
 API_RETRY_BUDGET_S = 120.0  # an API server restart took about a minute
 POD_GONE_GRACE_S = 30.0  # beyond the pods' termination grace period
 RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
@@ -205,6 +216,111 @@ def fatal_pod_problems(pods: Iterable[Mapping[str, Any]], image: str) -> list[st
     return pod_problems(fatal, image)
 
 
+# --------------------------------------------------------------------------- ownership
+
+
+def _managers(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The managedFields entries of the object itself (not of its status or scale)."""
+    return [
+        entry
+        for entry in obj.get("metadata", {}).get("managedFields") or []
+        if not entry.get("subresource")
+    ]
+
+
+def foreign_owner(deployment: Mapping[str, Any]) -> str | None:
+    """Who owns `deployment` when this pipeline does not, else None.
+
+    Ours: our field manager applied it. A server that keeps no managedFields (the
+    simulator) leaves the `app.kubernetes.io/managed-by` label to say so.
+    """
+    meta = deployment.get("metadata", {})
+    label = (meta.get("labels") or {}).get("app.kubernetes.io/managed-by")
+    managers = _managers(deployment)
+    if not managers:
+        return None if label == FIELD_MANAGER else f"label managed-by={label!r}"
+    names = {entry.get("manager") for entry in managers}
+    if any(e.get("manager") == FIELD_MANAGER and e.get("operation") == "Apply" for e in managers):
+        return None
+    others = sorted(str(n) for n in names - CONTROLLER_MANAGERS) or sorted(map(str, names))
+    return f"field managers {', '.join(others)}" + (
+        f", label managed-by={label!r}" if label else ""
+    )
+
+
+def drift(obj: Mapping[str, Any]) -> list[tuple[str, list[str | int]]]:
+    """Fields of `obj` that another manager set and our field manager does not own.
+
+    Returns (manager, JSON-pointer tokens into `obj`) pairs, one per foreign-only
+    subtree; controllers' own bookkeeping (CONTROLLER_MANAGERS) is no drift.
+    """
+    ours: dict[str, Any] = {}
+    for entry in _managers(obj):
+        if entry.get("manager") == FIELD_MANAGER:
+            _merge(ours, entry.get("fieldsV1") or {})
+    if not ours:
+        return []
+    found: list[tuple[str, list[str | int]]] = []
+    for entry in _managers(obj):
+        manager = str(entry.get("manager"))
+        if manager == FIELD_MANAGER or manager in CONTROLLER_MANAGERS:
+            continue
+        found += [(manager, t) for t in _foreign_paths(entry.get("fieldsV1") or {}, ours, obj, [])]
+    return found
+
+
+def _merge(into: dict[str, Any], fields: Mapping[str, Any]) -> None:
+    for key, sub in fields.items():
+        _merge(into.setdefault(key, {}), sub or {})
+
+
+def _foreign_paths(
+    theirs: Mapping[str, Any], ours: Mapping[str, Any], value: Any, path: list[str | int]
+) -> Iterator[list[str | int]]:
+    for key, sub in theirs.items():
+        if key == ".":
+            continue
+        token = _locate(key, value)
+        if token is None:
+            continue  # gone already
+        if key not in ours:
+            yield [*path, token]
+        else:
+            yield from _foreign_paths(sub or {}, ours[key], value[token], [*path, token])
+
+
+def _locate(key: str, value: Any) -> str | int | None:
+    """The dict key or list index a fieldsV1 key (f:, k:, v:, i:) names in `value`."""
+    kind, _, rest = key.partition(":")
+    if kind == "f" and isinstance(value, dict):
+        return rest if rest in value else None
+    if not isinstance(value, list):
+        return None
+    if kind == "i":
+        return int(rest) if int(rest) < len(value) else None
+    wanted = json.loads(rest)
+    for index, item in enumerate(value):
+        if (kind == "v" and item == wanted) or (
+            kind == "k"
+            and isinstance(item, dict)
+            and all(item.get(k) == v for k, v in wanted.items())
+        ):
+            return index
+    return None
+
+
+def describe_drift(found: Iterable[tuple[str, list[str | int]]]) -> str:
+    """`manager: /a/b, /c` per manager, for messages."""
+    by_manager: dict[str, list[str]] = {}
+    for manager, tokens in found:
+        by_manager.setdefault(manager, []).append(_pointer(tokens))
+    return "; ".join(f"{m}: {', '.join(paths)}" for m, paths in sorted(by_manager.items()))
+
+
+def _pointer(tokens: Iterable[str | int]) -> str:
+    return "/" + "/".join(str(t).replace("~", "~0").replace("/", "~1") for t in tokens)
+
+
 # --------------------------------------------------------------------------- deployer
 
 T = TypeVar("T")
@@ -249,9 +365,10 @@ class KubernetesDeployer:
     ) -> DeployedService:
         """Apply `image` for `service` in `env`, wait for the rollout, restore on failure.
 
-        The wait ends with the controller's verdict: its deadline is the manifests'
-        progressDeadlineSeconds plus `ROLLOUT_GRACE_S`, whatever `deadline_s` says
-        (that one is the other targets'; it must still be positive).
+        Waits at most the target's `rollout_deadline_s` (the controller's
+        ProgressDeadlineExceeded ends a failing rollout sooner); `deadline_s` is the
+        other targets' (it must still be positive). A live Deployment this pipeline
+        does not own is refused before any write.
         """
         if image.service != service.name:
             msg = f"image {image.reference} is for {image.service!r}, not {service.name!r}"
@@ -271,6 +388,13 @@ class KubernetesDeployer:
         )
         try:
             self._apply_and_wait(objects, env, service, image.reference)
+        except _ApplyRefused as exc:
+            kept = f"still {previous.image.reference}" if previous else "none was there"
+            msg = (
+                f"{env.name}/{service.name}: applying {image.reference} failed: {exc}; "
+                f"removed the objects it created, the Deployment was not changed ({kept})"
+            )
+            raise DeployError(msg) from exc
         except (RolloutFailed, KubernetesApiError) as exc:
             restored = "removed it (no previous release)"
             try:
@@ -293,10 +417,30 @@ class KubernetesDeployer:
         )
 
     def live(self, env: EnvironmentSpec, service: ServiceSpec) -> DeployedService | None:
-        """The digest the service's Deployment runs now, or None when it has none."""
+        """The digest the service's Deployment runs now, or None when it has none.
+
+        Raises:
+            DeployError: the Deployment is not this pipeline's (naming its owner), or
+                runs an image not pinned by digest.
+        """
         deployment = self._read_deployment(env.namespace, service.name)
         if deployment is None:
             return None
+        owner = foreign_owner(deployment)
+        if owner is not None:
+            msg = (
+                f"{env.name}/{service.name}: the live Deployment is not this pipeline's "
+                f"(owned by {owner}); refusing to take it as the previous release"
+            )
+            raise DeployError(msg)
+        found = drift(deployment)
+        if found:
+            run_logger().warning(
+                "%s/%s: drift, fields other managers set (the next deploy removes them): %s",
+                env.name,
+                service.name,
+                describe_drift(found),
+            )
         images = [c["image"] for c in containers(deployment) if c.get("name") == APP_CONTAINER] or [
             c["image"] for c in containers(deployment)
         ]
@@ -358,6 +502,55 @@ class KubernetesDeployer:
             return f"http://{service.name}.{env.namespace}.svc.cluster.local:{SERVICE_PORT}"
         proxy = service_proxy(self.api_client.configuration, self.target.identity())
         return proxy.url + service_path(env.namespace, service.name, SERVICE_PORT)
+
+    def check(self, namespaces: Iterable[str]) -> str:
+        """Try the cluster and credentials before they are saved; the server's version.
+
+        The server must answer with these credentials, and an access review must allow
+        them to apply Deployments in each of `namespaces`.
+
+        Raises:
+            ConfigError: refused (e.g. 401: a client certificate of another CA), no
+                answer, or not allowed to apply in a namespace (named).
+        """
+        from kubernetes import client  # noqa: PLC0415
+
+        server = self.api_client.configuration.host
+        try:
+            version = self._call("read the version", client.VersionApi(self.api_client).get_code)
+            refused = [ns for ns in namespaces if not self._may_apply(ns)]
+        except KubernetesApiError as exc:
+            msg = f"the kubeconfig does not work with {server}: {exc}"
+            raise ConfigError(msg) from exc
+        if refused:
+            msg = (
+                f"the kubeconfig's credentials may not apply Deployments on {server} in "
+                f"namespace(s) {', '.join(refused)} (access review: not allowed)"
+            )
+            raise ConfigError(msg)
+        return str(version.git_version)
+
+    def _may_apply(self, namespace: str) -> bool:
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {
+                "resourceAttributes": {
+                    "namespace": namespace,
+                    "verb": "patch",
+                    "group": "apps",
+                    "resource": "deployments",
+                }
+            },
+        }
+        api = self._api("AuthorizationV1Api")
+        response = self._call(
+            f"access review in {namespace}",
+            api.create_self_subject_access_review,
+            review,
+            _preload_content=False,
+        )
+        return bool(json.loads(response.data).get("status", {}).get("allowed"))
 
     # -- internals
 
@@ -425,20 +618,93 @@ class KubernetesDeployer:
             delay = min(delay * 2, self.target.retry_backoff_max_s)
 
     def _apply(self, objects: Iterable[Mapping[str, Any]]) -> None:
+        """Server-side apply each object in order.
+
+        A failure deletes the objects this apply created (not a Namespace: other
+        services may come to live there), then raises; `_ApplyRefused` when the
+        Deployment is surely unchanged (refused with a 4xx, or not reached).
+        """
+        created: list[Mapping[str, Any]] = []
+        reached = False
         for obj in objects:
-            api_name, suffix, namespaced = _resource(obj)
-            meta = obj["metadata"]
-            method = getattr(self._api(api_name), f"patch_{suffix}")
-            args = (meta["name"], meta["namespace"]) if namespaced else (meta["name"],)
+            try:
+                if self._apply_one(obj) == 201:
+                    created.append(obj)
+            except KubernetesApiError as exc:
+                self._delete_created(created)
+                status = exc.status or 0
+                if not reached and (obj["kind"] != "Deployment" or 400 <= status < 500):
+                    raise _ApplyRefused(str(exc), exc.status) from exc
+                raise
+            reached = reached or obj["kind"] == "Deployment"
+
+    def _apply_one(self, obj: Mapping[str, Any]) -> int:
+        """Apply `obj`; the HTTP status (201: created)."""
+        api_name, suffix, namespaced = _resource(obj)
+        meta = obj["metadata"]
+        method = getattr(self._api(api_name), f"patch_{suffix}")
+        args = (meta["name"], meta["namespace"]) if namespaced else (meta["name"],)
+        response = self._call(
+            f"apply {obj['kind']}/{meta['name']}",
+            method,
+            *args,
+            body=dict(obj),
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type="application/apply-patch+yaml",
+            _preload_content=False,
+        )
+        return int(response.status)
+
+    def _delete_created(self, created: list[Mapping[str, Any]]) -> None:
+        for obj in reversed(created):
+            if obj["kind"] != "Namespace":
+                run_logger().warning(
+                    "removing %s/%s: created by the failed apply",
+                    obj["kind"],
+                    obj["metadata"]["name"],
+                )
+                self._delete(obj, obj["metadata"]["namespace"])
+
+    def _delete(self, obj: Mapping[str, Any], namespace: str) -> None:
+        """Delete `obj` (in `namespace`); gone already is fine."""
+        api_name, suffix, _ = _resource(obj)
+        method = getattr(self._api(api_name), f"delete_{suffix}")
+        try:
             self._call(
-                f"apply {obj['kind']}/{meta['name']}",
+                f"delete {obj['kind']}/{obj['metadata']['name']}",
                 method,
-                *args,
-                body=dict(obj),
-                field_manager=FIELD_MANAGER,
-                force=True,
-                _content_type="application/apply-patch+yaml",
+                obj["metadata"]["name"],
+                namespace,
+                _preload_content=False,
             )
+        except KubernetesApiError as exc:
+            if exc.status != 404:
+                raise
+
+    def _remove_drift(self, env: EnvironmentSpec, service: ServiceSpec) -> None:
+        """Remove what other managers added to the Deployment (see `drift`) in one JSON
+        patch. No resourceVersion test: the controllers write the status meanwhile, and
+        the paths are into the spec and metadata only we and the drift's managers write."""
+        deployment = self._read_deployment(env.namespace, service.name)
+        found = drift(deployment) if deployment is not None else []
+        if deployment is None or not found:
+            return
+        run_logger().warning(
+            "%s/%s: removing drift: %s", env.name, service.name, describe_drift(found)
+        )
+        paths = sorted((tokens for _, tokens in found), reverse=True)  # later list items first
+        ops = [{"op": "remove", "path": _pointer(tokens)} for tokens in paths]
+        api = self._api("AppsV1Api")
+        self._call(
+            f"remove drift from Deployment/{service.name}",
+            api.patch_namespaced_deployment,
+            service.name,
+            env.namespace,
+            body=ops,
+            _content_type="application/json-patch+json",
+            _preload_content=False,
+        )
 
     def _read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         api = self._api("AppsV1Api")
@@ -480,7 +746,8 @@ class KubernetesDeployer:
         minimum = minimum_replicas(objects, service.name)
         applied_at = self._clock()
         self._apply(objects)
-        give_up_at = applied_at + progress_s + ROLLOUT_GRACE_S
+        self._remove_drift(env, service)
+        give_up_at = applied_at + self.target.rollout_deadline_s
         while True:
             deployment = self._read_deployment(env.namespace, service.name)
             if deployment is None:
@@ -535,20 +802,12 @@ class KubernetesDeployer:
             if (o["metadata"].get("labels") or {}).get(NAME_LABEL) == service.name
         ]
         for obj in reversed(mine):
-            api_name, suffix, _ = _resource(obj)
-            method = getattr(self._api(api_name), f"delete_{suffix}")
-            try:
-                self._call(
-                    f"delete {obj['kind']}/{obj['metadata']['name']}",
-                    method,
-                    obj["metadata"]["name"],
-                    env.namespace,
-                    _preload_content=False,
-                )
-            except KubernetesApiError as exc:
-                if exc.status != 404:
-                    raise
+            self._delete(obj, env.namespace)
         self._wait_pods_gone(env, service)
+
+
+class _ApplyRefused(KubernetesApiError):
+    """An apply failed before it changed the Deployment; what it created is removed."""
 
 
 def _resource(obj: Mapping[str, Any]) -> tuple[str, str, bool]:

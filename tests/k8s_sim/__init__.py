@@ -1,11 +1,12 @@
 """A SIMULATOR of the Kubernetes API server, for tests. Not Kubernetes.
 
-No real API server can run on the machines this project is tested on, so the
-Kubernetes deploy path is tested against this small fake: a real HTTP server on
+A real control plane now runs in the suite too (tests/plugins/kube.py); this fake
+stays for what it cannot show there (traffic to pods, injected failures, a simulated
+clock): a real HTTP server on
 loopback speaking the real REST wire protocol (paths, verbs, content types, Status
 objects, resourceVersion, 409 Conflict) for the few resources the pipeline uses:
 
-- /version
+- /version; POST selfsubjectaccessreviews (always allowed)
 - /api/v1: namespaces, serviceaccounts, configmaps, services, persistentvolumeclaims,
   pods (list/get; pods are made by the simulated Deployment controller)
 - /apis/apps/v1 deployments, /apis/autoscaling/v2 horizontalpodautoscalers,
@@ -304,6 +305,9 @@ class KubeSimulator:
             raise ApiError(401, "Unauthorized", "Unauthorized")
         if path == "/version":
             return 200, dict(VERSION)
+        if path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" and method == "POST":
+            review = _load_body(body, headers)  # one all-powerful token: everything allowed
+            return 201, {**review, "status": {"allowed": True, "reason": "simulated"}}
         proxied = SERVICE_PROXY.match(parts.path)
         if proxied:
             if method != "GET":

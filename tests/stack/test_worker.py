@@ -230,9 +230,10 @@ def test_worker_image_runs_prefect_and_the_flows_as_non_root(
             "sh",
             "-c",
             "git --version && uv --version && pip-audit --version && syft version"
-            " && kubectl version --client && echo ELICE_REPO=$ELICE_REPO",
+            " && kubectl version --client && skopeo --version && echo ELICE_REPO=$ELICE_REPO",
         )
         assert "git version" in tools
+        assert "skopeo version" in tools  # a promotion's image copy runs in this image
         assert "ELICE_REPO=/app" in tools
         assert run("sh", "-c", "test -w /app; echo $?").strip() == "1"  # code is read-only
     finally:

@@ -2,6 +2,11 @@
 
 The official kubernetes client talks real HTTP to the simulator, configured through a
 kubeconfig loaded into prefect-kubernetes' KubernetesClusterConfig/KubernetesCredentials.
+The same releases, failures, restores and credentials run against a real control plane
+in test_kubernetes_real.py; what stays here only is what a real server cannot show on
+this machine or not on demand: traffic to pods (health checks through the service proxy,
+no container runs there), injected 5xx/409 answers and timeouts, the controller's stale
+ProgressDeadlineExceeded during a rollback, and the retry budget on a simulated clock.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from core.records import ImageRef
 from tasks.deploy.kubernetes import (
     FIELD_MANAGER,
     KubernetesDeployer,
+    describe_drift,
+    drift,
+    foreign_owner,
     minimum_replicas,
     progress_deadline_s,
     rollout_status,
@@ -34,6 +42,7 @@ from tasks.health import probe_health
 from tests.k8s_sim import CONFIG, CRASH, ERR_PULL, NOT_READY, PULL, KubeSimulator
 
 DEADLINE_S = 60.0  # generous: the simulator finishes in a few simulated steps
+ROLLOUT_DEADLINE_S = 400.0  # beyond the manifests' progressDeadlineSeconds (300)
 
 
 @pytest.fixture
@@ -49,7 +58,7 @@ def _target(sim: KubeSimulator, tmp_path: Path, **overrides: Any) -> KubernetesT
         "poll_interval_s": 0.01,
         "retry_backoff_s": 0.01,
         "retry_backoff_max_s": 0.05,
-        "rollout_deadline_s": DEADLINE_S,
+        "rollout_deadline_s": ROLLOUT_DEADLINE_S,
         **overrides,
     }
     return KubernetesTarget(credentials=KubernetesCredentials(cluster_config=cluster), **settings)
@@ -466,3 +475,66 @@ def test_inside_the_cluster_health_checks_use_cluster_dns(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
     dns = KubernetesDeployer(deployer.target.model_copy(update={"health_via": "dns"}))
     assert dns.address(env, service).endswith(".svc.cluster.local:8000")
+
+
+def _managed(manager: str, fields: dict[str, Any], operation: str = "Update") -> dict[str, Any]:
+    return {"manager": manager, "operation": operation, "fieldsV1": fields}
+
+
+def test_ownership_and_drift_are_read_from_the_managed_fields() -> None:
+    """What a real server's managedFields say (shapes as v1.24 writes them)."""
+    ours = {
+        "f:metadata": {"f:labels": {"f:app": {}}},
+        "f:spec": {
+            "f:template": {
+                "f:spec": {
+                    "f:containers": {
+                        'k:{"name":"app"}': {"f:env": {'k:{"name":"PORT"}': {".": {}}}}
+                    }
+                }
+            }
+        },
+    }
+    theirs = {
+        "f:metadata": {"f:labels": {"f:hotfix": {}}},
+        "f:spec": {
+            "f:template": {
+                "f:spec": {
+                    "f:containers": {
+                        'k:{"name":"app"}': {
+                            "f:env": {'k:{"name":"DEBUG"}': {".": {}, "f:name": {}}}
+                        }
+                    }
+                }
+            }
+        },
+    }
+    env = [{"name": "PORT", "value": "8000"}, {"name": "DEBUG", "value": "1"}]
+    deployment: dict[str, Any] = {
+        "metadata": {
+            "labels": {"app": "a", "hotfix": "yes"},
+            "managedFields": [
+                _managed(FIELD_MANAGER, ours, "Apply"),
+                _managed("kubectl-set", theirs),
+                _managed("kube-controller-manager", {"f:metadata": {"f:annotations": {}}}),
+                {**_managed("kube-controller-manager", {"f:status": {}}), "subresource": "status"},
+            ],
+        },
+        "spec": {"template": {"spec": {"containers": [{"name": "app", "env": env}]}}},
+    }
+    assert foreign_owner(deployment) is None
+    found = drift(deployment)
+    assert found == [
+        ("kubectl-set", ["metadata", "labels", "hotfix"]),
+        ("kubectl-set", ["spec", "template", "spec", "containers", 0, "env", 1]),
+    ]
+    assert describe_drift(found) == (
+        "kubectl-set: /metadata/labels/hotfix, /spec/template/spec/containers/0/env/1"
+    )
+    deployment["metadata"]["managedFields"] = [_managed("helm", ours)]
+    assert foreign_owner(deployment) == "field managers helm"
+    assert drift(deployment) == []  # nothing of ours to compare with
+    deployment["metadata"]["managedFields"] = []  # a server without them: the label says
+    assert foreign_owner(deployment) == "label managed-by=None"
+    deployment["metadata"]["labels"]["app.kubernetes.io/managed-by"] = FIELD_MANAGER
+    assert foreign_owner(deployment) is None
