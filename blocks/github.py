@@ -45,6 +45,10 @@ class GitHubRepository(Block):
     required_approvals: int = Field(
         default=1, ge=1, le=6, description="Approving reviews a pull request needs to merge"
     )
+    environment_urls: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment name -> the URL GitHub links its deployments to",
+    )
     retry_backoff_s: float = Field(
         default=2.0, gt=0, le=60, description="First wait before retrying a failed call"
     )

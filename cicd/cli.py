@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from blocks.config import PipelineConfig, save_as_blocks
-from cicd import history_cli, metrics_cli, promote_cli, setup_cli, stack_cli
+from cicd import github, history_cli, metrics_cli, promote_cli, setup_cli, stack_cli
 from cicd.common import (
     ConfigOption,
     TargetOption,
@@ -33,6 +33,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(stack_cli.app, name="stack", help="The local stack: Prefect, registry, engine.")
+app.add_typer(github.app, name="github", help="GitHub: the repository set up for the pipeline.")
 promote_cli.register(app)
 setup_cli.register(app)
 metrics_cli.register(app)
