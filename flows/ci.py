@@ -39,6 +39,7 @@ from tasks.deploy.target import DeployTarget, environment_target
 from tasks.deployment_check import refuse_local_only
 from tasks.dispatch import SERVICE_DEPLOYMENT, collect_service_runs, start_service_runs
 from tasks.forking import stop_fork_servers
+from tasks.github.report import ci_status_hook
 from tasks.health import verify_deployment
 from tasks.images import (
     DeliverySettings,
@@ -483,12 +484,16 @@ def ci_service(
         remove_workspace(workspace)
 
 
+report_to_github = ci_status_hook(ci_outcome)  # inert without the elice-github block
+
+
 @flow(
     name="ci",
     task_runner=bounded_runner(),
     log_prints=False,
-    on_failure=[notify_ci_failed],
-    on_crashed=[notify_ci_failed],
+    on_completion=[report_to_github],
+    on_failure=[notify_ci_failed, report_to_github],
+    on_crashed=[notify_ci_failed, report_to_github],
 )
 def ci(
     services: list[str] | None = None,

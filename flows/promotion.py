@@ -55,6 +55,7 @@ from tasks.deploy.waves import deploy_in_waves, return_to_previous, undo_release
 from tasks.deployment_check import refuse_local_only, require_trusted_environment
 from tasks.freeze import check_deploy_window, deploy_clock, require_overridden
 from tasks.gate import audit, await_approvals, check_unchanged, gate_and_promoter
+from tasks.github.report import github_deployment, report_rollback
 from tasks.health import smoke_test_release
 from tasks.history import deploy_return, plan_return
 from tasks.images import (
@@ -518,7 +519,8 @@ def promote(
         recover_interrupted(run.context.ledger, run.deploy_target, run.env, catalog, run.run_id)
         plan, verdict, approved_by = _settled(run, approved)
         require_overridden(window, plan.release_id)
-        state, deployed, baselines = _deploy(run, plan, verdict, approved_by, health_deadline_s)
+        with github_deployment(plan, approved_by):  # GitHub's view; inert without its block
+            state, deployed, baselines = _deploy(run, plan, verdict, approved_by, health_deadline_s)
     return _outcome(run.context, plan, state, deployed, approved_by, baselines)
 
 
@@ -539,7 +541,7 @@ def _return_to(
 
 @flow(
     name="rollback",
-    on_completion=[notify_rollback_done],
+    on_completion=[notify_rollback_done, report_rollback],
     on_failure=[notify_failed],
     on_crashed=[notify_failed],
     on_cancellation=[notify_cancelled],
