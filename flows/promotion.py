@@ -55,7 +55,7 @@ from tasks.deploy.waves import deploy_in_waves, return_to_previous, undo_release
 from tasks.deployment_check import refuse_local_only, require_trusted_environment
 from tasks.freeze import check_deploy_window, deploy_clock, require_overridden
 from tasks.gate import audit, await_approvals, check_unchanged, gate_and_promoter
-from tasks.github.report import github_deployment, report_rollback
+from tasks.github.report import github_deployment, report_rejection, report_rollback
 from tasks.health import smoke_test_release
 from tasks.history import deploy_return, plan_return
 from tasks.images import (
@@ -462,7 +462,7 @@ def _window(run: _Promotion, overrides: list[dict[str, str]] | None) -> tuple[Fr
 @flow(
     name="promote",
     on_completion=[notify_promoted],
-    on_failure=[notify_failed],
+    on_failure=[notify_failed, report_rejection],
     on_crashed=[notify_failed],
     on_cancellation=[notify_cancelled],
 )

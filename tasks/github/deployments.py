@@ -36,8 +36,10 @@ def start_deployment(
     description: str,
     payload: dict[str, Any],
     log_url: str | None,
+    state: Literal["in_progress", "failure"] = "in_progress",
 ) -> int:
-    """A deployment of `sha` into `environment`, in progress; returns its id.
+    """A deployment of `sha` into `environment`, in progress (or, for a release refused
+    before it deployed, failed at once); returns its id.
 
     Raises:
         GitHubRefused / GitHubUnavailable: GitHub refused or could not be reached.
@@ -58,7 +60,7 @@ def start_deployment(
         transient_environment=False,
     )
     deployment_id = int(created["id"])
-    set_state(gh, repo, deployment_id, "in_progress", description, log_url, environment)
+    set_state(gh, repo, deployment_id, state, description, log_url, environment)
     return deployment_id
 
 

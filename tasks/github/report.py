@@ -4,6 +4,8 @@
                                    summary, and a deployment into dev when the run shipped
     github_deployment(plan, ...)   around a promotion's deploy: in_progress, then success
                                    (the replaced one inactive) or failure
+    report_rejection               a `promote` failure hook: a rejected release as a failed
+                                   deployment naming who rejected it
     report_rollback                a `rollback` completion hook: the rolled-back deployment
                                    inactive, the restored release a new successful one
 
@@ -24,7 +26,7 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.flows import FlowStateHook
 
 from blocks.github import GitHubRepository, load_github
-from core.errors import PipelineError, PromotionRolledBack
+from core.errors import PipelineError, PromotionRejected, PromotionRolledBack
 from core.records import CiOutcome, PromotionPlan, short_digest
 from tasks.notify import flow_run_url
 from tasks.process import run_logger
@@ -266,5 +268,36 @@ def report_rollback(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) 
         f"rollback of {env}",
         lambda: _rolled_back(
             gh, repo, env, who, restored if isinstance(restored, dict) else {}, run_url
+        ),
+    )
+
+
+def report_rejection(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:  # noqa: ARG001
+    """A `promote` failure hook: a release an approver rejected (or nobody approved in time)
+    shows as a failed deployment whose description names the rejecting principal."""
+    error = state.result(raise_on_failure=False)
+    if not isinstance(error, PromotionRejected) or error.plan is None:
+        return
+    plan = error.plan
+    sha = plan_commit(plan)
+    github = _github() if sha is not None else None
+    if github is None or sha is None:
+        return
+    from tasks.github.deployments import start_deployment  # noqa: PLC0415 - see the imports
+
+    repo, gh = github
+    run_url = flow_run_url(str(flow_run.id))
+    _quietly(
+        f"rejection of {plan.release_id}",
+        lambda: start_deployment(
+            gh,
+            repo,
+            environment=plan.environment,
+            sha=sha,
+            task="deploy:promote",
+            description=str(error),
+            payload={"release": plan.release_id},
+            log_url=run_url,
+            state="failure",
         ),
     )

@@ -16,10 +16,16 @@ from prefect.settings import PREFECT_UI_URL, temporary_settings
 from pydantic import SecretStr
 
 from blocks.github import GITHUB_BLOCK, GitHubRepository
-from core.errors import PromotionRolledBack
+from core.errors import PromotionRejected, PromotionRolledBack
 from core.records import CiOutcome, PlannedChange, StageResult, make_plan
 from flows.ci import ci_failed, ci_outcome
-from tasks.github.report import ci_status_hook, github_deployment, plan_commit, report_rollback
+from tasks.github.report import (
+    ci_status_hook,
+    github_deployment,
+    plan_commit,
+    report_rejection,
+    report_rollback,
+)
 from tasks.github.statuses import SUMMARY_MARKER
 from tests.plugins.github import GitHubServer, github_server
 from tests.tasks.plans import D1, D2, D3, image
@@ -252,3 +258,21 @@ def test_a_promotion_names_the_commit_most_of_its_services_were_built_from() -> 
     three = _plan(commits=(SHA2, SHA3))
     assert plan_commit(three) == SHA2
     assert plan_commit(_plan(commits=("", ""))) is None
+
+
+def test_a_rejected_promotion_is_a_failed_deployment_naming_who_rejected_it(
+    server: GitHubServer,
+) -> None:
+    plan = _plan("production")
+    message = f"sre-oncall rejected release {plan.release_id}: not today; nothing deployed"
+
+    @flow(name="promote-github-test", on_failure=[report_rejection])
+    def fake_promote(environment: str) -> None:
+        raise PromotionRejected(message, plan=plan)
+
+    assert fake_promote("production", return_state=True).is_failed()
+    (deployment,) = server.deployments("production")
+    assert deployment["production_environment"] is True
+    statuses = server.deployment_statuses(deployment["id"])
+    assert [s["state"] for s in statuses] == ["failure"]
+    assert statuses[0]["description"].startswith("sre-oncall rejected release")
