@@ -91,20 +91,19 @@ def setup_command(
 ) -> None:
     """Protect the branch, create the environments, send the secrets; idempotently."""
     from tasks.github.client import github_client  # noqa: PLC0415 - githubkit when asked
-    from tasks.github.repository import apply_step, plan_setup, secret_record  # noqa: PLC0415
+    from tasks.github.repository import (  # noqa: PLC0415
+        apply_step,
+        plan_setup,
+        secret_record,
+        wanted_secrets,
+    )
 
     key = _promote_key(promote_key)
     with prefect_api() as url:
         repo = _repository(token_block)
         auth = PREFECT_API_AUTH_STRING.value()
-        candidates = {
-            "PREFECT_API_URL": prefect_api_url or url,
-            "PREFECT_API_AUTH_STRING": auth.get_secret_value()
-            if isinstance(auth, SecretStr)
-            else auth,
-            "ELICE_PROMOTE_KEY": key,
-        }
-        secrets = {name: value for name, value in candidates.items() if value}
+        auth_string = auth.get_secret_value() if isinstance(auth, SecretStr) else auth
+        secrets = wanted_secrets(prefect_api_url or url, auth_string, key)
         gh = github_client(repo)
         try:
             record = secret_record(cli_settings().resolved_state_dir(), repo)
@@ -112,8 +111,9 @@ def setup_command(
         except PipelineError as exc:
             fail(str(exc))
     typer.echo(f"GitHub {repo.repository} at {repo.api_url}:")
-    for name in sorted(set(candidates) - set(secrets)):
-        typer.echo(f"  (secret {name}: no value here, left as it is)")
+    for name in ("PREFECT_API_AUTH_STRING", "ELICE_PROMOTE_KEY"):
+        if not any(key.endswith(name) for key in secrets):
+            typer.echo(f"  (secret {name}: no value here, left as it is)")
     if not steps:
         typer.echo("nothing to change")
         return

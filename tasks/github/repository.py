@@ -9,7 +9,8 @@ The wanted state (the seed's setup-github-integration.sh):
   dismissed), admins included, no force-push, no deletion;
 - the environments staging and production, deployable from protected branches only;
 - the Actions secrets the workflow reads, each sealed (libsodium's sealed box, PyNaCl) to
-  the repository's public key, as GitHub requires.
+  the public key GitHub gives for it, as GitHub requires: the Prefect API URL and its auth
+  string the repository's (every job needs them), the promotion key each environment's.
 
 GitHub never gives a secret back, so whether one changed is judged by a record kept
 beside the state (`SecretRecord`): the SHA-256 of the value last sent and GitHub's
@@ -36,8 +37,6 @@ from tasks.github.client import GitHubRefused, call, collect
 from tasks.github.statuses import REQUIRED_CONTEXTS
 
 ENVIRONMENTS = ("staging", "production")
-SECRET_NAMES = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "ELICE_PROMOTE_KEY")
-"""The secrets .github/workflows/ci.yml reads."""
 
 Action = Literal["create", "update"]
 
@@ -166,18 +165,19 @@ def _plan_protection(gh: GitHub[Any], repo: GitHubRepository) -> list[SetupStep]
 _BRANCH_POLICY = {"protected_branches": True, "custom_branch_policies": False}
 
 
-def _plan_environments(gh: GitHub[Any], repo: GitHubRepository) -> list[SetupStep]:
-    existing = {
-        env["name"]: env
-        for env in collect(
-            gh,
-            "environments",
-            gh.rest.repos.get_all_environments,
-            "environments",
-            owner=repo.owner,
-            repo=repo.name,
-        )
-    }
+def _environments(gh: GitHub[Any], repo: GitHubRepository) -> dict[str, dict[str, Any]]:
+    found = collect(
+        gh,
+        "environments",
+        gh.rest.repos.get_all_environments,
+        "environments",
+        owner=repo.owner,
+        repo=repo.name,
+    )
+    return {env["name"]: env for env in found}
+
+
+def _plan_environments(existing: dict[str, dict[str, Any]]) -> list[SetupStep]:
     steps = []
     for name in ENVIRONMENTS:
         if name not in existing:
@@ -189,12 +189,31 @@ def _plan_environments(gh: GitHub[Any], repo: GitHubRepository) -> list[SetupSte
     return steps
 
 
-def _plan_secrets(
-    gh: GitHub[Any], repo: GitHubRepository, secrets: dict[str, str], record: SecretRecord
-) -> list[SetupStep]:
-    existing = {
-        s["name"]: s
-        for s in collect(
+def wanted_secrets(
+    prefect_api_url: str | None, auth_string: str | None, promote_key: str | None
+) -> dict[str, str]:
+    """The secrets to send, by key: `NAME` for the repository's, `env/NAME` for an
+    environment's. Those without a value are left out (left as they are on GitHub).
+
+    The Prefect API and its auth string are the repository's: every job needs them, pull
+    requests' included. The promotion key is each environment's own: only a job of that
+    environment, on a protected branch, can read it.
+    """
+    wanted = {"PREFECT_API_URL": prefect_api_url, "PREFECT_API_AUTH_STRING": auth_string}
+    for env in ENVIRONMENTS:
+        wanted[f"{env}/ELICE_PROMOTE_KEY"] = promote_key
+    return {key: value for key, value in wanted.items() if value}
+
+
+def _scope(key: str) -> tuple[str | None, str]:
+    """(environment or None, secret name) of a secret's key."""
+    env, _, name = key.rpartition("/")
+    return env or None, name
+
+
+def _held(gh: GitHub[Any], repo: GitHubRepository, env: str | None) -> dict[str, dict[str, Any]]:
+    if env is None:
+        found = collect(
             gh,
             "secrets",
             gh.rest.actions.list_repo_secrets,
@@ -202,14 +221,38 @@ def _plan_secrets(
             owner=repo.owner,
             repo=repo.name,
         )
-    }
+    else:
+        found = collect(
+            gh,
+            f"secrets of {env}",
+            gh.rest.actions.list_environment_secrets,
+            "secrets",
+            owner=repo.owner,
+            repo=repo.name,
+            environment_name=env,
+        )
+    return {secret["name"]: secret for secret in found}
+
+
+def _plan_secrets(
+    gh: GitHub[Any],
+    repo: GitHubRepository,
+    secrets: dict[str, str],
+    record: SecretRecord,
+    environments: dict[str, dict[str, Any]],
+) -> list[SetupStep]:
+    held: dict[str | None, dict[str, dict[str, Any]]] = {}
     steps = []
-    for name, value in secrets.items():
-        if name not in existing:
-            steps.append(SetupStep("secret", name, "create", "sealed to the repository's key"))
-        elif not record.unchanged(name, value, str(existing[name].get("updated_at"))):
+    for key, value in secrets.items():
+        env, name = _scope(key)
+        if env not in held:  # an environment not created yet holds nothing
+            held[env] = _held(gh, repo, env) if env is None or env in environments else {}
+        where = f"environment {env}'s key" if env else "the repository's key"
+        if name not in held[env]:
+            steps.append(SetupStep("secret", key, "create", f"sealed to {where}"))
+        elif not record.unchanged(key, value, str(held[env][name].get("updated_at"))):
             steps.append(
-                SetupStep("secret", name, "update", "changed, or not sent from this machine")
+                SetupStep("secret", key, "update", "changed, or not sent from this machine")
             )
     return steps
 
@@ -219,31 +262,60 @@ def plan_setup(
 ) -> list[SetupStep]:
     """Every step between the repository's state and the wanted one; [] when none.
 
+    `secrets` as `wanted_secrets` returns them.
+
     Raises:
         GitHubRefused / GitHubUnavailable: a read failed (no permission, GitHub down).
     """
+    environments = _environments(gh, repo)
     return [
         *_plan_protection(gh, repo),
-        *_plan_environments(gh, repo),
-        *_plan_secrets(gh, repo, secrets, record),
+        *_plan_environments(environments),
+        *_plan_secrets(gh, repo, secrets, record, environments),
     ]
 
 
 def _put_secret(
-    gh: GitHub[Any], repo: GitHubRepository, name: str, value: str, record: SecretRecord
+    gh: GitHub[Any], repo: GitHubRepository, key: str, value: str, record: SecretRecord
 ) -> None:
-    key = call("public key", gh.rest.actions.get_repo_public_key, repo.owner, repo.name)
-    call(
-        f"secret {name}",
-        gh.rest.actions.create_or_update_repo_secret,
-        repo.owner,
-        repo.name,
-        name,
-        encrypted_value=seal(key["key"], value),
-        key_id=key["key_id"],
-    )
-    sent = call(f"secret {name}", gh.rest.actions.get_repo_secret, repo.owner, repo.name, name)
-    record.sent(name, value, str(sent.get("updated_at")))
+    env, name = _scope(key)
+    owner, repo_name = repo.owner, repo.name
+    if env is None:
+        public = call("public key", gh.rest.actions.get_repo_public_key, owner, repo_name)
+        sealed = seal(public["key"], value)
+        call(
+            f"secret {key}",
+            gh.rest.actions.create_or_update_repo_secret,
+            owner,
+            repo_name,
+            name,
+            encrypted_value=sealed,
+            key_id=public["key_id"],
+        )
+        sent = call(f"secret {key}", gh.rest.actions.get_repo_secret, owner, repo_name, name)
+    else:
+        public = call(
+            f"public key of {env}",
+            gh.rest.actions.get_environment_public_key,
+            owner,
+            repo_name,
+            env,
+        )
+        sealed = seal(public["key"], value)
+        call(
+            f"secret {key}",
+            gh.rest.actions.create_or_update_environment_secret,
+            owner,
+            repo_name,
+            env,
+            name,
+            encrypted_value=sealed,
+            key_id=public["key_id"],
+        )
+        sent = call(
+            f"secret {key}", gh.rest.actions.get_environment_secret, owner, repo_name, env, name
+        )
+    record.sent(key, value, str(sent.get("updated_at")))
 
 
 def apply_step(

@@ -65,13 +65,15 @@ def test_setup_from_nothing_then_again_changes_nothing(
     assert "+ create branch protection main" in dry
     assert "+ create environment staging" in dry
     assert "+ create environment production" in dry
-    assert "+ create secret ELICE_PROMOTE_KEY" in dry
-    assert "dry run: 6 changes planned, nothing changed" in dry
+    assert "+ create secret PREFECT_API_URL" in dry
+    assert "+ create secret staging/ELICE_PROMOTE_KEY" in dry
+    assert "+ create secret production/ELICE_PROMOTE_KEY" in dry
+    assert "dry run: 7 changes planned, nothing changed" in dry
     assert server.writes() == []
 
     code, out = _setup("--promote-key", str(promote_key))
     assert code == 0, out
-    assert "6 changes made" in out
+    assert "7 changes made" in out
     protection = server.state.protection["main"]
     assert protection["required_status_checks"]["contexts"] == sorted(REQUIRED_CONTEXTS)
     assert protection["required_status_checks"]["strict"] is True
@@ -83,7 +85,9 @@ def test_setup_from_nothing_then_again_changes_nothing(
     # decrypted with the server's private key: what was sealed is what was meant
     assert server.secret_value("PREFECT_API_URL") == PUBLISHED
     assert server.secret_value("PREFECT_API_AUTH_STRING") == AUTH
-    assert server.secret_value("ELICE_PROMOTE_KEY") == promote_key.read_text()
+    for env in ("staging", "production"):  # each environment's own, sealed to its own key
+        assert server.secret_value("ELICE_PROMOTE_KEY", env) == promote_key.read_text()
+    assert "ELICE_PROMOTE_KEY" not in server.secrets()  # never readable by a pull request
     assert AUTH not in out
     assert "PRIVATE KEY" not in out
     for put in server.requests_to("PUT", "/actions/secrets/PREFECT_API_AUTH_STRING"):
@@ -105,7 +109,7 @@ def test_what_changed_on_github_since_is_put_back_and_the_team_s_additions_kept(
     protection["allow_force_pushes"]["enabled"] = True
     protection["required_status_checks"]["contexts"].append("ci (Prefect flow ci/ci)")
     protection["required_pull_request_reviews"]["required_approving_review_count"] = 2
-    server.state.secrets["PREFECT_API_URL"]["updated_at"] = "2030-01-01T00:00:00Z"
+    server.secrets()["PREFECT_API_URL"]["updated_at"] = "2030-01-01T00:00:00Z"
     server.rotate_key()
 
     code, out = _setup("--dry-run")

@@ -15,8 +15,10 @@ It records every request and holds the repository's state:
     branch protection      GET/PUT /repos/{o}/{r}/branches/{branch}/protection
     environments           GET /repos/{o}/{r}/environments, GET/PUT .../environments/{name}
     actions secrets        GET .../actions/secrets/public-key, GET .../actions/secrets[/{name}],
-                           PUT .../actions/secrets/{name}: sealed boxes opened with the
-                           server's private key (`.secret_value(name)`), a stale key_id 422
+                           PUT .../actions/secrets/{name}, and the same under
+                           .../environments/{name}/secrets: sealed boxes opened with the
+                           scope's private key (`.secret_value(name, environment)`), a
+                           stale key_id 422
     rate limit             GET /rate_limit; every answer carries x-ratelimit-* headers
 
 As GitHub: `Authorization: token|Bearer <token>` or 401 "Bad credentials"; 404 for another
@@ -49,6 +51,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from nacl.public import PrivateKey, SealedBox
 
+_ENV = r"/environments/(?P<env>[^/]+)"
 STATUS_STATES = {"error", "failure", "pending", "success"}
 DEPLOYMENT_STATES = {
     "error",
@@ -129,8 +132,9 @@ class RepoState:
     comments: list[dict[str, Any]] = field(default_factory=list)
     protection: dict[str, dict[str, Any]] = field(default_factory=dict)
     environments: dict[str, dict[str, Any]] = field(default_factory=dict)
-    secrets: dict[str, dict[str, Any]] = field(default_factory=dict)
-    secret_values: dict[str, str] = field(default_factory=dict)
+    secrets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """scope ("" for the repository, else an environment's name) -> name -> metadata"""
+    secret_values: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class GitHubServer:
@@ -150,8 +154,7 @@ class GitHubServer:
         self._used = 0
         self._reset = int(time.time()) + 3600
         self._faults: list[Answer] = []
-        self._private = PrivateKey.generate()
-        self.key_id = "568250167242549743"
+        self._keys: dict[str, tuple[PrivateKey, str]] = {}
         self._routes = self._route_table()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -186,21 +189,33 @@ class GitHubServer:
         with self._lock:
             self._faults += [Answer(status, {"message": "Server Error"})] * count
 
-    def rotate_key(self) -> None:
-        """A new repository public key (secrets sealed to the old one are then refused)."""
+    def _key(self, scope: str) -> tuple[PrivateKey, str]:
+        """The key pair of a scope ("" the repository's, else an environment's) and its id."""
+        if scope not in self._keys:
+            self._keys[scope] = (PrivateKey.generate(), str(568250167242549743 + len(self._keys)))
+        return self._keys[scope]
+
+    def rotate_key(self, scope: str = "") -> None:
+        """A new public key of `scope` (secrets sealed to the old one are then refused)."""
         with self._lock:
-            self._private = PrivateKey.generate()
-            self.key_id = str(int(self.key_id) + 1)
+            _, old = self._key(scope)
+            self._keys[scope] = (PrivateKey.generate(), str(int(old) + 1000))
 
     def open_pull(self, number: int, head_sha: str) -> None:
         """A pull request `number` is open with head `head_sha`."""
         with self._lock:
             self.state.pulls[number] = head_sha
 
-    def secret_value(self, name: str) -> str:
-        """What the last PUT of secret `name` decrypted to with the private key."""
+    def secret_value(self, name: str, environment: str = "") -> str:
+        """What the last PUT of secret `name` (of `environment`) decrypted to with the
+        private key."""
         with self._lock:
-            return self.state.secret_values[name]
+            return self.state.secret_values[environment][name]
+
+    def secrets(self, environment: str = "") -> dict[str, dict[str, Any]]:
+        """The secrets' metadata (of `environment`), by name."""
+        with self._lock:
+            return self.state.secrets.setdefault(environment, {})
 
     @property
     def requests(self) -> list[Recorded]:
@@ -373,6 +388,10 @@ class GitHubServer:
             ("GET", "/actions/secrets"): self._list_secrets,
             ("GET", r"/actions/secrets/(?P<name>[A-Za-z0-9_]+)"): self._get_secret,
             ("PUT", r"/actions/secrets/(?P<name>[A-Za-z0-9_]+)"): self._put_secret,
+            ("GET", f"{_ENV}/secrets/public-key"): self._public_key,
+            ("GET", f"{_ENV}/secrets"): self._list_secrets,
+            ("GET", f"{_ENV}/secrets/(?P<name>[A-Za-z0-9_]+)"): self._get_secret,
+            ("PUT", f"{_ENV}/secrets/(?P<name>[A-Za-z0-9_]+)"): self._put_secret,
         }
 
     # --- routes -----------------------------------------------------------------------
@@ -655,39 +674,52 @@ class GitHubServer:
         self.state.environments[args["name"]] = environment
         return Answer(200, environment)
 
-    def _public_key(self, _: dict[str, str], __: dict[str, str], ___: Any) -> Answer:
-        key = base64.b64encode(bytes(self._private.public_key)).decode()
-        return Answer(200, {"key_id": self.key_id, "key": key})
+    def _scope(self, args: dict[str, str]) -> str:
+        """ "" for the repository's secrets, else the environment's (which must exist)."""
+        scope = args.get("env", "")
+        if scope and scope not in self.state.environments:
+            raise ApiError(404, "Not Found")
+        return scope
 
-    def _list_secrets(self, _: dict[str, str], query: dict[str, str], __: Any) -> Answer:
-        everything = [self.state.secrets[n] for n in sorted(self.state.secrets)]
+    def _public_key(self, args: dict[str, str], __: dict[str, str], ___: Any) -> Answer:
+        private, key_id = self._key(self._scope(args))
+        key = base64.b64encode(bytes(private.public_key)).decode()
+        return Answer(200, {"key_id": key_id, "key": key})
+
+    def _list_secrets(self, args: dict[str, str], query: dict[str, str], __: Any) -> Answer:
+        held = self.state.secrets.setdefault(self._scope(args), {})
+        everything = [held[n] for n in sorted(held)]
         answer = _page(everything, query)
         answer.body = {"total_count": len(everything), "secrets": answer.body}
         return answer
 
     def _get_secret(self, args: dict[str, str], _: dict[str, str], __: Any) -> Answer:
-        if args["name"] not in self.state.secrets:
+        held = self.state.secrets.setdefault(self._scope(args), {})
+        if args["name"].upper() not in held:
             raise ApiError(404, "Not Found")
-        return Answer(200, self.state.secrets[args["name"]])
+        return Answer(200, held[args["name"].upper()])
 
     def _put_secret(self, args: dict[str, str], _: dict[str, str], body: Any) -> Answer:
+        scope = self._scope(args)
+        private, key_id = self._key(scope)
         body = _object(body)
-        if body.get("key_id") != self.key_id:
-            raise ApiError(422, "Bad request: key_id is not the repository's current key")
+        if body.get("key_id") != key_id:
+            raise ApiError(422, "Bad request: key_id is not the current key's")
         try:
             sealed = base64.b64decode(body.get("encrypted_value") or "", validate=True)
-            value = SealedBox(self._private).decrypt(sealed).decode()
+            value = SealedBox(private).decrypt(sealed).decode()
         except Exception as exc:
             raise ApiError(422, f"Bad request: cannot decrypt encrypted_value: {exc}") from exc
         name = args["name"].upper()
-        created = name not in self.state.secrets
-        old = self.state.secrets.get(name, {})
-        self.state.secrets[name] = {
+        held = self.state.secrets.setdefault(scope, {})
+        created = name not in held
+        old = held.get(name, {})
+        held[name] = {
             "name": name,
             "created_at": old.get("created_at", _now()),
             "updated_at": _now(),
         }
-        self.state.secret_values[name] = value
+        self.state.secret_values.setdefault(scope, {})[name] = value
         return Answer(201 if created else 204)
 
 
