@@ -11,7 +11,7 @@ GitHub unreadable).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from prefect.blocks.system import Secret
@@ -23,7 +23,9 @@ from cicd.common import cli_settings, fail, prefect_api
 from core.errors import PipelineError
 
 if TYPE_CHECKING:
-    from tasks.github.repository import SetupStep
+    from githubkit import GitHub
+
+    from tasks.github.repository import SecretRecord, SetupStep
 
 app = typer.Typer(
     name="github", no_args_is_help=True, help="GitHub: the repository set up for the pipeline."
@@ -69,6 +71,33 @@ def _line(step: SetupStep) -> str:
     return f"{_SIGN[step.action]} {step.action} {step.kind} {step.name}: {step.detail}"
 
 
+def _plan(
+    token_block: str | None, prefect_api_url: str | None, promote_key: str | None
+) -> tuple[GitHubRepository, GitHub[Any], dict[str, str], SecretRecord, list[SetupStep]]:
+    """The repository, its client, the secrets to send, their record and the plan.
+
+    Exits 2 when nothing can be planned: no Prefect API, no block, GitHub unreadable.
+    """
+    from tasks.github.client import github_client  # noqa: PLC0415 - githubkit when asked
+    from tasks.github.repository import (  # noqa: PLC0415
+        plan_setup,
+        secret_record,
+        wanted_secrets,
+    )
+
+    try:
+        with prefect_api() as url:
+            repo = _repository(token_block)
+            auth = PREFECT_API_AUTH_STRING.value()
+            auth_string = auth.get_secret_value() if isinstance(auth, SecretStr) else auth
+            secrets = wanted_secrets(prefect_api_url or url, auth_string, promote_key)
+        gh = github_client(repo)
+        record = secret_record(cli_settings().resolved_state_dir(), repo)
+        return repo, gh, secrets, record, plan_setup(gh, repo, secrets, record)
+    except PipelineError as exc:
+        fail(str(exc))
+
+
 def setup_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan; change nothing.")
@@ -90,29 +119,13 @@ def setup_command(
     ] = None,
 ) -> None:
     """Protect the branch, create the environments, send the secrets; idempotently."""
-    from tasks.github.client import github_client  # noqa: PLC0415 - githubkit when asked
-    from tasks.github.repository import (  # noqa: PLC0415
-        apply_step,
-        plan_setup,
-        secret_record,
-        wanted_secrets,
-    )
+    from tasks.github.repository import apply_step  # noqa: PLC0415 - githubkit when asked
 
     key = _promote_key(promote_key)
-    with prefect_api() as url:
-        repo = _repository(token_block)
-        auth = PREFECT_API_AUTH_STRING.value()
-        auth_string = auth.get_secret_value() if isinstance(auth, SecretStr) else auth
-        secrets = wanted_secrets(prefect_api_url or url, auth_string, key)
-        gh = github_client(repo)
-        try:
-            record = secret_record(cli_settings().resolved_state_dir(), repo)
-            steps = plan_setup(gh, repo, secrets, record)
-        except PipelineError as exc:
-            fail(str(exc))
+    repo, gh, secrets, record, steps = _plan(token_block, prefect_api_url, key)
     typer.echo(f"GitHub {repo.repository} at {repo.api_url}:")
     for name in ("PREFECT_API_AUTH_STRING", "ELICE_PROMOTE_KEY"):
-        if not any(key.endswith(name) for key in secrets):
+        if not any(held.endswith(name) for held in secrets):
             typer.echo(f"  (secret {name}: no value here, left as it is)")
     if not steps:
         typer.echo("nothing to change")
