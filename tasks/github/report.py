@@ -19,6 +19,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from prefect import Flow
@@ -26,7 +27,7 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.flows import FlowStateHook
 
 from blocks.github import GitHubRepository, load_github
-from core.errors import PipelineError, PromotionRejected, PromotionRolledBack
+from core.errors import PipelineError, PromotionRejected, PromotionRolledBack, ToolError
 from core.records import CiOutcome, PromotionPlan, short_digest
 from tasks.notify import flow_run_url
 from tasks.process import run_logger
@@ -42,12 +43,22 @@ _FAILURES = (PipelineError, LookupError, TypeError, ValueError)
 """What a report may fail with (the client's errors, an unexpected answer's shape)."""
 
 
+_GAVE_UP: ContextVar[bool] = ContextVar("github_gave_up", default=False)
+"""Set once a report found GitHub unavailable (after the client's retries): the rest of
+that report is skipped rather than waiting through the same retries again."""
+
+
 def _quietly(what: str, action: Callable[[], Any]) -> Any:
     """`action()`, or None with a warning when GitHub could not be told."""
+    if _GAVE_UP.get():
+        run_logger().warning("GitHub: %s not reported: GitHub was unavailable", what)
+        return None
     try:
         return action()
     except _FAILURES as exc:
         run_logger().warning("GitHub: %s not reported: %s", what, exc)
+        if isinstance(exc, ToolError):
+            _GAVE_UP.set(True)
         return None
 
 
@@ -55,6 +66,7 @@ def _github() -> tuple[GitHubRepository, GitHub[Any]] | None:
     """The saved repository and a client for it; None when GitHub is not configured."""
     from tasks.github.client import github_client  # noqa: PLC0415 - see the imports
 
+    _GAVE_UP.set(False)  # each report tries afresh
     repo = _quietly("configuration", load_github)
     return (repo, github_client(repo)) if isinstance(repo, GitHubRepository) else None
 

@@ -168,17 +168,25 @@ def test_a_run_with_nothing_to_check_passes_the_required_contexts(server: GitHub
 def test_github_down_never_fails_the_run_and_is_logged(
     server: GitHubServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    server.open_pull(7, SHA1)
     server.down = True
     outcome = CiOutcome(
-        commit=SHA1, ref="refs/heads/main", affected=["auth"], results=_results("auth")
+        commit=SHA1, ref="refs/pull/7/merge", affected=["auth"], results=_results("auth")
     )
     with caplog.at_level(logging.WARNING):
         state = _ci(outcome, head=SHA1)
     assert state.is_completed()
     assert "GitHub: statuses of 111111111111 not reported" in caplog.text
     assert "HTTP 503" in caplog.text
+    # the rest of the report does not wait through the same retries again
+    assert "GitHub: summary on #7 not reported: GitHub was unavailable" in caplog.text
     assert server.token not in caplog.text
-    assert len(server.requests_to("POST")) == 4  # retried, then given up
+    assert len(server.requests) == 4  # the first call, retried, then given up
+
+    server.down = False  # the next run reports again
+    _ci(outcome, head=SHA1)
+    assert {s["state"] for s in server.statuses_for(SHA1)} == {"success"}
+    assert len(server.comments(7)) == 1
 
 
 def _plan(environment: str = "staging", commits: tuple[str, ...] = (SHA1, SHA1)) -> Any:
