@@ -35,6 +35,8 @@ from tasks.process import run_logger
 if TYPE_CHECKING:
     from githubkit import GitHub
 
+    from tasks.github.statuses import StatusState
+
 # githubkit takes over a second to import: the modules that use it are imported below, in
 # the functions that run only where GitHub is configured, so a flow without it pays nothing.
 
@@ -146,10 +148,12 @@ def ci_status_hook(
         head = str(params.get("head") or "")
         if _SHA.match(head):
             reason = f"the run ended before checking: {state.message or state.type.value}"
-            errors = dict.fromkeys(REQUIRED_CONTEXTS, ("error", reason))
+            errors: dict[str, tuple[StatusState, str]] = dict.fromkeys(
+                REQUIRED_CONTEXTS, ("error", reason)
+            )
             _quietly(
                 f"statuses of {head[:12]}",
-                lambda: set_commit_statuses(gh, repo, head, errors, run_url),  # type: ignore[arg-type]
+                lambda: set_commit_statuses(gh, repo, head, errors, run_url),
             )
 
     return report_ci_to_github

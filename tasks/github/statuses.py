@@ -48,7 +48,7 @@ SUMMARY_MARKER = "<!-- elice-ci-summary -->"
 MAX_DESCRIPTION = 140  # GitHub refuses a longer status description
 MAX_COMMENT = 60_000  # GitHub's limit is 65,536 characters
 
-State = Literal["error", "failure", "pending", "success"]
+StatusState = Literal["error", "failure", "pending", "success"]
 _PULL_REF = re.compile(r"^refs/pull/(\d+)/(?:merge|head)$")
 
 
@@ -62,7 +62,7 @@ def _short(text: str) -> str:
     return text if len(text) <= MAX_DESCRIPTION else text[: MAX_DESCRIPTION - 3] + "..."
 
 
-def _group_status(results: list[StageResult]) -> tuple[State, str]:
+def _group_status(results: list[StageResult]) -> tuple[StatusState, str]:
     services = list(dict.fromkeys(r.service for r in results))
     failed = {r.service: r.stage for r in results if r.status == "failed"}
     if failed:
@@ -75,7 +75,7 @@ def _group_status(results: list[StageResult]) -> tuple[State, str]:
     return "success", _short(text + (f", {skipped} skipped" if skipped else ""))
 
 
-def group_statuses(outcome: CiOutcome) -> dict[str, tuple[State, str]]:
+def group_statuses(outcome: CiOutcome) -> dict[str, tuple[StatusState, str]]:
     """Each context's state and description for `outcome`; the required ones always."""
     if outcome.nothing_to_do:
         return dict.fromkeys(REQUIRED_CONTEXTS, ("success", "no service affected"))
@@ -85,7 +85,7 @@ def group_statuses(outcome: CiOutcome) -> dict[str, tuple[State, str]]:
     statuses = {context_of(g): _group_status(grouped[g]) for g in GROUPS if g in grouped}
     for context in REQUIRED_CONTEXTS:
         if context not in statuses:
-            state: State = "failure" if outcome.failed else "success"
+            state: StatusState = "failure" if outcome.failed else "success"
             statuses[context] = (
                 state,
                 "not run: an earlier stage failed" if outcome.failed else "nothing to run",
@@ -97,7 +97,7 @@ def set_commit_statuses(
     gh: GitHub[Any],
     repo: GitHubRepository,
     sha: str,
-    statuses: dict[str, tuple[State, str]],
+    statuses: dict[str, tuple[StatusState, str]],
     target_url: str | None,
 ) -> None:
     """One commit status per context on `sha`, each linking to `target_url`.

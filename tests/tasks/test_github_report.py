@@ -16,7 +16,7 @@ from prefect.settings import PREFECT_UI_URL, temporary_settings
 from pydantic import SecretStr
 
 from blocks.github import GITHUB_BLOCK, GitHubRepository
-from core.errors import PromotionRejected, PromotionRolledBack
+from core.errors import ConfigError, PromotionRejected, PromotionRolledBack
 from core.records import CiOutcome, PlannedChange, StageResult, make_plan
 from flows.ci import ci_failed, ci_outcome
 from tasks.github.report import (
@@ -284,3 +284,19 @@ def test_a_rejected_promotion_is_a_failed_deployment_naming_who_rejected_it(
     statuses = server.deployment_statuses(deployment["id"])
     assert [s["state"] for s in statuses] == ["failure"]
     assert statuses[0]["description"].startswith("sre-oncall rejected release")
+
+
+def test_a_run_that_ended_before_checking_marks_the_required_contexts_error(
+    server: GitHubServer,
+) -> None:
+    hook = ci_status_hook(ci_outcome)
+
+    @flow(name="ci-github-early-test", on_failure=[hook])
+    def early_ci(head: str) -> None:
+        raise ConfigError("repository 'someone/else' is not the configured one")
+
+    assert early_ci(SHA3, return_state=True).is_failed()
+    statuses = _latest(server, SHA3)
+    assert set(statuses) == {"elice/checks", "elice/tests"}
+    assert {s["state"] for s in statuses.values()} == {"error"}
+    assert "is not the configured one" in statuses["elice/checks"]["description"]
