@@ -27,8 +27,9 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.flows import FlowStateHook
 
 from blocks.github import GitHubRepository, load_github
-from core.errors import PipelineError, PromotionRejected, PromotionRolledBack, ToolError
+from core.errors import PromotionRejected, PromotionRolledBack, ToolError
 from core.records import CiOutcome, PromotionPlan, short_digest
+from tasks.masking import scrub_masked
 from tasks.notify import flow_run_url
 from tasks.process import run_logger
 
@@ -41,8 +42,6 @@ if TYPE_CHECKING:
 # the functions that run only where GitHub is configured, so a flow without it pays nothing.
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
-_FAILURES = (PipelineError, LookupError, TypeError, ValueError)
-"""What a report may fail with (the client's errors, an unexpected answer's shape)."""
 
 
 _GAVE_UP: ContextVar[bool] = ContextVar("github_gave_up", default=False)
@@ -57,8 +56,10 @@ def _quietly(what: str, action: Callable[[], Any]) -> Any:
         return None
     try:
         return action()
-    except _FAILURES as exc:
-        run_logger().warning("GitHub: %s not reported: %s", what, exc)
+    # A report never decides a run: besides the client's errors (PipelineError) an
+    # unexpected answer's shape or the Prefect API failing to load the block is logged too.
+    except Exception as exc:  # noqa: BLE001
+        run_logger().warning("GitHub: %s not reported: %s", what, scrub_masked(str(exc)))
         if isinstance(exc, ToolError):
             _GAVE_UP.set(True)
         return None
