@@ -121,6 +121,8 @@ def setup_command(
     """Protect the branch, create the environments, send the secrets; idempotently."""
     from tasks.github.repository import apply_step  # noqa: PLC0415 - githubkit when asked
 
+    if prefect_api_url is not None and not prefect_api_url.startswith(("http://", "https://")):
+        fail(f"--prefect-api-url must be an http(s) URL, got {prefect_api_url!r}")
     key = _promote_key(promote_key)
     repo, gh, secrets, record, steps = _plan(token_block, prefect_api_url, key)
     typer.echo(f"GitHub {repo.repository} at {repo.api_url}:")

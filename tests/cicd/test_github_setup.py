@@ -159,6 +159,15 @@ def test_a_promote_key_that_is_no_key_is_refused_before_any_call(
     assert configured.requests == []
 
 
+def test_a_prefect_api_url_that_is_no_url_is_refused_before_any_call(
+    configured: GitHubServer,
+) -> None:
+    result = runner.invoke(app, ["github", "setup", "--prefect-api-url", "prefect:4200"])
+    assert result.exit_code == 2
+    assert "--prefect-api-url must be an http(s) URL, got 'prefect:4200'" in result.output
+    assert configured.requests == []
+
+
 def test_a_refused_token_fails_before_any_change(configured: GitHubServer) -> None:
     configured.token = "another"
     code, out = _setup()
