@@ -2,17 +2,23 @@
 
 `ci` runs on the pinned repository (a bare remote: the approval policy's, main holding
 it) with nothing to check, on main and as a pull request; `promote` moves releases of
-`course` from gh-dev to gh-stg twice, and `rollback` returns gh-stg to the first. Own
-environments (gh-dev -> gh-stg, host ports 47xxx), engine and registry of the stack.
+`course` from gh-dev to gh-stg twice, and `rollback` returns gh-stg to the first; into
+gh-prd, behind a gate, one promotion is approved and one rejected. Own environments
+(gh-dev -> gh-stg -> gh-prd, host ports 47xxx), engine and registry of the stack.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import docker
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from pydantic import SecretStr
 
 from blocks.config import PipelineConfig, load_config
@@ -21,9 +27,10 @@ from blocks.stack import StackInfo
 from core.records import ImageRef
 from flows.ci import ci
 from flows.promotion import promote, rollback
+from tasks.approval import submit_answer
 from tasks.deploy.docker import DockerDeployer
 from tasks.github.statuses import SUMMARY_MARKER
-from tests.approvers import Approvers
+from tests.approvers import Approvers, paused_promotion
 from tests.flows.chain import (
     derive,
     put_release,
@@ -37,7 +44,8 @@ from tests.trust import pin_repository
 
 pytestmark = pytest.mark.stack
 
-DEV, STG = "gh-dev", "gh-stg"
+DEV, STG, PRD = "gh-dev", "gh-stg", "gh-prd"
+GATE = {PRD: {"approvers": ["bob", "carol"], "approvals_required": 1, "timeout_s": 120}}
 SERVICE = "course"
 
 
@@ -62,13 +70,15 @@ def setup(
     mp.setenv("DOCKER_HOST", stack.docker_host)
     folder = tmp_path_factory.mktemp("github-flows")
     cfg_path = write_chain_config(
-        folder / "pipeline.yaml", [(DEV, 39600), (STG, 39100)], services=[(SERVICE, 8004)]
+        folder / "pipeline.yaml",
+        [(DEV, 39600), (STG, 39100), (PRD, 39300)],
+        services=[(SERVICE, 8004)],
     )
-    people = Approvers(folder, ["alice"])
-    people.set_policy({})  # no gate into gh-stg
-    pin_repository(mp, folder, people.bare, environments=(DEV, STG))
+    people = Approvers(folder, ["alice", "bob", "carol"])
+    people.set_policy(GATE)  # gh-stg without a gate, gh-prd behind one
+    pin_repository(mp, folder, people.bare, environments=(DEV, STG, PRD))
     cfg = load_config(cfg_path)
-    remove_containers(docker_client, [DEV, STG])
+    remove_containers(docker_client, [DEV, STG, PRD])
     put_verified(cfg, STG, SERVICE, pushed_image)
     images = (
         pushed_image,
@@ -84,7 +94,7 @@ def setup(
         ).save(GITHUB_BLOCK, overwrite=True)
         yield Setup(cfg, cfg_path, people, server, images)
         GitHubRepository.delete(GITHUB_BLOCK)
-    remove_containers(docker_client, [DEV, STG])
+    remove_containers(docker_client, [DEV, STG, PRD])
     mp.undo()
 
 
@@ -162,3 +172,53 @@ def test_promotions_then_a_rollback_leave_their_deployments(setup: Setup) -> Non
     assert restored["sha"] == first_commit
     assert restored["task"] == "deploy:rollback"
     assert server.deployment_states(restored["id"]) == ["in_progress", "success"]
+
+
+def _gated(s: Setup, answer_as: str, decision: str = "approve") -> Any:
+    """A promotion into gh-prd requested by alice, answered at its gate; its final state."""
+    before = {r.id for r in _promote_runs()}
+    states: queue.Queue[Any] = queue.Queue()
+    params = s.people.request(PRD, "alice")
+    thread = threading.Thread(
+        target=lambda: states.put(
+            promote(
+                environment=PRD,
+                config_source=s.cfg_path,
+                health_deadline_s=20,
+                return_state=True,
+                **params,
+            )
+        ),
+        daemon=True,
+    )
+    thread.start()
+    run_id = paused_promotion(before)
+    reason = "" if decision == "approve" else "not before the freeze ends"
+    submit_answer(run_id, s.people.answer(run_id, answer_as, decision, reason))
+    return states.get(timeout=240)
+
+
+def _promote_runs() -> list[Any]:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["promote"])))
+
+
+def test_an_approved_then_a_rejected_production_promotion(setup: Setup) -> None:
+    server = setup.server
+    d1 = setup.images[0]
+    put_verified(setup.cfg, STG, SERVICE, d1)  # from main's tip
+    state = _gated(setup, "bob")
+    assert state.is_completed(), state.message
+    (approved,) = server.deployments(PRD)
+    statuses = server.deployment_statuses(approved["id"])
+    assert [s["state"] for s in statuses] == ["in_progress", "success"]
+    assert "promoted by alice, approved by bob" in statuses[-1]["description"]
+
+    put_verified(setup.cfg, STG, SERVICE, setup.images[2])
+    state = _gated(setup, "carol", "reject")
+    assert state.is_failed()
+    _, rejected = server.deployments(PRD)
+    statuses = server.deployment_statuses(rejected["id"])
+    assert [s["state"] for s in statuses] == ["failure"]
+    assert statuses[0]["description"].startswith("carol rejected release")
+    assert server.deployment_states(approved["id"])[-1] == "success"  # still what serves
