@@ -234,15 +234,32 @@ def github_deployment(plan: PromotionPlan, approved_by: str | None) -> Iterator[
         )
 
 
+def _returned_to(
+    gh: GitHub[Any], repo: GitHubRepository, older: list[dict[str, Any]], release: str | None
+) -> dict[str, Any] | None:
+    """The deployment a rollback returned to: the promotion of `release` when it names
+    one, else the newest older deployment that once served."""
+    from tasks.github.deployments import was_successful  # noqa: PLC0415
+
+    if release is not None:
+        return next((d for d in older if (d.get("payload") or {}).get("release") == release), None)
+    return next((d for d in older if was_successful(gh, repo, int(d["id"]))), None)
+
+
 def _rolled_back(
-    gh: GitHub[Any], repo: GitHubRepository, env: str, who: str, restored: Any, run_url: str | None
+    gh: GitHub[Any],
+    repo: GitHubRepository,
+    env: str,
+    who: str,
+    returns: tuple[Any, str | None],
+    run_url: str | None,
 ) -> None:
+    """`returns`: (the rollback's service -> digest now serving, the release asked for)."""
     from tasks.github.deployments import (  # noqa: PLC0415
         finish_deployment,
         latest_active,
         set_state,
         start_deployment,
-        was_successful,
     )
 
     found = latest_active(gh, repo, env)
@@ -251,8 +268,10 @@ def _rolled_back(
         return
     current, older = found
     set_state(gh, repo, int(current["id"]), "inactive", f"rolled back by {who}", run_url, env)
-    previous = next((d for d in older if was_successful(gh, repo, int(d["id"]))), None)
+    restored, release = returns
+    previous = _returned_to(gh, repo, older, release)
     if previous is None:
+        run_logger().info("GitHub: no deployment of %s to show %s returned to", env, release)
         return
     digests = {s: short_digest(d) if d else None for s, d in dict(restored or {}).items()}
     text = f"rolled back by {who} to deployment {previous['id']}"
@@ -271,7 +290,8 @@ def _rolled_back(
 
 def report_rollback(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:  # noqa: ARG001
     """A `rollback` completion hook: GitHub's active deployment of the environment marked
-    inactive (rolled back, by whom), and the one before it deployed again as a new one."""
+    inactive (rolled back, by whom), and the one returned to (the one before it, or the
+    promotion of the `to_release` asked for) deployed again as a new one."""
     github = _github()
     if github is None:
         return
@@ -284,7 +304,12 @@ def report_rollback(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) 
     _quietly(
         f"rollback of {env}",
         lambda: _rolled_back(
-            gh, repo, env, who, restored if isinstance(restored, dict) else {}, run_url
+            gh,
+            repo,
+            env,
+            who,
+            (restored if isinstance(restored, dict) else {}, params.get("to_release")),
+            run_url,
         ),
     )
 

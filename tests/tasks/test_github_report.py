@@ -300,3 +300,34 @@ def test_a_run_that_ended_before_checking_marks_the_required_contexts_error(
     assert set(statuses) == {"elice/checks", "elice/tests"}
     assert {s["state"] for s in statuses.values()} == {"error"}
     assert "is not the configured one" in statuses["elice/checks"]["description"]
+
+
+def test_a_rollback_to_a_named_release_redeploys_that_promotion(server: GitHubServer) -> None:
+    plans = [  # three releases: their ids differ by digest
+        make_plan(
+            "staging",
+            "dev",
+            [
+                PlannedChange(
+                    service="auth", current_digest=None, image=image("auth", d, sha), commit=sha
+                )
+            ],
+            "alice",
+        )
+        for d, sha in ((D1, SHA1), (D2, SHA2), (D3, SHA3))
+    ]
+    for plan in plans:
+        with github_deployment(plan, None):
+            pass
+
+    @flow(name="rollback-release-github-test", on_completion=[report_rollback])
+    def fake_rollback(environment: str, requested_by: str, to_release: str) -> dict[str, str]:
+        return {"auth": D2}
+
+    state = fake_rollback("staging", "bob", plans[0].release_id, return_state=True)
+    assert state.is_completed()
+    *_, third, restored = server.deployments("staging")
+    assert server.deployment_states(third["id"])[-1] == "inactive"
+    assert restored["sha"] == SHA1
+    assert restored["task"] == "deploy:rollback"
+    assert server.deployment_states(restored["id"]) == ["in_progress", "success"]
