@@ -16,6 +16,7 @@ inconclusive, which fails the release like a failed check.
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -89,14 +90,22 @@ def measure(
     data = body.get("data", {})
     kind, result = data.get("resultType"), data.get("result")
     if kind == "scalar":
-        return float(result[1]), ""
+        return _number(result[1])
     if kind != "vector":
         return None, f"a {kind} result: a check's query must give one series or a scalar"
     if not result:
         return None, "no data: the query matched no series"
     if len(result) > 1:
         return None, f"{len(result)} series: a check's query must give one"
-    return float(result[0]["value"][1]), ""
+    return _number(result[0]["value"][1])
+
+
+def _number(text: str) -> tuple[float | None, str]:
+    """A sample's value; NaN (a ratio or quantile of no traffic) is no data, not a value."""
+    value = float(text)
+    if math.isnan(value):
+        return None, "no data: NaN (nothing observed in the query's window)"
+    return value, ""
 
 
 @contextmanager

@@ -140,6 +140,9 @@ def test_measure_reads_one_value_and_names_why_there_is_none(prometheus: str) ->
     value, why = measure(prometheus, "vector(1) or label_replace(vector(2), 'a', 'b', '', '')")
     assert value is None
     assert "2 series" in why
+    value, why = measure(prometheus, "vector(0) / vector(0)")
+    assert value is None
+    assert why.startswith("no data: NaN")
     value, why = measure(prometheus, "sum(")
     assert value is None
     assert "answered 400" in why
