@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from blocks.environments import PAGED_BY_NAME
+from core.analysis import AnalysisPolicy
 from core.errors import ConfigError
 from core.windows import DeployWindows
 
@@ -70,6 +71,10 @@ class ApprovalPolicy(BaseModel):
     deploy_windows: dict[str, DeployWindows] = Field(
         default_factory=dict,
         description="Environment -> its freezes (core/windows.py); none: always open",
+    )
+    analysis: dict[str, AnalysisPolicy] = Field(
+        default_factory=dict,
+        description="Environment -> its post-deploy analysis (core/analysis.py); none: no analysis",
     )
 
     def gate(self, environment: str) -> EnvironmentPolicy | None:

@@ -49,7 +49,13 @@ class RegistryChoice(BaseModel):
     block: Name = Field(description="The saved block's name, e.g. elice-registry-production")
 
 
-_POLICY_KEYS = ("approval_required", "approvers", "approval_timeout_s", "approvals_required")
+_POLICY_KEYS = (
+    "approval_required",
+    "approvers",
+    "approval_timeout_s",
+    "approvals_required",
+    "analysis",
+)
 
 
 class EnvironmentSpec(BaseModel):
@@ -72,6 +78,11 @@ class EnvironmentSpec(BaseModel):
     registry: RegistryChoice | None = Field(
         default=None,
         description="Its own registry (images are copied in by digest); none: the CI registry",
+    )
+    prometheus_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="The Prometheus its analysis queries; none: the local stack's",
     )
 
     @model_validator(mode="before")

@@ -26,7 +26,9 @@ PipelineError
 │   ├── PromotionRefused     refused before anything changed (unknown, unverified, unsafe)
 │   ├── PromotionRejected    an approver said no, or nobody answered in time
 │   ├── PromotionRolledBack  deployed, failed verification, every service put back
-│   └── PerformanceRegression  the new release is slower or fails more than the previous one
+│   ├── PerformanceRegression  the new release is slower or fails more than the previous one
+│   └── AnalysisFailed   the post-deploy metric analysis failed a check
+│       └── AnalysisInconclusive  it could not judge (no data, Prometheus unreachable)
 └── ApprovalError            answering a paused promotion did not work
     ├── GateError            the run cannot be answered (unknown, not paused, no form)
     │   └── PauseInterrupted  a waiting run was cancelled or ended from outside
@@ -338,3 +340,13 @@ def _rebuild_rolled_back(
     message: str, failed: str, restored: dict[str, str | None], plan: PromotionPlan | None
 ) -> PromotionRolledBack:
     return PromotionRolledBack(message, failed=failed, restored=restored, plan=plan)
+
+
+class AnalysisFailed(PromotionError):
+    """The post-deploy metric analysis failed: the message names each failed check's
+    query, its measured values and its limit."""
+
+
+class AnalysisInconclusive(AnalysisFailed):
+    """The analysis could not judge the release (no data, Prometheus unreachable): never a
+    pass; the environment's policy fails the release."""

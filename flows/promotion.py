@@ -36,6 +36,7 @@ from core.records import (
 )
 from core.settings import Settings
 from core.windows import Freeze, clock_now
+from tasks.analysis import analysis_of
 from tasks.approval import (
     Promoter,
     extra_env_of,
@@ -371,7 +372,8 @@ def _deploy(
     try:
         wave = run.context.settings.deploy_wave
         deploy_in_waves(deploy_target, env, specs, plan, live, health_deadline_s, deployed, wave)
-        baselines = verify_release(addresses, specs, plan, previous, run.config.performance)
+        judge = analysis_of(run.policy, env)  # the environment's post-deploy analysis, if any
+        baselines = verify_release(addresses, specs, plan, previous, run.config.performance, judge)
         state = record_promotion(ledger, plan, baselines, approved_by, verdict, run.run_id)
     except BaseException as failure:
         # All or nothing, whatever failed (the pipeline's own error, a client's, a

@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import Task
 
+from tasks.analysis import analyse_release
 from tasks.backup import backup_environment
 from tasks.deploy import (
     confirm_restored,
@@ -97,6 +98,7 @@ PROMOTE_STEPS = _by_name(
         check_reviewed: "reviewed",
         security_verdict: "security",
         backup_environment: "backup",
+        analyse_release: "analysis",
         record_promotion: "record",
         confirm_restored: "rollback",
     }

@@ -35,6 +35,12 @@ class Baseline(BaseModel):
     p95_ms: float
     error_rate: float = Field(ge=0, le=1)
     measured_at: datetime = Field(default_factory=utcnow)
+    analysis: str | None = Field(
+        default=None, description="The post-deploy analysis' verdict and what it rested on"
+    )
+    analysis_values: dict[str, float] = Field(
+        default_factory=dict, description="Check name -> its median measured value"
+    )
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -149,13 +155,19 @@ def check_regression(
 # --- baselines as the ledger keeps them -----------------------------------------------
 
 
+ANALYSIS_PREFIX = "analysis."
+"""A baseline record's keys for the analysis' measured values (`analysis.<check>`)."""
+
+
 def baseline_record(baseline: Baseline) -> dict[str, float]:
-    """A baseline as the ledger keeps it."""
+    """A baseline as the ledger keeps it, the analysis' median values included (the next
+    release's relative checks compare with them)."""
     return {
         "p50_ms": baseline.p50_ms,
         "p95_ms": baseline.p95_ms,
         "error_rate": baseline.error_rate,
         "requests": float(baseline.requests),
+        **{ANALYSIS_PREFIX + name: value for name, value in baseline.analysis_values.items()},
     }
 
 

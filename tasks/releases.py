@@ -63,6 +63,9 @@ class ReleaseRecord(BaseModel):
     baseline: dict[str, float] | None = Field(
         default=None, description="Performance baseline measured after the deploy"
     )
+    analysis: str | None = Field(
+        default=None, description="The post-deploy analysis' verdict and what it rested on"
+    )
     approved_by: str | None = None
     promoted_by: str | None = None
     scan: ScanVerdict | None = None
@@ -576,8 +579,10 @@ def promoted_state(
         }
         if change.service in verdict.overridden:
             fields["scan_override"] = verdict.override_reason
-        state = with_deploy(state, ReleaseRecord(**fields))
         base = baselines.get(change.service)
+        if base is not None and base.analysis is not None:
+            fields["analysis"] = base.analysis
+        state = with_deploy(state, ReleaseRecord(**fields))
         state = with_verified(
             state, change.service, baseline_record(base) if base else None, plan.release_id
         )

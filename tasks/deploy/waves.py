@@ -3,7 +3,8 @@ service verified healthy on its new digest and measured against its previous bas
 
     deploy_wave_size(configured)                         services deployed at once
     deploy_in_waves(target, env, specs, plan, live, ...) the waves; the first failure raised
-    verify_release(addresses, specs, plan, previous, policy) health, baselines, regressions
+    verify_release(addresses, specs, plan, previous, policy, analysis)
+                                                         health, baselines, regressions, analysis
     return_to_previous(target, env, specs, state, ...)  a rollback, intent first
 """
 
@@ -20,6 +21,7 @@ from blocks.config import PerformancePolicy
 from blocks.environments import EnvironmentSpec
 from core.errors import PromotionError, PromotionRefused, PromotionRolledBack
 from core.records import DeployedService, PromotionPlan
+from tasks.analysis import AnalysisRun, analyse_release
 from tasks.deploy import (
     confirm_restored,
     deploy_release,
@@ -108,13 +110,17 @@ def verify_release(
     plan: PromotionPlan,
     previous: Mapping[str, Mapping[str, float] | None],
     policy: PerformancePolicy,
+    analysis: AnalysisRun | None = None,
 ) -> dict[str, Baseline]:
     """Every service healthy on its new digest, then its baseline measured and compared
-    with `previous` (service -> the previous release's recorded baseline).
+    with `previous` (service -> the previous release's recorded baseline), then the
+    environment's `analysis` (if its policy has one) under load; its verdict and values
+    travel in each baseline to the ledger record.
 
     Raises:
         HealthCheckFailed: the first unhealthy service.
         PerformanceRegression: the first service slower or failing more than allowed.
+        AnalysisFailed: a check failed, or could not be judged (AnalysisInconclusive).
     """
     checks = check_service_health.map(
         [addresses[spec.name] for spec in specs],
@@ -131,7 +137,16 @@ def verify_release(
         before = baseline_from_record(spec.name, previous.get(spec.name))
         check_regression(spec, before, after, policy)
         baselines[spec.name] = after
-    return baselines
+    if analysis is None:
+        return baselines
+    digests = {spec.name: plan.change(spec.name).new_digest for spec in specs}
+    judged = analyse_release(analysis, addresses, digests, previous, (plan.release_id, policy))
+    return {
+        name: base.model_copy(
+            update={"analysis": judged[name][0], "analysis_values": judged[name][1]}
+        )
+        for name, base in baselines.items()
+    }
 
 
 def undo_release(

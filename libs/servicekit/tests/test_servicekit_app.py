@@ -111,6 +111,15 @@ def test_fault_latency_skips_probes() -> None:
     assert time.perf_counter() - start >= 0.3
 
 
+def test_fault_error_percent_fails_that_share_of_traffic_but_no_probe() -> None:
+    c = client({"FAULT_ERROR_PERCENT": "50"})
+    for path in ("/health", "/ready", "/metrics"):
+        assert all(c.get(path).status_code == 200 for _ in range(4))
+    statuses = [c.get("/items/1").status_code for _ in range(10)]
+    assert statuses.count(500) == 5
+    assert statuses.count(200) == 5
+
+
 def test_bad_latency_value_is_ignored() -> None:
     app = create_app("demo", env={"FAULT_LATENCY_MS": "soon"})
     assert not app.state.faults.active

@@ -138,7 +138,16 @@ class RequestMiddleware:
         self.app = app
         self.metrics = metrics
         self.delay = faults.latency_ms / 1000
+        self.error_percent = faults.error_percent
+        self.served = 0
         self.router = router
+
+    def _fails(self) -> bool:
+        """FAULT_ERROR_PERCENT: whether this request is one of the N in 100 answered 500."""
+        self.served += 1
+        return (self.served * self.error_percent) // 100 != (
+            (self.served - 1) * self.error_percent
+        ) // 100
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -157,7 +166,10 @@ class RequestMiddleware:
         try:
             if self.delay and not probe:
                 await asyncio.sleep(self.delay)
-            await self.app(scope, receive, send_status)
+            if self.error_percent and not probe and self._fails():
+                await _answer_500(send_status)
+            else:
+                await self.app(scope, receive, send_status)
         except Exception:
             status = 500
             raise
@@ -179,3 +191,12 @@ class RequestMiddleware:
                     "duration_ms": round(elapsed * 1000, 2),
                 },
             )
+
+
+async def _answer_500(send: Send) -> None:
+    """A deliberate failure (FAULT_ERROR_PERCENT): a plain 500 answer."""
+    body = b"injected fault"
+    headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 500, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+

@@ -83,15 +83,18 @@ class Faults:
 
     ``FAULT_HEALTH=1``: ``/health`` and ``/ready`` answer 503.
     ``FAULT_LATENCY_MS=N``: every request except /health, /ready, /metrics sleeps N ms.
+    ``FAULT_ERROR_PERCENT=N``: N of every 100 requests except /health, /ready, /metrics
+    answer 500 (evenly spread): healthy to its probes, failing under traffic.
     ``FAULT_ENVIRONMENTS=a,b``: when set, the faults apply only if ``ENVIRONMENT`` is listed.
     """
 
     health: bool = False
     latency_ms: int = 0
+    error_percent: int = 0
 
     @property
     def active(self) -> bool:
-        return self.health or self.latency_ms > 0
+        return self.health or self.latency_ms > 0 or self.error_percent > 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Faults:
@@ -105,4 +108,5 @@ class Faults:
         return cls(
             health=env_flag("FAULT_HEALTH", env),
             latency_ms=max(0, env_int("FAULT_LATENCY_MS", 0, env)),
+            error_percent=min(100, max(0, env_int("FAULT_ERROR_PERCENT", 0, env))),
         )
