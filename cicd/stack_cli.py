@@ -151,10 +151,11 @@ def up(
 
 @app.command()
 def down() -> None:
-    """Stop the processes the stack started (containers and images are kept)."""
+    """Stop the processes the stack started (containers and images are kept); the engine's
+    storage is unmounted once no container runs in it."""
     from stack.control import stop_stack  # noqa: PLC0415 - only when asked
 
-    stopped = stop_stack()
+    stopped = stop_stack(say=lambda note: console.print(note, markup=False, highlight=False))
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -39,7 +40,7 @@ from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
 
 from blocks.stack import StackInfo, load_stack_info, save_stack_info, stack_dir
 from core.errors import ToolError
-from stack.engine import engine_alive, engine_paths, engine_up, ensure_engine
+from stack.engine import engine_alive, engine_paths, engine_up, ensure_engine, release_storage
 from stack.images import BASE_IMAGE, ensure_images, image_present
 from stack.monitoring import MONITORING_PARTS, ensure_monitoring, monitoring_status
 from stack.ports import recorded_port
@@ -153,11 +154,13 @@ def _ensure_deployments_and_worker(
             steps.info(role.part, f"running (pid {pid})")
 
 
-def stop_stack(root: Path | None = None) -> list[str]:
+def stop_stack(root: Path | None = None, *, say: Callable[[str], None] | None = None) -> list[str]:
     """Stop every part the stack started (never an external engine), dependents first.
 
     The workers stop first (with their runs), then parts other than `PARTS` (started
-    with `spawn_part`).
+    with `spawn_part`). Then the mount Podman's storage driver keeps of the stack's storage
+    is released (`release_storage`), so the stack's directory can be removed; `say` gets
+    the reason when it cannot be (a container still runs there).
     Returns the names of the parts that were running.
     """
     from stack.worker import stop_workers  # noqa: PLC0415
@@ -166,7 +169,11 @@ def stop_stack(root: Path | None = None) -> list[str]:
     with locked(home / "stack.lock"):
         stopped = stop_workers(home)  # with the runs they started
         others = sorted(p.stem for p in (home / "pids").glob("*.pid") if p.stem not in PARTS)
-        return stopped + [name for name in (*others, *PARTS) if stop_part(home, name)]
+        stopped += [name for name in (*others, *PARTS) if stop_part(home, name)]
+        note = release_storage(home)
+    if note and say is not None:
+        say(note)
+    return stopped
 
 
 def stack_status(root: Path | None = None) -> list[StackPart]:
