@@ -11,7 +11,7 @@ from rich.status import Status
 from rich.table import Table
 
 from blocks.stack import stack_auth_file
-from cicd.common import read_api
+from cicd.common import read_api, service_ports
 from core.errors import StackError
 from stack.steps import StackPart, StackStep
 
@@ -124,6 +124,7 @@ def up(
             monitoring=monitoring,
             progress=printer,
             repository=repository,
+            service_ports=service_ports(),
         )
     except StackError as exc:
         printer.close()
