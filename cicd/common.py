@@ -70,6 +70,22 @@ def split_names(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def service_ports(settings: Settings | None = None) -> dict[int, str]:
+    """The loopback ports the configured docker-target services listen on (port ->
+    `<environment> <service>`), for `ensure_stack` to refuse ports another stack holds;
+    empty when the configuration cannot be read here (saved blocks, no server yet)."""
+    try:
+        cfg = pipeline_config(settings or cli_settings())
+    except ConfigError:
+        return {}
+    return {
+        env.host_port(svc.port): f"{env.name} {svc.name}"
+        for env in cfg.environments.environments
+        if env.target == "docker"
+        for svc in cfg.catalog.services
+    }
+
+
 def use_stack(*, prefect: bool = True) -> StackInfo:
     """Bring up the local stack, saying what it starts on stderr (stdout stays for --json);
     tasks find its engine and registry in its record."""
@@ -78,7 +94,9 @@ def use_stack(*, prefect: bool = True) -> StackInfo:
 
     printer = StepPrinter(Console(stderr=True))
     try:
-        return ensure_stack(prefect=prefect, worker=prefect, progress=printer)
+        return ensure_stack(
+            prefect=prefect, worker=prefect, progress=printer, service_ports=service_ports()
+        )
     finally:
         printer.close()
 

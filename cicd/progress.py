@@ -416,6 +416,10 @@ class RunProgress:
         self._hints: dict[UUID, str] = {}
         self._printed: set[tuple[str, str]] = set()
         self._said: set[str] = set()
+        # the approval gate as seen: "" (never paused), paused, checking (an answer came),
+        # accepted; and the task runs there were while it waited
+        self._gate = ""
+        self._before_answer: set[UUID] = set()
         self._exact: dict[tuple[str, str], StageCell] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -624,19 +628,37 @@ class RunProgress:
             if key not in self._printed:
                 self._printed.add(key)
                 self._say(stage_line(cell))
+        self._say_gate()
+
+    def _say_gate(self) -> None:
+        """Plain mode: the approval gate as the API shows it, claiming nothing it cannot see.
+
+        A paused run that runs again has received *an* answer, not an approval: the gate
+        judges it next and pauses again when it refuses it (unsigned, planted, another
+        promotion's) or needs another approver. Only a task run the paused run did not have
+        shows the gate let the run go on.
+        """
         paused = self.paused_line()
         flow_run = self._seen.flow_run
-        if paused is not None and "paused" not in self._said:
-            self._said.add("paused")
-            self._say(paused)
+        if paused is not None and self._gate != "paused":
+            again = self._gate == "checking"
+            self._gate = "paused"
+            self._before_answer = {r.id for r in self._seen.runs}
+            self._say(
+                f"not accepted (refused, or another approver needed); {paused}" if again else paused
+            )
         elif (
-            "paused" in self._said
-            and "resumed" not in self._said
+            self._gate == "paused"
             and flow_run is not None
             and flow_run.state_type == StateType.RUNNING
         ):
-            self._said.add("resumed")
-            self._say("approval received: the run goes on")
+            self._gate = "checking"
+            self._say("an answer arrived: the gate checks it")
+        if self._gate == "checking" and any(
+            r.id not in self._before_answer for r in self._seen.runs
+        ):
+            self._gate = "accepted"
+            self._say("approval accepted: the run goes on")
 
     # the end
 

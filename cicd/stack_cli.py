@@ -11,7 +11,7 @@ from rich.status import Status
 from rich.table import Table
 
 from blocks.stack import stack_auth_file
-from cicd.common import read_api
+from cicd.common import read_api, service_ports
 from core.errors import StackError
 from stack.steps import StackPart, StackStep
 
@@ -124,6 +124,7 @@ def up(
             monitoring=monitoring,
             progress=printer,
             repository=repository,
+            service_ports=service_ports(),
         )
     except StackError as exc:
         printer.close()
@@ -151,10 +152,11 @@ def up(
 
 @app.command()
 def down() -> None:
-    """Stop the processes the stack started (containers and images are kept)."""
+    """Stop the processes the stack started (containers and images are kept); the engine's
+    storage is unmounted once no container runs in it."""
     from stack.control import stop_stack  # noqa: PLC0415 - only when asked
 
-    stopped = stop_stack()
+    stopped = stop_stack(say=lambda note: console.print(note, markup=False, highlight=False))
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 

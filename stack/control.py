@@ -32,17 +32,18 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
 from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
 
 from blocks.stack import StackInfo, load_stack_info, save_stack_info, stack_dir
-from core.errors import ToolError
-from stack.engine import engine_alive, engine_paths, engine_up, ensure_engine
+from core.errors import StackError, ToolError
+from stack.engine import engine_alive, engine_paths, engine_up, ensure_engine, release_storage
 from stack.images import BASE_IMAGE, ensure_images, image_present
 from stack.monitoring import MONITORING_PARTS, ensure_monitoring, monitoring_status
-from stack.ports import recorded_port
+from stack.ports import foreign_holders, recorded_port
 from stack.prefect_server import ensure_prefect, ensure_stack_auth, prefect_up
 from stack.receiver import ensure_slack_receiver
 from stack.registry import ensure_registry, registry_up
@@ -62,6 +63,7 @@ def ensure_stack(
     root: Path | None = None,
     progress: Progress | None = None,
     repository: str | None = None,
+    service_ports: Mapping[int, str] | None = None,
 ) -> StackInfo:
     """Reuse what runs and start what does not: registry, engine, base image, Prefect,
     the workers and the Slack receiver, Prometheus and Alertmanager.
@@ -82,12 +84,18 @@ def ensure_stack(
             prints them, flows and tests pass nothing.
         repository: the repository the worker pins (its protected branch decides what
             runs and ships); None: the one pinned before, else this checkout.
+        service_ports: the loopback ports this stack's services will listen on (port ->
+            what needs it: `<environment> <service>`); refused before anything starts when
+            containers of another stack's engine hold any (`check_service_ports`).
 
     Raises:
         StackError: a part could not be installed or did not come up; for a part that
-            exited or stayed silent, with the last lines of its log.
+            exited or stayed silent, with the last lines of its log; or another stack
+            holds this one's service ports.
     """
     home = root or stack_dir()
+    if service_ports:
+        check_service_ports(home, service_ports)
     home.mkdir(parents=True, exist_ok=True)
     steps = Steps(progress)
     wait_note = functools.partial(
@@ -130,6 +138,38 @@ def ensure_stack(
         return info
 
 
+def check_service_ports(home: Path, service_ports: Mapping[int, str]) -> None:
+    """Refuse a stack whose services' loopback ports another stack's containers hold.
+
+    Two checkouts on one machine each run their services on the ports of their
+    configuration; the second one's deploys could not bind them, and its health checks
+    would reach the first one's services. A port held by a container of this stack's own
+    engine is its own (a redeploy replaces it); any other process is left to the deploy,
+    which names it. A stack on an engine the caller chose (DOCKER_HOST: a real Docker
+    engine, or the test suite's stacks on its shared one) is not checked: its containers
+    are that engine's, and the test suite's environments have ports of their own, so it
+    runs beside a user's stack.
+
+    Raises:
+        StackError: naming each stack that holds ports, and which.
+    """
+    if os.environ.get("DOCKER_HOST"):
+        return
+    held = foreign_holders(home, service_ports)
+    if not held:
+        return
+    lines = []
+    for stack, ports in held.items():
+        more = f" and {len(ports) - 3} more" if len(ports) > 3 else ""
+        lines.append(f"the stack at {stack} holds {', '.join(ports[:3])}{more}")
+    msg = (
+        f"this stack's services need ports another stack's containers hold: {'; '.join(lines)}. "
+        "Remove that stack's service containers (its services on these ports), or give "
+        "this checkout's environments other local_port_offset values (ELICE_CONFIG)"
+    )
+    raise StackError(msg)
+
+
 def _ensure_deployments_and_worker(
     home: Path, api_url: str, steps: Steps, auth: str | None, repository: str | None
 ) -> None:
@@ -153,11 +193,13 @@ def _ensure_deployments_and_worker(
             steps.info(role.part, f"running (pid {pid})")
 
 
-def stop_stack(root: Path | None = None) -> list[str]:
+def stop_stack(root: Path | None = None, *, say: Callable[[str], None] | None = None) -> list[str]:
     """Stop every part the stack started (never an external engine), dependents first.
 
     The workers stop first (with their runs), then parts other than `PARTS` (started
-    with `spawn_part`).
+    with `spawn_part`). Then the mount Podman's storage driver keeps of the stack's storage
+    is released (`release_storage`), so the stack's directory can be removed; `say` gets
+    the reason when it cannot be (a container still runs there).
     Returns the names of the parts that were running.
     """
     from stack.worker import stop_workers  # noqa: PLC0415
@@ -166,7 +208,11 @@ def stop_stack(root: Path | None = None) -> list[str]:
     with locked(home / "stack.lock"):
         stopped = stop_workers(home)  # with the runs they started
         others = sorted(p.stem for p in (home / "pids").glob("*.pid") if p.stem not in PARTS)
-        return stopped + [name for name in (*others, *PARTS) if stop_part(home, name)]
+        stopped += [name for name in (*others, *PARTS) if stop_part(home, name)]
+        note = release_storage(home)
+    if note and say is not None:
+        say(note)
+    return stopped
 
 
 def stack_status(root: Path | None = None) -> list[StackPart]:

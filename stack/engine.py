@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -98,3 +99,48 @@ def ensure_engine(root: Path, registry: str, steps: Steps) -> str:
         spawn_part(root, "engine", [*args, "system", "service", "--time=0", host], env)
         wait_up(root, "engine", "podman system service", lambda: engine_up(root), 60)
     return host
+
+
+def storage_mounts(root: Path) -> list[Path]:
+    """Mount points under the stack's engine storage (`<stack dir>/podman`), deepest first,
+    from /proc/self/mountinfo (its fifth field, with the kernel's octal escapes)."""
+    storage = engine_paths(root)[0]
+    try:
+        rows = Path("/proc/self/mountinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    found = []
+    for row in rows:
+        cols = row.split()
+        if len(cols) < 5:
+            continue
+        point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), cols[4]))
+        if point == storage or storage in point.parents:
+            found.append(point)
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def release_storage(root: Path) -> str:
+    """After the engine stopped: unmount the bind mount Podman's overlay driver keeps of its
+    own storage (`<storage>/root/overlay` on itself), which outlives the service and makes
+    the stack's directory impossible to remove ("Device or resource busy").
+
+    Only when no container uses the storage any more (none of its layers or run files is
+    mounted): a container the stack deployed keeps running, and its storage stays mounted.
+    Returns a note for the user when something was left mounted, else "".
+    """
+    mounts = storage_mounts(root)
+    driver = engine_paths(root)[0] / "root" / "overlay"
+    in_use = [m for m in mounts if m != driver]
+    if in_use:
+        return (
+            f"{len(in_use)} container mounts still use {engine_paths(root)[0]} "
+            "(containers keep running); its storage stays mounted"
+        )
+    if driver in mounts:
+        done = subprocess.run(
+            ["umount", str(driver)], capture_output=True, text=True, check=False, timeout=30
+        )
+        if done.returncode != 0:
+            return f"could not unmount {driver}: {done.stderr.strip()}"
+    return ""

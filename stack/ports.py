@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 
 from stack.supervisor import proc_stat, running_part
@@ -87,18 +88,64 @@ def part_listens(
     return any(listeners & socket_inodes(member) for member in session(pid))
 
 
-def port_holder(port: int) -> str:
-    """` by pid N (command)` for the process listening on `port`, when /proc tells."""
+def listener_pids(port: int) -> list[int]:
+    """The processes holding a socket that listens on 127.0.0.1:`port` (from /proc)."""
     listeners = listening_inodes(port, None)
     if not listeners:
-        return ""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and listeners & socket_inodes(int(entry.name)):
-            with contextlib.suppress(OSError):
-                command = (entry / "comm").read_text().strip()
-                return f" by pid {entry.name} ({command})"
-            return f" by pid {entry.name}"
+        return []
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and listeners & socket_inodes(int(entry.name))
+    ]
+
+
+def port_holder(port: int) -> str:
+    """` by pid N (command)` for the process listening on `port`, when /proc tells."""
+    for pid in listener_pids(port)[:1]:
+        with contextlib.suppress(OSError):
+            command = Path(f"/proc/{pid}/comm").read_text().strip()
+            return f" by pid {pid} ({command})"
+        return f" by pid {pid}"
     return ""
+
+
+# A stack's engine keeps its containers under `<stack dir>/podman/root`; each container's
+# monitor (conmon) names that storage on its command line.
+_STACK_STORAGE = re.compile(r"^(/.+)/podman/root(?:/|$)")
+
+
+def owning_stack(pid: int) -> Path | None:
+    """The stack directory whose engine runs process `pid` in one of its containers: the
+    storage its container monitor (an ancestor) names; None for any other process."""
+    for _ in range(8):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        for arg in args:
+            found = _STACK_STORAGE.match(arg.decode("utf-8", "replace"))
+            if found:
+                return Path(found.group(1))
+        stat = proc_stat(pid)
+        if stat is None or len(stat) < 2 or int(stat[1]) <= 1:
+            return None
+        pid = int(stat[1])
+    return None
+
+
+def foreign_holders(engine_home: Path, ports: Mapping[int, str]) -> dict[Path, list[str]]:
+    """Of `ports` (port -> what needs it), those held by containers of another stack's
+    engine than the one in `engine_home`, by that stack's directory."""
+    held: dict[Path, list[str]] = {}
+    mine = engine_home.resolve()
+    for port, what in sorted(ports.items()):
+        for pid in listener_pids(port):
+            stack = owning_stack(pid)
+            if stack is not None and stack.resolve() != mine:
+                held.setdefault(stack, []).append(f"127.0.0.1:{port} ({what}, pid {pid})")
+                break
+    return held
 
 
 def port_free(port: int) -> bool:

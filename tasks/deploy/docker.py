@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -127,6 +128,31 @@ _TRANSIENT_ENGINE = ("device or resource busy", "timed out waiting for file")
 _VANISHED = "no such container"
 ENGINE_ATTEMPTS = 4
 WATCH_SLICE_S = 1.0  # how often a deploy looks at the new container between probes
+LAST_WORDS_S = 10.0  # how long a failed release still running may take to say why
+
+
+def _last_words(container: Any) -> str:
+    """The excerpt of a failed release's log, once it has said what it had to say.
+
+    A release that failed its health check may still be starting (a deadline ran out
+    before it printed why it will not start, on busy cores), and the engine may hand out
+    an exited container's log a moment late: removing it at once lost a reason printed to
+    stderr ("logs: (none)"). So, while its log is empty: up to LAST_WORDS_S for it to end
+    on its own, then stopped (its output flushed), then its log read again, a few times.
+    """
+    text = container.logs(tail=500).decode("utf-8", "replace")
+    if not text.strip():
+        with contextlib.suppress(Exception):  # the engine's wait timed out: it still runs
+            container.wait(timeout=LAST_WORDS_S)
+        container.reload()
+        if container.status == "running":
+            _settled(lambda: container.stop(timeout=STOP_TIMEOUT_S))
+    for attempt in range(4):
+        if text.strip():
+            break
+        time.sleep(0.5 * attempt)
+        text = container.logs(tail=500).decode("utf-8", "replace")
+    return log_excerpt(text)
 
 
 def _settled(call: Callable[[], Any]) -> Any:
@@ -422,8 +448,8 @@ class DockerDeployer:
             new.rename(name)
             logger.info("%s %s is healthy in %s", service.name, image.short, env.name)
             return deployed_from_labels(new.labels, self.address(env, service))
+        logs = _last_words(new)
         new.reload()
-        logs = log_excerpt(new.logs(tail=500).decode("utf-8", "replace"))
         new.remove(force=True)
         outcome = self._bring_back(env, service, serving)
         msg = (

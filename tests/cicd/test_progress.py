@@ -377,6 +377,38 @@ def _log(run: TaskRun, message: str) -> Log:
     )
 
 
+def test_a_refused_answer_is_never_announced_as_an_approval() -> None:
+    """Issue 20: a planted, unsigned answer resumes the run, the gate refuses it and pauses
+    again; the display said "approval received: the run goes on" on the resume."""
+    flow_run = FlowRun(flow_id=uuid4(), name="promote-cli-y", state_type=StateType.RUNNING)
+    api = FakeApi(flow_run)
+    out = io.StringIO()
+    progress = RunProgress(
+        PROMOTE_VIEW, Console(file=out, width=200), run_name="promote-cli-y", services=SERVICES
+    )
+    api.runs = [_run("plan_promotion-abc")]
+    with temporary_settings(updates={PREFECT_UI_URL: UI}):
+        progress.poll(api)
+        flow_run.state_type = StateType.PAUSED
+        progress.poll(api)
+        flow_run.state_type = StateType.RUNNING  # the planted answer resumed it
+        progress.poll(api)
+        progress.poll(api)
+        flow_run.state_type = StateType.PAUSED  # the gate refused it and waits again
+        progress.poll(api)
+    waiting = (
+        f"waiting for approval: cicd approve {flow_run.id} --key KEY"
+        f"  (or: cicd reject {flow_run.id} --key KEY --reason ...)"
+    )
+    lines = out.getvalue().splitlines()
+    assert lines[-3:] == [
+        waiting,
+        "an answer arrived: the gate checks it",
+        f"not accepted (refused, or another approver needed); {waiting}",
+    ]
+    assert not any("approval received" in line or "accepted:" in line for line in lines)
+
+
 def test_a_promotion_is_followed_in_plain_lines_through_its_pause() -> None:
     flow_run = FlowRun(flow_id=uuid4(), name="promote-cli-x", state_type=StateType.RUNNING)
     api = FakeApi(flow_run)
@@ -407,7 +439,8 @@ def test_a_promotion_is_followed_in_plain_lines_through_its_pause() -> None:
             f"waiting for approval: cicd approve {flow_run.id} --key KEY"
             f"  (or: cicd reject {flow_run.id} --key KEY --reason ...)"
         ),
-        "approval received: the run goes on",
+        "an answer arrived: the gate checks it",
+        "approval accepted: the run goes on",
     ]
     text = console.export_text()
     assert f"promote run promote-cli-x: {UI}/runs/flow-run/{flow_run.id}" in text

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,10 +19,10 @@ from blocks.stack import StackInfo, load_stack_info
 from cicd.stack_cli import StepPrinter, app
 from core.records import ImageRef
 from stack.control import ensure_stack, stack_status, stop_stack
-from stack.engine import registries_conf
+from stack.engine import ensure_engine, registries_conf, storage_mounts
 from stack.images import debian_mirror
 from stack.ports import free_port
-from stack.steps import StackStep
+from stack.steps import StackStep, Steps
 
 
 def _pids(root: Path) -> dict[str, str]:
@@ -178,3 +180,29 @@ def test_step_printer_spins_on_a_terminal_and_prints_plain_lines_otherwise() -> 
     text = terminal.getvalue()
     assert "engine: starting podman API service ... ready in 1.2s" in text
     assert "prefect: starting Prefect server ... failed after 4.0s" in text
+
+
+@pytest.mark.stack
+def test_stack_down_leaves_a_directory_that_can_be_removed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 20: after `cicd stack down`, Podman's overlay driver still held its bind mount
+    of the stack's storage, so removing the stack's directory failed ("Device or resource
+    busy"). A stack of its own engine (no DOCKER_HOST), stopped through the command line;
+    in a short directory (podman refuses a runroot of more than 50 characters)."""
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    home = Path(tempfile.mkdtemp(prefix="down-", dir="/tmp"))
+    monkeypatch.setenv("ELICE_STACK_DIR", str(home))
+    try:
+        ensure_engine(home, "127.0.0.1:5999", Steps(None))
+        storage = home / "podman" / "root" / "overlay"
+        assert storage in storage_mounts(home)  # the driver's mount is there while it runs
+        result = CliRunner().invoke(app, ["down"])
+        assert result.exit_code == 0, result.output
+        assert "engine" in result.output
+        assert storage_mounts(home) == []
+        shutil.rmtree(home)  # raised OSError (EBUSY) before
+        assert not home.exists()
+    finally:
+        if home.exists():
+            stop_stack(home)

@@ -20,15 +20,17 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import docker
 import httpx
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from blocks.stack import StackInfo, load_stack_info, save_stack_info
 from cicd.stack_cli import app
 from core.errors import StackError
-from stack.control import ensure_stack, stack_status, stop_stack
-from stack.ports import free_port, part_listens
+from stack.control import check_service_ports, ensure_stack, stack_status, stop_stack
+from stack.ports import free_port, owning_stack, part_listens, port_free
 from stack.steps import StackStep
 from stack.supervisor import part_log, running_part, spawn_part, stop_part
 
@@ -257,6 +259,76 @@ def test_a_part_that_cannot_start_fails_stack_up_with_its_log_tail(
     assert "registry: starting docker-registry on 127.0.0.1:" in result.output
     assert "storage" in result.output.lower()
     assert "Traceback" not in result.output
+
+
+# --- several stacks on one machine (issue 20, item 5) ------------------------------------
+
+
+def _free_fixed_port() -> int:
+    """A free loopback port below the ephemeral range (a service's port + an offset)."""
+    for port in range(41000 + os.getpid() % 500, 42000):
+        if port_free(port):
+            return port
+    raise AssertionError("no free port in 41000-41999")
+
+
+@pytest.fixture
+def held_port(stack: StackInfo, docker_client: docker.DockerClient) -> Iterator[int]:
+    """A port a service container of the shared test stack listens on (host network)."""
+    port = _free_fixed_port()
+    container = docker_client.containers.run(
+        stack.base_image,
+        ["python3", "-c", SERVE_HTTP, str(port)],
+        network_mode="host",
+        detach=True,
+        name=f"elicetest-ports-{port}",
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not listeners(port):
+            assert time.monotonic() < deadline, container.logs().decode()
+            time.sleep(0.2)
+        yield port
+    finally:
+        container.remove(force=True)
+
+
+def test_a_second_stack_refuses_ports_another_stacks_services_hold(
+    stack: StackInfo,
+    held_port: int,
+    root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A checkout's `stack up` whose dev services would listen where the test stack's
+    container listens is refused, naming that stack, before anything starts; the shared
+    engine's own stacks and disjoint ports go on side by side."""
+    shared = Path(stack.docker_host.removeprefix("unix://")).parent
+    pids = listeners(held_port)
+    assert {owning_stack(pid) for pid in pids} == {shared}  # read from its container monitor
+    # the test suite's stacks run on its shared engine (DOCKER_HOST): beside anyone's
+    check_service_ports(root, {held_port: "dev api-gateway"})
+
+    raw = yaml.safe_load(Path("config/pipeline.yaml").read_text())
+    offsets = {"dev": held_port - 8001, "staging": held_port - 8001 + 100, "production": 1}
+    for env in raw["environments"]:
+        env["local_port_offset"] = offsets[env["name"]]
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    other = tmp_path / "other-checkout"
+    monkeypatch.delenv("DOCKER_HOST")  # a stack with an engine of its own
+    monkeypatch.setenv("ELICE_STACK_DIR", str(other))
+    monkeypatch.setenv("ELICE_CONFIG", str(config))
+    result = CliRunner().invoke(app, ["up", "--no-prefect"])
+    assert result.exit_code == 1, result.output
+    assert "stack up failed" in result.output
+    output = " ".join(result.output.split())
+    assert f"the stack at {shared} holds 127.0.0.1:{held_port} (dev api-gateway, pid" in output
+    assert "local_port_offset" in output
+    assert list(other.glob("*")) == []  # refused before anything started (its home is made)
+
+    # side by side: a stack whose services listen elsewhere is not refused
+    check_service_ports(other, {held_port + 1: "dev api-gateway"})
 
 
 # --- the process helpers, without the stack ---------------------------------------------

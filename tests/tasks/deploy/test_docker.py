@@ -277,6 +277,30 @@ def test_a_release_whose_container_exits_fails_at_once_not_at_the_deadline(
     assert served_digest(deployer, service) == pushed_image.digest
 
 
+def test_a_release_that_says_why_after_its_deadline_is_reported_with_its_reason(
+    stack: StackInfo,
+    deployer: DockerDeployer,
+    service: ServiceSpec,
+    derived_image: ImageRef,
+) -> None:
+    """Issue 20: a failed deploy said "logs: (none)" for a container that printed its reason
+    to stderr: the deadline ran out while it was still starting, and it was removed before
+    it said why. Here it cannot bind its address and says so on stderr, after a deadline
+    shorter than its start-up."""
+    drill = DockerDeployer(
+        stack.docker_host,
+        PREFIX,
+        {derived_image.digest: {"HOST": "203.0.113.1"}},
+        health_deadline_s=DEADLINE_S,
+    )
+    with pytest.raises(DeployError) as caught:
+        drill.deploy(TEST_ENV, service, derived_image, deadline_s=0.2)
+    message = str(caught.value)
+    assert "logs: (none)" not in message
+    logs = message.split("logs: ", 1)[1]
+    assert "203.0.113.1" in logs  # the bind error, from the container's stderr
+
+
 def test_new_release_replaces_the_old_and_restore_puts_it_back(
     deployer: DockerDeployer,
     service: ServiceSpec,
