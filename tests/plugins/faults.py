@@ -196,6 +196,10 @@ def _relay(client: socket.socket, upstream: socket.socket, limit: int | None) ->
             if limit is not None and sent + len(chunk) >= limit:
                 client.sendall(chunk[: max(limit - sent, 0)])
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                # Shut down, not only closed: `up` is blocked in client.recv, and on Linux
+                # a close() while another thread reads keeps the connection open, so the
+                # client saw a stall until its read timeout (60 s) instead of a cut answer.
+                client.shutdown(socket.SHUT_RDWR)
                 return
             client.sendall(chunk)
             sent += len(chunk)
