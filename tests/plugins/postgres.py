@@ -272,6 +272,9 @@ def _server_env(prefect_home: Path, database_url: str) -> dict[str, str]:
         # Concurrency leases outlive a server restart (the default keeps them in memory,
         # which would leave a held slot taken forever once the server restarts).
         PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="prefect.server.concurrency.lease_storage.filesystem",
+        # An expired lease is revoked within a second, not up to 15 s (the default loop) after
+        # its end: the tests of a killed holder wait for that revocation.
+        PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS="1",
     )
     return env
 
