@@ -30,8 +30,12 @@ def failed_run() -> UUID:
 
 
 @pytest.fixture
-def api_proxy(fault_proxy: type[FaultProxy]) -> Iterator[FaultProxy]:
-    """The test server's API behind a fault proxy; the client does not retry by itself."""
+def api_proxy(
+    fault_proxy: type[FaultProxy], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FaultProxy]:
+    """The test server's API behind a fault proxy; the client does not retry by itself,
+    and the wait polls every 0.25 s (not 2 s), so the outages pass in a second or two."""
+    monkeypatch.setattr(dispatch, "POLL_S", 0.25)
     url = str(PREFECT_API_URL.value())
     host = url.split("://", 1)[1].split("/", 1)[0]
     proxy = fault_proxy(host)

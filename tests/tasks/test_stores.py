@@ -59,7 +59,12 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_an_unreachable_s3_endpoint_is_a_ledger_error(aws_credentials: AwsCredentials) -> None:
+def test_an_unreachable_s3_endpoint_is_a_ledger_error(
+    aws_credentials: AwsCredentials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One attempt per call: botocore reads its retry budget when the client is made (the
+    # default, 5 attempts with backoff, made this test wait ~7 s per call).
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     storage = ReleaseStorage(
         kind="s3",
         bucket="elice-ledger",
@@ -67,8 +72,7 @@ def test_an_unreachable_s3_endpoint_is_a_ledger_error(aws_credentials: AwsCreden
         endpoint_url=f"http://127.0.0.1:{_closed_port()}",
     )
     store = open_store(storage.filesystem("ledger"))
-    client = store.client  # type: ignore[attr-defined]
-    client.meta.config.retries = {"max_attempts": 1}
+    assert store.client.meta.config.retries["total_max_attempts"] == 1  # type: ignore[attr-defined]
     for call in (
         lambda: store.read("dev/00000001.json"),
         lambda: store.create("dev/00000001.json", b"{}"),
