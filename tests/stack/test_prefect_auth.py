@@ -70,6 +70,7 @@ def test_a_configured_auth_string_wins(stack_home: Path) -> None:
         assert PREFECT_API_AUTH_STRING not in updates
 
 
+@pytest.mark.slow  # two real Prefect servers start one after the other: 30-90 s
 def test_a_server_running_with_another_string_is_restarted_with_the_stacks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

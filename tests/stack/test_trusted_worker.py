@@ -45,6 +45,8 @@ from stack.worker import (
 from tasks.deployment_check import LOCAL_ONLY, Declared, DeploymentFacts, differences
 from tests.tasks.ci_checkout import snapshot_checkout
 
+pytestmark = pytest.mark.slow  # the stack's real worker processes run each attack: minutes
+
 SET_DIR = "prefect.deployments.steps.set_working_directory"
 
 

@@ -36,6 +36,7 @@ def inject(repo: str) -> Iterator[Path]:
     path.unlink(missing_ok=True)
 
 
+@pytest.mark.slow  # ruff, mypy twice and bandit on a whole service: 20 s on two busy cores
 def test_clean_service_passes_every_check(repo: str) -> None:
     for check, stage in ((run_ruff, "ruff"), (run_mypy, "mypy"), (run_bandit, "bandit")):
         result = check.fn(SPEC, repo, fingerprint="f" * 64)
