@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -237,4 +238,24 @@ def test_worker_image_runs_prefect_and_the_flows_as_non_root(
         assert "ELICE_REPO=/app" in tools
         assert run("sh", "-c", "test -w /app; echo $?").strip() == "1"  # code is read-only
     finally:
-        docker_client.images.remove(tag, force=True)
+        _keep_as_cache(docker_client, tag)
+
+
+CACHE_REPO, CACHE_VERSION = "localhost/elice-devops-worker", "last-test-build"
+CACHE_TAG = f"{CACHE_REPO}:{CACHE_VERSION}"
+
+
+def _keep_as_cache(client: docker.DockerClient, tag: str) -> None:
+    """The image just built replaces the previous test build under CACHE_TAG, so the next
+    build finds its layers in the engine's cache (the system packages' layer, and the
+    whole image when the pipeline did not change). Removing each build removed its
+    untagged parent layers with it, and every build ran `apt-get` again."""
+    try:
+        previous = client.images.get(CACHE_TAG).id
+    except docker.errors.ImageNotFound:
+        previous = None
+    client.images.get(tag).tag(CACHE_REPO, CACHE_VERSION)
+    client.images.remove(tag)  # only the tag: the image stays as CACHE_TAG
+    if previous is not None and previous != client.images.get(CACHE_TAG).id:
+        with contextlib.suppress(docker.errors.APIError):  # in use by another build: kept
+            client.images.remove(previous)
