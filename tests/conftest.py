@@ -48,15 +48,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 STACK_FIXTURE = "stack"
 """A test that uses this fixture (directly or through another) is marked `stack`."""
-SLOW_FIXTURES = frozenset({"postgres_prefect", "kube"})
-"""A test that uses one of these (a real server that takes long to start) is marked `slow`."""
+SLOW_FIXTURES = frozenset({"postgres_prefect", "kube", "fresh_server"})
+"""A test that uses one of these (a real server that takes long to start: 25-60 s on two
+busy cores) is marked `slow`: `fresh_server` is tests/reconcile/test_setup.py's own
+`prefect server start`."""
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
     """Mark each test as it is collected, before `-m` selects: `stack` on every test that
     uses the local stack (the `stack` fixture or one built on it, e.g. `docker_client`,
-    `pushed_image`), `slow` on every test using `SLOW_FIXTURES` (other slow tests carry the
-    mark themselves). `-m "not stack and not slow"` is the fast tier."""
+    `pushed_image`), `slow` on every test using one of `SLOW_FIXTURES` (other slow tests
+    carry the mark themselves). `-m "not stack and not slow"` is the fast tier."""
     used = set(getattr(item, "fixturenames", ()))
     if STACK_FIXTURE in used and not item.get_closest_marker("stack"):
         item.add_marker(pytest.mark.stack)
