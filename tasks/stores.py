@@ -128,18 +128,27 @@ class S3Store:
         return self.bucket._resolve_path(path)  # same keys as write_path
 
     def read(self, path: str) -> bytes | None:
-        """The object's bytes, None when missing."""
+        """The object's bytes, None when missing.
+
+        An answer cut inside its headers reaches botocore as a 200 without a length and
+        with an empty body, which no retry of the client's sees: read again, up to
+        `CUT_READS` times, then `LedgerUnavailable`.
+        """
         key = self._key(path)
-        try:
-            answer = self.client.get_object(Bucket=self.bucket.bucket_name, Key=key)
-            body: bytes = answer["Body"].read()  # an answer cut mid-body fails here
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
-                return None
-            raise _failure(f"cannot read s3 key {key}", exc) from exc
-        except (BotoCoreError, OSError, HTTPError) as exc:
-            raise _failure(f"cannot read s3 key {key}", exc) from exc
-        return body
+        for _ in range(CUT_READS):
+            try:
+                answer = self.client.get_object(Bucket=self.bucket.bucket_name, Key=key)
+                body: bytes = answer["Body"].read()  # an answer cut mid-body fails here
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+                    return None
+                raise _failure(f"cannot read s3 key {key}", exc) from exc
+            except (BotoCoreError, OSError, HTTPError) as exc:
+                raise _failure(f"cannot read s3 key {key}", exc) from exc
+            if answer.get("ContentLength") == len(body):
+                return body
+        msg = f"cannot read s3 key {key}: {CUT_READS} answers cut short"
+        raise LedgerUnavailable(msg)
 
     def create(self, path: str, data: bytes) -> bool:
         """PutObject with If-None-Match: * ; 412 PreconditionFailed means the object exists.
@@ -181,6 +190,9 @@ class S3Store:
             raise _failure(f"cannot list s3 prefix {prefix}", exc) from exc
         return sorted(found)
 
+
+CUT_READS = 3
+"""Reads of an object whose answer came back cut inside its headers, before giving up."""
 
 CLIENT_CONFIG: dict[str, Any] = {
     "retries": {"mode": "standard", "total_max_attempts": 6},

@@ -196,6 +196,9 @@ def _relay(client: socket.socket, upstream: socket.socket, limit: int | None) ->
             if limit is not None and sent + len(chunk) >= limit:
                 client.sendall(chunk[: max(limit - sent, 0)])
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                # wakes the thread reading the client: a socket another thread is blocked
+                # on is not closed by close(), and the client would wait for the rest
+                client.shutdown(socket.SHUT_RDWR)
                 return
             client.sendall(chunk)
             sent += len(chunk)
