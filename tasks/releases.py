@@ -383,7 +383,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-@task(cache_policy=NO_CACHE, **LEDGER_RETRIES)
+@task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def publish_ledger_artifact(
     store: WritableFileSystem, env: str, state: EnvironmentState | None = None
 ) -> str:

@@ -23,6 +23,7 @@ import docker
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
+from prefect.filesystems import LocalFileSystem
 from prefect_aws import AwsCredentials
 from prefect_aws.client_parameters import AwsClientParameters
 
@@ -32,7 +33,15 @@ from blocks.storage import STORAGE_BLOCK, ReleaseStorage
 from core.errors import LedgerError, LedgerUnavailable, PromotionRolledBack
 from core.records import ImageRef, PromotionOutcome
 from flows.promotion import promote
-from tasks.releases import EnvironmentState, Ledger
+from tasks.releases import (
+    DeployIntent,
+    EnvironmentState,
+    Ledger,
+    ReleaseRecord,
+    end_deploys,
+    with_deploy,
+    with_intent,
+)
 from tests.flows.chain import SERVICES, derive, put_verified, remove_containers, write_chain_config
 from tests.flows.test_promotion_faults import serving
 from tests.ledgers import current_ledger
@@ -144,6 +153,38 @@ def test_a_write_slower_than_the_timeout_fails_and_may_still_land(
     while not ledger.current(STG).revision and time.monotonic() < deadline:
         time.sleep(0.2)
     assert [(s.revision, s.change) for s in ledger.history(STG)] == [(1, "slow")]
+
+
+def test_a_record_that_lands_after_its_run_gave_up_is_undone_with_the_intent(
+    tmp_path: Path,
+) -> None:
+    """The run's record was slower than its timeout: the run rolled back, yet the store
+    finished the record (intent cleared, the rolled-back release named). Clearing the
+    intent puts back what the intent's revision recorded."""
+    fs = LocalFileSystem(basepath=str(tmp_path))
+    ledger = Ledger(fs)
+    old = ImageRef(service="course", repository="r/elice/course", digest="sha256:" + "a" * 64)
+    new = old.model_copy(update={"digest": "sha256:" + "b" * 64})
+    ledger.record_deploy(
+        STG, ReleaseRecord(service="course", environment=STG, image=old, release_id="r0")
+    )
+    intent = DeployIntent(
+        release_id="r1", flow_run_id="run-1", images={"course": new}, previous={"course": None}
+    )
+    before = ledger.update(STG, lambda state: with_intent(state, intent))
+    late = ReleaseRecord(
+        service="course", environment=STG, image=new, release_id="r1", flow_run_id="run-1"
+    )
+    ledger.update(
+        STG, lambda state: with_deploy(state, late).model_copy(update={"in_progress": None})
+    )
+    after = end_deploys.fn(fs, STG, "run-1", "release r1 rolled back: the record timed out")
+    assert after.services == before.services
+    assert after.previous == before.previous
+    assert after.in_progress is None
+    assert "written after the run gave up, undone" in after.change
+    with pytest.raises(LedgerError, match="has no deploys under way"):
+        end_deploys.fn(fs, STG, "run-2", "nothing of run-2 here")
 
 
 # --- during a promotion ---------------------------------------------------------------
