@@ -19,6 +19,7 @@ PipelineError
 ├── HealthCheckFailed        a health check failed; names the endpoint and what it answered
 │   └── EnvironmentUnhealthy  nothing deployed, or services unhealthy; carries the report
 ├── LedgerError              the release ledger cannot be read or written
+│   ├── LedgerUnavailable    its store did not answer (refused, timeout, 5xx): retryable
 │   └── LedgerConflict       another writer created the same revision first
 ├── BackupError              an environment backup cannot be written or read
 ├── NoticeUndeliverable      Slack or PagerDuty refused a notice
@@ -187,6 +188,11 @@ class EnvironmentUnhealthy(HealthCheckFailed):
 
 class LedgerError(PipelineError):
     """The ledger cannot be read or written."""
+
+
+class LedgerUnavailable(LedgerError):
+    """The ledger's store did not answer (unreachable, reset, timed out, 5xx, throttled):
+    worth a retry, unlike a refusal (403) or a full or read-only disk."""
 
 
 class LedgerConflict(LedgerError):

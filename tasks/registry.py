@@ -403,12 +403,15 @@ def skopeo_copy_arguments(
     target_insecure: bool,
     digestfile: Path,
 ) -> list[str]:
-    """The `skopeo copy` command line: every manifest of an index, digests preserved."""
+    """The `skopeo copy` command line: every manifest of an index, digests preserved.
+
+    No `--retry-times`: skopeo retries a refusal (403) as readily as a blip; the copy's
+    task retries only what its output shows may pass (`copy_failure_may_pass`).
+    """
     return [
         "copy",
         "--all",
         "--preserve-digests",
-        "--retry-times=2",
         f"--src-authfile={source_authfile}",
         f"--dest-authfile={target_authfile}",
         f"--src-tls-verify={str(not source_insecure).lower()}",
@@ -448,6 +451,26 @@ def _copy_hosts(
     return source_host, target_host
 
 
+_REFUSED = re.compile(
+    r"unauthorized|denied|forbidden|authentication required|manifest unknown|name unknown"
+    r"|blob unknown|digest (?:mismatch|invalid)|status(?: ?code)?:? ?4(?:0\d|1\d)\b|\b4[01]\d \(",
+    re.IGNORECASE,
+)
+_BLIP = re.compile(
+    r"connection refused|connection reset|broken pipe|no such host|i/o timeout|dial tcp"
+    r"|timeout|\bEOF\b|status(?: ?code)?:? ?(?:5\d\d|429)\b|\b(?:5\d\d|429) \(|too ?many ?requests"
+    r"|service unavailable|bad gateway|gateway time",
+    re.IGNORECASE,
+)
+
+
+def copy_failure_may_pass(output: str) -> bool:
+    """Whether a failed copy's output is a blip (refused or reset connection, timeout, an
+    answer cut short, 5xx, 429): worth a retry. A refusal (401/403, unknown image, a
+    digest mismatch) is final, whatever else the output says."""
+    return _BLIP.search(output) is not None and _REFUSED.search(output) is None
+
+
 def copy_image_by_digest(
     image: ImageRef,
     target_repository: str,
@@ -484,10 +507,7 @@ def copy_image_by_digest(
         done = run_tool([skopeo, *args], timeout=COPY_TIMEOUT_S)
         output = _scrub(done.excerpt(20), [source, target])
         if not done.ok:
-            unreachable = ("connection refused", "no such host", "i/o timeout", "dial tcp")
-            error: type[ToolError | RegistryError] = (
-                ToolError if any(w in output.lower() for w in unreachable) else RegistryError
-            )
+            error = ToolError if copy_failure_may_pass(output) else RegistryError
             msg = f"copying {image.reference} to {destination} failed:\n{output}"
             raise error(msg)
         copied = (directory / "digest").read_text(encoding="utf-8").strip()

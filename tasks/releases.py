@@ -16,6 +16,7 @@ from typing import Any, Literal
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.filesystems import WritableFileSystem
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -23,7 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from blocks.config import PipelineConfig
 from blocks.environments import EnvironmentSpec
 from blocks.repository import GitRepository
-from core.errors import ConfigError, LedgerConflict, LedgerError, PromotionRefused
+from core.errors import (
+    ConfigError,
+    LedgerConflict,
+    LedgerError,
+    LedgerUnavailable,
+    PromotionRefused,
+)
 from core.records import (
     DeployedService,
     DeployOutcome,
@@ -40,6 +47,27 @@ from tasks.process import run_logger
 from tasks.security import ScanReport
 from tasks.stores import open_store
 from tasks.workspace import unreviewed_commits, verify_reviewed
+
+
+def retry_on_ledger_outage(task: object, task_run: object, state: State[Any]) -> bool:  # noqa: ARG001
+    """Prefect retry condition: retry when the ledger's store did not answer, or another
+    writer won every race; a refusal (403, a full or read-only disk, a rule) is final."""
+    try:
+        state.result()
+    except (LedgerUnavailable, LedgerConflict):
+        return True
+    except Exception:  # noqa: BLE001 - anything else is not worth a retry
+        return False
+    return False
+
+
+LEDGER_RETRIES: dict[str, Any] = {
+    "retries": 2,
+    "retry_delay_seconds": [1, 4],
+    "retry_condition_fn": retry_on_ledger_outage,
+}
+"""Task options of a ledger write: on top of the store client's own budget
+(`tasks.stores.CLIENT_CONFIG`), two more rounds for an outage that outlasts it."""
 
 ENV_NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
 _REVISION_FILE = re.compile(r"^(\d{8})\.json$")
@@ -198,13 +226,27 @@ class Ledger:
             # Re-validate: `change` may have built records by hand.
             written = EnvironmentState.model_validate(written.model_dump())
             data = written.model_dump_json(indent=2).encode()
-            if self.store.create(f"{env}/{written.revision:08d}.json", data):
+            path = f"{env}/{written.revision:08d}.json"
+            # Taken: by another writer, or by this very write (an attempt whose answer was
+            # lost, yet the store finished it); the bytes say which.
+            if self.store.create(path, data) or self.store.read(path) == data:
                 return written
         msg = (
             f"ledger {env}: {self.max_attempts} attempts lost the race for the next revision; "
             "another deploy is writing this environment, retry when it has finished"
         )
         raise LedgerConflict(msg)
+
+    def last_intent_of(self, env: str, flow_run_id: str) -> EnvironmentState | None:
+        """The latest revision holding the intent of `flow_run_id` (None: there is none).
+
+        Read from the latest revision back: the intent is written shortly before.
+        """
+        for number in reversed(self._revisions(env)):
+            state = self._read(env, number)
+            if state.in_progress is not None and state.in_progress.flow_run_id == flow_run_id:
+                return state
+        return None
 
     def record_deploy(self, env: str, record: ReleaseRecord) -> EnvironmentState:
         """`record` now serves; the record it replaces becomes the service's previous one.
@@ -667,7 +709,7 @@ def check_reviewed(plan: PromotionPlan, repository: GitRepository) -> PromotionP
     return plan
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(cache_policy=NO_CACHE, **LEDGER_RETRIES)
 def record_promotion(
     store: WritableFileSystem,
     plan: PromotionPlan,
@@ -718,16 +760,39 @@ def with_intent(state: EnvironmentState, intent: DeployIntent) -> EnvironmentSta
     )
 
 
-def without_intent(state: EnvironmentState, flow_run_id: str, change: str) -> EnvironmentState:
-    """`state` with the intent of `flow_run_id` cleared (its deploys were undone)."""
+def without_intent(
+    state: EnvironmentState,
+    flow_run_id: str,
+    change: str,
+    before: EnvironmentState | None = None,
+) -> EnvironmentState:
+    """`state` with the intent of `flow_run_id` cleared (its deploys were undone).
+
+    A record of that run found instead of its intent was written late: the run gave up on
+    it (its store timed out) but the store finished the write. `before`, the revision
+    that held the intent, then says what each service it recorded goes back to.
+    """
     pending = state.in_progress
-    if pending is None or pending.flow_run_id != flow_run_id:
+    if pending is not None and pending.flow_run_id == flow_run_id:
+        return state.model_copy(update={"in_progress": None, "change": change})
+    late = sorted(n for n, r in state.services.items() if r.flow_run_id == flow_run_id)
+    if pending is not None or not late or before is None:
         msg = f"ledger {state.environment}: run {flow_run_id} has no deploys under way"
         raise LedgerError(msg)
-    return state.model_copy(update={"in_progress": None, "change": change})
+    services, previous = dict(state.services), dict(state.previous)
+    for name in late:
+        for now, then in ((services, before.services), (previous, before.previous)):
+            if name in then:
+                now[name] = then[name]
+            else:
+                now.pop(name, None)
+    note = f"{change} (its record of {', '.join(late)}, written after the run gave up, undone)"
+    return state.model_copy(
+        update={"services": services, "previous": previous, "in_progress": None, "change": note}
+    )
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(cache_policy=NO_CACHE, **LEDGER_RETRIES)
 def begin_deploys(
     store: WritableFileSystem,
     plan: PromotionPlan,
@@ -744,7 +809,7 @@ def begin_deploys(
     return Ledger(store).update(plan.environment, lambda state: with_intent(state, intent))
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(cache_policy=NO_CACHE, **LEDGER_RETRIES)
 def begin_rollback(
     store: WritableFileSystem,
     environment: str,
@@ -770,7 +835,7 @@ def begin_rollback(
     return Ledger(store).update(environment, intend)
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(cache_policy=NO_CACHE, **LEDGER_RETRIES)
 def finish_rollback(
     store: WritableFileSystem, environment: str, services: list[str], flow_run_id: str, change: str
 ) -> EnvironmentState:
@@ -784,11 +849,26 @@ def finish_rollback(
     return Ledger(store).update(environment, done)
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(cache_policy=NO_CACHE, **LEDGER_RETRIES)
 def end_deploys(
     store: WritableFileSystem, environment: str, flow_run_id: str, change: str
 ) -> EnvironmentState:
-    """Clear the intent of `flow_run_id`: its deploys were undone, the old release serves."""
-    return Ledger(store).update(
-        environment, lambda state: without_intent(state, flow_run_id, change)
-    )
+    """Clear the intent of `flow_run_id`: its deploys were undone, the old release serves.
+
+    A record of the run that landed after the run gave up on it is undone too.
+    """
+    ledger = Ledger(store)
+    found: list[EnvironmentState | None] = []
+
+    def before() -> EnvironmentState | None:
+        if not found:
+            found.append(ledger.last_intent_of(environment, flow_run_id))
+        return found[0]
+
+    def clear(state: EnvironmentState) -> EnvironmentState:
+        late = state.in_progress is None and any(
+            r.flow_run_id == flow_run_id for r in state.services.values()
+        )
+        return without_intent(state, flow_run_id, change, before() if late else None)
+
+    return ledger.update(environment, clear)
