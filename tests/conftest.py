@@ -10,6 +10,7 @@ module on one worker; the hooks below mark what needs the stack and order the mo
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,3 +109,9 @@ def session_dir() -> Path:
 def config() -> PipelineConfig:
     """The embedded default configuration."""
     return load_config(str(REPO / "config" / "pipeline.yaml"))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session's temporary directory goes with it (each xdist worker removes its own):
+    a suite run leaves no Prefect home, ledger or workspace behind in the temp dir."""
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
