@@ -171,6 +171,11 @@ class RolloutFailed(DeployError):
     """A rollout failed or missed its deadline; the deployer restores the previous release."""
 
 
+class DeployLockLost(DeployError):
+    """The deploy lock's lease was lost (revoked, expired, or not renewable in time):
+    the deploy stops at its next safe point and puts back what it changed."""
+
+
 class HealthCheckFailed(PipelineError):
     """A service answered its health check wrongly or not at all."""
 

@@ -12,6 +12,7 @@ worker runs it. Below that, the values are passed in; nothing under the flows re
 | `ELICE_STACK_DIR` | `stack_dir` | where the local stack lives (default: the state dir) |
 | `ELICE_STORAGE` | `storage` | `blocks`: the ledger and backups in the saved storage block |
 | `ELICE_DEPLOY_WAVE` | `deploy_wave` | services deployed at once (default: the machine's cores) |
+| `ELICE_LOCK_RENEW_S` | `lock_renew_s` | seconds between a deploy lock's renewals (default 10) |
 | `DOCKER_HOST` | `docker_host` | a real Docker engine instead of the stack's |
 | `ELICE_TRUST_FILE` | `trust_file` | a worker host's trust roots (`core/trust.py`) |
 | `ELICE_CLOCK` | `clock` | the instant deploy windows are judged at (not on a worker) |
@@ -23,8 +24,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.errors import ConfigError
 from core.trust import TRUST_FILE_ENV, TrustRoots, load_trust_roots
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -37,6 +39,7 @@ VARIABLES: dict[str, str] = {
     "stack_dir": "ELICE_STACK_DIR",
     "storage": "ELICE_STORAGE",
     "deploy_wave": "ELICE_DEPLOY_WAVE",
+    "lock_renew_s": "ELICE_LOCK_RENEW_S",
     "docker_host": "DOCKER_HOST",
     "trust_file": TRUST_FILE_ENV,
     "clock": "ELICE_CLOCK",
@@ -60,6 +63,12 @@ class Settings(BaseModel):
         default="",
         description="ELICE_DEPLOY_WAVE as given; checked where the waves are sized",
     )
+    lock_renew_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=30,
+        description="ELICE_LOCK_RENEW_S: seconds between renewals of a deploy lock's 60 s lease",
+    )
     docker_host: str | None = Field(default=None, description="DOCKER_HOST")
     trust_file: Path | None = Field(default=None, description="ELICE_TRUST_FILE")
     clock: str = Field(
@@ -71,7 +80,15 @@ class Settings(BaseModel):
         """The settings from `environ` (default: this process's environment)."""
         source = os.environ if environ is None else environ
         given = {field: source.get(name, "") for field, name in VARIABLES.items()}
-        return cls(**{field: value for field, value in given.items() if value})
+        try:
+            return cls(**{field: value for field, value in given.items() if value})
+        except ValidationError as exc:
+            problems = [
+                f"{VARIABLES.get(str(e['loc'][0]), e['loc'][0])}={given.get(str(e['loc'][0]))!r}: "
+                f"{e['msg']}"
+                for e in exc.errors()
+            ]
+            raise ConfigError("; ".join(problems)) from None
 
     def trust_roots(self) -> TrustRoots | None:
         """This host's trust roots (the ELICE_TRUST_FILE a worker sets), None without one.

@@ -66,7 +66,7 @@ from tasks.images import (
     place_images,
     with_ecr_scans,
 )
-from tasks.locks import deploy_lock
+from tasks.locks import check_deploy_lock, deploy_lock
 from tasks.metrics import publish_delivery_metrics
 from tasks.notify import Notice, flow_run_url, notify, paged_environment, plan_changes
 from tasks.performance import Baseline
@@ -374,6 +374,7 @@ def _deploy(
         deploy_in_waves(deploy_target, env, specs, plan, live, health_deadline_s, deployed, wave)
         judge = analysis_of(run.policy, env)  # the environment's post-deploy analysis, if any
         baselines = verify_release(addresses, specs, plan, previous, run.config.performance, judge)
+        check_deploy_lock("before the ledger recorded the release")
         state = record_promotion(ledger, plan, baselines, approved_by, verdict, run.run_id)
     except BaseException as failure:
         # All or nothing, whatever failed (the pipeline's own error, a client's, a
@@ -516,7 +517,7 @@ def promote(
         return PromotionOutcome(plan=plan, dry_run=True)
     window = _window(run, freeze_override)
     approved = _approved(run, run.gate) if run.gate is not None else None
-    with deploy_lock(environment):
+    with deploy_lock(environment, run.context.settings.lock_renew_s):
         catalog = _catalog(run.config)
         recover_interrupted(run.context.ledger, run.deploy_target, run.env, catalog, run.run_id)
         plan, verdict, approved_by = _settled(run, approved)
@@ -577,7 +578,7 @@ def rollback(
             config.catalog.select(services)
         except ConfigError as exc:
             raise PromotionRefused(str(exc)) from exc
-    with deploy_lock(environment):
+    with deploy_lock(environment, settings.lock_renew_s):
         run_id = str(current_run.id)
         recovered = recover_interrupted(ledger, deploy_target, env, _catalog(config), run_id)
         if recovered is not None:

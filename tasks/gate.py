@@ -36,7 +36,7 @@ from tasks.approval import (
 )
 from tasks.audit import AuditEntry, record_decision
 from tasks.notify import Notice, flow_run_url, notify, plan_changes
-from tasks.pause import pause_for_answer
+from tasks.pause import api_unavailable, pause_for_answer
 from tasks.process import run_logger
 
 # How often a paused gate looks for an answer: half of it, on average, is the delay
@@ -160,7 +160,10 @@ def _next_answer(
         msg = f"{exc} while release {plan.release_id} waited for approval; nothing deployed"
         audit(store, plan, run_id, "refused", "unknown", detail=msg)
         raise PromotionRejected(msg, plan=plan) from None
-    except Exception as exc:  # noqa: BLE001 - a forced resume without a readable answer
+    except Exception as exc:  # a forced resume without a readable answer, or no API
+        if api_unavailable(exc):  # through the whole wait: nobody could answer
+            run_logger().error("the Prefect API was unavailable until the gate's timeout: %s", exc)
+            raise FlowPauseTimeout(str(exc)) from exc
         why = f"resumed without a readable answer ({type(exc).__name__}); waiting again"
         audit(store, plan, run_id, "refused", "unknown", detail=why)
         time.sleep(APPROVAL_POLL_S)

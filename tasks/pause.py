@@ -9,6 +9,11 @@ it. A cancellation (Cancelling, Cancelled) or another final state ends the wait 
 `PauseInterrupted`: those stop a release, they never ship one.
 
 The pause key is random, so nobody can write an answer for a pause before it exists.
+
+A Prefect API that stops answering during the wait (refused or reset connections,
+timeouts, 5xx, 429) is waited out until the pause's own timeout: the wait looks again
+every `poll_s`, and an answer given before or after the outage is read once the API
+answers. An outage never counts as an answer, and never ends the wait early.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
+import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State, StateType
 from prefect.context import FlowRunContext
@@ -32,6 +38,9 @@ from prefect.states import Paused
 from prefect.utilities.engine import propose_state_sync
 
 from core.errors import PauseInterrupted
+from tasks.process import run_logger
+
+T = TypeVar("T")
 
 # States that end a wait: the run is being stopped (or is over), never resumed.
 ENDS_WAIT = frozenset(
@@ -52,6 +61,39 @@ def _paused(key: str, keyset: Keyset | None, timeout_s: float) -> State[Any]:
     if keyset is not None:
         state.state_details.run_input_keyset = {str(k): v for k, v in keyset.items()}
     return state
+
+
+def api_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the Prefect API could not answer now (worth waiting out)."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        code = exc.response.status_code
+        return code >= 500 or code in (408, 429)
+    return isinstance(exc, (httpx.TransportError, OSError))
+
+
+def through_outage(call: Callable[[], T], until: float, poll_s: float, what: str) -> T:
+    """`call()`, called again every `poll_s` while the Prefect API is unavailable, up to
+    the monotonic time `until`; an outage is logged when it starts and when it ends."""
+    down_since: float | None = None
+    while True:
+        try:
+            result = call()
+        except Exception as exc:
+            if not api_unavailable(exc) or time.monotonic() >= until:
+                raise
+            if down_since is None:
+                down_since = time.monotonic()
+                run_logger().warning(
+                    "the Prefect API did not answer while %s (%s): still waiting",
+                    what,
+                    type(exc).__name__,
+                )
+            time.sleep(poll_s)
+            continue
+        if down_since is not None:
+            gone = time.monotonic() - down_since
+            run_logger().info("the Prefect API answers again after %.0fs (%s)", gone, what)
+        return result
 
 
 def pause_for_answer(
@@ -80,24 +122,39 @@ def pause_for_answer(
     keyset = keyset_from_paused_state(_paused(key, None, timeout_s))
     expires = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
-        state = propose_state_sync(client, _paused(key, keyset, timeout_s), flow_run_id=run_id)
+        state = through_outage(
+            lambda: propose_state_sync(client, _paused(key, keyset, timeout_s), flow_run_id=run_id),
+            expires,
+            poll_s,
+            "pausing for an approval",
+        )
         if not state.is_paused():
             msg = f"the server would not pause the run: it is {state.type.value}"
             raise RuntimeError(msg)
         # after the pause: the server deletes what is stored under a new pause's keys
-        kind.save(keyset)
+        through_outage(lambda: kind.save(keyset), expires, poll_s, "saving the approval form")
         while (left := expires - time.monotonic()) > 0:
             time.sleep(min(poll_s, left))
-            current = client.read_flow_run(run_id).state
+            current = through_outage(
+                lambda: client.read_flow_run(run_id).state, expires, poll_s, "awaiting approval"
+            )
             if current is None or current.is_paused():
                 continue
-            if current.is_running():
-                return cast("RunInput", kind.load(keyset))  # sync here: no loop
+            if current.is_running():  # sync here: no loop
+                loaded = through_outage(
+                    lambda: kind.load(keyset), expires, poll_s, "reading the answer"
+                )
+                return cast("RunInput", loaded)
             if current.type in ENDS_WAIT:
                 raise PauseInterrupted(current.name or current.type.value)
             on_forced(current.name or current.type.value)
-            client.set_flow_run_state(
-                run_id, _paused(key, keyset, expires - time.monotonic()), force=True
+            through_outage(
+                lambda: client.set_flow_run_state(
+                    run_id, _paused(key, keyset, expires - time.monotonic()), force=True
+                ),
+                expires,
+                poll_s,
+                "pausing again",
             )
     msg = "Flow run was paused and never resumed."
     raise FlowPauseTimeout(msg)

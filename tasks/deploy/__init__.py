@@ -20,7 +20,7 @@ from core.errors import PipelineError, PromotionError, PromotionRefused
 from core.records import DeployedService, DeployOutcome, ImageRef, PublishedImage, short_digest
 from tasks.deploy.target import Deployer, DeployTarget
 from tasks.health import probe_health
-from tasks.locks import deploy_lock, mark_crashed
+from tasks.locks import check_deploy_lock, deploy_lock, mark_crashed
 from tasks.process import run_logger
 from tasks.releases import EnvironmentState, end_deploys, read_ledger
 
@@ -90,6 +90,7 @@ def _deploy_unless_serving(
     live = _already_serving(deployer, env, service, image, deadline_s=5, warn=True)
     if live is not None:
         return DeployOutcome(deployed=live, changed=False)
+    check_deploy_lock(f"before deploying {service.name}")
     deployed = deployer.deploy(env, service, image, deadline_s=deadline_s)
     run_logger().info(
         "%s %s deployed to %s at %s", service.name, image.short, env.name, deployed.address

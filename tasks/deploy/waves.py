@@ -31,6 +31,7 @@ from tasks.deploy import (
 )
 from tasks.deploy.target import DeployTarget
 from tasks.health import check_service_health
+from tasks.locks import check_deploy_lock
 from tasks.performance import Baseline, baseline_from_record, check_regression, measure_baseline
 from tasks.process import run_logger
 from tasks.releases import EnvironmentState, begin_rollback, end_deploys, finish_rollback
@@ -85,6 +86,7 @@ def deploy_in_waves(
     size = deploy_wave_size(wave_setting)
     for start in range(0, len(todo), size):
         wave = todo[start : start + size]
+        check_deploy_lock(f"before deploying {', '.join(s.name for s in wave)}")
         futures = [
             deploy_release.submit(
                 deploy_target, env, spec, plan.change(spec.name).image, deadline_s

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from core.errors import ConfigError
 from core.settings import CHECKOUT, VARIABLES, Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,6 +24,7 @@ def test_each_variable_becomes_its_setting(tmp_path: Path) -> None:
         "ELICE_STACK_DIR": str(tmp_path / "stack"),
         "ELICE_STORAGE": "blocks",
         "ELICE_DEPLOY_WAVE": "2",
+        "ELICE_LOCK_RENEW_S": "2.5",
         "DOCKER_HOST": "unix:///run/docker.sock",
         "ELICE_TRUST_FILE": str(tmp_path / "trust.yaml"),
         "ELICE_CLOCK": "2026-12-24T10:00:00+09:00",
@@ -35,9 +37,16 @@ def test_each_variable_becomes_its_setting(tmp_path: Path) -> None:
     assert settings.resolved_stack_dir() == tmp_path / "stack"
     assert settings.storage_from_blocks
     assert settings.deploy_wave == "2"
+    assert settings.lock_renew_s == 2.5
     assert settings.docker_host == "unix:///run/docker.sock"
     assert settings.trust_file == tmp_path / "trust.yaml"
     assert settings.clock == "2026-12-24T10:00:00+09:00"
+
+
+@pytest.mark.parametrize("value", ["0", "soon", "600"])
+def test_a_bad_lock_renewal_interval_is_refused_by_name(value: str) -> None:
+    with pytest.raises(ConfigError, match=f"ELICE_LOCK_RENEW_S='{value}'"):
+        Settings.from_environ({"ELICE_LOCK_RENEW_S": value})
 
 
 def test_unset_and_empty_are_the_defaults(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ class Fault:
     method: str | None = None
     status: int = 503
     retry_after: int | None = None
+    body: bytes | None = None  # the `status` answer's JSON body (default: a registry's)
     after_bytes: int = 0
     seconds: float = 0.0
     first: int = 1
@@ -141,7 +142,7 @@ class FaultProxy:
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
                 return  # closed with a reset, before any answer
             if fault is not None and fault.kind == "status":
-                client.sendall(_answer(fault.status, fault.retry_after))
+                client.sendall(_answer(fault.status, fault.retry_after, fault.body))
                 return
             if fault is not None and fault.kind == "delay":
                 time.sleep(fault.seconds)
@@ -169,8 +170,8 @@ def _read_head(conn: socket.socket) -> tuple[bytes | None, bytes]:
     return head, rest
 
 
-def _answer(status: int, retry_after: int | None) -> bytes:
-    body = b'{"errors":[{"code":"UNAVAILABLE","message":"injected fault"}]}'
+def _answer(status: int, retry_after: int | None, body: bytes | None = None) -> bytes:
+    body = body or b'{"errors":[{"code":"UNAVAILABLE","message":"injected fault"}]}'
     extra = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
     return (
         f"HTTP/1.1 {status} Injected\r\nContent-Type: application/json\r\n{extra}"

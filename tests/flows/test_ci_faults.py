@@ -1,0 +1,248 @@
+"""Whole CI runs (checks, build, push, dev deploy, health, record) under faults injected by
+proxies in front of the real services: the Prefect API, the stack's registry and the
+engine's API socket. The run reaches the registry and the engine only through their
+proxies (the environment's registry block and DOCKER_HOST name them).
+
+What must hold: a transient fault is retried and the run ships, or the run fails with a
+message naming the fault, and the environment keeps serving what it served; the ledger
+changes only with what serves. One service (`auth`), the environment `cf-dev` on its own
+ports; each test commits a change, so each run builds, pushes and deploys a new image.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from blocks.registry import OciRegistry
+from blocks.stack import StackInfo
+from core.records import CiOutcome, StageResult
+from flows.ci import ci, ci_outcome
+from tests.ledgers import current_ledger
+from tests.plugins.faults import Fault, FaultProxy
+from tests.tasks.ci_checkout import commit_all, copy_monorepo, git, pinned
+
+pytestmark = pytest.mark.stack
+
+REPO = Path(__file__).resolve().parents[2]
+SERVICE = "auth"
+ENV = "cf-dev"
+OFFSET = 33000
+BLOCK = "cf-dev-registry"
+
+
+@dataclass
+class Delivery:
+    """The checkout, its pinned remote, the configuration and the proxies."""
+
+    repo: Path
+    remote: Path
+    config: str
+    registry: FaultProxy
+    engine: FaultProxy
+    port: int
+    changes: int = 0
+
+    def change(self) -> str:
+        """A new commit of the service on the protected branch: a new image to ship."""
+        self.changes += 1
+        note = self.repo / "services" / SERVICE / "fault-note.txt"
+        note.write_text(f"change {self.changes}\n")
+        commit = commit_all(self.repo, f"change {self.changes}")
+        git(self.repo, "push", "-q", str(self.remote), "main")
+        return commit
+
+    def run(self) -> State[Any]:
+        return ci(
+            services=[SERVICE],
+            repo=str(self.repo),
+            deliver=True,
+            environment=ENV,
+            config_source=self.config,
+            return_state=True,
+        )
+
+    def serving(self) -> str | None:
+        """The digest the service's /version reports in the environment (None: no answer)."""
+        try:
+            answer = httpx.get(f"http://127.0.0.1:{self.port}/version", timeout=10)
+        except httpx.HTTPError:
+            return None
+        return str(answer.json()["digest"]) if answer.status_code == 200 else None
+
+
+def _delete_block(name: str) -> None:
+    with get_client(sync_client=True) as client:
+        document = client.read_block_document_by_name(name, "elice-oci-registry")
+        client.delete_block_document(document.id)
+
+
+@pytest.fixture(scope="module")
+def delivery(stack: StackInfo, docker_client: docker.DockerClient) -> Iterator[Delivery]:
+    """A checkout of one service pinned as the repository; cf-dev pushes to the stack's
+    registry through a proxy, the engine is reached through another."""
+    root = Path(tempfile.mkdtemp(prefix="ci-faults-"))
+    repo = copy_monorepo(root / "repo", [SERVICE])
+    registry = FaultProxy(stack.registry)
+    assert stack.docker_host.startswith("unix://"), stack.docker_host
+    engine = FaultProxy(stack.docker_host.removeprefix("unix://"))
+    OciRegistry(address=registry.address, insecure=True).save(BLOCK, overwrite=True)
+    data = yaml.safe_load((REPO / "config" / "pipeline.yaml").read_text())
+    data["environments"] = [
+        {
+            "name": ENV,
+            "namespace": "elice-cf-dev",
+            "replicas": {"min": 1, "max": 1},
+            "log_level": "INFO",
+            "storage": "minio",
+            "local_port_offset": OFFSET,
+            "registry": {"kind": "oci", "block": BLOCK},
+        }
+    ]
+    config = root / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(data))
+    port = next(s["port"] for s in data["services"] if s["name"] == SERVICE) + OFFSET
+    try:
+        with (
+            pytest.MonkeyPatch.context() as patch,
+            pinned(repo, registries={BLOCK: registry.address}) as remote,
+        ):
+            patch.setenv("DOCKER_HOST", f"tcp://{engine.address}")
+            yield Delivery(repo, remote, str(config), registry, engine, port)
+    finally:
+        for container in docker_client.containers.list(all=True, filters={"name": f"-{ENV}-"}):
+            container.remove(force=True)
+        _delete_block(BLOCK)
+        registry.close()
+        engine.close()
+
+
+def _outcome(state: State[Any]) -> CiOutcome:
+    outcome = ci_outcome(state)
+    assert outcome is not None, state.message
+    return outcome
+
+
+def _stages(outcome: CiOutcome) -> dict[str, StageResult]:
+    return {r.stage: r for r in outcome.results if r.service == SERVICE}
+
+
+def _shipped(delivery: Delivery, state: State[Any]) -> str:
+    """The run passed and the environment serves, and the ledger records, its image."""
+    assert state.is_completed(), state.message
+    stages = _stages(_outcome(state))
+    for stage in ("image", "deploy", "health", "record"):
+        assert stages[stage].status == "passed", (stage, stages[stage].summary)
+    digest = str(stages["image"].details["digest"])
+    assert delivery.serving() == digest
+    assert current_ledger().current(ENV).services[SERVICE].image.digest == digest
+    return digest
+
+
+@pytest.fixture(scope="module")
+def serving(delivery: Delivery) -> list[str]:
+    """What cf-dev serves, updated by each test that ships: first, a run without faults."""
+    return [_shipped(delivery, delivery.run())]
+
+
+def _kept(delivery: Delivery, serving: list[str], state: State[Any], stage: str) -> str:
+    """The run failed at `stage`; what served before still serves and is what the ledger
+    records. Returns the stage's summary."""
+    assert state.is_failed(), state.message
+    stages = _stages(_outcome(state))
+    assert stages[stage].status == "failed", (stage, stages[stage])
+    assert "record" not in stages or stages["record"].status != "passed"
+    assert delivery.serving() == serving[-1]
+    assert current_ledger().current(ENV).services[SERVICE].image.digest == serving[-1]
+    return stages[stage].summary
+
+
+def test_a_prefect_api_blip_during_a_ci_run_is_retried(
+    delivery: Delivery, serving: list[str], fault_proxy: type[FaultProxy]
+) -> None:
+    url = str(PREFECT_API_URL.value())
+    host = url.split("://", 1)[1].split("/", 1)[0]
+    api = fault_proxy(host)
+    # once the run is under way: two requests answered 503, then two refused (one
+    # request may meet all four: Prefect's client tries each up to six times)
+    api.inject(Fault("status", status=503, first=12, times=2))
+    api.inject(Fault("refuse", first=12, times=2))
+    delivery.change()
+    with temporary_settings({PREFECT_API_URL: url.replace(host, api.address)}):
+        state = delivery.run()
+    assert [f.fired for f in api.faults] == [2, 2], len(api.requests)
+    serving.append(_shipped(delivery, state))
+    assert serving[-1] != serving[-2]
+
+
+def test_a_registry_fault_during_the_push_is_named_or_retried(
+    delivery: Delivery, serving: list[str]
+) -> None:
+    """The registry answers 503 to the manifest's upload once: either the push is retried
+    and the run ships, or the image stage fails naming the 503 and nothing else moves."""
+    fault = delivery.registry.inject(Fault("status", method="PUT", path="/manifests/", status=503))
+    delivery.change()
+    try:
+        state = delivery.run()
+    finally:
+        delivery.registry.clear()
+    assert fault.fired == 1
+    if state.is_completed():
+        serving.append(_shipped(delivery, state))
+        return
+    summary = _kept(delivery, serving, state, "image")
+    assert "503" in summary, summary
+    assert SERVICE in (state.message or "")
+
+
+def test_a_refused_registry_connection_during_the_push_is_named_or_retried(
+    delivery: Delivery, serving: list[str]
+) -> None:
+    fault = delivery.registry.inject(Fault("refuse", method="POST", path="/blobs/uploads/"))
+    delivery.change()
+    try:
+        state = delivery.run()
+    finally:
+        delivery.registry.clear()
+    assert fault.fired == 1
+    if state.is_completed():
+        serving.append(_shipped(delivery, state))
+        return
+    summary = _kept(delivery, serving, state, "image")
+    assert "push" in summary, summary
+
+
+def test_an_engine_500_during_the_dev_deploy_keeps_what_served(
+    delivery: Delivery, serving: list[str]
+) -> None:
+    fault = delivery.engine.inject(
+        Fault(
+            "status",
+            method="POST",
+            path=r"/containers/create",
+            status=500,
+            body=b'{"message":"injected engine fault","response":500}',
+        )
+    )
+    delivery.change()
+    try:
+        state = delivery.run()
+    finally:
+        delivery.engine.clear()
+    assert fault.fired == 1
+    if state.is_completed():
+        serving.append(_shipped(delivery, state))
+        return
+    summary = _kept(delivery, serving, state, "deploy")
+    assert "injected engine fault" in summary, summary
