@@ -64,6 +64,18 @@ def write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
+def directory_gone(pid: int | None) -> bool:
+    """Whether process `pid` runs in a directory that was removed since it started: an
+    engine started that way (by a stack started from a checkout removed later) answers
+    pings but cannot start a container (conmon inherits the directory)."""
+    if pid is None:
+        return False
+    try:
+        return str(Path(f"/proc/{pid}/cwd").readlink()).endswith(" (deleted)")
+    except OSError:
+        return False
+
+
 def ensure_engine(root: Path, registry: str, steps: Steps) -> str:
     """The engine's DOCKER_HOST; starts Podman's API service when ours does not serve it."""
     if os.environ.get("DOCKER_HOST"):
@@ -83,10 +95,12 @@ def ensure_engine(root: Path, registry: str, steps: Steps) -> str:
     host = f"unix://{sock}"
     listens = functools.partial(part_listens, root, "engine", socket_path=sock)
     if reusable(listens, lambda: engine_alive(host), REUSE_PATIENCE_S):
-        if not changed:
-            steps.info("engine", f"running at {host} (pid {running_part(root, 'engine')})")
+        pid = running_part(root, "engine")
+        if not changed and not directory_gone(pid):
+            steps.info("engine", f"running at {host} (pid {pid})")
             return host
-        steps.info("engine", "its configuration changed: restarting (containers keep running)")
+        why = "its configuration changed" if changed else "its working directory was removed"
+        steps.info("engine", f"{why}: restarting (containers keep running)")
     stop_part(root, "engine")  # conmon owns the containers: they survive
     ensure_system_deps(progress=steps.progress)
     sock.unlink(missing_ok=True)
@@ -96,7 +110,11 @@ def ensure_engine(root: Path, registry: str, steps: Steps) -> str:
     }
     args = [which("podman"), "--root", str(storage / "root"), "--runroot", str(storage / "run")]
     with steps.step("engine", f"starting podman API service at {host}"):
-        spawn_part(root, "engine", [*args, "system", "service", "--time=0", host], env)
+        # In the stack's own directory: conmon, which the service starts for every
+        # container, inherits its working directory and cannot start a container once
+        # that directory is gone ("Failed to get working directory", "write child:
+        # broken pipe"): a checkout the stack was started from may be removed later.
+        spawn_part(root, "engine", [*args, "system", "service", "--time=0", host], env, cwd=root)
         wait_up(root, "engine", "podman system service", lambda: engine_up(root), 60)
     return host
 
