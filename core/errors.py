@@ -15,7 +15,8 @@ PipelineError
 ├── DeployError              a deploy did not become healthy; the previous release still serves
 │   ├── ManifestError        the Kubernetes manifests do not render or validate
 │   ├── KubernetesApiError   the Kubernetes API refused a call (HTTP status kept)
-│   └── RolloutFailed        a rollout failed or missed its deadline (before any restore)
+│   ├── RolloutFailed        a rollout failed or missed its deadline (before any restore)
+│   └── DeployLockLost       the deploy lock's lease was lost: stop at a safe point, put back
 ├── HealthCheckFailed        a health check failed; names the endpoint and what it answered
 │   └── EnvironmentUnhealthy  nothing deployed, or services unhealthy; carries the report
 ├── LedgerError              the release ledger cannot be read or written

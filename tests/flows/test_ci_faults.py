@@ -38,7 +38,7 @@ pytestmark = pytest.mark.stack
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "auth"
 ENV = "cf-dev"
-OFFSET = 33000
+OFFSET = 41100
 BLOCK = "cf-dev-registry"
 
 
@@ -55,10 +55,12 @@ class Delivery:
     changes: int = 0
 
     def change(self) -> str:
-        """A new commit of the service on the protected branch: a new image to ship."""
+        """A new commit of the service on the protected branch: a new image to ship. The
+        note names this session's checkout, so no earlier suite run on this machine (the
+        stack's registry outlives it) has published an image of the same content."""
         self.changes += 1
         note = self.repo / "services" / SERVICE / "fault-note.txt"
-        note.write_text(f"change {self.changes}\n")
+        note.write_text(f"change {self.changes} of {self.repo}\n")
         commit = commit_all(self.repo, f"change {self.changes}")
         git(self.repo, "push", "-q", str(self.remote), "main")
         return commit

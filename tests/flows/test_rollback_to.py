@@ -69,7 +69,7 @@ def train(
     mp = pytest.MonkeyPatch()
     mp.setenv("DOCKER_HOST", stack.docker_host)
     folder = tmp_path_factory.mktemp("rollback-to")
-    cfg_path = write_chain_config(folder / "pipeline.yaml", [(DEV, 31100), (STG, 31600)])
+    cfg_path = write_chain_config(folder / "pipeline.yaml", [(DEV, 28100), (STG, 28600)])
     people = Approvers(folder, ["alice"])
     people.set_policy({})
     pin_repository(mp, folder, people.bare, environments=(DEV, STG))

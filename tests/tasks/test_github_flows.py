@@ -71,7 +71,7 @@ def setup(
     folder = tmp_path_factory.mktemp("github-flows")
     cfg_path = write_chain_config(
         folder / "pipeline.yaml",
-        [(DEV, 39600), (STG, 39100), (PRD, 39300)],
+        [(DEV, 26600), (STG, 26100), (PRD, 39300)],
         services=[(SERVICE, 8004)],
     )
     people = Approvers(folder, ["alice", "bob", "carol"])

@@ -59,16 +59,17 @@ def _closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_an_unreachable_s3_endpoint_is_a_ledger_error(
-    aws_credentials: AwsCredentials, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # One attempt per call: botocore reads its retry budget when the client is made (the
-    # default, 5 attempts with backoff, made this test wait ~7 s per call).
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+def test_an_unreachable_s3_endpoint_is_a_ledger_error(aws_credentials: AwsCredentials) -> None:
+    # One attempt per call, the way a block sets its own budget (its credentials' client
+    # config): the project's default (tasks/stores.py CLIENT_CONFIG, six attempts with
+    # backoff) would make this test wait half a minute per call.
+    params = aws_credentials.aws_client_parameters.model_copy(
+        update={"config": {"retries": {"mode": "standard", "total_max_attempts": 1}}}
+    )
     storage = ReleaseStorage(
         kind="s3",
         bucket="elice-ledger",
-        credentials=aws_credentials,
+        credentials=aws_credentials.model_copy(update={"aws_client_parameters": params}),
         endpoint_url=f"http://127.0.0.1:{_closed_port()}",
     )
     store = open_store(storage.filesystem("ledger"))
