@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from blocks.environments import EnvironmentSpec
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 SPAN = 12
@@ -85,6 +87,10 @@ def test_the_reader_finds_the_offsets_of_every_form() -> None:
 def test_no_two_modules_share_ports() -> None:
     declared = _declared()
     assert len(declared) > 20, sorted(declared)  # the reader still finds the suite's modules
+    bound = EnvironmentSpec.model_fields["local_port_offset"].metadata
+    highest = next(int(m.le) for m in bound if hasattr(m, "le"))
+    invalid = {w: sorted(o for o in offsets if o > highest) for w, offsets in declared.items()}
+    assert not any(invalid.values()), f"offsets above {highest}: {invalid}"
     owners = sorted((offset, where) for where, offsets in declared.items() for offset in offsets)
     clashes = [
         f"{a_where} ({a}) and {b_where} ({b})"

@@ -89,8 +89,11 @@ def test_every_service_is_built_pushed_deployed_and_healthy(first, config) -> No
     ledger = current_ledger().current(ENV)
     for name in SERVICES:
         stages = {r.stage: r for r in outcome.results if r.service == name}
-        for stage in ("image", "scan", "deploy", "health", "record"):
+        for stage in ("image", "deploy", "health", "record"):
             assert stages[stage].status == "passed", (name, stage, stages[stage].summary)
+        # The scan of a lock file is cached across runs: another module on this worker may
+        # have scanned the same lock first.
+        assert stages["scan"].status in {"passed", "cached"}, (name, stages["scan"].summary)
         record = ledger.services[name]
         assert record.verified
         assert record.scan in {"unknown", "clean"}

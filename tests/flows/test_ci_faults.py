@@ -38,7 +38,7 @@ pytestmark = pytest.mark.stack
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "auth"
 ENV = "cf-dev"
-OFFSET = 41100
+OFFSET = 24100
 BLOCK = "cf-dev-registry"
 
 

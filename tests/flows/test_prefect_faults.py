@@ -85,7 +85,7 @@ def releases(
     mp.setenv("ELICE_LOCK_RENEW_S", "1")
     mp.setenv("ELICE_DEPLOY_WAVE", "1")
     cfg_path = write_chain_config(
-        tmp_path / "pipeline.yaml", [(DEV, 35100), (STG, 35600), (PROD, 40100)]
+        tmp_path / "pipeline.yaml", [(DEV, 35100), (STG, 35600), (PROD, 25100)]
     )
     cfg = load_config(cfg_path)
     remove_containers(docker_client, [DEV, STG, PROD])

@@ -57,7 +57,7 @@ def releases(
     OciRegistry(address=proxy.address, insecure=True).save(DEV_REGISTRY, overwrite=True)
     cfg_path = write_chain_config(
         tmp_path / "pipeline.yaml",
-        [(DEV, 40600), (STG, 30800)],
+        [(DEV, 25600), (STG, 30800)],
         None,
         **{DEV: {"registry": {"kind": "oci", "block": DEV_REGISTRY}}},
     )
