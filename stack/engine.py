@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -27,7 +29,15 @@ runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 infra_image = "{pause}"
+image_copy_tmp_dir = "{tmp}"
 """
+"""The engine's containers.conf. `image_copy_tmp_dir` (and TMPDIR, which the service is
+started with) keep the engine's temporary files in the stack's own directory: Podman 4.3
+leaves a `digest.txt<N>` behind for every push through its API, which went to /var/tmp."""
+
+LEFTOVER_TMP_S = 3600
+"""A leftover temporary file of the engine's older than this is removed when the stack is
+next used: no push takes an hour."""
 
 
 def engine_paths(root: Path) -> tuple[Path, Path]:
@@ -76,6 +86,18 @@ def directory_gone(pid: int | None) -> bool:
         return False
 
 
+def engine_tmp(root: Path) -> Path:
+    """The engine's temporary directory, created, without leftovers older than an hour."""
+    tmp = root.absolute() / "tmp"
+    tmp.mkdir(exist_ok=True)
+    cutoff = time.time() - LEFTOVER_TMP_S
+    for leftover in tmp.glob("digest.txt*"):
+        with contextlib.suppress(OSError):
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
+    return tmp
+
+
 def ensure_engine(root: Path, registry: str, steps: Steps) -> str:
     """The engine's DOCKER_HOST; starts Podman's API service when ours does not serve it."""
     if os.environ.get("DOCKER_HOST"):
@@ -88,8 +110,9 @@ def ensure_engine(root: Path, registry: str, steps: Steps) -> str:
     storage, sock = engine_paths(root)
     conf_dir = root / "conf"
     conf_dir.mkdir(exist_ok=True)
+    tmp = engine_tmp(root)
     changed = write_if_changed(
-        conf_dir / "containers.conf", CONTAINERS_CONF.format(pause=PAUSE_IMAGE)
+        conf_dir / "containers.conf", CONTAINERS_CONF.format(pause=PAUSE_IMAGE, tmp=tmp)
     )
     changed |= write_if_changed(conf_dir / "registries.conf", registries_conf(registry))
     host = f"unix://{sock}"
@@ -105,6 +128,7 @@ def ensure_engine(root: Path, registry: str, steps: Steps) -> str:
     ensure_system_deps(progress=steps.progress)
     sock.unlink(missing_ok=True)
     env = {
+        "TMPDIR": str(tmp),
         "CONTAINERS_CONF": str(conf_dir / "containers.conf"),
         "CONTAINERS_REGISTRIES_CONF": str(conf_dir / "registries.conf"),
     }

@@ -341,7 +341,9 @@ def clean_engine(
     # the engine's storage must not sit on tmpfs or overlayfs: keep it beside the stack's
     root = Path(stack.docker_host.removeprefix("unix://")).parent / f"clean-{uuid.uuid4().hex[:8]}"
     root.mkdir(parents=True)
-    (root / "containers.conf").write_text(CONTAINERS_CONF.format(pause="none"), encoding="utf-8")
+    (root / "containers.conf").write_text(
+        CONTAINERS_CONF.format(pause="none", tmp=root), encoding="utf-8"
+    )
     entries = "".join(
         f'\n[[registry]]\nlocation = "{r.address}"\ninsecure = true\n'
         for r in (basic_registry, token_registry, ecr_image_registry)
@@ -352,6 +354,7 @@ def clean_engine(
     sock = root / "podman.sock"
     env = {
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "TMPDIR": str(root),
         "CONTAINERS_CONF": str(root / "containers.conf"),
         "CONTAINERS_REGISTRIES_CONF": str(root / "registries.conf"),
     }
