@@ -18,6 +18,13 @@ class OciRegistry(Block):
     insecure: bool = Field(default=False, description="Plain HTTP instead of HTTPS")
     username: SecretStr | None = Field(default=None, description="Basic-auth user, if any")
     password: SecretStr | None = Field(default=None, description="Basic-auth password, if any")
+    timeout_s: float = Field(
+        default=60,
+        gt=0,
+        le=600,
+        description="Seconds one request to the registry may wait (connect, read, write); "
+        "a request that waits longer is a blip, retried like a 5xx",
+    )
 
     @field_validator("address")
     @classmethod

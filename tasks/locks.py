@@ -48,6 +48,11 @@ MARGIN_S = 5.0
 """A lease not renewed this close to its expiry counts as lost (the server frees it)."""
 GONE = frozenset({404, 410})
 """What the server answers for a lease it no longer holds."""
+ACQUIRE_PATIENCE_S = 60.0
+"""How long taking the slot waits out an API that fails (5xx, unreachable): nothing is
+held or changed yet, so waiting is safe; the client's own retries may be fewer (a 503
+from a busy SQLite-backed server, seen under load, ended a promotion right after its
+approval)."""
 
 
 @dataclass
@@ -156,11 +161,21 @@ def _keep(held: HeldLease, renew_s: float) -> None:
         run_logger().error("%s lost: %s; the deploy stops at its next safe point", held.name, why)
 
 
-def _acquire(name: str) -> UUID:
+def _acquire(name: str, patience_s: float = ACQUIRE_PATIENCE_S) -> UUID:
     """Wait for the slot of `name` and take it with a lease; its lease id.
 
-    The server answers 423 with Retry-After while another run holds the slot.
+    The server answers 423 with Retry-After while another run holds the slot. A failing
+    API (5xx, refused, reset, timed out) is asked again every `RETRY_S` for `patience_s`;
+    an attempt whose answer was lost after the server took the slot leaves a lease
+    nobody renews, which frees within `LEASE_S`, so the next attempts wait for it (423)
+    rather than hold the slot twice.
+
+    Raises:
+        PrefectHTTPStatusError: the server refused (4xx other than 423), or still
+            failed after `patience_s`.
+        httpx.HTTPError: the API was still unreachable after `patience_s`.
     """
+    deadline = time.monotonic() + patience_s
     with get_client(sync_client=True) as client:
         while True:
             try:
@@ -168,15 +183,31 @@ def _acquire(name: str) -> UUID:
                     names=[name], slots=1, mode="concurrency", lease_duration=LEASE_S
                 )
             except PrefectHTTPStatusError as exc:
-                if exc.response.status_code != 423:
+                code = exc.response.status_code
+                if code == 423:
+                    time.sleep(float(exc.response.headers.get("Retry-After", 1)))
+                    continue
+                if code < 500 or time.monotonic() > deadline:
                     raise
-                time.sleep(float(exc.response.headers.get("Retry-After", 1)))
+                _acquire_failed(name, f"HTTP {code}")
+                continue
+            except (httpx.HTTPError, OSError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                _acquire_failed(name, type(exc).__name__)
                 continue
             body = answer.json()
             if not body.get("limits"):
                 msg = f"the global concurrency limit {name} does not exist"
                 raise DeployError(msg)
             return UUID(body["lease_id"])
+
+
+def _acquire_failed(name: str, why: str) -> None:
+    run_logger().warning(
+        "%s: the Prefect API failed to hand out the slot (%s): asking again", name, why
+    )
+    time.sleep(RETRY_S)
 
 
 def _release(held: HeldLease) -> None:

@@ -179,11 +179,17 @@ def _registry_for(host: str, registry: OciRegistry | None) -> OciRegistry | None
     return registry
 
 
+DEFAULT_TIMEOUT_S = OciRegistry.model_fields["timeout_s"].default
+"""A registry without a block (an image named by a registry the configuration does not
+hold) waits as long as the block's default."""
+
+
 def _client(host: str, registry: OciRegistry | None) -> httpx.Client:
     registry = _registry_for(host, registry)
     auth = RegistryAuth(host, registry)
     base = f"{'http' if auth.insecure else 'https'}://{host}"
-    return httpx.Client(base_url=base, auth=auth, timeout=60, trust_env=not auth.insecure)
+    timeout = registry.timeout_s if registry is not None else DEFAULT_TIMEOUT_S
+    return httpx.Client(base_url=base, auth=auth, timeout=timeout, trust_env=not auth.insecure)
 
 
 def _request(

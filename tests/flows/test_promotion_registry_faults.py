@@ -3,10 +3,11 @@ reached through the fault proxy (an OciRegistry block of its own), so the image 
 (HEAD and GET of the manifest, the config blob) and skopeo's copy into fr-stg's registry
 (the stack's, directly) both read through it.
 
-A blip (5xx, a refused or dropped connection, a slow answer) is retried and the
-promotion goes through; a refusal is not retried, and the promotion stops before
-anything deploys: the previous release serves and the ledger records nothing.
-Own environments (fr-dev -> fr-stg, host ports 386xx/388xx).
+A blip (5xx, a refused or dropped connection, a slow answer, an answer later than the
+registry block's `timeout_s`) is retried and the promotion goes through; a refusal (403)
+is not retried, and the promotion stops before anything deploys: the previous release
+serves and the ledger records nothing. Own environments (fr-dev -> fr-stg, host ports
+336xx/388xx).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ DEV, STG = "fr-dev", "fr-stg"
 DEV_REGISTRY = "test-registry-fr-dev"
 # both services run the image of course's repository: after the image check's two GETs
 # of its manifest, skopeo's reads of it (one per copy)
+STALL_TIMEOUT_S = 5
+"""fr-dev's registry block's timeout: a request answered later is cut and retried."""
 COPY_READ = {"method": "GET", "path": r"/elice/course/manifests/sha256:", "first": 3}
 
 
@@ -54,7 +57,9 @@ def releases(
     proxy = fault_proxy(stack.registry)
     mp = pytest.MonkeyPatch()
     mp.setenv("DOCKER_HOST", stack.docker_host)
-    OciRegistry(address=proxy.address, insecure=True).save(DEV_REGISTRY, overwrite=True)
+    OciRegistry(address=proxy.address, insecure=True, timeout_s=STALL_TIMEOUT_S).save(
+        DEV_REGISTRY, overwrite=True
+    )
     cfg_path = write_chain_config(
         tmp_path / "pipeline.yaml",
         [(DEV, 25600), (STG, 30800)],
@@ -123,7 +128,12 @@ def _recorded(state: EnvironmentState) -> dict[str, str]:
             Fault("refuse", method="GET", path=r"/elice/course/blobs/", times=2),
             id="check-refused",
         ),
+        pytest.param(  # longer than the block's timeout_s (STALL_TIMEOUT_S): cut, retried
+            Fault("delay", seconds=12, method="HEAD", path=r"/elice/course/manifests/"),
+            id="check-stalled",
+        ),
         pytest.param(Fault("status", status=503, **COPY_READ), id="copy-503"),  # type: ignore[arg-type]
+        pytest.param(Fault("refuse", **COPY_READ), id="copy-refused"),  # type: ignore[arg-type]
         pytest.param(Fault("drop", after_bytes=200, **COPY_READ), id="copy-dropped"),  # type: ignore[arg-type]
         pytest.param(Fault("delay", seconds=3, **COPY_READ), id="copy-slow"),  # type: ignore[arg-type]
     ],
