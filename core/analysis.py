@@ -39,7 +39,8 @@ class AnalysisCheck(BaseModel):
         gt=0,
         description=(
             "Each value must be below this factor times the previous release's value of "
-            "the same check, as its ledger record keeps it (none recorded: `below` alone)"
+            "the same check, as its ledger record keeps it (none recorded: `below` alone, "
+            "which a check with this factor must therefore give)"
         ),
     )
 
@@ -62,6 +63,12 @@ class AnalysisCheck(BaseModel):
     def _a_condition(self) -> AnalysisCheck:
         if self.below is None and self.above is None and self.below_previous is None:
             msg = f"check {self.name!r} has no condition: give below, above or below_previous"
+            raise ValueError(msg)
+        if self.below_previous is not None and self.below is None:
+            msg = (
+                f"check {self.name!r}: below_previous needs an absolute `below` as well, the "
+                "bound of a release whose previous one recorded no value (a first release)"
+            )
             raise ValueError(msg)
         return self
 

@@ -110,8 +110,8 @@ def test_a_relative_limit_follows_the_previous_release_and_caps_the_absolute_one
     assert limit_of(check, 0.5).below == pytest.approx(0.6)
     assert limit_of(check, 10.0).below == 2.0
     assert limit_of(check, None).below == 2.0
-    relative_only = AnalysisCheck(name="p99", query="up", below_previous=1.2)
-    assert limit_of(relative_only, None).below is None
+    with pytest.raises(ValueError, match="below_previous needs an absolute `below`"):
+        AnalysisCheck(name="p99", query="up", below_previous=1.2)
 
 
 def test_verdicts_need_enough_good_measurements_and_no_data_never_passes() -> None:
