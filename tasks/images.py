@@ -169,11 +169,21 @@ def _failing_step(lines: list[str]) -> str:
     return steps[-1].strip() if steps else "(no step reached)"
 
 
+ENGINE_STORE_RACE = re.compile(
+    r"layer not known|image not known|checking if cached image exists from a previous build"
+)
+"""What Podman (4.3) answers when an image or layer it looked at while building (its build
+cache lookup walks every image) was removed at that moment by another client: the build
+did not fail on its own account, and the same build again succeeds."""
+
+
 def _stream_build(chunks: Iterator[dict[str, Any]], service: str) -> str:
     """Consume a build stream; returns the image id.
 
     Raises:
         ImageError: naming the failing Dockerfile step and the output's tail.
+        ToolError: the engine's image store changed under the build (`ENGINE_STORE_RACE`):
+            the task builds again.
     """
     lines: list[str] = []
     image_id = ""
@@ -186,6 +196,9 @@ def _stream_build(chunks: Iterator[dict[str, Any]], service: str) -> str:
             error = chunk.get("error") or chunk["errorDetail"].get("message", "")
             tail = "\n".join(lines[-OUTPUT_TAIL:])
             msg = f"{service}: image build failed at {_failing_step(lines)}: {error}\n{tail}"
+            if ENGINE_STORE_RACE.search(str(error)):
+                msg = f"{service}: the engine's image store changed during the build: {error}"
+                raise ToolError(msg)
             raise ImageError(msg)
     if not image_id:
         found = [line for line in lines if re.match(r"^(Successfully built |[0-9a-f]{64}$)", line)]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
+import docker.errors
 import yaml
 
 from blocks.config import PipelineConfig
@@ -20,6 +21,7 @@ from core.records import ImageRef
 from core.settings import Settings
 from tasks.deploy.docker import DockerDeployer, container_name
 from tasks.deploy.target import Deployer
+from tasks.images import ENGINE_STORE_RACE
 from tasks.registry import manifest_digest
 from tasks.releases import ReleaseRecord
 from tests.ledgers import current_ledger
@@ -83,7 +85,15 @@ def derive(client: docker.DockerClient, base: ImageRef, variant: str) -> ImageRe
     source = f"{base.repository}:{base.tag}" if base.tag else base.reference
     dockerfile = f"FROM {source}\nLABEL io.elice.test.variant={variant}\n"
     tag = f"variant-{variant}-{base.short}"
-    client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=f"{base.repository}:{tag}")
+    for attempt in range(3):  # the engine's store may change under the build (tasks/images.py)
+        try:
+            client.images.build(
+                fileobj=io.BytesIO(dockerfile.encode()), tag=f"{base.repository}:{tag}"
+            )
+            break
+        except docker.errors.BuildError as exc:
+            if attempt == 2 or not ENGINE_STORE_RACE.search(str(exc)):
+                raise
     for chunk in client.api.push(base.repository, tag=tag, stream=True, decode=True):
         assert "error" not in chunk, chunk
     digest = manifest_digest(base.repository, tag)

@@ -14,10 +14,11 @@ import pytest
 from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig
 from blocks.stack import StackInfo
-from core.errors import ImageError
+from core.errors import ImageError, ToolError
 from core.records import ImageRef
 from tasks.images import (
     BuiltImage,
+    _stream_build,
     build_context,
     build_image,
     image_labels,
@@ -186,3 +187,24 @@ def test_build_error_names_the_failing_step(
     message = str(caught.value)
     assert re.search(r"image build failed at .*STEP \d+/\d+: RUN set -e;", message.splitlines()[0])
     assert "pyproject.toml" in message
+
+
+def test_an_image_store_changed_under_the_build_is_built_again() -> None:
+    """Seen under four test workers on one engine: Podman's build cache lookup met an image
+    another client removed at that moment. That is no failure of the build: a ToolError,
+    which `build_image` retries; a failing Dockerfile step stays an ImageError."""
+    race = (
+        "checking if cached image exists from a previous build: "
+        "getting top layer info: layer not known"
+    )
+    stream = [
+        {"stream": "STEP 1/9: FROM base\n"},
+        {"error": race, "errorDetail": {"message": race}},
+    ]
+    with pytest.raises(ToolError, match="the engine's image store changed during the build"):
+        _stream_build(iter(stream), "course")
+    failed = [{"stream": "STEP 4/9: RUN uv sync\n"}, {"error": "exit status 1"}]
+    with pytest.raises(ImageError, match="STEP 4/9"):
+        _stream_build(iter(failed), "course")
+    assert build_image.retry_condition_fn is not None
+    assert build_image.retries >= 1

