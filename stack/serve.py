@@ -50,6 +50,18 @@ def reusable(listens: Callable[[], bool], answers: Callable[[], bool], patience_
     return True
 
 
+def _exit_code(pid: int | None, patience_s: float = 2.0) -> int | None:
+    """The exit code of a part seen gone: on a loaded machine the process may be seen
+    exiting a moment before its parent can collect the code."""
+    end = time.monotonic() + patience_s
+    while pid is not None:
+        code = reap(pid)
+        if code is not None or time.monotonic() > end:
+            return code
+        time.sleep(0.05)
+    return None
+
+
 def wait_up(root: Path, name: str, what: str, up: Callable[[], bool], deadline_s: float) -> None:
     """Wait until `up()`. A part that exits, or does not answer in time (then it is
     stopped), fails with the last lines of its log.
@@ -63,7 +75,7 @@ def wait_up(root: Path, name: str, what: str, up: Callable[[], bool], deadline_s
         if up():
             return
         if running_part(root, name) is None:
-            code = reap(pid) if pid is not None else None
+            code = _exit_code(pid)
             pid_file(root, name).unlink(missing_ok=True)
             how = "exited" if code is None else f"exited with code {code}"
             msg = f"{what} {how} before it answered"

@@ -1,6 +1,6 @@
 """Session-wide isolation: a temporary Prefect home and server, a temporary state dir.
 
-The suite runs on four pytest-xdist workers (`-n 4 --dist loadscope` in pyproject's addopts).
+The suite runs on two pytest-xdist workers (`-n 2 --dist loadscope` in pyproject's addopts).
 Each worker is a session of its own: its own temporary directory, Prefect home, state dir
 and Prefect test server. What the workers share is the local stack (engine, registry, base
 image; `ensure_stack` takes a file lock) and uv's cache. `--dist loadscope` keeps each
