@@ -194,11 +194,11 @@ def _stream_build(chunks: Iterator[dict[str, Any]], service: str) -> str:
             image_id = str(chunk["aux"].get("ID", image_id))
         if "error" in chunk or "errorDetail" in chunk:
             error = chunk.get("error") or chunk["errorDetail"].get("message", "")
-            tail = "\n".join(lines[-OUTPUT_TAIL:])
-            msg = f"{service}: image build failed at {_failing_step(lines)}: {error}\n{tail}"
             if ENGINE_STORE_RACE.search(str(error)):
                 msg = f"{service}: the engine's image store changed during the build: {error}"
                 raise ToolError(msg)
+            tail = "\n".join(lines[-OUTPUT_TAIL:])
+            msg = f"{service}: image build failed at {_failing_step(lines)}: {error}\n{tail}"
             raise ImageError(msg)
     if not image_id:
         found = [line for line in lines if re.match(r"^(Successfully built |[0-9a-f]{64}$)", line)]

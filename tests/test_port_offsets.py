@@ -51,11 +51,7 @@ def _offsets(tree: ast.Module) -> set[int]:
             found |= {
                 n
                 for k, v in zip(node.keys, node.values, strict=True)
-                if k is not None
-                and number(v) is not None
-                and getattr(k, "value", None) == "local_port_offset"
-                for n in [number(v)]
-                if n is not None
+                if getattr(k, "value", None) == "local_port_offset" and (n := number(v)) is not None
             }
         elif isinstance(node, ast.Assign) and (n := number(node.value)) is not None:
             if any(getattr(t, "id", "").endswith("OFFSET") for t in node.targets):
