@@ -17,9 +17,9 @@ from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.errors import LedgerError
+from core.ledger import check_environment_name
 from core.records import utcnow
 from tasks.process import run_logger
-from tasks.releases import check_environment_name
 from tasks.stores import open_store
 
 AuditKind = Literal[

@@ -1,0 +1,126 @@
+"""The Prefect API a read command talks to, found and read with plain httpx; no Prefect.
+
+The same API `cicd.common.read_api` points Prefect at: the configured one (Prefect's
+settings when Prefect is already loaded in this process; else PREFECT_API_URL from the
+environment or from the active profile of PREFECT_HOME's profiles.toml), else the local
+stack's server while it answers, else none. The stack's server gets the stack's auth
+string unless one is configured; it is sent, never printed.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from blocks.stack import load_stack_auth, load_stack_info
+
+TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Api:
+    """A Prefect API and the headers that authenticate to it."""
+
+    url: str
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+class ApiError(Exception):
+    """The API answered with an error, or not at all; the message names no secret."""
+
+
+def _profile() -> dict[str, Any]:
+    """The active profile's settings from PREFECT_HOME's profiles.toml ({} when none)."""
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+    name = os.environ.get("PREFECT_PROFILE") or data.get("active") or "ephemeral"
+    profile = data.get("profiles", {}).get(name, {})
+    return profile if isinstance(profile, dict) else {}
+
+
+def configured() -> tuple[str | None, str | None, str | None]:
+    """(PREFECT_API_URL, PREFECT_API_AUTH_STRING, PREFECT_API_KEY) as configured."""
+    if "prefect.settings" in sys.modules:  # Prefect loaded: its settings (contexts) decide
+        from prefect.settings import (  # noqa: PLC0415 - already imported
+            PREFECT_API_AUTH_STRING,
+            PREFECT_API_KEY,
+            PREFECT_API_URL,
+        )
+
+        key = PREFECT_API_KEY.value()
+        secret = key.get_secret_value() if hasattr(key, "get_secret_value") else key
+        return PREFECT_API_URL.value(), PREFECT_API_AUTH_STRING.value(), secret
+    profile = _profile()
+
+    def setting(name: str) -> str | None:
+        return os.environ.get(name) or (str(profile[name]) if profile.get(name) else None)
+
+    return (
+        setting("PREFECT_API_URL"),
+        setting("PREFECT_API_AUTH_STRING"),
+        setting("PREFECT_API_KEY"),
+    )
+
+
+def answers(api_url: str) -> bool:
+    """The server at `api_url` answers its health check within 2 s."""
+    try:
+        with httpx.Client(timeout=2, trust_env=False) as client:
+            return client.get(f"{api_url.rstrip('/')}/health").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def find_api() -> Api | None:
+    """The configured API, else the stack's server while it answers, else None."""
+    url, auth, key = configured()
+    stack = load_stack_info()
+    recorded = (stack.prefect_api_url or "").rstrip("/") if stack else ""
+    if not url:
+        if not recorded or not answers(recorded):
+            return None
+        url = recorded
+    if not auth and recorded and recorded == url.rstrip("/"):
+        auth = load_stack_auth()
+    headers = {}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    elif key:
+        headers["Authorization"] = f"Bearer {key}"
+    return Api(url=url.rstrip("/"), headers=headers)
+
+
+def read_block_data(api: Api, type_slug: str, name: str) -> dict[str, Any] | None:
+    """The data of the block document `name` of type `type_slug`, None when none is saved.
+
+    Raises:
+        ApiError: the API refused (401, 403, 5xx: the status is named) or did not answer.
+    """
+    path = f"/block_types/slug/{type_slug}/block_documents/name/{name}"
+    try:
+        with httpx.Client(timeout=TIMEOUT_S, headers=api.headers) as client:
+            answer = client.get(api.url + path, params={"include_secrets": "true"})
+    except httpx.HTTPError as exc:
+        msg = f"Prefect API {api.url}: no answer reading block {name!r}: {type(exc).__name__}"
+        raise ApiError(msg) from None
+    if answer.status_code == 404:
+        return None
+    if answer.status_code != 200:
+        msg = (
+            f"Prefect API {api.url}: {answer.status_code} {answer.reason_phrase} "
+            f"reading block {name!r}"
+        )
+        raise ApiError(msg)
+    data = answer.json().get("data")
+    return data if isinstance(data, dict) else {}
