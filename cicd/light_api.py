@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from blocks.stack import load_stack_auth, load_stack_info
 
 TIMEOUT_S = 10.0
@@ -75,6 +73,8 @@ def configured() -> tuple[str | None, str | None, str | None]:
 
 def answers(api_url: str) -> bool:
     """The server at `api_url` answers its health check within 2 s."""
+    import httpx  # noqa: PLC0415 - only where a server is asked (a third of the start-up)
+
     try:
         with httpx.Client(timeout=2, trust_env=False) as client:
             return client.get(f"{api_url.rstrip('/')}/health").status_code == 200
@@ -107,6 +107,8 @@ def read_block_data(api: Api, type_slug: str, name: str) -> dict[str, Any] | Non
     Raises:
         ApiError: the API refused (401, 403, 5xx: the status is named) or did not answer.
     """
+    import httpx  # noqa: PLC0415 - only where a server is asked
+
     path = f"/block_types/slug/{type_slug}/block_documents/name/{name}"
     try:
         with httpx.Client(timeout=TIMEOUT_S, headers=api.headers) as client:
