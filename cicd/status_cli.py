@@ -51,6 +51,7 @@ def _blocks_config(api: Api | None) -> PipelineConfig:
 
     Raises:
         ConfigError: no API, a block missing, or invalid data.
+        ApiError: the API refused or did not answer.
     """
     advice = "run `cicd register-blocks` first"
     if api is None:
@@ -61,10 +62,7 @@ def _blocks_config(api: Api | None) -> PipelineConfig:
         (CATALOG_BLOCK_TYPE, CATALOG_BLOCK),
         (ENVIRONMENTS_BLOCK_TYPE, ENVIRONMENTS_BLOCK),
     ):
-        try:
-            data = read_block_data(api, slug, name)
-        except ApiError as exc:
-            raise ConfigError(f"Prefect blocks: {exc}") from None
+        data = read_block_data(api, slug, name)
         if data is None:
             msg = f"Prefect blocks: no block {name!r} of type {slug!r} saved; {advice}"
             raise ConfigError(msg)
@@ -144,6 +142,8 @@ def _light_rows(
             cfg = load_file(Path(choice) if choice else default_config_file())
     except ConfigError as exc:
         fail(str(exc))
+    except ApiError as exc:
+        fail(str(exc), 1)
     try:
         envs = [cfg.environment(environment)] if environment else cfg.environments.environments
         for env in envs:
