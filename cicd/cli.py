@@ -44,7 +44,6 @@ promote_cli.register(app)
 setup_cli.register(app)
 metrics_cli.register(app)
 history_cli.register(app)
-status_cli.register(app)
 console = Console()
 
 
@@ -143,6 +142,9 @@ def ci(
         console.print(f"[green]{state.message or 'CI passed'}[/green]")
         return
     fail(state.message or "CI failed", 1)
+
+
+status_cli.register(app)  # here: the help lists the commands in the order they were added
 
 
 @app.command()
