@@ -3,22 +3,21 @@
 The usual path imports no Prefect (nor its AWS or Kubernetes integrations): the
 configuration's plain models (`core.config`), the ledger read from its directory
 (`tasks.local_store`), the docker target's address (`core.catalog.local_address`), and
-the saved blocks, where a server is configured or the stack's answers, read with plain
-httpx (`cicd.light_api`). What needs Prefect's blocks and clients takes the full path:
-a host with a trust file (its configuration, ledger and pinned blocks), ELICE_STORAGE=blocks
-(the storage block's credentials) and an environment on the kubernetes target (its
+the saved blocks, where a server is configured or the stack's answers, read over plain
+HTTP (`cicd.light_api`). What needs Prefect's blocks and clients takes the full path
+(`cicd.light.full_path_needed`), and so does an environment on the kubernetes target (its
 address comes from the cluster's client).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from cicd.light_api import Api, ApiError, find_api, read_block_data
+from cicd.light import full_path_needed, light_config, local_ledger
+from cicd.light_api import ApiError, find_api, read_block_data
 from cicd.options import ConfigOption, TargetOption, cli_settings, fail
 from core.catalog import (
     DOCKER_TARGET_BLOCK,
@@ -27,49 +26,14 @@ from core.catalog import (
     check_target,
     local_address,
 )
-from core.config import (
-    CATALOG_BLOCK,
-    CATALOG_BLOCK_TYPE,
-    ENVIRONMENTS_BLOCK,
-    ENVIRONMENTS_BLOCK_TYPE,
-    PipelineConfig,
-    config_from_blocks,
-    default_config_file,
-    load_file,
-)
+from core.config import PipelineConfig
 from core.errors import ConfigError, PipelineError
 from core.ledger import EnvironmentState, ReleaseRecord
 from core.records import short_digest
 from core.settings import Settings
-from tasks.local_store import LedgerReader, LocalStore
+from tasks.local_store import LedgerReader
 
 COLUMNS = ("environment", "service", "state", "release", "digest", "address")
-
-
-def _blocks_config(api: Api | None) -> PipelineConfig:
-    """The saved configuration blocks, read from `api`.
-
-    Raises:
-        ConfigError: no API, a block missing, or invalid data.
-        ApiError: the API refused or did not answer.
-    """
-    advice = "run `cicd register-blocks` first"
-    if api is None:
-        msg = f"Prefect blocks: no Prefect API (set PREFECT_API_URL or start the stack); {advice}"
-        raise ConfigError(msg)
-    found = []
-    for slug, name in (
-        (CATALOG_BLOCK_TYPE, CATALOG_BLOCK),
-        (ENVIRONMENTS_BLOCK_TYPE, ENVIRONMENTS_BLOCK),
-    ):
-        data = read_block_data(api, slug, name)
-        if data is None:
-            msg = f"Prefect blocks: no block {name!r} of type {slug!r} saved; {advice}"
-            raise ConfigError(msg)
-        found.append(data)
-    return config_from_blocks(
-        found[0], found[1], source=f"blocks {CATALOG_BLOCK}, {ENVIRONMENTS_BLOCK}"
-    )
 
 
 def _row(
@@ -133,17 +97,7 @@ def _light_rows(
     settings: Settings, config: str | None, environment: str | None, target: str | None
 ) -> list[dict[str, Any]]:
     """The rows without Prefect; the full path where a kubernetes environment is shown."""
-    choice = config or settings.config
-    api = find_api() if choice == "blocks" else None
-    try:
-        if choice == "blocks":
-            cfg = _blocks_config(api)
-        else:
-            cfg = load_file(Path(choice) if choice else default_config_file())
-    except ConfigError as exc:
-        fail(str(exc))
-    except ApiError as exc:
-        fail(str(exc), 1)
+    cfg, api = light_config(settings, config)
     try:
         envs = [cfg.environment(environment)] if environment else cfg.environments.environments
         for env in envs:
@@ -158,7 +112,7 @@ def _light_rows(
             read_block_data(api, DOCKER_TARGET_TYPE, DOCKER_TARGET_BLOCK)
         except ApiError as exc:
             fail(str(exc), 1)
-    book = LedgerReader(LocalStore(settings.resolved_state_dir() / "ledger"))
+    book = LedgerReader(local_ledger(settings))
     current = {env.name: book.current(env.name) for env in envs}
     return status_rows(cfg, envs, current, local_address)
 
@@ -175,10 +129,7 @@ def status(
     (the configured one or the stack's), never a temporary one.
     """
     settings = cli_settings()
-    try:
-        full = settings.trust_roots() is not None or settings.storage_from_blocks
-    except ConfigError as exc:
-        fail(str(exc))
+    full = full_path_needed(settings)
     if full:
         rows = _full_rows(None, config, environment, target)
     else:
