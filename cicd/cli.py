@@ -10,16 +10,22 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from blocks.config import PipelineConfig, save_as_blocks
-from cicd import github, history_cli, metrics_cli, promote_cli, setup_cli, stack_cli
+from blocks.config import save_as_blocks
+from cicd import (
+    github,
+    history_cli,
+    metrics_cli,
+    promote_cli,
+    setup_cli,
+    stack_cli,
+    status_cli,
+)
 from cicd.common import (
     ConfigOption,
-    TargetOption,
     cli_config,
     cli_settings,
     fail,
     prefect_api,
-    read_api,
     split_names,
 )
 from core.errors import ConfigError, PipelineError
@@ -138,81 +144,7 @@ def ci(
     fail(state.message or "CI failed", 1)
 
 
-def _status_rows(
-    cfg: PipelineConfig, environment: str | None, target: str | None
-) -> list[dict[str, Any]]:
-    """One row per environment and service: from the ledger and the deploy targets."""
-    from blocks.storage import ledger_filesystem  # noqa: PLC0415 - Prefect on demand
-    from tasks.deploy.target import environment_target  # noqa: PLC0415 - Prefect on demand
-    from tasks.releases import Ledger  # noqa: PLC0415
-
-    settings = cli_settings()
-    try:
-        envs = [cfg.environment(environment)] if environment else cfg.environments.environments
-        deployers = {
-            env.name: environment_target(
-                env, target, docker_host=settings.docker_host, roots=settings.trust_roots()
-            ).deployer()
-            for env in envs
-        }
-    except PipelineError as exc:
-        fail(str(exc))
-    rows = []
-    book = Ledger(ledger_filesystem(settings))
-    for env in envs:
-        deployer = deployers[env.name]
-        current = book.current(env.name)
-        for svc in cfg.catalog.services:
-            record = current.services.get(svc.name)
-            rows.append(
-                {
-                    "environment": env.name,
-                    "service": svc.name,
-                    "release": record.release_id if record else None,
-                    "digest": record.image.digest if record else None,
-                    "version": record.image.version if record else None,
-                    "address": deployer.address(env, svc),
-                    "state": ("verified" if record.verified else "deployed")
-                    if record
-                    else "absent",
-                    "deployed_at": record.deployed_at.isoformat() if record else None,
-                }
-            )
-    return rows
-
-
-@app.command()
-def status(
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    environment: Annotated[str | None, typer.Option(help="Only this environment.")] = None,
-    config: ConfigOption = None,
-    target: TargetOption = None,
-) -> None:
-    """What runs where: per environment and service, the release, digest, address and state.
-
-    Read from the ledger and the configuration; saved blocks only from a running server
-    (the configured one or the stack's), never a temporary one.
-    """
-    cfg = cli_config(config)
-    with read_api():
-        rows = _status_rows(cfg, environment, target)
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    table = Table(title="Releases")
-    for column in ("environment", "service", "state", "release", "digest", "address"):
-        table.add_column(column)
-    for row in rows:
-        digest = row["digest"] or ""
-        table.add_row(
-            str(row["environment"]),
-            str(row["service"]),
-            str(row["state"]),
-            str(row["release"] or ""),
-            short_digest(digest),
-            str(row["address"]),
-        )
-    console.print(table)
+status_cli.register(app)  # here: the help lists the commands in the order they were added
 
 
 @app.command()

@@ -13,10 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, NoReturn
 
-import httpx
-import typer
 from prefect.settings import (
     PREFECT_API_AUTH_STRING,
     PREFECT_API_URL,
@@ -28,32 +25,26 @@ from rich.console import Console
 
 from blocks.config import PipelineConfig
 from blocks.stack import StackInfo, load_stack_auth, load_stack_info
+from cicd.light_api import answers
+from cicd.options import ConfigOption, TargetOption, cli_settings, fail, split_names
 from core.errors import ConfigError, GateError
 from core.settings import Settings
 from tasks.masking import mask_auth_string
 from tasks.trusted import pipeline_config
 
-ConfigOption = Annotated[
-    str | None,
-    typer.Option("--config", help="A config file, or 'blocks' for the saved blocks."),
+__all__ = [
+    "ConfigOption",
+    "TargetOption",
+    "api_settings",
+    "cli_config",
+    "cli_settings",
+    "fail",
+    "prefect_api",
+    "read_api",
+    "service_ports",
+    "split_names",
+    "use_stack",
 ]
-
-TargetOption = Annotated[
-    str | None,
-    typer.Option(help="Deploy target, only to confirm the environment's configured one."),
-]
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print `message` to stderr, unwrapped, and exit with `code`."""
-    typer.secho(message, err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
-
-
-def cli_settings() -> Settings:
-    """The user settings (ELICE_CONFIG, ELICE_STATE_DIR, ...), read once by a command and
-    passed down from there."""
-    return Settings.from_environ()
 
 
 def cli_config(source: str | None, settings: Settings | None = None) -> PipelineConfig:
@@ -63,11 +54,6 @@ def cli_config(source: str | None, settings: Settings | None = None) -> Pipeline
         return pipeline_config(settings or cli_settings(), source)
     except ConfigError as exc:
         fail(str(exc))
-
-
-def split_names(value: str | None) -> list[str] | None:
-    """`a, b,c` -> ["a", "b", "c"]; empty -> None."""
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 def service_ports(settings: Settings | None = None) -> dict[int, str]:
@@ -144,14 +130,6 @@ def prefect_api(*, start_stack: bool = False) -> Iterator[str]:
         yield url
 
 
-def _answers(api_url: str) -> bool:
-    try:
-        with httpx.Client(timeout=2, trust_env=False) as client:
-            return client.get(f"{api_url.rstrip('/')}/health").status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @contextmanager
 def read_api() -> Iterator[str | None]:
     """For the read commands (`status`, `health`, `audit`, `metrics`, `stack status`): the
@@ -163,7 +141,7 @@ def read_api() -> Iterator[str | None]:
     if not url:
         stack = load_stack_info()
         recorded = stack.prefect_api_url if stack else None
-        url = recorded if recorded and _answers(recorded) else None
+        url = recorded if recorded and answers(recorded) else None
     updates: dict[Setting, object] = (
         api_settings(url) if url else {PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}
     )

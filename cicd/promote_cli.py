@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from blocks.storage import ledger_filesystem
+from cicd import audit_cli
 from cicd.common import (
     ConfigOption,
     TargetOption,
@@ -34,7 +35,6 @@ from cicd.common import (
     cli_settings,
     fail,
     prefect_api,
-    read_api,
     split_names,
 )
 from cicd.history_cli import read_overrides
@@ -286,41 +286,6 @@ def request_command(
     typer.echo(json.dumps({"request": request, "request_signature": signature}))
 
 
-def audit_command(
-    environment: Annotated[str, typer.Argument(help="The environment whose decisions to list.")],
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per entry.")] = False,
-) -> None:
-    """Every decision about the environment's gated promotions, oldest first."""
-    settings = cli_settings()
-    try:
-        environment = cli_config(None, settings).environments.resolve(environment).name
-    except ConfigError as exc:
-        fail(str(exc))
-    try:
-        with read_api():
-            entries = read_audit(ledger_filesystem(settings), environment)
-    except (PipelineError, ValueError) as exc:
-        fail(str(exc), 2)
-    if as_json:
-        for entry in entries:
-            typer.echo(json.dumps(entry.model_dump(mode="json")))
-        return
-    table = Table(title=f"approval audit of {environment}")
-    for column in ("at", "run", "release", "decision", "who", "proof", "detail"):
-        table.add_column(column)
-    for e in entries:
-        table.add_row(
-            f"{e.at:%Y-%m-%d %H:%M:%S}",
-            e.run_id[:8],
-            e.release_id,
-            e.kind,
-            e.who,
-            e.proof or "-",
-            e.detail,
-        )
-    console.print(table)
-
-
 def rollback_command(
     environment: Annotated[str, typer.Argument(help="The environment to roll back.")],
     services: Annotated[str | None, typer.Option(help="Comma-separated services.")] = None,
@@ -393,5 +358,5 @@ def register(app: typer.Typer) -> None:
     app.command("reject")(reject_command)
     app.command("sign")(sign_command)
     app.command("request")(request_command)
-    app.command("audit")(audit_command)
+    app.command("audit")(audit_cli.audit_command)
     app.command("rollback")(rollback_command)

@@ -16,6 +16,7 @@ from prefect.client.schemas.objects import FlowRun, State
 from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
 from core.errors import EnvironmentUnhealthy
+from core.ledger import EnvironmentState
 from core.records import HealthReport, HealthResult
 from core.settings import Settings
 from tasks.context import resolve_run
@@ -23,7 +24,7 @@ from tasks.deploy.target import Deployer
 from tasks.deployment_check import refuse_local_only, require_trusted_environment
 from tasks.health import NOT_DEPLOYED, probe_service_health, publish_health_report
 from tasks.notify import Notice, flow_run_url, notify, paged_environment
-from tasks.releases import EnvironmentState, read_ledger
+from tasks.releases import read_ledger
 from tasks.trusted import pipeline_config
 
 

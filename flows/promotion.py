@@ -28,6 +28,7 @@ from core.errors import (
     PromotionRejected,
     PromotionRolledBack,
 )
+from core.ledger import EnvironmentState
 from core.records import (
     PromotionOutcome,
     PromotionPlan,
@@ -73,7 +74,6 @@ from tasks.performance import Baseline
 from tasks.process import run_logger
 from tasks.registry import verify_release_image
 from tasks.releases import (
-    EnvironmentState,
     begin_deploys,
     check_reviewed,
     plan_promotion,

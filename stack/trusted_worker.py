@@ -52,10 +52,10 @@ from prefect.workers.process import (
 
 from blocks.docker_target import DockerTarget
 from blocks.kubernetes_target import KubernetesTarget
+from core.catalog import DOCKER_TARGET_BLOCK
 from core.errors import ConfigError, PipelineError
 from core.trust import TRUST_FILE_ENV, TrustRoots, load_trust_roots
 from tasks.deploy.target import (
-    DOCKER_TARGET_BLOCK,
     KUBERNETES_TARGET_BLOCK,
     block_digest,
 )

@@ -10,42 +10,15 @@ came with (the signed statement and its signature, or the Slack user).
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
-from typing import Literal
 
 from prefect.filesystems import WritableFileSystem
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.errors import LedgerError
-from core.records import utcnow
+from tasks.audit_trail import AuditEntry, AuditKind, audit_folder, read_entries
 from tasks.process import run_logger
-from tasks.releases import check_environment_name
 from tasks.stores import open_store
 
-AuditKind = Literal[
-    "requested", "approved", "rejected", "refused", "timed_out", "frozen", "freeze_override"
-]
-
-
-class AuditEntry(BaseModel):
-    """One decision (or attempt) about one promotion run."""
-
-    model_config = ConfigDict(frozen=True)
-
-    at: datetime = Field(default_factory=utcnow)
-    environment: str
-    run_id: str
-    release_id: str
-    kind: AuditKind
-    who: str = Field(description="The proven principal; for a refused answer, who it claimed")
-    proof: str = Field(default="", description="ssh key fingerprint, Slack user id, or none")
-    detail: str = Field(default="", description="The reason given, or why it was refused")
-    statement: str = Field(default="", description="The signed statement, as received")
-    signature: str = Field(default="", description="Its signature, as received")
-
-
-def _folder(environment: str) -> str:
-    return f"{check_environment_name(environment)}/audit"
+__all__ = ["AuditEntry", "AuditKind", "read_audit", "record_decision"]
 
 
 def record_decision(store: WritableFileSystem, entry: AuditEntry) -> AuditEntry:
@@ -56,7 +29,9 @@ def record_decision(store: WritableFileSystem, entry: AuditEntry) -> AuditEntry:
     """
     name = f"{entry.at:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:12]}.json"
     objects = open_store(store)
-    if not objects.create(f"{_folder(entry.environment)}/{name}", entry.model_dump_json().encode()):
+    if not objects.create(
+        f"{audit_folder(entry.environment)}/{name}", entry.model_dump_json().encode()
+    ):
         msg = f"audit entry {name} of {entry.environment} could not be created"
         raise LedgerError(msg)
     log = run_logger()
@@ -74,16 +49,4 @@ def read_audit(store: WritableFileSystem, environment: str) -> list[AuditEntry]:
     Raises:
         LedgerError: an entry cannot be read.
     """
-    objects = open_store(store)
-    folder = _folder(environment)
-    entries = []
-    for name in sorted(objects.names(folder)):
-        data = objects.read(f"{folder}/{name}")
-        if data is None:
-            continue
-        try:
-            entries.append(AuditEntry.model_validate_json(data))
-        except ValidationError as exc:
-            msg = f"audit entry {folder}/{name} is corrupt: {exc.error_count()} errors"
-            raise LedgerError(msg) from exc
-    return sorted(entries, key=lambda e: e.at)
+    return read_entries(open_store(store), environment)

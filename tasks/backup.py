@@ -18,9 +18,9 @@ from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.errors import BackupError
+from core.ledger import EnvironmentState, check_environment_name
 from core.records import DeployedService, ImageRef, utcnow
 from tasks.process import run_logger
-from tasks.releases import EnvironmentState, check_environment_name
 from tasks.stores import ObjectStore, open_store
 
 BACKUP_ID = re.compile(r"^\d{8}T\d{9}Z-[0-9a-f]{8}$")

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.repository import GitRepository
 from core.errors import PipelineError, PromotionRefused
+from core.ledger import EnvironmentState, ReleaseRecord
 from core.records import PlannedChange, PromotionPlan, utcnow
 from tasks.context import RunContext
 from tasks.deploy import read_live_services, service_addresses
@@ -34,14 +35,7 @@ from tasks.health import check_service_health
 from tasks.images import EnvironmentRegistry, login_for
 from tasks.process import run_logger
 from tasks.registry import verify_release_image
-from tasks.releases import (
-    EnvironmentState,
-    Ledger,
-    ReleaseRecord,
-    begin_deploys,
-    with_deploy,
-    without_intent,
-)
+from tasks.releases import Ledger, begin_deploys, with_deploy, without_intent
 from tasks.workspace import unreviewed_commits
 
 HEALTH_DEADLINE_S = 30

@@ -36,9 +36,10 @@ from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel, ConfigDict, Field
 
 from blocks.config import repo_root
+from core.ledger import EnvironmentState, ReleaseRecord, check_environment_name
 from core.records import StageResult, utcnow
 from tasks.process import run_logger, run_tool, which
-from tasks.releases import EnvironmentState, Ledger, ReleaseRecord, check_environment_name
+from tasks.releases import Ledger
 
 DEFAULT_WINDOW_DAYS = 30.0
 _PROMOTED = re.compile(r"^release (?P<release>\S+) promoted from \S+")

@@ -25,8 +25,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from blocks.catalog import ServiceCatalog, ServiceSpec
+from blocks.catalog import ServiceSpec
 from blocks.config import state_dir
+from core.catalog import Catalog
 from core.errors import CheckFailed, ToolError
 from core.records import StageResult
 from tasks.forking import warm_fork_server
@@ -75,7 +76,7 @@ def _uv(path: Path, *args: str) -> ToolRun:
 def lock_record(
     repo: str | Path,
     service: ServiceSpec,
-    catalog: ServiceCatalog | None,
+    catalog: Catalog | None,
     tool_versions: Mapping[str, str] | None,
 ) -> Path | None:
     """Where a lock of `service` that changed nothing at the checkout's present content is
@@ -130,7 +131,7 @@ def lock_service(
     service: ServiceSpec,
     repo: str,
     libs: list[str] | None = None,
-    catalog: ServiceCatalog | None = None,
+    catalog: Catalog | None = None,
     tool_versions: Mapping[str, str] | None = None,
     reuse: bool = True,
 ) -> StageResult:

@@ -8,10 +8,8 @@ both win: the loser re-reads the ledger and re-applies its change.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -19,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 from prefect.filesystems import WritableFileSystem
 from prefect.runtime import flow_run
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel
 
 from blocks.config import PipelineConfig
 from blocks.environments import EnvironmentSpec
@@ -31,10 +29,16 @@ from core.errors import (
     LedgerUnavailable,
     PromotionRefused,
 )
+from core.ledger import (
+    DeployIntent,
+    EnvironmentState,
+    ReleaseRecord,
+    check_environment_name,
+    revision_path,
+)
 from core.records import (
     DeployedService,
     DeployOutcome,
-    ImageRef,
     PlannedChange,
     PromotionPlan,
     SecurityVerdict,
@@ -42,6 +46,7 @@ from core.records import (
     make_plan,
     utcnow,
 )
+from tasks.local_store import LedgerReader
 from tasks.performance import Baseline, baseline_record
 from tasks.process import run_logger
 from tasks.security import ScanReport
@@ -69,99 +74,13 @@ LEDGER_RETRIES: dict[str, Any] = {
 """Task options of a ledger write: on top of the store client's own budget
 (`tasks.stores.CLIENT_CONFIG`), two more rounds for an outage that outlasts it."""
 
-ENV_NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
-_REVISION_FILE = re.compile(r"^(\d{8})\.json$")
 MAX_ATTEMPTS = 8
-
-ScanVerdict = Literal["clean", "vulnerable", "unknown"]
-
-
-class ReleaseRecord(BaseModel):
-    """One service's release in one environment."""
-
-    model_config = ConfigDict(frozen=True)
-
-    service: str
-    environment: str
-    image: ImageRef
-    release_id: str = Field(min_length=1, description="The promotion or CI run that shipped it")
-    deployed_at: datetime = Field(default_factory=utcnow)
-    flow_run_id: str | None = None
-    verified: bool = False
-    baseline: dict[str, float] | None = Field(
-        default=None, description="Performance baseline measured after the deploy"
-    )
-    analysis: str | None = Field(
-        default=None, description="The post-deploy analysis' verdict and what it rested on"
-    )
-    approved_by: str | None = None
-    promoted_by: str | None = None
-    scan: ScanVerdict | None = None
-    scan_override: str | None = Field(
-        default=None, description="Why an unknown scan result was accepted, and by whom"
-    )
-    repository: str = Field(default="", description="The repository the release was built from")
-    ref: str = Field(
-        default="", description="The protected branch's ref the commit was on when CI shipped it"
-    )
-    commit: str = Field(default="", description="The commit CI checked when it shipped this")
-
-
-class DeployIntent(BaseModel):
-    """A promotion's deploys under way, written before the first one changes anything.
-
-    The revision that records the promotion (or its rollback) clears it. Found by another
-    run, it means the run that wrote it died mid-deploy: that run's lock has expired, so
-    the environment may be mixed, and `previous` says what to put back.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    release_id: str = Field(min_length=1)
-    flow_run_id: str = Field(min_length=1, description="The promote run deploying it")
-    started_at: datetime = Field(default_factory=utcnow)
-    images: dict[str, ImageRef] = Field(description="What each service is being moved to")
-    previous: dict[str, DeployedService | None] = Field(
-        description="What served each service before (None: nothing)"
-    )
-
-
-class EnvironmentState(BaseModel):
-    """One revision of an environment's ledger."""
-
-    model_config = ConfigDict(frozen=True)
-
-    environment: str
-    revision: int = Field(default=0, ge=0, description="0: nothing recorded yet")
-    services: dict[str, ReleaseRecord] = Field(
-        default_factory=dict, description="What serves now, by service"
-    )
-    previous: dict[str, ReleaseRecord] = Field(
-        default_factory=dict, description="What served before each service's last change"
-    )
-    in_progress: DeployIntent | None = Field(
-        default=None, description="A promotion deploying now (or interrupted while deploying)"
-    )
-    change: str = Field(default="", description="What this revision changed, in words")
-    updated_at: datetime = Field(default_factory=utcnow)
-
-
-def check_environment_name(env: str) -> str:
-    """`env` when it is a safe path component (a DNS-1123 label).
-
-    Raises:
-        ValueError: the name could escape its folder or is not a label.
-    """
-    if not ENV_NAME.match(env):
-        msg = f"environment name {env!r} is not a DNS-1123 label"
-        raise ValueError(msg)
-    return env
 
 
 # --- the ledger -----------------------------------------------------------------------
 
 
-class Ledger:
+class Ledger(LedgerReader):
     """Per-environment release ledger with immutable, exclusively created revisions."""
 
     def __init__(self, store: WritableFileSystem, *, max_attempts: int = MAX_ATTEMPTS):
@@ -169,41 +88,8 @@ class Ledger:
         if max_attempts < 1:
             msg = f"max_attempts must be at least 1, got {max_attempts}"
             raise ValueError(msg)
-        self.store = open_store(store)
+        super().__init__(open_store(store))
         self.max_attempts = max_attempts
-
-    def _revisions(self, env: str) -> list[int]:
-        numbers = []
-        for name in self.store.names(env):
-            match = _REVISION_FILE.match(name)
-            if match:
-                numbers.append(int(match.group(1)))
-        return sorted(numbers)
-
-    def _read(self, env: str, revision: int) -> EnvironmentState:
-        path = f"{env}/{revision:08d}.json"
-        data = self.store.read(path)
-        if data is None:
-            msg = f"ledger revision {path} is listed but cannot be read"
-            raise LedgerError(msg)
-        try:
-            return EnvironmentState.model_validate_json(data)
-        except ValidationError as exc:
-            msg = f"ledger revision {path} is corrupt: {exc.error_count()} validation errors"
-            raise LedgerError(msg) from exc
-
-    def current(self, env: str) -> EnvironmentState:
-        """The latest revision, or an empty revision 0 when nothing is recorded."""
-        check_environment_name(env)
-        revisions = self._revisions(env)
-        if not revisions:
-            return EnvironmentState(environment=env)
-        return self._read(env, revisions[-1])
-
-    def history(self, env: str) -> list[EnvironmentState]:
-        """Every revision, oldest first."""
-        check_environment_name(env)
-        return [self._read(env, number) for number in self._revisions(env)]
 
     def update(
         self, env: str, change: Callable[[EnvironmentState], EnvironmentState]
@@ -226,7 +112,7 @@ class Ledger:
             # Re-validate: `change` may have built records by hand.
             written = EnvironmentState.model_validate(written.model_dump())
             data = written.model_dump_json(indent=2).encode()
-            path = f"{env}/{written.revision:08d}.json"
+            path = revision_path(env, written.revision)
             # Taken: by another writer, or by this very write (an attempt whose answer was
             # lost, yet the store finished it); the bytes say which.
             if self.store.create(path, data) or self.store.read(path) == data:

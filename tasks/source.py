@@ -25,8 +25,9 @@ from prefect.results import ResultStore, get_result_store
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE
 from prefect.utilities.callables import get_call_parameters
 
-from blocks.catalog import ServiceCatalog, ServiceSpec
+from blocks.catalog import ServiceSpec
 from blocks.config import state_dir
+from core.catalog import Catalog
 from core.errors import SourceError, ToolError
 from tasks.process import STAGE_RETRY_OPTIONS, run_logger, run_tool, which
 
@@ -206,7 +207,7 @@ def shared_build_files(repo: Path) -> list[str]:
     return sorted(f for f in candidates if (repo / f).is_file() and is_shared_build_file(f))
 
 
-def affected_services(paths: Iterable[str], catalog: ServiceCatalog) -> list[str]:
+def affected_services(paths: Iterable[str], catalog: Catalog) -> list[str]:
     """Services affected by changes to `paths`, in catalog order."""
     by_path = {s.path.strip("/"): s.name for s in catalog.services}
     lib_by_path = {lib.path.strip("/"): lib.name for lib in catalog.libs}
@@ -224,7 +225,7 @@ def affected_services(paths: Iterable[str], catalog: ServiceCatalog) -> list[str
     return [name for name in catalog.names() if name in hit]
 
 
-def lib_dependencies(catalog: ServiceCatalog, service: ServiceSpec) -> list[str]:
+def lib_dependencies(catalog: Catalog, service: ServiceSpec) -> list[str]:
     """Every lib `service` uses, directly or through other libs, sorted."""
     libs = {lib.name: lib for lib in catalog.libs}
     found: set[str] = set()
@@ -264,7 +265,7 @@ def _listed_files(repo: Path, directory: str) -> list[str]:
 def fingerprint(
     repo: str | Path,
     service: ServiceSpec,
-    catalog: ServiceCatalog,
+    catalog: Catalog,
     tool_versions: Mapping[str, str],
 ) -> str:
     """sha256 over the service's files, its libs' files, shared build files and tool versions.
@@ -328,7 +329,7 @@ def check_refs(repo: str | Path, base: str, head: str) -> None:
 
 
 @task
-def detect_changes(repo: str, base: str, head: str, catalog: ServiceCatalog) -> list[str]:
+def detect_changes(repo: str, base: str, head: str, catalog: Catalog) -> list[str]:
     """The services affected by the changes from `base` to `head`, in catalog order.
 
     A base of all zeros (GitHub's `before` on a branch's first push) means every service.
@@ -356,7 +357,7 @@ def get_tool_versions() -> dict[str, str]:
 
 @task(task_run_name="fingerprint_service-{service.name}")
 def fingerprint_service(
-    repo: str, service: ServiceSpec, catalog: ServiceCatalog, tool_versions: dict[str, str]
+    repo: str, service: ServiceSpec, catalog: Catalog, tool_versions: dict[str, str]
 ) -> str:
     """The content fingerprint of `service` in `repo` (see `fingerprint`)."""
     value = fingerprint(repo, service, catalog, tool_versions)

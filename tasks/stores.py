@@ -7,10 +7,7 @@ conditional `PutObject` with `If-None-Match: *` on S3).
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from prefect.filesystems import LocalFileSystem, WritableFileSystem
@@ -18,79 +15,9 @@ from prefect_aws import S3Bucket
 from urllib3.exceptions import HTTPError
 
 from core.errors import LedgerError, LedgerUnavailable
+from tasks.local_store import LocalStore, ObjectStore
 
-
-class ObjectStore(Protocol):
-    """The three operations the ledger and the backups need."""
-
-    def read(self, path: str) -> bytes | None:
-        """The object's bytes, None when it does not exist."""
-        ...
-
-    def create(self, path: str, data: bytes) -> bool:
-        """Create the object only if it does not exist; False when it already did."""
-        ...
-
-    def names(self, folder: str) -> list[str]:
-        """File names (no folders) directly under `folder`, sorted."""
-        ...
-
-
-class LocalStore:
-    """A LocalFileSystem block's directory."""
-
-    def __init__(self, fs: LocalFileSystem) -> None:
-        self.fs = fs
-
-    def _path(self, path: str) -> Path:
-        return Path(self.fs._resolve_path(path))  # the block's own path guard
-
-    def read(self, path: str) -> bytes | None:
-        """The file's bytes, None when missing."""
-        try:
-            return self._path(path).read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            msg = f"cannot read {self._path(path)}: {exc.strerror or exc}"
-            raise LedgerError(msg) from exc
-
-    def create(self, path: str, data: bytes) -> bool:
-        """Write to a temporary file, then hard-link it into place: atomic and exclusive."""
-        target = self._path(path)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".part")
-        except OSError as exc:
-            msg = f"cannot write {target}: {exc.strerror or exc}"
-            raise LedgerError(msg) from exc
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.link(tmp, target)
-        except FileExistsError:
-            return False
-        except OSError as exc:  # disk full, permission, read-only file system
-            msg = f"cannot write {target}: {exc.strerror or exc}"
-            raise LedgerError(msg) from exc
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return True
-
-    def names(self, folder: str) -> list[str]:
-        """Files directly in `folder`, temporary files excluded."""
-        directory = self._path(folder)
-        try:
-            if not directory.is_dir():
-                return []
-            return sorted(
-                p.name for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")
-            )
-        except OSError as exc:
-            msg = f"cannot list {directory}: {exc.strerror or exc}"
-            raise LedgerError(msg) from exc
+__all__ = ["LocalStore", "ObjectStore", "S3Store", "open_store"]
 
 
 class S3Store:
@@ -237,7 +164,7 @@ def open_store(fs: WritableFileSystem) -> ObjectStore:
         TypeError: the block is neither a LocalFileSystem nor an S3Bucket.
     """
     if isinstance(fs, LocalFileSystem):
-        return LocalStore(fs)
+        return LocalStore(fs.basepath or ".")
     if isinstance(fs, S3Bucket):
         return S3Store(fs)
     msg = f"{type(fs).__name__} cannot create files exclusively; use LocalFileSystem or S3Bucket"

@@ -17,12 +17,13 @@ from prefect.filesystems import WritableFileSystem
 from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
 from core.errors import PipelineError, PromotionError, PromotionRefused
+from core.ledger import EnvironmentState
 from core.records import DeployedService, DeployOutcome, ImageRef, PublishedImage, short_digest
 from tasks.deploy.target import Deployer, DeployTarget
 from tasks.health import probe_health
 from tasks.locks import check_deploy_lock, deploy_lock, mark_crashed
 from tasks.process import run_logger
-from tasks.releases import EnvironmentState, end_deploys, read_ledger
+from tasks.releases import end_deploys, read_ledger
 
 LOOK_S = 2.0
 """How long the look before the lock waits for a healthy answer (a failing look deploys)."""

@@ -17,6 +17,7 @@ from blocks.catalog import ServiceSpec
 from blocks.docker_target import DockerTarget
 from blocks.environments import EnvironmentSpec
 from blocks.registry import OciRegistry
+from core.catalog import local_address
 from core.errors import DeployError, RegistryError, ToolError
 from core.records import DeployedService, HealthResult, ImageRef, utcnow
 from tasks.engine import docker_error, engine_client, resolve_docker_host
@@ -238,8 +239,8 @@ class DockerDeployer:
         return self._client
 
     def address(self, env: EnvironmentSpec, service: ServiceSpec) -> str:
-        """http://127.0.0.1:<host port>."""
-        return f"http://127.0.0.1:{env.host_port(service.port)}"
+        """http://127.0.0.1:<host port> (`core.catalog.local_address`, shared with status)."""
+        return local_address(env, service)
 
     def _find(self, name: str) -> Any | None:
         try:

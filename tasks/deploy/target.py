@@ -15,11 +15,11 @@ from blocks.docker_target import DockerTarget
 from blocks.environments import EnvironmentSpec, TargetKind
 from blocks.kubernetes_target import KubernetesTarget
 from blocks.registry import OciRegistry
+from core.catalog import DOCKER_TARGET_BLOCK, check_target
 from core.errors import ConfigError
 from core.records import DeployedService, ImageRef
 from core.trust import TrustRoots
 
-DOCKER_TARGET_BLOCK = "elice-docker"
 KUBERNETES_TARGET_BLOCK = "elice-kubernetes"
 TARGETS: tuple[TargetKind, ...] = ("docker", "kubernetes")
 
@@ -159,12 +159,7 @@ def environment_target(
         ConfigError: `requested` differs from the configured target, or the target
             cannot be loaded (see `resolve_deploy_target`).
     """
-    if requested is not None and requested != env.target:
-        msg = (
-            f"{env.name} deploys to its configured target {env.target!r}, not {requested!r}; "
-            "change the environment's `target` in the pipeline configuration instead"
-        )
-        raise ConfigError(msg)
+    check_target(env, requested)
     loaded = resolve_deploy_target(env.target, drill_env, docker_host, roots=roots)
     pull: dict[str, OciRegistry] = {}
     for registry in registries:

@@ -20,6 +20,7 @@ from blocks.catalog import ServiceSpec
 from blocks.config import PerformancePolicy
 from blocks.environments import EnvironmentSpec
 from core.errors import PromotionError, PromotionRefused, PromotionRolledBack
+from core.ledger import EnvironmentState
 from core.records import DeployedService, PromotionPlan
 from tasks.analysis import AnalysisRun, analyse_release
 from tasks.deploy import (
@@ -34,7 +35,7 @@ from tasks.health import check_service_health
 from tasks.locks import check_deploy_lock
 from tasks.performance import Baseline, baseline_from_record, check_regression, measure_baseline
 from tasks.process import run_logger
-from tasks.releases import EnvironmentState, begin_rollback, end_deploys, finish_rollback
+from tasks.releases import begin_rollback, end_deploys, finish_rollback
 
 VERIFY_DEADLINE_S = 30
 
