@@ -216,9 +216,12 @@ def _source(
         pulls = [registry.access]
         docker_host = context.settings.docker_host
         roots = context.settings.trust_roots()
-        return environment_target(source_env, None, None, pulls, docker_host, roots=roots), registry
+        target = environment_target(
+            source_env, None, None, pulls, docker_host, roots=roots, expires_at=registry.expires_at
+        )
     except ConfigError as exc:
         raise PromotionRefused(str(exc)) from exc
+    return target, registry
 
 
 def _catalog(config: PipelineConfig) -> dict[str, ServiceSpec]:

@@ -64,7 +64,13 @@ def resolve_run(
     own = environment_registry(env, settings.trust_roots()) if registry else None
     pulls = [own.access] if own is not None else []
     deploy_target = environment_target(
-        env, target, drill_env, pulls, settings.docker_host, roots=settings.trust_roots()
+        env,
+        target,
+        drill_env,
+        pulls,
+        settings.docker_host,
+        roots=settings.trust_roots(),
+        expires_at=own.expires_at if own is not None else None,
     )
     ledger, backups = release_stores(settings)
     return RunContext(

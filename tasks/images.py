@@ -12,6 +12,7 @@ import tarfile
 import time
 import tomllib
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,6 +31,7 @@ from core.records import ImageRef, PromotionPlan, PublishedImage, utcnow
 from core.trust import TrustRoots
 from tasks.ecr import (
     combine_verdicts,
+    ecr_credentials,
     ecr_registry_access,
     ecr_scan_verdict,
     ensure_ecr_repository,
@@ -385,6 +387,9 @@ class EnvironmentRegistry(BaseModel):
 
     access: OciRegistry
     ecr: EcrRegistry | None = None
+    expires_at: datetime | None = Field(
+        default=None, description="When the login expires (ECR's token); None: static"
+    )
 
     def repository(self, service: str) -> str:
         """address/namespace/service."""
@@ -416,7 +421,9 @@ def environment_registry(env: EnvironmentSpec, roots: TrustRoots | None) -> Envi
         )
         raise ConfigError(msg) from exc
     if isinstance(block, EcrRegistry):
-        chosen = EnvironmentRegistry(access=ecr_registry_access(block), ecr=block)
+        access = ecr_registry_access(block)
+        expires_at = ecr_credentials(block).expires_at  # the login just used (cached)
+        chosen = EnvironmentRegistry(access=access, ecr=block, expires_at=expires_at)
     else:
         chosen = EnvironmentRegistry(access=cast("OciRegistry", block))
     if roots is not None:

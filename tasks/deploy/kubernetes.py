@@ -17,9 +17,12 @@ What a real API server does, and how it is judged here:
   restart takes;
 - only a Deployment this pipeline applied (its field manager `FIELD_MANAGER` in the
   managedFields) is taken as the previous release; any other is refused before a write;
-- fields another manager added to the Deployment (`kubectl set env`, a label) are drift:
-  `live()` reports them, the next deploy removes them after its apply;
-- an apply that fails part-way deletes the objects it created.
+- fields another manager added to the service's Deployment, Service, ConfigMap or HPA
+  (`kubectl set env`, `kubectl edit`, a label) are drift (`DRIFT_KINDS`): `live()`
+  reports them, the next deploy removes them after its apply;
+- an apply that fails part-way deletes the objects it created;
+- the environment's registry login is written to the namespace's pull secret before
+  an apply (tasks/deploy/pull_secret.py), and the Deployment names it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +39,7 @@ from typing import Any, TypeVar
 from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
 from blocks.kubernetes_target import KubernetesTarget
+from blocks.registry import OciRegistry
 from core.errors import (
     ConfigError,
     DeployError,
@@ -54,7 +58,10 @@ from tasks.deploy.manifests import (
     render_overlay,
     service_objects,
 )
+from tasks.deploy.pull_secret import PULL_NAME, secret_object, stale
 from tasks.deploy.service_proxy import service_path, service_proxy
+from tasks.images import login_for
+from tasks.masking import scrub_masked
 from tasks.process import run_logger
 
 FIELD_MANAGER = "elice-devops"
@@ -78,6 +85,15 @@ RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
     ),
     ("policy/v1", "PodDisruptionBudget"): ("PolicyV1Api", "namespaced_pod_disruption_budget", True),
 }
+
+
+# The service's objects looked at for drift, each named like the service.
+DRIFT_KINDS: tuple[tuple[str, str], ...] = (
+    ("apps/v1", "Deployment"),
+    ("v1", "Service"),
+    ("v1", "ConfigMap"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+)
 
 
 # --------------------------------------------------------------------------- rollout
@@ -333,6 +349,9 @@ class KubernetesDeployer:
     service proxy (on loopback, with the cluster's credentials) outside it.
 
     `clock` measures rollout deadlines and the API retry budget (monotonic seconds).
+    `registries`: logins of the registries images come from (the environment's own);
+    an image whose registry has one is pulled with the namespace's pull secret.
+    `token_expires_at`: when their login expires (ECR's token), None: static credentials.
     """
 
     name = "kubernetes"
@@ -345,6 +364,8 @@ class KubernetesDeployer:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         retry_budget_s: float = API_RETRY_BUDGET_S,
+        registries: Sequence[OciRegistry] = (),
+        token_expires_at: datetime | None = None,
     ) -> None:
         if retry_budget_s < 0:
             msg = f"retry_budget_s must not be negative, got {retry_budget_s}"
@@ -354,6 +375,8 @@ class KubernetesDeployer:
         self._sleep = sleep
         self._clock = clock
         self.retry_budget_s = retry_budget_s
+        self.registries = tuple(r for r in registries if r.username and r.password)
+        self.token_expires_at = token_expires_at
         self._deployments_dir = (
             Path(self.target.deployments_dir) if self.target.deployments_dir else None
         )
@@ -386,6 +409,7 @@ class KubernetesDeployer:
             image.reference,
             previous.image.short if previous else "none",
         )
+        self._ensure_pull_secret(env, image, objects)
         try:
             self._apply_and_wait(objects, env, service, image.reference)
         except _ApplyRefused as exc:
@@ -433,13 +457,13 @@ class KubernetesDeployer:
                 f"(owned by {owner}); refusing to take it as the previous release"
             )
             raise DeployError(msg)
-        found = drift(deployment)
+        found = self._drift(env, service, deployment)
         if found:
             run_logger().warning(
                 "%s/%s: drift, fields other managers set (the next deploy removes them): %s",
                 env.name,
                 service.name,
-                describe_drift(found),
+                "; ".join(f"{kind}/{service.name}: {describe_drift(f)}" for kind, _, f in found),
             )
         images = [c["image"] for c in containers(deployment) if c.get("name") == APP_CONTAINER] or [
             c["image"] for c in containers(deployment)
@@ -483,6 +507,7 @@ class KubernetesDeployer:
             return
         log.warning("%s/%s: restoring %s", env.name, service.name, previous.image.reference)
         objects = self._objects(env, service, previous.image)
+        self._ensure_pull_secret(env, previous.image, objects)
         try:
             self._apply_and_wait(objects, env, service, previous.image.reference)
         except RolloutFailed as exc:
@@ -574,7 +599,54 @@ class KubernetesDeployer:
             if obj["kind"] == "Deployment":
                 annotations = obj["metadata"].setdefault("annotations", {})
                 annotations[f"{ANNOTATION_PREFIX}deployed-at"] = utcnow().isoformat()
+                if login_for(image, *self.registries) is not None:
+                    pod = obj["spec"]["template"]["spec"]
+                    pod["imagePullSecrets"] = [{"name": PULL_NAME}]
         return objects
+
+    def _ensure_pull_secret(
+        self, env: EnvironmentSpec, image: ImageRef, objects: Iterable[Mapping[str, Any]]
+    ) -> None:
+        """Write the namespace's pull secret with the login of `image`'s registry, unless
+        the live one serves (`pull_secret.stale`); nothing without such a login. The
+        Namespace among `objects` is applied first: a first release creates it.
+
+        Raises:
+            DeployError: the Secret cannot be read or written (the message names the
+                status, never the credentials); nothing was applied.
+        """
+        registry = login_for(image, *self.registries)
+        if registry is None:
+            return
+        api = self._api("CoreV1Api")
+        where = f"{env.name}: the pull secret {env.namespace}/{PULL_NAME}"
+        try:
+            live = self._read_secret(env.namespace)
+            now = utcnow()
+            reason = stale(live, registry, now, self.token_expires_at)
+            if reason is None:
+                return
+            for namespace in (o for o in objects if o["kind"] == "Namespace"):
+                self._apply_one(namespace)
+            self._call(
+                f"apply Secret/{PULL_NAME}",
+                api.patch_namespaced_secret,
+                PULL_NAME,
+                env.namespace,
+                body=secret_object(env.namespace, registry, now, self.token_expires_at),
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type="application/apply-patch+yaml",
+                _preload_content=False,
+            )
+        except KubernetesApiError as exc:
+            logins = [registry.password.get_secret_value() if registry.password else None]
+            msg = f"{where} could not be written: {scrub_masked(str(exc), logins)}; nothing applied"
+            raise DeployError(msg) from None
+        run_logger().info("%s written for %s: %s", where, registry.address, reason)
+
+    def _read_secret(self, namespace: str) -> dict[str, Any] | None:
+        return self._read_by("CoreV1Api", "namespaced_secret", "Secret", namespace, PULL_NAME)
 
     def _api(self, name: str) -> Any:
         from kubernetes import client  # noqa: PLC0415
@@ -682,36 +754,61 @@ class KubernetesDeployer:
             if exc.status != 404:
                 raise
 
-    def _remove_drift(self, env: EnvironmentSpec, service: ServiceSpec) -> None:
-        """Remove what other managers added to the Deployment (see `drift`) in one JSON
-        patch. No resourceVersion test: the controllers write the status meanwhile, and
-        the paths are into the spec and metadata only we and the drift's managers write."""
-        deployment = self._read_deployment(env.namespace, service.name)
-        found = drift(deployment) if deployment is not None else []
-        if deployment is None or not found:
-            return
-        run_logger().warning(
-            "%s/%s: removing drift: %s", env.name, service.name, describe_drift(found)
-        )
-        paths = sorted((tokens for _, tokens in found), reverse=True)  # later list items first
-        ops = [{"op": "remove", "path": _pointer(tokens)} for tokens in paths]
-        api = self._api("AppsV1Api")
-        self._call(
-            f"remove drift from Deployment/{service.name}",
-            api.patch_namespaced_deployment,
-            service.name,
-            env.namespace,
-            body=ops,
-            _content_type="application/json-patch+json",
-            _preload_content=False,
-        )
+    def _drift(
+        self, env: EnvironmentSpec, service: ServiceSpec, deployment: Mapping[str, Any] | None
+    ) -> list[tuple[str, tuple[str, str], list[tuple[str, list[str | int]]]]]:
+        """(kind, resource key, `drift`) of each of the service's DRIFT_KINDS objects
+        that has some; `deployment` is the one read already (None: read it)."""
+        found = []
+        for key in DRIFT_KINDS:
+            if key[1] == "Deployment" and deployment is not None:
+                obj: Mapping[str, Any] | None = deployment
+            else:
+                obj = self._read(key, env.namespace, service.name)
+            foreign = drift(obj) if obj is not None else []
+            if foreign:
+                found.append((key[1], key, foreign))
+        return found
 
-    def _read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
-        api = self._api("AppsV1Api")
+    def _remove_drift(self, env: EnvironmentSpec, service: ServiceSpec) -> None:
+        """Remove what other managers added to the service's objects (see `drift`), one
+        JSON patch each. No resourceVersion test: the controllers write the status
+        meanwhile, and the paths are into the spec and metadata only we and the drift's
+        managers write. The patch is ours (FIELD_MANAGER): a removed field the server
+        defaults again (a Service's sessionAffinity) is owned by whoever removed it."""
+        for kind, key, found in self._drift(env, service, None):
+            run_logger().warning(
+                "%s/%s: removing drift from %s: %s",
+                env.name,
+                service.name,
+                kind,
+                describe_drift(found),
+            )
+            paths = sorted((tokens for _, tokens in found), reverse=True)  # later items first
+            api_name, suffix, _ = RESOURCES[key]
+            self._call(
+                f"remove drift from {kind}/{service.name}",
+                getattr(self._api(api_name), f"patch_{suffix}"),
+                service.name,
+                env.namespace,
+                body=[{"op": "remove", "path": _pointer(tokens)} for tokens in paths],
+                field_manager=FIELD_MANAGER,
+                _content_type="application/json-patch+json",
+                _preload_content=False,
+            )
+
+    def _read(self, key: tuple[str, str], namespace: str, name: str) -> dict[str, Any] | None:
+        """The object of kind `key` (RESOURCES) called `name`, or None when there is none."""
+        api_name, suffix, _ = RESOURCES[key]
+        return self._read_by(api_name, suffix, key[1], namespace, name)
+
+    def _read_by(
+        self, api_name: str, suffix: str, kind: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
         try:
             response = self._call(
-                f"read Deployment {namespace}/{name}",
-                api.read_namespaced_deployment,
+                f"read {kind} {namespace}/{name}",
+                getattr(self._api(api_name), f"read_{suffix}"),
                 name,
                 namespace,
                 _preload_content=False,
@@ -722,6 +819,9 @@ class KubernetesDeployer:
             raise
         data: dict[str, Any] = json.loads(response.data)
         return data
+
+    def _read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._read(("apps/v1", "Deployment"), namespace, name)
 
     def _pods(self, namespace: str, service: str) -> list[dict[str, Any]]:
         api = self._api("CoreV1Api")

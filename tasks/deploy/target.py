@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Protocol, cast
 
 from prefect.blocks.core import Block
@@ -70,7 +71,14 @@ class DeployTarget(BaseModel):
     kubernetes: KubernetesTarget | None = Field(default=None, description="kubernetes: cluster")
     drill_env: dict[str, dict[str, str]] = Field(default_factory=dict)
     registries: tuple[OciRegistry, ...] = Field(
-        default=(), description="docker: registries the engine logs in to when it pulls"
+        default=(),
+        description=(
+            "Registries pulled from with their logins: docker, the engine logs in; "
+            "kubernetes, the namespace's pull secret holds the login"
+        ),
+    )
+    registry_expires_at: datetime | None = Field(
+        default=None, description="When the registries' login expires (ECR's token); None: static"
     )
 
     def deployer(self) -> Deployer:
@@ -78,7 +86,11 @@ class DeployTarget(BaseModel):
         if self.target == "kubernetes":
             from tasks.deploy.kubernetes import KubernetesDeployer  # noqa: PLC0415 - heavy client
 
-            return KubernetesDeployer(self.kubernetes)
+            return KubernetesDeployer(
+                self.kubernetes,
+                registries=self.registries,
+                token_expires_at=self.registry_expires_at,
+            )
         from tasks.deploy.docker import DockerDeployer  # noqa: PLC0415 - keeps docker-py lazy
 
         return DockerDeployer.from_block(
@@ -148,8 +160,10 @@ def environment_target(
     docker_host: str | None = None,
     *,
     roots: TrustRoots | None,
+    expires_at: datetime | None = None,
 ) -> DeployTarget:
-    """The target `env`'s configuration names, loaded; `registries` to pull from;
+    """The target `env`'s configuration names, loaded; `registries` to pull from (their
+    login expiring at `expires_at`, an ECR token's; None: static credentials);
     `docker_host` the engine where the docker target's block names none (DOCKER_HOST).
 
     `requested` (a caller's `--target`) may only repeat the configured target: where an
@@ -165,4 +179,6 @@ def environment_target(
     for registry in registries:
         if registry is not None:
             pull.setdefault(registry.address, registry)
-    return loaded.model_copy(update={"registries": tuple(pull.values())})
+    return loaded.model_copy(
+        update={"registries": tuple(pull.values()), "registry_expires_at": expires_at}
+    )

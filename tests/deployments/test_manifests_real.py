@@ -3,12 +3,14 @@
 Every overlay (dev, staging, production, the in-cluster worker, monitoring) is applied
 with server-side apply, and a second apply changes nothing. RBAC is proven with the
 tokens of the ServiceAccounts the manifests create: the worker deploys and rolls back
-with its own token and is refused (403) what its Role does not grant; Prometheus's
+with its own token (writing the namespace's registry pull secret) and is refused (403)
+what its Role does not grant, other Secrets included; Prometheus's
 discovery account reads pods and nodes and nothing more.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +22,11 @@ from kubernetes.client.exceptions import ApiException
 
 from blocks.config import PipelineConfig
 from blocks.kubernetes_target import KubernetesTarget
+from blocks.registry import OciRegistry
 from core.records import ImageRef
 from tasks.deploy.kubernetes import KubernetesDeployer
 from tasks.deploy.manifests import kustomize, render_overlay
+from tasks.deploy.pull_secret import PULL_NAME
 from tests.plugins.kube import KubeCluster
 
 DEPLOYMENTS = Path(__file__).resolve().parents[2] / "deployments"
@@ -180,14 +184,19 @@ def test_the_worker_deploys_and_rolls_back_with_its_own_token(
     target = KubernetesTarget.from_kubeconfig(kubeconfig).model_copy(
         update={"poll_interval_s": 0.2, "retry_backoff_s": 0.1}
     )
-    deployer = KubernetesDeployer(target)
+    login = OciRegistry(address="registry.example", username="puller", password="pw-" + "w" * 20)
+    deployer = KubernetesDeployer(target, registries=[login])
     env, service = config.environment("dev"), config.service("api-gateway")
+    with contextlib.suppress(ApiException):  # the worker creates it, with `patch` alone
+        client.CoreV1Api(kube.admin).delete_namespaced_secret(PULL_NAME, env.namespace)
     first = deployer.deploy(env, service, _image("api-gateway", 1), deadline_s=60)
     deployer.deploy(env, service, _image("api-gateway", 2), deadline_s=60)
     deployer.restore(env, service, first)  # the rollback
     live = deployer.live(env, service)
     assert live is not None
     assert live.image.digest == _image("api-gateway", 1).digest
+    secret = client.CoreV1Api(kube.admin).read_namespaced_secret(PULL_NAME, env.namespace)
+    assert secret.type == "kubernetes.io/dockerconfigjson"  # written with the worker's token
 
 
 def test_the_worker_is_refused_what_its_role_does_not_grant(
@@ -203,6 +212,11 @@ def test_the_worker_is_refused_what_its_role_does_not_grant(
     assert refused(core.list_namespaced_secret, "elice-devops-dev") == 403
     assert refused(core.read_namespaced_secret, "anything", "elice-devops-prod") == 403
     assert refused(core.list_namespaced_secret, "kube-system") == 403
+    other = {"metadata": {"name": "other"}, "stringData": {"x": "y"}}
+    assert refused(core.create_namespaced_secret, "elice-devops-dev", other) == 403
+    assert refused(core.patch_namespaced_secret, "other", "elice-devops-dev", other) == 403
+    assert refused(core.read_namespaced_secret, PULL_NAME, "elice-devops-ci") == 403
+    assert refused(core.delete_namespaced_secret, PULL_NAME, "elice-devops-dev") == 403
     role = {
         "metadata": {"name": "more"},
         "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}],

@@ -12,6 +12,7 @@ import yaml
 from blocks.config import PipelineConfig
 from tasks.deploy.kubernetes import RESOURCES
 from tasks.deploy.manifests import KUBERNETES_VERSION, kustomize, render_overlay, validate_objects
+from tasks.deploy.pull_secret import PULL_NAME
 
 DEPLOYMENTS = Path(__file__).resolve().parents[2] / "deployments"
 REPO = DEPLOYMENTS.parent
@@ -83,6 +84,10 @@ def test_the_worker_may_deploy_each_environments_overlay_and_read_its_pods(
             # apply, and delete when a service is removed from the environment
             assert verbs >= APPLY | {"delete"}, (env.name, kind, verbs)
         assert _allowed(role["rules"], "", "pods") == {"get", "list"}
+        # the pull secret by its name only (server-side apply: a PATCH of that name)
+        [secrets] = [r for r in role["rules"] if "secrets" in r["resources"]]
+        assert (secrets["resources"], secrets.get("resourceNames")) == (["secrets"], [PULL_NAME])
+        assert set(secrets["verbs"]) == APPLY
     cluster = _one(worker, "ClusterRole", "elice-deployer-namespaces")
     [rule] = cluster["rules"]
     assert (rule["apiGroups"], rule["resources"], rule["verbs"]) == (
@@ -106,7 +111,7 @@ def test_the_worker_is_granted_nothing_more(worker: list[dict[str, Any]]) -> Non
         for g in rule["apiGroups"]
         for r in rule["resources"]
     }
-    assert granted == set(RESOURCE_OF.values()) | {("", "pods")}
+    assert granted == set(RESOURCE_OF.values()) | {("", "pods"), ("", "secrets")}
     for role in roles:
         for rule in role["rules"]:
             for field in ("apiGroups", "resources", "verbs"):

@@ -15,6 +15,8 @@ staging overlays carry those names (namespaces elice-devops-dev and -stg).
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from core.records import ImageRef
 from flows.ci import ci, ci_outcome
 from flows.promotion import promote
 from tasks.deploy.kubernetes import KubernetesDeployer
+from tasks.deploy.pull_secret import PULL_NAME
 from tasks.deploy.target import KUBERNETES_TARGET_BLOCK, block_digest
 from tests.flows.chain import derive, put_release, write_chain_config
 from tests.k8s_sim import CRASH, KubeSimulator
@@ -152,6 +155,13 @@ def test_promotion_ships_to_kubernetes_and_a_failed_release_rolls_back(cluster: 
         # the source was smoke-tested and the target verified, both through the proxy
         assert ("elice-devops-dev", service, "/version") in c.sim.proxied
         assert ("elice-devops-stg", service, "/version") in c.sim.proxied
+        # pulled with kd-stg's registry login: the namespace's pull secret, named by the pods
+        pod = c.sim.get("deployments", "elice-devops-stg", service)["spec"]["template"]["spec"]
+        assert pod["imagePullSecrets"] == [{"name": PULL_NAME}]
+    secret = c.sim.get("secrets", "elice-devops-stg", PULL_NAME)
+    assert secret is not None
+    auths = json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))["auths"]
+    assert auths[c.stg_registry.address]["password"] == c.stg_registry.password
     recorded = current_ledger().current(STG)
 
     # D2 runs in kd-dev; in kd-stg its pods crash: the deploy fails on their reason and

@@ -7,8 +7,9 @@ loopback speaking the real REST wire protocol (paths, verbs, content types, Stat
 objects, resourceVersion, 409 Conflict) for the few resources the pipeline uses:
 
 - /version; POST selfsubjectaccessreviews (always allowed)
-- /api/v1: namespaces, serviceaccounts, configmaps, services, persistentvolumeclaims,
-  pods (list/get; pods are made by the simulated Deployment controller)
+- /api/v1: namespaces, serviceaccounts, configmaps, secrets (the registry pull secret),
+  services, persistentvolumeclaims, pods (list/get; pods are made by the simulated
+  Deployment controller)
 - /apis/apps/v1 deployments, /apis/autoscaling/v2 horizontalpodautoscalers,
   /apis/policy/v1 poddisruptionbudgets
 
@@ -81,6 +82,7 @@ RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
     ("v1", "namespaces"): ("Namespace", False),
     ("v1", "serviceaccounts"): ("ServiceAccount", True),
     ("v1", "configmaps"): ("ConfigMap", True),
+    ("v1", "secrets"): ("Secret", True),
     ("v1", "services"): ("Service", True),
     ("v1", "persistentvolumeclaims"): ("PersistentVolumeClaim", True),
     ("v1", "pods"): ("Pod", True),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import tarfile
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,14 +22,18 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL
 
+from blocks.registry import OciRegistry
 from blocks.stack import StackInfo
-from core.errors import ConfigError
+from core.errors import ConfigError, RegistryError
+from core.records import ImageRef
 from reconcile.setup import PROCESS_POOL, ensure_setup
 from stack.supervisor import descendants
 from stack.worker import ensure_worker, log_file, stop_worker, worker_pid
 from stack.worker_image import WORKER_DOCKERFILE, build_worker_image, worker_build_context
 from tasks.images import local_ca_bundle
 from tasks.process import which
+from tasks.registry import copy_image_by_digest, manifest_digest
+from tests.plugins.registries import AuthRegistry
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -179,10 +185,34 @@ def test_worker_build_context_holds_the_pipeline_only() -> None:
     assert not [n for n in names if "__pycache__" in n]
 
 
-@pytest.mark.stack
-def test_worker_image_runs_prefect_and_the_flows_as_non_root(
-    stack: StackInfo, docker_client: docker.DockerClient
-) -> None:
+def run_in(
+    client: docker.DockerClient,
+    tag: str,
+    command: list[str],
+    *,
+    network_mode: str = "none",
+    environment: dict[str, str] | None = None,
+) -> str:
+    """Run `command` in the image `tag`; its output (it must exit 0).
+
+    Wait, then read the logs, then remove: with `remove=True` Podman can drop the end of
+    a fast container's output (seen under load: a line missing).
+    """
+    container = client.containers.run(
+        tag, command, detach=True, network_mode=network_mode, environment=environment or {}
+    )
+    try:
+        status = container.wait(timeout=300)
+        out = container.logs(stdout=True, stderr=True).decode()
+        assert status["StatusCode"] == 0, out
+        return str(out)
+    finally:
+        container.remove(force=True)
+
+
+@pytest.fixture(scope="module")
+def worker_image(stack: StackInfo, docker_client: docker.DockerClient) -> Iterator[str]:
+    """The worker image, built once for this module's tests; its tag."""
     tag = f"localhost/elice-devops-worker:test-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
     image_id = build_worker_image(
@@ -190,55 +220,127 @@ def test_worker_image_runs_prefect_and_the_flows_as_non_root(
     )
     print(f"worker image {image_id[:19]} built in {time.monotonic() - started:.0f}s")
     try:
-        image = docker_client.images.get(tag)
-        assert image.attrs["Config"]["User"] == "10001:10001"
-        assert image.attrs["Config"]["Cmd"] == [
-            "python",
-            "-m",
-            "stack.trusted_worker",
-            "start",
-            "--pool",
-            "elice-process",
-            "--trust-file",
-            "/etc/elice/trust.yaml",
-        ]
-        # its own command without a mounted trust file: refused, saying which file
-        refused = docker_client.containers.run(tag, detach=True, network_mode="none")
-        try:
-            assert refused.wait(timeout=120)["StatusCode"] == 2
-            assert "trust file /etc/elice/trust.yaml" in refused.logs().decode()
-        finally:
-            refused.remove(force=True)
-
-        def run(*command: str) -> str:
-            # Wait, then read the logs, then remove: with `remove=True` Podman can drop the
-            # end of a fast container's output (seen under load: a line missing).
-            container = docker_client.containers.run(
-                tag, list(command), detach=True, network_mode="none"
-            )
-            try:
-                status = container.wait(timeout=300)
-                out = container.logs(stdout=True, stderr=True).decode()
-                assert status["StatusCode"] == 0, out
-                return str(out)
-            finally:
-                container.remove(force=True)
-
-        assert "3.9." in run("prefect", "version")
-        who = run("python", "-c", "import os, flows.ci; print(os.getuid(), os.getgid())")
-        assert who.split() == ["10001", "10001"]
-        tools = run(
-            "sh",
-            "-c",
-            "git --version && uv --version && pip-audit --version && syft version"
-            " && kubectl version --client && skopeo --version && echo ELICE_REPO=$ELICE_REPO",
-        )
-        assert "git version" in tools
-        assert "skopeo version" in tools  # a promotion's image copy runs in this image
-        assert "ELICE_REPO=/app" in tools
-        assert run("sh", "-c", "test -w /app; echo $?").strip() == "1"  # code is read-only
+        yield tag
     finally:
         _keep_as_cache(docker_client, tag)
+
+
+@pytest.mark.stack
+def test_worker_image_runs_prefect_and_the_flows_as_non_root(
+    docker_client: docker.DockerClient, worker_image: str
+) -> None:
+    tag = worker_image
+    image = docker_client.images.get(tag)
+    assert image.attrs["Config"]["User"] == "10001:10001"
+    assert image.attrs["Config"]["Cmd"] == [
+        "python",
+        "-m",
+        "stack.trusted_worker",
+        "start",
+        "--pool",
+        "elice-process",
+        "--trust-file",
+        "/etc/elice/trust.yaml",
+    ]
+    # its own command without a mounted trust file: refused, saying which file
+    refused = docker_client.containers.run(tag, detach=True, network_mode="none")
+    try:
+        assert refused.wait(timeout=120)["StatusCode"] == 2
+        assert "trust file /etc/elice/trust.yaml" in refused.logs().decode()
+    finally:
+        refused.remove(force=True)
+
+    def run(*command: str) -> str:
+        return run_in(docker_client, tag, list(command))
+
+    assert "3.9." in run("prefect", "version")
+    who = run("python", "-c", "import os, flows.ci; print(os.getuid(), os.getgid())")
+    assert who.split() == ["10001", "10001"]
+    tools = run(
+        "sh",
+        "-c",
+        "git --version && uv --version && pip-audit --version && syft version"
+        " && kubectl version --client && skopeo --version && echo ELICE_REPO=$ELICE_REPO",
+    )
+    assert "git version" in tools
+    assert "skopeo version" in tools  # a promotion's image copy runs in this image
+    assert "ELICE_REPO=/app" in tools
+    assert run("sh", "-c", "test -w /app; echo $?").strip() == "1"  # code is read-only
+
+
+# What a promotion's copy step runs (tasks.images.place_images -> copy_image), given the
+# image and the two registries' logins as JSON in COPY_SPEC: nothing on the command line.
+COPY_SCRIPT = """
+import json, os
+from pydantic import SecretStr
+from blocks.registry import OciRegistry
+from core.records import ImageRef
+from tasks.registry import copy_image_by_digest
+
+spec = json.loads(os.environ["COPY_SPEC"])
+def login(r):
+    return OciRegistry(address=r["address"], insecure=True,
+                       username=SecretStr(r["username"]), password=SecretStr(r["password"]))
+copied = copy_image_by_digest(ImageRef.model_validate(spec["image"]), spec["to"],
+                              [spec["tag"]], source=login(spec["source"]),
+                              target=login(spec["target"]))
+print("COPIED", copied.repository, copied.tag, copied.digest)
+"""
+
+
+def _login(registry: AuthRegistry) -> dict[str, str]:
+    return {
+        "address": registry.address,
+        "username": registry.username,
+        "password": registry.password,
+    }
+
+
+@pytest.mark.stack
+def test_the_worker_image_copies_a_release_between_two_authenticated_registries(
+    docker_client: docker.DockerClient,
+    worker_image: str,
+    pushed_image: ImageRef,
+    oci_registry: OciRegistry,
+    basic_registry: AuthRegistry,
+    token_registry: AuthRegistry,
+) -> None:
+    """A promotion run on the in-cluster worker copies the release into the next
+    environment's registry: from one behind Basic auth to one behind Bearer tokens."""
+    tag = f"worker-copy-{uuid.uuid4().hex[:8]}"
+    service = pushed_image.service
+    source = copy_image_by_digest(
+        pushed_image,
+        basic_registry.block.repository(service),
+        [tag],
+        source=oci_registry,
+        target=basic_registry.block,
+    )
+    target_repo = token_registry.block.repository(service)
+    spec = {
+        "image": source.model_dump(mode="json"),
+        "to": target_repo,
+        "tag": tag,
+        "source": _login(basic_registry),
+        "target": _login(token_registry),
+    }
+    started = time.monotonic()
+    out = run_in(
+        docker_client,
+        worker_image,
+        ["python", "-c", COPY_SCRIPT],
+        network_mode="host",  # the registries listen on loopback
+        environment={"COPY_SPEC": json.dumps(spec)},
+    )
+    print(f"copy in the worker image: {time.monotonic() - started:.1f}s")
+    assert f"COPIED {target_repo} {tag} {pushed_image.digest}" in out
+    for secret in (basic_registry.password, token_registry.password):
+        assert secret not in out
+    # the digest arrived: read back from the target with its own login, and refused
+    # to anyone without one
+    assert manifest_digest(target_repo, tag, token_registry.block) == pushed_image.digest
+    with pytest.raises(RegistryError, match="refused anonymous access"):
+        manifest_digest(target_repo, tag, token_registry.anonymous())
 
 
 CACHE_REPO, CACHE_VERSION = "localhost/elice-devops-worker", "last-test-build"

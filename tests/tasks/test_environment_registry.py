@@ -81,6 +81,7 @@ def test_an_oci_block_named_by_the_environment_is_its_registry_with_its_login(
     finally:
         _forget(name, "elice-oci-registry")
     assert chosen.ecr is None
+    assert chosen.expires_at is None  # static: a pull secret is rewritten when it changes
     assert chosen.access.address == basic_registry.address
     assert chosen.access.password is not None
     assert chosen.access.password.get_secret_value() == basic_registry.password
@@ -118,6 +119,8 @@ def test_promotion_places_images_in_the_environments_ecr_registry(
     assert target.access.address == ecr_image_registry.address
     assert target.access.username is not None
     assert target.access.username.get_secret_value() == "AWS"
+    # a token's: a pull secret holding it is refreshed by its age (moto: a fixed 2015 date)
+    assert target.expires_at is not None
 
     services = ["course", "course-b"]
     placed = _place(_plan(pushed_image, services), EnvironmentRegistry(access=oci_registry), target)

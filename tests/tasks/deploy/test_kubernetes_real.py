@@ -13,12 +13,15 @@ marks are by digest).
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import logging
 import re
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +31,11 @@ from kubernetes.client.exceptions import ApiException
 
 from blocks.config import PipelineConfig
 from blocks.kubernetes_target import KubernetesTarget
+from blocks.registry import OciRegistry
 from core.errors import ConfigError, DeployError, KubernetesApiError
-from core.records import ImageRef
+from core.records import ImageRef, utcnow
 from tasks.deploy.kubernetes import FIELD_MANAGER, KubernetesDeployer, drift
+from tasks.deploy.pull_secret import EXPIRES_AT, PULL_NAME, WRITTEN_AT
 from tests.plugins.kube import NODE, Authority, KubeCluster
 
 DEADLINE_S = 60.0
@@ -384,6 +389,184 @@ def test_drift_by_another_manager_is_reported_and_removed_by_the_next_deploy(
     raw = client.ApiClient().sanitize_for_serialization(live)
     assert drift(raw) == []
     assert pod_images(kube, env.namespace, "search") == [second.reference] * 3
+
+
+def test_drift_on_the_service_configmap_and_hpa_is_reported_and_removed(
+    kube: KubeCluster, config: PipelineConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    env, spec = config.environment("staging"), config.service("user")
+    deployer = deployer_for(kube)
+    deployer.deploy(env, spec, image("user"), deadline_s=DEADLINE_S)
+    hpas = client.AutoscalingV2Api(kube.admin)
+    label = {"metadata": {"labels": {"hotfix": "yes"}}}
+    # what `kubectl edit` / `kubectl label` send: each a merge patch by another manager
+    core(kube).patch_namespaced_service(
+        "user",
+        env.namespace,
+        {**label, "spec": {"sessionAffinity": "ClientIP"}},
+        field_manager="kubectl-edit",
+    )
+    core(kube).patch_namespaced_config_map(
+        "user", env.namespace, {"data": {"DEBUG": "1"}}, field_manager="kubectl-edit"
+    )
+    hpas.patch_namespaced_horizontal_pod_autoscaler(
+        "user", env.namespace, label, field_manager="kubectl-label"
+    )
+
+    with caplog.at_level(logging.WARNING, logger="elice"):
+        deployer.live(env, spec)
+    assert "Service/user: kubectl-edit: /metadata/labels/hotfix, /spec/sessionAffinity" in (
+        caplog.text
+    )
+    assert "ConfigMap/user: kubectl-edit: /data/DEBUG" in caplog.text
+    assert "HorizontalPodAutoscaler/user: kubectl-label: /metadata/labels/hotfix" in caplog.text
+    assert "Deployment/user" not in caplog.text  # untouched: nothing reported
+
+    deployer.deploy(env, spec, image("user"), deadline_s=DEADLINE_S)
+
+    service = core(kube).read_namespaced_service("user", env.namespace)
+    assert "hotfix" not in service.metadata.labels
+    assert service.spec.session_affinity == "None"  # the server's default again
+    assert "DEBUG" not in core(kube).read_namespaced_config_map("user", env.namespace).data
+    hpa = hpas.read_namespaced_horizontal_pod_autoscaler("user", env.namespace)
+    assert "hotfix" not in hpa.metadata.labels
+    raw = client.ApiClient().sanitize_for_serialization
+    for obj in (service, hpa, core(kube).read_namespaced_config_map("user", env.namespace)):
+        assert drift(raw(obj)) == [], obj.kind
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="elice"):
+        deployer.live(env, spec)
+    assert "drift" not in caplog.text
+
+
+# --------------------------------------------------------------------------- pull secrets
+
+
+def login(password: str) -> OciRegistry:
+    """The login of the registry the tests' images name (registry.example)."""
+    return OciRegistry(address="registry.example", username="puller", password=password)
+
+
+def pull_secret(kube: KubeCluster, namespace: str) -> Any:
+    return core(kube).read_namespaced_secret(PULL_NAME, namespace)
+
+
+def pulled_with(secret: Any) -> dict[str, Any]:
+    """The registry entries of the Secret's .dockerconfigjson."""
+    auths: dict[str, Any] = json.loads(base64.b64decode(secret.data[".dockerconfigjson"]))["auths"]
+    return auths
+
+
+def test_a_deploy_writes_the_namespaces_pull_secret_and_its_pods_name_it(
+    kube: KubeCluster, config: PipelineConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    env, spec = config.environment("dev"), config.service("course")
+    password = "static-pw-" + "k" * 20
+    deployer = KubernetesDeployer(target_for(kube.kubeconfig), registries=[login(password)])
+    with caplog.at_level(logging.DEBUG, logger="elice"):
+        deployer.deploy(env, spec, image("course"), deadline_s=DEADLINE_S)
+
+    secret = pull_secret(kube, env.namespace)
+    assert secret.type == "kubernetes.io/dockerconfigjson"
+    entry = pulled_with(secret)["registry.example"]
+    assert (entry["username"], entry["password"]) == ("puller", password)
+    assert base64.b64decode(entry["auth"]).decode() == f"puller:{password}"
+    assert EXPIRES_AT not in secret.metadata.annotations  # static credentials
+    pods = core(kube).list_namespaced_pod(
+        env.namespace, label_selector="app.kubernetes.io/name=course"
+    )
+    assert pods.items
+    for pod in pods.items:
+        assert [s.name for s in pod.spec.image_pull_secrets] == [PULL_NAME]
+    assert f"pull secret {env.namespace}/{PULL_NAME} written" in caplog.text
+    assert password not in caplog.text
+
+    # the same login again: not rewritten; a changed password: rewritten at once
+    version = secret.metadata.resource_version
+    deployer.deploy(env, spec, image("course"), deadline_s=DEADLINE_S)
+    assert pull_secret(kube, env.namespace).metadata.resource_version == version
+    rotated = KubernetesDeployer(target_for(kube.kubeconfig), registries=[login(password + "2")])
+    rotated.deploy(env, spec, image("course"), deadline_s=DEADLINE_S)
+    entry = pulled_with(pull_secret(kube, env.namespace))["registry.example"]
+    assert entry["password"] == password + "2"
+
+
+def test_a_token_is_rewritten_when_stale_not_while_fresh(
+    kube: KubeCluster, config: PipelineConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ECR's tokens: each run fetches a new one, valid 12 h."""
+    env, spec = config.environment("staging"), config.service("analytics")
+
+    def deployer(token: str) -> KubernetesDeployer:
+        return KubernetesDeployer(
+            target_for(kube.kubeconfig),
+            registries=[login(token)],
+            token_expires_at=utcnow() + timedelta(hours=12),
+        )
+
+    tokens = [f"ecr-token-{n}-" + "t" * 40 for n in range(3)]
+    with caplog.at_level(logging.DEBUG, logger="elice"):
+        deployer(tokens[0]).deploy(env, spec, image("analytics"), deadline_s=DEADLINE_S)
+        written = pull_secret(kube, env.namespace)
+        assert EXPIRES_AT in written.metadata.annotations
+
+        deployer(tokens[1]).deploy(env, spec, image("analytics"), deadline_s=DEADLINE_S)
+        fresh = pull_secret(kube, env.namespace)
+        assert fresh.metadata.resource_version == written.metadata.resource_version
+        assert pulled_with(fresh)["registry.example"]["password"] == tokens[0]
+
+        # written seven hours ago (another manager rewinds the record)
+        seven_hours_ago = (utcnow() - timedelta(hours=7)).isoformat()
+        core(kube).patch_namespaced_secret(
+            PULL_NAME, env.namespace, {"metadata": {"annotations": {WRITTEN_AT: seven_hours_ago}}}
+        )
+        deployer(tokens[2]).deploy(env, spec, image("analytics"), deadline_s=DEADLINE_S)
+    refreshed = pull_secret(kube, env.namespace)
+    assert pulled_with(refreshed)["registry.example"]["password"] == tokens[2]
+    assert refreshed.metadata.annotations[WRITTEN_AT] > seven_hours_ago
+    assert "written more than 6 h ago" in caplog.text
+    for token in tokens:
+        assert token not in caplog.text
+
+
+def test_a_refused_pull_secret_stops_the_deploy_before_any_apply(
+    kube: KubeCluster, config: PipelineConfig, tmp_path: Path
+) -> None:
+    """Credentials allowed to deploy but not to write the Secret (an access review
+    grants the rest): the message names the refusal, never the login."""
+    env, spec = config.environment("production"), config.service("media")
+    rbac = client.RbacAuthorizationV1Api(kube.admin)
+    if not exists(core(kube).read_namespace, env.namespace):
+        core(kube).create_namespace({"metadata": {"name": env.namespace}})
+    rules = [{"apiGroups": ["*"], "resources": ["deployments", "pods"], "verbs": ["*"]}]
+    rbac.create_namespaced_role(env.namespace, {"metadata": {"name": "no-secrets"}, "rules": rules})
+    rbac.create_namespaced_role_binding(
+        env.namespace,
+        {
+            "metadata": {"name": "no-secrets"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "no-secrets",
+            },
+            "subjects": [{"kind": "User", "name": "no-secrets"}],
+        },
+    )
+    kubeconfig = kube.client_kubeconfig("no-secrets", tmp_path / "no-secrets")
+    password = "never-shown-" + "p" * 20
+    deployer = KubernetesDeployer(
+        target_for(kubeconfig, retries=0), registries=[login(password)], retry_budget_s=0
+    )
+    with pytest.raises(DeployError) as caught:
+        deployer.deploy(env, spec, image("media"), deadline_s=DEADLINE_S)
+    message = str(caught.value)
+    assert f"pull secret {env.namespace}/{PULL_NAME} could not be written" in message
+    assert "403" in message
+    assert "nothing applied" in message
+    assert password not in message
+    assert caught.value.__cause__ is None
+    assert caught.value.__suppress_context__
+    assert not exists(apps(kube).read_namespaced_deployment, "media", env.namespace)
 
 
 # --------------------------------------------------------------------------- setup
