@@ -23,7 +23,15 @@ from tasks.releases import check_environment_name
 from tasks.stores import open_store
 
 AuditKind = Literal[
-    "requested", "approved", "rejected", "refused", "timed_out", "frozen", "freeze_override"
+    "requested",
+    "approved",
+    "rejected",
+    "refused",
+    "timed_out",
+    "frozen",
+    "freeze_override",
+    "green_stopped",
+    "switched",
 ]
 
 
