@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -39,12 +40,16 @@ from blocks.environments import EnvironmentSpec
 from core.analysis import GREEN_SUFFIX, green_overlaps
 from core.errors import PromotionError, PromotionRefused
 from core.records import DeployedService, ImageRef, PromotionPlan
-from tasks.analysis import AnalysisRun
+from tasks.analysis import AnalysisRun, measure
 from tasks.deploy.docker import DockerDeployer
 from tasks.deploy.target import DeployTarget
 from tasks.deploy.waves import changed_services, deploy_in_waves, verify_release
 from tasks.performance import Baseline
 from tasks.process import run_logger
+
+SCRAPE_WAIT_S = 30.0
+"""How long green may take to be scraped before its bake starts: Prometheus applies
+discovered targets in batches (every 5 s), so a bake started at once may measure nothing."""
 
 
 class GreenStopped(PromotionError):
@@ -165,7 +170,26 @@ def _judge_green(
         future.wait()
     addresses = {spec.name: future.result() for spec, future in zip(todo, futures, strict=True)}
     green_judge = replace(judge, label=env.name + GREEN_SUFFIX)
+    wait_scraped(green_judge, [spec.name for spec in todo])
     return verify_release(addresses, todo, plan, previous, performance, green_judge)
+
+
+def wait_scraped(run: AnalysisRun, services: list[str], timeout_s: float = SCRAPE_WAIT_S) -> bool:
+    """Wait (at most `timeout_s`) until Prometheus scrapes every green of `services` (its
+    `up` is 1), so the bake measures green. Not scraped in time, or no Prometheus to ask,
+    is no verdict of its own: the analysis then finds no data, which is never a pass."""
+    end = time.monotonic() + timeout_s
+    queries = [f'up{{environment="{run.label}",service="{name}"}}' for name in services]
+    while True:
+        answers = [measure(run.prometheus_url, query) for query in queries]
+        if all(value == 1 for value, _ in answers):
+            return True
+        unanswered = [why for value, why in answers if value is None and "no data" not in why]
+        if unanswered or time.monotonic() >= end:
+            why = unanswered[0] if unanswered else f"not after {timeout_s:.0f} s"
+            run_logger().warning("green of %s not scraped: %s", ", ".join(services), why)
+            return False
+        time.sleep(0.5)
 
 
 def promote_blue_green(

@@ -9,6 +9,8 @@ file order:
     seed D1 -> D2 healthy (judged as green, switched; D1's container gone)
             -> D3 half its requests 500 under load (stopped at the green step: D2's
                container never stopped, polled throughout; nothing recorded but the attempt)
+            -> D4 unhealthy (stopped at green before any analysis)
+            -> D5 with Prometheus unreachable (inconclusive: stopped at green)
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from core.errors import PromotionRolledBack
 from core.records import ImageRef
 from core.settings import Settings
 from flows.promotion import promote
+from stack.ports import free_port
 from tasks.audit import read_audit
 from tasks.deploy.docker import DockerDeployer, container_name
 from tests.approvers import Approvers
@@ -57,6 +60,7 @@ BLUE_GREEN = ANALYSIS | {"rollout": "blue-green", "green_port_offset": GREEN_POR
 class Setup:
     cfg: PipelineConfig
     cfg_path: str
+    unreachable_cfg_path: str
     images: dict[str, ImageRef]
     client: docker.DockerClient
     green_targets: Path
@@ -89,16 +93,17 @@ def setup(
     green_targets = green_targets_dir(stack_dir())
     with running_prometheus(folder / "prometheus", scraped, green_targets) as url:
         cfg_path = _config(folder, "pipeline.yaml", url)
+        unreachable = _config(folder, "unreachable.yaml", f"http://127.0.0.1:{free_port()}")
         people = Approvers(folder, ["alice"])
         people.set_policy({}, analysis={STG: BLUE_GREEN})
         pin_repository(mp, folder, people.bare, environments=(DEV, STG))
         cfg = load_config(cfg_path)
         remove_containers(docker_client, [DEV, STG])
         images = {"D1": pushed_image}
-        for name in ("D2", "D3"):
+        for name in ("D2", "D3", "D4", "D5"):
             images[name] = derive(docker_client, pushed_image, f"bg-{name.lower()}")
         put_verified(cfg, STG, SERVICE, images["D1"])
-        yield Setup(cfg, cfg_path, images, docker_client, green_targets)
+        yield Setup(cfg, cfg_path, unreachable, images, docker_client, green_targets)
     remove_containers(docker_client, [DEV, STG])
     mp.undo()
 
@@ -176,11 +181,13 @@ def test_a_healthy_release_is_judged_as_green_then_switched_and_blue_removed(
     assert "switched" in _audit_kinds(state.state_details.flow_run_id)
 
 
-def test_a_release_failing_under_load_is_stopped_at_green_while_blue_serves(
-    setup: Setup,
-) -> None:
-    d2, d3 = setup.images["D2"].digest, setup.images["D3"].digest
-    put_verified(setup.cfg, DEV, SERVICE, setup.images["D3"])
+def _stopped_at_green(setup: Setup, image: str, **params: Any) -> str:
+    """Promote `image` into bg-stg, expect it stopped at the green step with nothing lost:
+    a poller of the recorded address saw D2 only, blue's container never restarted, no
+    green left, the ledger records the attempt only, the audit trail says why. Returns
+    the error's message."""
+    d2 = setup.images["D2"].digest
+    put_verified(setup.cfg, DEV, SERVICE, setup.images[image])
     blue = _blue(setup)
     started = blue.attrs["State"]["StartedAt"]
     before = current_ledger().current(STG)
@@ -190,20 +197,13 @@ def test_a_release_failing_under_load_is_stopped_at_green_while_blue_serves(
     thread.start()
     try:
         with pytest.raises(PromotionRolledBack) as caught:
-            promote(
-                environment=STG,
-                config_source=setup.cfg_path,
-                health_deadline_s=30,
-                drill_env={d3: {"FAULT_ERROR_PERCENT": "50"}},
-            )
+            promote(environment=STG, **params)
     finally:
         time.sleep(0.5)
         poller.stop.set()
         thread.join(timeout=10)
     message = str(caught.value)
     assert f"blue-green stopped at the green step in {STG}" in message
-    assert f"analysis failed in {STG}" in message
-    assert f'environment="{STG}-green"' in message
     assert caught.value.restored == {SERVICE: d2}
     # blue served the recorded address throughout: every answer D2, none failed
     assert len(poller.answers) > 10
@@ -219,4 +219,41 @@ def test_a_release_failing_under_load_is_stopped_at_green_while_blue_serves(
     entries = read_audit(ledger_filesystem(Settings.from_environ()), STG)
     stopped = [e for e in entries if e.kind == "green_stopped"]
     assert stopped
-    assert f"analysis failed in {STG}" in stopped[-1].detail
+    assert stopped[-1].detail in message
+    return message
+
+
+def test_a_release_failing_under_load_is_stopped_at_green_while_blue_serves(
+    setup: Setup,
+) -> None:
+    d3 = setup.images["D3"].digest
+    message = _stopped_at_green(
+        setup,
+        "D3",
+        config_source=setup.cfg_path,
+        health_deadline_s=30,
+        drill_env={d3: {"FAULT_ERROR_PERCENT": "50"}},
+    )
+    assert f"analysis failed in {STG}" in message
+    assert f'environment="{STG}-green"' in message
+
+
+def test_an_unhealthy_green_is_removed_and_never_judged(setup: Setup) -> None:
+    d4 = setup.images["D4"].digest
+    message = _stopped_at_green(
+        setup,
+        "D4",
+        config_source=setup.cfg_path,
+        health_deadline_s=8,
+        drill_env={d4: {"FAULT_HEALTH": "1"}},
+    )
+    assert "failed its health check as green in bg-stg" in message
+    assert "analysis" not in message
+
+
+def test_an_unreachable_prometheus_is_inconclusive_and_stops_green(setup: Setup) -> None:
+    message = _stopped_at_green(
+        setup, "D5", config_source=setup.unreachable_cfg_path, health_deadline_s=30
+    )
+    assert f"analysis inconclusive in {STG} (never a pass)" in message
+    assert "did not answer" in message

@@ -6,6 +6,7 @@ refused before anything changes. The promotions themselves:
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
 from core.errors import ConfigError, PromotionRefused
 from stack.monitoring_config import prometheus_config
+from stack.ports import free_port
 from tasks.analysis import AnalysisRun
-from tasks.deploy.bluegreen import green_offset_of, write_green_target
+from tasks.deploy.bluegreen import green_offset_of, wait_scraped, write_green_target
 from tasks.deploy.target import DeployTarget
 
 CHECK = {"name": "errors", "query": "vector(0)", "below": 0.01}
@@ -79,7 +81,8 @@ def test_blue_green_on_the_kubernetes_target_is_refused_before_anything_changes(
 @pytest.mark.parametrize("other", [39989, 40000, 40011])
 def test_green_ports_another_environment_listens_on_are_refused(other: int) -> None:
     run = _run(rollout="blue-green", green_port_offset=40000)
-    with pytest.raises(PromotionRefused, match="green_port_offset 40000 shares ports with prod"):
+    shared = r"green_port_offset 40000 shares ports with environment\(s\) prod"
+    with pytest.raises(PromotionRefused, match=shared):
         green_offset_of(run, DeployTarget(), ENV, {ENV.name: 0, "prod": other})
 
 
@@ -108,3 +111,10 @@ def test_green_is_scraped_from_the_folder_the_stack_prometheus_reads(tmp_path: P
     config = prometheus_config(tmp_path / "targets.json", "127.0.0.1:1", green_targets=folder)
     (discovery,) = config["scrape_configs"][0]["file_sd_configs"]
     assert discovery["files"] == [str(tmp_path / "targets.json"), str(folder / "*.json")]
+
+
+def test_no_prometheus_to_ask_ends_the_wait_for_green_at_once() -> None:
+    run = AnalysisRun(ENV.name, _run().policy, f"http://127.0.0.1:{free_port()}", "bg-unit-green")
+    started = time.monotonic()
+    assert wait_scraped(run, ["course"], timeout_s=60) is False
+    assert time.monotonic() - started < 10
