@@ -33,6 +33,8 @@ AuditKind = Literal[
     "green_stopped",
     "switched",
 ]
+ROLLOUT_KINDS: frozenset[str] = frozenset({"green_stopped", "switched"})
+"""What a blue-green deploy recorded after the gate: outcomes, never an answer's verdict."""
 
 
 class AuditEntry(BaseModel):
