@@ -78,7 +78,9 @@ def green_offset_of(
         )
         raise PromotionRefused(msg)
     green = run.policy.green_port_offset
-    assert green is not None  # noqa: S101 - the policy requires it with blue-green
+    if green is None:  # the policy refuses this when it is read; a hand-made one may not
+        msg = f"{env.name}: rollout: blue-green needs green_port_offset in the policy"
+        raise PromotionRefused(msg)
     taken = green_overlaps(green, offsets)
     if taken:
         msg = (
