@@ -49,6 +49,16 @@ def stack_info_file(root: Path | None = None) -> Path:
     return (root or stack_dir()) / "stack.json"
 
 
+GREEN_TARGETS = Path("monitoring") / "green"
+"""Under the stack's home: one file_sd file per green container of a blue-green promotion,
+written by the docker deployer and read by the stack's Prometheus (`*.json`)."""
+
+
+def green_targets_dir(root: Path | None = None) -> Path:
+    """Where green containers' scrape targets are written (the stack's home, else `root`)."""
+    return (root or stack_dir()) / GREEN_TARGETS
+
+
 def load_stack_info(root: Path | None = None) -> StackInfo | None:
     """The last recorded StackInfo, or None when the stack was never started."""
     path = stack_info_file(root)

@@ -48,7 +48,7 @@ from tasks.approval import (
     sign_request,
     submit_answer,
 )
-from tasks.audit import read_audit
+from tasks.audit import ROLLOUT_KINDS, read_audit
 
 console = Console()
 
@@ -183,6 +183,8 @@ def _verdict(
     end = time.monotonic() + VERDICT_WAIT_S
     while time.monotonic() < end:
         for entry in reversed(read_audit(store, environment)):
+            if entry.kind in ROLLOUT_KINDS:
+                continue
             if entry.run_id == str(run_id) and entry.at.timestamp() >= since - 1:
                 return entry.kind, entry.detail
         time.sleep(0.5)

@@ -23,6 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 PLACEHOLDERS = frozenset({"service", "environment", "digest"})
 """What a query may name as `$service`, `$environment`, `$digest` (PromQL has no `$`)."""
 Verdict = Literal["passed", "failed", "inconclusive"]
+Rollout = Literal["in-place", "blue-green"]
+GREEN_SUFFIX = "-green"
+"""A green container's scrape `environment` label is its environment's name plus this, so
+the policy's own queries, rendered with `$environment` set to it, judge green alone."""
+SERVICE_PORTS = (8001, 8012)
+"""The catalogue's service ports: an offset serves offset + 8001 ... offset + 8012."""
+HIGHEST_GREEN_PORT = 49_999
+"""Green ports stay below the machine's ephemeral range (50000 and up)."""
 
 
 class AnalysisCheck(BaseModel):
@@ -77,6 +85,12 @@ class AnalysisCheck(BaseModel):
         return Template(self.query).substitute(values)
 
 
+def green_overlaps(green_offset: int, offsets: dict[str, int]) -> list[str]:
+    """The environments (name -> local_port_offset) whose ports a green offset would share."""
+    span = SERVICE_PORTS[1] - SERVICE_PORTS[0]
+    return sorted(name for name, offset in offsets.items() if abs(offset - green_offset) <= span)
+
+
 def _placeholders(query: str) -> list[re.Match[str]]:
     return [m for m in Template.pattern.finditer(query) if m.group("escaped") is None]
 
@@ -97,6 +111,20 @@ class AnalysisPolicy(BaseModel):
     inconclusive: Literal["fail"] = Field(
         default="fail", description="What an inconclusive analysis does to the release"
     )
+    rollout: Rollout = Field(
+        default="in-place",
+        description=(
+            "in-place: the release replaces the serving one, then is judged (rolled back on "
+            "a failure); blue-green (docker target): judged on green ports first, the "
+            "serving release untouched until it passes"
+        ),
+    )
+    green_port_offset: int | None = Field(
+        default=None,
+        ge=1000,
+        le=HIGHEST_GREEN_PORT - SERVICE_PORTS[1],
+        description="blue-green: green containers listen on this offset + the service's port",
+    )
 
     @field_validator("inconclusive", mode="before")
     @classmethod
@@ -108,6 +136,19 @@ class AnalysisPolicy(BaseModel):
             )
             raise ValueError(msg)
         return value
+
+    @model_validator(mode="after")
+    def _rollout(self) -> AnalysisPolicy:
+        if self.rollout == "blue-green" and self.green_port_offset is None:
+            msg = (
+                "green_port_offset is required with rollout: blue-green (green containers "
+                "listen on green_port_offset + the service's port)"
+            )
+            raise ValueError(msg)
+        if self.rollout == "in-place" and self.green_port_offset is not None:
+            msg = "green_port_offset is given but rollout is in-place: set rollout: blue-green"
+            raise ValueError(msg)
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> AnalysisPolicy:

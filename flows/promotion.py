@@ -21,6 +21,7 @@ from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig
 from blocks.environments import PAGED_BY_NAME, EnvironmentSpec
 from blocks.repository import GitRepository, pinned_repository
+from blocks.stack import green_targets_dir, stack_dir
 from core.errors import (
     ConfigError,
     PipelineError,
@@ -37,7 +38,7 @@ from core.records import (
 )
 from core.settings import Settings
 from core.windows import Freeze, clock_now
-from tasks.analysis import analysis_of
+from tasks.analysis import AnalysisRun, analysis_of
 from tasks.approval import (
     Promoter,
     extra_env_of,
@@ -52,6 +53,7 @@ from tasks.deploy import (
     recover_interrupted,
     service_addresses,
 )
+from tasks.deploy.bluegreen import GreenStopped, green_offset_of, promote_blue_green
 from tasks.deploy.target import DeployTarget, environment_target
 from tasks.deploy.waves import deploy_in_waves, return_to_previous, undo_release, verify_release
 from tasks.deployment_check import refuse_local_only, require_trusted_environment
@@ -243,6 +245,8 @@ class _Promotion:
     allow_unknown_scan: bool
     override_reason: str | None
     drill_env: dict[str, dict[str, str]] | None
+    judge: AnalysisRun | None
+    green_offset: int | None
 
     @property
     def config(self) -> PipelineConfig:
@@ -374,14 +378,26 @@ def _deploy(
     previous = {name: record.baseline for name, record in target_state.services.items()}
     try:
         wave = run.context.settings.deploy_wave
-        deploy_in_waves(deploy_target, env, specs, plan, live, health_deadline_s, deployed, wave)
-        judge = analysis_of(run.policy, env)  # the environment's post-deploy analysis, if any
-        baselines = verify_release(addresses, specs, plan, previous, run.config.performance, judge)
+        if run.green_offset is not None and run.judge is not None:
+            green = (run.green_offset, green_targets_dir(stack_dir(run.context.settings)))
+            verify = (health_deadline_s, previous, run.config.performance, run.judge)
+            baselines = promote_blue_green(
+                deploy_target, env, specs, plan, live, green, verify, deployed, wave
+            )
+            audit(ledger, plan, run.run_id, "switched", plan.promoted_by, detail="green passed")
+        else:
+            deploy_in_waves(
+                deploy_target, env, specs, plan, live, health_deadline_s, deployed, wave
+            )
+            perf = run.config.performance
+            baselines = verify_release(addresses, specs, plan, previous, perf, run.judge)
         check_deploy_lock("before the ledger recorded the release")
         state = record_promotion(ledger, plan, baselines, approved_by, verdict, run.run_id)
     except BaseException as failure:
         # All or nothing, whatever failed (the pipeline's own error, a client's, a
         # cancellation): every service that moved goes back, whichever wave it was in.
+        if isinstance(failure, GreenStopped):
+            audit(ledger, plan, run.run_id, "green_stopped", plan.promoted_by, detail=str(failure))
         undone = undo_release(deploy_target, env, specs, live, plan, (ledger, run.run_id), failure)
         if not isinstance(failure, Exception):
             raise
@@ -409,6 +425,9 @@ def _start(
     repository = pinned_repository(settings)
     policy = read_approval_policy(repository)
     gate, promoter = gate_and_promoter(policy, environment, who[0], who[1], who[2], services)
+    judge = analysis_of(policy, context.env)  # the environment's post-deploy analysis, if any
+    offsets = {e.name: e.local_port_offset for e in context.config.environments.environments}
+    green_offset = green_offset_of(judge, context.deploy_target, context.env, offsets)
     return _Promotion(
         context=context,
         repository=repository,
@@ -420,6 +439,8 @@ def _start(
         allow_unknown_scan=scan[0],
         override_reason=scan[1],
         drill_env=drill_env,
+        judge=judge,
+        green_offset=green_offset,
     )
 
 

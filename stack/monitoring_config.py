@@ -35,6 +35,7 @@ from blocks.notifications import (
     load_pagerduty_service,
     load_slack_channel,
 )
+from blocks.stack import GREEN_TARGETS
 
 MONITORING = Path(__file__).resolve().parents[1] / "monitoring"
 PROMETHEUS_YML = MONITORING / "prometheus" / "prometheus.yml"
@@ -65,13 +66,19 @@ def prometheus_config(
     scrape_interval: str = "15s",
     evaluation_interval: str = "15s",
     rule_files: list[Path] | None = None,
+    green_targets: Path | None = None,
 ) -> dict[str, Any]:
     """The project's Prometheus configuration for the local stack.
 
     Same job name, rules and alerting as monitoring/prometheus/prometheus.yml; the services
     come from `targets_file` instead of Kubernetes discovery (no cluster here), and the
-    Kubernetes-only jobs (cAdvisor, kubelet, kube-state-metrics) are left out.
+    Kubernetes-only jobs (cAdvisor, kubelet, kube-state-metrics) are left out. The green
+    containers of a blue-green promotion come from the files the deployer writes into
+    `green_targets` (`*.json`, labelled `environment: <env>-green`), while they run.
     """
+    files = [str(targets_file)]
+    if green_targets is not None:
+        files.append(str(green_targets / "*.json"))
     source = yaml.safe_load(PROMETHEUS_YML.read_text(encoding="utf-8"))
     (services,) = [j for j in source["scrape_configs"] if j["job_name"] == SERVICES_JOB]
     rules = rule_files or [PROMETHEUS_YML.parent / r for r in source["rule_files"]]
@@ -90,7 +97,7 @@ def prometheus_config(
                 "job_name": SERVICES_JOB,
                 "metrics_path": services["metrics_path"],
                 "honor_labels": services["honor_labels"],
-                "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": "30s"}],
+                "file_sd_configs": [{"files": files, "refresh_interval": "30s"}],
             }
         ],
     }
@@ -331,6 +338,7 @@ def write_prometheus_config(
         scrape_interval=scrape_interval,
         evaluation_interval=evaluation_interval,
         rule_files=rules,
+        green_targets=folder / GREEN_TARGETS.name,
     )
     path = folder / "prometheus.yml"
     changed = write_if_changed(path, yaml.safe_dump(prometheus, sort_keys=False))

@@ -52,6 +52,9 @@ class AnalysisRun:
     environment: str
     policy: AnalysisPolicy
     prometheus_url: str | None
+    label: str | None = None
+    """The scrape `environment` label `$environment` stands for (None: the environment's
+    name); a blue-green promotion's green step judges `<env>-green`, green alone."""
 
 
 def analysis_of(
@@ -144,7 +147,8 @@ def initial_results(
     results = []
     for service, digest in services.items():
         recorded = previous.get(service) or {}
-        values = {"service": service, "environment": run.environment, "digest": digest}
+        label = run.label or run.environment
+        values = {"service": service, "environment": label, "digest": digest}
         results += [
             CheckResult(
                 service=service,

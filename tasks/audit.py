@@ -14,11 +14,11 @@ import uuid
 from prefect.filesystems import WritableFileSystem
 
 from core.errors import LedgerError
-from tasks.audit_trail import AuditEntry, AuditKind, audit_folder, read_entries
+from tasks.audit_trail import ROLLOUT_KINDS, AuditEntry, AuditKind, audit_folder, read_entries
 from tasks.process import run_logger
 from tasks.stores import open_store
 
-__all__ = ["AuditEntry", "AuditKind", "read_audit", "record_decision"]
+__all__ = ["ROLLOUT_KINDS", "AuditEntry", "AuditKind", "read_audit", "record_decision"]
 
 
 def record_decision(store: WritableFileSystem, entry: AuditEntry) -> AuditEntry:

@@ -17,8 +17,18 @@ from core.records import utcnow
 from tasks.local_store import ObjectStore
 
 AuditKind = Literal[
-    "requested", "approved", "rejected", "refused", "timed_out", "frozen", "freeze_override"
+    "requested",
+    "approved",
+    "rejected",
+    "refused",
+    "timed_out",
+    "frozen",
+    "freeze_override",
+    "green_stopped",
+    "switched",
 ]
+ROLLOUT_KINDS: frozenset[str] = frozenset({"green_stopped", "switched"})
+"""What a blue-green deploy recorded after the gate: outcomes, never an answer's verdict."""
 
 
 class AuditEntry(BaseModel):

@@ -21,16 +21,23 @@ from tests.monitoring.tools import tool
 
 
 @contextmanager
-def running_prometheus(folder: Path, config: PipelineConfig | None = None) -> Iterator[str]:
-    """A Prometheus on a free loopback port scraping `config`'s services (none: nothing),
-    evaluating the project's rules every second; yields its URL, stops it after."""
+def running_prometheus(
+    folder: Path, config: PipelineConfig | None = None, green_targets: Path | None = None
+) -> Iterator[str]:
+    """A Prometheus on a free loopback port scraping `config`'s services (none: nothing)
+    and the green containers whose targets are written into `green_targets`, evaluating
+    the project's rules every second; yields its URL, stops it after."""
     folder.mkdir(parents=True, exist_ok=True)
     targets = folder / "targets.json"
     targets.write_text(
         json.dumps(scrape_targets(config) if config is not None else []), encoding="utf-8"
     )
     settings = prometheus_config(
-        targets, "127.0.0.1:1", scrape_interval="1s", evaluation_interval="1s"
+        targets,
+        "127.0.0.1:1",
+        scrape_interval="1s",
+        evaluation_interval="1s",
+        green_targets=green_targets,
     )
     settings["scrape_configs"][0]["file_sd_configs"][0]["refresh_interval"] = "1s"
     config_file = folder / "prometheus.yml"

@@ -38,6 +38,10 @@ def container_name(prefix: str, env: str, service: str) -> str:
     return f"{prefix}-{env}-{service}"
 
 
+GREEN = "-green"
+"""The suffix of a blue-green promotion's green container (`tasks/deploy/bluegreen.py`)."""
+
+
 def log_excerpt(text: str, lines: int = LOG_LINES) -> str:
     """The first and last `lines` lines (start-up errors, then the end), each line capped."""
     all_lines = [line[:LOG_LINE_CHARS] for line in text.strip().splitlines()]
@@ -461,6 +465,48 @@ class DockerDeployer:
         logger.error(msg)
         raise DeployError(msg)
 
+    def start_green(
+        self,
+        env: EnvironmentSpec,
+        service: ServiceSpec,
+        image: ImageRef,
+        green_offset: int,
+        *,
+        deadline_s: float,
+    ) -> str:
+        """Start `image` as `service`'s green container in `env`, on green_offset + its port,
+        beside the serving (blue) one, which it never touches; returns its address once it
+        is healthy on `image.digest`.
+
+        Raises:
+            DeployError: green did not become healthy (it is removed; blue serves on).
+        """
+        green_env = env.model_copy(update={"local_port_offset": green_offset})
+        name = container_name(self.prefix, env.name, service.name) + GREEN
+        with _engine_errors(f"start {image.reference} as green in {env.name}"):
+            self._remove(name)  # one left by a run that died
+            green = self._start(green_env, service, image, name)
+            result = self._watch(green, green_env, service, image.digest, deadline_s)
+            if result.ok:
+                run_logger().info(
+                    "%s %s is healthy as green in %s", service.name, image.short, env.name
+                )
+                return self.address(green_env, service)
+            logs = _last_words(green)
+            _remove_container(green)
+        msg = (
+            f"{service.name} {image.short} failed its health check as green in {env.name}: "
+            f"{'; '.join(result.failures)}; logs: {logs or '(none)'}; green removed, the "
+            "serving release untouched"
+        )
+        raise DeployError(msg)
+
+    def remove_green(self, env: EnvironmentSpec, service: ServiceSpec) -> None:
+        """Remove `service`'s green container in `env`, if there is one."""
+        name = container_name(self.prefix, env.name, service.name) + GREEN
+        with _engine_errors(f"remove {name}"):
+            self._remove(name)
+
     def restore(
         self, env: EnvironmentSpec, service: ServiceSpec, previous: DeployedService | None
     ) -> None:
@@ -469,6 +515,7 @@ class DockerDeployer:
             name = container_name(self.prefix, env.name, service.name)
             with _engine_errors(f"remove {name}"):
                 self._remove(f"{name}-next")
+                self._remove(name + GREEN)
                 self._remove(name)
             run_logger().info("%s removed from %s", service.name, env.name)
             return

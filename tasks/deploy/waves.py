@@ -52,7 +52,7 @@ def deploy_wave_size(configured: str = "") -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def _to_deploy(
+def changed_services(
     specs: list[ServiceSpec], plan: PromotionPlan, live: Mapping[str, DeployedService | None]
 ) -> list[ServiceSpec]:
     """The services whose digest changes."""
@@ -83,7 +83,7 @@ def deploy_in_waves(
     starts, and the first failure is raised (the caller restores every service).
     `deployed` collects the services that rolled out.
     """
-    todo = _to_deploy(specs, plan, live)
+    todo = changed_services(specs, plan, live)
     size = deploy_wave_size(wave_setting)
     for start in range(0, len(todo), size):
         wave = todo[start : start + size]

@@ -71,7 +71,7 @@ def remove_containers(client: docker.DockerClient, environments: list[str]) -> N
     """Every container of SERVICES in `environments`, the blue/green spares included."""
     for env in environments:
         for service in SERVICES:
-            for suffix in ("", "-next"):
+            for suffix in ("", "-next", "-green"):
                 try:
                     client.containers.get(container_name(PREFIX, env, service) + suffix).remove(
                         force=True
