@@ -379,10 +379,13 @@ def test_real_alertmanager_delivers_and_inhibits(tmp_path: Path, recorder: Recor
     (tmp_path / "slack-webhook-url").write_text(f"{recorder.url}/slack\n", encoding="utf-8")
     (tmp_path / "pagerduty-routing-key").write_text("r0ut1ngk3y\n", encoding="utf-8")
     config = load_yaml(ALERTMANAGER_YML)
-    # Same routes and receivers; local endpoints, secret files in tmp, no waiting.
-    config["route"]["group_wait"] = "0s"
+    # Same routes and receivers; local endpoints, secret files in tmp, a short wait. Not
+    # none: Alertmanager's inhibitor learns of a source alert asynchronously, and the
+    # configured group_wait (30 s) is what lets it see ServiceDown before HighErrorRate's
+    # group is sent. With 0 s the second alert was paged on a loaded machine.
+    config["route"]["group_wait"] = "2s"
     for route in config["route"]["routes"]:
-        route["group_wait"] = "0s"
+        route["group_wait"] = "2s"
     for receiver in config["receivers"]:
         for pd in receiver.get("pagerduty_configs", []):
             pd["routing_key_file"] = str(tmp_path / "pagerduty-routing-key")
