@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
 import docker
 import httpx
 import pytest
@@ -34,6 +36,7 @@ from flows.ci import ci, ci_outcome
 from tests.ledgers import current_ledger
 from tests.plugins.faults import Fault, FaultProxy
 from tests.tasks.ci_checkout import commit_all, copy_monorepo, git, pinned
+from tests.trust import pin_repository
 
 pytestmark = pytest.mark.stack
 
@@ -42,6 +45,12 @@ SERVICE = "auth"
 ENV = "cf-dev"
 OFFSET = 24100
 BLOCK = "cf-dev-registry"
+LEDGER_BUCKET = "elice-ci-ledger-faults"
+MOTO = {  # the host's AWS credentials, as the S3 client reads them
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @dataclass
@@ -285,3 +294,44 @@ def test_an_engine_500_during_the_dev_deploy_keeps_what_served(
         return
     summary = _kept(delivery, serving, state, "deploy")
     assert "injected engine fault" in summary, summary
+
+
+def test_an_object_store_outage_at_the_record_is_retried_and_ships(
+    delivery: Delivery,
+    serving: list[str],
+    moto_endpoint: str,
+    tmp_path: Path,
+    fault_proxy: type[FaultProxy],
+) -> None:
+    """The trust file pins the ledger in moto's S3, reached through a proxy: the record's
+    write meets 503s past the S3 client's own six attempts; the record task retries it
+    and the run ships, the release recorded once."""
+    proxy = fault_proxy(moto_endpoint.removeprefix("http://"))
+    direct = boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    direct.create_bucket(Bucket=LEDGER_BUCKET)
+    prefix = f"ci-{uuid.uuid4().hex[:12]}"
+    fault = proxy.inject(Fault("status", method="PUT", path=f"/ledger/{ENV}/", times=7))
+    delivery.change()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in MOTO.items():
+            patch.setenv(name, value)
+        pin_repository(
+            patch,
+            tmp_path,
+            delivery.remote,
+            registries={BLOCK: delivery.registry.address},
+            ledger=f"s3://{LEDGER_BUCKET}/{prefix}",
+            s3_endpoint=f"http://{proxy.address}",
+        )
+        state = delivery.run()
+        assert fault.fired == 7
+        serving.append(_shipped(delivery, state))
+        history = current_ledger().history(ENV)
+    recorded = [s.services[SERVICE].image.digest for s in history if SERVICE in s.services]
+    assert recorded == [serving[-1]]  # one revision: the record, written once
