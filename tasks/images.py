@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
+import requests
 from docker.utils.build import exclude_paths
 from prefect import task
 from prefect.tasks import exponential_backoff
@@ -41,7 +42,13 @@ from tasks.ecr import (
 from tasks.engine import docker_error, engine_client, resolve_docker_host
 from tasks.masking import mask_value
 from tasks.process import retry_on_tool_error, run_logger, tool_slot
-from tasks.registry import copy_image, find_published_image, manifest_digest
+from tasks.registry import (
+    copy_image,
+    find_published_image,
+    manifest_digest,
+    registry_failure_may_pass,
+    registry_refused,
+)
 from tasks.source import excluded_from_source
 
 DOCKERFILE = "services/Dockerfile"
@@ -313,8 +320,13 @@ def push_image(
 ) -> ImageRef:
     """Push every tag of `image` through the engine; read the digest back from the registry.
 
+    The engine reports the registry's answer in the push's stream: a blip there (5xx,
+    429, a refused or reset connection, a cut answer, a timeout) is a `ToolError` this
+    task retries, like an engine that fails or drops the connection; a refusal (401/403,
+    ...) is final. One classification with skopeo's copies (`registry_failure_may_pass`).
+
     Raises:
-        ToolError: engine or registry unreachable (retried).
+        ToolError: engine or registry unreachable or failing for now (retried).
         ImageError: the registry refused the push, or tags disagree on the digest.
     """
     auth = None
@@ -330,10 +342,18 @@ def push_image(
                 image.repository, tag=tag, stream=True, decode=True, auth_config=auth
             ):
                 if "error" in chunk:
-                    msg = f"{image.repository}:{tag}: push refused: {chunk['error']}"
-                    raise ImageError(msg)
+                    error = str(chunk["error"])
+                    kind = ToolError if registry_failure_may_pass(error) else ImageError
+                    msg = f"{image.repository}:{tag}: push failed: {error}"
+                    raise kind(msg)
     except docker_error("DockerException") as exc:
+        kind = ImageError if registry_refused(str(exc)) else ToolError
         msg = f"{image.repository}: push failed in the engine: {exc}"
+        raise kind(msg) from exc
+    except (requests.RequestException, OSError) as exc:
+        # docker-py converts only HTTP errors: an engine that drops the connection
+        # mid-push reaches here as requests' (or the socket's) own error.
+        msg = f"{image.repository}: the engine dropped the push: {type(exc).__name__}: {exc}"
         raise ToolError(msg) from exc
     finally:
         client.close()

@@ -122,6 +122,11 @@ class LedgerReader:
             return EnvironmentState(environment=env)
         return self._read(env, revisions[-1])
 
+    def revision(self, env: str, number: int) -> EnvironmentState | None:
+        """Revision `number` of `env` (None: there is no such revision)."""
+        check_environment_name(env)
+        return self._read(env, number) if number in self._revisions(env) else None
+
     def history(self, env: str) -> list[EnvironmentState]:
         """Every revision, oldest first."""
         check_environment_name(env)

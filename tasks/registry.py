@@ -412,7 +412,7 @@ def skopeo_copy_arguments(
     """The `skopeo copy` command line: every manifest of an index, digests preserved.
 
     No `--retry-times`: skopeo retries a refusal (403) as readily as a blip; the copy's
-    task retries only what its output shows may pass (`copy_failure_may_pass`).
+    task retries only what its output shows may pass (`registry_failure_may_pass`).
     """
     return [
         "copy",
@@ -470,11 +470,20 @@ _BLIP = re.compile(
 )
 
 
-def copy_failure_may_pass(output: str) -> bool:
-    """Whether a failed copy's output is a blip (refused or reset connection, timeout, an
-    answer cut short, 5xx, 429): worth a retry. A refusal (401/403, unknown image, a
-    digest mismatch) is final, whatever else the output says."""
-    return _BLIP.search(output) is not None and _REFUSED.search(output) is None
+def registry_failure_may_pass(output: str) -> bool:
+    """Whether a failed transfer's message is a blip (refused or reset connection, timeout,
+    an answer cut short, 5xx, 429): worth a retry. A refusal (401/403, unknown image, a
+    digest mismatch) is final, whatever else the message says.
+
+    Both skopeo's copy and the engine's push (Podman's, through the same containers/image
+    library; Docker's) word registry errors this way: one classification for both."""
+    return _BLIP.search(output) is not None and not registry_refused(output)
+
+
+def registry_refused(output: str) -> bool:
+    """Whether a failed transfer's message is a registry's refusal (401/403, unknown
+    image, a digest mismatch): final, never retried."""
+    return _REFUSED.search(output) is not None
 
 
 def copy_image_by_digest(
@@ -513,7 +522,7 @@ def copy_image_by_digest(
         done = run_tool([skopeo, *args], timeout=COPY_TIMEOUT_S)
         output = _scrub(done.excerpt(20), [source, target])
         if not done.ok:
-            error = ToolError if copy_failure_may_pass(output) else RegistryError
+            error = ToolError if registry_failure_may_pass(output) else RegistryError
             msg = f"copying {image.reference} to {destination} failed:\n{output}"
             raise error(msg)
         copied = (directory / "digest").read_text(encoding="utf-8").strip()

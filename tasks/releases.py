@@ -305,7 +305,7 @@ class LedgerEntry(BaseModel):
         return {"revision": self.revision}
 
 
-@task(task_run_name="record_release-{outcome.deployed.service}")
+@task(task_run_name="record_release-{outcome.deployed.service}", **LEDGER_RETRIES)
 def record_release(
     outcome: DeployOutcome,
     scan: ScanReport | None,
@@ -323,6 +323,8 @@ def record_release(
         PromotionRefused: the workspace's commit is not on the protected branch.
         UnreviewedCommit: the commit is not on it now (after the fresh fetch).
         ToolError: the repository cannot be reached.
+        LedgerUnavailable: the ledger's store did not answer, after the task's retries
+            (on top of the store client's own): the release serves but is not recorded.
     """
     if not workspace.protected:
         msg = f"{workspace.commit[:12]} is not on {workspace.protected_branch}: not recorded"

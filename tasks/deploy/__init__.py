@@ -23,7 +23,7 @@ from tasks.deploy.target import Deployer, DeployTarget
 from tasks.health import probe_health
 from tasks.locks import check_deploy_lock, deploy_lock, mark_crashed
 from tasks.process import run_logger
-from tasks.releases import end_deploys, read_ledger
+from tasks.releases import Ledger, end_deploys, read_ledger
 
 LOOK_S = 2.0
 """How long the look before the lock waits for a healthy answer (a failing look deploys)."""
@@ -262,6 +262,54 @@ def restore_service(
     return previous.image.digest
 
 
+def _late_writer(state: EnvironmentState, before: EnvironmentState | None) -> str | None:
+    """The run whose intent `before` (the revision under `state`) holds and whose record
+    `state` is: a promotion's record, or one that landed after its run had given up."""
+    intent = before.in_progress if before is not None else None
+    if intent is None or state.in_progress is not None:
+        return None
+    recorded = {n for n, r in state.services.items() if r.flow_run_id == intent.flow_run_id}
+    return intent.flow_run_id if recorded else None
+
+
+def _undo_late_record(
+    store: WritableFileSystem,
+    where: tuple[DeployTarget, EnvironmentSpec, Mapping[str, ServiceSpec]],
+    state: EnvironmentState,
+    flow_run_id: str,
+) -> EnvironmentState | None:
+    """Undo a promotion's record that landed after its run rolled back; None if none did.
+
+    The run gave up on its record (the store timed out), put every service back, and
+    could not clear its intent either (the store still failing); then the store finished
+    the record, which cleared the intent. The ledger names a release that does not serve,
+    and no intent is left to find: what serves tells. A record none of whose services
+    serves what it names, each serving what the intent found before, is undone.
+    """
+    deploy_target, env, services = where
+    before = Ledger(store).revision(env.name, state.revision - 1)
+    writer = _late_writer(state, before)
+    if writer is None or before is None or before.in_progress is None:
+        return None
+    deployer = deploy_target.deployer()
+    for name, record in state.services.items():
+        if record.flow_run_id != writer:
+            continue
+        if name not in services:
+            return None
+        live = deployer.live(env, services[name])
+        was = before.in_progress.previous.get(name)
+        serving = live.image.digest if live else None
+        if serving == record.image.digest or serving != (was.image.digest if was else None):
+            return None
+    change = (
+        f"run {writer}'s record of release {before.in_progress.release_id} landed after the "
+        f"run had rolled it back; run {flow_run_id} found the previous releases serving"
+    )
+    run_logger().warning("%s: %s", env.name, change)
+    return end_deploys.fn(store, env.name, writer, change)
+
+
 @task(cache_policy=NO_CACHE)
 def recover_interrupted(
     store: WritableFileSystem,
@@ -281,8 +329,11 @@ def recover_interrupted(
     Raises:
         PromotionError: a service could not be put back; the intent stays for the next run.
     """
-    pending = read_ledger.fn(store, env.name).in_progress
-    if pending is None or pending.flow_run_id == flow_run_id:
+    state = read_ledger.fn(store, env.name)
+    pending = state.in_progress
+    if pending is None:
+        return _undo_late_record(store, (deploy_target, env, services), state, flow_run_id)
+    if pending.flow_run_id == flow_run_id:
         return None
     logger = run_logger()
     logger.warning(

@@ -50,6 +50,8 @@ from tests.plugins.faults import Fault, FaultProxy
 DEV, STG = "fl-dev", "fl-stg"
 BUCKET = "elice-ledger-faults"
 WRITES = r"/ledger/fl-stg/"  # the ledger revisions of the environment promoted into
+LATE_S = 60
+"""How long the late record is held back: past the run's retries, restores and end."""
 SHORT = {
     "retries": {"mode": "standard", "total_max_attempts": 2},
     "connect_timeout": 1,
@@ -295,6 +297,49 @@ def test_a_store_that_denies_the_record_is_not_retried(
     after = current_ledger().current(STG)
     assert _recorded(after) == _recorded(before)
     assert after.in_progress is not None
+
+
+def test_a_record_landing_after_the_rollbacks_own_write_failed_is_undone_by_the_next_run(
+    releases: tuple[PipelineConfig, str, ImageRef, ImageRef, FaultProxy],
+) -> None:
+    """The record is slower than the client's timeout, and every write after it is
+    refused: the run rolls back and cannot clear its intent. Then the store finishes the
+    record, which clears the intent and names the release that was rolled back. The next
+    promotion sees what serves, undoes the late record, and promotes."""
+    cfg, cfg_path, d1, d2, proxy = releases
+    before = current_ledger().current(STG)
+    late = proxy.inject(Fault("delay", method="PUT", path=WRITES, first=2, seconds=LATE_S))
+    proxy.inject(Fault("refuse", method="PUT", path=WRITES, first=2, times=None))
+    state = _promote(cfg_path)
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, PromotionRolledBack), repr(error)
+    assert error.plan is not None
+    assert "the ledger could not record the rollback" in str(error)
+    assert serving(cfg, STG) == dict.fromkeys(SERVICES, d1.digest)
+    assert late.fired == 1
+    assert current_ledger().current(STG).in_progress is not None  # the record not landed yet
+    deadline = time.monotonic() + LATE_S + 30
+    while current_ledger().current(STG).in_progress is not None:
+        assert time.monotonic() < deadline, "the late record never landed"
+        time.sleep(0.5)
+    landed = current_ledger().current(STG)
+    assert _recorded(landed) == dict.fromkeys(SERVICES, d2.digest)  # names what does not serve
+    proxy.clear()
+
+    second = _promote(cfg_path)
+    assert second.is_completed(), second.message
+    history = current_ledger().history(STG)
+    undone = [s for s in history if "landed after the run had rolled it back" in s.change]
+    assert len(undone) == 1
+    assert _recorded(undone[0]) == _recorded(before)
+    assert undone[0].in_progress is None
+    final = current_ledger().current(STG)
+    assert final.in_progress is None
+    assert _recorded(final) == dict.fromkeys(SERVICES, d2.digest)
+    assert all(
+        r.flow_run_id == str(second.state_details.flow_run_id) for r in final.services.values()
+    )
+    assert serving(cfg, STG) == dict.fromkeys(SERVICES, d2.digest)
 
 
 @pytest.mark.parametrize(

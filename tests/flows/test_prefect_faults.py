@@ -6,6 +6,7 @@ the approval gate reach the server only through it):
   when the API answers) and the release ships;
 - a lease the server no longer holds stops the deploy at its next safe point: every
   service is put back, the error names the lost lock, the ledger says so;
+- an outage longer than the lease (the lease expiring, not revoked) does the same;
 - during an approval wait, an outage longer than the client's own retries is waited out:
   it is no answer, nothing deploys, and a signed approval afterwards still ships.
 
@@ -41,7 +42,7 @@ from tasks.approval import submit_answer
 from tasks.audit import read_audit
 from tasks.deploy.docker import DockerDeployer
 from tasks.health import probe_health
-from tasks.locks import lock_name
+from tasks.locks import LEASE_S, lock_name
 from tests.approvers import Approvers, paused_promotion
 from tests.flows.chain import (
     SERVICES,
@@ -207,6 +208,58 @@ def test_a_lost_lock_lease_stops_the_deploy_and_puts_every_service_back(
     assert "rolled back" in after.change
     assert "was lost" in after.change
     assert after.services == recorded.services
+
+
+def test_an_api_outage_longer_than_the_lease_stops_the_deploy_and_puts_every_service_back(
+    releases: tuple[PipelineConfig, str, ImageRef, ImageRef, FaultProxy],
+    direct_api: str,
+    stack: StackInfo,
+    fault_proxy: type[FaultProxy],
+) -> None:
+    """Every request refused for longer than the lock's lease once the deploys are under
+    way, while the engine is slow (each new container takes 50 s to be created): the
+    lease expires on the server, nothing revokes it. The run stops at its next safe
+    point, puts every service back and says why; the server frees the slot."""
+    cfg, cfg_path, d1, _, proxy = releases
+    engine = fault_proxy(stack.docker_host.removeprefix("unix://"))
+    engine.inject(Fault("delay", method="POST", path="/containers/create", seconds=50, times=2))
+    recorded = current_ledger().current(STG)
+    outage: list[Fault] = []
+
+    def blackout() -> None:
+        until = time.monotonic() + LEASE_S + 10
+        outage.append(proxy.inject(Fault("refuse", times=None, until=until)))
+
+    watcher = _when_deploying(STG, blackout)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DOCKER_HOST", f"tcp://{engine.address}")
+        state = promote(
+            environment=STG,
+            config_source=cfg_path,
+            promoted_by="ci",
+            health_deadline_s=30,
+            return_state=True,
+        )
+    watcher.join(timeout=5)
+    assert outage, "the deploy phase never started"
+    assert state.is_failed(), state.message
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, PromotionRolledBack), repr(error)
+    assert f"the deploy lock {lock_name(STG)} was lost (not renewed for" in error.failed
+    assert error.restored == dict.fromkeys(SERVICES, d1.digest)
+    assert _serving(cfg, STG) == dict.fromkeys(SERVICES, d1.digest)
+    after = current_ledger().current(STG)
+    assert after.in_progress is None
+    assert "rolled back" in after.change
+    assert "was lost" in after.change
+    assert after.services == recorded.services
+    # The run gave nothing back (the lease was no longer its own): the server's repossessor
+    # frees an expired lease's slot, which the test server does not run; freed here.
+    leases = {m.group(1) for _, path, _ in proxy.requests if (m := RENEW.search(path))}
+    assert len(leases) == 1, leases
+    with temporary_settings({PREFECT_API_URL: direct_api}), get_client(sync_client=True) as c:
+        c.release_concurrency_slots_with_lease(UUID(leases.pop()))
+    assert _active_slots(STG, direct_api) == 0
 
 
 def test_an_api_outage_during_the_approval_wait_is_no_answer(

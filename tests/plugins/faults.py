@@ -14,7 +14,9 @@ matching `Fault` before it forwards:
 
 A fault matches by method and a regular expression on the path, and fires for requests
 `first` to `first + times - 1` among those that match it (counting from 1), or for every
-match while `until` (a monotonic time) has not passed. `requests` records what was seen.
+match while `until` (a monotonic time) has not passed, or for `window` seconds from its
+first firing (an outage that starts when the traffic reaches it). `requests` records
+what was seen.
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ class Fault:
     first: int = 1
     times: int | None = 1  # None: every matching request (bounded by `until` if set)
     until: float | None = None
+    window: float | None = None
     seen: int = 0
     fired: int = 0
+    started: float | None = None
 
     def matches(self, method: str, path: str) -> bool:
         if self.method is not None and method != self.method:
@@ -62,6 +66,11 @@ class Fault:
             return False
         if self.times is not None and self.seen >= self.first + self.times:
             return False
+        now = time.monotonic()
+        if self.window is not None and self.started is not None:
+            if now > self.started + self.window:
+                return False
+        self.started = self.started or now
         self.fired += 1
         return True
 
