@@ -20,6 +20,7 @@ from core.ledger import EnvironmentState
 from core.records import HealthReport, HealthResult
 from core.settings import Settings
 from tasks.context import resolve_run
+from tasks.deploy import refresh_pull_credentials
 from tasks.deploy.target import Deployer
 from tasks.deployment_check import refuse_local_only, require_trusted_environment
 from tasks.health import NOT_DEPLOYED, probe_service_health, publish_health_report
@@ -75,11 +76,16 @@ def health_check(
     deadline_s: float = 15.0,
     config_source: str | None = None,
     target: str | None = None,
+    refresh_pull_secret: bool = False,
 ) -> HealthReport:
     """Check /health, /ready and the recorded digest of each deployed service.
 
     `environment` may be a seed alias (dev, stg, prod). Without `services`, every service
     the ledger records is checked; a named service that the ledger does not record fails.
+    `refresh_pull_secret` (the scheduled deployments set it): first renew the pull
+    credentials the environment keeps, if they no longer serve: on the kubernetes target
+    the namespace's pull secret, whose ECR token would otherwise lapse 12 h after the
+    last deploy wrote it (a pod rescheduled after that could not pull its image).
 
     Raises:
         ConfigError: an unknown environment or service, or a `target` other than the
@@ -92,7 +98,9 @@ def health_check(
     cfg = pipeline_config(settings, config_source)
     env = cfg.environments.resolve(environment)
     specs = cfg.catalog.select(services) if services else cfg.catalog.services
-    context = resolve_run(settings, cfg, env, target=target, registry=False)
+    context = resolve_run(settings, cfg, env, target=target, registry=refresh_pull_secret)
+    if refresh_pull_secret:
+        refresh_pull_credentials(context.deploy_target, env)
     deployer = context.deploy_target.deployer()
     ledger = read_ledger(context.ledger, env.name)
     deployed = ledger.services

@@ -117,6 +117,17 @@ def service_addresses(
     return {svc.name: deployer.address(env, svc) for svc in services}
 
 
+@task(cache_policy=NO_CACHE)
+def refresh_pull_credentials(deploy_target: DeployTarget, env: EnvironmentSpec) -> str | None:
+    """Renew the pull credentials `env` keeps (the kubernetes target's pull secret) if
+    they no longer serve; why they were written, None when nothing was.
+
+    Raises:
+        DeployError: they could not be read or written (no credential in the message).
+    """
+    return deploy_target.deployer().refresh_pull_credentials(env)
+
+
 @task(task_run_name="deploy_release-{service.name}-{env.name}", cache_policy=NO_CACHE)
 def deploy_release(
     deploy_target: DeployTarget,

@@ -246,6 +246,11 @@ class DockerDeployer:
         """http://127.0.0.1:<host port> (`core.catalog.local_address`, shared with status)."""
         return local_address(env, service)
 
+    def refresh_pull_credentials(self, env: EnvironmentSpec) -> str | None:  # noqa: ARG002
+        """None: the engine pulls with the registry's login given at each deploy; the
+        environment keeps no credentials that could lapse."""
+        return None
+
     def _find(self, name: str) -> Any | None:
         try:
             return self.client.containers.get(name)

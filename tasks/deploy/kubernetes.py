@@ -409,7 +409,7 @@ class KubernetesDeployer:
             image.reference,
             previous.image.short if previous else "none",
         )
-        self._ensure_pull_secret(env, image, objects)
+        self._ensure_pull_secret(env, login_for(image, *self.registries), objects)
         try:
             self._apply_and_wait(objects, env, service, image.reference)
         except _ApplyRefused as exc:
@@ -507,7 +507,7 @@ class KubernetesDeployer:
             return
         log.warning("%s/%s: restoring %s", env.name, service.name, previous.image.reference)
         objects = self._objects(env, service, previous.image)
-        self._ensure_pull_secret(env, previous.image, objects)
+        self._ensure_pull_secret(env, login_for(previous.image, *self.registries), objects)
         try:
             self._apply_and_wait(objects, env, service, previous.image.reference)
         except RolloutFailed as exc:
@@ -604,20 +604,39 @@ class KubernetesDeployer:
                     pod["imagePullSecrets"] = [{"name": PULL_NAME}]
         return objects
 
+    def refresh_pull_credentials(self, env: EnvironmentSpec) -> str | None:
+        """Write the namespace's pull secret again if it no longer serves (an ECR token
+        written over `TOKEN_MAX_AGE` ago or expiring within `TOKEN_MIN_LEFT`, a changed
+        password); returns why it was written, None when it still serves or the
+        environment's registry has no login.
+
+        Between deploys nothing else renews it, and a pod rescheduled on another node
+        after the token lapsed could not pull its image: the scheduled health check
+        calls this (`flows/health.py`).
+
+        Raises:
+            DeployError: the Secret cannot be read or written (names no credential).
+        """
+        own = next((r for r in self.registries if r.password is not None), None)
+        return self._ensure_pull_secret(env, own, ())
+
     def _ensure_pull_secret(
-        self, env: EnvironmentSpec, image: ImageRef, objects: Iterable[Mapping[str, Any]]
-    ) -> None:
-        """Write the namespace's pull secret with the login of `image`'s registry, unless
-        the live one serves (`pull_secret.stale`); nothing without such a login. The
-        Namespace among `objects` is applied first: a first release creates it.
+        self,
+        env: EnvironmentSpec,
+        registry: OciRegistry | None,
+        objects: Iterable[Mapping[str, Any]],
+    ) -> str | None:
+        """Write the namespace's pull secret with `registry`'s login (that of the image's
+        registry), unless the live one serves (`pull_secret.stale`); nothing without a
+        login. The Namespace among `objects` is applied first: a first release creates
+        it. Returns why it was written, None when it was not.
 
         Raises:
             DeployError: the Secret cannot be read or written (the message names the
                 status, never the credentials); nothing was applied.
         """
-        registry = login_for(image, *self.registries)
         if registry is None:
-            return
+            return None
         api = self._api("CoreV1Api")
         where = f"{env.name}: the pull secret {env.namespace}/{PULL_NAME}"
         try:
@@ -625,7 +644,7 @@ class KubernetesDeployer:
             now = utcnow()
             reason = stale(live, registry, now, self.token_expires_at)
             if reason is None:
-                return
+                return None
             for namespace in (o for o in objects if o["kind"] == "Namespace"):
                 self._apply_one(namespace)
             self._call(
@@ -644,6 +663,7 @@ class KubernetesDeployer:
             msg = f"{where} could not be written: {scrub_masked(str(exc), logins)}; nothing applied"
             raise DeployError(msg) from None
         run_logger().info("%s written for %s: %s", where, registry.address, reason)
+        return reason
 
     def _read_secret(self, namespace: str) -> dict[str, Any] | None:
         return self._read_by("CoreV1Api", "namespaced_secret", "Secret", namespace, PULL_NAME)

@@ -55,6 +55,11 @@ class Deployer(Protocol):
         """Base URL where `service` answers in `env`."""
         ...
 
+    def refresh_pull_credentials(self, env: EnvironmentSpec) -> str | None:
+        """Renew the pull credentials `env` keeps for its images, if they no longer
+        serve; why they were written, or None (still serving, or none kept)."""
+        ...
+
 
 class DeployTarget(BaseModel):
     """A deploy target with its configuration already loaded: plain data, passed to tasks.

@@ -55,6 +55,8 @@ def test_the_file_says_what_the_team_runs() -> None:
         {"cron": "0 3 * * *", "timezone": "Asia/Seoul"}
     ]
     assert deployments["health-check"]["schedules"] == [{"interval": 900}]
+    # the scheduled check renews the namespace's pull secret before an ECR token lapses
+    assert deployments["health-check"]["parameters"]["refresh_pull_secret"] is True
 
 
 @pytest.mark.slow

@@ -529,6 +529,50 @@ def test_a_token_is_rewritten_when_stale_not_while_fresh(
         assert token not in caplog.text
 
 
+def test_between_deploys_a_lapsing_token_is_renewed_by_the_refresh_alone(
+    kube: KubeCluster, config: PipelineConfig
+) -> None:
+    """What the scheduled health check calls (`refresh_pull_credentials`): no deploy, no
+    apply of anything else; a fresh secret is left alone, one whose token expires within
+    2 h is rewritten, and the Deployment is not touched."""
+    env, spec = config.environment("production"), config.service("assessment")
+
+    def deployer(token: str, hours_left: float = 12) -> KubernetesDeployer:
+        return KubernetesDeployer(
+            target_for(kube.kubeconfig),
+            registries=[login(token)],
+            token_expires_at=utcnow() + timedelta(hours=hours_left),
+        )
+
+    tokens = [f"ecr-token-r{n}-" + "t" * 40 for n in range(3)]
+    deployer(tokens[0]).deploy(env, spec, image("assessment"), deadline_s=DEADLINE_S)
+    released = apps(kube).read_namespaced_deployment("assessment", env.namespace)
+    written = pull_secret(kube, env.namespace)
+
+    assert deployer(tokens[1]).refresh_pull_credentials(env) is None  # fresh: kept
+    assert pull_secret(kube, env.namespace).metadata.resource_version == (
+        written.metadata.resource_version
+    )
+
+    # the stored token expires in one hour (another manager rewinds the record)
+    in_an_hour = (utcnow() + timedelta(hours=1)).isoformat()
+    core(kube).patch_namespaced_secret(
+        PULL_NAME, env.namespace, {"metadata": {"annotations": {EXPIRES_AT: in_an_hour}}}
+    )
+    reason = deployer(tokens[2]).refresh_pull_credentials(env)
+    assert reason == "its token expires within 2 h"
+    renewed = pull_secret(kube, env.namespace)
+    assert pulled_with(renewed)["registry.example"]["password"] == tokens[2]
+    assert renewed.metadata.annotations[EXPIRES_AT] > in_an_hour
+    after = apps(kube).read_namespaced_deployment("assessment", env.namespace)
+    assert after.metadata.generation == released.metadata.generation  # nothing redeployed
+
+    # a registry without a login keeps nothing to renew
+    anonymous = OciRegistry(address="registry.example")
+    bare = KubernetesDeployer(target_for(kube.kubeconfig), registries=[anonymous])
+    assert bare.refresh_pull_credentials(env) is None
+
+
 def test_a_refused_pull_secret_stops_the_deploy_before_any_apply(
     kube: KubeCluster, config: PipelineConfig, tmp_path: Path
 ) -> None:
