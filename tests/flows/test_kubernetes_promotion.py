@@ -18,6 +18,8 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 
 import docker
 import pytest
+import yaml
 from prefect.client.orchestration import get_client
 from prefect.states import State
 
@@ -41,6 +44,7 @@ from tasks.deploy.target import KUBERNETES_TARGET_BLOCK, block_digest
 from tests.flows.chain import derive, put_release, write_chain_config
 from tests.k8s_sim import CRASH, KubeSimulator
 from tests.ledgers import current_ledger
+from tests.plugins.faults import Fault, FaultProxy
 from tests.plugins.registries import AuthRegistry
 from tests.tasks.ci_checkout import copy_monorepo, pinned
 
@@ -208,3 +212,55 @@ def test_ci_delivers_to_kubernetes_through_the_same_target(
     # applied in the cluster, pinned by digest, and checked through the service proxy
     assert cluster.image(DEV, "auth") == record.image.reference
     assert ("elice-devops-dev", "auth", "/version") in cluster.sim.proxied
+
+
+def test_a_kubernetes_api_outage_during_the_deploy_is_waited_out(
+    cluster: Cluster, fault_proxy: type[FaultProxy], tmp_path: Path
+) -> None:
+    """The cluster's API behind the fault proxy for a whole promotion: 503s on the first
+    applies of kd-stg's Deployments, then, once they got through, every connection
+    refused for 6 s (an API server restarting). The deployer waits both out within its
+    retry budget (120 s): the release ships, nothing is rolled back, and the ledger
+    records it once."""
+    c = cluster
+    proxy = fault_proxy(c.sim.url.removeprefix("http://"))
+    kubeconfig = c.sim.kubeconfig(tmp_path / "proxied-kubeconfig", context="kd")
+    document = yaml.safe_load(kubeconfig.read_text(encoding="utf-8"))
+    document["clusters"][0]["cluster"]["server"] = f"http://{proxy.address}"
+    kubeconfig.write_text(yaml.safe_dump(document), encoding="utf-8")
+    proxied = KubernetesTarget.from_kubeconfig(kubeconfig).model_copy(
+        update={
+            "deployments_dir": c.target.deployments_dir,
+            "poll_interval_s": 0.05,
+            "health_via": "proxy",
+        }
+    )
+    proxied.save(KUBERNETES_TARGET_BLOCK, overwrite=True)
+    stg_deployments = r"/apis/apps/v1/namespaces/elice-devops-stg/deployments/"
+    burst = proxy.inject(Fault("status", path=stg_deployments, method="PATCH", times=2))
+    outages: list[Fault] = []
+
+    def restart_once_applying() -> None:
+        """The API server goes away once the applies got through the 503s."""
+        deadline = time.monotonic() + 300
+        while burst.fired < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        outages.append(proxy.inject(Fault("refuse", times=None, window=6.0)))
+
+    threading.Thread(target=restart_once_applying, daemon=True).start()
+    before = current_ledger().current(STG)
+
+    state = _promote(c)
+
+    assert state.is_completed(), state.message
+    assert burst.fired == 2, proxy.requests[-20:]
+    assert outages, "the outage never started"
+    assert outages[0].fired > 0, proxy.requests[-20:]
+    for service in SERVICES:
+        assert c.image(STG, service) == c.in_stg(c.d1, service)
+    after = current_ledger().current(STG)
+    assert after.in_progress is None
+    assert after.revision == before.revision + 2  # the intent, then the release
+    assert {s: r.image.digest for s, r in after.services.items()} == dict.fromkeys(
+        SERVICES, c.d1.digest
+    )

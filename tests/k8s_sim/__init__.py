@@ -812,6 +812,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if headers.get("connection", "").lower() == "close":
+                # as Go's net/http does: the client then opens a new connection for its
+                # next request instead of reusing one this side closes
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout tests)
