@@ -34,12 +34,15 @@ def write_chain_config(
     path: Path,
     environments: list[tuple[str, int]],
     services: list[tuple[str, int]] | None = None,
+    *,
+    performance: dict[str, Any] | None = None,
     **extra: dict[str, Any],
 ) -> str:
     """A pipeline config whose environments promote one into the next, in order.
 
     `environments` gives (name, host port offset); `services` (name, port), default
-    course and course-b; `extra` adds fields by environment name (a registry, a target).
+    course and course-b; `performance` overrides fields of the load probe's settings;
+    `extra` adds fields by environment name (a registry, a target).
     """
     envs: list[dict[str, Any]] = []
     for index, (name, offset) in enumerate(environments):
@@ -61,7 +64,8 @@ def write_chain_config(
         ],
         "libs": [{"name": "servicekit", "libs": []}],
         "environments": envs,
-        "performance": {"requests": 8, "concurrency": 4, "min_p95_slack_ms": 500},
+        "performance": {"requests": 8, "concurrency": 4, "min_p95_slack_ms": 500}
+        | (performance or {}),
     }
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return str(path)

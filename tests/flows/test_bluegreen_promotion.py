@@ -27,7 +27,6 @@ import docker
 import docker.errors
 import httpx
 import pytest
-import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -69,12 +68,13 @@ class Setup:
 def _config(folder: Path, name: str, prometheus_url: str | None) -> str:
     """The chain's configuration, bg-stg's Prometheus named, the probe's error limit relaxed."""
     extra = {STG: {"prometheus_url": prometheus_url}} if prometheus_url else {}
-    path = Path(write_chain_config(folder / name, [(DEV, 12100), (STG, 12600)], **extra))
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    data["services"] = [s for s in data["services"] if s["name"] == SERVICE]
-    data["performance"]["max_error_rate"] = 1.0
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return str(path)
+    return write_chain_config(
+        folder / name,
+        [(DEV, 12100), (STG, 12600)],
+        [(SERVICE, 8004)],
+        performance={"max_error_rate": 1.0},
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")
