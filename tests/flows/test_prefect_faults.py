@@ -29,12 +29,14 @@ import docker
 import httpx
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State
 from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
 from blocks.config import PipelineConfig, load_config
 from blocks.stack import StackInfo
 from blocks.storage import ledger_filesystem
 from core.errors import PromotionRolledBack
+from core.ledger import EnvironmentState
 from core.records import ImageRef
 from core.settings import Settings
 from flows.promotion import promote
@@ -163,6 +165,24 @@ def test_a_short_api_outage_during_the_deploys_is_survived(
     assert _active_slots(STG, direct_api) == 0
 
 
+def _lost_lock_rolled_back(
+    state: State[Any], cfg: PipelineConfig, d1: ImageRef, recorded: EnvironmentState
+) -> PromotionRolledBack:
+    """The promotion failed on its lost lock and put every service back on D1; the ledger
+    notes the rollback and keeps its releases. Returns the error for the caller's cause."""
+    assert state.is_failed(), state.message
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, PromotionRolledBack), repr(error)
+    assert error.restored == dict.fromkeys(SERVICES, d1.digest)
+    assert _serving(cfg, STG) == dict.fromkeys(SERVICES, d1.digest)
+    after = current_ledger().current(STG)
+    assert after.in_progress is None
+    assert "rolled back" in after.change
+    assert "was lost" in after.change
+    assert after.services == recorded.services
+    return error
+
+
 def test_a_lost_lock_lease_stops_the_deploy_and_puts_every_service_back(
     releases: tuple[PipelineConfig, str, ImageRef, ImageRef, FaultProxy], direct_api: str
 ) -> None:
@@ -196,18 +216,9 @@ def test_a_lost_lock_lease_stops_the_deploy_and_puts_every_service_back(
     )
     watcher.join(timeout=5)
     assert revoked, "the deploy phase never started"
-    assert state.is_failed(), state.message
-    error = state.result(raise_on_failure=False)
-    assert isinstance(error, PromotionRolledBack), repr(error)
+    error = _lost_lock_rolled_back(state, cfg, d1, recorded)
     assert f"the deploy lock {lock_name(STG)} was lost" in error.failed
     assert "HTTP 410" in error.failed
-    assert error.restored == dict.fromkeys(SERVICES, d1.digest)
-    assert _serving(cfg, STG) == dict.fromkeys(SERVICES, d1.digest)
-    after = current_ledger().current(STG)
-    assert after.in_progress is None
-    assert "rolled back" in after.change
-    assert "was lost" in after.change
-    assert after.services == recorded.services
 
 
 def test_an_api_outage_longer_than_the_lease_stops_the_deploy_and_puts_every_service_back(
@@ -242,17 +253,8 @@ def test_an_api_outage_longer_than_the_lease_stops_the_deploy_and_puts_every_ser
         )
     watcher.join(timeout=5)
     assert outage, "the deploy phase never started"
-    assert state.is_failed(), state.message
-    error = state.result(raise_on_failure=False)
-    assert isinstance(error, PromotionRolledBack), repr(error)
+    error = _lost_lock_rolled_back(state, cfg, d1, recorded)
     assert f"the deploy lock {lock_name(STG)} was lost (not renewed for" in error.failed
-    assert error.restored == dict.fromkeys(SERVICES, d1.digest)
-    assert _serving(cfg, STG) == dict.fromkeys(SERVICES, d1.digest)
-    after = current_ledger().current(STG)
-    assert after.in_progress is None
-    assert "rolled back" in after.change
-    assert "was lost" in after.change
-    assert after.services == recorded.services
     # The run gave nothing back (the lease was no longer its own): the server's repossessor
     # frees an expired lease's slot, which the test server does not run; freed here.
     leases = {m.group(1) for _, path, _ in proxy.requests if (m := RENEW.search(path))}
