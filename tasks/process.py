@@ -14,10 +14,8 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,8 +29,11 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
+from core import tools
 from core.errors import ToolError
 from tasks.masking import scrub_masked
+
+which = tools.which  # found without Prefect (core.tools); the tasks import it from here
 
 EXCERPT_LINES = 40
 
@@ -110,22 +111,6 @@ class ToolRun:
     def excerpt(self, lines: int = EXCERPT_LINES) -> str:
         """The last `lines` lines of the combined output."""
         return "\n".join(self.output.rstrip().splitlines()[-lines:])
-
-
-def which(tool: str) -> str:
-    """The absolute path of `tool`, looked up beside this interpreter first.
-
-    Raises:
-        ToolError: the tool is not installed.
-    """
-    here = Path(sys.executable).parent / tool
-    if here.exists():
-        return str(here)
-    found = shutil.which(tool)
-    if found is None:
-        msg = f"{tool} is not installed (looked beside {sys.executable} and on PATH)"
-        raise ToolError(msg)
-    return found
 
 
 TOOL_ENV_NAMES = frozenset(
