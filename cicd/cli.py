@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from blocks.config import save_as_blocks
 from cicd import (
     github,
+    health_cli,
     history_cli,
     metrics_cli,
     promote_cli,
@@ -28,7 +27,7 @@ from cicd.common import (
     prefect_api,
     split_names,
 )
-from core.errors import ConfigError, PipelineError
+from core.errors import PipelineError
 from core.records import StageResult, short_digest
 from tasks.source import check_refs, verify_ref
 
@@ -145,67 +144,7 @@ def ci(
 
 
 status_cli.register(app)  # here: the help lists the commands in the order they were added
-
-
-@app.command()
-def health(
-    environment: Annotated[
-        str, typer.Argument(help="dev, staging or production (or the seed's stg, prod).")
-    ],
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Every check.")] = False,
-    services: Annotated[str | None, typer.Option(help="Comma-separated services.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="The report as JSON on stdout.")] = False,
-    deadline: Annotated[
-        float, typer.Option(min=0.1, help="Seconds each service may take to become healthy.")
-    ] = 15.0,
-    config: ConfigOption = None,
-) -> None:
-    """Health-check every deployed service of an environment (the seed's health-check.sh).
-
-    Exit 0 healthy; 1 unhealthy or nothing deployed; 2 bad input, before anything starts.
-    """
-    from core.records import HealthReport  # noqa: PLC0415
-    from flows.health import health_check  # noqa: PLC0415 - loads Prefect only when needed
-
-    cfg = cli_config(config)
-    chosen = split_names(services)
-    try:
-        env = cfg.environments.resolve(environment)
-        if chosen:
-            cfg.catalog.select(chosen)
-    except ConfigError as exc:
-        fail(str(exc))
-    try:
-        with prefect_api(start_stack=True):
-            state = health_check(
-                environment=env.name,
-                services=chosen,
-                deadline_s=deadline,
-                config_source=config,
-                return_state=True,
-            )
-    except PipelineError as exc:  # no Prefect API, or the stack could not start
-        fail(str(exc), 1)
-    outcome = state.result(raise_on_failure=False)
-    report = outcome if isinstance(outcome, HealthReport) else getattr(outcome, "report", None)
-    if not isinstance(report, HealthReport):
-        report = HealthReport(environment=env.name, results=[])
-    message = str(outcome) if isinstance(outcome, BaseException) else state.message or ""
-    if as_json:
-        typer.echo(json.dumps({**report.as_json(), "message": message}, indent=2))
-    else:
-        for result in report.results:
-            mark = "[green]ok[/green]" if result.ok else "[red]FAIL[/red]"
-            line = f"{result.service:14} {result.url}"
-            if verbose or not result.ok:
-                line += f"  ({result.attempts} attempts, {result.seconds:.1f}s)"
-                if result.failures:
-                    line += "  " + "; ".join(result.failures)
-            console.print(f"{mark} {escape(line)}", highlight=False, soft_wrap=True)
-    if not state.is_completed():
-        fail(message or "unhealthy", 1)
-    if not as_json:
-        console.print(f"[green]{env.name}: {len(report.results)} services healthy[/green]")
+health_cli.register(app)
 
 
 @app.command("register-blocks")

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import sys
 
-LIGHT = ("status", "audit", "metrics")
+LIGHT = ("status", "health", "audit", "metrics")
 
 
 def _light_app() -> None:
     """The light commands alone, as `cicd.cli` registers them."""
     import typer  # noqa: PLC0415
 
-    from cicd import audit_cli, metrics_cli, status_cli  # noqa: PLC0415
+    from cicd import audit_cli, health_cli, metrics_cli, status_cli  # noqa: PLC0415
 
     app = typer.Typer(name="cicd", no_args_is_help=True, pretty_exceptions_show_locals=False)
 
@@ -27,6 +27,7 @@ def _light_app() -> None:
         """elice-devops: CI/CD for the 12-service monorepo, as Prefect flows."""
 
     status_cli.register(app)
+    health_cli.register(app)
     app.command("audit")(audit_cli.audit_command)
     metrics_cli.register(app)
     app()

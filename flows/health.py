@@ -15,7 +15,6 @@ from prefect.client.schemas.objects import FlowRun, State
 
 from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
-from core.errors import EnvironmentUnhealthy
 from core.ledger import EnvironmentState
 from core.records import HealthReport, HealthResult
 from core.settings import Settings
@@ -23,16 +22,11 @@ from tasks.context import resolve_run
 from tasks.deploy import refresh_pull_credentials
 from tasks.deploy.target import Deployer
 from tasks.deployment_check import refuse_local_only, require_trusted_environment
-from tasks.health import NOT_DEPLOYED, probe_service_health, publish_health_report
+from tasks.health import probe_service_health, publish_health_report
 from tasks.notify import Notice, flow_run_url, notify, paged_environment
+from tasks.probes import checked_services, health_report, raise_unhealthy
 from tasks.releases import read_ledger
 from tasks.trusted import pipeline_config
-
-
-def _not_deployed(url: str, service: str) -> HealthResult:
-    return HealthResult(
-        service=service, url=url, ok=False, attempts=0, seconds=0.0, failures=[NOT_DEPLOYED]
-    )
 
 
 def _notify_health(flow_run: FlowRun, state: State[Any], *, healthy: bool) -> None:
@@ -103,22 +97,11 @@ def health_check(
         refresh_pull_credentials(context.deploy_target, env)
     deployer = context.deploy_target.deployer()
     ledger = read_ledger(context.ledger, env.name)
-    deployed = ledger.services
-    checked = [s for s in specs if s.name in deployed]
-    if not checked:
-        which = f" of {', '.join(services)}" if services else ""
-        msg = f"{env.name}: nothing deployed: the ledger records no release{which}"
-        raise EnvironmentUnhealthy(msg, HealthReport(environment=env.name, results=[]))
+    checked = checked_services(env.name, specs, ledger, services)
     outcomes = _probe(deployer, env, checked, deadline_s, ledger)
-    results = [
-        outcomes.get(s.name) or _not_deployed(deployer.address(env, s), s.name)
-        for s in specs
-        if s.name in outcomes or services
-    ]
-    report = HealthReport(environment=env.name, results=results)
+    report = health_report(env.name, specs, outcomes, lambda s: deployer.address(env, s), services)
     publish_health_report(report)
-    if report.failed:
-        raise EnvironmentUnhealthy(_unhealthy_message(report, ledger), report)
+    raise_unhealthy(report, ledger)
     return report
 
 
@@ -151,17 +134,3 @@ def _probe(
         )
         for spec, state in zip(checked, states, strict=True)
     }
-
-
-def _unhealthy_message(report: HealthReport, ledger: EnvironmentState) -> str:
-    """Which services are unhealthy, and which promotion may be deploying meanwhile."""
-    names = ", ".join(f"{r.service} ({'; '.join(r.failures)})" for r in report.failed)
-    msg = f"{report.environment}: unhealthy: {names}"
-    if ledger.in_progress is not None:
-        pending = ledger.in_progress
-        msg += (
-            f"; run {pending.flow_run_id} has been deploying release {pending.release_id} "
-            f"since {pending.started_at:%Y-%m-%d %H:%M:%S %Z} (if it died, the next "
-            f"promotion or `cicd rollback {report.environment}` puts the previous releases back)"
-        )
-    return msg

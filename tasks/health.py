@@ -1,10 +1,8 @@
-"""Health checks: liveness, readiness and the running build's digest, over HTTP."""
+"""Health checks as tasks: liveness, readiness and the running build's digest, over HTTP
+(the probes themselves are `tasks.probes`, which imports no Prefect)."""
 
 from __future__ import annotations
 
-import time
-
-import httpx
 from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -12,94 +10,21 @@ from prefect.cache_policies import NO_CACHE
 from blocks.catalog import ServiceSpec
 from core.errors import HealthCheckFailed, PromotionRefused
 from core.records import DeployOutcome, HealthReport, HealthResult, ImageRef
+from tasks.probes import NOT_DEPLOYED, REQUEST_TIMEOUT_S, VERSION_PATH, check_address, probe_health
 from tasks.process import run_logger
 
-VERSION_PATH = "/version"
-REQUEST_TIMEOUT_S = 5.0
-
-
-def check_address(address: str) -> str:
-    """`address` without a trailing slash.
-
-    Raises:
-        ValueError: not an http(s) URL.
-    """
-    if not address.startswith(("http://", "https://")):
-        msg = f"address must be an http:// or https:// URL, got {address!r}"
-        raise ValueError(msg)
-    return address.rstrip("/")
-
-
-def _get(client: httpx.Client, path: str) -> tuple[httpx.Response | None, str | None]:
-    """GET `path`: the response when it is 200, else a failure naming the endpoint."""
-    try:
-        response = client.get(path)
-    except httpx.TransportError as exc:
-        return None, f"{path}: connection error ({type(exc).__name__}: {exc})"
-    if response.status_code != 200:
-        return None, f"{path}: answered {response.status_code}"
-    return response, None
-
-
-def _probe_once(
-    client: httpx.Client, service: ServiceSpec, expect_digest: str | None
-) -> tuple[list[str], dict[str, str]]:
-    failures = [
-        f for path in (service.health_path, service.ready_path) if (f := _get(client, path)[1])
-    ]
-    if expect_digest is None:
-        return failures, {}
-    response, failure = _get(client, VERSION_PATH)
-    if response is None:
-        return [*failures, str(failure)], {}
-    try:
-        body = response.json()
-    except ValueError:
-        return [*failures, f"{VERSION_PATH}: answered 200 with a body that is not JSON"], {}
-    version = {str(k): str(v) for k, v in body.items()} if isinstance(body, dict) else {}
-    digest = version.get("digest", "(none)")
-    if digest != expect_digest:
-        failures.append(f"{VERSION_PATH}: digest {digest}, expected {expect_digest}")
-    return failures, version
-
-
-def probe_health(
-    address: str,
-    service: ServiceSpec,
-    *,
-    deadline_s: float,
-    expect_digest: str | None = None,
-    interval_s: float = 0.5,
-) -> HealthResult:
-    """GET the health and ready paths (and /version) until all pass or `deadline_s` passes.
-
-    Raises:
-        ValueError: a bad address, deadline or interval (before any request).
-    """
-    base = check_address(address)
-    if deadline_s <= 0 or interval_s <= 0:
-        msg = f"deadline_s and interval_s must be positive, got {deadline_s} and {interval_s}"
-        raise ValueError(msg)
-    started = time.monotonic()
-    end = started + deadline_s
-    attempts = 0
-    with httpx.Client(base_url=base, timeout=REQUEST_TIMEOUT_S) as client:
-        while True:
-            attempts += 1
-            failures, version = _probe_once(client, service, expect_digest)
-            remaining = end - time.monotonic()
-            if not failures or remaining <= 0:
-                break
-            time.sleep(min(interval_s, remaining))
-    return HealthResult(
-        service=service.name,
-        url=base,
-        ok=not failures,
-        attempts=attempts,
-        seconds=round(time.monotonic() - started, 3),
-        failures=failures,
-        version=version,
-    )
+__all__ = [
+    "NOT_DEPLOYED",
+    "REQUEST_TIMEOUT_S",
+    "VERSION_PATH",
+    "check_address",
+    "check_service_health",
+    "probe_health",
+    "probe_service_health",
+    "publish_health_report",
+    "smoke_test_release",
+    "verify_deployment",
+]
 
 
 @task(task_run_name="check_service_health-{service.name}")
@@ -165,9 +90,6 @@ def smoke_test_release(
 
 
 # --- the health-check flow's report -------------------------------------------------
-
-
-NOT_DEPLOYED = "nothing deployed: no release recorded in the ledger"
 
 
 @task(task_run_name="probe_service_health-{service.name}", cache_policy=NO_CACHE)
