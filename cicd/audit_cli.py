@@ -74,3 +74,8 @@ def audit_command(
             e.detail,
         )
     Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `audit` to `app`."""
+    app.command("audit")(audit_command)

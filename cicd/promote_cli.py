@@ -360,5 +360,5 @@ def register(app: typer.Typer) -> None:
     app.command("reject")(reject_command)
     app.command("sign")(sign_command)
     app.command("request")(request_command)
-    app.command("audit")(audit_cli.audit_command)
+    audit_cli.register(app)
     app.command("rollback")(rollback_command)
