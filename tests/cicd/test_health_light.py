@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.records import ImageRef
+from cicd import health_cli
+from core.records import HealthResult, ImageRef
+from core.settings import Settings
 from tasks.releases import ReleaseRecord
 from tests.cicd.light_cli import heavy_modules, run_cicd, user_env
 from tests.ledgers import current_ledger
@@ -110,3 +112,22 @@ def test_health_imports_no_prefect(env: dict[str, str], served: tuple[Path, str]
     assert code == 0
     assert json.loads(out)["ok"] is True
     assert heavy == []
+
+
+def test_the_full_path_reports_as_the_light_one(
+    env: dict[str, str], served: tuple[Path, str]
+) -> None:
+    """The path a trust file, the storage block or the kubernetes target take (Prefect's
+    blocks, the environment's deployer) gives the same verdicts."""
+    settings = Settings.from_environ()
+    config = str(served[0])
+    for environment in ("prod", "stg", "dev"):
+        light = health_cli._light(settings, config, environment, None, 1.0)
+        full = health_cli._full(settings, config, environment, None, 1.0)
+        assert [_verdict(r) for r in full[0].results] == [_verdict(r) for r in light[0].results]
+        assert (full[0].environment, full[0].ok) == (light[0].environment, light[0].ok)
+        assert full[1].split(" (")[0] == light[1].split(" (")[0]
+
+
+def _verdict(result: HealthResult) -> tuple[str, str, bool, list[str]]:
+    return result.service, result.url, result.ok, result.failures
