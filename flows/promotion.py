@@ -403,9 +403,8 @@ def _canary(
         deploy_target, env, specs, plan, live, run.canary_replicas, (judge, deploy_stable)
     )
     baselines = with_verdicts(verify_release(addresses, specs, plan, previous, perf), verdicts)
-    audit(
-        run.context.ledger, plan, run.run_id, "switched", plan.promoted_by, detail="canary passed"
-    )
+    detail = "canary passed" if verdicts else "no stable release to run a canary beside"
+    audit(run.context.ledger, plan, run.run_id, "switched", plan.promoted_by, detail=detail)
     return baselines
 
 

@@ -131,8 +131,10 @@ def test_a_canary_that_cannot_start_stops_the_release_and_a_dead_runs_canary_goe
     assert after.services == recorded.services
     assert after.in_progress is None
     store = ledger_filesystem(Settings.from_environ())
-    kinds = [e.kind for e in read_audit(store, STG)]
-    assert kinds[-2:] == ["switched", "canary_stopped"], kinds
+    entries = read_audit(store, STG)
+    assert [e.kind for e in entries[-2:]] == ["switched", "canary_stopped"], entries
+    assert entries[-2].detail == "no stable release to run a canary beside"
+    assert "CrashLoopBackOff" in entries[-1].detail
 
     # a run died at its canary step: the next run of kc-stg (here a rollback) removes it
     env, spec = c.cfg.environment(STG), c.cfg.service(SERVICE)
