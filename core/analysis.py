@@ -23,10 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 PLACEHOLDERS = frozenset({"service", "environment", "digest"})
 """What a query may name as `$service`, `$environment`, `$digest` (PromQL has no `$`)."""
 Verdict = Literal["passed", "failed", "inconclusive"]
-Rollout = Literal["in-place", "blue-green"]
+Rollout = Literal["in-place", "blue-green", "canary"]
 GREEN_SUFFIX = "-green"
 """A green container's scrape `environment` label is its environment's name plus this, so
 the policy's own queries, rendered with `$environment` set to it, judge green alone."""
+CANARY_SUFFIX = "-canary"
+"""The same for a canary pod (its Deployment is `<service>-canary`, its pods labelled
+`track: canary`, which the cluster's Prometheus relabels into `environment: <env>-canary`)."""
+MAX_CANARY_REPLICAS = 20
 SERVICE_PORTS = (8001, 8012)
 """The catalogue's service ports: an offset serves offset + 8001 ... offset + 8012."""
 HIGHEST_GREEN_PORT = 49_999
@@ -116,8 +120,15 @@ class AnalysisPolicy(BaseModel):
         description=(
             "in-place: the release replaces the serving one, then is judged (rolled back on "
             "a failure); blue-green (docker target): judged on green ports first, the "
-            "serving release untouched until it passes"
+            "serving release untouched until it passes; canary (kubernetes target): "
+            "judged as a canary Deployment beside the stable one, under the same Service"
         ),
+    )
+    canary_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_CANARY_REPLICAS,
+        description="canary: the canary Deployment's replicas (default 1) beside stable's",
     )
     green_port_offset: int | None = Field(
         default=None,
@@ -145,8 +156,13 @@ class AnalysisPolicy(BaseModel):
                 "listen on green_port_offset + the service's port)"
             )
             raise ValueError(msg)
-        if self.rollout == "in-place" and self.green_port_offset is not None:
-            msg = "green_port_offset is given but rollout is in-place: set rollout: blue-green"
+        if self.rollout != "blue-green" and self.green_port_offset is not None:
+            msg = (
+                f"green_port_offset is given but rollout is {self.rollout}: set rollout: blue-green"
+            )
+            raise ValueError(msg)
+        if self.rollout != "canary" and self.canary_replicas is not None:
+            msg = f"canary_replicas is given but rollout is {self.rollout}: set rollout: canary"
             raise ValueError(msg)
         return self
 

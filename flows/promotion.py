@@ -9,6 +9,7 @@ the flow's state hooks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from core.errors import (
 )
 from core.ledger import EnvironmentState
 from core.records import (
+    DeployedService,
     PromotionOutcome,
     PromotionPlan,
     SecurityVerdict,
@@ -46,6 +48,7 @@ from tasks.approval import (
     plan_markdown,
     read_approval_policy,
 )
+from tasks.audit import AuditKind
 from tasks.backup import backup_environment
 from tasks.context import RunContext, resolve_run
 from tasks.deploy import (
@@ -54,8 +57,21 @@ from tasks.deploy import (
     service_addresses,
 )
 from tasks.deploy.bluegreen import GreenStopped, green_offset_of, promote_blue_green
+from tasks.deploy.canary import (
+    CanaryStopped,
+    canary_replicas_of,
+    judge_canary,
+    promote_canary,
+    remove_stale_canaries,
+)
 from tasks.deploy.target import DeployTarget, environment_target
-from tasks.deploy.waves import deploy_in_waves, return_to_previous, undo_release, verify_release
+from tasks.deploy.waves import (
+    deploy_in_waves,
+    return_to_previous,
+    undo_release,
+    verify_release,
+    with_verdicts,
+)
 from tasks.deployment_check import refuse_local_only, require_trusted_environment
 from tasks.freeze import check_deploy_window, deploy_clock, require_overridden
 from tasks.gate import audit, await_approvals, check_unchanged, gate_and_promoter
@@ -247,6 +263,7 @@ class _Promotion:
     drill_env: dict[str, dict[str, str]] | None
     judge: AnalysisRun | None
     green_offset: int | None
+    canary_replicas: int | None
 
     @property
     def config(self) -> PipelineConfig:
@@ -356,6 +373,41 @@ def _settled(
     return approved
 
 
+def _canary(
+    run: _Promotion,
+    plan: PromotionPlan,
+    seen: tuple[
+        Mapping[str, DeployedService | None],
+        Mapping[str, str],
+        Mapping[str, Mapping[str, float] | None],
+    ],
+    health_deadline_s: float,
+    deployed: list[str],
+) -> dict[str, Baseline]:
+    """The canary rollout (tasks/deploy/canary.py), then every service verified on its new
+    digest like an in-place release, the canaries' verdicts joining their baselines.
+    `seen` is (the live services, their addresses, their previous baselines)."""
+    live, addresses, previous = seen
+    env, deploy_target, perf = run.env, run.deploy_target, run.config.performance
+    specs = run.config.catalog.select(plan.services)
+    if run.judge is None or run.canary_replicas is None:  # _start sets both or neither
+        msg = f"{env.name}: a canary rollout needs the policy's analysis"
+        raise PromotionRefused(msg)
+    wave = run.context.settings.deploy_wave
+
+    def deploy_stable(todo: list[ServiceSpec]) -> None:
+        deploy_in_waves(deploy_target, env, todo, plan, live, health_deadline_s, deployed, wave)
+
+    judge = judge_canary(run.judge, addresses, plan, previous, perf)
+    verdicts = promote_canary(
+        deploy_target, env, specs, plan, live, run.canary_replicas, (judge, deploy_stable)
+    )
+    baselines = with_verdicts(verify_release(addresses, specs, plan, previous, perf), verdicts)
+    detail = "canary passed" if verdicts else "no stable release to run a canary beside"
+    audit(run.context.ledger, plan, run.run_id, "switched", plan.promoted_by, detail=detail)
+    return baselines
+
+
 def _deploy(
     run: _Promotion,
     plan: PromotionPlan,
@@ -385,6 +437,8 @@ def _deploy(
                 deploy_target, env, specs, plan, live, green, verify, deployed, wave
             )
             audit(ledger, plan, run.run_id, "switched", plan.promoted_by, detail="green passed")
+        elif run.canary_replicas is not None and run.judge is not None:
+            baselines = _canary(run, plan, (live, addresses, previous), health_deadline_s, deployed)
         else:
             deploy_in_waves(
                 deploy_target, env, specs, plan, live, health_deadline_s, deployed, wave
@@ -396,8 +450,11 @@ def _deploy(
     except BaseException as failure:
         # All or nothing, whatever failed (the pipeline's own error, a client's, a
         # cancellation): every service that moved goes back, whichever wave it was in.
-        if isinstance(failure, GreenStopped):
-            audit(ledger, plan, run.run_id, "green_stopped", plan.promoted_by, detail=str(failure))
+        if isinstance(failure, GreenStopped | CanaryStopped):
+            kind: AuditKind = (
+                "green_stopped" if isinstance(failure, GreenStopped) else "canary_stopped"
+            )
+            audit(ledger, plan, run.run_id, kind, plan.promoted_by, detail=str(failure))
         undone = undo_release(deploy_target, env, specs, live, plan, (ledger, run.run_id), failure)
         if not isinstance(failure, Exception):
             raise
@@ -428,6 +485,7 @@ def _start(
     judge = analysis_of(policy, context.env)  # the environment's post-deploy analysis, if any
     offsets = {e.name: e.local_port_offset for e in context.config.environments.environments}
     green_offset = green_offset_of(judge, context.deploy_target, context.env, offsets)
+    canary_replicas = canary_replicas_of(judge, context.deploy_target, context.env)
     return _Promotion(
         context=context,
         repository=repository,
@@ -441,6 +499,7 @@ def _start(
         drill_env=drill_env,
         judge=judge,
         green_offset=green_offset,
+        canary_replicas=canary_replicas,
     )
 
 
@@ -544,6 +603,7 @@ def promote(
     with deploy_lock(environment, run.context.settings.lock_renew_s):
         catalog = _catalog(run.config)
         recover_interrupted(run.context.ledger, run.deploy_target, run.env, catalog, run.run_id)
+        remove_stale_canaries(run.deploy_target, run.env, catalog)
         plan, verdict, approved_by = _settled(run, approved)
         require_overridden(window, plan.release_id)
         with github_deployment(plan, approved_by):  # GitHub's view; inert without its block
@@ -605,6 +665,7 @@ def rollback(
     with deploy_lock(environment, settings.lock_renew_s):
         run_id = str(current_run.id)
         recovered = recover_interrupted(ledger, deploy_target, env, _catalog(config), run_id)
+        remove_stale_canaries(deploy_target, env, _catalog(config))
         if recovered is not None:
             # A promotion died mid-deploy: what it changed is undone, and the releases the
             # ledger names serve again. Going back further is a second, deliberate request.

@@ -248,6 +248,18 @@ def analyse_release(
     with load_on([addresses[s] for s in services], load):
         results = run_checks(run, initial_results(run, services, previous))
     publish_analysis(run, release_id, results)
+    return passed_verdicts(run, results)
+
+
+def passed_verdicts(
+    run: AnalysisRun, results: list[CheckResult]
+) -> dict[str, tuple[str, dict[str, float]]]:
+    """`service_verdicts` of an analysis that passed; raises for any other verdict.
+
+    Raises:
+        AnalysisFailed: a check failed; names its query, measured values and limit.
+        AnalysisInconclusive: a check could not be judged (no data, no Prometheus).
+    """
     verdict = overall(results, run.policy)
     judged = [r for r in results if (r.verdict(run.policy) or "inconclusive") == verdict]
     lines = "; ".join(r.summary(run.policy) for r in judged)

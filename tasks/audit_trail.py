@@ -25,10 +25,12 @@ AuditKind = Literal[
     "frozen",
     "freeze_override",
     "green_stopped",
+    "canary_stopped",
     "switched",
 ]
-ROLLOUT_KINDS: frozenset[str] = frozenset({"green_stopped", "switched"})
-"""What a blue-green deploy recorded after the gate: outcomes, never an answer's verdict."""
+ROLLOUT_KINDS: frozenset[str] = frozenset({"green_stopped", "canary_stopped", "switched"})
+"""What a blue-green or canary deploy recorded after the gate: outcomes, never an
+answer's verdict."""
 
 
 class AuditEntry(BaseModel):

@@ -177,9 +177,10 @@ def _judge_green(
 
 
 def wait_scraped(run: AnalysisRun, services: list[str], timeout_s: float = SCRAPE_WAIT_S) -> bool:
-    """Wait (at most `timeout_s`) until Prometheus scrapes every green of `services` (its
-    `up` is 1), so the bake measures green. Not scraped in time, or no Prometheus to ask,
-    is no verdict of its own: the analysis then finds no data, which is never a pass."""
+    """Wait (at most `timeout_s`) until Prometheus scrapes every green (or canary: the
+    track `run.label` names) of `services` (its `up` is 1), so the bake measures it. Not
+    scraped in time, or no Prometheus to ask, is no verdict of its own: the analysis then
+    finds no data, which is never a pass."""
     end = time.monotonic() + timeout_s
     queries = [f'up{{environment="{run.label}",service="{name}"}}' for name in services]
     while True:
@@ -189,7 +190,8 @@ def wait_scraped(run: AnalysisRun, services: list[str], timeout_s: float = SCRAP
         unanswered = [why for value, why in answers if value is None and "no data" not in why]
         if unanswered or time.monotonic() >= end:
             why = unanswered[0] if unanswered else f"not after {timeout_s:.0f} s"
-            run_logger().warning("green of %s not scraped: %s", ", ".join(services), why)
+            where = ", ".join(services)
+            run_logger().warning("%s of %s not scraped: %s", run.label, where, why)
             return False
         time.sleep(0.5)
 

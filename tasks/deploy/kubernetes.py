@@ -51,9 +51,13 @@ from core.records import DeployedService, ImageRef, utcnow
 from tasks.deploy.manifests import (
     ANNOTATION_PREFIX,
     APP_CONTAINER,
+    CANARY_TRACK,
     DIGEST_REF,
     NAME_LABEL,
     SERVICE_PORT,
+    TRACK_LABEL,
+    canary_deployment,
+    canary_name,
     containers,
     render_overlay,
     service_objects,
@@ -514,6 +518,72 @@ class KubernetesDeployer:
             msg = f"{env.name}/{service.name}: restoring {previous.image.reference} failed: {exc}"
             raise DeployError(msg) from exc
 
+    # -- the canary (tasks/deploy/canary.py)
+
+    def start_canary(
+        self, env: EnvironmentSpec, service: ServiceSpec, image: ImageRef, replicas: int
+    ) -> None:
+        """`image` as the canary Deployment `<service>-canary` beside the stable one
+        (which is never written), `replicas` of it Ready on the digest; returns then.
+
+        Raises:
+            DeployError: no stable Deployment of this pipeline to run beside.
+            RolloutFailed / KubernetesApiError: the canary did not become Ready (the
+                caller removes it).
+        """
+        stable = self.live(env, service)  # refuses a foreign or unpinned Deployment
+        if stable is None:
+            msg = f"{env.name}/{service.name}: no stable release for a canary to run beside"
+            raise DeployError(msg)
+        objects = self._objects(env, service, image)
+        canary = canary_deployment(objects, service.name, replicas)
+        self._ensure_pull_secret(env, login_for(image, *self.registries), objects)
+        run_logger().info(
+            "%s/%s: canary of %s, %d replica(s), beside %s",
+            env.name,
+            service.name,
+            image.short,
+            replicas,
+            stable.image.short,
+        )
+        applied_at = self._clock()
+        self._apply_one(canary)
+        wanted = (
+            canary_name(service.name),
+            image.reference,
+            replicas,
+            progress_deadline_s([canary]),
+        )
+        self._wait_rolled_out(env, service, wanted, applied_at)
+
+    def remove_canary(self, env: EnvironmentSpec, service: ServiceSpec) -> None:
+        """Delete `service`'s canary Deployment (none is fine) and wait for its pods to go,
+        so the Service routes to stable alone when this returns."""
+        name = canary_name(service.name)
+        self._delete(
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name}},
+            env.namespace,
+        )
+        self._wait_pods_gone(env, service, CANARY_TRACK)
+
+    def canaries(self, env: EnvironmentSpec) -> list[str]:
+        """The services of `env` whose canary Deployment (this pipeline's) exists."""
+        api = self._api("AppsV1Api")
+        response = self._call(
+            f"list canaries in {env.namespace}",
+            api.list_namespaced_deployment,
+            env.namespace,
+            label_selector=f"{TRACK_LABEL}={CANARY_TRACK}",
+            _preload_content=False,
+        )
+        found = []
+        for item in json.loads(response.data).get("items", []):
+            service = (item["metadata"].get("labels") or {}).get(NAME_LABEL)
+            mine = foreign_owner(item) is None
+            if mine and service and item["metadata"]["name"] == canary_name(service):
+                found.append(service)
+        return sorted(found)
+
     def address(self, env: EnvironmentSpec, service: ServiceSpec) -> str:
         """Where `service` answers for this process.
 
@@ -843,13 +913,15 @@ class KubernetesDeployer:
     def _read_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._read(("apps/v1", "Deployment"), namespace, name)
 
-    def _pods(self, namespace: str, service: str) -> list[dict[str, Any]]:
+    def _pods(self, namespace: str, service: str, track: str = "") -> list[dict[str, Any]]:
+        """The pods labelled as `service`'s (of the `track` only, when given)."""
         api = self._api("CoreV1Api")
+        only = f",{TRACK_LABEL}={track}" if track else ""
         response = self._call(
-            f"list pods of {namespace}/{service}",
+            f"list pods of {namespace}/{service}{only}",
             api.list_namespaced_pod,
             namespace,
-            label_selector=f"{NAME_LABEL}={service}",
+            label_selector=f"{NAME_LABEL}={service}{only}",
             _preload_content=False,
         )
         items: list[dict[str, Any]] = json.loads(response.data).get("items", [])
@@ -867,11 +939,28 @@ class KubernetesDeployer:
         applied_at = self._clock()
         self._apply(objects)
         self._remove_drift(env, service)
+        self._wait_rolled_out(env, service, (service.name, image, minimum, progress_s), applied_at)
+
+    def _wait_rolled_out(
+        self,
+        env: EnvironmentSpec,
+        service: ServiceSpec,
+        wanted: tuple[str, str, int, float],
+        applied_at: float,
+    ) -> None:
+        """Wait for the Deployment `wanted[0]` to run `wanted[1]` on at least `wanted[2]`
+        available replicas; `wanted[3]` is its progress deadline (seconds).
+
+        Raises:
+            RolloutFailed: new pods cannot start, the controller's deadline passed, or the
+                target's `rollout_deadline_s` did.
+        """
+        name, image, minimum, progress_s = wanted
         give_up_at = applied_at + self.target.rollout_deadline_s
         while True:
-            deployment = self._read_deployment(env.namespace, service.name)
+            deployment = self._read_deployment(env.namespace, name)
             if deployment is None:
-                msg = "the Deployment disappeared during the rollout"
+                msg = f"the Deployment {name} disappeared during the rollout"
                 raise RolloutFailed(msg)
             now = self._clock()
             status = rollout_status(
@@ -898,11 +987,12 @@ class KubernetesDeployer:
                 raise RolloutFailed(f"{reason}{detail}")
             self._sleep(self.target.poll_interval_s)
 
-    def _wait_pods_gone(self, env: EnvironmentSpec, service: ServiceSpec) -> None:
-        """Wait for the service's pods to finish terminating (they do so gracefully)."""
+    def _wait_pods_gone(self, env: EnvironmentSpec, service: ServiceSpec, track: str = "") -> None:
+        """Wait for the service's pods (of `track` only, when given) to finish terminating
+        (they do so gracefully)."""
         started = self._clock()
         while True:
-            pods = self._pods(env.namespace, service.name)
+            pods = self._pods(env.namespace, service.name, track)
             if not pods:
                 return
             grace = max(

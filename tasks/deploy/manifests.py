@@ -19,6 +19,7 @@ import yaml
 from prefect import task
 
 from blocks.config import repo_root
+from core.analysis import CANARY_SUFFIX
 from core.errors import ManifestError
 from core.records import ImageRef
 from tasks.process import run_logger, run_tool, which
@@ -29,6 +30,8 @@ APP_CONTAINER = "app"
 SERVICE_PORT = 8000
 NAME_LABEL = "app.kubernetes.io/name"
 ANNOTATION_PREFIX = "elice.io/"
+TRACK_LABEL = "track"
+CANARY_TRACK = "canary"
 DIGEST_REF = re.compile(r"^(?P<repository>[^@\s]+)@(?P<digest>sha256:[0-9a-f]{64})$")
 _CHECKOUT_DEPLOYMENTS = Path(__file__).resolve().parents[2] / "deployments"
 
@@ -321,3 +324,43 @@ def service_objects(objects: Iterable[Mapping[str, Any]], service: str) -> list[
     chosen = {id(o): o for o in [*shared, *mine]}
     order = {kind: i for i, kind in enumerate(_APPLY_ORDER)}
     return sorted(chosen.values(), key=lambda o: order.get(o["kind"], len(order)))
+
+
+def canary_name(service: str) -> str:
+    """The name of `service`'s canary Deployment."""
+    return service + CANARY_SUFFIX
+
+
+def canary_deployment(
+    objects: Iterable[Mapping[str, Any]], service: str, replicas: int
+) -> dict[str, Any]:
+    """`service`'s rendered Deployment made its canary: named `<service>-canary`, with
+    `replicas` of its own, its pods labelled `track: canary` beside every label the
+    Service selects (so the one Service routes to stable and canary pods alike).
+
+    `track` joins the canary's selector; stable's selector (immutable) stays as it is:
+    the controllers own pods through their ReplicaSets' owner references, so stable never
+    adopts the canary's pods.
+
+    Raises:
+        ManifestError: `objects` hold no Deployment of `service`.
+    """
+    deployment = next(
+        (
+            o
+            for o in objects
+            if o.get("kind") == "Deployment" and o["metadata"].get("name") == service
+        ),
+        None,
+    )
+    if deployment is None:
+        msg = f"no Deployment named {service!r} in the manifests to make a canary of"
+        raise ManifestError(msg)
+    canary = copy.deepcopy(dict(deployment))
+    canary["metadata"]["name"] = canary_name(service)
+    canary["metadata"].setdefault("labels", {})[TRACK_LABEL] = CANARY_TRACK
+    spec = canary["spec"]
+    spec["replicas"] = replicas
+    spec.setdefault("selector", {}).setdefault("matchLabels", {})[TRACK_LABEL] = CANARY_TRACK
+    spec["template"].setdefault("metadata", {}).setdefault("labels", {})[TRACK_LABEL] = CANARY_TRACK
+    return canary

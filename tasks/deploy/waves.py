@@ -144,10 +144,20 @@ def verify_release(
         return baselines
     digests = {spec.name: plan.change(spec.name).new_digest for spec in specs}
     judged = analyse_release(analysis, addresses, digests, previous, (plan.release_id, policy))
+    return with_verdicts(baselines, judged)
+
+
+def with_verdicts(
+    baselines: Mapping[str, Baseline], judged: Mapping[str, tuple[str, dict[str, float]]]
+) -> dict[str, Baseline]:
+    """The baselines with each judged service's analysis verdict line and medians (the
+    ledger keeps them); a service the analysis did not judge keeps its baseline."""
     return {
         name: base.model_copy(
             update={"analysis": judged[name][0], "analysis_values": judged[name][1]}
         )
+        if name in judged
+        else base
         for name, base in baselines.items()
     }
 

@@ -1,5 +1,6 @@
 """`cicd approve` reports the gate's verdict on its answer from the audit trail: a
-blue-green deploy's later entries (switched, green_stopped) are outcomes, never that
+blue-green or canary deploy's later entries (switched, green_stopped, canary_stopped) are
+outcomes, never that
 verdict."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ def test_the_verdict_is_the_gates_not_a_later_rollout_outcome(tmp_path: Path) ->
     store = LocalFileSystem(basepath=str(tmp_path))
     run_id = uuid.uuid4()
     since = time.time()
-    for kind in ("approved", "switched"):
+    for kind in ("approved", "switched", "canary_stopped"):
         entry = AuditEntry(
             environment="bg-unit", run_id=str(run_id), release_id="r1", kind=kind, who="alice"
         )

@@ -254,6 +254,21 @@ def pod(service: str, environment: str, namespace: str, port_name: str, address:
     }
 
 
+def canary_pod(group: Any) -> Any:
+    """`group` as the pod of a canary Deployment (`track: canary`, its own pod name)."""
+    labels = group["labels"]
+    name = labels["__meta_kubernetes_pod_name"]
+    service = labels["__meta_kubernetes_pod_label_app_kubernetes_io_name"]
+    return {
+        "targets": group["targets"],
+        "labels": labels
+        | {
+            "__meta_kubernetes_pod_name": name.replace(service, f"{service}-canary", 1),
+            "__meta_kubernetes_pod_label_track": "canary",
+        },
+    }
+
+
 def test_real_prometheus_relabels_targets_and_keeps_15d(tmp_path: Path) -> None:
     """Run Prometheus with ./flags and the config; pod metadata relabels into the labels."""
     metrics_port = free_port()
@@ -261,6 +276,7 @@ def test_real_prometheus_relabels_targets_and_keeps_15d(tmp_path: Path) -> None:
         pod("payment", "production", "elice-devops-prod", "http", f"127.0.0.1:{metrics_port}"),
         pod("payment", "production", "elice-devops-prod", "debug", "127.0.0.1:1"),
         pod("redis", "production", "elice-devops-prod", "http", "127.0.0.1:2"),
+        canary_pod(pod("payment", "production", "elice-devops-prod", "http", "127.0.0.1:3")),
     ]
     (tmp_path / "elice-services.json").write_text(json.dumps(targets), encoding="utf-8")
     (tmp_path / "kube-state-metrics.json").write_text("[]", encoding="utf-8")
@@ -306,8 +322,14 @@ def test_real_prometheus_relabels_targets_and_keeps_15d(tmp_path: Path) -> None:
             data = get_json(f"http://{web}/api/v1/targets")["data"]
             return [t for t in data["activeTargets"] if t["scrapePool"] == "elice-services"]
 
-        (target,) = wait_for("the payment pod as the one active target", active)
-        labels = target["labels"]
+        def both() -> list[Any]:
+            found = active()
+            return found if len(found) == 2 else []
+
+        pods = {t["labels"]["pod"]: t for t in wait_for("the payment pods as targets", both)}
+        labels = pods["payment-5d8f7"]["labels"]
+        # a canary pod (tasks/deploy/canary.py) is measured apart from its environment
+        assert pods["payment-canary-5d8f7"]["labels"]["environment"] == "production-canary"
         assert labels["service"] == "payment"
         assert labels["environment"] == "production"
         assert labels["namespace"] == "elice-devops-prod"

@@ -1,7 +1,7 @@
-"""The rollout field of an environment's analysis (blue-green on the docker target): bad
-values refused naming the field, and a blue-green rollout the environment cannot take
-refused before anything changes. The promotions themselves:
-`tests/flows/test_bluegreen_promotion.py`."""
+"""The rollout field of an environment's analysis (blue-green on the docker target, canary
+on the kubernetes target): bad values refused naming the field, and a rollout the
+environment cannot take refused before anything changes. The rollouts themselves:
+`tests/flows/test_bluegreen_promotion.py`, `tests/tasks/deploy/test_canary_real.py`."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from stack.monitoring_config import prometheus_config
 from stack.ports import free_port
 from tasks.analysis import AnalysisRun
 from tasks.deploy.bluegreen import green_offset_of, wait_scraped, write_green_target
+from tasks.deploy.canary import canary_replicas_of
 from tasks.deploy.target import DeployTarget
 
 CHECK = {"name": "errors", "query": "vector(0)", "below": 0.01}
@@ -55,7 +56,11 @@ def test_rollout_is_in_place_unless_the_policy_says_blue_green() -> None:
 @pytest.mark.parametrize(
     ("fields", "named"),
     [
-        ({"rollout": "canary"}, "analysis.production.rollout"),
+        ({"rollout": "rolling"}, "analysis.production.rollout"),
+        ({"rollout": "in-place", "canary_replicas": 1}, "canary_replicas is given"),
+        ({"rollout": "canary", "green_port_offset": 40000}, "green_port_offset is given"),
+        ({"rollout": "canary", "canary_replicas": 0}, "production.canary_replicas"),
+        ({"rollout": "canary", "canary_replicas": 21}, "production.canary_replicas"),
         ({"rollout": "blue-green"}, "green_port_offset is required with rollout: blue-green"),
         ({"rollout": "in-place", "green_port_offset": 40000}, "green_port_offset is given"),
         ({"rollout": "blue-green", "green_port_offset": 999}, "production.green_port_offset"),
@@ -76,6 +81,21 @@ def test_blue_green_on_the_kubernetes_target_is_refused_before_anything_changes(
     run = _run(rollout="blue-green", green_port_offset=40000)
     with pytest.raises(PromotionRefused, match="docker target only"):
         green_offset_of(run, DeployTarget(target="kubernetes"), ENV, {ENV.name: 0})
+
+
+def test_a_canary_takes_the_kubernetes_target_and_one_replica_unless_told() -> None:
+    kubernetes = DeployTarget(target="kubernetes")
+    assert canary_replicas_of(_run(rollout="canary"), kubernetes, ENV) == 1
+    assert canary_replicas_of(_run(rollout="canary", canary_replicas=2), kubernetes, ENV) == 2
+    assert canary_replicas_of(_run(), kubernetes, ENV) is None
+    assert canary_replicas_of(None, kubernetes, ENV) is None
+    blue_green = _run(rollout="blue-green", green_port_offset=40000)
+    assert canary_replicas_of(blue_green, DeployTarget(), ENV) is None
+
+
+def test_a_canary_on_the_docker_target_is_refused_before_anything_changes() -> None:
+    with pytest.raises(PromotionRefused, match="rollout: canary is built for the kubernetes"):
+        canary_replicas_of(_run(rollout="canary"), DeployTarget(), ENV)
 
 
 @pytest.mark.parametrize("other", [39989, 40000, 40011])

@@ -20,7 +20,6 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -40,14 +39,6 @@ from tests.plugins.kube import NODE, Authority, KubeCluster
 
 DEADLINE_S = 60.0
 _SERIAL = itertools.count(1)
-
-
-@pytest.fixture
-def kubelet_marks(kube: KubeCluster) -> Iterator[dict[str, str]]:
-    """The stand-in kubelet's broken images, cleared after the test."""
-    assert kube.kubelet is not None
-    yield kube.kubelet.broken
-    kube.kubelet.broken.clear()
 
 
 def target_for(kubeconfig: Path, **overrides: Any) -> KubernetesTarget:
