@@ -99,13 +99,15 @@ def exists(read: Any, *args: str) -> bool:
 # --------------------------------------------------------------------------- releases
 
 
-def test_the_control_plane_is_real_and_quick(kube: KubeCluster) -> None:
+def test_the_control_plane_is_real(kube: KubeCluster) -> None:
+    """The real API server's version and the stand-in node it schedules on. How long the
+    plane took to start is reported by the fixture (`kube.start_s`), not asserted: a timing
+    is a benchmark's to judge, and a loaded machine would fail it."""
     version = client.VersionApi(kube.admin).get_code()
     assert (version.major, version.minor) == ("1", "24+")
     assert version.git_version.startswith("v1.24.0-alpha.1")
     node = core(kube).read_node(NODE)
     assert node.status.allocatable["cpu"] == "64"
-    assert kube.start_s < 30, f"the control plane took {kube.start_s:.1f}s"
 
 
 def test_a_first_release_returns_once_the_hpa_minimum_is_available(
