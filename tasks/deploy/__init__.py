@@ -205,31 +205,38 @@ def restore_environment(
     """Undo a failed release: wherever something other than `previous` serves now, put
     `previous` back (None: remove the service). Returns the services it put back.
 
-    A service that cannot be put back is logged and left to `confirm_restored`, which
-    names it; the others are still restored.
+    A service that cannot be read or put back is logged; the others are still restored.
+
+    Raises:
+        PromotionError: a service could not be put back (naming each and why).
     """
     deployer = deploy_target.deployer()
     logger = run_logger()
     restored = []
+    failed = []
     for svc in services:
         before = previous.get(svc.name)
-        now = deployer.live(env, svc)
-        if (now.image.digest if now else None) == (before.image.digest if before else None):
-            continue
-        logger.warning(
-            "rolling back %s in %s to %s",
-            svc.name,
-            env.name,
-            before.image.short if before else "nothing",
-        )
         try:
+            now = deployer.live(env, svc)
+            if (now.image.digest if now else None) == (before.image.digest if before else None):
+                continue
+            logger.warning(
+                "rolling back %s in %s to %s",
+                svc.name,
+                env.name,
+                before.image.short if before else "nothing",
+            )
             deployer.restore(env, svc, before)
         except PipelineError as exc:
             logger.error(  # noqa: TRY400 - the error is the message; no traceback
                 "%s in %s: could not put the previous release back: %s", svc.name, env.name, exc
             )
+            failed.append(f"{svc.name}: {exc}")
             continue
         restored.append(svc.name)
+    if failed:
+        msg = f"rollback in {env.name} incomplete: " + "; ".join(failed)
+        raise PromotionError(msg)
     return restored
 
 
