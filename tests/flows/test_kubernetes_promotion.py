@@ -30,13 +30,16 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.states import State
+from typer.testing import CliRunner
 
 from blocks.config import PipelineConfig, load_config
 from blocks.kubernetes_target import KubernetesTarget
 from blocks.stack import StackInfo
+from cicd.cli import app
 from core.errors import PromotionError, PromotionRolledBack
 from core.records import ImageRef
 from flows.ci import ci, ci_outcome
+from flows.health import health_check
 from flows.promotion import promote, rollback
 from tasks.deploy.kubernetes import KubernetesDeployer
 from tasks.deploy.pull_secret import PULL_NAME
@@ -331,3 +334,40 @@ def test_a_kubernetes_api_outage_longer_than_the_retry_budget_is_undone_by_the_n
     after = current_ledger().current(STG)
     assert after.in_progress is None
     assert after.services == before.services
+
+
+def _secret_writes(sim: KubeSimulator) -> list[tuple[str, str]]:
+    """Every request that wrote a Secret (created, replaced, patched or deleted it)."""
+    return [
+        (method, path)
+        for method, path in sim.arrivals
+        if "/secrets" in path and method in {"POST", "PUT", "PATCH", "DELETE"}
+    ]
+
+
+def test_cicd_health_run_by_hand_never_writes_the_pull_secret(cluster: Cluster) -> None:
+    """Only the scheduled health check (prefect.yaml's health-check deployment sets
+    `refresh_pull_secret: true`) renews the namespace's pull secret: `cicd health`,
+    typed by someone holding other credentials, only reads. kd-stg's registry has a
+    login and its namespace no pull secret yet, so a health check that refreshes it
+    writes one (checked last, so this test can fail)."""
+    c = cluster
+    deployer = KubernetesDeployer(c.target)  # no registry login: it writes no Secret
+    for service in SERVICES:
+        put_release(deployer, c.cfg, STG, service, c.d1, release_id=f"seed-{c.d1.short}")
+    namespace = c.cfg.environment(STG).namespace
+    assert c.sim.get("secrets", namespace, PULL_NAME) is None
+
+    by_hand = CliRunner().invoke(app, ["health", STG, "--config", c.cfg_path])
+
+    assert by_hand.exit_code == 0, by_hand.output
+    assert f"{STG}: {len(SERVICES)} services healthy" in by_hand.output
+    assert _secret_writes(c.sim) == []
+    assert c.sim.get("secrets", namespace, PULL_NAME) is None
+
+    scheduled = health_check(
+        environment=STG, config_source=c.cfg_path, refresh_pull_secret=True, return_state=True
+    )
+    assert scheduled.is_completed(), scheduled.message
+    assert _secret_writes(c.sim) != []
+    assert c.sim.get("secrets", namespace, PULL_NAME) is not None
