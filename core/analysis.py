@@ -25,8 +25,9 @@ PLACEHOLDERS = frozenset({"service", "environment", "digest"})
 Verdict = Literal["passed", "failed", "inconclusive"]
 Rollout = Literal["in-place", "blue-green"]
 GREEN_SUFFIX = "-green"
-"""A green container's scrape `environment` label is its environment's name plus this, so
-the policy's own queries, rendered with `$environment` set to it, judge green alone."""
+"""A blue-green promotion's green: its container's name is the serving one's plus this, and
+its scrape `environment` label its environment's name plus this, so the policy's own
+queries, rendered with `$environment` set to it, judge green alone."""
 SERVICE_PORTS = (8001, 8012)
 """The catalogue's service ports: an offset serves offset + 8001 ... offset + 8012."""
 HIGHEST_GREEN_PORT = 49_999
