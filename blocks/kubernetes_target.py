@@ -12,6 +12,10 @@ from pydantic import Field, SecretStr, field_validator
 
 from core.errors import ConfigError
 
+API_RETRY_BUDGET_S = 120.0
+"""How long an API call is retried by default: longer than an API server restart (about a
+minute)."""
+
 
 def _kubeconfig_document(text: str) -> dict[str, Any]:
     """The kubeconfig as a mapping; errors name the problem, never the content."""
@@ -93,6 +97,15 @@ class KubernetesTarget(Block):
     )
     retry_backoff_max_s: float = Field(
         default=8.0, ge=0, le=300, description="Upper bound of one retry delay"
+    )
+    api_retry_budget_s: float = Field(
+        default=API_RETRY_BUDGET_S,
+        ge=0,
+        le=3600,
+        description=(
+            "How long a request answered 5xx, 409, 429, timed out or not answered is "
+            "retried (with `retries`: both are spent before it fails)"
+        ),
     )
 
     @field_validator("kubeconfig")

@@ -25,8 +25,9 @@ PLACEHOLDERS = frozenset({"service", "environment", "digest"})
 Verdict = Literal["passed", "failed", "inconclusive"]
 Rollout = Literal["in-place", "blue-green", "canary"]
 GREEN_SUFFIX = "-green"
-"""A green container's scrape `environment` label is its environment's name plus this, so
-the policy's own queries, rendered with `$environment` set to it, judge green alone."""
+"""A blue-green promotion's green: its container's name is the serving one's plus this, and
+its scrape `environment` label its environment's name plus this, so the policy's own
+queries, rendered with `$environment` set to it, judge green alone."""
 CANARY_SUFFIX = "-canary"
 """The same for a canary pod (its Deployment is `<service>-canary`, its pods labelled
 `track: canary`, which the cluster's Prometheus relabels into `environment: <env>-canary`)."""

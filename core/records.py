@@ -110,6 +110,9 @@ class DeployOutcome(BaseModel):
 
     deployed: DeployedService
     changed: bool
+    previous: DeployedService | None = Field(
+        default=None, description="What served before a deploy that changed it (None: nothing)"
+    )
 
     def summary_line(self) -> str:
         """One line for the CI report."""

@@ -24,7 +24,7 @@ from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.states import Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from prefect.utilities.annotations import NotSet
+from prefect.utilities.annotations import NotSet, allow_failure
 
 from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig, state_dir
@@ -34,7 +34,7 @@ from blocks.storage import ledger_filesystem
 from core.errors import CiFailed, ConfigError
 from core.records import CiOutcome, StageResult, Workspace
 from core.settings import Settings
-from tasks.deploy import deploy_service
+from tasks.deploy import deploy_service, settle_record
 from tasks.deploy.target import DeployTarget, environment_target
 from tasks.deployment_check import refuse_local_only
 from tasks.dispatch import SERVICE_DEPLOYMENT, collect_service_runs, start_service_runs
@@ -138,8 +138,18 @@ def _delivery_stages(
         deploy_target, env, spec, image, wait_for=[scan], return_state=False
     )
     health = verify_deployment.submit(deployed, spec, return_state=False)
-    record = record_release.submit(
+    recorded = record_release.submit(
         deployed, scan, workspace, ledger, repository, wait_for=[health], return_state=False
+    )
+    # the record stage: a release the ledger does not name is taken back out of dev
+    record = settle_record.submit(
+        deploy_target,
+        env,
+        spec,
+        deployed,
+        allow_failure(recorded),
+        wait_for=[health],
+        return_state=False,
     )
     return {
         (spec.name, "image"): image,

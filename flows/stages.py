@@ -21,6 +21,7 @@ from tasks.deploy import (
     deploy_service,
     recover_interrupted,
     restore_service,
+    settle_record,
 )
 from tasks.health import check_service_health, smoke_test_release, verify_deployment
 from tasks.images import build_image, publish_image
@@ -65,6 +66,7 @@ CI_STAGES = _by_name(
         deploy_service: "deploy",
         verify_deployment: "health",
         record_release: "record",
+        settle_record: "record",
     }
 )
 """CI: task name -> the stage of one service it is."""

@@ -118,17 +118,50 @@ def ensure_deploy_lock(environment: str) -> bool:
     return busy
 
 
+@dataclass(frozen=True)
+class ApiFailure:
+    """A failed call of the lease's API, classified once for taking and renewing it."""
+
+    what: str
+    """For the log: "HTTP 503", or the error that left no answer."""
+    status: int | None = None
+    """The server's answer; None: there was none (refused, reset, timed out)."""
+    retry_after_s: float = 1.0
+
+    @property
+    def busy(self) -> bool:
+        """Another run holds the slot (423): wait `retry_after_s`, then ask again."""
+        return self.status == 423
+
+    @property
+    def gone(self) -> bool:
+        """The server no longer holds the lease."""
+        return self.status in GONE
+
+    @property
+    def transient(self) -> bool:
+        """It may pass: no answer, or a 5xx."""
+        return self.status is None or self.status >= 500
+
+
+def api_failure(exc: httpx.HTTPError | OSError) -> ApiFailure:
+    """The failure of a call through Prefect's client (an HTTP status or no answer)."""
+    if isinstance(exc, PrefectHTTPStatusError):
+        code = exc.response.status_code
+        retry_after = float(exc.response.headers.get("Retry-After", 1))
+        return ApiFailure(f"HTTP {code}", code, retry_after)
+    return ApiFailure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+
+
 def _renew_once(client: SyncPrefectClient, held: HeldLease) -> str | None:
     """One renewal: None when renewed, else what failed. Marks `held` lost on 410/404."""
     try:
         client.renew_concurrency_lease(held.lease_id, LEASE_S)
-    except PrefectHTTPStatusError as exc:
-        code = exc.response.status_code
-        if code in GONE:
-            held.lost = f"the Prefect server no longer holds its lease (HTTP {code})"
-        return f"HTTP {code}"
     except (httpx.HTTPError, OSError) as exc:
-        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        failure = api_failure(exc)
+        if failure.gone:
+            held.lost = f"the Prefect server no longer holds its lease ({failure.what})"
+        return failure.what
     return None
 
 
@@ -182,19 +215,14 @@ def _acquire(name: str, patience_s: float = ACQUIRE_PATIENCE_S) -> UUID:
                 answer = client.increment_concurrency_slots_with_lease(
                     names=[name], slots=1, mode="concurrency", lease_duration=LEASE_S
                 )
-            except PrefectHTTPStatusError as exc:
-                code = exc.response.status_code
-                if code == 423:
-                    time.sleep(float(exc.response.headers.get("Retry-After", 1)))
-                    continue
-                if code < 500 or time.monotonic() > deadline:
-                    raise
-                _acquire_failed(name, f"HTTP {code}")
-                continue
             except (httpx.HTTPError, OSError) as exc:
-                if time.monotonic() > deadline:
+                failure = api_failure(exc)
+                if failure.busy:
+                    time.sleep(failure.retry_after_s)
+                    continue
+                if not failure.transient or time.monotonic() > deadline:
                     raise
-                _acquire_failed(name, type(exc).__name__)
+                _acquire_failed(name, failure.what)
                 continue
             body = answer.json()
             if not body.get("limits"):

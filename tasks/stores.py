@@ -54,6 +54,10 @@ class S3Store:
     def _key(self, path: str) -> str:
         return self.bucket._resolve_path(path)  # same keys as write_path
 
+    def _url(self, key: str) -> str:
+        """Where a failure happened, bucket and key (never the credentials)."""
+        return f"s3://{self.bucket.bucket_name}/{key}"
+
     def read(self, path: str) -> bytes | None:
         """The object's bytes, None when missing.
 
@@ -69,12 +73,12 @@ class S3Store:
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
                     return None
-                raise _failure(f"cannot read s3 key {key}", exc) from exc
+                raise _failure(f"cannot read {self._url(key)}", exc) from exc
             except (BotoCoreError, OSError, HTTPError) as exc:
-                raise _failure(f"cannot read s3 key {key}", exc) from exc
+                raise _failure(f"cannot read {self._url(key)}", exc) from exc
             if answer.get("ContentLength") == len(body):
                 return body
-        msg = f"cannot read s3 key {key}: {CUT_READS} answers cut short"
+        msg = f"cannot read {self._url(key)}: {CUT_READS} answers cut short"
         raise LedgerUnavailable(msg)
 
     def create(self, path: str, data: bytes) -> bool:
@@ -98,9 +102,9 @@ class S3Store:
             # 409 ConditionalRequestConflict: a concurrent conditional write is in flight.
             if code in {"PreconditionFailed", "ConditionalRequestConflict"}:
                 return False
-            raise _failure(f"cannot write s3 key {key}", exc) from exc
+            raise _failure(f"cannot write {self._url(key)}", exc) from exc
         except (BotoCoreError, OSError, HTTPError) as exc:
-            raise _failure(f"cannot write s3 key {key}", exc) from exc
+            raise _failure(f"cannot write {self._url(key)}", exc) from exc
         return True
 
     def names(self, folder: str) -> list[str]:
@@ -114,7 +118,7 @@ class S3Store:
             for page in pages:
                 found.extend(item["Key"][len(prefix) :] for item in page.get("Contents", []))
         except (ClientError, BotoCoreError, OSError, HTTPError) as exc:
-            raise _failure(f"cannot list s3 prefix {prefix}", exc) from exc
+            raise _failure(f"cannot list {self._url(prefix)}", exc) from exc
         return sorted(found)
 
 

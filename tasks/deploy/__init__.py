@@ -16,14 +16,14 @@ from prefect.filesystems import WritableFileSystem
 
 from blocks.catalog import ServiceSpec
 from blocks.environments import EnvironmentSpec
-from core.errors import PipelineError, PromotionError, PromotionRefused
+from core.errors import LedgerError, PipelineError, PromotionError, PromotionRefused
 from core.ledger import EnvironmentState
 from core.records import DeployedService, DeployOutcome, ImageRef, PublishedImage, short_digest
 from tasks.deploy.target import Deployer, DeployTarget
 from tasks.health import probe_health
 from tasks.locks import check_deploy_lock, deploy_lock, mark_crashed
 from tasks.process import run_logger
-from tasks.releases import Ledger, end_deploys, read_ledger
+from tasks.releases import Ledger, LedgerEntry, end_deploys, read_ledger
 
 LOOK_S = 2.0
 """How long the look before the lock waits for a healthy answer (a failing look deploys)."""
@@ -46,7 +46,8 @@ def deploy_service(
     serves then deploys nothing without queueing for the lock service by service.
     """
     deployer = deploy_target.deployer()
-    live = _already_serving(deployer, env, service, published.image, deadline_s=LOOK_S)
+    now = deployer.live(env, service)
+    live = _already_serving(now, service, published.image, deadline_s=LOOK_S)
     if live is not None:
         return DeployOutcome(deployed=live, changed=False)
     with deploy_lock(env.name):
@@ -54,28 +55,26 @@ def deploy_service(
 
 
 def _already_serving(
-    deployer: Deployer,
-    env: EnvironmentSpec,
+    live: DeployedService | None,
     service: ServiceSpec,
     image: ImageRef,
     *,
     deadline_s: float,
     warn: bool = False,
 ) -> DeployedService | None:
-    """What serves `service` in `env` when it is exactly `image`, answering healthily."""
-    live = deployer.live(env, service)
+    """`live` (what serves `service` now) when it is exactly `image`, answering healthily."""
     if live is None or live.image.digest != image.digest:
         return None
     probe = probe_health(live.address, service, deadline_s=deadline_s, expect_digest=image.digest)
     if probe.ok:
-        run_logger().info("%s %s already serves in %s", service.name, image.short, env.name)
+        run_logger().info("%s %s already serves in %s", service.name, image.short, live.environment)
         return live
     if warn:
         run_logger().warning(
             "%s %s should serve in %s but does not answer (%s): deploying it again",
             service.name,
             image.short,
-            env.name,
+            live.environment,
             "; ".join(probe.failures),
         )
     return None
@@ -88,7 +87,8 @@ def _deploy_unless_serving(
     image: ImageRef,
     deadline_s: float,
 ) -> DeployOutcome:
-    live = _already_serving(deployer, env, service, image, deadline_s=5, warn=True)
+    before = deployer.live(env, service)
+    live = _already_serving(before, service, image, deadline_s=5, warn=True)
     if live is not None:
         return DeployOutcome(deployed=live, changed=False)
     check_deploy_lock(f"before deploying {service.name}")
@@ -96,7 +96,56 @@ def _deploy_unless_serving(
     run_logger().info(
         "%s %s deployed to %s at %s", service.name, image.short, env.name, deployed.address
     )
-    return DeployOutcome(deployed=deployed, changed=True)
+    return DeployOutcome(deployed=deployed, changed=True, previous=before)
+
+
+@task(task_run_name="settle_record-{service.name}-{env.name}", cache_policy=NO_CACHE)
+def settle_record(
+    deploy_target: DeployTarget,
+    env: EnvironmentSpec,
+    service: ServiceSpec,
+    outcome: DeployOutcome,
+    recorded: LedgerEntry | BaseException | None,
+) -> LedgerEntry:
+    """CI's record stage as the report shows it: the ledger entry, or, when the record
+    failed (`recorded` is its error, after its retries), the deploy undone.
+
+    A release the ledger does not name must not serve: promotions read what dev serves
+    from the ledger. Under `deploy-<env>`, what served before the deploy is put back
+    and checked, unless another run has deployed the service since.
+
+    Raises:
+        LedgerError: the record failed; the message names its cause and what serves now.
+    """
+    if isinstance(recorded, LedgerEntry):
+        return recorded
+    cause = recorded if recorded is not None else "the record did not run"
+    if not outcome.changed:
+        raise _unrecorded(f"{cause}; nothing was deployed by this run, nothing to undo", recorded)
+    deployed, before = outcome.deployed, outcome.previous
+    deployer = deploy_target.deployer()
+    with deploy_lock(env.name):
+        live = deployer.live(env, service)
+        if live is None or live.image.digest != deployed.image.digest:
+            now = live.image.short if live else "nothing"
+            note = f"{service.name} in {env.name} now runs {now} (another run's): left as it is"
+            raise _unrecorded(f"{cause}; {note}", recorded)
+        run_logger().warning(
+            "%s %s is not in the %s ledger: putting %s back",
+            service.name,
+            deployed.image.short,
+            env.name,
+            before.image.short if before else "nothing",
+        )
+        deployer.restore(env, service, before)
+        restored = confirm_restored.fn(deploy_target, env, [service], {service.name: before})
+    raise _unrecorded(rollback_message(cause, restored), recorded)
+
+
+def _unrecorded(message: object, cause: BaseException | None) -> LedgerError:
+    error = LedgerError(f"not recorded: {message}")
+    error.__cause__ = cause
+    return error
 
 
 @task(cache_policy=NO_CACHE)
@@ -156,31 +205,38 @@ def restore_environment(
     """Undo a failed release: wherever something other than `previous` serves now, put
     `previous` back (None: remove the service). Returns the services it put back.
 
-    A service that cannot be put back is logged and left to `confirm_restored`, which
-    names it; the others are still restored.
+    A service that cannot be read or put back is logged; the others are still restored.
+
+    Raises:
+        PromotionError: a service could not be put back (naming each and why).
     """
     deployer = deploy_target.deployer()
     logger = run_logger()
     restored = []
+    failed = []
     for svc in services:
         before = previous.get(svc.name)
-        now = deployer.live(env, svc)
-        if (now.image.digest if now else None) == (before.image.digest if before else None):
-            continue
-        logger.warning(
-            "rolling back %s in %s to %s",
-            svc.name,
-            env.name,
-            before.image.short if before else "nothing",
-        )
         try:
+            now = deployer.live(env, svc)
+            if (now.image.digest if now else None) == (before.image.digest if before else None):
+                continue
+            logger.warning(
+                "rolling back %s in %s to %s",
+                svc.name,
+                env.name,
+                before.image.short if before else "nothing",
+            )
             deployer.restore(env, svc, before)
         except PipelineError as exc:
             logger.error(  # noqa: TRY400 - the error is the message; no traceback
                 "%s in %s: could not put the previous release back: %s", svc.name, env.name, exc
             )
+            failed.append(f"{svc.name}: {exc}")
             continue
         restored.append(svc.name)
+    if failed:
+        msg = f"rollback in {env.name} incomplete: " + "; ".join(failed)
+        raise PromotionError(msg)
     return restored
 
 
@@ -226,7 +282,7 @@ def confirm_restored(
     return serving
 
 
-def rollback_message(failure: BaseException, restored: Mapping[str, str | None]) -> str:
+def rollback_message(failure: BaseException | str, restored: Mapping[str, str | None]) -> str:
     """What a rolled-back promotion says: what failed, and what serves again."""
     back = ", ".join(
         f"{svc} {short_digest(digest) if digest else '(removed)'}"

@@ -17,6 +17,7 @@ from blocks.catalog import ServiceSpec
 from blocks.docker_target import DockerTarget
 from blocks.environments import EnvironmentSpec
 from blocks.registry import OciRegistry
+from core.analysis import GREEN_SUFFIX
 from core.catalog import local_address
 from core.errors import DeployError, RegistryError, ToolError
 from core.records import DeployedService, HealthResult, ImageRef, utcnow
@@ -36,10 +37,6 @@ STOP_TIMEOUT_S = 10
 def container_name(prefix: str, env: str, service: str) -> str:
     """The canonical container name of `service` in `env`."""
     return f"{prefix}-{env}-{service}"
-
-
-GREEN = "-green"
-"""The suffix of a blue-green promotion's green container (`tasks/deploy/bluegreen.py`)."""
 
 
 def log_excerpt(text: str, lines: int = LOG_LINES) -> str:
@@ -487,7 +484,7 @@ class DockerDeployer:
             DeployError: green did not become healthy (it is removed; blue serves on).
         """
         green_env = env.model_copy(update={"local_port_offset": green_offset})
-        name = container_name(self.prefix, env.name, service.name) + GREEN
+        name = container_name(self.prefix, env.name, service.name) + GREEN_SUFFIX
         with _engine_errors(f"start {image.reference} as green in {env.name}"):
             self._remove(name)  # one left by a run that died
             green = self._start(green_env, service, image, name)
@@ -508,7 +505,7 @@ class DockerDeployer:
 
     def remove_green(self, env: EnvironmentSpec, service: ServiceSpec) -> None:
         """Remove `service`'s green container in `env`, if there is one."""
-        name = container_name(self.prefix, env.name, service.name) + GREEN
+        name = container_name(self.prefix, env.name, service.name) + GREEN_SUFFIX
         with _engine_errors(f"remove {name}"):
             self._remove(name)
 
@@ -520,7 +517,7 @@ class DockerDeployer:
             name = container_name(self.prefix, env.name, service.name)
             with _engine_errors(f"remove {name}"):
                 self._remove(f"{name}-next")
-                self._remove(name + GREEN)
+                self._remove(name + GREEN_SUFFIX)
                 self._remove(name)
             run_logger().info("%s removed from %s", service.name, env.name)
             return

@@ -13,8 +13,8 @@ What a real API server does, and how it is judged here:
 - a rollout is done when the environment's minimum replicas (the HPA's minReplicas)
   are available, not when the Deployment's first replica is (the HPA raises
   replicas at its next sync);
-- API calls are retried for `API_RETRY_BUDGET_S` at least, longer than an API server
-  restart takes;
+- API calls are retried for the target's `api_retry_budget_s` at least (default
+  `API_RETRY_BUDGET_S`, longer than an API server restart takes);
 - only a Deployment this pipeline applied (its field manager `FIELD_MANAGER` in the
   managedFields) is taken as the previous release; any other is refused before a write;
 - fields another manager added to the service's Deployment, Service, ConfigMap or HPA
@@ -71,7 +71,6 @@ from tasks.process import run_logger
 FIELD_MANAGER = "elice-devops"
 DEFAULT_PROGRESS_DEADLINE_S = 600  # Kubernetes' default progressDeadlineSeconds
 CONTROLLER_MANAGERS = frozenset({"kube-controller-manager"})  # revision annotation, scale
-API_RETRY_BUDGET_S = 120.0  # an API server restart took about a minute
 POD_GONE_GRACE_S = 30.0  # beyond the pods' termination grace period
 RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
 # (apiVersion, kind) -> (client API class, method suffix, namespaced)
@@ -367,14 +366,16 @@ class KubernetesDeployer:
         api_client: Any = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
-        retry_budget_s: float = API_RETRY_BUDGET_S,
+        retry_budget_s: float | None = None,
         registries: Sequence[OciRegistry] = (),
         token_expires_at: datetime | None = None,
     ) -> None:
+        self.target = target or KubernetesTarget()
+        if retry_budget_s is None:
+            retry_budget_s = self.target.api_retry_budget_s
         if retry_budget_s < 0:
             msg = f"retry_budget_s must not be negative, got {retry_budget_s}"
             raise ValueError(msg)
-        self.target = target or KubernetesTarget()
         self.api_client = api_client if api_client is not None else self.target.api_client()
         self._sleep = sleep
         self._clock = clock

@@ -170,18 +170,28 @@ def undo_release(
     plan: PromotionPlan,
     record: tuple[WritableFileSystem, str],
     failure: BaseException,
-) -> PromotionRolledBack:
+) -> PromotionError:
     """All or nothing, whatever failed: every service that moved is put back, checked, and
-    the ledger's intent cleared. Returns the error to raise, naming the cause.
+    the ledger's intent cleared. Returns the error to raise, naming the cause:
+    `PromotionRolledBack`, or a `PromotionError` when a service could not be put back.
 
-    A ledger that cannot record the rollback (the store failing, as it may have failed the
-    record that caused this) never replaces the cause: the intent stays on record, and the
-    next promotion or rollback of the environment finds it and checks what serves.
-    `record` is the ledger's store and the run whose intent it holds.
+    Neither a rollback that cannot finish (the target still failing, as it may have failed
+    the deploy) nor a ledger that cannot record it (the store failing, as it may have
+    failed the record) replaces the cause: the intent stays on record, and the next
+    promotion or rollback of the environment finds it and puts back what served before
+    (`recover_interrupted`). `record` is the ledger's store and the run whose intent it holds.
     """
     ledger, run_id = record
-    restore_environment(deploy_target, env, specs, live)
-    restored = confirm_restored(deploy_target, env, specs, live)
+    try:
+        restore_environment(deploy_target, env, specs, live)
+        restored = confirm_restored(deploy_target, env, specs, live)
+    except Exception as exc:  # noqa: BLE001 - reported with the failure it follows
+        note = (
+            f"{exc}; the ledger keeps release {plan.release_id} under way: the next "
+            f"promotion or rollback of {env.name} puts back what served before it"
+        )
+        run_logger().error("%s: %s", env.name, note)
+        return PromotionError(f"{failure}; {note}")
     message = rollback_message(failure, restored)
     try:
         end_deploys(ledger, env.name, run_id, f"release {plan.release_id} rolled back: {failure}")

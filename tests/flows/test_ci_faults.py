@@ -15,6 +15,7 @@ import dataclasses
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks.registry import OciRegistry
 from blocks.stack import StackInfo
-from core.records import CiOutcome, StageResult
+from core.records import CiOutcome, StageResult, short_digest
 from flows.ci import ci, ci_outcome
 from tests.ledgers import current_ledger
 from tests.plugins.faults import Fault, FaultProxy
@@ -199,15 +200,15 @@ def test_a_prefect_api_blip_during_a_ci_run_is_retried(
     assert serving[-1] != serving[-2]
 
 
-def _push_attempts(state: State[Any]) -> list[int]:
-    """How many times each push task of the run ran (1: never retried)."""
+def _attempts(state: State[Any], task: str) -> list[int]:
+    """How many times each run of `task` in the run ran (1: never retried)."""
     run_id = state.state_details.flow_run_id
     assert run_id is not None
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
         )
-    return [r.run_count for r in runs if r.name.startswith("push_image")]
+    return [r.run_count for r in runs if r.name.startswith(f"{task}-")]
 
 
 ENGINE_OWN_RETRIES_S = 50
@@ -244,7 +245,7 @@ def test_a_registry_blip_during_the_push_is_retried_and_ships(
         delivery.registry.clear()
     assert injected.fired >= 1
     serving.append(_shipped(delivery, state))
-    attempts = _push_attempts(state)
+    attempts = _attempts(state, "push_image")
     assert len(attempts) == 1, attempts
     assert attempts[0] >= 2, attempts  # the engine's error reached the task, which retried
 
@@ -268,7 +269,7 @@ def test_a_registry_refusing_the_push_is_not_retried(
     assert fault.fired >= 1
     summary = _kept(delivery, serving, state, "image")
     assert "denied" in summary, summary
-    assert _push_attempts(state) == [1]
+    assert _attempts(state, "push_image") == [1]
 
 
 def test_an_engine_500_during_the_dev_deploy_keeps_what_served(
@@ -296,6 +297,39 @@ def test_an_engine_500_during_the_dev_deploy_keeps_what_served(
     assert "injected engine fault" in summary, summary
 
 
+@contextmanager
+def _s3_ledger(
+    delivery: Delivery,
+    moto_endpoint: str,
+    folder: Path,
+    proxy: FaultProxy,
+    secret: str = MOTO["AWS_SECRET_ACCESS_KEY"],
+) -> Iterator[None]:
+    """The trust file pins the ledger in moto's S3 at a fresh prefix, reached through
+    `proxy`; the S3 client's secret key is `secret`."""
+    direct = boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    direct.create_bucket(Bucket=LEDGER_BUCKET)
+    prefix = f"ci-{uuid.uuid4().hex[:12]}"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {**MOTO, "AWS_SECRET_ACCESS_KEY": secret}.items():
+            patch.setenv(name, value)
+        pin_repository(
+            patch,
+            folder,
+            delivery.remote,
+            registries={BLOCK: delivery.registry.address},
+            ledger=f"s3://{LEDGER_BUCKET}/{prefix}",
+            s3_endpoint=f"http://{proxy.address}",
+        )
+        yield
+
+
 def test_an_object_store_outage_at_the_record_is_retried_and_ships(
     delivery: Delivery,
     serving: list[str],
@@ -307,31 +341,63 @@ def test_an_object_store_outage_at_the_record_is_retried_and_ships(
     write meets 503s past the S3 client's own six attempts; the record task retries it
     and the run ships, the release recorded once."""
     proxy = fault_proxy(moto_endpoint.removeprefix("http://"))
-    direct = boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
-    direct.create_bucket(Bucket=LEDGER_BUCKET)
-    prefix = f"ci-{uuid.uuid4().hex[:12]}"
     fault = proxy.inject(Fault("status", method="PUT", path=f"/ledger/{ENV}/", times=7))
     delivery.change()
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in MOTO.items():
-            patch.setenv(name, value)
-        pin_repository(
-            patch,
-            tmp_path,
-            delivery.remote,
-            registries={BLOCK: delivery.registry.address},
-            ledger=f"s3://{LEDGER_BUCKET}/{prefix}",
-            s3_endpoint=f"http://{proxy.address}",
-        )
+    with _s3_ledger(delivery, moto_endpoint, tmp_path, proxy):
         state = delivery.run()
         assert fault.fired == 7
         serving.append(_shipped(delivery, state))
         history = current_ledger().history(ENV)
     recorded = [s.services[SERVICE].image.digest for s in history if SERVICE in s.services]
     assert recorded == [serving[-1]]  # one revision: the record, written once
+
+
+S3_ACCESS_DENIED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+    b"<Message>Access Denied</Message><RequestId>4442587FB7D0A2F9</RequestId></Error>"
+)
+"""S3's own answer to a write its policy refuses (403)."""
+
+
+def test_an_object_store_denying_the_record_takes_the_release_back_out_of_dev(
+    delivery: Delivery,
+    serving: list[str],
+    moto_endpoint: str,
+    tmp_path: Path,
+    fault_proxy: type[FaultProxy],
+) -> None:
+    """S3 refuses the record of a healthy dev deploy with 403 AccessDenied: an answer, not
+    a blip, so one write and no retry. A release the ledger does not name must not serve
+    (promotions take dev's releases from its ledger): dev is put back to what served
+    before the run, and the record stage names the bucket and the denial, never the credentials."""
+    proxy = fault_proxy(moto_endpoint.removeprefix("http://"))
+    fault = proxy.inject(
+        Fault(
+            "status",
+            method="PUT",
+            path=f"/ledger/{ENV}/",
+            status=403,
+            body=S3_ACCESS_DENIED,
+            times=None,
+        )
+    )
+    delivery.change()
+    secret = f"secret-{uuid.uuid4().hex}"
+    with _s3_ledger(delivery, moto_endpoint, tmp_path, proxy, secret):
+        state = delivery.run()
+        history = current_ledger().history(ENV)
+    assert fault.fired == 1  # neither the S3 client nor the record task retried it
+    assert _attempts(state, "record_release") == [1]
+    assert state.is_failed(), state.message
+    stages = _stages(_outcome(state))
+    assert stages["deploy"].status == "passed"
+    assert stages["deploy"].details["digest"] != serving[-1]  # the new release did deploy
+    record = stages["record"]
+    assert record.status == "failed", record
+    assert f"s3://{LEDGER_BUCKET}/" in record.summary, record.summary
+    assert "AccessDenied" in record.summary, record.summary
+    assert f"serving again: {SERVICE} {short_digest(serving[-1])}" in record.summary, record
+
+    assert secret not in f"{record.summary} {record.excerpt} {state.message}"
+    assert delivery.serving() == serving[-1]
+    assert history == []  # nothing recorded: the ledger names what serves

@@ -30,14 +30,17 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.states import State
+from typer.testing import CliRunner
 
 from blocks.config import PipelineConfig, load_config
 from blocks.kubernetes_target import KubernetesTarget
 from blocks.stack import StackInfo
-from core.errors import PromotionRolledBack
+from cicd.cli import app
+from core.errors import PromotionError, PromotionRolledBack
 from core.records import ImageRef
 from flows.ci import ci, ci_outcome
-from flows.promotion import promote
+from flows.health import health_check
+from flows.promotion import promote, rollback
 from tasks.deploy.kubernetes import KubernetesDeployer
 from tasks.deploy.pull_secret import PULL_NAME
 from tasks.deploy.target import KUBERNETES_TARGET_BLOCK, block_digest
@@ -214,6 +217,28 @@ def test_ci_delivers_to_kubernetes_through_the_same_target(
     assert ("elice-devops-dev", "auth", "/version") in cluster.sim.proxied
 
 
+def _proxied_target(
+    c: Cluster, fault_proxy: type[FaultProxy], folder: Path, **settings: float
+) -> FaultProxy:
+    """The saved kubernetes target reaches the cluster's API through a fault proxy (with
+    `settings` of the target's changed); the proxy."""
+    proxy = fault_proxy(c.sim.url.removeprefix("http://"))
+    kubeconfig = c.sim.kubeconfig(folder / "proxied-kubeconfig", context="kd")
+    document = yaml.safe_load(kubeconfig.read_text(encoding="utf-8"))
+    document["clusters"][0]["cluster"]["server"] = f"http://{proxy.address}"
+    kubeconfig.write_text(yaml.safe_dump(document), encoding="utf-8")
+    proxied = KubernetesTarget.from_kubeconfig(kubeconfig).model_copy(
+        update={
+            "deployments_dir": c.target.deployments_dir,
+            "poll_interval_s": 0.05,
+            "health_via": "proxy",
+            **settings,
+        }
+    )
+    proxied.save(KUBERNETES_TARGET_BLOCK, overwrite=True)
+    return proxy
+
+
 def test_a_kubernetes_api_outage_during_the_deploy_is_waited_out(
     cluster: Cluster, fault_proxy: type[FaultProxy], tmp_path: Path
 ) -> None:
@@ -223,19 +248,7 @@ def test_a_kubernetes_api_outage_during_the_deploy_is_waited_out(
     retry budget (120 s): the release ships, nothing is rolled back, and the ledger
     records it once."""
     c = cluster
-    proxy = fault_proxy(c.sim.url.removeprefix("http://"))
-    kubeconfig = c.sim.kubeconfig(tmp_path / "proxied-kubeconfig", context="kd")
-    document = yaml.safe_load(kubeconfig.read_text(encoding="utf-8"))
-    document["clusters"][0]["cluster"]["server"] = f"http://{proxy.address}"
-    kubeconfig.write_text(yaml.safe_dump(document), encoding="utf-8")
-    proxied = KubernetesTarget.from_kubeconfig(kubeconfig).model_copy(
-        update={
-            "deployments_dir": c.target.deployments_dir,
-            "poll_interval_s": 0.05,
-            "health_via": "proxy",
-        }
-    )
-    proxied.save(KUBERNETES_TARGET_BLOCK, overwrite=True)
+    proxy = _proxied_target(c, fault_proxy, tmp_path)
     stg_deployments = r"/apis/apps/v1/namespaces/elice-devops-stg/deployments/"
     burst = proxy.inject(Fault("status", path=stg_deployments, method="PATCH", times=2))
     outages: list[Fault] = []
@@ -264,3 +277,97 @@ def test_a_kubernetes_api_outage_during_the_deploy_is_waited_out(
     assert {s: r.image.digest for s, r in after.services.items()} == dict.fromkeys(
         SERVICES, c.d1.digest
     )
+
+
+def test_a_kubernetes_api_outage_longer_than_the_retry_budget_is_undone_by_the_next_run(
+    cluster: Cluster, fault_proxy: type[FaultProxy], tmp_path: Path
+) -> None:
+    """kd-stg runs D1; D2 is promoted while the API server refuses every connection from
+    the first apply of a Deployment on, for longer than the deployer's retry budget. The
+    budget is the target's `api_retry_budget_s`, lowered here to 1 s (production: 120 s,
+    longer than an API server restart): the deploy fails, its rollback cannot reach the
+    API either, and the promotion fails saying so, the ledger keeping the release under
+    way. The API back, the next `rollback` run finds that intent and puts D1 back."""
+    c = cluster
+    deployer = KubernetesDeployer(c.target)
+    for service in SERVICES:
+        put_release(deployer, c.cfg, STG, service, c.d1, release_id=f"seed-{c.d1.short}")
+        put_release(deployer, c.cfg, DEV, service, c.d2, release_id=f"seed-{c.d2.short}")
+    before = current_ledger().current(STG)
+    settings = {"api_retry_budget_s": 1.0, "retries": 1, "retry_backoff_s": 0.05}
+    proxy = _proxied_target(c, fault_proxy, tmp_path, **settings)
+    applied = proxy.inject(
+        Fault("delay", path=r"/namespaces/elice-devops-stg/deployments/", method="PATCH")
+    )
+    outage = Fault("refuse", times=None, window=20.0)
+
+    def down_once_applying() -> None:
+        deadline = time.monotonic() + 300
+        while applied.fired < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proxy.inject(outage)
+
+    threading.Thread(target=down_once_applying, daemon=True).start()
+
+    failed = _promote(c)
+
+    error = failed.result(raise_on_failure=False)
+    assert failed.is_failed(), failed.message
+    assert isinstance(error, PromotionError), repr(error)
+    assert not isinstance(error, PromotionRolledBack), error
+    assert outage.fired > 0, proxy.requests[-20:]
+    assert outage.started is not None
+    assert time.monotonic() < outage.started + outage.window  # failed within the outage
+    assert "no answer from the API server" in str(error), error
+    assert "under way" in str(error), error
+    pending = current_ledger().current(STG)
+    assert pending.in_progress is not None  # the intent stays for the next run
+    assert pending.services == before.services
+    time.sleep(max(outage.started + outage.window - time.monotonic(), 0) + 0.5)
+
+    restored = rollback(environment=STG, config_source=c.cfg_path, return_state=True)
+
+    assert restored.is_completed(), restored.message
+    assert restored.result() == dict.fromkeys(SERVICES, c.d1.digest)
+    for service in SERVICES:
+        assert str(c.image(STG, service)).endswith(f"@{c.d1.digest}")
+    after = current_ledger().current(STG)
+    assert after.in_progress is None
+    assert after.services == before.services
+
+
+def _secret_writes(sim: KubeSimulator) -> list[tuple[str, str]]:
+    """Every request that wrote a Secret (created, replaced, patched or deleted it)."""
+    return [
+        (method, path)
+        for method, path in sim.arrivals
+        if "/secrets" in path and method in {"POST", "PUT", "PATCH", "DELETE"}
+    ]
+
+
+def test_cicd_health_run_by_hand_never_writes_the_pull_secret(cluster: Cluster) -> None:
+    """Only the scheduled health check (prefect.yaml's health-check deployment sets
+    `refresh_pull_secret: true`) renews the namespace's pull secret: `cicd health`,
+    typed by someone holding other credentials, only reads. kd-stg's registry has a
+    login and its namespace no pull secret yet, so a health check that refreshes it
+    writes one (checked last, so this test can fail)."""
+    c = cluster
+    deployer = KubernetesDeployer(c.target)  # no registry login: it writes no Secret
+    for service in SERVICES:
+        put_release(deployer, c.cfg, STG, service, c.d1, release_id=f"seed-{c.d1.short}")
+    namespace = c.cfg.environment(STG).namespace
+    assert c.sim.get("secrets", namespace, PULL_NAME) is None
+
+    by_hand = CliRunner().invoke(app, ["health", STG, "--config", c.cfg_path])
+
+    assert by_hand.exit_code == 0, by_hand.output
+    assert f"{STG}: {len(SERVICES)} services healthy" in by_hand.output
+    assert _secret_writes(c.sim) == []
+    assert c.sim.get("secrets", namespace, PULL_NAME) is None
+
+    scheduled = health_check(
+        environment=STG, config_source=c.cfg_path, refresh_pull_secret=True, return_state=True
+    )
+    assert scheduled.is_completed(), scheduled.message
+    assert _secret_writes(c.sim) != []
+    assert c.sim.get("secrets", namespace, PULL_NAME) is not None

@@ -257,7 +257,7 @@ def test_a_ledger_that_fails_the_record_leaves_the_old_release_and_the_intent(
     assert error.plan is not None
     release = error.plan.release_id
     # the cause is the record's failure, not the rollback's note
-    assert "cannot write s3 key" in error.failed
+    assert "cannot write s3://" in error.failed
     assert f"{before.revision + 2:08d}.json" in error.failed  # the record's (after the intent)
     assert "the ledger could not record the rollback" in str(error)
     assert error.restored == dict.fromkeys(SERVICES, d1.digest)
