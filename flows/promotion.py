@@ -56,7 +56,12 @@ from tasks.deploy import (
     recover_interrupted,
     service_addresses,
 )
-from tasks.deploy.bluegreen import GreenStopped, green_offset_of, promote_blue_green
+from tasks.deploy.bluegreen import (
+    GreenStopped,
+    green_offset_of,
+    promote_blue_green,
+    remove_stale_greens,
+)
 from tasks.deploy.canary import (
     CanaryStopped,
     canary_replicas_of,
@@ -345,6 +350,17 @@ def _prepare(run: _Promotion) -> tuple[PromotionPlan, SecurityVerdict]:
     return placed, verdict
 
 
+def _remove_leftovers(
+    settings: Settings,
+    deploy_target: DeployTarget,
+    env: EnvironmentSpec,
+    catalog: dict[str, ServiceSpec],
+) -> None:
+    """Under the lock: the canaries (kubernetes) or greens (docker) a killed run left."""
+    remove_stale_canaries(deploy_target, env, catalog)
+    remove_stale_greens(deploy_target, env, catalog, green_targets_dir(stack_dir(settings)))
+
+
 def _approved(
     run: _Promotion, gate: EnvironmentPolicy
 ) -> tuple[PromotionPlan, SecurityVerdict, str]:
@@ -603,7 +619,7 @@ def promote(
     with deploy_lock(environment, run.context.settings.lock_renew_s):
         catalog = _catalog(run.config)
         recover_interrupted(run.context.ledger, run.deploy_target, run.env, catalog, run.run_id)
-        remove_stale_canaries(run.deploy_target, run.env, catalog)
+        _remove_leftovers(run.context.settings, run.deploy_target, run.env, catalog)
         plan, verdict, approved_by = _settled(run, approved)
         require_overridden(window, plan.release_id)
         with github_deployment(plan, approved_by):  # GitHub's view; inert without its block
@@ -665,7 +681,7 @@ def rollback(
     with deploy_lock(environment, settings.lock_renew_s):
         run_id = str(current_run.id)
         recovered = recover_interrupted(ledger, deploy_target, env, _catalog(config), run_id)
-        remove_stale_canaries(deploy_target, env, _catalog(config))
+        _remove_leftovers(settings, deploy_target, env, _catalog(config))
         if recovered is not None:
             # A promotion died mid-deploy: what it changed is undone, and the releases the
             # ledger names serve again. Going back further is a second, deliberate request.

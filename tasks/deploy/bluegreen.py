@@ -15,10 +15,13 @@ approval policy on the protected branch) takes a release in two steps:
    only then (put back if the switch does not hold). Green is removed after.
 
 Any failure or exception in step 1 removes green and its target and leaves blue serving
-everything: the error raised (`GreenStopped`) says so, and the promotion records it.
+everything: the error raised (`GreenStopped`) says so, and the promotion records it. A run
+killed in between leaves its green running; the next promotion or rollback of the
+environment removes it (`remove_stale_greens`, under the deploy lock).
 
     green_offset_of(run, deploy_target, env, offsets)   the checked green offset, or None
     promote_blue_green(...)                             both steps; the release's baselines
+    remove_stale_greens(deploy_target, env, catalog, folder)   what a killed run left
 """
 
 from __future__ import annotations
@@ -149,6 +152,31 @@ def remove_greens(
                 deployer.remove_green(env, spec)
         except Exception as exc:  # noqa: BLE001 - reported, the others still removed
             run_logger().error("%s: green of %s not removed: %s", env.name, spec.name, exc)
+
+
+def remove_stale_greens(
+    deploy_target: DeployTarget,
+    env: EnvironmentSpec,
+    catalog: Mapping[str, ServiceSpec],
+    folder: Path,
+) -> list[str]:
+    """The greens a killed run left in `env` removed, containers and scrape targets (call
+    it holding `deploy-<env>`: no live run has a green then); returns their services.
+    Without it a dead run's green would keep serving on its green port, and Prometheus
+    would keep scraping it as `<env>-green`. Nothing on other targets."""
+    if deploy_target.target != "docker":
+        return []
+    deployer = deploy_target.deployer()
+    if not isinstance(deployer, DockerDeployer):
+        return []
+    stale = sorted(
+        {name for name in deployer.greens(env) if name in catalog}
+        | {name for name in catalog if _target_file(folder, env, catalog[name]).exists()}
+    )
+    for name in stale:
+        run_logger().warning("%s: removing the green of %s a dead run left", env.name, name)
+    remove_greens(deploy_target, env, [catalog[name] for name in stale], folder)
+    return stale
 
 
 def _judge_green(

@@ -503,6 +503,18 @@ class DockerDeployer:
         )
         raise DeployError(msg)
 
+    def greens(self, env: EnvironmentSpec) -> list[str]:
+        """The services of `env` that have a green container (running or not)."""
+        prefix = container_name(self.prefix, env.name, "")
+        with _engine_errors(f"list the green containers of {env.name}"):
+            found = self.client.containers.list(all=True, filters={"name": prefix})
+        names = (str(c.name) for c in found)
+        return sorted(
+            n.removeprefix(prefix).removesuffix(GREEN_SUFFIX)
+            for n in names
+            if n.startswith(prefix) and n.endswith(GREEN_SUFFIX)
+        )
+
     def remove_green(self, env: EnvironmentSpec, service: ServiceSpec) -> None:
         """Remove `service`'s green container in `env`, if there is one."""
         name = container_name(self.prefix, env.name, service.name) + GREEN_SUFFIX

@@ -11,6 +11,7 @@ file order:
                container never stopped, polled throughout; nothing recorded but the attempt)
             -> D4 unhealthy (stopped at green before any analysis)
             -> D5 with Prometheus unreachable (inconclusive: stopped at green)
+    a green of D5 left by a dead run -> removed by the next rollback
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ from blocks.storage import ledger_filesystem
 from core.errors import PromotionRolledBack
 from core.records import ImageRef
 from core.settings import Settings
-from flows.promotion import promote
+from flows.promotion import promote, rollback
 from stack.ports import free_port
 from tasks.audit import read_audit
+from tasks.deploy.bluegreen import write_green_target
 from tasks.deploy.docker import DockerDeployer, container_name
 from tests.approvers import Approvers
 from tests.flows.chain import derive, put_verified, remove_containers, write_chain_config
@@ -257,3 +259,26 @@ def test_an_unreachable_prometheus_is_inconclusive_and_stops_green(setup: Setup)
     )
     assert f"analysis inconclusive in {STG} (never a pass)" in message
     assert "did not answer" in message
+
+
+def test_a_green_a_dead_run_left_is_removed_by_the_next_rollback(
+    setup: Setup, stack: StackInfo
+) -> None:
+    """A run killed between starting green and the switch leaves green serving on its
+    green port and scraped as bg-stg-green. The next run holding the environment's lock (a
+    rollback here; a promotion the same) removes the container and its scrape target."""
+    env, service = setup.cfg.environment(STG), setup.cfg.service(SERVICE)
+    d5, deployer = setup.images["D5"], DockerDeployer(stack.docker_host)
+    address = deployer.start_green(env, service, d5, GREEN_PORT_OFFSET, deadline_s=30)
+    write_green_target(setup.green_targets, env, service, address)
+    assert httpx.get(f"{address}/version", timeout=5).json()["digest"] == d5.digest
+
+    back = rollback(environment=STG, config_source=setup.cfg_path, return_state=True)
+
+    assert back.is_completed(), back.message
+    _no_green(setup)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{address}/version", timeout=5)
+    serving = current_ledger().current(STG).services[SERVICE].image.digest
+    served = httpx.get(f"{deployer.address(env, service)}/version", timeout=5)
+    assert served.json()["digest"] == serving != d5.digest
