@@ -20,12 +20,9 @@ from typing import Annotated
 
 import typer
 
-from cicd.light import full_path_needed, light_config, local_ledger
-from cicd.light_api import ApiError, find_api, read_block_data
+from cicd.light import full_path_needed, light_config, local_ledger, read_docker_target
 from cicd.options import ConfigOption, cli_settings, fail, split_names
 from core.catalog import (
-    DOCKER_TARGET_BLOCK,
-    DOCKER_TARGET_TYPE,
     EnvironmentSpec,
     ServiceSpec,
     local_address,
@@ -116,12 +113,7 @@ def _light(
     if env.target != "docker":
         return _full(settings, config, environment, named, deadline)
     specs = cfg.catalog.select(named) if named else cfg.catalog.services
-    api = api or find_api()
-    if api is not None:  # a saved docker target is read as the flow reads it
-        try:
-            read_block_data(api, DOCKER_TARGET_TYPE, DOCKER_TARGET_BLOCK)
-        except ApiError as exc:
-            fail(str(exc), 1)
+    read_docker_target(api)
 
     def reads() -> tuple[EnvironmentState, Callable[[ServiceSpec], str]]:
         ledger = LedgerReader(local_ledger(settings)).current(env.name)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cicd.light_api import Api, ApiError, find_api, read_block_data
 from cicd.options import fail
+from core.catalog import DOCKER_TARGET_BLOCK, DOCKER_TARGET_TYPE
 from core.config import (
     CATALOG_BLOCK,
     CATALOG_BLOCK_TYPE,
@@ -76,6 +77,18 @@ def light_config(settings: Settings, source: str | None) -> tuple[PipelineConfig
         fail(str(exc))
     except ApiError as exc:
         fail(str(exc), 1)
+
+
+def read_docker_target(api: Api | None) -> None:
+    """Read the saved docker target from `api` (else the API this host finds), as the
+    deploys read it, so that an API refusing the user's string ends the command (exit 1)
+    as on the full path; no API, or no target saved, is the default target."""
+    api = api or find_api()
+    if api is not None:
+        try:
+            read_block_data(api, DOCKER_TARGET_TYPE, DOCKER_TARGET_BLOCK)
+        except ApiError as exc:
+            fail(str(exc), 1)
 
 
 def local_ledger(settings: Settings) -> LocalStore:

@@ -16,12 +16,9 @@ from typing import Annotated, Any
 
 import typer
 
-from cicd.light import full_path_needed, light_config, local_ledger
-from cicd.light_api import ApiError, find_api, read_block_data
+from cicd.light import full_path_needed, light_config, local_ledger, read_docker_target
 from cicd.options import ConfigOption, TargetOption, cli_settings, fail
 from core.catalog import (
-    DOCKER_TARGET_BLOCK,
-    DOCKER_TARGET_TYPE,
     EnvironmentSpec,
     check_target,
     local_address,
@@ -106,12 +103,7 @@ def _light_rows(
         fail(str(exc))
     if any(env.target != "docker" for env in envs):
         return _full_rows(cfg, config, environment, target)
-    api = api or find_api()
-    if api is not None:  # a saved docker target is read as the deploys read it
-        try:
-            read_block_data(api, DOCKER_TARGET_TYPE, DOCKER_TARGET_BLOCK)
-        except ApiError as exc:
-            fail(str(exc), 1)
+    read_docker_target(api)
     book = LedgerReader(local_ledger(settings))
     current = {env.name: book.current(env.name) for env in envs}
     return status_rows(cfg, envs, current, local_address)

@@ -52,13 +52,17 @@ CommitTimes = Callable[[str], datetime | None]
 """The commit time of a SHA, None when unknown."""
 
 
+EventKind = Literal["deployment", "failed-promotion", "rollback"]
+EventSource = Literal["promotion", "ci", "by-hand", "recovery", "pipeline"]
+
+
 class DeliveryEvent(BaseModel):
     """Something that changed what an environment serves."""
 
     model_config = ConfigDict(frozen=True)
 
     environment: str
-    kind: Literal["deployment", "failed-promotion", "rollback"]
+    kind: EventKind
     release_id: str
     at: datetime = Field(description="When the revision recording it was written")
     revision: int
@@ -68,7 +72,7 @@ class DeliveryEvent(BaseModel):
     started_at: datetime | None = Field(
         default=None, description="A failed promotion's deploys began (its intent)"
     )
-    source: Literal["promotion", "ci", "by-hand", "recovery", "pipeline"] = "pipeline"
+    source: EventSource = "pipeline"
 
 
 class DeliveryMetrics(BaseModel):
@@ -115,11 +119,32 @@ def _changed(state: EnvironmentState, before: EnvironmentState | None) -> list[s
     ]
 
 
+def _event(
+    state: EnvironmentState,
+    kind: EventKind,
+    release_id: str,
+    source: EventSource,
+    *,
+    records: tuple[ReleaseRecord, ...] = (),
+    started_at: datetime | None = None,
+) -> DeliveryEvent:
+    """An event of `state`'s revision: its environment, its number, when it was written."""
+    return DeliveryEvent(
+        environment=state.environment,
+        kind=kind,
+        release_id=release_id,
+        at=state.updated_at,
+        revision=state.revision,
+        records=records,
+        started_at=started_at,
+        source=source,
+    )
+
+
 def _by_hand_events(
     state: EnvironmentState, before: EnvironmentState | None, changed: list[str]
 ) -> list[DeliveryEvent]:
     """Records changed outside a promotion: restores by hand, else CI's deployments."""
-    env = state.environment
     # Restored by hand: the record is the one the service had before (or none).
     restored = [
         n
@@ -130,26 +155,11 @@ def _by_hand_events(
     events = []
     for name in restored:
         bad = before.services.get(name) if before is not None else None
-        events.append(
-            DeliveryEvent(
-                environment=env,
-                kind="rollback",
-                release_id=bad.release_id if bad else "",
-                at=state.updated_at,
-                revision=state.revision,
-                records=(bad,) if bad else (),
-                source="by-hand",
-            )
-        )
+        release = bad.release_id if bad else ""
+        events.append(_event(state, "rollback", release, "by-hand", records=(bad,) if bad else ()))
     events.extend(
-        DeliveryEvent(
-            environment=env,
-            kind="deployment",
-            release_id=state.services[n].release_id,
-            at=state.updated_at,
-            revision=state.revision,
-            records=(state.services[n],),
-            source="ci",
+        _event(
+            state, "deployment", state.services[n].release_id, "ci", records=(state.services[n],)
         )
         for n in changed
         if n not in restored and n in state.services
@@ -174,32 +184,13 @@ def _revision_events(
             for n in changed
             if n in state.services and state.services[n].release_id == release
         )
-        return [
-            DeliveryEvent(
-                environment=state.environment,
-                kind="deployment",
-                release_id=release,
-                at=state.updated_at,
-                revision=state.revision,
-                records=records,
-                source="promotion",
-            )
-        ]
+        return [_event(state, "deployment", release, "promotion", records=records)]
     if failed:
         release = failed.group("release")
         intent = before.in_progress if before is not None else None
         started = intent.started_at if intent and intent.release_id == release else None
-        return [
-            DeliveryEvent(
-                environment=state.environment,
-                kind="failed-promotion",
-                release_id=release,
-                at=state.updated_at,
-                revision=state.revision,
-                started_at=started,
-                source="recovery" if failed.re is _DIED else "pipeline",
-            )
-        ]
+        source: EventSource = "recovery" if failed.re is _DIED else "pipeline"
+        return [_event(state, "failed-promotion", release, source, started_at=started)]
     return _by_hand_events(state, before, changed) if changed else []
 
 

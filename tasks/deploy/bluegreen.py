@@ -46,7 +46,12 @@ from core.records import DeployedService, ImageRef, PromotionPlan
 from tasks.analysis import AnalysisRun, measure
 from tasks.deploy.docker import DockerDeployer
 from tasks.deploy.target import DeployTarget
-from tasks.deploy.waves import changed_services, deploy_in_waves, verify_release
+from tasks.deploy.waves import (
+    changed_services,
+    deploy_in_waves,
+    trial_removed_on_failure,
+    verify_release,
+)
 from tasks.performance import Baseline
 from tasks.process import run_logger
 
@@ -246,17 +251,13 @@ def promote_blue_green(
             caller puts back the others).
     """
     todo = changed_services(specs, plan, live)
-    try:
+    with trial_removed_on_failure(
+        lambda: remove_greens(deploy_target, env, todo, green[1]),
+        GreenStopped,
+        f"blue-green stopped at the green step in {env.name}",
+        "green removed, the previous release served the environment's address throughout",
+    ):
         baselines = _judge_green(deploy_target, env, todo, plan, green, verify)
-    except BaseException as failure:
-        remove_greens(deploy_target, env, todo, green[1])
-        if not isinstance(failure, Exception):
-            raise
-        msg = (
-            f"blue-green stopped at the green step in {env.name}: {failure}; green removed, "
-            "the previous release served the environment's address throughout"
-        )
-        raise GreenStopped(msg) from failure
     run_logger().info("green passed in %s: switching %s", env.name, [s.name for s in todo])
     try:
         deploy_in_waves(deploy_target, env, todo, plan, live, verify[0], deployed, wave_setting)

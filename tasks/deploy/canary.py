@@ -43,7 +43,7 @@ from tasks.analysis import AnalysisRun, analyse_release
 from tasks.deploy.bluegreen import wait_scraped
 from tasks.deploy.kubernetes import KubernetesDeployer
 from tasks.deploy.target import DeployTarget
-from tasks.deploy.waves import changed_services
+from tasks.deploy.waves import changed_services, trial_removed_on_failure
 from tasks.process import run_logger
 
 Verdicts = dict[str, tuple[str, dict[str, float]]]
@@ -150,19 +150,15 @@ def promote_canary(
     deployer = _kubernetes(deploy_target)
     todo = changed_services(specs, plan, live)
     beside = [spec for spec in todo if live[spec.name] is not None]
-    try:
+    with trial_removed_on_failure(
+        lambda: remove_canaries(deployer, env, beside),
+        CanaryStopped,
+        f"canary stopped in {env.name}",
+        "canary removed, the stable release was never changed",
+    ):
         for spec in beside:
             deployer.start_canary(env, spec, plan.change(spec.name).image, replicas)
         verdicts = judge(beside) if beside else {}
-    except BaseException as failure:
-        remove_canaries(deployer, env, beside)
-        if not isinstance(failure, Exception):
-            raise
-        msg = (
-            f"canary stopped in {env.name}: {failure}; canary removed, the stable "
-            "release was never changed"
-        )
-        raise CanaryStopped(msg) from failure
     run_logger().info("canary passed in %s: rolling out %s", env.name, [s.name for s in todo])
     try:
         deploy_stable(todo)

@@ -6,12 +6,14 @@ service verified healthy on its new digest and measured against its previous bas
     verify_release(addresses, specs, plan, previous, policy, analysis)
                                                          health, baselines, regressions, analysis
     return_to_previous(target, env, specs, state, ...)  a rollback, intent first
+    trial_removed_on_failure(remove, stopped, head, tail) a trial's (canary, green) failure
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 from prefect import unmapped
 from prefect.filesystems import WritableFileSystem
@@ -50,6 +52,22 @@ def deploy_wave_size(configured: str = "") -> int:
             raise PromotionRefused(msg)
         return int(configured)
     return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def trial_removed_on_failure(
+    remove: Callable[[], None], stopped: type[PromotionError], head: str, tail: str
+) -> Iterator[None]:
+    """A release's trial beside what serves (canaries, greens): on a failure or an
+    interruption the trial is removed first; a failure is then raised as `stopped`
+    ("HEAD: the failure; TAIL"), an interruption as itself."""
+    try:
+        yield
+    except BaseException as failure:
+        remove()
+        if not isinstance(failure, Exception):
+            raise
+        raise stopped(f"{head}: {failure}; {tail}") from failure
 
 
 def changed_services(

@@ -28,17 +28,27 @@ def user_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_cicd(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """`cicd ARGS` as the installed console script."""
+def run_cicd(
+    env: dict[str, str], *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`cicd ARGS` as the installed console script (in `cwd` if given)."""
     return subprocess.run(
-        [str(CICD), *args], env=env, capture_output=True, text=True, timeout=120, check=False
+        [str(CICD), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
-def heavy_modules(env: dict[str, str], *args: str) -> tuple[int, str, list[str]]:
-    """Run the console script's entry on `cicd ARGS` in a process that then lists the
-    heavy modules (`HEAVY`: Prefect, its integrations, boto3, docker) it loaded: (exit
-    code, stdout, those modules)."""
+def probe_cicd(
+    env: dict[str, str], *args: str, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the console script's entry on `cicd ARGS` in a process that then names the heavy
+    modules (`HEAVY`: Prefect, its integrations, boto3, docker) it loaded on a stderr line
+    (`heavy_of` reads it) and exits with the entry's code."""
     probe = (
         "import sys, json\n"
         f"sys.argv = ['cicd', *{list(args)!r}]\n"
@@ -46,17 +56,28 @@ def heavy_modules(env: dict[str, str], *args: str) -> tuple[int, str, list[str]]
         "code = 0\n"
         "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code or 0\n"
         f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
-        "print('HEAVY ' + json.dumps([code, heavy]), file=sys.stderr)\n"
+        "print('HEAVY ' + json.dumps(heavy), file=sys.stderr)\n"
+        "sys.exit(code)\n"
     )
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", probe],
         env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def heavy_of(done: subprocess.CompletedProcess[str]) -> list[str]:
+    """The heavy modules a `probe_cicd` process named."""
     line = next((x for x in done.stderr.splitlines() if x.startswith("HEAVY ")), None)
     assert line is not None, done.stderr
-    code, heavy = json.loads(line.removeprefix("HEAVY "))
-    return int(code), done.stdout, list(heavy)
+    return list(json.loads(line.removeprefix("HEAVY ")))
+
+
+def heavy_modules(env: dict[str, str], *args: str) -> tuple[int, str, list[str]]:
+    """`probe_cicd` on `cicd ARGS`: (exit code, stdout, the heavy modules it loaded)."""
+    done = probe_cicd(env, *args)
+    return done.returncode, done.stdout, heavy_of(done)

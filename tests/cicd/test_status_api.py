@@ -8,7 +8,6 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,12 +19,11 @@ from blocks.docker_target import DockerTarget
 from blocks.stack import StackInfo, save_stack_info, stack_auth_file
 from core.catalog import DOCKER_TARGET_BLOCK
 from core.config import PipelineConfig
+from tests.cicd.light_cli import heavy_of, probe_cicd, run_cicd
 from tests.prefect_server import served_prefect
 
 pytestmark = pytest.mark.slow
 
-CICD = Path(sys.executable).with_name("cicd")
-HEAVY = ("prefect", "prefect_aws", "prefect_kubernetes", "kubernetes_asyncio", "boto3", "docker")
 AUTH = "admin:" + secrets.token_urlsafe(24)
 
 
@@ -67,23 +65,7 @@ def _user(tmp_path: Path, stack_api: str | None, **extra: str) -> dict[str, str]
 def _status(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """`cicd status --json ARGS` through the console script's entry, in a process that then
     names the heavy modules it imported (on stderr)."""
-    probe = (
-        "import sys\n"
-        f"sys.argv = ['cicd', 'status', '--json', *{list(args)!r}]\n"
-        "from cicd.entry import main\n"
-        "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\nelse:\n    code = 0\n"
-        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
-        "print('HEAVY', heavy, file=sys.stderr)\n"
-        "sys.exit(code)\n"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", probe],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return probe_cicd(env, "status", "--json", *args)
 
 
 def test_saved_blocks_from_the_stacks_server_with_its_string(tmp_path: Path, server: str) -> None:
@@ -92,15 +74,8 @@ def test_saved_blocks_from_the_stacks_server_with_its_string(tmp_path: Path, ser
     rows = json.loads(done.stdout)
     assert [r["service"] for r in rows][:2] == ["api-gateway", "auth"]
     assert {r["address"] for r in rows if r["service"] == "auth"} == {"http://127.0.0.1:18002"}
-    assert "HEAVY []" in done.stderr
-    script = subprocess.run(
-        [str(CICD), "status", "--json", "--config", "blocks"],
-        env=_user(tmp_path, server),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    assert heavy_of(done) == [], done.stderr
+    script = run_cicd(_user(tmp_path, server), "status", "--json", "--config", "blocks")
     assert script.returncode == 0, script.stderr
     assert len(json.loads(script.stdout)) == 36
 
@@ -110,7 +85,7 @@ def test_a_configured_server_is_read_with_the_users_string(tmp_path: Path, serve
     done = _status(env, "--config", "blocks")
     assert done.returncode == 0, done.stderr
     assert len(json.loads(done.stdout)) == 36
-    assert "HEAVY []" in done.stderr
+    assert heavy_of(done) == [], done.stderr
 
 
 def test_a_refused_string_is_named_by_its_status_and_never_printed(

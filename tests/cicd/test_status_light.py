@@ -4,9 +4,7 @@ the rows from the configuration file and the ledger, without importing Prefect."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,29 +16,14 @@ from core.catalog import DOCKER_TARGET_TYPE
 from core.config import CATALOG_BLOCK_TYPE, ENVIRONMENTS_BLOCK_TYPE
 from core.records import ImageRef
 from tasks.releases import ReleaseRecord
+from tests.cicd.light_cli import heavy_of, probe_cicd, run_cicd, user_env
 from tests.ledgers import current_ledger
-
-CICD = Path(sys.executable).with_name("cicd")
-HEAVY = ("prefect", "prefect_aws", "prefect_kubernetes", "kubernetes_asyncio", "boto3", "docker")
 
 
 @pytest.fixture(autouse=True)
 def own_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test's own ledger (the session's holds other modules' records)."""
     monkeypatch.setenv("ELICE_STATE_DIR", str(tmp_path / "state"))
-
-
-def _user_env(tmp_path: Path) -> dict[str, str]:
-    """A user's shell: no Prefect API, this test's state dir, no stack record."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        ELICE_STATE_DIR=os.environ["ELICE_STATE_DIR"],
-        ELICE_STACK_DIR=str(tmp_path / "stack"),
-        ELICE_CONFIG="",
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        COLUMNS="200",  # the table's cells unfolded
-    )
-    return env
 
 
 def _record(environment: str, service: str, digest: str, *, verified: bool) -> ReleaseRecord:
@@ -62,15 +45,7 @@ def _record(environment: str, service: str, digest: str, *, verified: bool) -> R
 
 
 def _cicd(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(CICD), *args],
-        env=_user_env(tmp_path),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_cicd(user_env(tmp_path), *args, cwd=tmp_path)
 
 
 def test_status_json_and_table_from_the_console_script(tmp_path: Path) -> None:
@@ -115,26 +90,10 @@ def test_status_bad_input_is_refused_as_before(tmp_path: Path) -> None:
 
 def test_status_imports_no_prefect(tmp_path: Path) -> None:
     """The console script's status entry, run in a process that then lists its modules."""
-    probe = (
-        "import sys\n"
-        "sys.argv = ['cicd', 'status', '--json']\n"
-        "from cicd.entry import main\n"
-        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
-        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
-        "print('HEAVY', heavy, file=sys.stderr)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe],
-        env=_user_env(tmp_path),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = probe_cicd(user_env(tmp_path), "status", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert len(json.loads(done.stdout)) == 36
-    assert "HEAVY []" in done.stderr, done.stderr
+    assert heavy_of(done) == [], done.stderr
 
 
 def test_the_light_path_names_the_blocks_as_prefect_does() -> None:

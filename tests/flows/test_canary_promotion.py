@@ -14,7 +14,6 @@ is removed by the next run under the deploy lock.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ import docker
 import pytest
 
 from blocks.config import PipelineConfig, load_config
-from blocks.kubernetes_target import KubernetesTarget
 from blocks.stack import StackInfo
 from blocks.storage import ledger_filesystem
 from core.errors import PromotionRefused, PromotionRolledBack
@@ -36,6 +34,7 @@ from tasks.deploy.target import KUBERNETES_TARGET_BLOCK, block_digest
 from tests.approvers import Approvers
 from tests.flows.chain import as_service, derive, put_release, write_chain_config
 from tests.flows.test_analysis_promotion import ANALYSIS
+from tests.flows.test_kubernetes_promotion import simulated_target
 from tests.k8s_sim import CRASH, KubeSimulator
 from tests.ledgers import current_ledger
 from tests.trust import pin_repository
@@ -44,7 +43,6 @@ pytestmark = pytest.mark.stack
 
 DEV, STG = "kc-dev", "kc-stg"
 SERVICE = "course"
-REPO = Path(__file__).resolve().parents[2]
 STG_NAMESPACE = "elice-devops-stg"
 
 
@@ -77,16 +75,8 @@ def canary(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Canary]:
     """kc-dev runs a verified D1 in the simulated cluster; kc-stg's policy is a canary."""
-    tree = tmp_path / "deployments"
-    shutil.copytree(REPO / "deployments", tree)
-    (tree / "overlays" / "dev").rename(tree / "overlays" / DEV)
-    (tree / "overlays" / "staging").rename(tree / "overlays" / STG)
     with KubeSimulator() as sim:
-        kubeconfig = sim.kubeconfig(tmp_path / "kubeconfig", context="kc")
-        target = KubernetesTarget.from_kubeconfig(kubeconfig).model_copy(
-            update={"deployments_dir": str(tree), "poll_interval_s": 0.05, "health_via": "proxy"}
-        )
-        target.save(KUBERNETES_TARGET_BLOCK, overwrite=True)
+        target = simulated_target(sim, tmp_path, "kc", (DEV, STG))
         people = Approvers(tmp_path, ["alice"])
         people.set_policy({}, analysis={STG: ANALYSIS | {"rollout": "canary"}})
         blocks = {KUBERNETES_TARGET_BLOCK: block_digest(target)}

@@ -84,6 +84,23 @@ class Cluster:
 STG_REGISTRY = "test-registry-kd-stg"
 
 
+def simulated_target(
+    sim: KubeSimulator, folder: Path, context: str, envs: tuple[str, str]
+) -> KubernetesTarget:
+    """The simulator's target, saved as the block: the repository's deployments copied to
+    `folder` with the dev and staging overlays named after `envs`, health via the proxy."""
+    tree = folder / "deployments"
+    shutil.copytree(REPO / "deployments", tree)
+    (tree / "overlays" / "dev").rename(tree / "overlays" / envs[0])
+    (tree / "overlays" / "staging").rename(tree / "overlays" / envs[1])
+    kubeconfig = sim.kubeconfig(folder / "kubeconfig", context=context)
+    target = KubernetesTarget.from_kubeconfig(kubeconfig).model_copy(
+        update={"deployments_dir": str(tree), "poll_interval_s": 0.05, "health_via": "proxy"}
+    )
+    target.save(KUBERNETES_TARGET_BLOCK, overwrite=True)
+    return target
+
+
 def _config(path: Path) -> str:
     extra = {
         DEV: {"namespace": "elice-devops-dev", "target": "kubernetes"},
@@ -109,16 +126,8 @@ def cluster(
 ) -> Iterator[Cluster]:
     """kd-dev runs a verified D1 of both services in the simulated cluster."""
     basic_registry.block.save(STG_REGISTRY, overwrite=True)
-    tree = tmp_path / "deployments"
-    shutil.copytree(REPO / "deployments", tree)
-    (tree / "overlays" / "dev").rename(tree / "overlays" / DEV)
-    (tree / "overlays" / "staging").rename(tree / "overlays" / STG)
     with KubeSimulator() as sim:
-        kubeconfig = sim.kubeconfig(tmp_path / "kubeconfig", context="kd")
-        target = KubernetesTarget.from_kubeconfig(kubeconfig).model_copy(
-            update={"deployments_dir": str(tree), "poll_interval_s": 0.05, "health_via": "proxy"}
-        )
-        target.save(KUBERNETES_TARGET_BLOCK, overwrite=True)
+        target = simulated_target(sim, tmp_path, "kd", (DEV, STG))
         cfg_path = _config(tmp_path / "pipeline.yaml")
         cfg = load_config(cfg_path)
         d1 = pushed_image

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import yaml
@@ -25,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from blocks.catalog import ServiceSpec
 from blocks.config import PipelineConfig
+from blocks.environments import EnvironmentSpec
 from core.analysis import CANARY_SUFFIX, AnalysisCheck, AnalysisPolicy
 from core.errors import AnalysisInconclusive
 from core.records import DeployedService, ImageRef, PlannedChange, PromotionPlan
@@ -42,6 +43,7 @@ from tests.prometheus import running_prometheus
 from tests.tasks.deploy.test_kubernetes_real import (
     DEADLINE_S,
     apps,
+    bind_role,
     core,
     exists,
     image,
@@ -119,16 +121,35 @@ def _generation(kube: KubeCluster, namespace: str, service: str) -> tuple[int, s
     return live.metadata.generation, live.spec.template.spec.containers[0].image, live.spec.replicas
 
 
+class _Stable(NamedTuple):
+    """A service's stable release, deployed in ENVIRONMENT, and the plan of its next one."""
+
+    env: EnvironmentSpec
+    spec: ServiceSpec
+    target: DeployTarget
+    deployer: KubernetesDeployer
+    before: DeployedService
+    generation: tuple[int, str, int]
+    release: ImageRef
+    plan: PromotionPlan
+
+
+def _stable(kube: KubeCluster, config: PipelineConfig, service: str) -> _Stable:
+    env, spec = config.environment(ENVIRONMENT), config.service(service)
+    target = _target(kube.kubeconfig)
+    deployer = _deployer(target)
+    before = deployer.deploy(env, spec, image(service), deadline_s=DEADLINE_S)
+    generation = _generation(kube, env.namespace, service)
+    release = image(service)
+    return _Stable(env, spec, target, deployer, before, generation, release, _plan(release, before))
+
+
 def test_a_passing_canary_runs_under_the_service_then_stable_takes_its_digest(
     kube: KubeCluster, config: PipelineConfig, prometheus: str
 ) -> None:
-    env, spec = config.environment(ENVIRONMENT), config.service("payment")
-    target = _target(kube.kubeconfig)
-    deployer = _deployer(target)
-    before = deployer.deploy(env, spec, image("payment"), deadline_s=DEADLINE_S)
-    stable_before = _generation(kube, env.namespace, "payment")
-    release = image("payment")
-    plan = _plan(release, before)
+    env, spec, target, deployer, before, stable_before, release, plan = _stable(
+        kube, config, "payment"
+    )
     judged: list[str] = []
     judge = _judge(prometheus, "vector(0)", plan, judged)
 
@@ -169,12 +190,7 @@ def test_a_passing_canary_runs_under_the_service_then_stable_takes_its_digest(
 def test_a_canary_without_data_is_inconclusive_and_removed_stable_untouched(
     kube: KubeCluster, config: PipelineConfig, prometheus: str
 ) -> None:
-    env, spec = config.environment(ENVIRONMENT), config.service("content")
-    target = _target(kube.kubeconfig)
-    deployer = _deployer(target)
-    before = deployer.deploy(env, spec, image("content"), deadline_s=DEADLINE_S)
-    stable_before = _generation(kube, env.namespace, "content")
-    plan = _plan(image("content"), before)
+    env, spec, target, _, before, stable_before, _, plan = _stable(kube, config, "content")
     judged: list[str] = []
     query = 'up{environment="$environment",service="$service"}'  # nothing scrapes the canary
     judge = _judge(prometheus, query, plan, judged)
@@ -198,14 +214,8 @@ def test_a_canary_without_data_is_inconclusive_and_removed_stable_untouched(
 def test_a_canary_that_cannot_start_is_removed_before_any_judgement(
     kube: KubeCluster, kubelet_marks: dict[str, str], config: PipelineConfig, prometheus: str
 ) -> None:
-    env, spec = config.environment(ENVIRONMENT), config.service("enrollment")
-    target = _target(kube.kubeconfig)
-    deployer = _deployer(target)
-    before = deployer.deploy(env, spec, image("enrollment"), deadline_s=DEADLINE_S)
-    stable_before = _generation(kube, env.namespace, "enrollment")
-    bad = image("enrollment")
+    env, spec, target, _, before, stable_before, bad, plan = _stable(kube, config, "enrollment")
     kubelet_marks[bad.digest] = "ImagePullBackOff"
-    plan = _plan(bad, before)
     judged: list[str] = []
 
     def deploy_stable(todo: list[ServiceSpec]) -> None:
@@ -237,16 +247,7 @@ def _worker_kubeconfig(kube: KubeCluster, namespace: str, folder: Path) -> Path:
     except ApiException as exc:
         if exc.status != 409:
             raise
-    binding = {
-        "metadata": {"name": "canary-worker"},
-        "roleRef": {
-            "apiGroup": "rbac.authorization.k8s.io",
-            "kind": "Role",
-            "name": "elice-deployer",
-        },
-        "subjects": [{"kind": "User", "name": "canary-worker"}],
-    }
-    rbac.create_namespaced_role_binding(namespace, binding)
+    bind_role(rbac, namespace, "elice-deployer", "canary-worker")
     return kube.client_kubeconfig("canary-worker", folder / "canary-worker")
 
 

@@ -86,6 +86,17 @@ def pod_images(kube: KubeCluster, namespace: str, service: str) -> list[str]:
     )
 
 
+def bind_role(rbac: client.RbacAuthorizationV1Api, namespace: str, role: str, user: str) -> None:
+    """`role` of `namespace` bound to `user` (a client certificate's name), the binding
+    named after the user."""
+    binding = {
+        "metadata": {"name": user},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+        "subjects": [{"kind": "User", "name": user}],
+    }
+    rbac.create_namespaced_role_binding(namespace, binding)
+
+
 def exists(read: Any, *args: str) -> bool:
     try:
         read(*args)
@@ -577,18 +588,7 @@ def test_a_refused_pull_secret_stops_the_deploy_before_any_apply(
         core(kube).create_namespace({"metadata": {"name": env.namespace}})
     rules = [{"apiGroups": ["*"], "resources": ["deployments", "pods"], "verbs": ["*"]}]
     rbac.create_namespaced_role(env.namespace, {"metadata": {"name": "no-secrets"}, "rules": rules})
-    rbac.create_namespaced_role_binding(
-        env.namespace,
-        {
-            "metadata": {"name": "no-secrets"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "Role",
-                "name": "no-secrets",
-            },
-            "subjects": [{"kind": "User", "name": "no-secrets"}],
-        },
-    )
+    bind_role(rbac, env.namespace, "no-secrets", "no-secrets")
     kubeconfig = kube.client_kubeconfig("no-secrets", tmp_path / "no-secrets")
     password = "never-shown-" + "p" * 20
     deployer = KubernetesDeployer(
