@@ -5,6 +5,7 @@ parts from its record, pid files, sockets and their own answers, without importi
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +50,9 @@ def _run(args: list[str], stack_dir: Path) -> subprocess.CompletedProcess[str]:
 
 
 def _states(table: str) -> dict[str, str]:
-    """part -> state, from the printed table's rows."""
-    rows = [line.strip("│┃ ").split("│") for line in table.splitlines() if "│" in line]
-    return {cells[0].strip(): cells[1].strip() for cells in rows if len(cells) == 3}
+    """part -> state, from the printed table's rows (the header's left out)."""
+    rows = [re.split(r"\s*[│┃|]\s*", line.strip()) for line in table.splitlines()]
+    return {c[1]: c[2] for c in rows if len(c) == 5 and c[0] == c[4] == "" and c[1] != "part"}
 
 
 def test_a_stack_not_started_prints_what_the_full_command_prints_and_exits_1(
