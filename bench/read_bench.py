@@ -2,7 +2,9 @@
 `cicd stack status` as processes, against the baselines of `bench/status_bench.py` in
 the same run.
 
-    uv run python bench/read_bench.py [RUNS]
+    uv run python bench/read_bench.py [RUNS] [ROW ...]
+
+ROW: only the commands whose name contains it (`"stack status"`); the baselines always run.
 
 The ledger holds 12 services in 3 environments (as in status_bench.py). With the stack's
 server running (a real `prefect server start` behind an auth string, a saved
@@ -103,6 +105,12 @@ def main() -> None:
             "git --version": ["git", "--version"],
             "cat ledger files": ["cat", *map(str, files)],
         }
+        if rows := sys.argv[2:]:
+            commands = {
+                name: args
+                for name, args in commands.items()
+                if not name.startswith("cicd") or any(row in name for row in rows)
+            }
         envs = {
             "cicd health production --json": {
                 **user,

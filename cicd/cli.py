@@ -27,6 +27,7 @@ from cicd.common import (
     prefect_api,
     split_names,
 )
+from cicd.stack_status_cli import STACK_HELP
 from core.errors import PipelineError
 from core.records import StageResult, short_digest
 from tasks.source import check_refs, verify_ref
@@ -37,7 +38,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-app.add_typer(stack_cli.app, name="stack", help="The local stack: Prefect, registry, engine.")
+app.add_typer(stack_cli.app, name="stack", help=STACK_HELP)
 app.add_typer(github.app, name="github", help="GitHub: the repository set up for the pipeline.")
 promote_cli.register(app)
 setup_cli.register(app)

@@ -132,7 +132,7 @@ def prefect_api(*, start_stack: bool = False) -> Iterator[str]:
 
 @contextmanager
 def read_api() -> Iterator[str | None]:
-    """For the read commands (`status`, `health`, `audit`, `metrics`, `stack status`): the
+    """For the read commands (`status`, `health`, `audit`, `metrics`) on their full path: the
     configured Prefect API, else the local stack's server while it answers, else none; never
     a temporary server of Prefect's own. Without an API, nothing saved on a server can be
     read: configuration comes from the file, deploy targets and storage from their defaults.

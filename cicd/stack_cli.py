@@ -8,12 +8,12 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.status import Status
-from rich.table import Table
 
 from blocks.stack import stack_auth_file
-from cicd.common import read_api, service_ports
+from cicd.common import service_ports
+from cicd.stack_status_cli import parts_table, status
 from core.errors import StackError
-from stack.steps import StackPart, StackStep
+from stack.steps import StackStep
 
 app = typer.Typer(
     help="The local stack: container engine, OCI registry, base image, Prefect, monitoring."
@@ -72,18 +72,6 @@ class StepPrinter:
             self._status = None
 
 
-def _table(parts: list[StackPart]) -> Table:
-    table = Table(title="local stack")
-    table.add_column("part")
-    table.add_column("state")
-    table.add_column("address")
-    colors = {"running": "green", "present": "green", "external": "cyan"}
-    for part in parts:
-        color = colors.get(part.state, "red")
-        table.add_row(part.name, f"[{color}]{part.state}[/{color}]", part.address)
-    return table
-
-
 @app.command()
 def up(
     prefect: bool = typer.Option(
@@ -132,7 +120,7 @@ def up(
         console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from exc
     printer.close()
-    console.print(_table(stack_status()))
+    console.print(parts_table(stack_status()))
     console.print(f"export DOCKER_HOST={info.docker_host}", highlight=False, soft_wrap=True)
     if info.prefect_api_url:
         console.print(f"export PREFECT_API_URL={info.prefect_api_url}", highlight=False)
@@ -160,14 +148,4 @@ def down() -> None:
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 
-@app.command()
-def status() -> None:
-    """Show each part, its state and address (Prometheus, Alertmanager and the alert log once
-    started); exit 1 when engine or registry is down."""
-    from stack.control import stack_status  # noqa: PLC0415 - only when asked
-
-    with read_api():
-        parts = stack_status()
-    console.print(_table(parts))
-    if any(p.state == "stopped" for p in parts if p.name in {"engine", "registry"}):
-        raise typer.Exit(1)
+app.command()(status)  # cicd/stack_status_cli.py: also the console script's light entry

@@ -62,15 +62,13 @@ from blocks.config import (
 from blocks.environments import EnvironmentCatalog
 from blocks.kubernetes_target import KubernetesTarget
 from core.errors import ConfigError, ToolError
+from reconcile.pools import PROCESS_POOL, PRODUCTION_POOL
 from tasks.deploy.kubernetes import KubernetesDeployer
 from tasks.deploy.target import KUBERNETES_TARGET_BLOCK
 from tasks.locks import lock_name
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = CHECKOUT / "prefect.yaml"
-PROCESS_POOL = "elice-process"
-PRODUCTION_POOL = "elice-production"
-"""The process pool of production's deployments: only a production worker polls it."""
 DOCKER_POOL = "elice-docker"
 KUBERNETES_POOL = "elice-kubernetes"
 

@@ -25,7 +25,9 @@ is made in stack/monitoring_config.py and lives in `<stack dir>/monitoring/`.
 The parts live in their own modules: supervisor (processes), ports (who listens where),
 serve (starting a served part and waiting for it), system (apt packages), engine, registry,
 images, prefect_server, monitoring, receiver (the Slack receiver) and worker (the two
-trusted workers).
+trusted workers). What each part's state is lives apart, without Prefect: probe (is a part
+up), worker_roles (the workers' pools and pids) and status (`stack_status`, re-exported
+here), so `cicd stack status` imports none of the rest.
 """
 
 from __future__ import annotations
@@ -34,23 +36,29 @@ import functools
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
 
 from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
 
 from blocks.stack import StackInfo, load_stack_info, save_stack_info, stack_dir
-from core.errors import StackError, ToolError
-from stack.engine import engine_alive, engine_paths, engine_up, ensure_engine, release_storage
-from stack.images import BASE_IMAGE, ensure_images, image_present
-from stack.monitoring import MONITORING_PARTS, ensure_monitoring, monitoring_status
-from stack.ports import foreign_holders, recorded_port
-from stack.prefect_server import ensure_prefect, ensure_stack_auth, prefect_up
+from core.errors import StackError
+from stack.engine import ensure_engine, release_storage
+from stack.images import ensure_images
+from stack.monitoring import MONITORING_PARTS, ensure_monitoring
+from stack.ports import foreign_holders
+from stack.prefect_server import ensure_prefect, ensure_stack_auth
 from stack.receiver import ensure_slack_receiver
-from stack.registry import ensure_registry, registry_up
-from stack.serve import monitor_up
-from stack.steps import Progress, StackPart, Steps
+from stack.registry import ensure_registry
+from stack.status import BASE_IMAGE, stack_status
+from stack.steps import Progress, Steps
 from stack.supervisor import locked, running_part, stop_part
-from tasks.engine import engine_client
+
+__all__ = [
+    "PARTS",
+    "check_service_ports",
+    "ensure_stack",
+    "stack_status",  # stack/status.py: no Prefect, for `cicd stack status`
+    "stop_stack",
+]
 
 PARTS = ("slack-receiver", *MONITORING_PARTS, "prefect", "registry", "engine")
 
@@ -213,71 +221,3 @@ def stop_stack(root: Path | None = None, *, say: Callable[[str], None] | None = 
     if note and say is not None:
         say(note)
     return stopped
-
-
-def stack_status(root: Path | None = None) -> list[StackPart]:
-    """Each part of the stack: running, stopped, external, present or missing.
-
-    A part is running only when the process the stack started holds its address and
-    answers there: something else answering on a recorded port does not count.
-    """
-    home = root or stack_dir()
-    info = load_stack_info(home)
-    parts: list[StackPart] = []
-    if os.environ.get("DOCKER_HOST"):
-        host = os.environ["DOCKER_HOST"]
-        state: Literal["running", "stopped", "external"] = "external"
-        parts.append(
-            StackPart(name="engine", state=state if engine_alive(host) else "stopped", address=host)
-        )
-    else:
-        host = f"unix://{engine_paths(home)[1]}"
-        parts.append(
-            StackPart(
-                name="engine", state="running" if engine_up(home) else "stopped", address=host
-            )
-        )
-    registry = info.registry if info else ""
-    port = recorded_port(registry)
-    alive = port is not None and registry_up(home, port)
-    parts.append(
-        StackPart(name="registry", state="running" if alive else "stopped", address=registry)
-    )
-    parts.append(_image_part(parts[0], BASE_IMAGE))
-    url = info.prefect_api_url if info else None
-    port = recorded_port(url)
-    alive = port is not None and prefect_up(home, port)
-    parts.append(
-        StackPart(name="prefect", state="running" if alive else "stopped", address=url or "")
-    )
-    if info is not None and info.prefect_api_url:  # workers run only beside a server
-        from stack.worker import worker_parts  # noqa: PLC0415 - loads the reconciler
-
-        parts.extend(worker_parts(home))
-    if info is not None and (info.prometheus_url or info.alertmanager_url):
-        parts.extend(monitoring_status(home, info))
-    if info is not None and info.slack_receiver_url:
-        port = recorded_port(info.slack_receiver_url)
-        alive = port is not None and monitor_up(home, "slack-receiver", port)
-        parts.append(
-            StackPart(
-                name="slack-receiver",
-                state="running" if alive else "stopped",
-                address=info.slack_receiver_url,
-            )
-        )
-    return parts
-
-
-def _image_part(engine: StackPart, name: str) -> StackPart:
-    if engine.state == "stopped":
-        return StackPart(name="base-image", state="missing", address=name)
-    try:
-        client = engine_client(engine.address, timeout=30)
-    except ToolError:
-        return StackPart(name="base-image", state="missing", address=name)
-    try:
-        present = image_present(client, name)
-    finally:
-        client.close()
-    return StackPart(name="base-image", state="present" if present else "missing", address=name)

@@ -10,12 +10,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
-
 from core.errors import StackError
 from stack.images import PAUSE_IMAGE
 from stack.ports import part_listens
-from stack.serve import REUSE_PATIENCE_S, http_ok, reusable, wait_up
+from stack.probe import engine_alive, engine_paths, engine_up
+from stack.serve import REUSE_PATIENCE_S, reusable, wait_up
 from stack.steps import Steps
 from stack.supervisor import running_part, spawn_part, stop_part
 from stack.system import ensure_system_deps
@@ -38,26 +37,6 @@ leaves a `digest.txt<N>` behind for every push through its API, which went to /v
 LEFTOVER_TMP_S = 3600
 """A leftover temporary file of the engine's older than this is removed when the stack is
 next used: no push takes an hour."""
-
-
-def engine_paths(root: Path) -> tuple[Path, Path]:
-    home = root.absolute()  # the socket's path as bound is what /proc/net/unix shows
-    return home / "podman", home / "podman.sock"
-
-
-def engine_alive(docker_host: str) -> bool:
-    if docker_host.startswith("unix://"):
-        sock = docker_host.removeprefix("unix://")
-        if not Path(sock).exists():
-            return False
-        return http_ok("http://engine/_ping", httpx.HTTPTransport(uds=sock))
-    return http_ok(re.sub(r"^tcp://", "http://", docker_host).rstrip("/") + "/_ping")
-
-
-def engine_up(root: Path) -> bool:
-    """Our podman service holds its socket and answers /_ping there."""
-    sock = engine_paths(root)[1]
-    return part_listens(root, "engine", socket_path=sock) and engine_alive(f"unix://{sock}")
 
 
 def registries_conf(registry: str) -> str:

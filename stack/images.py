@@ -13,12 +13,12 @@ import docker
 from docker.errors import DockerException, ImageNotFound
 
 from core.errors import StackError
+from stack.status import BASE_IMAGE
 from stack.steps import Steps
 from stack.system import ensure_system_deps
 from tasks.engine import engine_client
 from tasks.process import run_tool, which
 
-BASE_IMAGE = "localhost/python-base:3.11"
 PAUSE_IMAGE = "localhost/podman-pause:catatonit"
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from blocks.stack import StackInfo, stack_dir
+from blocks.stack import StackInfo
 from core.errors import ConfigError, StackError
 from stack.monitoring_config import (
     saved_receivers,
@@ -15,8 +15,9 @@ from stack.monitoring_config import (
     write_prometheus_config,
 )
 from stack.ports import recorded_port
-from stack.serve import ensure_served, monitor_up, private_log
-from stack.steps import StackPart, Steps
+from stack.serve import ensure_served, private_log
+from stack.status import alert_log_file, alert_log_port_file, recorded_alert_log_port
+from stack.steps import Steps
 from stack.system import ensure_system_deps
 from tasks.process import which
 
@@ -28,22 +29,6 @@ MONITORING_DEPS = ("prometheus", "prometheus-alertmanager")
 MONITORING_PARTS = ("prometheus", "alertmanager", "alert-log")
 ALERT_LOG_SCRIPT = Path(__file__).resolve().parents[1] / "daemons" / "alert_log.py"
 PROMETHEUS_RETENTION = "15d"
-
-
-def alert_log_file(root: Path | None = None) -> Path:
-    """Where the stack's default alert receiver writes each alert, one JSON line (0600)."""
-    return (root or stack_dir()) / "logs" / "alerts.log"
-
-
-def _alert_log_port_file(root: Path) -> Path:
-    return root / "monitoring" / "alert-log.port"
-
-
-def _recorded_alert_log_port(root: Path) -> int | None:
-    try:
-        return int(_alert_log_port_file(root).read_text(encoding="ascii").strip())
-    except (OSError, ValueError):
-        return None
 
 
 def ensure_monitoring(
@@ -72,14 +57,14 @@ def ensure_monitoring(
         home,
         "alert-log",
         "alert log receiver",
-        _recorded_alert_log_port(home),
+        recorded_alert_log_port(home),
         None,
         False,
         alert_log,
         15,
         steps,
     )
-    _alert_log_port_file(home).write_text(f"{log_port}\n", encoding="ascii")
+    alert_log_port_file(home).write_text(f"{log_port}\n", encoding="ascii")
 
     am_yml, am_changed = write_alertmanager_config(
         folder, receivers, f"http://127.0.0.1:{log_port}/alerts"
@@ -138,23 +123,3 @@ def ensure_monitoring(
     services = len(config.catalog.services)
     steps.info("prometheus", f"scraping {services} services in {', '.join(envs)}")
     return f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}"
-
-
-def monitoring_status(home: Path, info: StackInfo) -> list[StackPart]:
-    parts = []
-    for name, url in (("prometheus", info.prometheus_url), ("alertmanager", info.alertmanager_url)):
-        port = recorded_port(url)
-        alive = port is not None and monitor_up(home, name, port)
-        parts.append(
-            StackPart(name=name, state="running" if alive else "stopped", address=url or "")
-        )
-    port = _recorded_alert_log_port(home)
-    alive = port is not None and monitor_up(home, "alert-log", port)
-    parts.append(
-        StackPart(
-            name="alert-log",
-            state="running" if alive else "stopped",
-            address=str(alert_log_file(home)),
-        )
-    )
-    return parts

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from blocks.stack import StackInfo, load_stack_auth, stack_auth_file
 from stack.ports import choose_port, part_listens, recorded_port
-from stack.serve import REUSE_PATIENCE_S, http_ok, reusable, start_on_port
+from stack.probe import http_ok, prefect_up, prefect_url
+from stack.serve import REUSE_PATIENCE_S, reusable, start_on_port
 from stack.steps import Steps
 from stack.supervisor import environ, running_part, stop_part
 from tasks.masking import mask_auth_string
@@ -59,17 +60,7 @@ def _guarded(root: Path, auth: str) -> bool:
     return pid is not None and environ(pid).get(SERVER_AUTH_ENV) == auth
 
 
-def prefect_url(port: int) -> str:
-    return f"http://127.0.0.1:{port}/api"
-
-
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
-
-
-def prefect_up(root: Path, port: int) -> bool:
-    """Our Prefect server holds 127.0.0.1:`port` and answers /api/health there."""
-    url = prefect_url(port)
-    return part_listens(root, "prefect", port=port) and http_ok(f"{url}/health")
 
 
 def ensure_prefect(root: Path, previous: StackInfo | None, steps: Steps, auth: str) -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from blocks.stack import StackInfo
 from stack.ports import choose_port, part_listens, recorded_port
-from stack.serve import REUSE_PATIENCE_S, http_ok, reusable, start_on_port
+from stack.probe import registry_alive, registry_up
+from stack.serve import REUSE_PATIENCE_S, reusable, start_on_port
 from stack.steps import Steps
 from stack.supervisor import running_part, stop_part
 from stack.system import ensure_system_deps
@@ -30,15 +31,6 @@ http:
   headers:
     X-Content-Type-Options: [nosniff]
 """
-
-
-def registry_alive(port: int) -> bool:
-    return http_ok(f"http://127.0.0.1:{port}/v2/")
-
-
-def registry_up(root: Path, port: int) -> bool:
-    """Our docker-registry holds 127.0.0.1:`port` and answers /v2/ there."""
-    return part_listens(root, "registry", port=port) and registry_alive(port)
 
 
 def ensure_registry(root: Path, previous: StackInfo | None, steps: Steps) -> str:

@@ -9,10 +9,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
 from core.errors import StackError
 from stack.ports import choose_port, free_port, part_listens, port_free, port_holder
+from stack.probe import monitor_alive, monitor_up
 from stack.steps import Steps
 from stack.supervisor import (
     part_log,
@@ -27,14 +26,6 @@ from stack.supervisor import (
 
 # A running part of ours that holds its address gets this long to answer before a restart.
 REUSE_PATIENCE_S = 10.0
-
-
-def http_ok(url: str, transport: httpx.HTTPTransport | None = None) -> bool:
-    try:
-        with httpx.Client(transport=transport, timeout=3, trust_env=False) as client:
-            return client.get(url).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def reusable(listens: Callable[[], bool], answers: Callable[[], bool], patience_s: float) -> bool:
@@ -125,24 +116,6 @@ def start_on_port(
             continue
         steps.done(name, started)
         return port
-
-
-# What each monitoring part answers 200 on once it serves.
-READY_PATHS = {
-    "prometheus": "/-/ready",
-    "alertmanager": "/-/ready",
-    "alert-log": "/-/healthy",
-    "slack-receiver": "/health",
-}
-
-
-def monitor_alive(name: str, port: int) -> bool:
-    return http_ok(f"http://127.0.0.1:{port}{READY_PATHS[name]}")
-
-
-def monitor_up(root: Path, name: str, port: int) -> bool:
-    """Our part `name` holds 127.0.0.1:`port` and says it is ready there."""
-    return part_listens(root, name, port=port) and monitor_alive(name, port)
 
 
 def ensure_served(

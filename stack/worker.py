@@ -30,7 +30,6 @@ import socket
 import sys
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -42,8 +41,8 @@ from prefect.settings.legacy import Setting
 
 from core.errors import ConfigError, StackError
 from core.trust import TrustRoots, load_trust_roots, write_trust_roots
-from reconcile.setup import HEARTBEAT_S, PROCESS_POOL, PRODUCTION_POOL
-from stack.steps import StackPart
+from reconcile.pools import PROCESS_POOL
+from reconcile.setup import HEARTBEAT_S
 from stack.supervisor import (
     alive,
     cmdline,
@@ -52,30 +51,31 @@ from stack.supervisor import (
     part_log,
     part_log_tail,
     pid_file,
-    recorded_pid,
-    running_part,
     spawn_part,
     terminate,
 )
+from stack.worker_roles import (
+    DEPLOY_WORKER,
+    PRODUCTION_WORKER,
+    WORKERS,
+    WorkerRole,
+    worker_parts,
+    worker_pid,
+)
+
+# The roles and whether each runs live in stack/worker_roles.py (no Prefect, for `cicd stack
+# status`); re-exported for this module's users.
+__all__ = [
+    "DEPLOY_WORKER",
+    "PRODUCTION_WORKER",
+    "WORKERS",
+    "WorkerRole",
+    "worker_parts",
+    "worker_pid",
+]
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 PROTECTED_BRANCH = "main"
-
-
-@dataclass(frozen=True)
-class WorkerRole:
-    """One worker of the stack: its part of the supervisor, its pool, its environments."""
-
-    part: str
-    """The supervisor's part name: pid file, log, trust file and audit log are named so."""
-    pool: str
-    environments: tuple[str, ...]
-    """What its trust file lets it deploy into (the credentials it would hold)."""
-
-
-DEPLOY_WORKER = WorkerRole("worker", PROCESS_POOL, ("dev", "staging"))
-PRODUCTION_WORKER = WorkerRole("worker-production", PRODUCTION_POOL, ("production",))
-WORKERS = (DEPLOY_WORKER, PRODUCTION_WORKER)
 QUERY_SECONDS = 2.0
 """How often the local worker asks for runs (Prefect's default is 10 s): a run started
 from the UI begins within about this long."""
@@ -111,21 +111,6 @@ def _trust_roots(
         protected_branch=PROTECTED_BRANCH,
         environments=role.environments,
     )
-
-
-def worker_pid(root: Path, role: WorkerRole = DEPLOY_WORKER) -> int | None:
-    """The pid of the worker of `role` that `ensure_worker(root, ...)` started, while it runs.
-
-    A part of the stack's supervisor, checked once more by its command line: a pid the
-    kernel has since given to another process does not count.
-    """
-    pid = running_part(root, role.part)
-    if pid is None:
-        return None
-    args = cmdline(pid)
-    if "stack.trusted_worker" not in args or "start" not in args:  # now another process
-        return None
-    return pid
 
 
 def worker_name(root: Path, pool: str = PROCESS_POOL) -> str:
@@ -343,16 +328,3 @@ def stop_workers(root: Path, deadline_s: float = 20.0) -> list[str]:
         StackError: a process survived SIGKILL.
     """
     return [role.part for role in WORKERS if stop_worker(root, deadline_s, role)]
-
-
-def worker_parts(root: Path) -> list[StackPart]:
-    """Each worker the stack started in `root` (a pid file recorded it), with its pool."""
-    return [
-        StackPart(
-            name=role.part,
-            state="running" if worker_pid(root, role) is not None else "stopped",
-            address=role.pool,
-        )
-        for role in WORKERS
-        if recorded_pid(root, role.part) is not None
-    ]
