@@ -49,6 +49,7 @@ from tasks.deploy.target import DeployTarget
 from tasks.deploy.waves import (
     changed_services,
     deploy_in_waves,
+    takes_rollout,
     trial_removed_on_failure,
     verify_release,
 )
@@ -77,14 +78,8 @@ def green_offset_of(
         PromotionRefused: blue-green on another target, or green ports that another
             environment's services listen on.
     """
-    if run is None or run.policy.rollout != "blue-green":
+    if run is None or not takes_rollout(run, deploy_target, env, "blue-green"):
         return None
-    if deploy_target.target != "docker":
-        msg = (
-            f"{env.name}: the policy's rollout: blue-green is built for the docker target "
-            f"only, and {env.name} deploys to {deploy_target.target}"
-        )
-        raise PromotionRefused(msg)
     green = run.policy.green_port_offset
     if green is None:  # the policy refuses this when it is read; a hand-made one may not
         msg = f"{env.name}: rollout: blue-green needs green_port_offset in the policy"

@@ -43,7 +43,7 @@ from tasks.analysis import AnalysisRun, analyse_release
 from tasks.deploy.bluegreen import wait_scraped
 from tasks.deploy.kubernetes import KubernetesDeployer
 from tasks.deploy.target import DeployTarget
-from tasks.deploy.waves import changed_services, trial_removed_on_failure
+from tasks.deploy.waves import changed_services, takes_rollout, trial_removed_on_failure
 from tasks.process import run_logger
 
 Verdicts = dict[str, tuple[str, dict[str, float]]]
@@ -63,14 +63,8 @@ def canary_replicas_of(
     Raises:
         PromotionRefused: a canary on another target than kubernetes.
     """
-    if run is None or run.policy.rollout != "canary":
+    if run is None or not takes_rollout(run, deploy_target, env, "canary"):
         return None
-    if deploy_target.target != "kubernetes":
-        msg = (
-            f"{env.name}: the policy's rollout: canary is built for the kubernetes target "
-            f"only, and {env.name} deploys to {deploy_target.target}"
-        )
-        raise PromotionRefused(msg)
     return run.policy.canary_replicas or 1
 
 

@@ -54,6 +54,31 @@ def deploy_wave_size(configured: str = "") -> int:
     return max(1, os.cpu_count() or 1)
 
 
+ROLLOUT_TARGETS = {"blue-green": "docker", "canary": "kubernetes"}
+"""The one target each progressive rollout is built for."""
+
+
+def takes_rollout(
+    run: AnalysisRun | None, deploy_target: DeployTarget, env: EnvironmentSpec, rollout: str
+) -> bool:
+    """Whether `env`'s analysis asks for `rollout` (blue-green, canary), which is built for
+    one target only (`ROLLOUT_TARGETS`), checked before anything changes.
+
+    Raises:
+        PromotionRefused: the rollout on another target than its own.
+    """
+    if run is None or run.policy.rollout != rollout:
+        return False
+    built_for = ROLLOUT_TARGETS[rollout]
+    if deploy_target.target != built_for:
+        msg = (
+            f"{env.name}: the policy's rollout: {rollout} is built for the {built_for} "
+            f"target only, and {env.name} deploys to {deploy_target.target}"
+        )
+        raise PromotionRefused(msg)
+    return True
+
+
 @contextmanager
 def trial_removed_on_failure(
     remove: Callable[[], None], stopped: type[PromotionError], head: str, tail: str
