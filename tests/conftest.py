@@ -31,9 +31,11 @@ os.environ["ELICE_STATE_DIR"] = (
 )
 
 import pytest  # noqa: E402
+from prefect.server.api.server import SubprocessASGIServer  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from blocks.config import PipelineConfig, load_config  # noqa: E402
+from tests.plugins.lifetime import reaped  # noqa: E402
 
 pytest_plugins = [
     "tests.plugins.stack",
@@ -94,9 +96,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server() -> Iterator[None]:
-    """One real temporary Prefect server for the whole session."""
+    """One real temporary Prefect server for the whole session; it ends with the test
+    process even when that is killed without its teardown."""
     with prefect_test_harness(server_startup_timeout=300):
-        yield
+        servers = [s.server_process for s in SubprocessASGIServer._instances.values()]
+        started = sorted({p.pid for p in servers if p is not None})  # one under two keys
+        assert len(started) == 1, f"expected the harness's one server process, found {started}"
+        with reaped(started[0]):
+            yield
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.plugins.lifetime import tied
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -36,7 +38,7 @@ def served_prefect(home: Path, auth: str | None = None) -> Iterator[str]:
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
     with (home / "server.log").open("wb") as log:
         server = subprocess.Popen(
-            [*command, "--port", str(port)],
+            tied([*command, "--port", str(port)]),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -18,6 +18,7 @@ from blocks.config import PipelineConfig
 from stack.monitoring_config import prometheus_config, scrape_targets
 from stack.ports import free_port
 from tests.monitoring.tools import tool
+from tests.plugins.lifetime import tied
 
 
 @contextmanager
@@ -46,12 +47,14 @@ def running_prometheus(
     url = f"http://127.0.0.1:{port}"
     log = (folder / "prometheus.log").open("wb")
     process = subprocess.Popen(
-        [
-            tool("prometheus"),
-            f"--config.file={config_file}",
-            f"--storage.tsdb.path={folder / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
+        tied(
+            [
+                tool("prometheus"),
+                f"--config.file={config_file}",
+                f"--storage.tsdb.path={folder / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ]
+        ),
         stdout=log,
         stderr=subprocess.STDOUT,
     )

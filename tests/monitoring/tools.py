@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.plugins.lifetime import tied
+
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "monitoring"
 PROMETHEUS_DIR = MONITORING / "prometheus"
@@ -86,7 +88,7 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
 def start_server(cmd: list[str], ready_url: str, log: Path) -> subprocess.Popen[bytes]:
     """Start a server process writing to ``log`` and wait until ``ready_url`` answers."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(tied(cmd), stdout=out, stderr=subprocess.STDOUT)
 
     def ready() -> bool:
         if proc.poll() is not None:

@@ -18,6 +18,7 @@ from prefect_aws import AwsCredentials
 
 from stack.ports import free_port
 from tasks.process import which
+from tests.plugins.lifetime import tied
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +27,7 @@ def moto_endpoint() -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [which("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        tied([which("moto_server"), "-H", "127.0.0.1", "-p", str(port)]),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

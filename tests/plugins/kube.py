@@ -59,6 +59,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from tests.plugins.lifetime import tied
+
 VERSION = "v1.24.0-alpha.1"
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
 REPO = Path(__file__).resolve().parents[2]
@@ -238,7 +240,9 @@ def _free_port() -> int:
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            tied(args), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 2.0) -> None:

@@ -12,8 +12,10 @@ Session fixture `postgres_prefect` yields a `PostgresPrefect`:
   analytics off, its own PREFECT_HOME, its log in a file; ready when `GET /api/health`
   answers (120 s, else the test fails with the log's tail).
 
-Both are stopped at session end, also when the start failed half-way (`pg_ctl -m fast
-stop`; the server's whole process group gets SIGTERM, then SIGKILL). Missing PostgreSQL
+Both are stopped at session end, also when the start failed half-way (the postmaster gets
+SIGINT, a fast shutdown; the server's whole process group gets SIGTERM, then SIGKILL), and
+both get the same signal from the kernel when the test process dies without its teardown
+(tests/plugins/lifetime.py). Missing PostgreSQL
 binaries fail the test with what to install (Debian package `postgresql`); nothing skips.
 
 API:
@@ -59,6 +61,8 @@ import httpx
 import pytest
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
+
+from tests.plugins.lifetime import tied
 
 PG_ROOT = Path("/usr/lib/postgresql")  # Debian: one <major>/bin per installed version
 PG_USER = "postgres"  # the system user that owns the cluster when we run as root
@@ -122,15 +126,15 @@ def _free_port() -> int:
 
 
 def _pg_bin_dir() -> Path:
-    """The newest /usr/lib/postgresql/<major>/bin with initdb and pg_ctl; fail if none."""
+    """The newest /usr/lib/postgresql/<major>/bin with initdb and postgres; fail if none."""
     candidates = sorted(
-        (p for p in PG_ROOT.glob("*/bin") if (p / "initdb").exists() and (p / "pg_ctl").exists()),
+        (p for p in PG_ROOT.glob("*/bin") if (p / "initdb").exists() and (p / "postgres").exists()),
         key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
         reverse=True,
     )
     if not candidates:
         pytest.fail(
-            f"PostgreSQL is not installed: no {PG_ROOT}/<version>/bin/initdb and pg_ctl. "
+            f"PostgreSQL is not installed: no {PG_ROOT}/<version>/bin/initdb and postgres. "
             f"The postgres_prefect fixture needs it: {INSTALL_HINT}.",
             pytrace=False,
         )
@@ -222,43 +226,57 @@ def _init_cluster(bin_dir: Path, base: Path, data_dir: Path) -> None:
     )
 
 
-def _pg_ctl_start(bin_dir: Path, base: Path, data_dir: Path, log: Path) -> int:
-    """Start the cluster on a free port (retried if the port is taken meanwhile)."""
+def _postmaster_start(
+    bin_dir: Path, base: Path, data_dir: Path, log: Path
+) -> tuple[subprocess.Popen[bytes], int]:
+    """The postmaster in the foreground on a free port (retried if the port is taken
+    meanwhile), ready once `pg_isready` says so. It is tied to the test process (`tied`):
+    if that dies without its teardown, the kernel sends SIGINT, PostgreSQL's fast shutdown
+    (`pg_ctl start` would leave a daemon that outlives the run)."""
+    user = PG_USER if os.geteuid() == 0 else None
     last = ""
     for _ in range(3):
         port = _free_port()
-        cmd = [
-            *_as_owner(),
-            str(bin_dir / "pg_ctl"),
+        argv = [
+            str(bin_dir / "postgres"),
             "-D",
             str(data_dir),
-            "-l",
-            str(log),
-            "-o",
-            f"-p {port} -k {base} -c listen_addresses=127.0.0.1",
-            "-w",
-            "-t",
-            "60",
-            "start",
+            "-p",
+            str(port),
+            "-k",
+            str(base),
+            "-c",
+            "listen_addresses=127.0.0.1",
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
-        if proc.returncode == 0:
-            return port
-        last = f"{proc.stdout}{proc.stderr}\n--- {log} ---\n{_tail(log)}"
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                tied(argv, "INT", user=user),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            ready = [str(bin_dir / "pg_isready"), "-q", "-h", str(base), "-p", str(port)]
+            if subprocess.run(ready, timeout=30, check=False).returncode == 0:
+                return proc, port
+            time.sleep(0.2)
+        _postmaster_stop(proc)
+        last = f"exit {proc.returncode}\n--- {log} ---\n{_tail(log)}"
         if "already in use" not in last:
             break
-    pytest.fail(f"pg_ctl start failed:\n{last}", pytrace=False)
+    pytest.fail(f"PostgreSQL did not start:\n{last}", pytrace=False)
 
 
-def _pg_ctl_stop(bin_dir: Path, data_dir: Path) -> None:
-    if not (data_dir / "postmaster.pid").exists():
-        return
-    subprocess.run(
-        [*_as_owner(), str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w", "stop"],
-        capture_output=True,
-        timeout=90,
-        check=False,
-    )
+def _postmaster_stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT (fast shutdown: sessions ended, a clean checkpoint), SIGKILL if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def _server_env(prefect_home: Path, database_url: str) -> dict[str, str]:
@@ -284,19 +302,21 @@ def _spawn_server(
 ) -> subprocess.Popen[bytes]:
     with log.open("ab") as log_file:
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "prefect",
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-ui",
-                "--analytics-off",
-            ],
+            tied(
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--no-ui",
+                    "--analytics-off",
+                ]
+            ),
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -358,10 +378,11 @@ def postgres_prefect() -> Iterator[PostgresPrefect]:
     pg_log = base / "postgres.log"
     server_log = prefect_home / "server.log"
     server: subprocess.Popen[bytes] | None = None
+    postmaster: subprocess.Popen[bytes] | None = None
     try:
         started = time.monotonic()
         _init_cluster(bin_dir, base, data_dir)
-        pg_port = _pg_ctl_start(bin_dir, base, data_dir, pg_log)
+        postmaster, pg_port = _postmaster_start(bin_dir, base, data_dir, pg_log)
         password = secrets.token_hex(16)
         _psql(
             bin_dir,
@@ -420,6 +441,7 @@ def postgres_prefect() -> Iterator[PostgresPrefect]:
         EventsWorker.drain_all(timeout=30)
         if server is not None:
             _stop_server(server)
-        _pg_ctl_stop(bin_dir, data_dir)
+        if postmaster is not None:
+            _postmaster_stop(postmaster)
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(prefect_home, ignore_errors=True)

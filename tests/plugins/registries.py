@@ -50,6 +50,7 @@ from blocks.registry import OciRegistry
 from blocks.stack import StackInfo
 from stack.engine import CONTAINERS_CONF
 from stack.ports import free_port
+from tests.plugins.lifetime import tied
 
 TOKEN_SERVICE = "elice-test-registry"
 TOKEN_ISSUER = "elice-test-token-issuer"
@@ -227,7 +228,8 @@ def _start_registry(directory: Path, auth: str, block: OciRegistry) -> AuthRegis
     )
     log = directory / "registry.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([binary, "serve", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+        serve = tied([binary, "serve", str(conf)])
+        proc = subprocess.Popen(serve, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while True:
         try:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stack.ports import free_port
+from tests.plugins.lifetime import tied
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICEKIT_SRC = REPO / "libs" / "servicekit" / "src"
@@ -47,7 +48,7 @@ def servicekit_server(
     }
     log = (workdir / f"server-{port}.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "servicekit.serve", "probe_app:app"],
+        tied([sys.executable, "-m", "servicekit.serve", "probe_app:app"]),
         cwd=workdir,
         env=full_env,
         stdout=log,

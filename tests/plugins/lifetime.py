@@ -1,0 +1,54 @@
+"""Processes that end with the test process that started them.
+
+A test run stopped by SIGKILL (a timeout's kill, an interrupted CI job, a developer's
+`kill -9`) runs no fixture teardown: the Kubernetes control planes, PostgreSQL clusters,
+registries, Prometheus and Prefect servers it started were left running with PID 1 as
+their parent, one set per killed run, each using CPU (seen: three control planes and four
+PostgreSQL servers, up to 1.5 h each) beside every later run on the machine.
+
+`tied(argv)` prefixes a command with util-linux's `setpriv --pdeathsig`: the kernel sends
+the process `signal` when the thread that started it ends (`PR_SET_PDEATHSIG`), which the
+process keeps across its exec. Fixtures start their processes from pytest's main thread,
+which lives as long as the session; a process must not be started this way from a
+short-lived thread (it would be signalled when that thread ends). A process a tied one
+forks is not tied itself: each server here ends its own children on the signal.
+"""
+
+from __future__ import annotations
+
+import pwd
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+
+def tied(argv: list[str], signal: str = "TERM", *, user: str | None = None) -> list[str]:
+    """`argv` run so it receives SIG`signal` when the test process dies; `user`: run it as
+    that user (with its primary group), as `runuser -u` would, the death signal kept."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.fail("`setpriv` (util-linux) is needed to tie test servers to the test process")
+    prefix = [setpriv, f"--pdeathsig={signal}"]
+    if user is not None:
+        group = pwd.getpwnam(user).pw_gid
+        prefix += [f"--reuid={user}", f"--regid={group}", "--init-groups"]
+    return [*prefix, "--", *argv]
+
+
+@contextmanager
+def reaped(pid: int) -> Iterator[None]:
+    """While inside, `pid` gets SIGTERM if the test process dies: for a process that code
+    outside the project starts (Prefect's test harness server), which `tied` cannot
+    prefix. A tied shell waits for its own death signal and passes it on."""
+    script = 'trap "kill -TERM $1 2>/dev/null; exit 0" TERM; while :; do sleep 1; done'
+    reaper = subprocess.Popen(
+        tied(["sh", "-c", script, "reaper", str(pid)]), stdin=subprocess.DEVNULL
+    )
+    try:
+        yield
+    finally:
+        reaper.kill()
+        reaper.wait(timeout=10)

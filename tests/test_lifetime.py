@@ -1,0 +1,93 @@
+"""Processes the tests start end with the test process, also when it is SIGKILLed and
+runs no teardown (tests/plugins/lifetime.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+STARTER = """
+import subprocess, sys
+from tests.plugins.lifetime import tied
+user = sys.argv[1] or None
+child = subprocess.Popen(tied(["sleep", "300"], "INT", user=user))
+print(child.pid, flush=True)
+sys.stdin.read()  # until the test kills this process
+"""
+
+
+HARNESS = """
+import sys, time
+from prefect.server.api.server import SubprocessASGIServer
+from prefect.testing.utilities import prefect_test_harness
+from tests.plugins.lifetime import reaped
+with prefect_test_harness(server_startup_timeout=300):
+    (pid,) = {s.server_process.pid for s in SubprocessASGIServer._instances.values()}
+    with reaped(pid):
+        print(pid, flush=True)
+        sys.stdin.read()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _command(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        return cmdline.read().replace(b"\0", b" ").decode().strip()
+
+
+def _killed_leaves_no(starter: subprocess.Popen[str], pid: int) -> None:
+    """SIGKILL `starter`: `pid` must end within 10 s (killed here if not, then failed)."""
+    starter.send_signal(signal.SIGKILL)
+    starter.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"{_command(pid)!r} ({pid}) outlived the killed process that started it")
+
+
+def _start(script: str, *args: str) -> tuple[subprocess.Popen[str], int]:
+    starter = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.getcwd(),
+    )
+    assert starter.stdout is not None
+    return starter, int(starter.stdout.readline())
+
+
+@pytest.mark.parametrize("user", ["", "nobody"], ids=["same-user", "as-another-user"])
+def test_a_tied_process_ends_when_the_test_process_is_killed(user: str) -> None:
+    if user and os.geteuid() != 0:
+        pytest.fail("running a tied process as another user needs root (as the suite runs)")
+    starter, pid = _start(STARTER, user)
+    deadline = time.monotonic() + 10
+    while _command(pid) != "sleep 300" and time.monotonic() < deadline:
+        time.sleep(0.05)  # setpriv has set it up and run the command in its place
+    assert _command(pid) == "sleep 300"
+    if user:
+        assert os.stat(f"/proc/{pid}").st_uid != 0  # it runs as that user
+    _killed_leaves_no(starter, pid)
+
+
+@pytest.mark.slow
+def test_the_harness_server_ends_when_the_test_process_is_killed() -> None:
+    """The session's Prefect server (started by Prefect's harness, so not `tied`)."""
+    starter, pid = _start(HARNESS)
+    assert "uvicorn" in _command(pid)
+    _killed_leaves_no(starter, pid)
