@@ -13,10 +13,11 @@ unreachable) it is inconclusive, which is never a pass.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from string import Template
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -32,6 +33,8 @@ CANARY_SUFFIX = "-canary"
 """The same for a canary pod (its Deployment is `<service>-canary`, its pods labelled
 `track: canary`, which the cluster's Prometheus relabels into `environment: <env>-canary`)."""
 MAX_CANARY_REPLICAS = 20
+MAX_CANARY_STEPS = 5
+CanaryReplicas = Annotated[int, Field(ge=1, le=MAX_CANARY_REPLICAS)]
 SERVICE_PORTS = (8001, 8012)
 """The catalogue's service ports: an offset serves offset + 8001 ... offset + 8012."""
 HIGHEST_GREEN_PORT = 49_999
@@ -125,11 +128,14 @@ class AnalysisPolicy(BaseModel):
             "judged as a canary Deployment beside the stable one, under the same Service"
         ),
     )
-    canary_replicas: int | None = Field(
+    canary_replicas: tuple[CanaryReplicas, ...] | None = Field(
         default=None,
-        ge=1,
-        le=MAX_CANARY_REPLICAS,
-        description="canary: the canary Deployment's replicas (default 1) beside stable's",
+        min_length=1,
+        max_length=MAX_CANARY_STEPS,
+        description=(
+            "canary: the canary Deployment's replicas beside stable's (default 1), or its "
+            "steps, each judged before the next, for example [1, 3]"
+        ),
     )
     green_port_offset: int | None = Field(
         default=None,
@@ -148,6 +154,24 @@ class AnalysisPolicy(BaseModel):
             )
             raise ValueError(msg)
         return value
+
+    @field_validator("canary_replicas", mode="before")
+    @classmethod
+    def _one_step(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("canary_replicas")
+    @classmethod
+    def _growing(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and any(b <= a for a, b in itertools.pairwise(value)):
+            msg = f"canary steps must grow, each above the one before: {list(value)}"
+            raise ValueError(msg)
+        return value
+
+    @property
+    def canary_steps(self) -> tuple[int, ...]:
+        """The canary's replicas at each step (one step of one replica unless told)."""
+        return self.canary_replicas or (1,)
 
     @model_validator(mode="after")
     def _rollout(self) -> AnalysisPolicy:

@@ -268,7 +268,7 @@ class _Promotion:
     drill_env: dict[str, dict[str, str]] | None
     judge: AnalysisRun | None
     green_offset: int | None
-    canary_replicas: int | None
+    canary_replicas: tuple[int, ...] | None
 
     @property
     def config(self) -> PipelineConfig:

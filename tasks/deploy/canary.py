@@ -5,7 +5,8 @@ An environment whose analysis says `rollout: canary` (`core/analysis.py`, in the
 policy on the protected branch) takes a release in two steps:
 
 1. canary: each changed service's new image runs as its own Deployment `<service>-canary`
-   (`canary_replicas` of it, 1 by default) beside the stable Deployment, whose replicas
+   (`canary_replicas` of it, 1 by default, or each of its steps in turn: `[1, 3]` judges
+   one replica, then three) beside the stable Deployment, whose replicas
    and image are never written. Its pods carry every label the Service selects, so the
    one Service sends them their share of the traffic, plus `track: canary`, which the
    cluster's Prometheus relabels into `environment: <env>-canary`. Once the canary is
@@ -23,7 +24,7 @@ Services without a stable release (a first release) have nothing to protect and 
 Service traffic to share: they take no canary and deploy at step 2, judged by the health
 checks after it.
 
-    canary_replicas_of(run, deploy_target, env)   the canary's replicas, or None
+    canary_replicas_of(run, deploy_target, env)   the canary's replicas per step, or None
     promote_canary(...)                           both steps; the canary's verdicts
     remove_stale_canaries(deploy_target, env, catalog)
 """
@@ -56,16 +57,16 @@ class CanaryStopped(PromotionError):
 
 def canary_replicas_of(
     run: AnalysisRun | None, deploy_target: DeployTarget, env: EnvironmentSpec
-) -> int | None:
-    """The canary replicas of `env`'s canary rollout (None: not a canary rollout), checked
-    before anything changes.
+) -> tuple[int, ...] | None:
+    """The canary's replicas at each step of `env`'s canary rollout (None: not a canary
+    rollout), checked before anything changes.
 
     Raises:
         PromotionRefused: a canary on another target than kubernetes.
     """
     if run is None or not takes_rollout(run, deploy_target, env, "canary"):
         return None
-    return run.policy.canary_replicas or 1
+    return run.policy.canary_steps
 
 
 def _kubernetes(deploy_target: DeployTarget) -> KubernetesDeployer:
@@ -129,12 +130,13 @@ def promote_canary(
     specs: list[ServiceSpec],
     plan: PromotionPlan,
     live: Mapping[str, DeployedService | None],
-    replicas: int,
+    replicas: tuple[int, ...],
     steps: tuple[Callable[[list[ServiceSpec]], Verdicts], Callable[[list[ServiceSpec]], None]],
 ) -> Verdicts:
-    """The release judged as canaries, then rolled out to stable; returns the canaries'
-    verdicts. `steps` is (the judge of the canaries, the deploy of stable), each given
-    the changed services.
+    """The release judged as canaries, then rolled out to stable; returns the verdicts of
+    the canaries' last step. `replicas` is the canary's replicas at each step, judged
+    before the next; `steps` is (the judge of the canaries, the deploy of stable), each
+    given the changed services.
 
     Raises:
         CanaryStopped: a canary failed or could not be judged; stable unchanged.
@@ -150,9 +152,18 @@ def promote_canary(
         f"canary stopped in {env.name}",
         "canary removed, the stable release was never changed",
     ):
-        for spec in beside:
-            deployer.start_canary(env, spec, plan.change(spec.name).image, replicas)
-        verdicts = judge(beside) if beside else {}
+        verdicts: Verdicts = {}
+        for step, count in enumerate(replicas if beside else (), 1):
+            for spec in beside:
+                deployer.start_canary(env, spec, plan.change(spec.name).image, count)
+            verdicts = judge(beside)
+            run_logger().info(
+                "canary step %d of %d passed in %s: %d replica(s) each",
+                step,
+                len(replicas),
+                env.name,
+                count,
+            )
     run_logger().info("canary passed in %s: rolling out %s", env.name, [s.name for s in todo])
     try:
         deploy_stable(todo)

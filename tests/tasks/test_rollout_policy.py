@@ -61,6 +61,12 @@ def test_rollout_is_in_place_unless_the_policy_says_blue_green() -> None:
         ({"rollout": "canary", "green_port_offset": 40000}, "green_port_offset is given"),
         ({"rollout": "canary", "canary_replicas": 0}, "production.canary_replicas"),
         ({"rollout": "canary", "canary_replicas": 21}, "production.canary_replicas"),
+        ({"rollout": "canary", "canary_replicas": [1, 21]}, "production.canary_replicas"),
+        ({"rollout": "canary", "canary_replicas": []}, "production.canary_replicas"),
+        ({"rollout": "canary", "canary_replicas": [1, 2, 3, 4, 5, 6]}, "at most 5 items"),
+        ({"rollout": "canary", "canary_replicas": [2, 1]}, "must grow, each above"),
+        ({"rollout": "canary", "canary_replicas": [2, 2]}, "must grow, each above"),
+        ({"rollout": "canary", "canary_replicas": True}, "production.canary_replicas"),
         ({"rollout": "blue-green"}, "green_port_offset is required with rollout: blue-green"),
         ({"rollout": "in-place", "green_port_offset": 40000}, "green_port_offset is given"),
         ({"rollout": "blue-green", "green_port_offset": 999}, "production.green_port_offset"),
@@ -85,8 +91,10 @@ def test_blue_green_on_the_kubernetes_target_is_refused_before_anything_changes(
 
 def test_a_canary_takes_the_kubernetes_target_and_one_replica_unless_told() -> None:
     kubernetes = DeployTarget(target="kubernetes")
-    assert canary_replicas_of(_run(rollout="canary"), kubernetes, ENV) == 1
-    assert canary_replicas_of(_run(rollout="canary", canary_replicas=2), kubernetes, ENV) == 2
+    assert canary_replicas_of(_run(rollout="canary"), kubernetes, ENV) == (1,)
+    assert canary_replicas_of(_run(rollout="canary", canary_replicas=2), kubernetes, ENV) == (2,)
+    steps = _run(rollout="canary", canary_replicas=[1, 3])
+    assert canary_replicas_of(steps, kubernetes, ENV) == (1, 3)
     assert canary_replicas_of(_run(), kubernetes, ENV) is None
     assert canary_replicas_of(None, kubernetes, ENV) is None
     blue_green = _run(rollout="blue-green", green_port_offset=40000)

@@ -173,7 +173,7 @@ def test_a_passing_canary_runs_under_the_service_then_stable_takes_its_digest(
         deployer.deploy(env, spec, release, deadline_s=DEADLINE_S)
 
     verdicts = promote_canary(
-        target, env, [spec], plan, {"payment": before}, 2, (judge_and_look, deploy_stable)
+        target, env, [spec], plan, {"payment": before}, (2,), (judge_and_look, deploy_stable)
     )
 
     assert judged == ["payment"]
@@ -185,6 +185,80 @@ def test_a_passing_canary_runs_under_the_service_then_stable_takes_its_digest(
     assert {
         p.spec.containers[0].image for p in _pods_behind_service(kube, env.namespace, "payment")
     } == {release.reference}
+
+
+def _canary_pods(kube: KubeCluster, namespace: str, service: str) -> list[str]:
+    """The images of the Ready canary pods the Service selects."""
+    return [
+        p.spec.containers[0].image
+        for p in _pods_behind_service(kube, namespace, service)
+        if p.metadata.labels.get("track") == "canary"
+        and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+    ]
+
+
+def test_a_canary_in_steps_is_judged_at_each_then_stable_takes_its_digest(
+    kube: KubeCluster, config: PipelineConfig, prometheus: str
+) -> None:
+    """`canary_replicas: [1, 2]`: one canary pod beside stable's three, judged; then two,
+    judged again; only then stable. Stable is never written before."""
+    env, spec, target, deployer, before, stable_before, release, plan = _stable(
+        kube, config, "assessment"
+    )
+    judged: list[str] = []
+    judge = _judge(prometheus, "vector(0)", plan, judged)
+    seen: list[list[str]] = []
+
+    def judge_and_look(todo: list[ServiceSpec]) -> Verdicts:
+        seen.append(_canary_pods(kube, env.namespace, "assessment"))
+        assert _generation(kube, env.namespace, "assessment") == stable_before
+        return judge(todo)
+
+    def deploy_stable(todo: list[ServiceSpec]) -> None:
+        deployer.deploy(env, spec, release, deadline_s=DEADLINE_S)
+
+    steps = (judge_and_look, deploy_stable)
+    promote_canary(target, env, [spec], plan, {"assessment": before}, (1, 2), steps)
+
+    assert seen == [[release.reference], [release.reference] * 2]
+    assert judged == ["assessment", "assessment"]
+    live = deployer.live(env, spec)
+    assert live is not None
+    assert live.image.digest == release.digest
+    assert _gone(kube, env.namespace, "assessment")
+
+
+def test_a_canary_failing_at_its_second_step_is_removed_stable_untouched(
+    kube: KubeCluster, config: PipelineConfig, prometheus: str
+) -> None:
+    """The first step passes, the second's analysis fails: the canary (two pods by then)
+    goes, stable serves alone on its old image, never written."""
+    env, spec, target, _, before, stable_before, _, plan = _stable(kube, config, "api-gateway")
+    passing = _judge(prometheus, "vector(0)", plan, [])
+    failing = _judge(prometheus, "vector(5)", plan, [])  # 5 is not below the limit of 1
+    calls: list[int] = []
+
+    def judge(todo: list[ServiceSpec]) -> Verdicts:
+        calls.append(len(_canary_pods(kube, env.namespace, "api-gateway")))
+        return (passing if len(calls) == 1 else failing)(todo)
+
+    def deploy_stable(todo: list[ServiceSpec]) -> None:
+        raise AssertionError(todo)
+
+    with pytest.raises(CanaryStopped) as caught:
+        promote_canary(
+            target, env, [spec], plan, {"api-gateway": before}, (1, 2), (judge, deploy_stable)
+        )
+
+    assert calls == [1, 2]
+    message = str(caught.value)
+    assert "vector(5)" in message, message  # the failed check's query is named
+    assert "canary removed, the stable release was never changed" in message
+    assert _gone(kube, env.namespace, "api-gateway")
+    assert _generation(kube, env.namespace, "api-gateway") == stable_before
+    assert {
+        p.spec.containers[0].image for p in _pods_behind_service(kube, env.namespace, "api-gateway")
+    } == {before.image.reference}
 
 
 def test_a_canary_without_data_is_inconclusive_and_removed_stable_untouched(
@@ -199,7 +273,7 @@ def test_a_canary_without_data_is_inconclusive_and_removed_stable_untouched(
         raise AssertionError(todo)
 
     with pytest.raises(CanaryStopped) as caught:
-        promote_canary(target, env, [spec], plan, {"content": before}, 1, (judge, deploy_stable))
+        promote_canary(target, env, [spec], plan, {"content": before}, (1,), (judge, deploy_stable))
 
     assert judged == ["content"]
     assert isinstance(caught.value.__cause__, AnalysisInconclusive)
@@ -223,7 +297,7 @@ def test_a_canary_that_cannot_start_is_removed_before_any_judgement(
 
     steps = (_judge(prometheus, "vector(0)", plan, judged), deploy_stable)
     with pytest.raises(CanaryStopped, match=r"new pods cannot start: .*ImagePullBackOff"):
-        promote_canary(target, env, [spec], plan, {"enrollment": before}, 1, steps)
+        promote_canary(target, env, [spec], plan, {"enrollment": before}, (1,), steps)
 
     assert judged == []
     assert _gone(kube, env.namespace, "enrollment")
