@@ -7,9 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+
+from tests.plugins.lifetime import tied
 
 STARTER = """
 import subprocess, sys
@@ -91,3 +94,19 @@ def test_the_harness_server_ends_when_the_test_process_is_killed() -> None:
     starter, pid = _start(HARNESS)
     assert "uvicorn" in _command(pid)
     _killed_leaves_no(starter, pid)
+
+
+def test_fixtures_run_in_the_main_thread_so_their_processes_are_tied() -> None:
+    """xdist runs tests in each worker's main thread: what the fixtures start is tied."""
+    assert threading.current_thread() is threading.main_thread()
+    assert "--pdeathsig=TERM" in tied(["true"])
+
+
+def test_a_process_started_from_another_thread_is_not_tied() -> None:
+    """Tied to a thread that ends, it would be stopped at once (a test restarts the API
+    server from a thread beside a rollout, and the session goes on using it)."""
+    found: list[list[str]] = []
+    thread = threading.Thread(target=lambda: found.append(tied(["true"])))
+    thread.start()
+    thread.join()
+    assert "--pdeathsig=clear" in found[0]

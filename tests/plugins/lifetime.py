@@ -8,10 +8,11 @@ PostgreSQL servers, up to 1.5 h each) beside every later run on the machine.
 
 `tied(argv)` prefixes a command with util-linux's `setpriv --pdeathsig`: the kernel sends
 the process `signal` when the thread that started it ends (`PR_SET_PDEATHSIG`), which the
-process keeps across its exec. Fixtures start their processes from pytest's main thread,
-which lives as long as the session; a process must not be started this way from a
-short-lived thread (it would be signalled when that thread ends). A process a tied one
-forks is not tied itself: each server here ends its own children on the signal.
+process keeps across its exec. The signal follows the thread, not the process, so only a
+process started from the main thread (pytest's, which lives as long as the session) is
+tied; one started from another thread (a test restarting the API server from a thread
+beside a rollout) is not, or it would be stopped as soon as that thread ends. A process a
+tied one forks is not tied itself: each server here ends its own children on the signal.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import pwd
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,12 +28,14 @@ import pytest
 
 
 def tied(argv: list[str], signal: str = "TERM", *, user: str | None = None) -> list[str]:
-    """`argv` run so it receives SIG`signal` when the test process dies; `user`: run it as
-    that user (with its primary group), as `runuser -u` would, the death signal kept."""
+    """`argv` run so it receives SIG`signal` when the test process dies (when called from
+    the main thread: see the module's docstring); `user`: run it as that user (with its
+    primary group), as `runuser -u` would, the death signal kept."""
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.fail("`setpriv` (util-linux) is needed to tie test servers to the test process")
-    prefix = [setpriv, f"--pdeathsig={signal}"]
+    main = threading.current_thread() is threading.main_thread()
+    prefix = [setpriv, f"--pdeathsig={signal}" if main else "--pdeathsig=clear"]
     if user is not None:
         group = pwd.getpwnam(user).pw_gid
         prefix += [f"--reuid={user}", f"--regid={group}", "--init-groups"]
