@@ -18,7 +18,7 @@ STARTER = """
 import subprocess, sys
 from tests.plugins.lifetime import tied
 user = sys.argv[1] or None
-child = subprocess.Popen(tied(["sleep", "300"], "INT", user=user))
+child = subprocess.Popen(tied(["sleep", "300"], user=user))
 print(child.pid, flush=True)
 sys.stdin.read()  # until the test kills this process
 """
