@@ -31,11 +31,10 @@ os.environ["ELICE_STATE_DIR"] = (
 )
 
 import pytest  # noqa: E402
-from prefect.server.api.server import SubprocessASGIServer  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from blocks.config import PipelineConfig, load_config  # noqa: E402
-from tests.plugins.lifetime import reaped  # noqa: E402
+from tests.plugins.lifetime import harness_server_pid, reaped  # noqa: E402
 
 pytest_plugins = [
     "tests.plugins.stack",
@@ -99,10 +98,7 @@ def prefect_server() -> Iterator[None]:
     """One real temporary Prefect server for the whole session; it ends with the test
     process even when that is killed without its teardown."""
     with prefect_test_harness(server_startup_timeout=300):
-        servers = [s.server_process for s in SubprocessASGIServer._instances.values()]
-        started = sorted({p.pid for p in servers if p is not None})  # one under two keys
-        assert len(started) == 1, f"expected the harness's one server process, found {started}"
-        with reaped(started[0]):
+        with reaped(harness_server_pid()):
             yield
 
 

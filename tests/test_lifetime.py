@@ -25,12 +25,11 @@ sys.stdin.read()  # until the test kills this process
 
 
 HARNESS = """
-import sys, time
-from prefect.server.api.server import SubprocessASGIServer
+import sys
 from prefect.testing.utilities import prefect_test_harness
-from tests.plugins.lifetime import reaped
+from tests.plugins.lifetime import harness_server_pid, reaped
 with prefect_test_harness(server_startup_timeout=300):
-    (pid,) = {s.server_process.pid for s in SubprocessASGIServer._instances.values()}
+    pid = harness_server_pid()
     with reaped(pid):
         print(pid, flush=True)
         sys.stdin.read()

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from prefect.server.api.server import SubprocessASGIServer
 
 
 def tied(argv: list[str], signal: str = "TERM", *, user: str | None = None) -> list[str]:
@@ -40,6 +41,15 @@ def tied(argv: list[str], signal: str = "TERM", *, user: str | None = None) -> l
         group = pwd.getpwnam(user).pw_gid
         prefix += [f"--reuid={user}", f"--regid={group}", "--init-groups"]
     return [*prefix, "--", *argv]
+
+
+def harness_server_pid() -> int:
+    """The process of the server `prefect_test_harness` started (call it inside the
+    harness); Prefect keeps it under two keys, its port and None."""
+    servers = [s.server_process for s in SubprocessASGIServer._instances.values()]
+    started = sorted({p.pid for p in servers if p is not None})
+    assert len(started) == 1, f"expected the harness's one server process, found {started}"
+    return started[0]
 
 
 @contextmanager
