@@ -18,7 +18,7 @@ from blocks.config import PipelineConfig
 from stack.monitoring_config import prometheus_config, scrape_targets
 from stack.ports import free_port
 from tests.monitoring.tools import tool
-from tests.plugins.lifetime import tied
+from tests.plugins.lifetime import stop, tied
 
 
 @contextmanager
@@ -71,6 +71,5 @@ def running_prometheus(
             time.sleep(0.3)
         yield url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop(process, timeout=30)
         log.close()

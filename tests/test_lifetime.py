@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.plugins.lifetime import tied
+from tests.plugins.lifetime import stop, tied
 
 STARTER = """
 import subprocess, sys
@@ -109,3 +109,30 @@ def test_a_process_started_from_another_thread_is_not_tied() -> None:
     thread.start()
     thread.join()
     assert "--pdeathsig=clear" in found[0]
+
+
+def test_stop_kills_a_server_that_ignores_its_shutdown_signal() -> None:
+    """A server that does not exit on its shutdown signal is killed after the timeout."""
+    stubborn = subprocess.Popen(
+        ["sh", "-c", 'trap "" TERM; echo up; exec sleep 300'], stdout=subprocess.PIPE
+    )
+    assert stubborn.stdout is not None
+    assert stubborn.stdout.readline() == b"up\n"
+    started = time.monotonic()
+    stop(stubborn, timeout=0.5)
+    assert stubborn.returncode == -signal.SIGKILL
+    assert time.monotonic() - started < 10
+
+
+def test_stop_with_group_ends_children_that_outlive_the_leader() -> None:
+    """`group=True`: a child the leader leaves behind (its own SIGTERM ignored) goes too."""
+    script = "sh -c 'trap \"\" TERM; sleep 300' & echo $!; wait"
+    leader = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, start_new_session=True)
+    assert leader.stdout is not None
+    child = int(leader.stdout.readline())
+    stop(leader, timeout=5, group=True)
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "the leader's child outlived stop(group=True)"
+    assert leader.returncode is not None

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.plugins.lifetime import tied
+from tests.plugins.lifetime import stop, tied
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "monitoring"
@@ -105,12 +105,7 @@ def start_server(cmd: list[str], ready_url: str, log: Path) -> subprocess.Popen[
 
 
 def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
+    stop(proc, timeout=15)
 
 
 def flags() -> dict[str, str | None]:

@@ -18,7 +18,7 @@ from prefect_aws import AwsCredentials
 
 from stack.ports import free_port
 from tasks.process import which
-from tests.plugins.lifetime import tied
+from tests.plugins.lifetime import stop, tied
 
 
 @pytest.fixture(scope="session")
@@ -44,12 +44,7 @@ def moto_endpoint() -> Iterator[str]:
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @pytest.fixture(scope="session")

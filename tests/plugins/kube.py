@@ -41,7 +41,6 @@ import json
 import lzma
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -59,7 +58,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from tests.plugins.lifetime import tied
+from tests.plugins.lifetime import stop, tied
 
 VERSION = "v1.24.0-alpha.1"
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
@@ -245,20 +244,6 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 2.0) -> None:
-    """SIGTERM the process (by PID), SIGKILL it if it lingers."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
 def _tail(log: Path, lines: int = 30) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
@@ -354,7 +339,7 @@ class KubeCluster:
         """Stop the API server as an operator would (SIGTERM; SIGKILL if it has not
         exited in 10 s) and start it again on its port; the seconds it was down."""
         down = time.monotonic()
-        _stop(self.procs["kube-apiserver"], timeout=10)
+        stop(self.procs["kube-apiserver"], timeout=10)
         self.start_apiserver()
         return time.monotonic() - down
 
@@ -363,7 +348,7 @@ class KubeCluster:
             self.kubelet.stop()
         for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             if name in self.procs:
-                _stop(self.procs[name])
+                stop(self.procs[name], timeout=2)
 
 
 def _write_pki(workdir: Path) -> Authority:

@@ -17,8 +17,11 @@ tied one forks is not tied itself: each server here ends its own children on the
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pwd
 import shutil
+import signal as signals
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -50,6 +53,35 @@ def harness_server_pid() -> int:
     started = sorted({p.pid for p in servers if p is not None})
     assert len(started) == 1, f"expected the harness's one server process, found {started}"
     return started[0]
+
+
+def stop(
+    proc: subprocess.Popen[bytes],
+    signal: signals.Signals = signals.SIGTERM,
+    *,
+    timeout: float = 10.0,
+    group: bool = False,
+) -> None:
+    """End a server the tests started: `signal` (the server's own clean shutdown), then
+    SIGKILL if it has not exited within `timeout`. `group`: signal the process group it
+    leads (a server started in its own session whose children may outlive it), and
+    SIGKILL the group after, whatever the leader did."""
+
+    def send(sig: signals.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                os.kill(proc.pid, sig)
+
+    if proc.poll() is None:
+        send(signal)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
+    if group or proc.poll() is None:
+        send(signals.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
 
 
 @contextmanager

@@ -62,7 +62,7 @@ import pytest
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
 
-from tests.plugins.lifetime import tied
+from tests.plugins.lifetime import stop, tied
 
 PG_ROOT = Path("/usr/lib/postgresql")  # Debian: one <major>/bin per installed version
 PG_USER = "postgres"  # the system user that owns the cluster when we run as root
@@ -270,13 +270,7 @@ def _postmaster_start(
 
 def _postmaster_stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGINT (fast shutdown: sessions ended, a clean checkpoint), SIGKILL if it lingers."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
+    stop(proc, signal.SIGINT, timeout=30)
 
 
 def _server_env(prefect_home: Path, database_url: str) -> dict[str, str]:
@@ -327,19 +321,9 @@ def _spawn_server(
 
 
 def _stop_server(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group (it runs in its own session), then SIGKILL."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-    # children may outlive the leader: the group id is the leader's pid
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
+    """SIGTERM the server's process group (it runs in its own session; children may
+    outlive the leader), then SIGKILL the group."""
+    stop(proc, timeout=20, group=True)
 
 
 def _wait_healthy(proc: subprocess.Popen[bytes], api_url: str, log: Path) -> None:

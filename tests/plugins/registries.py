@@ -50,7 +50,7 @@ from blocks.registry import OciRegistry
 from blocks.stack import StackInfo
 from stack.engine import CONTAINERS_CONF
 from stack.ports import free_port
-from tests.plugins.lifetime import tied
+from tests.plugins.lifetime import stop, tied
 
 TOKEN_SERVICE = "elice-test-registry"
 TOKEN_ISSUER = "elice-test-token-issuer"
@@ -245,15 +245,6 @@ def _start_registry(directory: Path, auth: str, block: OciRegistry) -> AuthRegis
     return AuthRegistry(block=block, log=log, process=proc)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _htpasswd_registry(directory: Path, user: str, password: str) -> AuthRegistry:
     htpasswd = _require("htpasswd", "apache2-utils")
     entry = subprocess.run(
@@ -277,7 +268,7 @@ def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthReg
     directory = tmp_path_factory.mktemp("basic-registry")
     registry = _htpasswd_registry(directory, "ci-basic", secrets.token_urlsafe(18))
     yield registry
-    _stop(registry.process)
+    stop(registry.process)
 
 
 @pytest.fixture(scope="session")
@@ -295,7 +286,7 @@ def ecr_image_registry(
     user, _, password = base64.b64decode(token).decode().partition(":")
     registry = _htpasswd_registry(tmp_path_factory.mktemp("ecr-registry"), user, password)
     yield registry
-    _stop(registry.process)
+    stop(registry.process)
 
 
 @pytest.fixture(scope="session")
@@ -328,7 +319,7 @@ def token_registry(
     )
     registry = _start_registry(directory, auth, block)
     yield registry
-    _stop(registry.process)
+    stop(registry.process)
 
 
 @pytest.fixture(scope="session")
@@ -399,7 +390,7 @@ def clean_engine(
     finally:
         if client is not None:
             client.close()
-        _stop(proc)
+        stop(proc)
         subprocess.run(
             [
                 podman,

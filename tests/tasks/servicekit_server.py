@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stack.ports import free_port
-from tests.plugins.lifetime import tied
+from tests.plugins.lifetime import stop, tied
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICEKIT_SRC = REPO / "libs" / "servicekit" / "src"
@@ -64,10 +64,5 @@ def servicekit_server(
             time.sleep(0.1)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=30)
         log.close()
