@@ -211,9 +211,10 @@ def _attempts(state: State[Any], task: str) -> list[int]:
     return [r.run_count for r in runs if r.name.startswith(f"{task}-")]
 
 
-ENGINE_OWN_RETRIES_S = 50
+ENGINE_OWN_RETRIES_S = 15
 """Longer than Podman's own retries of a push that meets a refused or cut connection
-(four tries, about 47 s here): an outage that outlasts them reaches the pipeline."""
+(four tries 1, 2 and 4 s apart: about 7 s here): an outage that outlasts them reaches the
+pipeline, and the push task's retries (2 s, 4 s, 8 s apart) outlast it."""
 
 
 @pytest.mark.parametrize(

@@ -168,11 +168,27 @@ class FaultProxy:
                 _relay(client, upstream, limit)
 
 
+TLS_HANDSHAKE = 0x16
+"""The first byte of a TLS ClientHello record."""
+
+PLAIN_HTTP_ONLY = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\n\r\n400 Bad Request"
+)
+"""What a plain-HTTP Go server (the registry, Podman's API) answers a TLS handshake with."""
+
+
 def _read_head(conn: socket.socket) -> tuple[bytes | None, bytes]:
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(65536)
         if not chunk:
+            return None, b""
+        if not data and chunk[0] == TLS_HANDSHAKE:
+            # A client told a registry is insecure (skopeo, Podman) tries HTTPS first and
+            # falls back to HTTP on the plain server's answer. Left unanswered, it waited
+            # out its TLS handshake timeout (10 s) on every connection to a new address.
+            conn.sendall(PLAIN_HTTP_ONLY)
             return None, b""
         data += chunk
     head, _, rest = data.partition(b"\r\n\r\n")
