@@ -64,7 +64,10 @@ def write_chain_config(
         ],
         "libs": [{"name": "servicekit", "libs": []}],
         "environments": envs,
-        "performance": {"requests": 8, "concurrency": 4, "min_p95_slack_ms": 500}
+        # The slack is the tests' noise floor: with 8 requests the p95 is the slowest one,
+        # and on two busy cores one stall of the host (seen: 520 and 785 ms) put a healthy
+        # release over a 500 ms slack. The latency drill (2000 ms) stays over 1500 ms.
+        "performance": {"requests": 8, "concurrency": 4, "min_p95_slack_ms": 1500}
         | (performance or {}),
     }
     path.write_text(yaml.safe_dump(data), encoding="utf-8")

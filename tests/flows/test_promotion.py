@@ -113,8 +113,9 @@ def write_config(path: Path) -> str:
                 "local_port_offset": 5100,
             },
         ],
-        # a small probe keeps the 1500 ms latency drill short; the noise floor stays
-        "performance": {"requests": 8, "concurrency": 4, "min_p95_slack_ms": 500},
+        # a small probe keeps the 2000 ms latency drill short; the slack is the noise floor
+        # of two busy cores (a host stall of 520 ms once failed a healthy release at 500 ms)
+        "performance": {"requests": 8, "concurrency": 4, "min_p95_slack_ms": 1500},
     }
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return str(path)
