@@ -269,10 +269,14 @@ def test_a_stopped_service_container_alerts_through_the_stacks_monitoring(
                 }
             ],
         )
-        (pending, *_) = wait_for(
-            "ServiceDown pending", lambda: _service_down(prometheus), timeout=45
+        # Both escalation steps wait: the warning (1m) and the critical (5m).
+        pending = wait_for(
+            "ServiceDown pending",
+            lambda: len(_service_down(prometheus)) == 2 and _service_down(prometheus),
+            timeout=45,
         )
-        assert pending["state"] == "pending", "fired before its `for:`"
+        assert {a["labels"]["severity"] for a in pending} == {"warning", "critical"}
+        assert {a["state"] for a in pending} == {"pending"}, "fired before its `for:`"
         assert time.monotonic() - down_at < 60
         logged = wait_for(
             "the production critical in the alert log",

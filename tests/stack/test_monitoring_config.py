@@ -1,6 +1,9 @@
 """The local stack's monitoring configuration: every docker-target service of every
 environment as a target, the project's rules, and a stopped service's ServiceDown alert
-delivered by the real Prometheus and Alertmanager to a receiver (its 1m `for:` honoured)."""
+pending in the real Prometheus at both escalation steps. Its delivery after the 1m `for:`
+(to Slack, not the production log) is shown once, through the stack's own Prometheus and
+Alertmanager (tests/stack/test_monitoring.py): waiting out that minute here as well added
+a minute to the suite and nothing the stack's test does not show."""
 
 from __future__ import annotations
 
@@ -80,10 +83,11 @@ class _Metrics(BaseHTTPRequestHandler):
 
 
 @pytest.mark.slow
-def test_a_stopped_service_raises_service_down_at_the_receiver(
+def test_a_stopped_service_raises_service_down_pending_at_both_steps(
     tmp_path: Path, running_receiver: Receiver
 ) -> None:
-    """Real Prometheus (the project's rules) and Alertmanager; one service, then stopped."""
+    """Real Prometheus (the project's rules, its alerts sent to a real Alertmanager); one
+    service, then stopped."""
     port = free_port()
     service = ThreadingHTTPServer(("127.0.0.1", port), _Metrics)
     threading.Thread(target=service.serve_forever, daemon=True).start()
@@ -165,15 +169,9 @@ def test_a_stopped_service_raises_service_down_at_the_receiver(
         alerts = wait_for("ServiceDown pending", lambda: len(pending()) == 2 and pending())
         assert {a["labels"]["severity"] for a in alerts} == {"warning", "critical"}
         assert {a["state"] for a in alerts} == {"pending"}, "fired before its `for:`"
-
-        def delivered() -> list[Any]:
-            return [r for r in running_receiver.requests_to("/XXXX") if b"ServiceDown" in r.body]
-
-        (message, *_) = wait_for("ServiceDown at the Slack receiver", delivered, timeout=120)
-        text = message.body.decode()
-        assert "staging" in text
-        assert "warning" in text
-        assert not running_receiver.requests_to("/alert-log")
+        assert {a["labels"]["environment"] for a in alerts} == {"staging"}
+        sent = [r for r in running_receiver.requests if b"ServiceDown" in r.body]
+        assert not sent, "a pending alert reached a receiver"
     finally:
         for proc in reversed(procs):
             stop_server(proc)
