@@ -26,7 +26,6 @@ import httpx
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import State
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -36,6 +35,7 @@ from core.records import CiOutcome, StageResult, short_digest
 from flows.ci import ci, ci_outcome
 from tests.ledgers import current_ledger
 from tests.plugins.faults import Fault, FaultProxy
+from tests.runs import finished, task_runs_of
 from tests.tasks.ci_checkout import commit_all, copy_monorepo, git, pinned
 from tests.trust import pin_repository
 
@@ -204,10 +204,7 @@ def _attempts(state: State[Any], task: str) -> list[int]:
     """How many times each run of `task` in the run ran (1: never retried)."""
     run_id = state.state_details.flow_run_id
     assert run_id is not None
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
-        )
+    runs = task_runs_of([run_id], finished(task))
     return [r.run_count for r in runs if r.name.startswith(f"{task}-")]
 
 

@@ -28,8 +28,6 @@ import yaml
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterId,
     LogFilter,
     LogFilterFlowRunId,
 )
@@ -63,6 +61,7 @@ from tests.approvers import Approvers, paused_promotion
 from tests.flows.chain import derive, put_release, remove_containers
 from tests.ledgers import current_ledger
 from tests.plugins.receivers import Receiver
+from tests.runs import finished, task_runs_of
 from tests.slack_requests import button_press, slack_signed
 from tests.trust import SavedRepository, pin_repository
 
@@ -728,9 +727,7 @@ def test_two_promotions_waiting_at_their_gates_cannot_both_deploy(train: Train) 
     assert record.image.digest == train.digests["D2"].digest
     assert serving(train, PROD)["course"] == train.digests["D2"].digest
 
-    ids = [first_id, second_id]
-    with get_client(sync_client=True) as client:
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+    tasks = task_runs_of([first_id, second_id], finished("begin_deploys"))
     began = {t.flow_run_id for t in tasks if t.name.startswith("begin_deploys")}
     assert began == {first_id}, "the refused promotion began deploying"
 

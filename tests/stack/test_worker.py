@@ -17,8 +17,7 @@ from pathlib import Path
 import docker
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import StateType, TaskRun
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL
 
@@ -34,6 +33,7 @@ from tasks.images import local_ca_bundle
 from tasks.process import which
 from tasks.registry import copy_image_by_digest, manifest_digest
 from tests.plugins.registries import AuthRegistry
+from tests.runs import task_runs_of
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,6 +52,11 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def _keys(task_runs: list[TaskRun]) -> set[str]:
+    """The tasks the runs are of (a task key without its hash)."""
+    return {t.task_key.rsplit("-", 1)[0] for t in task_runs}
 
 
 @pytest.fixture(scope="module")
@@ -93,17 +98,10 @@ def test_a_deployment_run_started_like_the_ui_completes_on_the_worker(
                 assert time.monotonic() < deadline, f"still {flow_run.state}"
                 time.sleep(0.3)
             assert flow_run.state.is_completed(), flow_run.state.message
-            # Task runs reach the server as events, after the flow run's own final state:
-            # wait for them to be written rather than read a partial list.
-            deadline = time.monotonic() + 60
-            while True:
-                task_runs = client.read_task_runs(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
-                )
-                keys = {t.task_key.rsplit("-", 1)[0] for t in task_runs}
-                if keys >= {"run_pytest", "run_ruff"} or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
+            task_runs = task_runs_of(
+                [run.id], lambda runs: _keys(runs) >= {"run_pytest", "run_ruff"}
+            )
+            keys = _keys(task_runs)
             states = client.read_flow_run_states(run.id)
         # It ran on the worker: a child process of the worker executed it, the worker
         # logged it, and its pool is the process pool.
