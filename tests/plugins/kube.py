@@ -66,7 +66,12 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SHARED = Path("/work/shared/k8s")
 NODE = "stand-in"
 DELETE_DELAY_S = 1.0  # a kubelet stops containers, then reports the pod gone
-TICK_S = 0.2  # the stand-in kubelet's loop
+TICK_S = 0.2  # the stand-in kubelet's loop while pods change
+IDLE_TICK_S = 1.0
+"""The loop once nothing changed for IDLE_AFTER ticks: a list of every pod five times a
+second, for the whole session, was most of an idle control plane's CPU and the test
+process's beside it. A pod made after a quiet spell waits up to this long to run."""
+IDLE_AFTER = 10
 LEASE_RENEW_S = 10.0
 CRASH_RESTART_S = 2.0  # how often a crash-looping container "restarts"
 READY_TIMEOUT_S = 60.0
@@ -518,6 +523,7 @@ class StandInKubelet:
 
     def _run(self) -> None:
         registered = False
+        quiet = 0  # ticks in a row with nothing to do
         while not self._stop.is_set():
             try:
                 if not registered:
@@ -525,11 +531,12 @@ class StandInKubelet:
                     registered = True
                 if time.monotonic() - self._lease_renewed > LEASE_RENEW_S:
                     self._renew_lease()
-                self._sync_pods()
+                quiet = 0 if self._sync_pods() else quiet + 1
             except Exception as exc:
+                quiet = 0
                 self.errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
                 del self.errors[:-20]
-            self._stop.wait(TICK_S)
+            self._stop.wait(TICK_S if quiet < IDLE_AFTER else IDLE_TICK_S)
 
     def _register(self) -> None:
         from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
@@ -580,20 +587,28 @@ class StandInKubelet:
             self.coordination.create_namespaced_lease("kube-node-lease", body)
         self._lease_renewed = time.monotonic()
 
-    def _sync_pods(self) -> None:
+    def _sync_pods(self) -> bool:
+        """Bring the pods bound to the node up to date; True when anything changed or is
+        waiting on a timer (a deletion's delay, a crash loop's restarts)."""
         response = self.core.list_pod_for_all_namespaces(
             field_selector=f"spec.nodeName={NODE}", _preload_content=False
         )
+        busy = False
         for pod in json.loads(response.data)["items"]:
             meta = pod["metadata"]
             if meta.get("deletionTimestamp"):
                 self._finish_deletion(meta)
+                busy = True
                 continue
             status = self._status(pod)
             if status is not None:
                 self.core.patch_namespaced_pod_status(
                     meta["name"], meta["namespace"], {"status": status}
                 )
+                busy = True
+            elif meta["uid"] in self._crashed:
+                busy = True
+        return busy
 
     def _finish_deletion(self, meta: dict[str, Any]) -> None:
         from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
