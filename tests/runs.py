@@ -52,13 +52,13 @@ def task_runs_of(
 
 
 def finished(name: str) -> Callable[[list[TaskRun]], bool]:
-    """`ready` for `task_runs_of`: a run of task `name` is there, and every run listed has
-    reached a final state (a retried run is final only after its last attempt)."""
+    """`ready` for `task_runs_of`: a run of task `name` is there, and every run of it has
+    reached a final state (a retried run is final only after its last attempt). Other
+    tasks' runs are not waited for: a failed flow leaves some never started."""
 
     def ready(runs: list[TaskRun]) -> bool:
-        return any(r.name.startswith(f"{name}-") for r in runs) and all(
-            r.state is not None and r.state.is_final() for r in runs
-        )
+        mine = [r for r in runs if r.name.startswith(f"{name}-")]
+        return bool(mine) and all(r.state is not None and r.state.is_final() for r in mine)
 
     return ready
 
